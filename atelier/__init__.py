@@ -1,0 +1,1 @@
+"""Atelier's composition root: the ``atelier`` CLI and the wiring of processes."""

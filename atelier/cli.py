@@ -1,0 +1,228 @@
+"""The ``atelier`` command line: database, styles, accounts and credits, models, devices."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import typer
+from rich.table import Table
+
+from atelier import serve
+from atelier.wiring import (
+    console,
+    fail,
+    open_store,
+    quiet_ml_libraries,
+    redact_url,
+    settings_or_exit,
+)
+from core.errors import AtelierError
+
+app = typer.Typer(
+    help="Atelier: a self-hosted image studio for chat communities.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+account_app = typer.Typer(help="Accounts and identities.", no_args_is_help=True)
+credits_app = typer.Typer(help="Credits.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(account_app, name="account")
+app.add_typer(credits_app, name="credits")
+
+_settings = settings_or_exit
+_fail = fail
+
+
+def _identity(spec: str) -> tuple[str, str]:
+    platform, sep, user = spec.partition(":")
+    if not sep or not platform or not user:
+        raise typer.BadParameter(f"expected PLATFORM:USER (e.g. telegram:12345), got {spec!r}")
+    return platform.lower(), user
+
+
+_DURATION = re.compile(r"^(\d+)([dhm])$")
+
+
+def _duration(text: str) -> timedelta:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise typer.BadParameter(f"expected a duration like 90d, 12h or 30m, got {text!r}")
+    n, unit = int(m[1]), m[2]
+    return {"d": timedelta(days=n), "h": timedelta(hours=n), "m": timedelta(minutes=n)}[unit]
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations (creates the SQLite file on first run)."""
+    from storage.db import head_revision, upgrade
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.db_url)
+    console.print(
+        f"database at {redact_url(settings.db_url)} is at revision [bold]{head_revision()}[/bold]"
+    )
+
+
+@app.command("styles")
+def styles() -> None:
+    """List the curated styles."""
+    from core.styles import default_registry
+
+    table = Table("name", "label", "template")
+    for style in default_registry().all():
+        table.add_row(style.name, style.label, style.prompt)
+    console.print(table)
+
+
+@account_app.command("show")
+def account_show(
+    identity: str = typer.Argument(..., help="PLATFORM:USER, e.g. telegram:12345"),
+) -> None:
+    """Show the account behind an identity: tier, linked identities, balance."""
+    from storage import accounts, ledger
+
+    platform, user = _identity(identity)
+    settings = _settings()
+    now = datetime.now(UTC)
+    try:
+        with open_store(settings) as tx, tx() as session:
+            acc = accounts.find_account(session=session, platform=platform, platform_user_id=user)
+            ids = accounts.list_identities(session=session, account_id=acc.id)
+            bal = ledger.balance(session=session, account_id=acc.id, now=now, tiers=settings.tiers)
+    except AtelierError as exc:
+        raise _fail(exc) from None
+    table = Table(show_header=False)
+    table.add_row("account", str(acc.id))
+    table.add_row("tier", acc.tier)
+    table.add_row("created", acc.created_at.isoformat(timespec="seconds"))
+    table.add_row("identities", ", ".join(f"{i.platform}:{i.platform_user_id}" for i in ids))
+    table.add_row("credits", f"{bal.total} ({bal.describe(now)})")
+    for pack in bal.packs:
+        expiry = pack.expires_at.date().isoformat() if pack.expires_at else "never"
+        table.add_row("  pack", f"{pack.amount} (expires {expiry})")
+    console.print(table)
+
+
+@credits_app.command("grant")
+def credits_grant(
+    identity: str = typer.Argument(..., help="PLATFORM:USER, e.g. telegram:12345"),
+    amount: int = typer.Argument(..., min=1, help="credits to add"),
+    expires: str | None = typer.Option(None, help="expiry from now, e.g. 90d, 12h; default never"),
+    key: str | None = typer.Option(None, help="idempotency key (e.g. a payment id)"),
+) -> None:
+    """Grant a credit pack to an identity's account (created if new)."""
+    import secrets as _secrets
+
+    from storage import accounts, ledger
+
+    platform, user = _identity(identity)
+    ttl = _duration(expires) if expires else None
+    settings = _settings()
+    now = datetime.now(UTC)
+    try:
+        with open_store(settings) as tx, tx.begin() as session:
+            acc = accounts.resolve_account(
+                session=session,
+                platform=platform,
+                platform_user_id=user,
+                default_tier=settings.default_tier,
+                now=now,
+            )
+            pack = ledger.grant(
+                session=session,
+                account_id=acc.id,
+                amount=amount,
+                key=key or f"cli:{_secrets.token_hex(8)}",
+                kind=ledger.CreditKind.admin,
+                expires_at=now + ttl if ttl else None,
+                now=now,
+                note="atelier credits grant",
+            )
+            bal = ledger.balance(session=session, account_id=acc.id, now=now, tiers=settings.tiers)
+    except AtelierError as exc:
+        raise _fail(exc) from None
+    expiry = pack.expires_at.isoformat(timespec="minutes") if pack.expires_at else "never"
+    console.print(
+        f"granted {pack.granted} credits to account {acc.id} ({platform}:{user}), "
+        f"expires {expiry}; balance now {bal.total}"
+    )
+
+
+models_app = typer.Typer(help="The model registry and offline tiny models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the registered models and whether each is available on this machine."""
+    from cluster.registry import ModelRegistry, registry_table_rows
+
+    settings = _settings()
+    try:
+        registry = ModelRegistry.load(settings)
+    except AtelierError as exc:
+        raise _fail(exc) from None
+    table = Table(
+        "name", "family", "size", "steps", "VRAM", "here", "source", caption="* the default model"
+    )
+    table.columns[-1].overflow = "fold"
+    for row in registry_table_rows(registry):
+        name = f"{row['name']} *" if row["default"] else str(row["name"])
+        table.add_row(
+            name,
+            str(row["family"]),
+            str(row["default_size"]),
+            str(row["default_steps"]),
+            f"{row['min_vram_gb']:g}G",
+            "yes" if row["available"] else "no",
+            str(row["source"]),
+        )
+    console.print(table)
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(
+    directory: str | None = typer.Argument(
+        None, help="where to save one pipeline; default: both tiny models in the data dir"
+    ),
+    family: str = typer.Option("sd15", help="sd15 or sdxl (with DIR)"),
+    seed: int = typer.Option(0, help="weight seed"),
+) -> None:
+    """Build tiny random-weight pipelines offline (for tests and trying Atelier without a GPU)."""
+    from pathlib import Path
+
+    from cluster.tiny import TINY_MODEL_DIRS, make_tiny, make_tiny_models
+
+    settings = _settings()
+    quiet_ml_libraries()
+    if directory is None:
+        made = make_tiny_models(settings.data_dir / "models", seed=seed)
+        for fam, path in made.items():
+            name = "tiny" if fam == "sd15" else "tiny-xl"
+            console.print(f"{fam}: {path}  (use it as --model {name})")
+        return
+    if family not in TINY_MODEL_DIRS:
+        raise typer.BadParameter(f"family must be one of {sorted(TINY_MODEL_DIRS)}, got {family!r}")
+    path = make_tiny(Path(directory), family, seed)  # type: ignore[arg-type]
+    console.print(f"{family}: {path}\nregister it in your models file, e.g.")
+    console.print(
+        f'  [models.my-tiny]\n  path = "{path.resolve()}"\n  family = "{family}"', markup=False
+    )
+
+
+@app.command("devices")
+def devices() -> None:
+    """Show the devices this machine has and the profile a worker would use on each."""
+    from cluster.devices import choose_profile, describe_profile, detect_devices
+
+    for info in detect_devices():
+        console.print(describe_profile(choose_profile(info)))
+        console.print()
+
+
+app.command("up")(serve.up)
+app.command("imagine")(serve.imagine)
+app.command("dispatcher")(serve.dispatcher)
+app.command("worker")(serve.worker)
+app.command("jobs")(serve.jobs)

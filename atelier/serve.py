@@ -1,0 +1,276 @@
+"""CLI commands that run the service: up, imagine, dispatcher, worker, jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from atelier.service import local_profiles, local_stack
+from atelier.wiring import console, fail, quiet_ml_libraries, redact_url, settings_or_exit
+from core.errors import AtelierError
+from core.jobs import DeliveryTarget, Requester
+from core.settings import Settings
+
+
+def up() -> None:
+    """Run the single-box service: Ray on 127.0.0.1 with a worker per local device, the
+    dispatcher, and every bot that has a token configured. Ctrl-C stops it."""
+    settings = settings_or_exit()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(_up(settings))
+    except AtelierError as exc:
+        raise fail(exc) from None
+
+
+def imagine(
+    prompt: str = typer.Argument(..., help='prompt and flags: "a fox --style anime --n 2"'),
+    out: Path = typer.Option(Path("."), help="folder for the PNGs"),
+    model: str | None = typer.Option(None, help="model name (see `atelier models list`)"),
+    nsfw: bool = typer.Option(False, help="allow NSFW prompts (the operator's own call)"),
+) -> None:
+    """Generate images through the same client, queue and dispatcher the bots use."""
+    settings = settings_or_exit()
+    quiet_ml_libraries()
+    try:
+        paths = asyncio.run(_imagine(settings, prompt, out, model, nsfw))
+    except AtelierError as exc:
+        raise fail(exc) from None
+    if not paths:
+        raise typer.Exit(1)
+
+
+def dispatcher(
+    name: str = typer.Option(..., help="consumer name, unique per dispatcher"),
+    ray_address: str = typer.Option("auto", help="Ray cluster address"),
+) -> None:
+    """Run one dispatcher process (needs ATELIER_REDIS_URL, a migrated database and a Ray
+    cluster whose workers were started by `atelier worker`)."""
+    from cluster.dispatcher import run_dispatcher
+
+    settings = settings_or_exit()
+    logging.basicConfig(level=logging.INFO)
+    try:
+        asyncio.run(run_dispatcher(settings, name=name, ray_address=ray_address))
+    except AtelierError as exc:
+        raise fail(exc) from None
+
+
+def worker(
+    address: str = typer.Option(..., help="the Ray head's address, e.g. 10.0.0.5:6380"),
+    node_ip: str | None = typer.Option(None, help="this node's IP as the head sees it"),
+) -> None:
+    """Join this box to a Ray cluster and start a worker actor per local device."""
+    _worker(settings_or_exit(), address, node_ip)
+
+
+def jobs() -> None:
+    """Queue depth, running jobs and dead letters."""
+    settings = settings_or_exit()
+    try:
+        asyncio.run(_jobs(settings))
+    except AtelierError as exc:
+        raise fail(exc) from None
+
+
+async def _up(settings: Settings) -> None:
+    con = console
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with local_stack(settings) as stack:
+        con.print("[bold]Atelier is up[/bold]")
+        for note in stack.notes:
+            con.print(f"  {note}")
+        con.print(f"  database: {redact_url(settings.db_url)}")
+        con.print(f"  data dir: {settings.data_dir}")
+        bots = await _start_bots(settings, stack)
+        con.print(
+            "  bots: "
+            + (
+                ", ".join(name for name, _ in bots)
+                or "none (set ATELIER_TELEGRAM_TOKEN to run the Telegram bot)"
+            )
+        )
+        con.print('Ctrl-C stops it. Try: atelier imagine "a red fox --style watercolor"')
+        try:
+            await stop.wait()
+        finally:
+            for _, stopper in bots:
+                await stopper()
+
+
+async def _start_bots(settings: Settings, stack: object) -> list[tuple[str, object]]:
+    """Start each configured bot; return (name, async stop function) pairs."""
+    started: list[tuple[str, object]] = []
+    if settings.telegram_token is not None:
+        try:
+            from bots.telegram.runner import start_telegram  # type: ignore[import-not-found]
+        except ImportError:
+            logging.getLogger(__name__).warning("the Telegram bot is not available in this build")
+        else:
+            stopper = await start_telegram(settings, stack)
+            started.append(("telegram", stopper))
+    return started
+
+
+async def _imagine(
+    settings: Settings, text: str, out: Path, model: str | None, nsfw: bool
+) -> list[Path]:
+    from core.flags import parse_command
+
+    con = console
+    request = parse_command(text)
+    if model is not None:
+        request = request.model_copy(update={"model": model})
+    requester = Requester(platform="cli", platform_user_id=getpass.getuser(), nsfw_allowed=nsfw)
+    out.mkdir(parents=True, exist_ok=True)
+    async with local_stack(settings) as stack:
+        client = stack.client
+        job = await client.submit(
+            request,
+            requester,
+            DeliveryTarget(frontend="cli"),
+            idempotency_key=f"cli:{uuid.uuid4()}",
+        )
+        con.print(f"job {job.job_id}: {job.images_out} image(s), {job.cost} credit(s)")
+        paths: list[Path] = []
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[s]}"),
+            TimeElapsedColumn(),
+            console=con,
+            transient=False,
+        ) as bar:
+            task = bar.add_task("queued", total=None, s="")
+            async for ev in client.events(job.job_id):
+                if ev.kind == "queued":
+                    bar.update(task, description="queued", s=f"position {ev.position or '?'}")
+                elif ev.kind == "started":
+                    bar.update(task, description="rendering", s="")
+                elif ev.kind == "progress" and ev.total:
+                    bar.update(
+                        task,
+                        description="rendering",
+                        total=ev.total,
+                        completed=ev.step,
+                        s=f"step {ev.step}/{ev.total}",
+                    )
+                elif ev.kind == "done":
+                    bar.update(
+                        task,
+                        description="done",
+                        completed=bar.tasks[0].total or 1,
+                        total=bar.tasks[0].total or 1,
+                        s="",
+                    )
+                    for ref in ev.images:
+                        path = out / f"{job.job_id[:8]}-{ref.index}-{ref.seed}.png"
+                        path.write_bytes(await client.image_bytes(ref))
+                        paths.append(path)
+                else:
+                    bar.update(task, description=ev.kind, s="")
+                    con.print(f"[red]{ev.kind}:[/red] {ev.reason}")
+        await _ack_own_delivery(stack.broker, job.job_id)
+    for ref_path in paths:
+        seed = ref_path.stem.rsplit("-", 1)[-1]
+        con.print(f"{ref_path}  seed {seed}")
+    return paths
+
+
+async def _ack_own_delivery(broker: object, job_id: str) -> None:
+    """The CLI is the front end of its own jobs: take its delivery off the `cli` stream."""
+    from cluster.broker import Broker
+
+    b: Broker = broker  # type: ignore[assignment]
+    consumer = f"cli-{uuid.uuid4().hex[:8]}"
+    for _ in range(10):
+        entries = await b.read_deliveries("cli", consumer, count=50, block_ms=200)
+        entries += await b.claim_stale_deliveries("cli", consumer, min_idle_ms=60_000, count=50)
+        for entry in entries:
+            if entry.event.get("job_id") == job_id:
+                await b.ack_delivery("cli", entry.entry_id)
+                return
+
+
+def _worker(settings: Settings, address: str, node_ip: str | None) -> None:
+    import ray
+    from rich.console import Console
+
+    from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX
+    from cluster.worker import device_resource, spawn_worker
+
+    con: Console = console  # type: ignore[assignment]
+    profiles = local_profiles()
+    resources: dict[str, float] = {}
+    for p in profiles:
+        resources[device_resource(p.device_class)] = (
+            resources.get(device_resource(p.device_class), 0) + 1
+        )
+    cmd = ["ray", "start", f"--address={address}", f"--resources={json.dumps(resources)}"]
+    if node_ip:
+        cmd.append(f"--node-ip-address={node_ip}")
+    con.print("joining the Ray cluster: " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    ray.init(address="auto", namespace=RAY_NAMESPACE, log_to_driver=False)
+    node_id = ray.get_runtime_context().get_node_id()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    for n, profile in enumerate(profiles):
+        name = f"{WORKER_NAME_PREFIX}-{node_id[:8]}-{n}"
+        spawn_worker(
+            settings=settings,
+            profile=profile,
+            name=name,
+            lifetime="detached",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        )
+        con.print(f"worker {name}: {profile.device_class}")
+    con.print("workers run detached on this node; `ray stop` here removes them")
+
+
+async def _jobs(settings: Settings) -> None:
+    from rich.table import Table
+
+    from cluster.broker import connect_broker
+
+    con = console
+    broker = (
+        await connect_broker(settings.redis_url, fallback=False) if settings.redis_url else None
+    )
+    table = Table(show_header=False)
+    if broker is None:
+        con.print("no ATELIER_REDIS_URL: the single-box queue lives inside `atelier up`")
+    else:
+        try:
+            table.add_row("queued (not yet read)", str(await broker.queue_depth()))
+            table.add_row("read, not finished", str(await broker.pending_count()))
+            dead = await broker.dead_letters(10)
+            table.add_row("dead letters", str(len(dead)))
+            for d in dead:
+                table.add_row(f"  {d.get('job_id')}", d.get("reason", ""))
+        finally:
+            await broker.close()
+    from sqlmodel import func, select
+
+    from atelier.wiring import open_store
+    from storage.models import Job
+
+    with open_store(settings) as tx, tx() as session:
+        rows = session.exec(select(Job.status, func.count()).group_by(Job.status)).all()
+    for status, n in rows:
+        table.add_row(f"jobs {status}", str(n))
+    con.print(table)

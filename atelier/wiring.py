@@ -1,0 +1,60 @@
+"""Process wiring shared by the CLI commands: open the store, redact secrets for printing."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
+
+from core.errors import AtelierError
+from core.settings import Settings, load_settings
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # errors stay one line, copyable
+
+
+def settings_or_exit() -> Settings:
+    """Settings, or a one-line error naming the bad variable and exit code 2."""
+    try:
+        return load_settings()
+    except AtelierError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+
+
+def fail(exc: AtelierError) -> typer.Exit:
+    """Print a user-facing error; the caller raises the returned Exit."""
+    err_console.print(f"[red]error:[/red] {exc.message}")
+    return typer.Exit(1)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to print: any password replaced by ***."""
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """A session factory on a migrated database; DatabaseNotMigrated otherwise."""
+    from storage.db import check_migrated, make_engine, session_factory
+
+    engine = make_engine(settings.db_url)
+    try:
+        check_migrated(engine)
+        yield session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def quiet_ml_libraries() -> None:
+    """Silence progress bars and import chatter from diffusers/transformers on a CLI."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -1,0 +1,182 @@
+"""Engine benchmarks on this machine's CPU (a script, not a test): the chosen profile vs naive fp32
+on an SD1.5-shaped UNet, and one batched engine call vs separate calls. Prints a table.
+
+Run from the repository root: ``.venv/bin/python -m bench.engine [--quick]`` (about 2-3 minutes
+on 2 cores; ``--quick`` about half).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from cluster.cache import ModelCache
+from cluster.devices import DeviceProfile, best_device, choose_profile, describe_profile
+from cluster.engine import BatchItem, Engine
+from cluster.registry import FAMILY_DEFAULTS, Family, ModelRegistry, ModelSpec
+from cluster.tiny import SD15_UNET, build_sd15_shaped_pipeline, make_tiny_models
+from core.request import GenerationRequest
+from core.settings import load_settings
+
+PROMPTS = ("a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a castle on a hill")
+Row = tuple[str, str, float, str]  # benchmark, variant, seconds, note
+
+
+def timed_pair(
+    a: Callable[[], Any], b: Callable[[], Any], reps: int, *, warmup: bool = True
+) -> tuple[float, float]:
+    """Best wall time of ``a`` and of ``b`` over ``reps`` alternating runs (after one warm-up
+    each). Alternating and taking the minimum keep a noisy, shared machine from favouring one."""
+    if warmup:
+        a()
+        b()
+    best_a = best_b = float("inf")
+    for _ in range(reps):
+        for fn, slot in ((a, 0), (b, 1)):
+            start = time.perf_counter()
+            fn()
+            took = time.perf_counter() - start
+            if slot == 0:
+                best_a = min(best_a, took)
+            else:
+                best_b = min(best_b, took)
+    return best_a, best_b
+
+
+# (a) profile dtype vs naive fp32 -------------------------------------------------------------
+
+
+def bench_dtype(profile: DeviceProfile, reps: int, side: int = 256) -> list[Row]:
+    """N UNet forward passes with CFG batch 2 at ``side``² (latents side/8)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).eval()  # fp32, as naive code would run it
+    latents = torch.randn(2, 4, side // 8, side // 8)
+    text = torch.randn(2, 77, 768)  # SD1.5's text embeddings: 77 tokens x 768
+
+    def forward(model: Any, dtype: torch.dtype) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return model(latents.to(dtype), 500, encoder_hidden_states=text.to(dtype))
+
+        return run
+
+    # The profile's choices: its dtype (a cast copy; the fp32 one stays for alternating runs),
+    # layout and threads.
+    fast = copy.deepcopy(unet).to(profile.torch_dtype)
+    if profile.channels_last:
+        fast.to(memory_format=torch.channels_last)
+    if profile.threads:
+        torch.set_num_threads(profile.threads)
+    naive, chosen = timed_pair(
+        forward(unet, torch.float32), forward(fast, profile.torch_dtype), reps
+    )
+    ratio = naive / chosen
+    goal = "meets" if ratio >= 2 else "misses"
+    what = f"UNet fwd CFG x2 {side}²"
+    return [
+        (what, "naive float32", naive, ""),
+        (what, f"profile {profile.dtype}", chosen, f"{ratio:.2f}x faster ({goal} the 2x goal)"),
+    ]
+
+
+# (b) one call of batch 4 vs four calls of batch 1 -----------------------------------------------
+
+
+def items(n: int, model: str, side: int, steps: int, offset: int = 0) -> list[BatchItem]:
+    return [
+        BatchItem(
+            f"job-{offset + i}",
+            GenerationRequest(
+                prompt=PROMPTS[i % len(PROMPTS)], model=model, width=side, height=side,
+                steps=steps, seed=1000 + offset + i, scheduler="Euler",
+            ),
+        )
+        for i in range(n)
+    ]
+
+
+def bench_batching(engine: Engine, model: str, side: int, steps: int, reps: int) -> list[Row]:
+    batch = items(4, model, side, steps)
+    singles = [items(1, model, side, steps, offset=i) for i in range(4)]
+    # Load the model and warm up outside the timing (a full warm-up pair costs a rep on SD).
+    engine.generate(items(1, model, side, steps))
+    engine.generate(items(2, model, side, steps))
+    four_calls, one_call = timed_pair(
+        lambda: [engine.generate(s) for s in singles], lambda: engine.generate(batch), reps,
+        warmup=False,
+    )
+    what = f"{model} {side}² {steps} steps, 4 images"
+    return [
+        (what, "4 calls of batch 1", four_calls, f"{4 / four_calls:.2f} img/s"),
+        (
+            what,
+            "1 call of batch 4",
+            one_call,
+            f"{4 / one_call:.2f} img/s, {four_calls / one_call:.2f}x the 4 calls",
+        ),
+    ]
+
+
+def tiny_engine(profile: DeviceProfile, data_dir: Path) -> Engine:
+    make_tiny_models(data_dir / "models")
+    registry = ModelRegistry.load(load_settings(data_dir=data_dir, _env_file=None))
+    return Engine(ModelCache(registry, profile, 2**30, offline=True), profile=profile)
+
+
+def sd15_shaped_engine(profile: DeviceProfile, data_dir: Path) -> Engine:
+    """An engine whose "sd15-shaped" model is built in memory (random weights, real shapes)."""
+    spec = ModelSpec(
+        **FAMILY_DEFAULTS[Family.sd15], name="sd15-shaped", family=Family.sd15,
+        path=data_dir / "sd15-shaped",  # never read: the loader below builds it
+    )
+
+    def build(spec: ModelSpec, *, torch_dtype: torch.dtype, **_: Any) -> Any:
+        return build_sd15_shaped_pipeline(torch_dtype)
+
+    cache = ModelCache(ModelRegistry([spec]), profile, 2**34, loader=build, offline=True)
+    return Engine(cache, profile=profile)
+
+
+def print_table(rows: list[Row]) -> None:
+    widths = [max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)]
+    print(f"\n{'benchmark':<{widths[0]}}  {'variant':<{widths[1]}}  {'seconds':>8}  note")
+    for what, variant, seconds, note in rows:
+        print(f"{what:<{widths[0]}}  {variant:<{widths[1]}}  {seconds:>8.3f}  {note}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (~half the time)")
+    args = parser.parse_args(argv)
+    reps_unet, reps_tiny, reps_sd = (1, 3, 1) if args.quick else (3, 5, 2)
+
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its dtype-cast notices would break up the table
+    profile = choose_profile(best_device(), "sd15")
+    print(describe_profile(profile))
+    started = time.perf_counter()
+    rows = bench_dtype(profile, reps_unet)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += bench_batching(tiny_engine(profile, Path(tmp)), "tiny", 64, 4, reps_tiny)
+        rows += bench_batching(sd15_shaped_engine(profile, Path(tmp)), "sd15-shaped", 256, 2,
+                               reps_sd)
+    print_table(rows)
+    print(f"\ntotal {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""The broker between front ends, dispatchers and workers: the interface and how to get one.
+
+Implementations: ``cluster.broker_redis.RedisBroker`` (Redis Streams) and
+``cluster.broker_memory.MemoryBroker`` (its in-process twin for the single-box default).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from cluster import keys
+from core.errors import AtelierError
+
+log = logging.getLogger(__name__)
+
+# A job's entry left un-acked this long is taken over by another dispatcher. A dispatcher working
+# on something longer keeps its entries fresh with touch_jobs().
+DEFAULT_CLAIM_IDLE_MS = 60_000
+DEFAULT_MAX_DELIVERIES = 5
+MAX_REASON_CHARS = 2000
+
+StreamId = tuple[int, int]
+
+
+class BrokerUnavailable(AtelierError):
+    """The broker cannot be reached (Redis down, restarting, or the broker was closed)."""
+
+    code = "broker_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class JobEntry:
+    """One delivery of a job from the jobs stream; ``deliveries`` counts this one too."""
+
+    entry_id: str
+    job_id: str
+    fields: dict[str, str] = field(default_factory=dict)
+    deliveries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEntry:
+    """One delivery of a finished-job event to a front end."""
+
+    entry_id: str
+    frontend: str
+    event: dict[str, str]
+    deliveries: int = 1
+
+
+class Broker(ABC):
+    """Queue of jobs, per-front-end delivery streams, progress ticks and cancel flags.
+
+    Every read is at-least-once: an entry stays pending for its group until acked, and after
+    ``claim_idle_ms`` without an ack another consumer may claim it (its delivery count grows).
+    ``block_ms <= 0`` means "do not block" (unlike Redis, where BLOCK 0 waits forever).
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, *, claim_idle_ms: int, max_deliveries: int) -> None:
+        if claim_idle_ms < 1:
+            raise ValueError(f"claim_idle_ms must be at least 1, got {claim_idle_ms}")
+        if max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be at least 1, got {max_deliveries}")
+        self._claim_idle_ms = claim_idle_ms
+        self._max_deliveries = max_deliveries
+
+    @property
+    def claim_idle_ms(self) -> int:
+        return self._claim_idle_ms
+
+    @property
+    def max_deliveries(self) -> int:
+        return self._max_deliveries
+
+    def over_delivered(self, entry: JobEntry | DeliveryEntry) -> bool:
+        """True once an entry was handed out more than ``max_deliveries`` times: give up on it."""
+        return entry.deliveries > self._max_deliveries
+
+    # Jobs ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def enqueue(self, job_id: str, fields: Mapping[str, str] | None = None) -> str:
+        """Add a job to the jobs stream; returns the entry id."""
+
+    @abstractmethod
+    async def read_jobs(self, consumer: str, count: int = 1, block_ms: int = 0) -> list[JobEntry]:
+        """New jobs for ``consumer`` in the dispatchers group (created on first use)."""
+
+    @abstractmethod
+    async def claim_stale_jobs(
+        self, consumer: str, min_idle_ms: int | None = None, count: int = 10
+    ) -> list[JobEntry]:
+        """Take over up to ``count`` jobs left un-acked for ``min_idle_ms`` (default claim_idle_ms).
+
+        Pending entries whose stream entry is gone are acked away, not returned.
+        """
+
+    @abstractmethod
+    async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Reset the idle time of entries ``consumer`` still works on, without counting a delivery.
+
+        Call it well within ``claim_idle_ms`` during a long run so nobody else claims the job.
+        """
+
+    @abstractmethod
+    async def ack_job(self, entry_id: str) -> bool:
+        """Mark a job entry done; False if it was not pending (already acked, or lost)."""
+
+    @abstractmethod
+    async def dead_letter(self, entry: JobEntry, reason: str) -> None:
+        """Record the job on the dead-letter stream, then ack it.
+
+        A crash between the two can only duplicate the dead letter; readers dedupe by job_id.
+        """
+
+    # Deliveries to front ends -------------------------------------------------------------
+
+    @abstractmethod
+    async def publish_delivery(self, frontend: str, event: Mapping[str, str]) -> str:
+        """Add an event to the front end's delivery stream; returns the entry id."""
+
+    @abstractmethod
+    async def read_deliveries(
+        self, frontend: str, consumer: str, count: int = 10, block_ms: int = 0
+    ) -> list[DeliveryEntry]:
+        """New events for ``consumer`` in the front end's own group (created on first use)."""
+
+    @abstractmethod
+    async def claim_stale_deliveries(
+        self, frontend: str, consumer: str, min_idle_ms: int | None = None, count: int = 10
+    ) -> list[DeliveryEntry]:
+        """Take over events another consumer of this front end left un-acked."""
+
+    @abstractmethod
+    async def ack_delivery(self, frontend: str, entry_id: str) -> bool:
+        """Mark an event delivered; False if it was not pending."""
+
+    # Progress (best effort) and cancellation ----------------------------------------------
+
+    @abstractmethod
+    async def publish_progress(self, job_id: str, event: Mapping[str, Any]) -> None:
+        """Send a JSON-serialisable event to whoever is subscribed now; nobody may be."""
+
+    @abstractmethod
+    def progress(self, job_id: str) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
+        """Subscribe to a job's progress: ``async with broker.progress(j) as events:``.
+
+        The subscription exists once the block is entered; iterating never ends by itself
+        (leave the block to unsubscribe). Events published before entering are not seen.
+        """
+
+    @abstractmethod
+    async def request_cancel(self, job_id: str, ttl_s: float = keys.CANCEL_TTL_S) -> None:
+        """Flag a job as cancelled for ``ttl_s`` seconds."""
+
+    @abstractmethod
+    async def is_cancel_requested(self, job_id: str) -> bool: ...
+
+    # Stats and housekeeping ---------------------------------------------------------------
+
+    @abstractmethod
+    async def queue_depth(self) -> int:
+        """Jobs not yet delivered to any dispatcher."""
+
+    @abstractmethod
+    async def pending_count(self) -> int:
+        """Jobs delivered to a dispatcher and not yet acked."""
+
+    @abstractmethod
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest ``count`` dead letters, newest first (``id`` is the dead-letter entry id)."""
+
+    @abstractmethod
+    async def trim(self) -> int:
+        """Drop acked entries from the jobs and delivery streams; returns how many went.
+
+        Never drops an entry that is pending or not yet delivered in some group; a stream with
+        no group yet is left alone.
+        """
+
+    @abstractmethod
+    async def server_epoch(self) -> str:
+        """Changes whenever the broker's state was lost (a Redis restart): re-enqueue then."""
+
+    @abstractmethod
+    async def ping(self, timeout_s: float = 1.0) -> bool:
+        """True if the broker answers within ``timeout_s``; never raises."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections; later calls raise BrokerUnavailable. Idempotent."""
+
+    async def __aenter__(self) -> Broker:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+# Helpers shared by the implementations -----------------------------------------------------
+
+
+def job_entry_fields(job_id: str, fields: Mapping[str, str] | None) -> dict[str, str]:
+    """The stream fields for a job: ``job_id`` plus the caller's string fields."""
+    keys.check_job_id(job_id)
+    out = {"job_id": job_id}
+    for name, value in (fields or {}).items():
+        if name == "job_id":
+            raise ValueError("fields must not contain 'job_id'; pass it as job_id")
+        out[name] = check_str_field(name, value)
+    return out
+
+
+def event_fields(event: Mapping[str, str]) -> dict[str, str]:
+    if not event:
+        raise ValueError("a delivery event needs at least one field")
+    return {name: check_str_field(name, value) for name, value in event.items()}
+
+
+def check_str_field(name: object, value: object) -> str:
+    # Redis would silently turn ints into strings and the memory twin would not: refuse both.
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise TypeError(f"stream fields must be str -> str, got {name!r}: {value!r}")
+    return value
+
+
+def dead_letter_fields(entry: JobEntry, reason: str) -> dict[str, str]:
+    return {
+        "job_id": entry.job_id,
+        "reason": reason[:MAX_REASON_CHARS],
+        "deliveries": str(entry.deliveries),
+        "entry_id": entry.entry_id,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def parse_id(entry_id: str) -> StreamId:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(sid: StreamId) -> str:
+    return f"{sid[0]}-{sid[1]}"
+
+
+def next_id(sid: StreamId) -> StreamId:
+    """The smallest id after ``sid``."""
+    if sid[1] >= 2**64 - 1:
+        return sid[0] + 1, 0
+    return sid[0], sid[1] + 1
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, sep, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if sep else f"{userinfo}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+async def connect_broker(
+    redis_url: str | None,
+    *,
+    claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+    ping_timeout_s: float = 1.0,
+    fallback: bool = True,
+) -> Broker:
+    """A RedisBroker if ``redis_url`` answers a PING in time, else a MemoryBroker.
+
+    ``fallback=False`` raises BrokerUnavailable instead of falling back: use it wherever several
+    processes must share the queue, since each would otherwise get its own private one.
+    """
+    from cluster.broker_memory import MemoryBroker
+    from cluster.broker_redis import RedisBroker
+
+    if redis_url:
+        redis_broker = RedisBroker(
+            redis_url, claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries
+        )
+        if await redis_broker.ping(timeout_s=ping_timeout_s):
+            log.info("broker: Redis at %s", redis_broker.safe_url)
+            return redis_broker
+        await redis_broker.close()
+        if not fallback:
+            raise BrokerUnavailable(
+                f"Redis at {redis_broker.safe_url} did not answer a PING within {ping_timeout_s} s"
+            )
+        log.warning(
+            "broker: Redis at %s did not answer a PING within %s s; using the in-process broker, "
+            "which only works when everything runs in this one process",
+            redis_broker.safe_url,
+            ping_timeout_s,
+        )
+    else:
+        log.info("broker: no Redis URL configured; using the in-process broker")
+    return MemoryBroker(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)

@@ -1,0 +1,362 @@
+"""The in-process twin of the Redis broker, for one box without Redis: same semantics, no I/O.
+
+Safe for many tasks on one event loop (nothing awaits while state is half-changed); not shared
+between processes, and its state is gone when the process ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster import keys
+from cluster.broker import (
+    DEFAULT_CLAIM_IDLE_MS,
+    DEFAULT_MAX_DELIVERIES,
+    Broker,
+    BrokerUnavailable,
+    DeliveryEntry,
+    JobEntry,
+    StreamId,
+    dead_letter_fields,
+    event_fields,
+    format_id,
+    job_entry_fields,
+    next_id,
+    parse_id,
+)
+
+log = logging.getLogger(__name__)
+
+# A subscriber this far behind loses ticks, as a slow pub/sub client would.
+_PROGRESS_BACKLOG = 1000
+_CLOSED = object()
+
+
+def _new_id(last: StreamId) -> StreamId:
+    """The next entry id, as XADD makes it: the time in ms, then a sequence within that ms."""
+    ms = int(time.time() * 1000)
+    return (ms, 0) if ms > last[0] else next_id(last)
+
+
+@dataclass
+class _Pending:
+    consumer: str
+    delivered_at: float
+    deliveries: int
+
+
+@dataclass
+class _Group:
+    last_delivered: StreamId = (0, 0)
+    pel: dict[StreamId, _Pending] = field(default_factory=dict)
+
+
+class _Stream:
+    """An append-only log with ids like Redis's (``ms-seq``) and its consumer groups."""
+
+    def __init__(self) -> None:
+        self.ids: list[StreamId] = []
+        self.data: dict[StreamId, dict[str, str]] = {}
+        self.last_id: StreamId = (0, 0)
+        self.groups: dict[str, _Group] = {}
+        self.added = asyncio.Event()
+
+    def add(self, fields: dict[str, str]) -> str:
+        sid = self.last_id = _new_id(self.last_id)
+        self.ids.append(sid)
+        self.data[sid] = fields
+        # Wake every blocked reader, then give later ones a fresh event to wait on.
+        self.added.set()
+        self.added = asyncio.Event()
+        return format_id(sid)
+
+    def group(self, name: str) -> _Group:
+        # Created on first use from id "0", like the Redis broker's groups.
+        return self.groups.setdefault(name, _Group())
+
+    def undelivered(self, group: _Group) -> int:
+        return len(self.ids) - bisect.bisect_right(self.ids, group.last_delivered)
+
+    def deliver_new(self, name: str, consumer: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        group = self.group(name)
+        start = bisect.bisect_right(self.ids, group.last_delivered)
+        now = time.monotonic()
+        out = []
+        for sid in self.ids[start : start + count]:
+            group.pel[sid] = _Pending(consumer, now, 1)
+            group.last_delivered = sid
+            out.append((format_id(sid), dict(self.data[sid])))
+        return out
+
+    def claim(
+        self, name: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[tuple[str, dict[str, str], int]]:
+        group = self.groups.get(name)
+        if group is None:
+            return []
+        now = time.monotonic()
+        out = []
+        for sid in sorted(group.pel):
+            pending = group.pel[sid]
+            if (now - pending.delivered_at) * 1000 < min_idle_ms:
+                continue
+            if sid not in self.data:
+                # Deleted while pending: nobody can process it, so it leaves the PEL.
+                del group.pel[sid]
+                continue
+            pending.consumer, pending.delivered_at = consumer, now
+            pending.deliveries += 1
+            out.append((format_id(sid), dict(self.data[sid]), pending.deliveries))
+            if len(out) >= count:
+                break
+        return out
+
+    def ack(self, name: str, entry_id: str) -> bool:
+        group = self.groups.get(name)
+        return group is not None and group.pel.pop(parse_id(entry_id), None) is not None
+
+    def trim(self) -> int:
+        if not self.groups:
+            return 0
+        bound = min(
+            min(group.pel) if group.pel else next_id(group.last_delivered)
+            for group in self.groups.values()
+        )
+        cut = bisect.bisect_left(self.ids, bound)
+        for sid in self.ids[:cut]:
+            del self.data[sid]
+        del self.ids[:cut]
+        return cut
+
+
+class MemoryBroker(Broker):
+    """The broker inside this process: pending lists, delivery counts, claims, dead letters."""
+
+    kind = "memory"
+
+    def __init__(
+        self,
+        *,
+        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+    ) -> None:
+        super().__init__(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
+        self._epoch = uuid.uuid4().hex
+        self._closed = False
+        self._jobs = _Stream()
+        self._deliveries: dict[str, _Stream] = {}
+        self._dead: deque[tuple[str, dict[str, str]]] = deque(maxlen=keys.DEAD_LETTER_MAXLEN)
+        self._dead_last_id: StreamId = (0, 0)
+        self._subscribers: dict[str, set[asyncio.Queue[object]]] = {}
+        self._cancels: dict[str, float] = {}  # job id -> monotonic expiry
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the in-process broker is closed")
+
+    async def _read(
+        self, stream: _Stream, group: str, consumer: str, count: int, block_ms: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        keys.check_consumer(consumer)
+        self._check_open()
+        deadline = time.monotonic() + max(block_ms, 0) / 1000
+        while True:
+            got = stream.deliver_new(group, consumer, count)
+            remaining = deadline - time.monotonic()
+            if got or remaining <= 0:
+                return got
+            try:
+                await asyncio.wait_for(stream.added.wait(), remaining)
+            except TimeoutError:
+                return []
+            self._check_open()
+
+    def _delivery_stream(self, frontend: str) -> _Stream:
+        return self._deliveries.setdefault(keys.deliveries_stream(frontend), _Stream())
+
+    # Jobs ---------------------------------------------------------------------------------
+
+    async def enqueue(self, job_id: str, fields: Mapping[str, str] | None = None) -> str:
+        data = job_entry_fields(job_id, fields)
+        self._check_open()
+        return self._jobs.add(data)
+
+    async def read_jobs(self, consumer: str, count: int = 1, block_ms: int = 0) -> list[JobEntry]:
+        got = await self._read(self._jobs, keys.DISPATCHER_GROUP, consumer, count, block_ms)
+        return [_job(eid, fields, 1) for eid, fields in got]
+
+    async def claim_stale_jobs(
+        self, consumer: str, min_idle_ms: int | None = None, count: int = 10
+    ) -> list[JobEntry]:
+        keys.check_consumer(consumer)
+        self._check_open()
+        idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
+        got = self._jobs.claim(keys.DISPATCHER_GROUP, consumer, idle, count)
+        return [_job(eid, fields, n) for eid, fields, n in got]
+
+    async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        keys.check_consumer(consumer)
+        self._check_open()
+        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
+        if group is None:
+            return
+        now = time.monotonic()
+        for entry_id in entry_ids:
+            pending = group.pel.get(parse_id(entry_id))
+            if pending is not None:
+                pending.consumer, pending.delivered_at = consumer, now
+
+    async def ack_job(self, entry_id: str) -> bool:
+        self._check_open()
+        return self._jobs.ack(keys.DISPATCHER_GROUP, entry_id)
+
+    async def dead_letter(self, entry: JobEntry, reason: str) -> None:
+        self._check_open()
+        self._dead_last_id = _new_id(self._dead_last_id)
+        self._dead.append((format_id(self._dead_last_id), dead_letter_fields(entry, reason)))
+        self._jobs.ack(keys.DISPATCHER_GROUP, entry.entry_id)
+        log.warning(
+            "dead-lettered job %s after %d deliveries: %s", entry.job_id, entry.deliveries, reason
+        )
+
+    # Deliveries ---------------------------------------------------------------------------
+
+    async def publish_delivery(self, frontend: str, event: Mapping[str, str]) -> str:
+        stream = self._delivery_stream(frontend)
+        data = event_fields(event)
+        self._check_open()
+        return stream.add(data)
+
+    async def read_deliveries(
+        self, frontend: str, consumer: str, count: int = 10, block_ms: int = 0
+    ) -> list[DeliveryEntry]:
+        stream = self._delivery_stream(frontend)
+        got = await self._read(stream, keys.delivery_group(frontend), consumer, count, block_ms)
+        return [DeliveryEntry(eid, frontend, fields, 1) for eid, fields in got]
+
+    async def claim_stale_deliveries(
+        self, frontend: str, consumer: str, min_idle_ms: int | None = None, count: int = 10
+    ) -> list[DeliveryEntry]:
+        stream = self._delivery_stream(frontend)
+        keys.check_consumer(consumer)
+        self._check_open()
+        idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
+        got = stream.claim(keys.delivery_group(frontend), consumer, idle, count)
+        return [DeliveryEntry(eid, frontend, fields, n) for eid, fields, n in got]
+
+    async def ack_delivery(self, frontend: str, entry_id: str) -> bool:
+        stream = self._delivery_stream(frontend)
+        self._check_open()
+        return stream.ack(keys.delivery_group(frontend), entry_id)
+
+    # Progress and cancellation ------------------------------------------------------------
+
+    async def publish_progress(self, job_id: str, event: Mapping[str, Any]) -> None:
+        channel = keys.progress_channel(job_id)
+        # Through JSON, so that what a subscriber gets matches the Redis broker exactly.
+        message = json.dumps(dict(event))
+        self._check_open()
+        for queue in self._subscribers.get(channel, ()):
+            if queue.qsize() < _PROGRESS_BACKLOG:
+                queue.put_nowait(message)
+
+    @asynccontextmanager
+    async def progress(self, job_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        channel = keys.progress_channel(job_id)
+        self._check_open()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        self._subscribers.setdefault(channel, set()).add(queue)
+        try:
+            yield _Subscription(queue)
+        finally:
+            subscribers = self._subscribers.get(channel)
+            if subscribers is not None:
+                subscribers.discard(queue)
+                if not subscribers:
+                    del self._subscribers[channel]
+
+    async def request_cancel(self, job_id: str, ttl_s: float = keys.CANCEL_TTL_S) -> None:
+        keys.cancel_key(job_id)
+        self._check_open()
+        now = time.monotonic()
+        # Drop expired flags here, so the dict never outgrows the jobs of the last TTL.
+        for expired in [j for j, until in self._cancels.items() if until <= now]:
+            del self._cancels[expired]
+        self._cancels[job_id] = now + max(ttl_s, 0.001)
+
+    async def is_cancel_requested(self, job_id: str) -> bool:
+        keys.cancel_key(job_id)
+        self._check_open()
+        return self._cancels.get(job_id, 0.0) > time.monotonic()
+
+    # Stats and housekeeping ---------------------------------------------------------------
+
+    async def queue_depth(self) -> int:
+        self._check_open()
+        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
+        return len(self._jobs.ids) if group is None else self._jobs.undelivered(group)
+
+    async def pending_count(self) -> int:
+        self._check_open()
+        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
+        return 0 if group is None else len(group.pel)
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        self._check_open()
+        newest = list(self._dead)[::-1][:count]
+        return [{"id": eid, **fields} for eid, fields in newest]
+
+    async def trim(self) -> int:
+        self._check_open()
+        return self._jobs.trim() + sum(s.trim() for s in self._deliveries.values())
+
+    async def server_epoch(self) -> str:
+        self._check_open()
+        return self._epoch
+
+    async def ping(self, timeout_s: float = 1.0) -> bool:
+        return not self._closed
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Wake blocked readers and subscribers so they notice.
+        self._jobs.added.set()
+        for stream in self._deliveries.values():
+            stream.added.set()
+        for queues in self._subscribers.values():
+            for queue in queues:
+                queue.put_nowait(_CLOSED)
+
+
+def _job(entry_id: str, fields: dict[str, str], deliveries: int) -> JobEntry:
+    job_id = fields.pop("job_id")
+    return JobEntry(entry_id=entry_id, job_id=job_id, fields=fields, deliveries=deliveries)
+
+
+class _Subscription:
+    def __init__(self, queue: asyncio.Queue[object]) -> None:
+        self._queue = queue
+
+    def __aiter__(self) -> _Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while True:
+            message = await self._queue.get()
+            if message is _CLOSED:
+                raise BrokerUnavailable("the in-process broker is closed")
+            event = json.loads(str(message))
+            if isinstance(event, dict):
+                return event

@@ -1,0 +1,455 @@
+"""The broker on Redis Streams (redis.asyncio): consumer groups, XAUTOCLAIM, pub/sub progress."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cluster import keys
+from cluster.broker import (
+    DEFAULT_CLAIM_IDLE_MS,
+    DEFAULT_MAX_DELIVERIES,
+    Broker,
+    BrokerUnavailable,
+    DeliveryEntry,
+    JobEntry,
+    dead_letter_fields,
+    event_fields,
+    format_id,
+    job_entry_fields,
+    next_id,
+    parse_id,
+    redact_url,
+)
+from core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Raw entries as redis-py returns them: (entry id, fields, times delivered).
+_Raw = tuple[str, dict[str, str], int]
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Past this many undelivered entries queue_depth() stops counting by hand (only when Redis
+# cannot give the group's lag itself).
+_DEPTH_SCAN_LIMIT = 100_000
+
+
+def _is_nogroup(exc: ResponseError) -> bool:
+    # The stream or its group is missing: first use, or Redis restarted and lost both.
+    return str(exc).startswith("NOGROUP")
+
+
+class RedisBroker(Broker):
+    """The broker on Redis Streams. Survives Redis restarts: groups are recreated on NOGROUP."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        socket_timeout_s: float = 10.0,
+    ) -> None:
+        super().__init__(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
+        self.safe_url = redact_url(url)
+        # Blocking reads must return before the socket timeout would cut them off.
+        self._max_block_ms = max(0, int(socket_timeout_s * 1000) - 1000)
+        self._closed = False
+        try:
+            self._redis: Any = aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=min(socket_timeout_s, 2.0),
+                health_check_interval=15,
+                # A few quick retries ride out a restart; more would only stall callers.
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+                client_name="atelier",
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid Redis URL {self.safe_url}: {exc}") from None
+
+    @asynccontextmanager
+    async def _errors(self, doing: str) -> AsyncIterator[None]:
+        """Turn every way of not reaching Redis into one BrokerUnavailable naming the URL."""
+        if self._closed:
+            raise BrokerUnavailable(f"the broker for {self.safe_url} is closed")
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailable(
+                f"Redis at {self.safe_url} is unavailable while {doing}: {exc}"
+            ) from exc
+
+    # Streams and groups -------------------------------------------------------------------
+
+    def _block(self, block_ms: int) -> int | None:
+        if block_ms <= 0:
+            return None
+        return min(block_ms, self._max_block_ms) or None
+
+    async def _ensure_group(self, stream: str, group: str) -> None:
+        # Id "0", not "$": entries added before the group existed (just after a restart, say)
+        # are still delivered.
+        try:
+            await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+            log.info("created consumer group %s on %s", group, stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _read(
+        self, stream: str, group: str, consumer: str, count: int, block_ms: int
+    ) -> list[_Raw]:
+        keys.check_consumer(consumer)
+        for attempt in range(2):
+            try:
+                reply = await self._redis.xreadgroup(
+                    group, consumer, {stream: ">"}, count=count, block=self._block(block_ms)
+                )
+                break
+            except ResponseError as exc:
+                if attempt or not _is_nogroup(exc):
+                    raise
+                await self._ensure_group(stream, group)
+        if not reply:
+            return []
+        # RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}.
+        if isinstance(reply, dict):
+            batches = [
+                entries[0] if entries and isinstance(entries[0], list) else entries
+                for entries in reply.values()
+            ]
+        else:
+            batches = [entries for _, entries in reply]
+        return [(eid, fields, 1) for entries in batches for eid, fields in entries if fields]
+
+    async def _claim(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int | None, count: int
+    ) -> list[_Raw]:
+        keys.check_consumer(consumer)
+        idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
+        claimed: list[tuple[str, dict[str, str]]] = []
+        gone: list[str] = []
+        cursor = "0-0"
+        # XAUTOCLAIM scans at most 10 x count PEL entries per call: follow the cursor so stale
+        # entries behind many fresh ones are still found.
+        while len(claimed) < count:
+            try:
+                reply = await self._redis.xautoclaim(
+                    stream, group, consumer, idle, start_id=cursor, count=count - len(claimed)
+                )
+            except ResponseError as exc:
+                if _is_nogroup(exc):
+                    return []  # no group yet (or Redis restarted): nothing is pending
+                raise
+            cursor = reply[0]
+            for eid, fields in reply[1]:
+                # Redis 6.2 returns entries deleted from the stream as nil fields, 7.0 in a
+                # third element; either way they can never be processed.
+                if fields:
+                    claimed.append((eid, fields))
+                elif eid:
+                    gone.append(eid)
+            if len(reply) > 2:
+                gone.extend(reply[2])
+            if cursor in ("0-0", "0"):
+                break
+        if gone:
+            log.warning(
+                "acking %d entries of %s deleted while pending: %s", len(gone), stream, gone[:10]
+            )
+            await self._redis.xack(stream, group, *gone)
+        if not claimed:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for eid, _ in claimed:
+                pipe.xpending_range(stream, group, min=eid, max=eid, count=1)
+            infos = await pipe.execute()
+        out: list[_Raw] = []
+        for (eid, fields), info in zip(claimed, infos, strict=True):
+            # Gone from the PEL in the meantime (acked by its old owner): it is done.
+            if info:
+                out.append((eid, fields, int(info[0]["times_delivered"])))
+        return out
+
+    def _job(self, raw: _Raw) -> JobEntry | None:
+        eid, fields, deliveries = raw
+        fields = dict(fields)
+        job_id = fields.pop("job_id", None)
+        if job_id is None:
+            return None
+        return JobEntry(entry_id=eid, job_id=job_id, fields=fields, deliveries=deliveries)
+
+    async def _jobs(self, raws: list[_Raw]) -> list[JobEntry]:
+        jobs = []
+        for raw in raws:
+            job = self._job(raw)
+            if job is None:
+                # Someone else's XADD: no consumer could ever handle it, so park it once.
+                log.warning("jobs entry %s has no job_id; dead-lettering it", raw[0])
+                await self.dead_letter(JobEntry(raw[0], "", raw[1], raw[2]), "no job_id field")
+            else:
+                jobs.append(job)
+        return jobs
+
+    # Jobs ---------------------------------------------------------------------------------
+
+    async def enqueue(self, job_id: str, fields: Mapping[str, str] | None = None) -> str:
+        data = job_entry_fields(job_id, fields)
+        async with self._errors("enqueueing a job"):
+            return str(await self._redis.xadd(keys.JOBS_STREAM, data))
+
+    async def read_jobs(self, consumer: str, count: int = 1, block_ms: int = 0) -> list[JobEntry]:
+        async with self._errors("reading jobs"):
+            raws = await self._read(
+                keys.JOBS_STREAM, keys.DISPATCHER_GROUP, consumer, count, block_ms
+            )
+            return await self._jobs(raws)
+
+    async def claim_stale_jobs(
+        self, consumer: str, min_idle_ms: int | None = None, count: int = 10
+    ) -> list[JobEntry]:
+        async with self._errors("claiming stale jobs"):
+            raws = await self._claim(
+                keys.JOBS_STREAM, keys.DISPATCHER_GROUP, consumer, min_idle_ms, count
+            )
+            return await self._jobs(raws)
+
+    async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        keys.check_consumer(consumer)
+        if not entry_ids:
+            return
+        async with self._errors("touching jobs"):
+            try:
+                # JUSTID: resets the idle time without counting another delivery.
+                await self._redis.xclaim(
+                    keys.JOBS_STREAM,
+                    keys.DISPATCHER_GROUP,
+                    consumer,
+                    0,
+                    list(entry_ids),
+                    justid=True,
+                )
+            except ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise
+
+    async def ack_job(self, entry_id: str) -> bool:
+        async with self._errors("acking a job"):
+            return bool(await self._redis.xack(keys.JOBS_STREAM, keys.DISPATCHER_GROUP, entry_id))
+
+    async def dead_letter(self, entry: JobEntry, reason: str) -> None:
+        # MULTI/EXEC keeps the two together; XADD first so that a lost reply and a retry can
+        # only duplicate the dead letter.
+        async with (
+            self._errors("dead-lettering a job"),
+            self._redis.pipeline(transaction=True) as pipe,
+        ):
+            pipe.xadd(
+                keys.DEAD_LETTER_STREAM,
+                dead_letter_fields(entry, reason),
+                maxlen=keys.DEAD_LETTER_MAXLEN,
+                approximate=True,
+            )
+            pipe.xack(keys.JOBS_STREAM, keys.DISPATCHER_GROUP, entry.entry_id)
+            await pipe.execute()
+        log.warning(
+            "dead-lettered job %s after %d deliveries: %s", entry.job_id, entry.deliveries, reason
+        )
+
+    # Deliveries ---------------------------------------------------------------------------
+
+    async def publish_delivery(self, frontend: str, event: Mapping[str, str]) -> str:
+        stream = keys.deliveries_stream(frontend)
+        data = event_fields(event)
+        async with self._errors("publishing a delivery"):
+            return str(await self._redis.xadd(stream, data))
+
+    async def read_deliveries(
+        self, frontend: str, consumer: str, count: int = 10, block_ms: int = 0
+    ) -> list[DeliveryEntry]:
+        stream, group = keys.deliveries_stream(frontend), keys.delivery_group(frontend)
+        async with self._errors("reading deliveries"):
+            raws = await self._read(stream, group, consumer, count, block_ms)
+        return [DeliveryEntry(eid, frontend, fields, n) for eid, fields, n in raws]
+
+    async def claim_stale_deliveries(
+        self, frontend: str, consumer: str, min_idle_ms: int | None = None, count: int = 10
+    ) -> list[DeliveryEntry]:
+        stream, group = keys.deliveries_stream(frontend), keys.delivery_group(frontend)
+        async with self._errors("claiming stale deliveries"):
+            raws = await self._claim(stream, group, consumer, min_idle_ms, count)
+        return [DeliveryEntry(eid, frontend, fields, n) for eid, fields, n in raws]
+
+    async def ack_delivery(self, frontend: str, entry_id: str) -> bool:
+        stream, group = keys.deliveries_stream(frontend), keys.delivery_group(frontend)
+        async with self._errors("acking a delivery"):
+            return bool(await self._redis.xack(stream, group, entry_id))
+
+    # Progress and cancellation ------------------------------------------------------------
+
+    async def publish_progress(self, job_id: str, event: Mapping[str, Any]) -> None:
+        channel = keys.progress_channel(job_id)
+        message = json.dumps(dict(event))
+        async with self._errors("publishing progress"):
+            await self._redis.publish(channel, message)
+
+    @asynccontextmanager
+    async def progress(self, job_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        channel = keys.progress_channel(job_id)
+        async with self._errors("subscribing to progress"):
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            async with self._errors("subscribing to progress"):
+                await pubsub.subscribe(channel)
+            yield _Subscription(self, pubsub)
+        finally:
+            with suppress(RedisError, OSError):
+                await pubsub.unsubscribe()
+            with suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    async def request_cancel(self, job_id: str, ttl_s: float = keys.CANCEL_TTL_S) -> None:
+        key = keys.cancel_key(job_id)
+        async with self._errors("requesting a cancel"):
+            await self._redis.set(key, "1", px=max(1, int(ttl_s * 1000)))
+
+    async def is_cancel_requested(self, job_id: str) -> bool:
+        key = keys.cancel_key(job_id)
+        async with self._errors("checking a cancel"):
+            return bool(await self._redis.exists(key))
+
+    # Stats and housekeeping ---------------------------------------------------------------
+
+    async def _group_info(self, stream: str) -> list[dict[str, Any]]:
+        try:
+            return list(await self._redis.xinfo_groups(stream))
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return []
+            raise
+
+    async def queue_depth(self) -> int:
+        async with self._errors("reading the queue depth"):
+            groups = await self._group_info(keys.JOBS_STREAM)
+            group = next((g for g in groups if g["name"] == keys.DISPATCHER_GROUP), None)
+            if group is None:
+                return int(await self._redis.xlen(keys.JOBS_STREAM))
+            if group.get("lag") is not None:
+                return int(group["lag"])
+            # Lag is unknown after deletions in the undelivered range (or before Redis 7):
+            # count what lies after the last delivered id. (XLEN - entries-read would go wrong
+            # once trim() has removed entries.)
+            after = await self._redis.xrange(
+                keys.JOBS_STREAM,
+                min="(" + group["last-delivered-id"],
+                max="+",
+                count=_DEPTH_SCAN_LIMIT,
+            )
+            return len(after)
+
+    async def pending_count(self) -> int:
+        async with self._errors("reading the pending count"):
+            try:
+                summary = await self._redis.xpending(keys.JOBS_STREAM, keys.DISPATCHER_GROUP)
+            except ResponseError as exc:
+                if _is_nogroup(exc):
+                    return 0
+                raise
+            return int(summary["pending"])
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        async with self._errors("reading dead letters"):
+            entries = await self._redis.xrevrange(keys.DEAD_LETTER_STREAM, count=count)
+        return [{"id": eid, **fields} for eid, fields in entries]
+
+    async def _trim_stream(self, stream: str) -> int:
+        groups = await self._group_info(stream)
+        if not groups:
+            return 0  # nobody has read it yet: everything in it is undelivered
+        bounds = []
+        for group in groups:
+            if group["pending"]:
+                summary = await self._redis.xpending(stream, group["name"])
+                bounds.append(parse_id(summary["min"]))
+            else:
+                bounds.append(next_id(parse_id(group["last-delivered-id"])))
+        # Racing consumers only ack (moving the oldest pending later) or read entries newer
+        # than last-delivered-id, so a bound computed a moment ago is still safe.
+        return int(await self._redis.xtrim(stream, minid=format_id(min(bounds)), approximate=False))
+
+    async def trim(self) -> int:
+        async with self._errors("trimming streams"):
+            streams = [keys.JOBS_STREAM]
+            async for key in self._redis.scan_iter(
+                match=keys.DELIVERIES_PREFIX + "*", _type="STREAM"
+            ):
+                streams.append(key)
+            trimmed = 0
+            for stream in streams:
+                trimmed += await self._trim_stream(stream)
+        if trimmed:
+            log.debug("trimmed %d acked entries", trimmed)
+        return trimmed
+
+    async def server_epoch(self) -> str:
+        async with self._errors("reading the server epoch"):
+            info = await self._redis.info("server")
+        return str(info["run_id"])
+
+    async def ping(self, timeout_s: float = 1.0) -> bool:
+        if self._closed:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                return bool(await self._redis.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+
+class _Subscription:
+    """Iterates progress events off a pub/sub connection, skipping what is not a JSON object."""
+
+    def __init__(self, broker: RedisBroker, pubsub: Any) -> None:
+        self._broker = broker
+        self._pubsub = pubsub
+
+    def __aiter__(self) -> _Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while True:
+            async with self._broker._errors("reading progress"):
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=None
+                )
+            if not message or message.get("type") != "message":
+                continue
+            try:
+                event = json.loads(message["data"])
+            except (TypeError, ValueError):
+                log.debug("ignoring a progress message that is not JSON: %r", message["data"])
+                continue
+            if isinstance(event, dict):
+                return event

@@ -1,0 +1,458 @@
+"""The one door front ends use: submit, cancel and follow jobs, plus the account helpers they need
+(balance, history, images, link codes). Blocking database work runs in worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, func, select
+
+from cluster.broker import Broker, BrokerUnavailable
+from cluster.engine import effective_strength
+from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
+from cluster.registry import ModelRegistry
+from core.cost import job_cost_for
+from core.errors import AtelierError, Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
+from core.jobs import DeliveryTarget, JobStatus, Requester
+from core.prompts import Blocklist, default_blocklist, prepare_prompt
+from core.request import GenerationRequest
+from core.settings import Settings
+from core.styles import StyleRegistry, default_registry
+from storage import accounts, gallery, ledger
+from storage import jobs as job_repo
+from storage.accounts import AccountRead, LinkCodeRead
+from storage.blobs import BlobStore
+from storage.db import session_factory as make_session_factory
+from storage.db import transaction
+from storage.gallery import ImageRead
+from storage.jobs import JobRead
+from storage.ledger import Balance
+from storage.models import Job, utcnow
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How often events() re-reads the job row when no progress message arrives: the fallback that
+# makes a lost pub/sub message (or a broker outage) cost latency, never the terminal event.
+DEFAULT_POLL_INTERVAL_S = 0.5
+CANCELLED_BY_OWNER = "cancelled by its owner"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmittedJob:
+    """What ``submit`` accepted. ``created`` is False for a repeated idempotency key."""
+
+    job_id: str
+    status: JobStatus
+    cost: int
+    created: bool
+    position: int | None  # queued jobs up to this one, all accounts (None once started)
+    images_out: int
+
+
+class Client:
+    """Front ends' access to the cluster. Every method is safe to call from any task."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        broker: Broker,
+        blobs: BlobStore,
+        styles: StyleRegistry | None = None,
+        blocklist: Blocklist | None = None,
+        models: ModelRegistry | None = None,
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    ) -> None:
+        self.settings = settings
+        self.sessions = session_factory
+        self._readers = read_only_sessions(session_factory)
+        self.broker = broker
+        self.blobs = blobs
+        self.styles = styles if styles is not None else default_registry()
+        self.blocklist = blocklist if blocklist is not None else default_blocklist()
+        self.models = models if models is not None else ModelRegistry.load(settings)
+        if poll_interval_s <= 0:
+            raise ValueError(f"poll_interval_s must be positive, got {poll_interval_s}")
+        self.poll_interval_s = poll_interval_s
+
+    async def _db(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
+        """Run ``fn`` in one committed transaction on a worker thread. ``read_only``: a
+        deferred BEGIN on SQLite, so polling readers never queue behind the dispatcher."""
+        factory = self._readers if read_only else self.sessions
+
+        def work() -> T:
+            with transaction(factory) as session:
+                return fn(session)
+
+        return await asyncio.to_thread(work)
+
+    # Submitting --------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest, requester: Requester) -> GenerationRequest:
+        """Validate what needs no database and resolve the model name and the seed.
+
+        Raises ContentBlocked (nothing is charged) or InvalidRequest naming the bad value.
+        """
+        # 1. The blocklist, first, so a blocked prompt never reaches the store.
+        self.blocklist.check(request.prompt, requester.nsfw_allowed)
+        # 2. Styles exist and the styled prompts fit the text encoder (estimated tokens).
+        prepare_prompt(request, self.styles, self.blocklist, requester.nsfw_allowed)
+        # 3. The model exists and the size and steps are within what it supports.
+        spec = self.models.get(request.model)
+        for side, top in (("width", spec.max_width), ("height", spec.max_height)):
+            if getattr(request, side) > top:
+                raise InvalidRequest(
+                    f"{side} must be at most {top} for model {spec.name}, "
+                    f"got {getattr(request, side)}"
+                )
+        if request.steps > spec.max_steps:
+            raise InvalidRequest(
+                f"{spec.name} runs at most {spec.max_steps} steps, got {request.steps}"
+            )
+        strength = effective_strength(request)
+        if strength is not None and int(request.steps * strength) < 1:
+            # Diffusers denoises int(steps x strength) steps of an input image: none is no job.
+            raise InvalidRequest(
+                f"{request.steps} steps at strength {strength:g} leave no denoising step; "
+                f"use at least {math.ceil(1 / strength)} steps"
+            )
+        # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
+        return request.model_copy(update={"model": spec.name}).with_seed()
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        requester: Requester,
+        delivery: DeliveryTarget,
+        idempotency_key: str,
+    ) -> SubmittedJob:
+        """Accept a job: validate, charge (reserve) and queue it, exactly once per key.
+
+        Raises ContentBlocked, InvalidRequest, RateLimited or InsufficientCredits; in every
+        case nothing is charged and no job row is left behind.
+        """
+        # 1. Checks that need no database.
+        request = self.prepare(request, requester)
+        if not idempotency_key or len(idempotency_key) > 200:
+            raise InvalidRequest(
+                f"idempotency key must be 1 to 200 characters, got {len(idempotency_key)}"
+            )
+
+        # 2. The account (created on first contact) and its tier's size limit.
+        account = await self.account(requester)
+        tier = self.settings.tier(account.tier)
+        request.check_limits(self.settings.limits, max_side=tier.max_side)
+        cost = job_cost_for(request, self.settings)
+
+        # 3. One transaction: a repeated key returns the job it made; else the tier's
+        #    concurrency under the account lock, then the job row and its reservation. An
+        #    InsufficientCredits rolls both back: never a charge without a job, or the reverse.
+        def create(session: Session) -> tuple[JobRead, bool]:
+            existing = job_repo.find_job(session=session, idempotency_key=idempotency_key)
+            if existing is not None:
+                if existing.account_id != account.id:
+                    raise Conflict(
+                        f"idempotency key {idempotency_key!r} belongs to another account's job"
+                    )
+                return existing, False
+            # The lock makes count-then-insert atomic on PostgreSQL too (SQLite: BEGIN IMMEDIATE).
+            ledger.lock_accounts(session, [account.id])
+            in_flight = job_repo.running_jobs_count(session=session, account_id=account.id)
+            if in_flight >= tier.concurrency:
+                raise RateLimited(
+                    f"you already have {in_flight} jobs queued or running; the {account.tier} "
+                    f"tier allows {tier.concurrency} at a time, so wait for one to finish"
+                )
+            job, created = job_repo.create_job(
+                session=session,
+                idempotency_key=idempotency_key,
+                account_id=account.id,
+                identity_id=account.identity.id if account.identity else None,
+                request=request,
+                delivery=with_nsfw(delivery, requester.nsfw_allowed),
+                cost=cost,
+                job_id=new_job_id(),
+            )
+            if created:
+                ledger.reserve(
+                    session=session,
+                    account_id=account.id,
+                    job_id=job.id,
+                    amount=cost,
+                    now=utcnow(),
+                    tiers=self.settings.tiers,
+                )
+            return job, created
+
+        job, created = await self._db(create)
+        if not created:
+            log.info("job %s: repeated idempotency key, nothing charged", job.id)
+            position = await self._position(job)
+            return SubmittedJob(
+                job.id, job.status, job.cost, False, position, job.request.images_out
+            )
+
+        # 4. Queue it. If the broker is down the job stays queued in the database and the
+        #    dispatcher's reconciler enqueues it later (it compares the database with the
+        #    broker): the person was charged for a job that will run, or be refunded.
+        try:
+            await self.broker.enqueue(job.id, {"account": str(job.account_id)})
+        except BrokerUnavailable as exc:
+            log.warning("job %s: not enqueued now (%s); the reconciler will", job.id, exc)
+        log.info(
+            "job %s: accepted for account %d (%d credits, %d images)",
+            job.id, job.account_id, cost, request.images_out,
+        )
+        log.debug("job %s: prompt %r", job.id, request.prompt)
+        return SubmittedJob(
+            job.id, job.status, cost, True, await self._position(job), request.images_out
+        )
+
+    async def _position(self, job: JobRead) -> int | None:
+        """Queued jobs created up to this one, across all accounts (the store knows them all,
+        wherever they wait: in the stream or in a dispatcher's read-ahead window)."""
+        if job.status is not JobStatus.queued:
+            return None
+        return await self._db(lambda s: queue_position(s, job), read_only=True)
+
+    # Cancelling --------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, requester: Requester) -> JobStatus:
+        """Cancel the requester's job. Queued: cancelled and refunded now (returns
+        ``cancelled``). Running: the dispatcher is asked to interrupt it and refund (returns
+        ``running``; the job's events end with ``cancelled``, or ``done`` if it was too late).
+        Raises Forbidden for someone else's job and Conflict once it finished."""
+
+        def mark(session: Session) -> JobStatus:
+            job = job_repo.get_job(session=session, job_id=job_id)  # NotFound
+            try:
+                account = accounts.find_account(
+                    session=session,
+                    platform=requester.platform,
+                    platform_user_id=requester.platform_user_id,
+                )
+            except NotFound:
+                account = None
+            if account is None or job.account_id != account.id:
+                raise Forbidden(f"job {job_id} is not yours to cancel")
+            if job.status.finished:
+                raise Conflict(f"job {job_id} already finished ({job.status.value})")
+            if job.status is JobStatus.running:
+                return JobStatus.running
+            job_repo.set_status(
+                session=session, job_id=job_id, status=JobStatus.cancelled,
+                error=CANCELLED_BY_OWNER,
+            )
+            ledger.release(session=session, job_id=job_id)
+            return JobStatus.cancelled
+
+        status = await self._db(mark)
+        try:
+            # Also for a job just cancelled while queued: a dispatcher may have picked it up a
+            # moment ago, and drops it at its next look at the flag.
+            await self.broker.request_cancel(job_id)
+        except BrokerUnavailable:
+            if status is JobStatus.running:
+                raise
+            log.warning("job %s: cancelled, but the broker did not take the flag", job_id)
+        log.info("job %s: cancel asked while %s", job_id, status.value)
+        return status
+
+    # Following a job ---------------------------------------------------------------------
+
+    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """A job's story: queued (with position) or started, progress ticks (best effort),
+        then exactly one terminal event (done, failed or cancelled), then the end.
+
+        The terminal event always comes from the job row, which is re-read after subscribing
+        (so a job finished before the call is reported) and every ``poll_interval_s``. A caller
+        that stops early should close the iterator (``contextlib.aclosing``).
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            ticks: asyncio.Queue[JobEvent] = asyncio.Queue(maxsize=256)
+            # 1. Subscribe first, then read the row: nothing can fall between the two.
+            try:
+                subscription = await stack.enter_async_context(self.broker.progress(job_id))
+                reader = asyncio.create_task(_pump(subscription, ticks, job_id))
+                stack.push_async_callback(_stop, reader)
+            except BrokerUnavailable as exc:
+                log.info("job %s: no progress ticks (%s); following the database only", job_id, exc)
+            job = await self.job(job_id)
+            started = False
+            if job.status is JobStatus.queued:
+                yield JobEvent(EventKind.queued, job_id, position=await self._position(job))
+            elif job.status is JobStatus.running:
+                started = True
+                yield JobEvent(EventKind.started, job_id)
+            # 2. Ticks as they come; the row whenever the dispatcher hints at an end, or the
+            #    poll interval passes without news.
+            while not job.status.finished:
+                try:
+                    tick = await asyncio.wait_for(ticks.get(), self.poll_interval_s)
+                except TimeoutError:
+                    tick = None
+                if tick is not None and not tick.terminal:
+                    if not started and tick.kind in (EventKind.started, EventKind.progress):
+                        started = True
+                        yield JobEvent(EventKind.started, job_id)
+                    if tick.kind is EventKind.progress:
+                        yield tick
+                    continue
+                job = await self.job(job_id)
+                if job.status is JobStatus.running and not started:
+                    started = True
+                    yield JobEvent(EventKind.started, job_id)
+            # 3. Exactly one terminal event, from the row.
+            images = await self._images(job_id) if job.status is JobStatus.succeeded else []
+            yield terminal_event(job, images)
+
+    async def wait(self, job_id: str) -> JobEvent:
+        """The job's terminal event, once it finished."""
+        # Closed here, not by the garbage collector: unsubscribing needs the broker still open.
+        async with contextlib.aclosing(self.events(job_id)) as events:
+            async for event in events:
+                if event.terminal:
+                    return event
+        raise RuntimeError(f"job {job_id}: events ended without a terminal event")
+
+    # Helpers for front ends --------------------------------------------------------------
+
+    def _resolve(self, session: Session, requester: Requester) -> AccountRead:
+        return accounts.resolve_account(
+            session=session,
+            platform=requester.platform,
+            platform_user_id=requester.platform_user_id,
+            display_name=requester.display_name,
+            default_tier=self.settings.default_tier,
+        )
+
+    async def account(self, requester: Requester) -> AccountRead:
+        """The requester's account, created with the default tier on first contact."""
+        return await self._db(lambda s: self._resolve(s, requester))
+
+    async def balance(self, requester: Requester) -> Balance:
+        def read(session: Session) -> Balance:
+            account = self._resolve(session, requester)
+            return ledger.balance(
+                session=session, account_id=account.id, now=utcnow(), tiers=self.settings.tiers
+            )
+
+        return await self._db(read)
+
+    async def job(self, job_id: str) -> JobRead:
+        """A job row; NotFound if there is none."""
+        return await self._db(lambda s: job_repo.get_job(session=s, job_id=job_id), read_only=True)
+
+    async def _images(self, job_id: str) -> list[ImageRead]:
+        return await self._db(
+            lambda s: gallery.list_job_images(session=s, job_id=job_id), read_only=True
+        )
+
+    async def job_images(self, job_id: str) -> list[ImageRef]:
+        """The stored images of a job, in index order (empty until it succeeded)."""
+        return [image_ref(i) for i in await self._images(job_id)]
+
+    async def image_bytes(self, image: ImageRef) -> bytes:
+        """The PNG of a stored image."""
+        return await asyncio.to_thread(self.blobs.get, image.blob_key)
+
+    async def history(self, requester: Requester, limit: int = 5) -> list[JobRead]:
+        """The requester's latest jobs, newest first, each with its request."""
+
+        def read(session: Session) -> list[JobRead]:
+            account = self._resolve(session, requester)
+            return job_repo.list_jobs(session=session, account_id=account.id, limit=limit)
+
+        return await self._db(read)
+
+    async def create_link_code(self, requester: Requester) -> LinkCodeRead:
+        """A one-time code the requester types on another platform to join the two accounts."""
+
+        def make(session: Session) -> LinkCodeRead:
+            account = self._resolve(session, requester)
+            if account.identity is None:
+                raise NotFound(f"no identity for {requester.platform}:{requester.platform_user_id}")
+            return accounts.create_link_code(
+                session=session,
+                identity_id=account.identity.id,
+                now=utcnow(),
+                ttl=timedelta(seconds=self.settings.link_code_ttl_s),
+            )
+
+        return await self._db(make)
+
+    async def redeem_link_code(self, requester: Requester, code: str) -> AccountRead:
+        """Join the requester's identity to the account that made ``code``."""
+
+        def redeem(session: Session) -> AccountRead:
+            account = self._resolve(session, requester)
+            if account.identity is None:
+                raise NotFound(f"no identity for {requester.platform}:{requester.platform_user_id}")
+            return accounts.redeem_link_code(
+                session=session, code=code, identity_id=account.identity.id, now=utcnow()
+            )
+
+        return await self._db(redeem)
+
+
+def queue_position(session: Session, job: JobRead) -> int:
+    """1 for the oldest queued job. (A candidate for storage.jobs, with an index on
+    (status, created_at) once the jobs table grows large.)"""
+    ahead = session.exec(
+        select(func.count())
+        .select_from(Job)
+        .where(col(Job.status) == JobStatus.queued, col(Job.created_at) <= job.created_at)
+    ).one()
+    return max(1, int(ahead))
+
+
+def read_only_sessions(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """The read-only twin of a session factory (deferred BEGIN on SQLite), or the factory
+    itself when it is not bound to an engine."""
+    bind = factory.kw.get("bind")
+    return make_session_factory(bind, read_only=True) if isinstance(bind, Engine) else factory
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    # Not ``await task`` under suppress(CancelledError): that would swallow our own cancel.
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: _pump logs what it should itself
+
+
+async def _pump(
+    subscription: AsyncIterator[dict[str, Any]], out: asyncio.Queue[JobEvent], job_id: str
+) -> None:
+    """Move progress messages into ``out``; drop ticks when the reader falls behind."""
+    try:
+        async for message in subscription:
+            try:
+                event = JobEvent.from_fields(message)
+            except AtelierError:
+                log.debug("job %s: ignoring a progress message %r", job_id, message)
+                continue
+            if out.full() and not event.terminal:
+                continue
+            with contextlib.suppress(asyncio.QueueFull):
+                out.put_nowait(event)
+    except BrokerUnavailable as exc:
+        # The poll of the job row carries on alone.
+        log.info("job %s: progress ticks stopped (%s)", job_id, exc)

@@ -1,0 +1,943 @@
+"""The dispatcher: reads jobs off the broker, batches compatible ones fairly across accounts,
+places them on worker actors, relays progress, and settles every job exactly once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select
+
+from cluster.batching import FairQueue, Waiting
+from cluster.broker import Broker, BrokerUnavailable, JobEntry
+from cluster.client import read_only_sessions
+from cluster.engine import BatchItem, GenerationCancelled, ImageResult, batch_key, item_pixels
+from cluster.events import EventKind, JobEvent, nsfw_allowed, terminal_event
+from cluster.placement import WorkerPool, WorkerSlot
+from cluster.registry import ModelRegistry, ModelSpec
+from cluster.worker import WorkerFailed, WorkerLost, run_batch
+from core.errors import AtelierError, Conflict, NotFound
+from core.jobs import JobStatus
+from core.settings import Settings
+from storage import gallery, ledger
+from storage import jobs as job_repo
+from storage.blobs import BlobStore, sha256_of
+from storage.db import transaction
+from storage.gallery import ImageRead, NewImage
+from storage.jobs import IN_FLIGHT, JobRead
+from storage.models import Job, UTCDateTime, utcnow
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Crash safety. Settling a job is a recipe of idempotent steps, always in this order: PNGs into
+# the content-addressed blob store; ONE transaction writing the image rows, capturing the
+# credits and marking the job succeeded; the delivery event; the ack. A dispatcher killed
+# between two steps leaves its entry pending; after the broker's claim timeout another
+# dispatcher claims it, reads the row and does only what is missing (a succeeded job gets its
+# delivery re-published, which front ends dedupe by job id). Failures and cancellations follow
+# the same shape: release + status in one transaction, delivery, then ack (or dead-letter).
+#
+# Ownership. A dispatcher starts a job with a compare-and-set on its row (queued -> running,
+# or running with a lapsed lease -> running), so of two dispatchers holding entries of one job
+# only one runs it. While running, it renews the lease (the row's updated_at) every fifth of
+# the claim timeout and touches its entries; a lease older than half the claim timeout counts
+# as abandoned. Duplicate entries (a retry, a reconcile) of a job running elsewhere are acked.
+#
+# Failure detection. A worker that dies or whose node goes away surfaces as WorkerLost from
+# run_batch: the job is queued again for another worker, up to max_attempts. How fast Ray
+# notices a vanished node is Ray's health check, set on the head node (environment variables
+# read at `ray start`): RAY_health_check_period_ms, RAY_health_check_timeout_ms and
+# RAY_health_check_failure_threshold; actors on a silent node fail after about period x
+# threshold. job_timeout_s bounds every wait for a worker event regardless.
+
+# Ray namespace and actor-name prefix that `atelier worker` uses, so dispatchers in other
+# processes find the workers (named actors are only visible within their namespace).
+RAY_NAMESPACE = "atelier"
+WORKER_NAME_PREFIX = "atelier-worker"
+CANCELLED_REASON = "cancelled by its owner"
+# Remember this many job ids whose terminal event this process published: a duplicate entry
+# then does not publish again (across processes, front ends dedupe by job id).
+ANNOUNCED_MEMORY = 10_000
+# Recent batches kept for inspection (``Dispatcher.batches``).
+BATCH_HISTORY = 1000
+# The reconciler leaves queued jobs younger than this alone: the client may be between its
+# commit and its XADD.
+RECONCILE_GRACE_S = 5.0
+RECONCILE_LIMIT = 10_000
+# Waits between attempts to publish a settled job's delivery while the broker is down.
+PUBLISH_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch as placed: which worker, which jobs, when (monotonic seconds)."""
+
+    worker_id: str
+    job_ids: tuple[str, ...]
+    model: str
+    started: float
+
+
+@dataclass
+class _Held:
+    """A job this dispatcher holds: its entries (the first is the one it was admitted with;
+    duplicates are acked with it), its row and its model."""
+
+    entries: list[JobEntry]
+    job: JobRead
+    spec: ModelSpec | None = None  # resolved on admission
+    cancel_requested: bool = False
+
+    @property
+    def model(self) -> ModelSpec:
+        if self.spec is None:
+            raise RuntimeError(f"job {self.job.id} was queued without a model")
+        return self.spec
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def entry_ids(self) -> list[str]:
+        return [e.entry_id for e in self.entries]
+
+    def item(self) -> BatchItem:
+        return BatchItem(self.job.id, self.job.request, nsfw_allowed(self.job.delivery))
+
+
+class Dispatcher:
+    """One dispatcher (a consumer of the broker's ``dispatchers`` group). Several may run
+    against one broker and store; each job still runs and is charged once."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        broker: Broker,
+        blobs: BlobStore,
+        workers: WorkerPool,
+        name: str,
+        models: ModelRegistry | None = None,
+        gather_window_s: float = 0.05,
+        job_timeout_s: float = 600.0,
+        max_attempts: int = 3,
+        window: int = 64,
+        max_batch_items: int = 8,
+        progress_interval_s: float = 0.5,
+        cancel_poll_s: float = 0.25,
+        refresh_interval_s: float = 10.0,
+        epoch_check_s: float = 1.0,
+        reconcile_interval_s: float = 30.0,
+        heartbeat_s: float = 30.0,
+        read_block_ms: int = 500,
+        drain_timeout_s: float = 30.0,
+        reconcile_grace_s: float = RECONCILE_GRACE_S,
+    ) -> None:
+        """``window``: at most this many queued entries are read ahead; fairness between
+        accounts is exact within it. Leases: a running job's row is refreshed every fifth of
+        the broker's claim timeout and counts as abandoned after half of it."""
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        if window < 1 or max_batch_items < 1:
+            raise ValueError(f"window and max_batch_items must be >= 1, got {window}, "
+                             f"{max_batch_items}")
+        self.settings = settings
+        self.sessions = session_factory
+        self._readers = read_only_sessions(session_factory)
+        self.broker = broker
+        self.blobs = blobs
+        self.workers = workers
+        self.name = name
+        self.models = models if models is not None else ModelRegistry.load(settings)
+        self.gather_window_s = gather_window_s
+        self.job_timeout_s = job_timeout_s
+        self.max_attempts = max_attempts
+        self.window = window
+        self.max_batch_items = max_batch_items
+        self.progress_interval_s = progress_interval_s
+        self.cancel_poll_s = cancel_poll_s
+        self.refresh_interval_s = refresh_interval_s
+        self.epoch_check_s = epoch_check_s
+        self.reconcile_interval_s = reconcile_interval_s
+        self.heartbeat_s = heartbeat_s
+        self.read_block_ms = read_block_ms
+        self.drain_timeout_s = drain_timeout_s
+        self.reconcile_grace_s = reconcile_grace_s
+        claim_s = broker.claim_idle_ms / 1000
+        self.lease_s = claim_s / 2
+        self.touch_interval_s = max(0.05, claim_s / 5)
+
+        self.batches: deque[BatchRecord] = deque(maxlen=BATCH_HISTORY)
+        self._queue: FairQueue[tuple[object, ...]] = FairQueue()
+        self._held: dict[str, _Held] = {}  # read, waiting for a batch
+        self._running: dict[str, _Held] = {}  # in a batch on a worker
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._announced: OrderedDict[str, None] = OrderedDict()
+        self._epoch: str | None = None
+        self._due: dict[str, float] = {}
+
+    # The loop ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch until ``stop`` is set, then let running batches finish (up to
+        ``drain_timeout_s``). Entries read but not started stay pending for another
+        dispatcher to claim."""
+        log.info("dispatcher %s starting (claim timeout %d ms)", self.name,
+                 self.broker.claim_idle_ms)
+        await self.workers.refresh()
+        backoff = 0.1
+        try:
+            while not stop.is_set():
+                try:
+                    await self._housekeeping()
+                    await self._step()
+                    backoff = 0.1
+                except BrokerUnavailable as exc:
+                    log.warning("dispatcher %s: broker unavailable (%s); retrying in %.1f s",
+                                self.name, exc, backoff)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            await self._drain()
+            log.info("dispatcher %s stopped", self.name)
+
+    async def _step(self) -> None:
+        # 1. Read ahead, up to the window; block only when nothing can be placed meanwhile.
+        room = self.window - len(self._queue)
+        placeable = self._placeable()
+        if room > 0:
+            if placeable:
+                block = 0
+            elif len(self._queue):
+                block = 50  # jobs wait for a worker: come back soon to place them
+            else:
+                block = self.read_block_ms
+            entries = await self.broker.read_jobs(self.name, count=room, block_ms=block)
+            if entries and self.gather_window_s > 0:
+                # 2. A moment for compatible jobs submitted together to arrive together.
+                await asyncio.sleep(self.gather_window_s)
+                more = room - len(entries)
+                if more > 0:
+                    entries += await self.broker.read_jobs(self.name, count=more, block_ms=0)
+            if entries:
+                await self._admit(entries)
+        elif not placeable:
+            await asyncio.sleep(0.05)
+        # 3. Batches for every idle worker that can take one.
+        self._dispatch()
+
+    def _every(self, what: str, interval_s: float) -> bool:
+        now = time.monotonic()
+        if now < self._due.get(what, 0.0):
+            return False
+        self._due[what] = now + interval_s
+        return True
+
+    async def _housekeeping(self) -> None:
+        if self._every("touch", self.touch_interval_s):
+            await self._touch()
+        if self._every("epoch", self.epoch_check_s):
+            epoch = await self.broker.server_epoch()
+            if self._epoch is None:
+                self._epoch = epoch
+                await self.reconcile(everything=False)
+            elif epoch != self._epoch:
+                log.warning("dispatcher %s: the broker restarted (epoch %s -> %s); "
+                            "re-enqueueing unfinished jobs", self.name, self._epoch[:8], epoch[:8])
+                self._epoch = epoch
+                await self.reconcile(everything=True)
+        if self._every("claim", self.broker.claim_idle_ms / 2000):
+            room = self.window - len(self._queue)
+            if room > 0:
+                claimed = await self.broker.claim_stale_jobs(self.name, count=room)
+                if claimed:
+                    log.info("dispatcher %s claimed %d stale entries: %s", self.name,
+                             len(claimed), [e.job_id for e in claimed])
+                    await self._admit(claimed)
+        if self._every("refresh", self.refresh_interval_s):
+            await self.workers.refresh()
+        if self._every("reconcile", self.reconcile_interval_s):
+            await self.reconcile(everything=False)
+        if self._every("heartbeat", self.heartbeat_s):
+            live = self.workers.live()
+            log.info(
+                "dispatcher %s: %d queued, %d running %s, %d/%d workers live",
+                self.name, len(self._queue), len(self._running), sorted(self._running),
+                len(live), len(self.workers.slots),
+            )
+
+    async def _touch(self) -> None:
+        """Keep our entries from being claimed and our running jobs' leases fresh."""
+        held = [*self._held.values(), *self._running.values()]
+        entry_ids = [eid for h in held for eid in h.entry_ids]
+        if entry_ids:
+            await self.broker.touch_jobs(self.name, entry_ids)
+        running = list(self._running)
+        if running:
+            now = utcnow()
+            await self._db(lambda s: _refresh_leases(s, running, now))
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        log.info("dispatcher %s: waiting for %d running batches", self.name, len(self._tasks))
+        _, pending = await asyncio.wait(self._tasks, timeout=self.drain_timeout_s)
+        for task in pending:
+            task.cancel()  # the worker stops at its next step; the entries stay pending
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+    # Admission ---------------------------------------------------------------------------
+
+    async def _admit(self, entries: Sequence[JobEntry]) -> None:
+        """Decide about newly read (or claimed) entries: settle what is already settled,
+        refuse what can never run, queue the rest."""
+        fresh: list[JobEntry] = []
+        for entry in entries:
+            mine = self._held.get(entry.job_id) or self._running.get(entry.job_id)
+            if mine is not None:
+                # Another entry of a job we hold (a reconcile or retry duplicate): acked with it.
+                if entry.entry_id not in mine.entry_ids:
+                    mine.entries.append(entry)
+                continue
+            fresh.append(entry)
+        if not fresh:
+            return
+        rows = await self._db(
+            lambda s: {e.job_id: _find_job(s, job_id=e.job_id) for e in fresh}, read_only=True
+        )
+        stale_before = utcnow() - timedelta(seconds=self.lease_s)
+        for entry in fresh:
+            job = rows[entry.job_id]
+            if job is None:
+                log.warning("entry %s names job %s, which does not exist; dropping it",
+                            entry.entry_id, entry.job_id)
+                await self.broker.ack_job(entry.entry_id)
+                continue
+            mine = self._held.get(entry.job_id)
+            if mine is not None:  # two entries of one job in the same read
+                mine.entries.append(entry)
+                continue
+            await self._admit_one(entry, job, stale_before)
+
+    async def _admit_one(self, entry: JobEntry, job: JobRead, stale_before: datetime) -> None:
+        # 1. Finished already (a crash after settling, or a duplicate): (re)announce, ack.
+        if job.status.finished:
+            await self._announce(job, [entry])
+            return
+        # 2. Running with a fresh lease: another dispatcher has it; this entry is a duplicate.
+        if job.status is JobStatus.running and job.updated_at >= stale_before:
+            log.info("job %s: running elsewhere; acking duplicate entry %s", job.id,
+                     entry.entry_id)
+            await self.broker.ack_job(entry.entry_id)
+            return
+        held = _Held([entry], job)
+        # 3. Cancelled while queued.
+        if await self.broker.is_cancel_requested(job.id):
+            await self._settle_cancelled(held)
+            return
+        # 4. Jobs that can never run: fail now, refunded.
+        try:
+            held.spec = self.models.get(job.request.model)
+        except AtelierError:
+            await self._fail(held, f"model {job.request.model!r} is not available here")
+            return
+        impossible = self.workers.impossible(held.spec)
+        if impossible is not None:
+            await self._fail(held, impossible)
+            return
+        # 5. Given up: started too often, or handed out too often (a job crashing dispatchers).
+        if job.attempts >= self.max_attempts:
+            await self._fail(held, f"gave up after {job.attempts} attempts", dead_letter=True)
+            return
+        if self.broker.over_delivered(entry):
+            await self._fail(
+                held, f"gave up after {entry.deliveries} deliveries", dead_letter=True
+            )
+            return
+        # 6. Wait for a batch.
+        self._held[job.id] = held
+        self._queue.add(
+            Waiting(job.id, job.account_id, batch_key(job.request), item_pixels(job.request), held)
+        )
+
+    # Placement ---------------------------------------------------------------------------
+
+    def _placeable(self) -> bool:
+        return any(self.workers.choose(self._payload(h).model) for h in self._queue.heads())
+
+    @staticmethod
+    def _payload(waiting: Waiting[Any]) -> _Held:
+        held = waiting.payload
+        if not isinstance(held, _Held):
+            raise TypeError(f"queue entry for job {waiting.job_id} carries no job")
+        return held
+
+    def _dispatch(self) -> None:
+        """Start one batch per idle worker while queued jobs can be placed, each batch led by
+        the oldest job of the account whose turn it is."""
+        while len(self._queue):
+            for head in self._queue.heads():
+                slot = self.workers.choose(self._payload(head).model)
+                if slot is None:
+                    continue
+                batch = self._queue.take_batch(
+                    head, max_pixels=slot.info.max_batch_pixels, max_items=self.max_batch_items
+                )
+                held = [self._payload(w) for w in batch]
+                for h in held:
+                    del self._held[h.job_id]
+                    self._running[h.job_id] = h
+                self.workers.started(slot)
+                task = asyncio.create_task(self._run_batch(slot, held))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                break
+            else:
+                return  # nothing at the heads can be placed now
+
+    # Running a batch ---------------------------------------------------------------------
+
+    async def _run_batch(self, slot: WorkerSlot, held: list[_Held]) -> None:
+        model = held[0].model.name
+        try:
+            started = await self._start(held)
+            if not started:
+                return
+            self.batches.append(
+                BatchRecord(slot.worker_id, tuple(h.job_id for h in started), model,
+                            time.monotonic())
+            )
+            log.info("batch on %s: %s (%s)", slot.worker_id, [h.job_id for h in started], model)
+            await self._execute(slot, started)
+        except asyncio.CancelledError:
+            raise
+        except BrokerUnavailable as exc:
+            # Maybe settled in the store but not announced or acked: the pending entries
+            # bring the jobs back once the broker answers. (If Redis restarted meanwhile, a
+            # settled job's delivery is lost; Client.events and Client.job still report it.)
+            log.warning("batch on %s: broker unavailable mid-settle (%s): %s", slot.worker_id,
+                        exc, [h.job_id for h in held])
+        except Exception:
+            # A bug or an outage mid-settle: the entries stay pending and the lease lapses,
+            # so this or another dispatcher picks the jobs up again after the claim timeout.
+            log.exception("batch on %s failed unexpectedly: %s", slot.worker_id,
+                          [h.job_id for h in held])
+        finally:
+            self.workers.finished(slot, model)
+            for h in held:
+                self._running.pop(h.job_id, None)
+
+    async def _start(self, held: list[_Held]) -> list[_Held]:
+        """Mark the jobs running (one compare-and-set each: only one dispatcher wins a job)
+        and count the attempt; settle those cancelled or taken meanwhile."""
+        for h in held:
+            if await self.broker.is_cancel_requested(h.job_id):
+                h.cancel_requested = True
+        live = [h for h in held if not h.cancel_requested]
+        for h in held:
+            if h.cancel_requested:
+                await self._settle_cancelled(h)
+        if not live:
+            return []
+        now = utcnow()
+        stale_before = now - timedelta(seconds=self.lease_s)
+        ids = [h.job_id for h in live]
+        won = await self._db(lambda s: _start_attempts(s, ids, now=now, stale_before=stale_before))
+        started = []
+        for h in live:
+            job = won.get(h.job_id)
+            if job is not None:
+                h.job = job
+                started.append(h)
+                continue
+            current = await self._db(functools.partial(_find_job, job_id=h.job_id))
+            if current is not None and current.status.finished:
+                await self._announce(current, h.entries)
+            else:
+                log.info("job %s: taken by another dispatcher; acking entry", h.job_id)
+                await self._ack(h.entries)
+        for h in started:
+            await self._hint(JobEvent(EventKind.started, h.job_id))
+        return started
+
+    async def _execute(self, slot: WorkerSlot, jobs: list[_Held]) -> None:
+        """Run ``jobs`` as one call on ``slot`` and settle each; isolates a poison job."""
+        relay = self._progress_relay(jobs)
+        ran = asyncio.Event()
+        watch = asyncio.create_task(self._watch_cancels(slot, jobs, ran))
+        try:
+            async with asyncio.timeout(self.job_timeout_s):
+                results = await run_batch(
+                    slot.handle, [h.item() for h in jobs], on_progress=relay,
+                    timeout_s=self.job_timeout_s,
+                )
+        except GenerationCancelled:
+            for h in jobs:
+                await self._settle_cancelled(h)
+            return
+        except WorkerFailed as exc:
+            await self._worker_failed(slot, jobs, exc)
+            return
+        except WorkerLost as exc:
+            self.workers.lost(slot, exc)
+            for h in jobs:
+                await self._retry_or_fail(h, f"the worker was lost ({exc.reason})")
+            return
+        except TimeoutError:
+            for h in jobs:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(_await_ref(slot.handle.cancel.remote(h.job_id)), 5)
+            self.workers.mark_dead(slot.worker_id, f"a batch ran past {self.job_timeout_s:g}s")
+            for h in jobs:
+                await self._retry_or_fail(h, f"timed out after {self.job_timeout_s:g}s")
+            return
+        finally:
+            ran.set()
+            await stop_task(watch)
+        by_job: dict[str, list[ImageResult]] = {}
+        for result in results:
+            by_job.setdefault(result.job_id, []).append(result)
+        for h in jobs:
+            images = by_job.get(h.job_id)
+            if images:
+                await self._settle_done(h, images)
+            elif h.cancel_requested:
+                await self._settle_cancelled(h)
+            else:
+                await self._retry_or_fail(h, "the worker returned no images for this job")
+
+    async def _worker_failed(self, slot: WorkerSlot, jobs: list[_Held], exc: WorkerFailed) -> None:
+        by_id = {h.job_id: h for h in jobs}
+        if exc.job_id is not None and exc.job_id in by_id:
+            # The worker named the job at fault: fail it, run the others again.
+            await self._fail(by_id[exc.job_id], exc.message)
+            others = [h for h in jobs if h.job_id != exc.job_id]
+            if others:
+                await self._execute(slot, others)
+            return
+        if len(jobs) > 1:
+            # Unknown culprit: one by one, so one poison job takes only itself down.
+            log.warning("batch %s failed (%s: %s); retrying its jobs one by one",
+                        list(by_id), exc.error_code, exc.message)
+            for h in jobs:
+                await self._execute(slot, [h])
+            return
+        await self._fail(jobs[0], exc.message)
+
+    def _progress_relay(self, jobs: list[_Held]) -> Callable[[int, int], Any]:
+        last = 0.0
+
+        async def relay(step: int, total: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if step < total and now - last < self.progress_interval_s:
+                return
+            last = now
+            for h in jobs:
+                if not h.cancel_requested:
+                    await self._hint(JobEvent(EventKind.progress, h.job_id, step=step,
+                                              total=total))
+
+        return relay
+
+    async def _watch_cancels(
+        self, slot: WorkerSlot, jobs: list[_Held], ran: asyncio.Event
+    ) -> None:
+        """Pass cancel flags on to the worker, which stops the job at its next step; ends
+        once ``ran`` is set (no cancellation needed, which a client library might swallow)."""
+        while not ran.is_set():
+            for h in jobs:
+                if h.cancel_requested:
+                    continue
+                try:
+                    flagged = await self.broker.is_cancel_requested(h.job_id)
+                except BrokerUnavailable:
+                    continue
+                if not flagged:
+                    continue
+                h.cancel_requested = True
+                log.info("job %s: cancel requested; telling worker %s", h.job_id, slot.worker_id)
+                try:
+                    await asyncio.wait_for(_await_ref(slot.handle.cancel.remote(h.job_id)), 5)
+                except Exception as exc:  # the worker may be gone; the batch then fails
+                    log.warning("job %s: could not tell the worker to cancel: %s", h.job_id, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ran.wait(), self.cancel_poll_s)
+
+    # Settling ----------------------------------------------------------------------------
+
+    async def _settle_done(self, h: _Held, results: list[ImageResult]) -> None:
+        """Images, capture, succeeded, delivery, ack: in this order, each idempotent."""
+        # 1. PNGs into the content-addressed store: a repeat writes nothing new.
+        keys = await asyncio.to_thread(lambda: [self.blobs.put(r.png) for r in results])
+        images = [
+            NewImage(
+                index=r.index, seed=r.seed, width=r.width, height=r.height, blob_key=key,
+                sha256=sha256_of(key), prompt=r.prompt, negative=r.negative,
+                styles=(r.style,) if r.style else (), model=r.model, infotext=r.infotext,
+            )
+            for r, key in zip(results, keys, strict=True)
+        ]
+
+        # 2. One transaction: rows, capture, succeeded; unless the job finished meanwhile
+        #    (cancelled by its owner, or settled by a dispatcher running a duplicate).
+        def commit(session: Session) -> JobRead:
+            job = job_repo.get_job(session=session, job_id=h.job_id)
+            if job.status.finished:
+                return job
+            gallery.add_images(session=session, job_id=h.job_id, images=images)
+            ledger.capture(session=session, job_id=h.job_id)
+            return job_repo.set_status(
+                session=session, job_id=h.job_id, status=JobStatus.succeeded
+            )
+
+        try:
+            job = await self._db(commit)
+        except Conflict as exc:
+            # Lost a race with a cancel (its release won): the job is whatever it became.
+            log.info("job %s: finished elsewhere while settling (%s)", h.job_id, exc)
+            job = await self._db(lambda s: job_repo.get_job(session=s, job_id=h.job_id))
+        if not job.status.finished:
+            log.error("job %s is %s after settling; leaving its entry for a retry",
+                      h.job_id, job.status.value)
+            return
+        if job.status is JobStatus.succeeded:
+            log.info("job %s: succeeded with %d images", h.job_id, len(images))
+        # 3. Delivery, 4. ack.
+        await self._announce(job, h.entries)
+
+    async def _settle_cancelled(self, h: _Held) -> None:
+        def cancel(session: Session) -> JobRead:
+            job = job_repo.get_job(session=session, job_id=h.job_id)
+            if job.status.finished:
+                return job
+            job_repo.set_status(
+                session=session, job_id=h.job_id, status=JobStatus.cancelled,
+                error=CANCELLED_REASON,
+            )
+            ledger.release(session=session, job_id=h.job_id)
+            return job_repo.get_job(session=session, job_id=h.job_id)
+
+        job = await self._db(cancel)
+        log.info("job %s: %s, credits released", h.job_id, job.status.value)
+        await self._announce(job, h.entries)
+
+    async def _fail(self, h: _Held, reason: str, *, dead_letter: bool = False) -> None:
+        """Failed and refunded, then announced; ``dead_letter`` parks the entry for people."""
+
+        def fail(session: Session) -> JobRead:
+            job = job_repo.get_job(session=session, job_id=h.job_id)
+            if job.status.finished:
+                return job
+            job_repo.set_status(
+                session=session, job_id=h.job_id, status=JobStatus.failed, error=reason
+            )
+            ledger.release(session=session, job_id=h.job_id)
+            return job_repo.get_job(session=session, job_id=h.job_id)
+
+        job = await self._db(fail)
+        log.warning("job %s: failed (%s), credits released", h.job_id, reason)
+        await self._announce(job, h.entries, dead_letter=reason if dead_letter else None)
+
+    async def _retry_or_fail(self, h: _Held, reason: str) -> None:
+        """Back to the queue for another worker while attempts remain, else failed."""
+        if h.job.attempts >= self.max_attempts:
+            await self._fail(
+                h, f"gave up after {h.job.attempts} attempts: {reason}", dead_letter=True
+            )
+            return
+
+        # 1. Queued again in the store, 2. a fresh entry, 3. the old ones acked: a crash
+        #    between the steps leaves a pending entry or a duplicate, both handled on reading.
+        def requeue(session: Session) -> JobRead:
+            job = job_repo.get_job(session=session, job_id=h.job_id)
+            if job.status is JobStatus.running:
+                job = job_repo.set_status(
+                    session=session, job_id=h.job_id, status=JobStatus.queued
+                )
+            return job
+
+        job = await self._db(requeue)
+        if job.status.finished:
+            await self._announce(job, h.entries)
+            return
+        log.warning("job %s: attempt %d failed (%s); queued again", h.job_id, h.job.attempts,
+                    reason)
+        await self.broker.enqueue(
+            h.job_id, {"account": str(job.account_id), "retry": str(h.job.attempts)}
+        )
+        await self._ack(h.entries)
+
+    async def _announce(
+        self, job: JobRead, entries: Sequence[JobEntry], *, dead_letter: str | None = None
+    ) -> None:
+        """Publish a finished job's terminal event to its front end, then ack its entries."""
+        if job.id not in self._announced:
+            images: list[ImageRead] = []
+            if job.status is JobStatus.succeeded:
+                images = await self._db(
+                    lambda s: gallery.list_job_images(session=s, job_id=job.id)
+                )
+            event = terminal_event(job, images)
+            await self._publish_delivery(job.delivery.frontend, event)
+            self._announced[job.id] = None
+            while len(self._announced) > ANNOUNCED_MEMORY:
+                self._announced.popitem(last=False)
+            await self._hint(JobEvent(event.kind, job.id))
+        if dead_letter is not None and entries:
+            await self.broker.dead_letter(entries[0], dead_letter)
+            entries = entries[1:]
+        await self._ack(entries)
+
+    async def _publish_delivery(self, frontend: str, event: JobEvent) -> None:
+        """Publish, riding out a short broker outage: the job is settled, and after a Redis
+        restart no entry would be left to bring this delivery back."""
+        for delay in (*PUBLISH_RETRY_S, None):
+            try:
+                await self.broker.publish_delivery(frontend, event.to_fields())
+                return
+            except BrokerUnavailable as exc:
+                if delay is None:
+                    raise
+                log.warning("job %s: delivery not published (%s); retrying in %g s",
+                            event.job_id, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _ack(self, entries: Sequence[JobEntry]) -> None:
+        for entry in entries:
+            await self.broker.ack_job(entry.entry_id)
+
+    async def _hint(self, event: JobEvent) -> None:
+        """A best-effort progress message (clients also poll the job row)."""
+        try:
+            await self.broker.publish_progress(event.job_id, event.to_fields())
+        except BrokerUnavailable as exc:
+            log.debug("job %s: progress not published: %s", event.job_id, exc)
+
+    # Reconciling the broker with the store -----------------------------------------------
+
+    async def reconcile(self, *, everything: bool) -> int:
+        """Re-enqueue unfinished jobs the broker has lost; returns how many were enqueued.
+
+        ``everything`` (the broker restarted, its streams are gone): every queued job and every
+        running job whose lease lapsed. Otherwise only when the store holds more unfinished
+        jobs than the broker has entries (an enqueue failed, say), and then only jobs older than
+        a few seconds. Duplicates are harmless: a job starts once (compare-and-set on its row)
+        and an entry of a finished job is only acked.
+        """
+        now = utcnow()
+        rows = await self._db(lambda s: _in_flight(s, RECONCILE_LIMIT), read_only=True)
+        if not everything:
+            entries = await self.broker.queue_depth() + await self.broker.pending_count()
+            if len(rows) <= entries:
+                return 0
+        stale_before = now - timedelta(seconds=self.lease_s)
+        young = now - timedelta(seconds=self.reconcile_grace_s)
+        mine = self._held.keys() | self._running.keys()
+        enqueued = 0
+        for job_id, account_id, status, updated_at in rows:
+            if job_id in mine:
+                continue
+            if status is JobStatus.running and updated_at >= stale_before:
+                continue  # its dispatcher is alive; if it dies, a later pass finds it
+            if not everything and status is JobStatus.queued and updated_at >= young:
+                continue
+            await self.broker.enqueue(job_id, {"account": str(account_id), "reconciled": "1"})
+            enqueued += 1
+        if enqueued:
+            log.warning("dispatcher %s: re-enqueued %d unfinished jobs", self.name, enqueued)
+        return enqueued
+
+    # Helpers -----------------------------------------------------------------------------
+
+    async def _db(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
+        factory = self._readers if read_only else self.sessions
+
+        def work() -> T:
+            with transaction(factory) as session:
+                return fn(session)
+
+        return await asyncio.to_thread(work)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> list[str]:
+        return sorted(self._running)
+
+
+# Store queries the dispatcher needs beyond storage.jobs (candidates to move there).
+
+
+def _find_job(session: Session, *, job_id: str) -> JobRead | None:
+    try:
+        return job_repo.get_job(session=session, job_id=job_id)
+    except NotFound:
+        return None
+
+
+def _start_attempts(
+    session: Session, job_ids: Sequence[str], *, now: datetime, stale_before: datetime
+) -> dict[str, JobRead]:
+    """Move each job to running and count an attempt, if it is queued or running with a lapsed
+    lease; a compare-and-set, so of two dispatchers holding the same job only one wins it.
+    Returns the won jobs' rows."""
+    won: dict[str, JobRead] = {}
+    for job_id in job_ids:
+        result = session.exec(  # type: ignore[call-overload]
+            sa.update(Job)
+            .where(
+                col(Job.id) == job_id,
+                sa.or_(
+                    col(Job.status) == JobStatus.queued,
+                    sa.and_(
+                        col(Job.status) == JobStatus.running, col(Job.updated_at) < stale_before
+                    ),
+                ),
+            )
+            .values(
+                status=JobStatus.running,
+                attempts=col(Job.attempts) + 1,
+                started_at=sa.func.coalesce(col(Job.started_at), sa.literal(now, UTCDateTime())),
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            won[job_id] = job_repo.get_job(session=session, job_id=job_id)
+    return won
+
+
+def _refresh_leases(session: Session, job_ids: Sequence[str], now: datetime) -> None:
+    """Renew the lease (``updated_at``) of running jobs this dispatcher is working on."""
+    session.exec(  # type: ignore[call-overload]
+        sa.update(Job)
+        .where(col(Job.id).in_(job_ids), col(Job.status) == JobStatus.running)
+        .values(updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _in_flight(session: Session, limit: int) -> list[tuple[str, int, JobStatus, datetime]]:
+    rows = session.exec(
+        select(Job.id, Job.account_id, Job.status, Job.updated_at)
+        .where(col(Job.status).in_(IN_FLIGHT))
+        .order_by(col(Job.created_at))
+        .limit(limit)
+    ).all()
+    return [(r[0], r[1], JobStatus(r[2]), r[3]) for r in rows]
+
+
+async def _await_ref(ref: Any) -> Any:
+    return await ref
+
+
+async def stop_task(task: asyncio.Task[Any], timeout_s: float = 5.0) -> None:
+    """Cancel a helper task and give it ``timeout_s`` to end. Never suppresses the caller's
+    own cancellation (``asyncio.wait`` neither raises the task's error nor swallows ours)."""
+    task.cancel()
+    await asyncio.wait({task}, timeout=timeout_s)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.debug("helper task ended with %r", task.exception())
+
+
+# Running as its own process ---------------------------------------------------------------------
+
+
+async def run_dispatcher(
+    settings: Settings,
+    *,
+    name: str | None = None,
+    stop: asyncio.Event | None = None,
+    ray_address: str | None = "auto",
+    namespace: str = RAY_NAMESPACE,
+    worker_prefix: str = WORKER_NAME_PREFIX,
+    claim_idle_ms: int | None = None,
+    **options: Any,
+) -> None:
+    """Run one dispatcher until ``stop`` is set (or SIGTERM/SIGINT): connects to Redis (no
+    in-process fallback: other processes must share the queue), the migrated store and Ray
+    (``ray_address``, e.g. "auto" or "ray://head:10001"), finding workers by name prefix."""
+    import ray
+
+    from cluster.broker import DEFAULT_CLAIM_IDLE_MS, connect_broker
+    from cluster.placement import ray_discovery
+    from core.errors import ConfigError
+    from storage.db import check_migrated, make_engine, session_factory
+
+    if settings.redis_url is None:
+        raise ConfigError("a dispatcher process needs ATELIER_REDIS_URL (a shared broker)")
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    # 1. Store, broker, Ray.
+    engine = make_engine(settings.db_url)
+    check_migrated(engine)
+    broker = await connect_broker(
+        settings.redis_url, claim_idle_ms=claim_idle_ms or DEFAULT_CLAIM_IDLE_MS, fallback=False
+    )
+    if not ray.is_initialized():
+        await asyncio.to_thread(
+            ray.init, address=ray_address, namespace=namespace, log_to_driver=False
+        )
+    # 2. Stop on a signal.
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    # 3. Dispatch.
+    try:
+        pool = WorkerPool(discover=ray_discovery(worker_prefix))
+        dispatcher = Dispatcher(
+            settings=settings, session_factory=session_factory(engine), broker=broker,
+            blobs=BlobStore.from_settings(settings), workers=pool, name=name, **options,
+        )
+        await dispatcher.run(stop)
+    finally:
+        await broker.close()
+        engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cluster.dispatcher --name d1``: one dispatcher process (settings from the
+    ``ATELIER_*`` environment)."""
+    from core.settings import load_settings
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--name", default=None, help="consumer name (default: host-pid)")
+    parser.add_argument("--ray-address", default="auto")
+    parser.add_argument("--claim-idle-ms", type=int, default=None)
+    parser.add_argument("--worker-prefix", default=WORKER_NAME_PREFIX)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(
+        run_dispatcher(
+            load_settings(), name=args.name, ray_address=args.ray_address,
+            claim_idle_ms=args.claim_idle_ms, worker_prefix=args.worker_prefix,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""The Diffusers recipe a worker runs: compatible jobs from different people become one pipeline
+call with per-image prompts and seeds; images come back as PNGs carrying A1111 infotext."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cluster.cache import ModelCache
+from cluster.devices import DeviceProfile
+from cluster.schedulers import SchedulerCache, with_scheduler
+from core.errors import AtelierError, InvalidRequest
+from core.images import decode_png_mask, decode_png_rgb
+from core.infotext import format_infotext, infotext_for, png_with_infotext
+from core.prompts import Blocklist, TokenCounter, default_blocklist, prepare_prompt
+from core.request import MAX_SEED, GenerationRequest, JobKind
+from core.styles import StyleRegistry, default_registry
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+# An upscale is a light img2img pass over the Lanczos-enlarged image: enough to add detail,
+# too little to change the picture. The request's own strength is for img2img/variations.
+UPSCALE_STRENGTH = 0.3
+# A variation without an image re-runs the prompt from seed + 4 onwards: the original job's
+# images used seed .. seed + count - 1 (count <= 4), so none of them comes back as a "variation".
+VARIATION_SEED_OFFSET = 4
+KEY_FIELDS = ("model", "kind", "width", "height", "steps", "scheduler", "guidance", "strength")
+
+ProgressFn = Callable[[int, int], None]
+CancelledFn = Callable[[], Collection[str]]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One job's request inside a batch."""
+
+    job_id: str
+    request: GenerationRequest  # seed already resolved (not None)
+    nsfw_allowed: bool = False
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One generated image. ``index`` is its position within its job, style-major."""
+
+    job_id: str
+    index: int
+    seed: int
+    style: str | None
+    png: bytes
+    width: int
+    height: int
+    prompt: str
+    negative: str
+    infotext: str
+    model: str
+
+
+class GenerationCancelled(AtelierError):
+    """Every job of the batch was cancelled; the pipeline call was stopped."""
+
+    code = "cancelled"
+
+
+class JobRejected(AtelierError):
+    """One job of a batch cannot run (blocked or too-long prompt, unreadable image); the other
+    jobs can. ``code`` is the underlying error's, ``message`` fit to show its owner."""
+
+    def __init__(self, job_id: str, message: str, code: str = InvalidRequest.code) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses process boundaries (Ray): rebuild with all three arguments, not just args.
+        return (type(self), (self.job_id, self.message, self.code))
+
+
+def pipeline_kind(request: GenerationRequest) -> JobKind:
+    """The pipeline a request runs on: txt2img, img2img or inpaint.
+
+    Upscales and variations with an image are img2img; a variation without one is txt2img.
+    """
+    if request.kind is JobKind.inpaint:
+        return JobKind.inpaint
+    if request.kind is JobKind.txt2img or request.init_image is None:
+        return JobKind.txt2img
+    return JobKind.img2img
+
+
+def effective_strength(request: GenerationRequest) -> float | None:
+    """How much of an input image is repainted; None when there is no input image."""
+    if pipeline_kind(request) is JobKind.txt2img:
+        return None
+    return UPSCALE_STRENGTH if request.kind is JobKind.upscale else request.strength
+
+
+def batch_key(request: GenerationRequest) -> tuple[object, ...]:
+    """Jobs with equal keys may share one pipeline call (fields named by ``KEY_FIELDS``).
+
+    The kind is the pipeline kind, so a txt2img job and a variation without an image batch
+    together; strength is part of the key only where an input image is denoised.
+    """
+    r = request
+    kind, strength = pipeline_kind(r).value, effective_strength(r)
+    return (r.model, kind, r.width, r.height, r.steps, r.scheduler, r.guidance, strength)
+
+
+def item_pixels(request: GenerationRequest) -> int:
+    """Pixels a job adds to a batch (for ``DeviceProfile.max_batch_pixels`` placement)."""
+    return request.width * request.height * request.images_out
+
+
+def pipeline_steps(request: GenerationRequest) -> int:
+    """``num_inference_steps`` for the pipeline: the request's steps, raised where needed so an
+    input image gets at least one denoising step (as A1111 does). Diffusers runs only
+    int(steps * strength) of them and refuses zero: 2 steps at an upscale's 0.3, or any turbo
+    model's 1-4 steps at a low strength."""
+    steps, strength = request.steps, effective_strength(request)
+    if strength is not None:
+        while int(steps * strength) < 1:
+            steps += 1
+    return steps
+
+
+def image_seeds(request: GenerationRequest) -> list[int]:
+    """The seed of each of a job's ``count`` images: consecutive from the (resolved) seed."""
+    if request.seed is None:
+        raise InvalidRequest("the seed must be resolved before generating, got None")
+    base = request.seed
+    if request.kind is JobKind.variation and request.init_image is None:
+        base += VARIATION_SEED_OFFSET
+    return [(base + i) % (MAX_SEED + 1) for i in range(request.count)]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One output image of the pipeline call and everything needed to report it."""
+
+    job_id: str
+    index: int
+    seed: int
+    style: str | None
+    prompt: str
+    negative: str
+    info_request: GenerationRequest  # what the infotext describes (the style actually used)
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+
+class Engine:
+    """Runs batches of compatible jobs on one device, one batch at a time."""
+
+    def __init__(
+        self, cache: ModelCache, *, profile: DeviceProfile,
+        styles: StyleRegistry | None = None, blocklist: Blocklist | None = None,
+    ) -> None:
+        import torch
+
+        self.cache = cache
+        self.profile = profile
+        self.styles = styles if styles is not None else default_registry()
+        self.blocklist = blocklist if blocklist is not None else default_blocklist()
+        self._schedulers = SchedulerCache()
+        # Cached schedulers and the VAE tiling switch are per-call state: one batch at a time.
+        self._lock = threading.Lock()
+        if profile.threads:
+            torch.set_num_threads(profile.threads)  # process-wide, so once, here
+
+    def generate(
+        self, items: list[BatchItem], *, on_progress: ProgressFn | None = None,
+        cancelled: CancelledFn | None = None,
+    ) -> list[ImageResult]:
+        """Generate every image of ``items`` in one pipeline call (chunked to the device's
+        ``max_batch_pixels``). Raises InvalidRequest, JobRejected, ModelLoadError, or
+        GenerationCancelled when every job is cancelled; a partly cancelled batch finishes
+        and leaves out the cancelled jobs' images."""
+        # 1. Check inputs: one batch key, resolved seeds, unique job ids.
+        first = self._check_inputs(items)
+        job_ids = frozenset(item.job_id for item in items)
+        with self._lock:
+            # 2. The pipeline for this kind, viewed with this batch's scheduler.
+            spec = self.cache.registry.get(first.model)
+            base = self.cache.get(spec.name, pipeline_kind(first))
+            scheduler = self._schedulers.get(spec.name, first.scheduler, base.scheduler.config)
+            pipe = with_scheduler(base, scheduler)
+
+            # 3. Prompts per style and seeds per image: one slot per output image.
+            slots = self._plan(items, count_tokens=_token_counter(pipe.tokenizer))
+            _check_cancelled(job_ids, cancelled)
+
+            # 4.-5. Per-image generators and run, in calls that fit the device's batch budget.
+            profile = self.cache.profile_of(spec.name)
+            per_call = max(1, profile.max_batch_pixels // (first.width * first.height))
+            chunks = [slots[i : i + per_call] for i in range(0, len(slots), per_call)]
+            progress = _Progress(job_ids, len(chunks), on_progress, cancelled)
+            outputs: list[tuple[_Slot, Image.Image]] = []
+            with _vae_tiling(pipe, profile.needs_vae_tiling(first.width, first.height)):
+                for progress.chunk, chunk in enumerate(chunks):
+                    gone = _cancelled_now(cancelled)
+                    live = [s for s in chunk if s.job_id not in gone]
+                    if live:
+                        images = self._run(pipe, first, live, progress.callback)
+                        outputs.extend(zip(live, images, strict=True))
+
+        # 6. Encode PNGs with the A1111 infotext (generation settings only, nobody's identity).
+        gone = _check_cancelled(job_ids, cancelled)
+        # 7. One ImageResult per image, in job order then index order (style-major).
+        return [
+            _encode(slot, image, spec.name) for slot, image in outputs if slot.job_id not in gone
+        ]
+
+    # Steps ------------------------------------------------------------------------------
+
+    def _check_inputs(self, items: Sequence[BatchItem]) -> GenerationRequest:
+        if not items:
+            raise InvalidRequest("a batch needs at least one job, got none")
+        seen: set[str] = set()
+        first = items[0]
+        key = batch_key(first.request)
+        for item in items:
+            if item.job_id in seen:
+                raise InvalidRequest(f"job {item.job_id!r} appears twice in one batch")
+            seen.add(item.job_id)
+            if item.request.seed is None:
+                raise InvalidRequest(
+                    f"job {item.job_id!r}: the seed must be resolved before generating, got None"
+                )
+            other = batch_key(item.request)
+            if other != key:
+                diff = ", ".join(
+                    f"{name} {a!r} vs {b!r}"
+                    for name, a, b in zip(KEY_FIELDS, key, other, strict=True)
+                    if a != b
+                )
+                raise InvalidRequest(
+                    f"jobs {first.job_id!r} and {item.job_id!r} cannot share one pipeline call: "
+                    f"{diff}"
+                )
+        return first.request
+
+    def _plan(self, items: Sequence[BatchItem], *, count_tokens: TokenCounter) -> list[_Slot]:
+        """Style-major slots per job: style 0 images 0..count-1, style 1, ... (same seeds)."""
+        slots: list[_Slot] = []
+        for item in items:
+            request = item.request
+            try:
+                pairs = prepare_prompt(
+                    request, self.styles, self.blocklist, item.nsfw_allowed, count_tokens
+                )
+                image, mask = _inputs(request)
+            except AtelierError as exc:
+                raise JobRejected(item.job_id, exc.message, exc.code) from exc
+            seeds = image_seeds(request)
+            styles: list[str | None] = list(request.styles) or [None]
+            for style_no, (style, (prompt, negative)) in enumerate(zip(styles, pairs, strict=True)):
+                info_request = _info_request(request, style)
+                for n, seed in enumerate(seeds):
+                    index = style_no * len(seeds) + n
+                    slots.append(
+                        _Slot(item.job_id, index, seed, style, prompt, negative, info_request,
+                              image, mask)
+                    )
+        return slots
+
+    def _run(
+        self, pipe: DiffusionPipeline, request: GenerationRequest, slots: Sequence[_Slot],
+        callback: Callable[..., dict[str, Any]],
+    ) -> list[Image.Image]:
+        import torch
+
+        # CPU generators on every device: the same seed starts from the same noise on a CPU
+        # worker and on any GPU class, so a reroll or upscale may land on any worker.
+        generators = [torch.Generator("cpu").manual_seed(s.seed) for s in slots]
+        kwargs: dict[str, Any] = {
+            "prompt": [s.prompt for s in slots],
+            "negative_prompt": [s.negative for s in slots],
+            "num_inference_steps": pipeline_steps(request),
+            "guidance_scale": request.guidance,
+            "generator": generators,
+            "callback_on_step_end": callback,
+            "output_type": "pil",
+        }
+        kind = pipeline_kind(request)
+        if kind is not JobKind.img2img:  # img2img takes its size from the (resized) image
+            kwargs |= {"height": request.height, "width": request.width}
+        if kind is not JobKind.txt2img:
+            kwargs |= {"image": [s.image for s in slots], "strength": effective_strength(request)}
+        if kind is JobKind.inpaint:
+            kwargs["mask_image"] = [s.mask for s in slots]
+        with torch.inference_mode():
+            out = pipe(**kwargs)
+        return list(out.images)
+
+
+class _Progress:
+    """``callback_on_step_end``: reports (step, total) over all chunks and stops the call as
+    soon as every job of the batch is cancelled."""
+
+    def __init__(
+        self, job_ids: frozenset[str], chunks: int, on_progress: ProgressFn | None,
+        cancelled: CancelledFn | None,
+    ) -> None:
+        self.job_ids = job_ids
+        self.chunks = chunks
+        self.chunk = 0
+        self.on_progress = on_progress
+        self.cancelled = cancelled
+
+    def callback(
+        self, pipe: DiffusionPipeline, i: int, t: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        steps = int(pipe.num_timesteps)
+        if self.on_progress is not None:
+            self.on_progress(self.chunk * steps + i + 1, self.chunks * steps)
+        if self.cancelled is not None and _cancelled_now(self.cancelled) >= self.job_ids:
+            # Diffusers skips the remaining steps once _interrupt is set, but would still decode
+            # the latents; raising here ends the call now, with no further UNet or VAE work.
+            pipe._interrupt = True
+            raise GenerationCancelled("every job of the batch was cancelled")
+        return kwargs
+
+
+def _cancelled_now(cancelled: CancelledFn | None) -> frozenset[str]:
+    return frozenset(cancelled()) if cancelled is not None else frozenset()
+
+
+def _check_cancelled(job_ids: frozenset[str], cancelled: CancelledFn | None) -> frozenset[str]:
+    """The cancelled job ids; GenerationCancelled when they are all of the batch."""
+    gone = _cancelled_now(cancelled)
+    if gone >= job_ids:
+        raise GenerationCancelled("every job of the batch was cancelled")
+    return gone
+
+
+@contextmanager
+def _vae_tiling(pipe: DiffusionPipeline, needed: bool) -> Iterator[None]:
+    """Decode tiled for this call only when the image is too large to decode whole."""
+    switch = needed and not getattr(pipe.vae, "use_tiling", False)
+    if switch:
+        pipe.vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if switch:
+            pipe.vae.disable_tiling()
+
+
+def _encode(slot: _Slot, image: Image.Image, model: str) -> ImageResult:
+    info = infotext_for(
+        slot.info_request, prompt=slot.prompt, negative=slot.negative, seed=slot.seed, model=model
+    )
+    text = format_infotext(info)
+    return ImageResult(
+        job_id=slot.job_id, index=slot.index, seed=slot.seed, style=slot.style,
+        png=png_with_infotext(image, text), width=image.width, height=image.height,
+        prompt=slot.prompt, negative=slot.negative, infotext=text, model=model,
+    )
+
+
+def _token_counter(tokenizer: Any) -> TokenCounter:
+    """The real tokenizer's count, without the start/end tokens (what prepare_prompt expects)."""
+
+    def count(text: str) -> int:
+        # verbose=False: a too-long candidate is expected here, not worth transformers' warning.
+        ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
+        return len(ids["input_ids"])
+
+    return count
+
+
+def _inputs(request: GenerationRequest) -> tuple[Image.Image | None, Image.Image | None]:
+    """The init image and mask resized to the request's size (the output size).
+
+    For an upscale the request's width/height are the output size (normally 2x the source):
+    the source is enlarged to it with Lanczos, then lightly denoised by img2img.
+    """
+    from PIL import Image
+
+    size = (request.width, request.height)
+    image = mask = None
+    if request.init_image is not None and pipeline_kind(request) is not JobKind.txt2img:
+        image = decode_png_rgb(request.init_image)
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+    if request.mask is not None and request.kind is JobKind.inpaint:
+        mask = decode_png_mask(request.mask)
+        if mask.size != size:
+            mask = mask.resize(size, Image.Resampling.BILINEAR)
+    return image, mask
+
+
+def _info_request(request: GenerationRequest, style: str | None) -> GenerationRequest:
+    """The request as its infotext should describe one image: only the style it used, and the
+    settings that reproduce it (a variation without an image is a txt2img at its own seed)."""
+    update: dict[str, Any] = {"styles": (style,) if style else ()}
+    if request.kind is JobKind.variation and request.init_image is None:
+        update["kind"] = JobKind.txt2img
+    elif request.kind is JobKind.upscale:
+        update |= {"kind": JobKind.img2img, "strength": UPSCALE_STRENGTH}
+    return request.model_copy(update=update)

@@ -1,0 +1,93 @@
+"""Every Redis key, stream, group and channel name Atelier uses, each with its retention.
+
+Names built from a value validate it first, so no user input can shape a key.
+"""
+
+from __future__ import annotations
+
+import re
+
+from core.errors import InvalidRequest
+
+PREFIX = "atelier"
+
+# Jobs accepted by the client, read by the dispatchers' consumer group. Retention: an entry stays
+# until every group has acked it, then Broker.trim() drops it (XTRIM MINID to the oldest un-acked
+# entry). The database is the record of a job; this Redis keeps nothing on disk, so after a
+# restart the dispatcher notices the new server_epoch() and re-enqueues unfinished jobs from it.
+JOBS_STREAM = f"{PREFIX}:jobs"
+DISPATCHER_GROUP = "dispatchers"
+
+# Jobs that failed max_deliveries times, for people to look at. Retention: capped at about
+# DEAD_LETTER_MAXLEN entries (XADD MAXLEN ~); the job row in the database keeps the failure too.
+DEAD_LETTER_STREAM = f"{PREFIX}:jobs:dead"
+DEAD_LETTER_MAXLEN = 10_000
+
+# Finished-job events for one front end, read by that front end's own group.
+# Retention: like JOBS_STREAM, kept until acked by the group, then trimmed by Broker.trim().
+DELIVERIES_PREFIX = f"{PREFIX}:deliveries:"
+
+# Progress ticks: pub/sub channels, nothing retained (a subscriber that is not listening misses
+# them; they are best effort by design).
+PROGRESS_PREFIX = f"{PREFIX}:progress:"
+
+# Cancellation flags, set by the client, polled by the dispatcher and workers.
+# Retention: a TTL (default CANCEL_TTL_S), long enough to outlive any queued or running job.
+CANCEL_PREFIX = f"{PREFIX}:cancel:"
+CANCEL_TTL_S = 3600
+
+# One key per live dispatcher, refreshed by it as a heartbeat. Retention: a TTL of a few
+# heartbeat periods, so a dead dispatcher's key disappears on its own.
+DISPATCHER_PREFIX = f"{PREFIX}:dispatcher:"
+
+FRONTEND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# Job ids are made by the store (uuid/ulid/integer), never by a person; still checked, since they
+# end up in key names.
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CONSUMER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+
+
+def check_frontend(frontend: str) -> str:
+    """Return ``frontend`` if it is a valid front-end name, else raise InvalidRequest."""
+    if not isinstance(frontend, str) or not FRONTEND_RE.fullmatch(frontend):
+        raise InvalidRequest(f"front end name must match {FRONTEND_RE.pattern}, got {frontend!r}")
+    return frontend
+
+
+def check_job_id(job_id: str) -> str:
+    """Return ``job_id`` if it is safe inside a key name, else raise InvalidRequest."""
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+        raise InvalidRequest(f"job id must match {JOB_ID_RE.pattern}, got {job_id!r}")
+    return job_id
+
+
+def check_consumer(consumer: str) -> str:
+    """Return ``consumer`` if it is a valid consumer (or dispatcher) name, else raise."""
+    if not isinstance(consumer, str) or not CONSUMER_RE.fullmatch(consumer):
+        raise InvalidRequest(f"consumer name must match {CONSUMER_RE.pattern}, got {consumer!r}")
+    return consumer
+
+
+def deliveries_stream(frontend: str) -> str:
+    """``atelier:deliveries:{frontend}``: finished-job events for one front end."""
+    return DELIVERIES_PREFIX + check_frontend(frontend)
+
+
+def delivery_group(frontend: str) -> str:
+    """The consumer group a front end reads its deliveries stream with: named after it."""
+    return check_frontend(frontend)
+
+
+def progress_channel(job_id: str) -> str:
+    """``atelier:progress:{job_id}``: pub/sub channel of a job's progress ticks."""
+    return PROGRESS_PREFIX + check_job_id(job_id)
+
+
+def cancel_key(job_id: str) -> str:
+    """``atelier:cancel:{job_id}``: present (with a TTL) once cancellation was asked for."""
+    return CANCEL_PREFIX + check_job_id(job_id)
+
+
+def dispatcher_key(name: str) -> str:
+    """``atelier:dispatcher:{name}``: a dispatcher's heartbeat, with a TTL."""
+    return DISPATCHER_PREFIX + check_consumer(name)

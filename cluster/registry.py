@@ -1,0 +1,554 @@
+"""The model registry (named models from TOML) and the one place pipelines are loaded from disk
+or the Hugging Face hub. Torch and Diffusers are imported only when a pipeline is loaded."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import tomllib
+from collections.abc import Iterable, Iterator
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import AtelierError, ConfigError, InvalidRequest
+from core.request import JobKind, canonical_scheduler
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+log = logging.getLogger(__name__)
+
+MODELS_FILE_VARIABLE = "ATELIER_MODELS_FILE"
+USER_MODELS_FILE = "models.toml"  # looked for in the data dir when no file is named
+SOURCE_KEYS = ("repo", "path", "file")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class Family(StrEnum):
+    sd15 = "sd15"
+    sdxl = "sdxl"
+    sd_turbo = "sd-turbo"
+    sdxl_turbo = "sdxl-turbo"
+
+    @property
+    def is_xl(self) -> bool:
+        return self in (Family.sdxl, Family.sdxl_turbo)
+
+    @property
+    def pipeline_class(self) -> str:
+        """The Diffusers text-to-image class a model of this family loads as."""
+        return "StableDiffusionXLPipeline" if self.is_xl else "StableDiffusionPipeline"
+
+
+# What an entry that leaves a field out gets. Turbo models are distilled for 1-4 steps without
+# classifier-free guidance; SDXL's native size is 1024².
+FAMILY_DEFAULTS: dict[Family, dict[str, Any]] = {
+    Family.sd15: {
+        "min_vram_gb": 4, "default_width": 512, "default_height": 512, "max_width": 1024,
+        "max_height": 1024, "default_steps": 25, "max_steps": 60, "scheduler": "Euler a",
+        "guidance": 7.0,
+    },
+    Family.sdxl: {
+        "min_vram_gb": 8, "default_width": 1024, "default_height": 1024, "max_width": 1536,
+        "max_height": 1536, "default_steps": 30, "max_steps": 60, "scheduler": "Euler a",
+        "guidance": 6.0,
+    },
+    Family.sd_turbo: {
+        "min_vram_gb": 4, "default_width": 512, "default_height": 512, "max_width": 768,
+        "max_height": 768, "default_steps": 1, "max_steps": 4, "scheduler": "Euler a",
+        "guidance": 0.0,
+    },
+    Family.sdxl_turbo: {
+        "min_vram_gb": 8, "default_width": 512, "default_height": 512, "max_width": 1024,
+        "max_height": 1024, "default_steps": 1, "max_steps": 4, "scheduler": "Euler a",
+        "guidance": 0.0,
+    },
+}
+
+# Parameter counts of the published models (UNet + VAE + text encoders): a size estimate for a
+# model before it is loaded the first time.
+FAMILY_PARAMS: dict[Family, int] = {
+    Family.sd15: 1_066_000_000,
+    Family.sdxl: 3_469_000_000,
+    Family.sd_turbo: 1_304_000_000,
+    Family.sdxl_turbo: 3_469_000_000,
+}
+
+
+class ModelLoadError(AtelierError):
+    """A model could not be loaded; the message names it, the cause and what to do."""
+
+    code = "model_load_error"
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class ModelSpec(BaseModel):
+    """One registry entry. Exactly one of ``repo``, ``path`` or ``file`` says where it lives."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=64)
+    description: str = ""
+    repo: str | None = None
+    path: Path | None = None
+    file: Path | None = None
+    config: str | None = None  # component configs for a single-file checkpoint
+    family: Family
+    variant: str | None = None
+    min_vram_gb: float = Field(ge=0)
+    default_width: int = Field(ge=64)
+    default_height: int = Field(ge=64)
+    max_width: int = Field(ge=64)
+    max_height: int = Field(ge=64)
+    default_steps: int = Field(ge=1, le=150)
+    max_steps: int = Field(ge=1, le=150)
+    scheduler: str
+    guidance: float = Field(ge=0, le=30)
+    compile: bool = False
+    quantize: Literal["int8"] | None = None
+    fast: bool = False
+    # Off by default: prompts are screened by the blocklist, and the checker costs ~1 GB.
+    safety_checker: bool = False
+    hint: str | None = None  # shown when the model cannot be loaded
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        try:
+            return canonical_scheduler(v)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("default_width", "default_height", "max_width", "max_height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+    @field_validator("file")
+    @classmethod
+    def _checkpoint_suffix(cls, v: Path | None) -> Path | None:
+        if v is not None and v.suffix not in CHECKPOINT_SUFFIXES:
+            raise ValueError(f"must end in {' or '.join(CHECKPOINT_SUFFIXES)}, got {v.name!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        given = [k for k in SOURCE_KEYS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of repo, path or file (got {given or 'none'})")
+        for side in ("width", "height"):
+            default, top = getattr(self, f"default_{side}"), getattr(self, f"max_{side}")
+            if default > top:
+                raise ValueError(f"default_{side} {default} exceeds max_{side} {top}")
+        if self.default_steps > self.max_steps:
+            raise ValueError(
+                f"default_steps {self.default_steps} exceeds max_steps {self.max_steps}"
+            )
+        return self
+
+    @property
+    def source(self) -> Literal["repo", "path", "file"]:
+        if self.repo is not None:
+            return "repo"
+        return "path" if self.path is not None else "file"
+
+    @property
+    def location(self) -> str:
+        return str(self.repo or self.path or self.file)
+
+    @property
+    def estimated_params(self) -> int:
+        return FAMILY_PARAMS[self.family]
+
+
+# Reading TOML ---------------------------------------------------------------------------------
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def _raw_entries(doc: dict[str, Any], origin: str) -> dict[str, dict[str, Any]]:
+    models = doc.get("models", {})
+    unknown = sorted(set(doc) - {"models", "default"})
+    if unknown:
+        raise ConfigError(f"{origin}: unknown top-level keys {unknown}; expected [models.NAME]")
+    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+        raise ConfigError(f"{origin}: models must be tables, e.g. [models.sd15]")
+    return {str(name): dict(entry) for name, entry in models.items()}
+
+
+def _expand(value: str, base_dir: Path, data_dir: Path) -> Path:
+    p = Path(value.replace("{data_dir}", str(data_dir))).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def _prepare(raw: dict[str, Any], base_dir: Path, data_dir: Path) -> dict[str, Any]:
+    out = dict(raw)
+    for key in ("path", "file"):
+        if isinstance(out.get(key), str):
+            out[key] = _expand(out[key], base_dir, data_dir)
+    config = out.get("config")
+    # A config written like a path is one (resolved like path/file); anything else is a repo id.
+    if isinstance(config, str) and config.startswith(("/", ".", "~", "{data_dir}")):
+        out["config"] = str(_expand(config, base_dir, data_dir))
+    return out
+
+
+def _build_spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
+    try:
+        family = Family(raw.get("family", ""))
+    except ValueError:
+        choices = ", ".join(f.value for f in Family)
+        raise ConfigError(
+            f"{origin}: model {name!r}: family must be one of {choices}, got {raw.get('family')!r}"
+        ) from None
+    try:
+        return ModelSpec(**(FAMILY_DEFAULTS[family] | raw | {"name": name}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"{origin}: model {name!r}: {problems}") from None
+
+
+def _merge(base: dict[str, Any] | None, override: dict[str, Any]) -> dict[str, Any]:
+    """A user's entry over a packaged one: only what the user sets changes. A new source
+    replaces the old one along with its ``variant`` and ``config``, which belong to it."""
+    if base is None:
+        return override
+    merged = dict(base)
+    if any(k in override for k in SOURCE_KEYS):
+        for k in (*SOURCE_KEYS, "variant", "config"):
+            merged.pop(k, None)
+    merged.update(override)
+    return merged
+
+
+class ModelRegistry:
+    """Named models. ``get`` resolves a request's model name (or the default)."""
+
+    def __init__(self, specs: Iterable[ModelSpec], default: str | None = None) -> None:
+        self._specs: dict[str, ModelSpec] = {s.name: s for s in specs}
+        if not self._specs:
+            raise ConfigError("the model registry is empty")
+        self._default = default if default is not None else next(iter(self._specs))
+        if self._default not in self._specs:
+            raise ConfigError(
+                f"default model {self._default!r} is not in the registry; "
+                f"available: {', '.join(self._specs)}"
+            )
+
+    @classmethod
+    def load(cls, settings: Settings, extra_path: Path | str | None = None) -> ModelRegistry:
+        """The packaged models, overridden/extended by the user's file.
+
+        The user's file is ``extra_path``, else ``settings.models_file`` (ATELIER_MODELS_FILE)
+        where Settings has it, else ``{data_dir}/models.toml`` when that exists.
+        """
+        data_dir = Path(settings.data_dir)
+        packaged = resources.files("cluster") / "data" / "models.toml"
+        doc = tomllib.loads(packaged.read_text("utf-8"))
+        raw = {
+            n: _prepare(e, data_dir, data_dir)
+            for n, e in _raw_entries(doc, "packaged models.toml").items()
+        }
+        origins = dict.fromkeys(raw, "packaged models.toml")
+        default = doc.get("default")
+
+        user_path: Path | None = None
+        named = extra_path if extra_path is not None else settings.models_file
+        if named is not None:
+            user_path = Path(named).expanduser()
+        elif (data_dir / USER_MODELS_FILE).is_file():
+            user_path = data_dir / USER_MODELS_FILE
+        if user_path is not None:
+            user_doc = _read_toml(user_path, f"models file ({MODELS_FILE_VARIABLE})")
+            origin = str(user_path)
+            for name, entry in _raw_entries(user_doc, origin).items():
+                raw[name] = _merge(raw.get(name), _prepare(entry, user_path.parent, data_dir))
+                origins[name] = origin
+            default = user_doc.get("default", default)
+
+        specs = [_build_spec(n, e, origins[n]) for n, e in raw.items()]
+        return cls(specs, default)
+
+    @property
+    def default(self) -> str:
+        return self._default
+
+    def get(self, name: str | None = None) -> ModelSpec:
+        """The spec named ``name`` (the default when None); InvalidRequest if unknown."""
+        if name is None:
+            return self._specs[self._default]
+        spec = self._specs.get(name) or self._specs.get(name.strip().lower())
+        if spec is not None:
+            return spec
+        available = ", ".join(self._specs)
+        close = difflib.get_close_matches(name.strip().lower(), list(self._specs), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InvalidRequest(f"unknown model {name!r}{hint}; available: {available}")
+
+    def all(self) -> list[ModelSpec]:
+        return list(self._specs.values())
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def with_models(self, *specs: ModelSpec, default: str | None = None) -> ModelRegistry:
+        """A copy with ``specs`` added or replaced by name (handy in tests and tools)."""
+        merged = self._specs | {s.name: s for s in specs}
+        return ModelRegistry(merged.values(), default or self._default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+# Local availability and the `atelier models list` table --------------------------------------
+
+
+def _hub_cached(repo: str, filename: str = "model_index.json") -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def is_available_locally(spec: ModelSpec) -> bool:
+    """Whether loading needs no network (the hub-cache check looks at model_index.json only)."""
+    if spec.path is not None:
+        return (spec.path / "model_index.json").is_file()
+    if spec.file is not None:
+        return spec.file.is_file()
+    return _hub_cached(str(spec.repo))
+
+
+def registry_table_rows(registry: ModelRegistry) -> list[dict[str, Any]]:
+    """One row per model for ``atelier models list``."""
+    return [
+        {
+            "name": s.name,
+            "default": s.name == registry.default,
+            "family": s.family.value,
+            "source": f"{s.source}:{s.location}",
+            "min_vram_gb": s.min_vram_gb,
+            "default_size": f"{s.default_width}x{s.default_height}",
+            "max_size": f"{s.max_width}x{s.max_height}",
+            "default_steps": s.default_steps,
+            "scheduler": s.scheduler,
+            "available": is_available_locally(s),
+            "description": s.description,
+        }
+        for s in registry
+    ]
+
+
+# Loading -------------------------------------------------------------------------------------
+
+
+def _cause(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _where(spec: ModelSpec) -> str:
+    return f"under [models.{spec.name}] in your models.toml ({MODELS_FILE_VARIABLE})"
+
+
+def _fix_download(spec: ModelSpec) -> str:
+    return f'Download it elsewhere and set path = "/models/{spec.name}" {_where(spec)}'
+
+
+def _fix_location(spec: ModelSpec) -> str:
+    return (
+        "Point path (a Diffusers folder) or file (a .safetensors/.ckpt checkpoint) "
+        f"{_where(spec)} at a copy that exists"
+    )
+
+
+def _fix_broken(spec: ModelSpec) -> str:
+    return (
+        "The files may be incomplete or corrupt: fetch them again, or point path "
+        f"{_where(spec)} at a good copy"
+    )
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _fail(spec: ModelSpec, why: str, fix: str) -> ModelLoadError:
+    if spec.hint:  # a model's own remedy (e.g. how the tiny models are built) comes first
+        fix = f"{spec.hint[0].upper()}{spec.hint[1:]}, or {_lower_first(fix)}"
+    return ModelLoadError(spec.name, f"model '{spec.name}' could not be loaded: {why}. {fix}")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def load_pipeline(
+    spec: ModelSpec,
+    *,
+    torch_dtype: torch.dtype,
+    device: str | torch.device | None = None,
+    offline: bool | None = None,
+) -> DiffusionPipeline:
+    """Load ``spec`` as its text-to-image pipeline in ``torch_dtype`` (on ``device`` if given).
+
+    ``offline`` defaults to HF_HUB_OFFLINE. A repo already in the local hub cache never touches
+    the network. Every failure is a ModelLoadError naming the model, the cause and the fix.
+    """
+    offline = _hub_offline() if offline is None else offline
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if spec.variant:
+        kwargs["variant"] = spec.variant
+    if not spec.family.is_xl and not spec.safety_checker:
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+
+    if spec.source == "file":
+        pipe = _load_single_file(spec, kwargs, offline)
+    elif spec.source == "path":
+        pipe = _load_folder(spec, kwargs)
+    else:
+        pipe = _load_repo(spec, kwargs, offline)
+
+    expected = spec.family.pipeline_class
+    if type(pipe).__name__ != expected:
+        raise _fail(
+            spec,
+            f"it is a {type(pipe).__name__}, but its family {spec.family.value!r} expects a "
+            f"{expected}",
+            f"Set family to the right one {_where(spec)}",
+        )
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_folder(spec: ModelSpec, kwargs: dict[str, Any]) -> DiffusionPipeline:
+    import diffusers
+
+    folder = Path(str(spec.path))
+    if not folder.is_dir():
+        raise _fail(spec, f"folder {folder} does not exist", _fix_location(spec))
+    if not (folder / "model_index.json").is_file():
+        raise _fail(
+            spec,
+            f"folder {folder} has no model_index.json, so it is not a Diffusers pipeline folder",
+            f"For a single .safetensors/.ckpt checkpoint set file = ... {_where(spec)}",
+        )
+    try:
+        return diffusers.AutoPipelineForText2Image.from_pretrained(
+            str(folder), local_files_only=True, **kwargs
+        )
+    except Exception as exc:  # any library error becomes one clear message
+        raise _fail(spec, _cause(exc), _fix_broken(spec)) from exc
+
+
+def _load_repo(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) -> DiffusionPipeline:
+    import diffusers
+
+    repo = str(spec.repo)
+    auto = diffusers.AutoPipelineForText2Image
+    if _hub_cached(repo):
+        try:
+            return auto.from_pretrained(repo, local_files_only=True, **kwargs)
+        except Exception as exc:
+            if offline:
+                raise _fail(
+                    spec,
+                    f"{repo!r} is only partly in the local Hugging Face cache and there is no "
+                    f"network ({_cause(exc)})",
+                    _fix_download(spec),
+                ) from exc
+            log.info("model %r: cached copy incomplete (%s); downloading", spec.name, exc)
+    elif offline:
+        raise _fail(
+            spec,
+            f"{repo!r} is not in the local Hugging Face cache and there is no network",
+            _fix_download(spec),
+        )
+    try:
+        return auto.from_pretrained(repo, **kwargs)
+    except Exception as exc:
+        raise _fail(
+            spec,
+            f"{repo!r} could not be downloaded from the Hugging Face hub ({_cause(exc)})",
+            _fix_download(spec),
+        ) from exc
+
+
+def _load_single_file(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) -> DiffusionPipeline:
+    import diffusers
+
+    path = Path(str(spec.file))
+    if not path.is_file():
+        raise _fail(spec, f"file {path} does not exist", _fix_location(spec))
+    cls = (
+        diffusers.StableDiffusionXLPipeline
+        if spec.family.is_xl
+        else diffusers.StableDiffusionPipeline
+    )
+    extra = {"config": spec.config} if spec.config else {}
+    # A single file has no variants; the file is what it is.
+    kwargs = {k: v for k, v in kwargs.items() if k != "variant"}
+    try:
+        return cls.from_single_file(str(path), local_files_only=offline, **extra, **kwargs)
+    except Exception as exc:
+        fix = _fix_broken(spec)
+        if offline and not spec.config and "config" in str(exc).lower():
+            # Offline, Diffusers cannot fetch the component configs a checkpoint lacks.
+            fix = (
+                "Offline, a single-file checkpoint also needs its component configs: set "
+                f"config = a Diffusers folder of the same family {_where(spec)}, "
+                f"or {_lower_first(fix)}"
+            )
+        raise _fail(spec, f"{path.name}: {_cause(exc)}", fix) from exc
+
+
+def derive_pipeline(t2i: DiffusionPipeline, kind: JobKind) -> DiffusionPipeline:
+    """The pipeline for ``kind`` sharing ``t2i``'s weights (no copy, no reload).
+
+    txt2img returns ``t2i`` itself; img2img, variation and upscale (both img2img on a given
+    image) get the image-to-image sibling; inpaint gets the inpainting one.
+    """
+    import diffusers
+
+    if kind is JobKind.txt2img:
+        return t2i
+    if kind in (JobKind.img2img, JobKind.variation, JobKind.upscale):
+        sibling = diffusers.AutoPipelineForImage2Image.from_pipe(t2i)
+    elif kind is JobKind.inpaint:
+        sibling = diffusers.AutoPipelineForInpainting.from_pipe(t2i)
+    else:
+        raise InvalidRequest(f"no pipeline for job kind {kind!r}")
+    sibling.set_progress_bar_config(disable=True)
+    return sibling

@@ -1,0 +1,207 @@
+"""What a person asks for: ``GenerationRequest``, independent of the front end that built it."""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import InvalidRequest
+from core.settings import Limits
+
+MAX_SEED = 2**32 - 1
+MAX_STYLES = 4
+
+# A1111 sampler names we accept (the engine maps each to a Diffusers scheduler).
+SCHEDULERS: tuple[str, ...] = (
+    "Euler a",
+    "Euler",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DDIM",
+    "UniPC",
+    "LCM",
+)
+
+
+class JobKind(StrEnum):
+    txt2img = "txt2img"
+    img2img = "img2img"
+    inpaint = "inpaint"
+    upscale = "upscale"
+    variation = "variation"
+
+
+def canonical_scheduler(name: str) -> str:
+    """Match a sampler name case- and space-insensitively; raise naming the valid ones."""
+    key = " ".join(name.split()).casefold()
+    for s in SCHEDULERS:
+        if s.casefold() == key:
+            return s
+    raise InvalidRequest(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+class GenerationRequest(BaseModel):
+    """One generation job as asked. Images travel as bytes (base64 in JSON)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+    )
+
+    prompt: str
+    negative: str = ""
+    styles: tuple[str, ...] = ()
+    width: int = 512
+    height: int = 512
+    steps: int = Field(default=20)
+    guidance: float = 7.0
+    scheduler: str = "Euler a"
+    seed: int | None = None
+    count: int = 1
+    model: str | None = None
+    kind: JobKind = JobKind.txt2img
+    init_image: Annotated[bytes | None, Field(repr=False)] = None
+    mask: Annotated[bytes | None, Field(repr=False)] = None
+    strength: float = 0.75
+    raw: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("styles", mode="before")
+    @classmethod
+    def _styles(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [s for s in v.split(",")]
+        if isinstance(v, (list, tuple)):
+            out: list[str] = []
+            for s in v:
+                name = str(s).strip().lower()
+                if name and name not in out:
+                    out.append(name)
+            if len(out) > MAX_STYLES:
+                raise ValueError(f"at most {MAX_STYLES} styles, got {len(out)}")
+            return tuple(out)
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, v: int) -> int:
+        if v % 8 != 0:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        if v < 64:
+            raise ValueError(f"must be at least 64, got {v}")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if not 1 <= v <= 150:
+            raise ValueError(f"must be between 1 and 150, got {v}")
+        return v
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, v: float) -> float:
+        if not 0.0 <= v <= 30.0:
+            raise ValueError(f"must be between 0 and 30, got {v}")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        try:
+            return canonical_scheduler(v)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_SEED:
+            raise ValueError(f"must be between 0 and {MAX_SEED}, got {v}")
+        return v
+
+    @field_validator("count")
+    @classmethod
+    def _count(cls, v: int) -> int:
+        if not 1 <= v <= 4:
+            raise ValueError(f"must be between 1 and 4, got {v}")
+        return v
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"must be above 0 and at most 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_inputs(self) -> Self:
+        needs_image = self.kind in (JobKind.img2img, JobKind.inpaint, JobKind.upscale)
+        if needs_image and self.init_image is None:
+            raise ValueError(f"a {self.kind.value} job needs an init image")
+        if self.kind is JobKind.inpaint and self.mask is None:
+            raise ValueError("an inpaint job needs a mask")
+        if self.kind is JobKind.txt2img and (self.init_image is not None or self.mask is not None):
+            raise ValueError("a txt2img job takes no init image or mask; use img2img or inpaint")
+        return self
+
+    # Helpers -----------------------------------------------------------------------
+
+    @property
+    def images_out(self) -> int:
+        """How many images the job makes: ``count`` for each style (or one unstyled run)."""
+        return self.count * max(1, len(self.styles))
+
+    def with_seed(self, seed: int | None = None) -> GenerationRequest:
+        """A copy with a concrete seed (a random one if the request had none)."""
+        if self.seed is not None and seed is None:
+            return self
+        return self.model_copy(update={"seed": seed if seed is not None else new_seed()})
+
+    def check_limits(self, limits: Limits, *, max_side: int | None = None) -> None:
+        """Raise InvalidRequest if the request exceeds the deployment's or tier's limits."""
+        side_cap = min(limits.max_side, max_side or limits.max_side)
+        if len(self.prompt) > limits.max_prompt_chars:
+            raise InvalidRequest(
+                f"prompt is {len(self.prompt)} characters; the limit is {limits.max_prompt_chars}"
+            )
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not limits.min_side <= v <= side_cap:
+                raise InvalidRequest(
+                    f"{name} must be between {limits.min_side} and {side_cap}, got {v}"
+                )
+        if self.steps > limits.max_steps:
+            raise InvalidRequest(f"steps must be at most {limits.max_steps}, got {self.steps}")
+        if self.count > limits.max_count:
+            raise InvalidRequest(f"count must be at most {limits.max_count}, got {self.count}")
+
+
+def new_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def build_request(**fields: object) -> GenerationRequest:
+    """Construct a request, turning pydantic's errors into one InvalidRequest naming the field."""
+    try:
+        return GenerationRequest(**fields)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+
+
+def invalid_from_validation(exc: ValidationError) -> InvalidRequest:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+    return InvalidRequest("; ".join(parts))

@@ -1,0 +1,180 @@
+"""The one Settings object: every knob, read from ``ATELIER_*`` variables and ``.env``.
+
+Nothing else in Atelier reads ``os.environ``; everything receives a ``Settings``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
+
+SIGNING_KEY_FILE = "signing.key"
+
+
+class Mode(StrEnum):
+    single_box = "single-box"
+    production = "production"
+
+
+class Tier(BaseModel):
+    """What an account of a tier may do each day."""
+
+    daily_allowance: int = Field(ge=0)
+    concurrency: int = Field(ge=1)
+    max_side: int = Field(ge=64)
+
+
+def _default_tiers() -> dict[str, Tier]:
+    return {
+        "free": Tier(daily_allowance=10, concurrency=2, max_side=1024),
+        "supporter": Tier(daily_allowance=50, concurrency=4, max_side=1536),
+        "pro": Tier(daily_allowance=200, concurrency=8, max_side=2048),
+    }
+
+
+class Limits(BaseModel):
+    """Hard limits on any request, whatever the tier."""
+
+    max_prompt_chars: int = Field(default=1000, ge=1)
+    min_side: int = Field(default=64, ge=8)
+    max_side: int = Field(default=2048, ge=64)
+    max_count: int = Field(default=4, ge=1, le=4)
+    max_steps: int = Field(default=60, ge=1)
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+
+
+class Settings(BaseSettings):
+    """All configuration. Invalid values fail at start-up naming the ``ATELIER_`` variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ATELIER_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    mode: Mode = Mode.single_box
+    data_dir: Path = Path("~/.local/share/atelier")
+    database_url: str | None = None
+    redis_url: str | None = None
+    signing_key: SecretStr | None = None
+
+    telegram_token: SecretStr | None = None
+    telegram_api_base_url: str = "https://api.telegram.org/bot"
+    telegram_file_base_url: str = "https://api.telegram.org/file/bot"
+    discord_token: SecretStr | None = None
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    default_tier: str = "free"
+    tiers: dict[str, Tier] = Field(default_factory=_default_tiers)
+    # Credits for one image at 512x512 with up to ``cost_base_steps`` steps.
+    cost_base_pixels: int = Field(default=512 * 512, ge=64 * 64)
+    cost_base_steps: int = Field(default=30, ge=1)
+    limits: Limits = Field(default_factory=Limits)
+    blocklist_file: Path | None = None
+    # Extra/overriding model entries (TOML); default: {data_dir}/models.toml when present.
+    models_file: Path | None = None
+    link_code_ttl_s: int = Field(default=600, ge=30)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @field_validator("telegram_api_base_url", "telegram_file_base_url", "public_base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("sqlite", "postgresql")):
+            raise ValueError(f"must be a sqlite:// or postgresql:// URL, got {v.split('://')[0]!r}")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and v.strip() == "":
+            return None
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_tier not in self.tiers:
+            raise ValueError(
+                f"default_tier {self.default_tier!r} is not one of the tiers {sorted(self.tiers)}"
+            )
+        if self.limits.min_side > self.limits.max_side:
+            raise ValueError("limits.min_side must not exceed limits.max_side")
+        if self.mode is Mode.production:
+            if self.signing_key is None:
+                raise ValueError("ATELIER_SIGNING_KEY is required in production mode")
+            if self.database_url is None:
+                raise ValueError("ATELIER_DATABASE_URL is required in production mode")
+        if self.signing_key is not None and len(self.signing_key.get_secret_value()) < 32:
+            raise ValueError("ATELIER_SIGNING_KEY must be at least 32 characters")
+        return self
+
+    # Derived values -----------------------------------------------------------------
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data dir."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'atelier.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    def tier(self, name: str) -> Tier:
+        try:
+            return self.tiers[name]
+        except KeyError:
+            raise ConfigError(f"unknown tier {name!r}; known tiers: {sorted(self.tiers)}") from None
+
+    @cached_property
+    def resolved_signing_key(self) -> bytes:
+        """The link-signing key. Single-box: generated once into the data dir and reused."""
+        if self.signing_key is not None:
+            return self.signing_key.get_secret_value().encode()
+        path = self.data_dir / SIGNING_KEY_FILE
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_urlsafe(48))
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        return path.read_text().strip().encode()
+
+
+def _variable_name(loc: tuple[Any, ...]) -> str:
+    return "ATELIER_" + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings or raise ConfigError naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = _variable_name(err["loc"]) if err["loc"] else "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {msg}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,48 @@
+"""Signed, expiring tokens for web links (gallery pages, image downloads): HMAC-SHA256."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from datetime import datetime, timedelta
+
+from core.errors import Forbidden
+
+_SEP = "."
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign(key: bytes, *, subject: str, purpose: str, now: datetime, ttl: timedelta) -> str:
+    """A URL-safe token binding ``subject`` (e.g. an account id) to ``purpose`` until expiry."""
+    payload = {"sub": subject, "pur": purpose, "exp": int((now + ttl).timestamp())}
+    body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
+    mac = hmac.new(key, f"{purpose}{_SEP}{body}".encode(), hashlib.sha256).digest()
+    return f"{body}{_SEP}{_b64(mac)}"
+
+
+def verify(key: bytes, token: str, *, purpose: str, now: datetime) -> str:
+    """Return the token's subject, or raise Forbidden saying why the link does not open."""
+    body, sep, mac = token.partition(_SEP)
+    if not sep or not body or not mac:
+        raise Forbidden("this link is malformed; ask the bot for a new one")
+    expected = hmac.new(key, f"{purpose}{_SEP}{body}".encode(), hashlib.sha256).digest()
+    try:
+        given = _unb64(mac)
+        payload = json.loads(_unb64(body))
+    except (ValueError, json.JSONDecodeError):
+        raise Forbidden("this link is malformed; ask the bot for a new one") from None
+    # Constant-time comparison: a timing side channel would let someone forge a MAC.
+    if not hmac.compare_digest(given, expected) or payload.get("pur") != purpose:
+        raise Forbidden("this link is not valid; ask the bot for a new one")
+    if int(payload.get("exp", 0)) < int(now.timestamp()):
+        raise Forbidden("this link has expired; ask the bot for a new one")
+    return str(payload["sub"])

@@ -1,0 +1,252 @@
+"""The gallery: image rows per job, listed newest first with keyset cursors, filters and prompt
+search (SQLite FTS5 / PostgreSQL full text), soft-deleted by their owner."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col, select
+
+from core.errors import Forbidden, InvalidRequest, NotFound
+from storage.models import FTS_TABLE, Image, Job, UTCDateTime, utcnow
+
+MAX_PAGE = 100
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+class NewImage(BaseModel):
+    """One finished image as the dispatcher stores it (the PNG itself is in the blob store)."""
+
+    index: int = Field(ge=0)
+    seed: int = Field(ge=0)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    blob_key: str = Field(max_length=120)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    prompt: str
+    negative: str = ""
+    styles: tuple[str, ...] = ()
+    model: str = Field(default="", max_length=100)
+    infotext: str = ""
+
+    @field_validator("styles")
+    @classmethod
+    def _styles(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(s.strip().lower() for s in v if s.strip())
+        for s in out:
+            if "," in s:
+                raise ValueError(f"a style name cannot contain a comma, got {s!r}")
+        return out
+
+
+class ImageRead(BaseModel):
+    id: int
+    job_id: str
+    account_id: int
+    index: int
+    seed: int
+    width: int
+    height: int
+    blob_key: str
+    sha256: str
+    prompt: str
+    negative: str
+    styles: list[str]
+    model: str
+    infotext: str
+    created_at: datetime
+
+
+class ImagePage(BaseModel):
+    items: list[ImageRead]
+    next_cursor: str | None  # pass as ``before`` for the next (older) page
+
+
+def add_images(
+    *,
+    session: Session,
+    job_id: str,
+    images: Sequence[NewImage],
+    now: datetime | None = None,
+) -> list[ImageRead]:
+    """Store a job's images, idempotent by (job, index); returns all the job's images."""
+    job = session.exec(select(Job).where(Job.id == job_id)).first()
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist")
+    now = now or utcnow()
+    rows = [
+        {
+            "job_id": job_id,
+            "account_id": job.account_id,
+            "index": img.index,
+            "seed": img.seed,
+            "width": img.width,
+            "height": img.height,
+            "blob_key": img.blob_key,
+            "sha256": img.sha256,
+            "prompt": img.prompt,
+            "negative": img.negative,
+            "styles": ",".join(img.styles),
+            "model": img.model,
+            "infotext": img.infotext,
+            "created_at": now,
+        }
+        for img in images
+    ]
+    if rows:
+        insert: Any = (
+            postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+        )
+        session.exec(
+            insert(Image).values(rows).on_conflict_do_nothing(index_elements=["job_id", "index"])
+        )
+    return list_job_images(session=session, job_id=job_id)
+
+
+def list_job_images(*, session: Session, job_id: str) -> list[ImageRead]:
+    rows = session.exec(
+        select(Image)
+        .where(Image.job_id == job_id, col(Image.deleted_at).is_(None))
+        .order_by(col(Image.index))
+    ).all()
+    return [_read(i) for i in rows]
+
+
+def list_images(
+    *,
+    session: Session,
+    account_id: int,
+    before: str | None = None,
+    limit: int = 24,
+    style: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    search: str | None = None,
+) -> ImagePage:
+    """One page of an account's gallery, newest first. ``before`` is the previous page's
+    ``next_cursor``; ``search`` matches all of its words in the prompt, in any order."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+    stmt = select(Image).where(Image.account_id == account_id, col(Image.deleted_at).is_(None))
+    if before is not None:
+        ts, image_id = decode_cursor(before)
+        after = sa.tuple_(sa.literal(ts, UTCDateTime()), sa.literal(image_id, sa.Integer()))
+        stmt = stmt.where(sa.tuple_(col(Image.created_at), col(Image.id)) < after)
+    if style:
+        pattern = "%," + _like_escape(style.strip().lower()) + ",%"
+        stmt = stmt.where((sa.literal(",") + col(Image.styles) + ",").like(pattern, escape="\\"))
+    if model:
+        stmt = stmt.where(Image.model == model)
+    if since is not None:
+        stmt = stmt.where(col(Image.created_at) >= since)
+    if until is not None:
+        stmt = stmt.where(col(Image.created_at) < until)
+    if search is not None and search.strip():
+        words = _WORD_RE.findall(search)
+        if not words:
+            return ImagePage(items=[], next_cursor=None)  # only punctuation: nothing can match
+        stmt = stmt.where(_prompt_matches(session, words))
+    stmt = stmt.order_by(col(Image.created_at).desc(), col(Image.id).desc()).limit(limit + 1)
+    rows = list(session.exec(stmt).all())
+    items = [_read(i) for i in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = items[-1]
+        next_cursor = encode_cursor(last.created_at, last.id)
+    return ImagePage(items=items, next_cursor=next_cursor)
+
+
+def get_image(*, session: Session, image_id: int, account_id: int) -> ImageRead:
+    """An image of ``account_id``'s gallery; Forbidden for another account's image."""
+    return _read(_owned(session, image_id, account_id))
+
+
+def soft_delete(
+    *, session: Session, image_id: int, account_id: int, now: datetime | None = None
+) -> None:
+    """Hide an image from its owner's gallery (the blob stays; it may be shared by content)."""
+    _owned(session, image_id, account_id)
+    session.exec(
+        update(Image)
+        .where(col(Image.id) == image_id, col(Image.deleted_at).is_(None))
+        .values(deleted_at=now or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def encode_cursor(created_at: datetime, image_id: int) -> str:
+    raw = f"{created_at.isoformat()}|{image_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, image_id = raw.split("|")
+        when = datetime.fromisoformat(ts)
+        if when.tzinfo is None:
+            raise ValueError("naive")
+        return when, int(image_id)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidRequest(f"invalid gallery cursor {cursor[:40]!r}") from None
+
+
+def _prompt_matches(session: Session, words: list[str]) -> sa.ColumnElement[bool]:
+    if session.get_bind().dialect.name == "postgresql":
+        # Literal 'simple' (not a bind parameter) so the planner matches the GIN index expression.
+        simple: sa.ColumnElement[str] = sa.literal_column("'simple'")
+        vector = sa.func.to_tsvector(simple, col(Image.prompt))
+        query = sa.func.plainto_tsquery(simple, " ".join(words))
+        return vector.bool_op("@@")(query)
+    # Each word as an FTS5 string: user text never reaches the MATCH syntax (no operators).
+    match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+    fts = sa.table(FTS_TABLE, sa.column("rowid"))
+    hits = sa.select(fts.c.rowid).where(
+        sa.text(f"{FTS_TABLE} MATCH :fts_query").bindparams(fts_query=match)
+    )
+    return col(Image.id).in_(hits)
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _owned(session: Session, image_id: int, account_id: int) -> Image:
+    image = session.exec(
+        select(Image).where(Image.id == image_id).execution_options(populate_existing=True)
+    ).first()
+    if image is None or image.deleted_at is not None:
+        raise NotFound(f"image {image_id} does not exist")
+    if image.account_id != account_id:
+        raise Forbidden(f"image {image_id} belongs to someone else's gallery")
+    return image
+
+
+def _read(image: Image) -> ImageRead:
+    return ImageRead(
+        id=image.id or 0,
+        job_id=image.job_id,
+        account_id=image.account_id,
+        index=image.index,
+        seed=image.seed,
+        width=image.width,
+        height=image.height,
+        blob_key=image.blob_key,
+        sha256=image.sha256,
+        prompt=image.prompt,
+        negative=image.negative,
+        styles=[s for s in image.styles.split(",") if s],
+        model=image.model,
+        infotext=image.infotext,
+        created_at=image.created_at,
+    )

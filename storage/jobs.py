@@ -1,0 +1,230 @@
+"""Job rows: created once per idempotency key, moved through valid status transitions only."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel
+from sqlalchemy import func, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.jobs import DeliveryTarget, JobStatus
+from core.request import GenerationRequest
+from storage.models import Job, utcnow
+
+# Which status may follow which. running -> queued is a retry on another worker.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.failed, JobStatus.cancelled}),
+    JobStatus.running: frozenset(
+        {JobStatus.queued, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+    ),
+    JobStatus.succeeded: frozenset(),
+    JobStatus.failed: frozenset(),
+    JobStatus.cancelled: frozenset(),
+}
+IN_FLIGHT = (JobStatus.queued, JobStatus.running)
+
+
+class JobRead(BaseModel):
+    id: str
+    idempotency_key: str
+    account_id: int
+    identity_id: int | None
+    request: GenerationRequest
+    status: JobStatus
+    attempts: int
+    error: str | None
+    delivery: DeliveryTarget
+    cost: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+def create_job(
+    *,
+    session: Session,
+    idempotency_key: str,
+    account_id: int,
+    identity_id: int | None,
+    request: GenerationRequest,
+    delivery: DeliveryTarget,
+    cost: int,
+    job_id: str | None = None,
+    now: datetime | None = None,
+) -> tuple[JobRead, bool]:
+    """Insert a queued job; returns ``(job, created)``. A duplicate idempotency key (a retried
+    Discord interaction, a re-sent Telegram update) returns the existing job, ``created=False``.
+    ``job_id`` lets the caller reserve credits under the id before the row exists."""
+    if not idempotency_key or len(idempotency_key) > 200:
+        raise InvalidRequest(
+            f"idempotency key must be 1 to 200 characters, got {len(idempotency_key)}"
+        )
+    if cost < 0:
+        raise InvalidRequest(f"cost must not be negative, got {cost}")
+    existing = _by_key(session, idempotency_key)
+    if existing is None:
+        now = now or utcnow()
+        job = Job(
+            id=job_id or str(uuid.uuid4()),
+            idempotency_key=idempotency_key,
+            account_id=account_id,
+            identity_id=identity_id,
+            request_json=request.model_dump_json(),
+            status=JobStatus.queued,
+            delivery_json=delivery.model_dump_json(),
+            cost=cost,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            with session.begin_nested():
+                session.add(job)
+                session.flush()
+            return _read(job), True
+        except IntegrityError:
+            existing = _by_key(session, idempotency_key)
+            if existing is None:
+                raise Conflict(f"job id {job.id} is already taken") from None
+    if existing.account_id != account_id:
+        raise Conflict(f"idempotency key {idempotency_key!r} belongs to another account's job")
+    return _read(existing), False
+
+
+def get_job(*, session: Session, job_id: str) -> JobRead:
+    return _read(_load(session, job_id))
+
+
+def find_job(*, session: Session, idempotency_key: str) -> JobRead | None:
+    job = _by_key(session, idempotency_key)
+    return None if job is None else _read(job)
+
+
+def set_status(
+    *,
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> JobRead:
+    """Move a job to ``status``. Setting the status it already has is a no-op (at-least-once
+    callers repeat themselves); any transition not in ``TRANSITIONS`` raises Conflict."""
+    now = now or utcnow()
+    while True:
+        job = _load(session, job_id)
+        current = JobStatus(job.status)
+        if current == status:
+            return _read(job)
+        if status not in TRANSITIONS[current]:
+            raise Conflict(f"job {job_id} is {current.value}; it cannot become {status.value}")
+        values: dict[str, object] = {"status": status, "updated_at": now}
+        if status == JobStatus.running and job.started_at is None:
+            values["started_at"] = now
+        if status.finished:
+            values["finished_at"] = now
+        if error is not None:
+            values["error"] = error
+        # Conditional on the status we read, so two racing writers cannot both win.
+        result = session.exec(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status) == current)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            return _read(_load(session, job_id))
+
+
+def record_attempt(
+    *,
+    session: Session,
+    job_id: str,
+    attempt: int | None = None,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> JobRead:
+    """Count a dispatch attempt. With ``attempt`` (1-based) it is idempotent: the count becomes
+    at least ``attempt``; without, it goes up by one."""
+    now = now or utcnow()
+    _load(session, job_id)
+    if attempt is not None and attempt < 1:
+        raise InvalidRequest(f"attempt numbers start at 1, got {attempt}")
+    values: dict[str, object] = {
+        "attempts": col(Job.attempts) + 1 if attempt is None else attempt,
+        "updated_at": now,
+    }
+    if error is not None:
+        values["error"] = error
+    stmt = update(Job).where(col(Job.id) == job_id)
+    if attempt is not None:
+        stmt = stmt.where(col(Job.attempts) < attempt)
+    session.exec(stmt.values(**values).execution_options(synchronize_session=False))
+    return _read(_load(session, job_id))
+
+
+def list_jobs(
+    *,
+    session: Session,
+    account_id: int,
+    status: JobStatus | None = None,
+    limit: int = 50,
+) -> list[JobRead]:
+    """An account's jobs, newest first."""
+    if not 1 <= limit <= 500:
+        raise InvalidRequest(f"limit must be between 1 and 500, got {limit}")
+    stmt = select(Job).where(Job.account_id == account_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    stmt = stmt.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit)
+    return [_read(j) for j in session.exec(stmt).all()]
+
+
+def running_jobs_count(*, session: Session, account_id: int) -> int:
+    """Jobs in flight (queued or running), to hold an account to its tier's concurrency."""
+    count = session.exec(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.account_id == account_id, col(Job.status).in_(IN_FLIGHT))
+    ).one()
+    return int(count)
+
+
+def _by_key(session: Session, idempotency_key: str) -> Job | None:
+    return session.exec(
+        select(Job)
+        .where(Job.idempotency_key == idempotency_key)
+        .execution_options(populate_existing=True)
+    ).first()
+
+
+def _load(session: Session, job_id: str) -> Job:
+    job = session.exec(
+        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+    ).first()
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist")
+    return job
+
+
+def _read(job: Job) -> JobRead:
+    return JobRead(
+        id=job.id,
+        idempotency_key=job.idempotency_key,
+        account_id=job.account_id,
+        identity_id=job.identity_id,
+        request=GenerationRequest.model_validate_json(job.request_json),
+        status=job.status,
+        attempts=job.attempts,
+        error=job.error,
+        delivery=DeliveryTarget.model_validate_json(job.delivery_json),
+        cost=job.cost,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
+    )

@@ -1,0 +1,228 @@
+"""SQLModel tables, one small class per entity; read shapes live in the repository modules.
+Timestamps are aware UTC datetimes in Python on both databases (see ``UTCDateTime``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Text, UniqueConstraint
+from sqlalchemy import DateTime as SADateTime
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel, col
+
+from core.jobs import JobStatus
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; SQLite stores them naive (its DATETIME has no zone)."""
+
+    impl = SADateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        # SQLite compares the stored text, so every value must be written in one zone, naive.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Named constraints, so that later batch migrations on SQLite can find and drop them.
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+# Created by the migrations only (dialect specific): skipped when comparing models to the schema.
+FTS_TABLE = "images_fts"
+PG_PROMPT_INDEX = "ix_images_prompt_fts"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _enum(enum_cls: type[StrEnum], name: str, **kwargs: Any) -> Column[Any]:
+    # Stored as VARCHAR (no native PG enum type): adding a member then needs no migration.
+    return Column(
+        name,
+        SAEnum(
+            enum_cls,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        nullable=False,
+        **kwargs,
+    )
+
+
+class CreditKind(StrEnum):
+    grant = "grant"  # the daily allowance
+    reserve = "reserve"
+    capture = "capture"
+    release = "release"
+    purchase = "purchase"
+    expire = "expire"
+    admin = "admin"  # grants by an operator, and pack transfers when accounts merge
+
+
+class BucketKind(StrEnum):
+    daily = "daily"
+    pack = "pack"
+
+
+class ReservationStatus(StrEnum):
+    held = "held"
+    captured = "captured"
+    released = "released"
+
+
+class Account(SQLModel, table=True):
+    __tablename__ = "accounts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    tier: str = Field(max_length=32)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    # Set when a link merged this account into another; it then owns nothing.
+    merged_into_id: int | None = Field(default=None, foreign_key="accounts.id")
+
+
+class Identity(SQLModel, table=True):
+    __tablename__ = "identities"
+    __table_args__ = (
+        UniqueConstraint("platform", "platform_user_id", name="uq_identities_platform_user"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    platform: str = Field(max_length=16)
+    platform_user_id: str = Field(max_length=64)
+    account_id: int = Field(foreign_key="accounts.id", index=True)
+    display_name: str | None = Field(default=None, max_length=128)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class LinkCode(SQLModel, table=True):
+    __tablename__ = "link_codes"
+
+    code: str = Field(primary_key=True, max_length=16)
+    account_id: int = Field(foreign_key="accounts.id")
+    identity_id: int = Field(foreign_key="identities.id")
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+    used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    used_by_identity_id: int | None = Field(default=None, foreign_key="identities.id")
+
+
+class CreditBucket(SQLModel, table=True):
+    """Spendable credits of one grant; ``remaining`` is what a reserve decrements in place."""
+
+    __tablename__ = "credit_buckets"
+    __table_args__ = (CheckConstraint("remaining >= 0", name="remaining_nonneg"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="accounts.id", index=True)
+    kind: BucketKind = Field(sa_column=_enum(BucketKind, "kind"))
+    key: str = Field(max_length=200, unique=True)
+    granted: int
+    remaining: int
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # Set once the expire row for this bucket is written; nothing can be spent from it after.
+    expired_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class CreditLedger(SQLModel, table=True):
+    """Append-only history; per account, ``sum(amount)`` equals the live buckets' remaining."""
+
+    __tablename__ = "credit_ledger"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="accounts.id", index=True)
+    kind: CreditKind = Field(sa_column=_enum(CreditKind, "kind"))
+    bucket: str = Field(max_length=200)
+    amount: int
+    job_id: str | None = Field(default=None, max_length=64, index=True)
+    idempotency_key: str = Field(max_length=300, unique=True)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    note: str = Field(default="", max_length=300)
+
+
+class Reservation(SQLModel, table=True):
+    """A job's hold on credits; its per-bucket split is in the job's ``reserve`` ledger rows."""
+
+    __tablename__ = "reservations"
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    account_id: int = Field(foreign_key="accounts.id", index=True)
+    amount: int
+    status: ReservationStatus = Field(sa_column=_enum(ReservationStatus, "status"))
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_account_status", "account_id", "status"),)
+
+    id: str = Field(primary_key=True, max_length=64)
+    idempotency_key: str = Field(max_length=200, unique=True)
+    account_id: int = Field(foreign_key="accounts.id")
+    identity_id: int | None = Field(default=None, foreign_key="identities.id")
+    request_json: str = Field(sa_type=Text)
+    status: JobStatus = Field(sa_column=_enum(JobStatus, "status"))
+    attempts: int = 0
+    error: str | None = Field(default=None, sa_type=Text)
+    delivery_json: str = Field(sa_type=Text)
+    cost: int
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class Image(SQLModel, table=True):
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_images_job_index"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", max_length=64)
+    account_id: int = Field(foreign_key="accounts.id")
+    index: int
+    seed: int = Field(sa_type=BigInteger)  # seeds go up to 2**32 - 1
+    width: int
+    height: int
+    blob_key: str = Field(sa_type=String(120))
+    sha256: str = Field(max_length=64)
+    prompt: str = Field(sa_type=Text)
+    negative: str = Field(default="", sa_type=Text)
+    styles: str = Field(default="", max_length=200)  # comma separated, lower case
+    model: str = Field(default="", max_length=100)
+    infotext: str = Field(default="", sa_type=Text)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+# The gallery's keyset: newest first within one account.
+Index(
+    "ix_images_gallery",
+    col(Image.account_id),
+    col(Image.created_at).desc(),
+    col(Image.id).desc(),
+)
+Index("ix_jobs_account_created", col(Job.account_id), col(Job.created_at).desc())

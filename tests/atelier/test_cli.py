@@ -1,0 +1,54 @@
+"""The admin CLI end to end on a temp SQLite store: migrate, grant, show, refuse unmigrated."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from atelier.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ATELIER_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("ATELIER_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    return tmp_path
+
+
+def test_unmigrated_database_is_refused(env: Path) -> None:
+    result = runner.invoke(app, ["account", "show", "telegram:1"])
+    assert result.exit_code == 1
+    assert "not migrated" in result.output and "atelier db upgrade" in result.output
+
+
+def test_upgrade_grant_show(env: Path) -> None:
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    res = runner.invoke(app, ["credits", "grant", "telegram:42", "25", "--key", "pay-1"])
+    assert res.exit_code == 0, res.output
+    # The same key again is the same pack: nothing added twice.
+    assert runner.invoke(app, ["credits", "grant", "telegram:42", "25", "--key", "pay-1"]
+                         ).exit_code == 0
+    res = runner.invoke(app, ["credits", "grant", "telegram:42", "5", "--expires", "90d"])
+    assert res.exit_code == 0 and "expires 20" in res.output
+    show = runner.invoke(app, ["account", "show", "telegram:42"], terminal_width=200)
+    assert show.exit_code == 0, show.output
+    assert "telegram:42" in show.output
+    assert "40 (10 left today" in show.output  # free tier 10 daily + packs of 25 and 5
+
+
+def test_bad_arguments(env: Path) -> None:
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    assert runner.invoke(app, ["credits", "grant", "nocolon", "5"]).exit_code == 2
+    assert runner.invoke(app, ["credits", "grant", "telegram:1", "5", "--expires", "soon"]
+                         ).exit_code == 2
+    res = runner.invoke(app, ["account", "show", "discord:404"])
+    assert res.exit_code == 1 and "no account for discord:404" in res.output
+
+
+def test_styles_lists_at_least_20(env: Path) -> None:
+    res = runner.invoke(app, ["styles"], terminal_width=200)
+    assert res.exit_code == 0
+    assert "watercolor" in res.output and "anime" in res.output

@@ -1,0 +1,84 @@
+"""Cluster fixtures: tiny random-weight models built once per session, offline, with a registry
+that points at them (the packaged "tiny" and "tiny-xl" entries), and CPU device profiles."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster.devices import DeviceInfo, DeviceProfile, choose_profile
+from cluster.registry import ModelRegistry
+from cluster.tiny import make_tiny_models
+from core.settings import Settings, load_settings
+
+# Registry names of the tiny models, by family.
+TINY_NAMES = {"sd15": "tiny", "sdxl": "tiny-xl"}
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Where the tiny models live and a registry that knows them as "tiny" / "tiny-xl"."""
+
+    data_dir: Path
+    settings: Settings
+    registry: ModelRegistry
+    sd15: Path
+    sdxl: Path
+
+    def path(self, family: str) -> Path:
+        return self.sd15 if family == "sd15" else self.sdxl
+
+    def name(self, family: str) -> str:
+        return TINY_NAMES[family]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    data_dir = tmp_path_factory.mktemp("atelier-tiny")
+    paths = make_tiny_models(data_dir / "models", seed=0)
+    settings = load_settings(data_dir=data_dir, _env_file=None)
+    return TinyModels(
+        data_dir=data_dir,
+        settings=settings,
+        registry=ModelRegistry.load(settings),
+        sd15=paths["sd15"],
+        sdxl=paths["sdxl"],
+    )
+
+
+def _cpu_info(*, bf16: bool = False, cores: int = 2) -> DeviceInfo:
+    """A described CPU (tests decide profiles without depending on this machine's CPU)."""
+    flags = ("avx2", "avx512f", "avx512_bf16") if bf16 else ("avx2",)
+    return DeviceInfo(
+        kind="cpu",
+        name="Test CPU",
+        total_memory=16 * 2**30,
+        bf16=bf16,
+        cpu_bf16=bf16,
+        cpu_flags=flags,
+        cores=cores,
+        logical_cpus=cores,
+    )
+
+
+@pytest.fixture(scope="session")
+def cpu_profile() -> DeviceProfile:
+    """fp32 on CPU: the tiny models' own dtype, so runs are exact and repeatable."""
+    return choose_profile(_cpu_info(bf16=False), "sd15")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """apply_profile sets torch's thread count process-wide; keep tests independent of it.
+
+    torch is only looked at, never imported here: tests without models stay light.
+    """
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    if torch is not None and before is not None:
+        torch.set_num_threads(before)

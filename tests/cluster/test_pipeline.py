@@ -1,0 +1,572 @@
+"""The whole path on real services: Client -> broker (Redis and the in-process twin) ->
+Dispatcher -> a Ray CPU worker running the tiny models -> blob store + database -> deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+from sqlalchemy import Engine, func
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select
+
+from cluster.broker import Broker, BrokerUnavailable
+from cluster.broker_memory import MemoryBroker
+from cluster.broker_redis import RedisBroker
+from cluster.client import Client, SubmittedJob
+from cluster.devices import DeviceProfile
+from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher
+from cluster.events import EventKind, JobEvent
+from cluster.placement import WorkerPool
+from cluster.registry import ModelRegistry
+from cluster.worker import device_resource, init_local_ray, spawn_worker
+from core.errors import (
+    Conflict,
+    ContentBlocked,
+    Forbidden,
+    InsufficientCredits,
+    InvalidRequest,
+    RateLimited,
+)
+from core.jobs import DeliveryTarget, JobStatus, Requester
+from core.request import GenerationRequest, JobKind
+from core.settings import Settings, Tier, load_settings
+from storage import jobs as job_repo
+from storage import ledger
+from storage.blobs import BlobStore
+from storage.db import make_engine, session_factory, transaction, upgrade
+from storage.gallery import list_job_images
+from storage.models import CreditKind, CreditLedger, Job
+
+if TYPE_CHECKING:
+    from tests.cluster.conftest import TinyModels
+
+PG_ADMIN_URL = os.environ.get("ATELIER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+SIZE = 64
+STEPS = 2
+FRONTENDS = ("telegram", "discord", "web")
+CLAIM_IDLE_MS = 1500
+
+
+# Fixtures: Ray with one CPU worker (module), a store, a broker, a running dispatcher ----------
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile) -> Iterator[Any]:
+    import ray
+
+    init_local_ray(
+        num_cpus=2, resources={device_resource("cpu"): 1}, namespace=RAY_NAMESPACE,
+        log_to_driver=False,
+    )
+    handle = spawn_worker(
+        settings=tiny_models.settings.model_dump(mode="json"),
+        device_class="cpu",
+        profile=cpu_profile,
+        name=f"{WORKER_NAME_PREFIX}-test",
+        timeout_s=120,
+    )
+    ray.get(handle.preload.remote("tiny"), timeout=120)  # a fixture, not async code
+    yield handle
+    ray.kill(handle)
+    ray.shutdown()
+
+
+@pytest.fixture(params=["sqlite"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh migrated database: a SQLite file, or (parametrized) a PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'atelier.db'}"
+        upgrade(url)
+        yield url
+        return
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            pass
+    except psycopg.Error as exc:
+        if os.environ.get("ATELIER_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is required: {exc}")
+        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} is unreachable")
+    name = f"atelier_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    b: Broker
+    if request.param == "redis":
+        b = RedisBroker(request.getfixturevalue("redis_url"), claim_idle_ms=CLAIM_IDLE_MS)
+    else:
+        b = MemoryBroker(claim_idle_ms=CLAIM_IDLE_MS)
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(
+        data_dir=tmp_path / "data",
+        tiers={
+            "free": Tier(daily_allowance=100, concurrency=40, max_side=1024),
+            "tight": Tier(daily_allowance=2, concurrency=1, max_side=512),
+        },
+        default_tier="free",
+        _env_file=None,
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models: TinyModels) -> ModelRegistry:
+    """The tiny models, plus one no worker here can ever hold."""
+    tiny = tiny_models.registry.get("tiny")
+    return tiny_models.registry.with_models(
+        tiny.model_copy(update={"name": "huge", "min_vram_gb": 1000.0})
+    )
+
+
+@dataclass
+class Cluster:
+    """Everything a test drives: the client, and a dispatcher it starts when it wants."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    broker: Broker
+    blobs: BlobStore
+    client: Client
+    dispatcher: Dispatcher
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.dispatcher.run(self.stop))
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 30)
+
+    def session(self) -> Any:
+        return transaction(self.sessions)
+
+    async def deliveries(self, frontend: str) -> list[JobEvent]:
+        entries = await self.broker.read_deliveries(frontend, "tests", count=1000, block_ms=0)
+        return [JobEvent.from_fields(e.event) for e in entries]
+
+    async def wait_all(self, job_ids: list[str], timeout: float = 60) -> dict[str, JobEvent]:
+        async def one(job_id: str) -> tuple[str, JobEvent]:
+            return job_id, await self.client.wait(job_id)
+
+        done = await asyncio.wait_for(asyncio.gather(*(one(j) for j in job_ids)), timeout)
+        return dict(done)
+
+
+@pytest.fixture
+async def cluster(
+    settings: Settings, db_engine: Engine, broker: Broker, worker: Any, models: ModelRegistry
+) -> AsyncIterator[Cluster]:
+    sessions = session_factory(db_engine)
+    blobs = BlobStore.from_settings(settings)
+    pool = await WorkerPool.from_handles([worker], host_memory_gb=32)
+    assert len(pool.live()) == 1
+    client = Client(
+        settings=settings, session_factory=sessions, broker=broker, blobs=blobs, models=models,
+        poll_interval_s=0.2,
+    )
+    dispatcher = Dispatcher(
+        settings=settings, session_factory=sessions, broker=broker, blobs=blobs, workers=pool,
+        name="d1", models=models, gather_window_s=0.05, job_timeout_s=60, max_batch_items=4,
+        progress_interval_s=0.05, cancel_poll_s=0.05, read_block_ms=100, drain_timeout_s=20,
+        reconcile_grace_s=0.0,
+    )
+    c = Cluster(settings, sessions, broker, blobs, client, dispatcher)
+    yield c
+    await c.close()
+
+
+# Helpers -----------------------------------------------------------------------------------------
+
+
+def who(name: str, platform: str = "telegram", nsfw: bool = False) -> Requester:
+    return Requester(platform=platform, platform_user_id=name, display_name=name,
+                     nsfw_allowed=nsfw)
+
+
+def where(frontend: str = "telegram", chat: str = "100") -> DeliveryTarget:
+    return DeliveryTarget(frontend=frontend, chat_id=chat, message_id=uuid.uuid4().hex[:8])
+
+
+def req(**fields: Any) -> GenerationRequest:
+    base: dict[str, Any] = {
+        "prompt": "a lighthouse at dusk", "model": "tiny", "width": SIZE, "height": SIZE,
+        "steps": STEPS, "scheduler": "Euler",
+    }
+    return GenerationRequest(**(base | fields))
+
+
+def png(size: int = SIZE, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def mask(size: int = SIZE) -> bytes:
+    m = np.zeros((size, size), dtype=np.uint8)
+    m[:, size // 2 :] = 255
+    buf = io.BytesIO()
+    Image.fromarray(m, mode="L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def submit(c: Cluster, requester: Requester, request: GenerationRequest,
+                 frontend: str = "telegram", key: str | None = None) -> SubmittedJob:
+    return await c.client.submit(request, requester, where(frontend), key or uuid.uuid4().hex)
+
+
+def audit(c: Cluster, requester: Requester) -> ledger.Audit:
+    with c.session() as s:
+        account = job_repo_account(s, requester)
+        return ledger.audit(session=s, account_id=account)
+
+
+def job_repo_account(s: Session, requester: Requester) -> int:
+    from storage.accounts import find_account
+
+    return find_account(
+        session=s, platform=requester.platform, platform_user_id=requester.platform_user_id
+    ).id
+
+
+def captures(c: Cluster, job_id: str) -> int:
+    with c.session() as s:
+        return int(s.exec(
+            select(func.count()).select_from(CreditLedger).where(
+                CreditLedger.job_id == job_id, CreditLedger.kind == CreditKind.capture
+            )
+        ).one())
+
+
+# The whole flow ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_twelve_jobs_from_three_accounts(cluster: Cluster) -> None:
+    alice, bob, carol = who("alice"), who("bob", "discord"), who("carol", "web")
+    plan: list[tuple[Requester, str, GenerationRequest]] = [
+        (alice, "telegram", req(seed=1)),
+        (alice, "telegram", req(seed=2, count=2)),
+        # Short prompt: the tiny models' tokenizer spends more tokens than CLIP's.
+        (alice, "telegram", req(prompt="fox", seed=3, styles=("anime", "pixel-art", "manga"))),
+        (alice, "telegram", req(kind=JobKind.img2img, init_image=png(seed=1), strength=0.6)),
+        (bob, "discord", req(prompt="a red fox in snow")),
+        (bob, "discord", req(kind=JobKind.inpaint, init_image=png(seed=2), mask=mask())),
+        (bob, "discord", req(kind=JobKind.upscale, init_image=png(seed=3), width=128,
+                             height=128, steps=4)),  # 4 x 0.3 strength: one denoising step
+        (bob, "discord", req(prompt="a castle", negative="fog")),
+        (carol, "web", req(prompt="an owl", seed=9)),
+        (carol, "web", req(prompt="a ship", count=2)),
+        (carol, "web", req(kind=JobKind.img2img, init_image=png(seed=4), strength=0.6)),
+        (carol, "web", req(prompt="fox", styles=("photographic",))),
+    ]
+    cluster.start()
+    submitted = [await submit(cluster, r, q, fe) for r, fe, q in plan]
+    assert all(s.created and s.status is JobStatus.queued for s in submitted)
+    ends = await cluster.wait_all([s.job_id for s in submitted])
+
+    for sub, (_, frontend, request) in zip(submitted, plan, strict=True):
+        end = ends[sub.job_id]
+        assert end.kind is EventKind.done, (request.kind, end.reason)
+        assert len(end.images) == sub.images_out == request.images_out
+        assert [i.index for i in end.images] == list(range(request.images_out))
+        assert end.delivery is not None and end.delivery.frontend == frontend
+        # Every image stored: a row per index, its blob present and matching its hash.
+        with cluster.session() as s:
+            rows = list_job_images(session=s, job_id=sub.job_id)
+            job = job_repo.get_job(session=s, job_id=sub.job_id)
+        assert job.status is JobStatus.succeeded and job.attempts == 1
+        assert job.request.seed is not None  # resolved at submit: reruns reproduce it
+        assert len(rows) == request.images_out
+        for row in rows:
+            data = cluster.blobs.get(row.blob_key)
+            assert hashlib.sha256(data).hexdigest() == row.sha256
+            assert Image.open(io.BytesIO(data)).size == (request.width, request.height)
+        if request.styles:
+            assert [r.styles for r in rows] == [[s] for s in request.styles]
+        assert captures(cluster, sub.job_id) == 1
+        assert await cluster.client.job_images(sub.job_id) == list(end.images)
+
+    # Credits: captured exactly the costs, nothing held, the ledger balanced.
+    for requester in (alice, bob, carol):
+        a = audit(cluster, requester)
+        costs = sum(s.cost for s, (r, _, _) in zip(submitted, plan, strict=True)
+                    if r == requester)
+        assert a.captured == costs and a.held == 0 and a.released == 0
+        assert a.balanced and a.conserved
+    # Deliveries: each job's terminal event once, on its own front end's stream.
+    for frontend in FRONTENDS:
+        events = await cluster.deliveries(frontend)
+        expected = {s.job_id for s, (_, fe, _) in zip(submitted, plan, strict=True)
+                    if fe == frontend}
+        assert sorted(e.job_id for e in events) == sorted(expected)
+        assert all(e.kind is EventKind.done for e in events)
+    # Batching happened: fewer batches than jobs.
+    assert len(cluster.dispatcher.batches) < len(plan)
+    # Image bytes through the client.
+    first = ends[submitted[0].job_id].images[0]
+    assert (await cluster.client.image_bytes(first)).startswith(b"\x89PNG")
+
+
+async def test_events_tell_the_story_and_the_end_is_never_missed(cluster: Cluster) -> None:
+    alice = who("alice")
+    sub = await submit(cluster, alice, req(steps=20))
+    seen: list[JobEvent] = []
+
+    async def follow() -> None:
+        async for event in cluster.client.events(sub.job_id):
+            seen.append(event)
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(0.3)
+    cluster.start()
+    await asyncio.wait_for(follower, 30)
+    kinds = [e.kind for e in seen]
+    assert kinds[0] is EventKind.queued and seen[0].position is not None
+    assert EventKind.started in kinds and kinds[-1] is EventKind.done
+    assert sum(k.terminal for k in kinds) == 1
+    # Subscribing after the end still yields exactly the terminal event.
+    late = [e async for e in cluster.client.events(sub.job_id)]
+    assert [e.kind for e in late] == [EventKind.done] and late[0].images == seen[-1].images
+
+
+async def test_repeated_idempotency_key_makes_one_job_and_one_charge(cluster: Cluster) -> None:
+    alice = who("alice")
+    first = await submit(cluster, alice, req(), key="tg:1:42")
+    again = await submit(cluster, alice, req(prompt="something else"), key="tg:1:42")
+    assert again.job_id == first.job_id and not again.created and first.created
+    cluster.start()
+    await cluster.wait_all([first.job_id])
+    with cluster.session() as s:
+        jobs = s.exec(select(Job)).all()
+    assert len(jobs) == 1
+    assert audit(cluster, alice).captured == first.cost
+    third = await submit(cluster, alice, req(), key="tg:1:42")
+    assert third.job_id == first.job_id and third.status is JobStatus.succeeded
+    with pytest.raises(Conflict, match="another account"):
+        await submit(cluster, who("mallory"), req(), key="tg:1:42")
+
+
+async def test_cancel_before_start_releases_the_credits(cluster: Cluster) -> None:
+    alice, bob = who("alice"), who("bob")
+    sub = await submit(cluster, alice, req())
+    assert audit(cluster, alice).held == sub.cost
+    with pytest.raises(Forbidden):
+        await cluster.client.cancel(sub.job_id, bob)
+    assert await cluster.client.cancel(sub.job_id, alice) is JobStatus.cancelled
+    a = audit(cluster, alice)
+    assert a.held == 0 and a.released == sub.cost and a.captured == 0 and a.balanced
+    cluster.start()
+    end = await cluster.client.wait(sub.job_id)
+    assert end.kind is EventKind.cancelled
+    # The dispatcher drops the entry and tells the front end once; nothing ran.
+    for _ in range(50):
+        if await cluster.broker.pending_count() == 0 and await cluster.deliveries("telegram"):
+            break
+        await asyncio.sleep(0.1)
+    assert not cluster.dispatcher.batches
+    with pytest.raises(Conflict, match="already finished"):
+        await cluster.client.cancel(sub.job_id, alice)
+
+
+async def test_cancel_mid_run_releases_and_the_worker_stays_healthy(cluster: Cluster) -> None:
+    alice = who("alice")
+    cluster.start()
+    sub = await submit(cluster, alice, req(width=256, height=256, steps=50, count=4))
+    kinds = []
+    async for event in cluster.client.events(sub.job_id):
+        kinds.append(event.kind)
+        if event.kind is EventKind.progress and event.step and event.step >= 2:
+            assert await cluster.client.cancel(sub.job_id, alice) is JobStatus.running
+    assert kinds[-1] is EventKind.cancelled, kinds
+    a = audit(cluster, alice)
+    assert a.held == 0 and a.captured == 0 and a.released == sub.cost
+    with cluster.session() as s:
+        assert list_job_images(session=s, job_id=sub.job_id) == []
+    # The worker serves the next job.
+    nxt = await submit(cluster, alice, req())
+    assert (await cluster.client.wait(nxt.job_id)).kind is EventKind.done
+
+
+async def test_one_account_with_thirty_jobs_does_not_starve_another(cluster: Cluster) -> None:
+    alice, bob = who("alice"), who("bob")
+    flood = [await submit(cluster, alice, req(seed=n)) for n in range(30)]
+    single = await submit(cluster, bob, req(prompt="a single wish"))
+    cluster.start()
+    await cluster.wait_all([s.job_id for s in [*flood, single]], timeout=120)
+    batches = list(cluster.dispatcher.batches)
+    assert all(len(b.job_ids) <= 4 for b in batches)
+    assert any(single.job_id in b.job_ids for b in batches[:2]), [b.job_ids for b in batches]
+
+
+async def test_a_job_no_worker_can_run_fails_at_once_and_is_refunded(cluster: Cluster) -> None:
+    alice = who("alice")
+    cluster.start()
+    sub = await submit(cluster, alice, req(model="huge"))
+    end = await asyncio.wait_for(cluster.client.wait(sub.job_id), 10)
+    assert end.kind is EventKind.failed
+    assert end.reason is not None and "huge" in end.reason and "1000" in end.reason
+    a = audit(cluster, alice)
+    assert a.released == sub.cost and a.held == 0 and a.captured == 0
+    assert not cluster.dispatcher.batches
+
+
+async def test_a_poison_job_fails_alone(cluster: Cluster) -> None:
+    alice, bob = who("alice"), who("bob")
+    good = [await submit(cluster, alice, req(kind=JobKind.img2img, init_image=png(seed=n)))
+            for n in range(2)]
+    bad = await submit(cluster, bob, req(kind=JobKind.img2img, init_image=b"\x89PNG not really"))
+    cluster.start()
+    ends = await cluster.wait_all([s.job_id for s in [*good, bad]])
+    assert [ends[s.job_id].kind for s in good] == [EventKind.done, EventKind.done]
+    assert ends[bad.job_id].kind is EventKind.failed and ends[bad.job_id].reason
+    b = audit(cluster, bob)
+    assert b.released == bad.cost and b.captured == 0
+
+
+async def test_refusals_charge_nothing_and_leave_no_job(cluster: Cluster) -> None:
+    tight = who("tight-user")
+    await cluster.client.account(tight)
+    with cluster.session() as s:
+        from storage.accounts import set_tier
+
+        set_tier(session=s, account_id=job_repo_account(s, tight), tier="tight",
+                 known_tiers=cluster.settings.tiers)
+    with pytest.raises(InsufficientCredits):
+        await submit(cluster, tight, req(count=4))  # 4 credits, 2 a day
+    with pytest.raises(ContentBlocked):
+        await submit(cluster, tight, req(prompt="nude portrait"))
+    with pytest.raises(InvalidRequest, match="style"):
+        await submit(cluster, tight, req(styles=("no-such-style",)))
+    with pytest.raises(InvalidRequest, match="model"):
+        await submit(cluster, tight, req(model="no-such-model"))
+    with pytest.raises(InvalidRequest, match="width"):
+        await submit(cluster, tight, req(width=1024, height=64))  # the tier's max side is 512
+    with cluster.session() as s:
+        assert s.exec(select(func.count()).select_from(Job)).one() == 0
+    a = audit(cluster, tight)
+    assert a.held == 0 and a.captured == 0 and a.released == 0
+    assert (await cluster.client.balance(tight)).total == 2  # today's allowance, intact
+    first = await submit(cluster, tight, req())
+    with pytest.raises(RateLimited, match="1 at a time"):
+        await submit(cluster, tight, req())
+    assert first.created
+
+
+async def test_a_job_the_broker_never_got_is_enqueued_by_the_reconciler(cluster: Cluster) -> None:
+    alice = who("alice")
+    real_enqueue = cluster.broker.enqueue
+
+    async def down(job_id: str, fields: Any = None) -> str:
+        raise BrokerUnavailable("Redis is restarting")
+
+    cluster.broker.enqueue = down  # type: ignore[method-assign]
+    sub = await submit(cluster, alice, req())
+    cluster.broker.enqueue = real_enqueue  # type: ignore[method-assign]
+    assert await cluster.broker.queue_depth() == 0
+    cluster.start()  # its first reconcile finds the job the broker lacks
+    assert (await asyncio.wait_for(cluster.client.wait(sub.job_id), 20)).kind is EventKind.done
+    assert captures(cluster, sub.job_id) == 1
+
+
+async def test_an_abandoned_entry_is_claimed_and_finished(cluster: Cluster) -> None:
+    """A dispatcher that read a job and died: another claims the entry and runs it once."""
+    alice = who("alice")
+    sub = await submit(cluster, alice, req())
+    [ghost] = await cluster.broker.read_jobs("ghost", count=1)
+    with cluster.session() as s:  # the ghost had started it
+        job_repo.set_status(session=s, job_id=sub.job_id, status=JobStatus.running)
+    cluster.start()
+    end = await asyncio.wait_for(cluster.client.wait(sub.job_id), 30)
+    assert end.kind is EventKind.done and captures(cluster, sub.job_id) == 1
+    assert await cluster.broker.pending_count() == 0
+    with cluster.session() as s:
+        assert s.exec(select(Job.attempts).where(col(Job.id) == sub.job_id)).one() == 1
+    assert ghost.job_id == sub.job_id
+
+
+@pytest.mark.parametrize("broker", ["memory"], indirect=True)
+async def test_a_lost_worker_s_job_runs_again_elsewhere_and_is_charged_once(
+    cluster: Cluster, worker: Any, tiny_models: TinyModels, cpu_profile: DeviceProfile
+) -> None:
+    import ray
+
+    # A second worker on the other CPU, the only one the dispatcher knows at first.
+    spare = await asyncio.to_thread(
+        spawn_worker, settings=tiny_models.settings.model_dump(mode="json"), device_class="cpu",
+        profile=cpu_profile, name=f"{WORKER_NAME_PREFIX}-spare", timeout_s=120, resources={},
+    )
+    pool = cluster.dispatcher.workers = await WorkerPool.from_handles([spare], host_memory_gb=32)
+    alice = who("alice")
+    cluster.start()
+    sub = await submit(cluster, alice, req(width=128, height=128, steps=30, count=2))
+    async with contextlib.aclosing(cluster.client.events(sub.job_id)) as events:
+        async for event in events:
+            if event.kind is EventKind.progress:
+                # Mid-run: the spare dies; the main worker joins the pool.
+                await asyncio.to_thread(ray.kill, spare)
+                main_info = await WorkerPool.from_handles([worker])
+                pool.add(worker, main_info.slots[0].info)
+                break
+    end = await asyncio.wait_for(cluster.client.wait(sub.job_id), 60)
+    assert end.kind is EventKind.done
+    with cluster.session() as s:
+        job = job_repo.get_job(session=s, job_id=sub.job_id)
+    assert job.attempts == 2
+    assert captures(cluster, sub.job_id) == 1 and audit(cluster, alice).captured == sub.cost
+    assert [b.worker_id for b in cluster.dispatcher.batches] == [
+        f"{WORKER_NAME_PREFIX}-spare", f"{WORKER_NAME_PREFIX}-test"
+    ]
+
+
+@pytest.mark.parametrize("broker", ["memory"], indirect=True)
+async def test_account_helpers_for_front_ends(cluster: Cluster) -> None:
+    tg, dc = who("ann"), who("ann#1", "discord")
+    account = await cluster.client.account(tg)
+    assert account.tier == "free" and (await cluster.client.balance(tg)).total == 100
+    first = await submit(cluster, tg, req(prompt="first"))
+    second = await submit(cluster, tg, req(prompt="second"))
+    history = await cluster.client.history(tg, limit=5)
+    assert [j.id for j in history] == [second.job_id, first.job_id]
+    assert history[0].request.prompt == "second"
+    code = await cluster.client.create_link_code(tg)
+    linked = await cluster.client.redeem_link_code(dc, code.code)
+    assert linked.id == account.id
+    assert [j.id for j in await cluster.client.history(dc)] == [second.job_id, first.job_id]
+    assert (await cluster.client.job(first.job_id)).status is JobStatus.queued
+    assert await cluster.client.job_images(first.job_id) == []

@@ -1,0 +1,51 @@
+"""GenerationRequest: validation errors name the bad value; limits; JSON round trip."""
+
+import pytest
+
+from core.errors import InvalidRequest
+from core.request import GenerationRequest, JobKind, build_request
+from core.settings import Limits
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"prompt": "  "}, "prompt"),
+        ({"prompt": "x", "width": 500}, "width: must be a multiple of 8, got 500"),
+        ({"prompt": "x", "count": 5}, "count: must be between 1 and 4, got 5"),
+        ({"prompt": "x", "styles": ["a", "b", "c", "d", "e"]}, "at most 4 styles"),
+        ({"prompt": "x", "scheduler": "Heun++"}, "unknown scheduler 'Heun++'"),
+        ({"prompt": "x", "seed": -3}, "seed"),
+        ({"prompt": "x", "kind": "img2img"}, "needs an init image"),
+        ({"prompt": "x", "kind": "inpaint", "init_image": b"x"}, "needs a mask"),
+    ],
+)
+def test_errors_name_the_value(fields: dict[str, object], needle: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        build_request(**fields)
+    assert needle in err.value.message
+
+
+def test_limits() -> None:
+    req = build_request(prompt="x", width=1024, height=512, steps=50)
+    req.check_limits(Limits())
+    with pytest.raises(InvalidRequest, match="width must be between 64 and 768, got 1024"):
+        req.check_limits(Limits(), max_side=768)
+    with pytest.raises(InvalidRequest, match="steps must be at most 40"):
+        req.check_limits(Limits(max_steps=40))
+
+
+def test_json_round_trip_with_images() -> None:
+    req = build_request(prompt="a fox", kind=JobKind.inpaint, init_image=b"\x89PNG\x00\xff",
+                        mask=b"\x00\x01", styles="Anime, watercolor", seed=7)
+    again = GenerationRequest.model_validate_json(req.model_dump_json())
+    assert again == req and again.styles == ("anime", "watercolor")
+    assert req.images_out == 2
+
+
+def test_with_seed() -> None:
+    req = build_request(prompt="x")
+    assert req.seed is None
+    fixed = req.with_seed()
+    assert fixed.seed is not None and fixed.with_seed() is fixed
+    assert req.with_seed(5).seed == 5

@@ -1,0 +1,114 @@
+"""Job rows: idempotent creation, valid transitions only, attempts, listing and concurrency."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+
+import pytest
+from sqlmodel import Session
+
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.jobs import DeliveryTarget, JobStatus
+from core.request import GenerationRequest, JobKind
+from storage import jobs
+from storage.accounts import AccountRead
+
+Tx = Callable[[], AbstractContextManager[Session]]
+DELIVERY = DeliveryTarget(frontend="discord", chat_id="c1", extra={"token": "t"})
+
+
+def _create(
+    tx: Tx, account: AccountRead, key: str, now: datetime, **request: object
+) -> tuple[jobs.JobRead, bool]:
+    with tx() as s:
+        return jobs.create_job(
+            session=s,
+            idempotency_key=key,
+            account_id=account.id,
+            identity_id=account.identity.id if account.identity else None,
+            request=GenerationRequest(prompt="a lighthouse", **request),  # type: ignore[arg-type]
+            delivery=DELIVERY,
+            cost=2,
+            now=now,
+        )
+
+
+def test_duplicate_idempotency_key_returns_the_existing_job(
+    tx: Tx, new_account: Callable[..., AccountRead], now: datetime
+) -> None:
+    acct = new_account()
+    job, created = _create(tx, acct, "discord:interaction:1", now, styles=("anime",), seed=7)
+    assert created and job.status == JobStatus.queued and job.attempts == 0
+    again, created_again = _create(tx, acct, "discord:interaction:1", now + timedelta(seconds=5))
+    assert not created_again
+    assert again == job
+    assert again.request.styles == ("anime",) and again.delivery == DELIVERY
+    with pytest.raises(Conflict, match="another account"):
+        _create(tx, new_account(), "discord:interaction:1", now)
+    with pytest.raises(InvalidRequest):
+        _create(tx, acct, "", now)
+
+
+def test_request_with_image_bytes_round_trips(
+    tx: Tx, new_account: Callable[..., AccountRead], now: datetime
+) -> None:
+    job, _ = _create(
+        tx, new_account(), "k", now, kind=JobKind.img2img, init_image=b"\x89PNG\x00\xff"
+    )
+    with tx() as s:
+        stored = jobs.get_job(session=s, job_id=job.id)
+    assert stored.request.init_image == b"\x89PNG\x00\xff"
+
+
+def test_status_transitions(tx: Tx, new_account: Callable[..., AccountRead], now: datetime) -> None:
+    job, _ = _create(tx, new_account(), "k", now)
+    later = now + timedelta(minutes=1)
+    with tx() as s:
+        running = jobs.set_status(session=s, job_id=job.id, status=JobStatus.running, now=later)
+        assert running.started_at == later and running.finished_at is None
+        assert jobs.set_status(session=s, job_id=job.id, status=JobStatus.running) == running
+        jobs.set_status(session=s, job_id=job.id, status=JobStatus.queued, now=later)  # a retry
+        jobs.set_status(session=s, job_id=job.id, status=JobStatus.running, now=later)
+        done = jobs.set_status(
+            session=s, job_id=job.id, status=JobStatus.succeeded, now=later + timedelta(seconds=9)
+        )
+    assert done.finished_at == later + timedelta(seconds=9) and done.started_at == later
+    with pytest.raises(Conflict, match="is succeeded; it cannot become running"), tx() as s:
+        jobs.set_status(session=s, job_id=job.id, status=JobStatus.running)
+    with pytest.raises(NotFound), tx() as s:
+        jobs.set_status(session=s, job_id="missing", status=JobStatus.running)
+
+    other, _ = _create(tx, new_account(), "k2", now)
+    with tx() as s:
+        failed = jobs.set_status(
+            session=s, job_id=other.id, status=JobStatus.failed, error="worker lost"
+        )
+    assert failed.error == "worker lost" and failed.status.finished
+
+
+def test_record_attempt(tx: Tx, new_account: Callable[..., AccountRead], now: datetime) -> None:
+    job, _ = _create(tx, new_account(), "k", now)
+    with tx() as s:
+        assert jobs.record_attempt(session=s, job_id=job.id).attempts == 1
+        assert jobs.record_attempt(session=s, job_id=job.id, error="OOM").attempts == 2
+        # Numbered attempts are idempotent: delivering attempt 2 again changes nothing.
+        assert jobs.record_attempt(session=s, job_id=job.id, attempt=2).attempts == 2
+        assert jobs.record_attempt(session=s, job_id=job.id, attempt=3).attempts == 3
+        assert jobs.get_job(session=s, job_id=job.id).error == "OOM"
+
+
+def test_list_jobs_and_running_count(
+    tx: Tx, new_account: Callable[..., AccountRead], now: datetime
+) -> None:
+    acct = new_account()
+    made = [_create(tx, acct, f"k{i}", now + timedelta(seconds=i))[0] for i in range(4)]
+    with tx() as s:
+        jobs.set_status(session=s, job_id=made[0].id, status=JobStatus.running)
+        jobs.set_status(session=s, job_id=made[1].id, status=JobStatus.cancelled)
+        assert jobs.running_jobs_count(session=s, account_id=acct.id) == 3
+        listed = jobs.list_jobs(session=s, account_id=acct.id)
+        queued = jobs.list_jobs(session=s, account_id=acct.id, status=JobStatus.queued)
+    assert [j.id for j in listed] == [j.id for j in reversed(made)]
+    assert [j.id for j in queued] == [made[3].id, made[2].id]

@@ -1,0 +1,84 @@
+"""Migrations: they build exactly the models' schema, and an un-migrated database is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import Engine, text
+
+from core.errors import ConfigError, DatabaseNotMigrated
+from storage.db import (
+    alembic_config,
+    check_migrated,
+    current_revision,
+    head_revision,
+    make_engine,
+    normalize_url,
+    schema_diff,
+    upgrade,
+)
+
+
+def test_unmigrated_database_is_refused(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        with pytest.raises(DatabaseNotMigrated) as err:
+            check_migrated(engine)
+        assert current_revision(engine) is None
+    finally:
+        engine.dispose()
+    message = err.value.message
+    assert message.startswith("the database at ")
+    assert f"is not migrated (at revision none, code needs {head_revision()}); " in message
+    assert message.endswith("run `atelier db upgrade`")
+
+
+def test_upgrade_matches_the_models(engine: Engine) -> None:
+    check_migrated(engine)
+    assert current_revision(engine) == head_revision()
+    assert schema_diff(engine) == []
+
+
+def test_database_from_a_newer_release_is_refused(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
+    with pytest.raises(DatabaseNotMigrated, match="revision ffff, which this code does not know"):
+        check_migrated(engine)
+
+
+def test_downgrade_and_upgrade_again(db_url: str) -> None:
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(db_url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "base")
+        assert current_revision(engine) is None
+        upgrade(db_url)
+        upgrade(db_url)  # a no-op when already at head
+        check_migrated(engine)
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_connections_are_configured(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/x.db")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_database_urls_are_normalized() -> None:
+    assert normalize_url("postgresql://u:p@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("sqlite:///x.db").drivername == "sqlite"
+    with pytest.raises(ConfigError, match="unsupported database driver 'mysql'"):
+        normalize_url("mysql://h/db")
