@@ -1,7 +1,8 @@
 """Engine benchmarks on this machine's CPU (a script, not a test): the chosen profile vs naive fp32
-on an SD1.5-shaped UNet, and one batched engine call vs separate calls. Prints a table.
+on an SD1.5-shaped UNet, one batched engine call vs separate calls, and fast mode (step caching)
+vs normal. Prints a table.
 
-Run from the repository root: ``.venv/bin/python -m bench.engine [--quick]`` (about 2-3 minutes
+Run from the repository root: ``.venv/bin/python -m bench.engine [--quick]`` (about 3-4 minutes
 on 2 cores; ``--quick`` about half).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import tempfile
 import time
@@ -130,13 +132,44 @@ def bench_batching(engine: Engine, model: str, side: int, steps: int, reps: int)
     ]
 
 
+# (c) fast mode (DeepCache-style step caching) vs normal ------------------------------------------
+
+
+def bench_fast(normal: Engine, fast: Engine, side: int, steps: int, reps: int) -> list[Row]:
+    batch = items(1, "sd15-shaped", side, steps)
+    normal.generate(items(1, "sd15-shaped", side, 1))  # load + warm up outside the timing
+    fast.generate(items(1, "sd15-shaped", side, 1))
+    plain, cached = timed_pair(
+        lambda: normal.generate(batch), lambda: fast.generate(batch), reps, warmup=False
+    )
+    a, b = normal.generate(batch)[0].png, fast.generate(batch)[0].png
+    what = f"sd15-shaped {side}² {steps} steps, 1 image"
+    return [
+        (what, "normal", plain, ""),
+        (what, "fast mode (step cache)", cached,
+         f"{plain / cached:.2f}x faster; mean |pixel diff| {mean_abs_diff(a, b):.1f}/255"),
+    ]
+
+
+def mean_abs_diff(a: bytes, b: bytes) -> float:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def arr(png: bytes) -> Any:
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+
+    return float(np.abs(arr(a) - arr(b)).mean())
+
+
 def tiny_engine(profile: DeviceProfile, data_dir: Path) -> Engine:
     make_tiny_models(data_dir / "models")
     registry = ModelRegistry.load(load_settings(data_dir=data_dir, _env_file=None))
     return Engine(ModelCache(registry, profile, 2**30, offline=True), profile=profile)
 
 
-def sd15_shaped_engine(profile: DeviceProfile, data_dir: Path) -> Engine:
+def sd15_shaped_engine(profile: DeviceProfile, data_dir: Path, *, fast: bool = False) -> Engine:
     """An engine whose "sd15-shaped" model is built in memory (random weights, real shapes)."""
     spec = ModelSpec(
         **FAMILY_DEFAULTS[Family.sd15], name="sd15-shaped", family=Family.sd15,
@@ -146,6 +179,8 @@ def sd15_shaped_engine(profile: DeviceProfile, data_dir: Path) -> Engine:
     def build(spec: ModelSpec, *, torch_dtype: torch.dtype, **_: Any) -> Any:
         return build_sd15_shaped_pipeline(torch_dtype)
 
+    if fast:
+        profile = dataclasses.replace(profile, fast=True)
     cache = ModelCache(ModelRegistry([spec]), profile, 2**34, loader=build, offline=True)
     return Engine(cache, profile=profile)
 
@@ -172,8 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench_dtype(profile, reps_unet)
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_batching(tiny_engine(profile, Path(tmp)), "tiny", 64, 4, reps_tiny)
-        rows += bench_batching(sd15_shaped_engine(profile, Path(tmp)), "sd15-shaped", 256, 2,
-                               reps_sd)
+        sd15 = sd15_shaped_engine(profile, Path(tmp))
+        rows += bench_batching(sd15, "sd15-shaped", 256, 2, reps_sd)
+        rows += bench_fast(sd15, sd15_shaped_engine(profile, Path(tmp), fast=True), 256, 10,
+                           reps_sd)
     print_table(rows)
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
 

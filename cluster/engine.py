@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from cluster.cache import ModelCache
 from cluster.devices import DeviceProfile
 from cluster.schedulers import SchedulerCache, with_scheduler
+from cluster.stepcache import reset_step_cache
 from core.errors import AtelierError, InvalidRequest
 from core.images import decode_png_mask, decode_png_rgb
 from core.infotext import format_infotext, infotext_for, png_with_infotext
@@ -293,6 +294,7 @@ class Engine:
             kwargs |= {"image": [s.image for s in slots], "strength": effective_strength(request)}
         if kind is JobKind.inpaint:
             kwargs["mask_image"] = [s.mask for s in slots]
+        reset_step_cache(pipe.unet)  # fast mode: kept features belong to the previous call
         with torch.inference_mode():
             out = pipe(**kwargs)
         return list(out.images)
