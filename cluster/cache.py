@@ -56,6 +56,9 @@ def _safetensors_params(path: Path) -> int:
     """Parameter count from a .safetensors header (8-byte length, then JSON): no tensor read."""
     with path.open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
+        # A corrupt file's length may be anything (petabytes): never read past its end.
+        if length > path.stat().st_size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header length {length})")
         header = json.loads(fh.read(length))
     return sum(prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 

@@ -52,6 +52,8 @@ T = TypeVar("T")
 # dispatcher claims it, reads the row and does only what is missing (a succeeded job gets its
 # delivery re-published, which front ends dedupe by job id). Failures and cancellations follow
 # the same shape: release + status in one transaction, delivery, then ack (or dead-letter).
+# A batch's jobs are all stored before any is announced: stores need no broker, so a broker
+# outage (publishing retries for a minute) holds up deliveries, never what the worker made.
 #
 # Ownership. A dispatcher starts a job with a compare-and-set on its row (queued -> running,
 # or running with a lapsed lease -> running), so of two dispatchers holding entries of one job
@@ -60,7 +62,9 @@ T = TypeVar("T")
 # as abandoned. Duplicate entries (a retry, a reconcile) of a job running elsewhere are acked.
 #
 # Failure detection. A worker that dies or whose node goes away surfaces as WorkerLost from
-# run_batch: the job is queued again for another worker, up to max_attempts. How fast Ray
+# run_batch: the job is queued again for another worker, up to max_attempts, then failed,
+# refunded and dead-lettered. So is a job whose worker failed without naming it (its model or
+# device failed, not its input); a job the worker names (bad input) fails at once. How fast Ray
 # notices a vanished node is Ray's health check, set on the head node (environment variables
 # read at `ray start`): RAY_health_check_period_ms, RAY_health_check_timeout_ms and
 # RAY_health_check_failure_threshold; actors on a silent node fail after about period x
@@ -190,6 +194,7 @@ class Dispatcher:
         self._held: dict[str, _Held] = {}  # read, waiting for a batch
         self._running: dict[str, _Held] = {}  # in a batch on a worker
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Task[None]] = set()  # progress ticks in flight
         self._announced: OrderedDict[str, None] = OrderedDict()
         self._epoch: str | None = None
         self._due: dict[str, float] = {}
@@ -297,14 +302,16 @@ class Dispatcher:
             await self._db(lambda s: _refresh_leases(s, running, now))
 
     async def _drain(self) -> None:
-        if not self._tasks:
-            return
-        log.info("dispatcher %s: waiting for %d running batches", self.name, len(self._tasks))
-        _, pending = await asyncio.wait(self._tasks, timeout=self.drain_timeout_s)
-        for task in pending:
-            task.cancel()  # the worker stops at its next step; the entries stay pending
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        if self._tasks:
+            log.info("dispatcher %s: waiting for %d running batches", self.name,
+                     len(self._tasks))
+            _, pending = await asyncio.wait(self._tasks, timeout=self.drain_timeout_s)
+            for task in pending:
+                task.cancel()  # the worker stops at its next step; the entries stay pending
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=5)
 
     # Admission ---------------------------------------------------------------------------
 
@@ -517,11 +524,21 @@ class Dispatcher:
         by_job: dict[str, list[ImageResult]] = {}
         for result in results:
             by_job.setdefault(result.job_id, []).append(result)
+        # Every job the worker finished goes into the store first, which needs no broker, and
+        # only then to its front end: a broker outage delays deliveries, never the settling.
+        stored: list[tuple[_Held, JobRead]] = []
         for h in jobs:
             images = by_job.get(h.job_id)
             if images:
-                await self._settle_done(h, images)
-            elif h.cancel_requested:
+                job = await self._store_done(h, images)
+                if job is not None:
+                    stored.append((h, job))
+        for h, job in stored:
+            await self._announce(job, h.entries)
+        for h in jobs:
+            if by_job.get(h.job_id):
+                continue
+            if h.cancel_requested:
                 await self._settle_cancelled(h)
             else:
                 await self._retry_or_fail(h, "the worker returned no images for this job")
@@ -542,23 +559,41 @@ class Dispatcher:
             for h in jobs:
                 await self._execute(slot, [h])
             return
-        await self._fail(jobs[0], exc.message)
+        # A lone job and no job named: the worker's model, device or code failed, not the job's
+        # input as far as anyone can tell. Another worker may do better; a job that fails on
+        # every try is dead-lettered (and refunded) after max_attempts.
+        log.warning("job %s: worker %s failed it (%s)", jobs[0].job_id, slot.worker_id,
+                    exc.error_code)
+        await self._retry_or_fail(jobs[0], exc.message)
 
-    def _progress_relay(self, jobs: list[_Held]) -> Callable[[int, int], Any]:
+    def _progress_relay(self, jobs: list[_Held]) -> Callable[[int, int], None]:
+        """Progress ticks for ``jobs``, sent beside the batch, never in its way: while one is
+        in flight (the broker slow or down, each send retrying) later ticks are dropped."""
         last = 0.0
+        sending: asyncio.Task[None] | None = None
 
-        async def relay(step: int, total: int) -> None:
-            nonlocal last
+        def relay(step: int, total: int) -> None:
+            nonlocal last, sending
             now = time.monotonic()
             if step < total and now - last < self.progress_interval_s:
                 return
+            if sending is not None and not sending.done():
+                return
             last = now
-            for h in jobs:
-                if not h.cancel_requested:
-                    await self._hint(JobEvent(EventKind.progress, h.job_id, step=step,
-                                              total=total))
+            events = [JobEvent(EventKind.progress, h.job_id, step=step, total=total)
+                      for h in jobs if not h.cancel_requested]
+            sending = asyncio.create_task(self._hints(events))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
 
         return relay
+
+    async def _hints(self, events: Sequence[JobEvent]) -> None:
+        try:
+            for event in events:
+                await self._hint(event)
+        except Exception as exc:  # a tick is not worth a crash; nobody awaits this task
+            log.debug("progress ticks not published: %r", exc)
 
     async def _watch_cancels(
         self, slot: WorkerSlot, jobs: list[_Held], ran: asyncio.Event
@@ -586,8 +621,9 @@ class Dispatcher:
 
     # Settling ----------------------------------------------------------------------------
 
-    async def _settle_done(self, h: _Held, results: list[ImageResult]) -> None:
-        """Images, capture, succeeded, delivery, ack: in this order, each idempotent."""
+    async def _store_done(self, h: _Held, results: list[ImageResult]) -> JobRead | None:
+        """Images, then capture and succeeded (each idempotent); the caller then announces the
+        job (delivery, ack). Returns the finished row, or None if the job is not finished."""
         # 1. PNGs into the content-addressed store: a repeat writes nothing new.
         keys = await asyncio.to_thread(lambda: [self.blobs.put(r.png) for r in results])
         images = [
@@ -620,11 +656,10 @@ class Dispatcher:
         if not job.status.finished:
             log.error("job %s is %s after settling; leaving its entry for a retry",
                       h.job_id, job.status.value)
-            return
+            return None
         if job.status is JobStatus.succeeded:
             log.info("job %s: succeeded with %d images", h.job_id, len(images))
-        # 3. Delivery, 4. ack.
-        await self._announce(job, h.entries)
+        return job
 
     async def _settle_cancelled(self, h: _Held) -> None:
         def cancel(session: Session) -> JobRead:

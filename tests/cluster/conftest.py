@@ -1,19 +1,26 @@
 """Cluster fixtures: tiny random-weight models built once per session, offline, with a registry
-that points at them (the packaged "tiny" and "tiny-xl" entries), and CPU device profiles."""
+that points at them (the packaged "tiny" and "tiny-xl" entries), CPU device profiles, and a fresh
+migrated store per test (SQLite, or PostgreSQL when parametrized)."""
 
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
+from sqlalchemy import Engine
 
 from cluster.devices import DeviceInfo, DeviceProfile, choose_profile
 from cluster.registry import ModelRegistry
 from cluster.tiny import make_tiny_models
 from core.settings import Settings, load_settings
+from storage.db import make_engine, upgrade
+from tests.cluster.helpers import PG_ADMIN_URL
+from tests.conftest import service_missing
 
 # Registry names of the tiny models, by family.
 TINY_NAMES = {"sd15": "tiny", "sdxl": "tiny-xl"}
@@ -82,3 +89,35 @@ def _restore_torch_threads() -> Iterator[None]:
     yield
     if torch is not None and before is not None:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["sqlite"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh migrated database: a SQLite file, or (parametrized) a PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'atelier.db'}"
+        upgrade(url)
+        yield url
+        return
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            pass
+    except psycopg.Error as exc:
+        service_missing(f"PostgreSQL at {PG_ADMIN_URL} ({exc})")
+    name = f"atelier_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()

@@ -7,25 +7,19 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import psycopg
 import pytest
 from PIL import Image
 from sqlalchemy import Engine, func
-from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from cluster.broker import Broker, BrokerUnavailable
 from cluster.broker_memory import MemoryBroker
 from cluster.broker_redis import RedisBroker
-from cluster.client import Client, SubmittedJob
+from cluster.client import Client
 from cluster.devices import DeviceProfile
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher
 from cluster.events import EventKind, JobEvent
@@ -40,22 +34,29 @@ from core.errors import (
     InvalidRequest,
     RateLimited,
 )
-from core.jobs import DeliveryTarget, JobStatus, Requester
+from core.jobs import JobStatus, Requester
 from core.request import GenerationRequest, JobKind
 from core.settings import Settings, Tier, load_settings
 from storage import jobs as job_repo
-from storage import ledger
 from storage.blobs import BlobStore
-from storage.db import make_engine, session_factory, transaction, upgrade
+from storage.db import session_factory
 from storage.gallery import list_job_images
-from storage.models import CreditKind, CreditLedger, Job
+from storage.models import Job
+from tests.cluster.helpers import (
+    Cluster,
+    audit,
+    captures,
+    job_repo_account,
+    mask,
+    png,
+    req,
+    submit,
+    who,
+)
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels
 
-PG_ADMIN_URL = os.environ.get("ATELIER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-SIZE = 64
-STEPS = 2
 FRONTENDS = ("telegram", "discord", "web")
 CLAIM_IDLE_MS = 1500
 
@@ -82,40 +83,6 @@ def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile) -> Iterator[Any]
     yield handle
     ray.kill(handle)
     ray.shutdown()
-
-
-@pytest.fixture(params=["sqlite"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh migrated database: a SQLite file, or (parametrized) a PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'atelier.db'}"
-        upgrade(url)
-        yield url
-        return
-    try:
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
-            pass
-    except psycopg.Error as exc:
-        if os.environ.get("ATELIER_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is required: {exc}")
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} is unreachable")
-    name = f"atelier_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def db_engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -151,42 +118,6 @@ def models(tiny_models: TinyModels) -> ModelRegistry:
     )
 
 
-@dataclass
-class Cluster:
-    """Everything a test drives: the client, and a dispatcher it starts when it wants."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    broker: Broker
-    blobs: BlobStore
-    client: Client
-    dispatcher: Dispatcher
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.dispatcher.run(self.stop))
-
-    async def close(self) -> None:
-        self.stop.set()
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 30)
-
-    def session(self) -> Any:
-        return transaction(self.sessions)
-
-    async def deliveries(self, frontend: str) -> list[JobEvent]:
-        entries = await self.broker.read_deliveries(frontend, "tests", count=1000, block_ms=0)
-        return [JobEvent.from_fields(e.event) for e in entries]
-
-    async def wait_all(self, job_ids: list[str], timeout: float = 60) -> dict[str, JobEvent]:
-        async def one(job_id: str) -> tuple[str, JobEvent]:
-            return job_id, await self.client.wait(job_id)
-
-        done = await asyncio.wait_for(asyncio.gather(*(one(j) for j in job_ids)), timeout)
-        return dict(done)
-
-
 @pytest.fixture
 async def cluster(
     settings: Settings, db_engine: Engine, broker: Broker, worker: Any, models: ModelRegistry
@@ -208,69 +139,6 @@ async def cluster(
     c = Cluster(settings, sessions, broker, blobs, client, dispatcher)
     yield c
     await c.close()
-
-
-# Helpers -----------------------------------------------------------------------------------------
-
-
-def who(name: str, platform: str = "telegram", nsfw: bool = False) -> Requester:
-    return Requester(platform=platform, platform_user_id=name, display_name=name,
-                     nsfw_allowed=nsfw)
-
-
-def where(frontend: str = "telegram", chat: str = "100") -> DeliveryTarget:
-    return DeliveryTarget(frontend=frontend, chat_id=chat, message_id=uuid.uuid4().hex[:8])
-
-
-def req(**fields: Any) -> GenerationRequest:
-    base: dict[str, Any] = {
-        "prompt": "a lighthouse at dusk", "model": "tiny", "width": SIZE, "height": SIZE,
-        "steps": STEPS, "scheduler": "Euler",
-    }
-    return GenerationRequest(**(base | fields))
-
-
-def png(size: int = SIZE, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def mask(size: int = SIZE) -> bytes:
-    m = np.zeros((size, size), dtype=np.uint8)
-    m[:, size // 2 :] = 255
-    buf = io.BytesIO()
-    Image.fromarray(m, mode="L").save(buf, "PNG")
-    return buf.getvalue()
-
-
-async def submit(c: Cluster, requester: Requester, request: GenerationRequest,
-                 frontend: str = "telegram", key: str | None = None) -> SubmittedJob:
-    return await c.client.submit(request, requester, where(frontend), key or uuid.uuid4().hex)
-
-
-def audit(c: Cluster, requester: Requester) -> ledger.Audit:
-    with c.session() as s:
-        account = job_repo_account(s, requester)
-        return ledger.audit(session=s, account_id=account)
-
-
-def job_repo_account(s: Session, requester: Requester) -> int:
-    from storage.accounts import find_account
-
-    return find_account(
-        session=s, platform=requester.platform, platform_user_id=requester.platform_user_id
-    ).id
-
-
-def captures(c: Cluster, job_id: str) -> int:
-    with c.session() as s:
-        return int(s.exec(
-            select(func.count()).select_from(CreditLedger).where(
-                CreditLedger.job_id == job_id, CreditLedger.kind == CreditKind.capture
-            )
-        ).one())
 
 
 # The whole flow ----------------------------------------------------------------------------------
