@@ -28,6 +28,8 @@ credits_app = typer.Typer(help="Credits.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(account_app, name="account")
 app.add_typer(credits_app, name="credits")
+bot_app = typer.Typer(help="Chat bots as processes of their own.", no_args_is_help=True)
+app.add_typer(bot_app, name="bot")
 
 _settings = settings_or_exit
 _fail = fail
@@ -226,3 +228,4 @@ app.command("imagine")(serve.imagine)
 app.command("dispatcher")(serve.dispatcher)
 app.command("worker")(serve.worker)
 app.command("jobs")(serve.jobs)
+bot_app.command("telegram")(serve.bot_telegram)

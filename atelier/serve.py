@@ -1,4 +1,4 @@
-"""CLI commands that run the service: up, imagine, dispatcher, worker, jobs."""
+"""CLI commands that run the service: up, bot telegram, imagine, dispatcher, worker, jobs."""
 
 from __future__ import annotations
 
@@ -9,16 +9,26 @@ import logging
 import signal
 import subprocess
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from atelier.service import local_profiles, local_stack
-from atelier.wiring import console, fail, quiet_ml_libraries, redact_url, settings_or_exit
+from atelier.service import Stack, local_profiles, local_stack
+from atelier.wiring import (
+    console,
+    err_console,
+    fail,
+    quiet_ml_libraries,
+    redact_url,
+    settings_or_exit,
+)
 from core.errors import AtelierError
 from core.jobs import DeliveryTarget, Requester
 from core.settings import Settings
+
+Stopper = Callable[[], Awaitable[None]]
 
 
 def up() -> None:
@@ -30,6 +40,26 @@ def up() -> None:
     )
     try:
         asyncio.run(_up(settings))
+    except AtelierError as exc:
+        raise fail(exc) from None
+
+
+def bot_telegram() -> None:
+    """Run the Telegram bot as a process of its own, over the shared Redis and database (the
+    dispatchers and workers run elsewhere). Long polling, or a webhook when
+    ATELIER_TELEGRAM_WEBHOOK_URL is set. `atelier up` runs it in-process instead."""
+    from bots.telegram.run import run_bot
+    from core.errors import ConfigError
+
+    settings = settings_or_exit()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(run_bot(settings))
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
     except AtelierError as exc:
         raise fail(exc) from None
 
@@ -112,17 +142,15 @@ async def _up(settings: Settings) -> None:
                 await stopper()
 
 
-async def _start_bots(settings: Settings, stack: object) -> list[tuple[str, object]]:
-    """Start each configured bot; return (name, async stop function) pairs."""
-    started: list[tuple[str, object]] = []
+async def _start_bots(settings: Settings, stack: Stack) -> list[tuple[str, Stopper]]:
+    """Start each configured bot over the in-process stack; return (name, async stop) pairs.
+    A bot that cannot start (a refused token, say) stops `atelier up` with its one-line error."""
+    started: list[tuple[str, Stopper]] = []
     if settings.telegram_token is not None:
-        try:
-            from bots.telegram.runner import start_telegram  # type: ignore[import-not-found]
-        except ImportError:
-            logging.getLogger(__name__).warning("the Telegram bot is not available in this build")
-        else:
-            stopper = await start_telegram(settings, stack)
-            started.append(("telegram", stopper))
+        from bots.telegram.run import start_bot
+
+        bot = await start_bot(settings, stack.client, stack.broker)
+        started.append((f"telegram (@{bot.username})", bot.stop))
     return started
 
 

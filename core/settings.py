@@ -5,6 +5,7 @@ Nothing else in Atelier reads ``os.environ``; everything receives a ``Settings``
 
 from __future__ import annotations
 
+import re
 import secrets
 from enum import StrEnum
 from functools import cached_property
@@ -72,6 +73,13 @@ class Settings(BaseSettings):
     telegram_token: SecretStr | None = None
     telegram_api_base_url: str = "https://api.telegram.org/bot"
     telegram_file_base_url: str = "https://api.telegram.org/file/bot"
+    # Webhook mode for the Telegram bot (long polling when no URL is set): Telegram POSTs
+    # updates to this public HTTPS URL; the bot listens on listen:port behind it. Without a
+    # secret, a random one is registered with Telegram at each start.
+    telegram_webhook_url: str | None = None
+    telegram_webhook_secret: SecretStr | None = None
+    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
     discord_token: SecretStr | None = None
     public_base_url: str = "http://127.0.0.1:8000"
 
@@ -96,6 +104,23 @@ class Settings(BaseSettings):
     def _http_url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
+
+    @field_validator("telegram_webhook_url")
+    @classmethod
+    def _webhook_url(cls, v: str | None) -> str | None:
+        if v is not None and v.strip() == "":
+            return None
+        if v is not None and not v.startswith("https://"):
+            raise ValueError(f"Telegram only posts to https:// URLs, got {v!r}")
+        return v
+
+    @field_validator("telegram_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        # What Telegram accepts as a secret_token.
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", v.get_secret_value()):
+            raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
         return v
 
     @field_validator("database_url")

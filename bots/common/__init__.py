@@ -1,0 +1,1 @@
+"""What every chat front end shares: reply texts, button codes, requests, progress, delivery."""

@@ -1,0 +1,139 @@
+"""From chat to ``GenerationRequest``: prompt text + the person's defaults via ``core.flags``,
+and the requests behind the result buttons (reroll, variation, upscale, another style)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from bots.common.prefs import SIZES, UserPrefs
+from cluster.engine import UPSCALE_STRENGTH
+from core.errors import InvalidRequest
+from core.flags import MAX_ASPECT, parse_command, size_for_aspect
+from core.request import GenerationRequest, JobKind, build_request
+from core.styles import StyleRegistry
+
+# Bot-only flag (not a generation setting, so core.flags does not know it): send PNG files.
+_ORIGINAL_RE = re.compile(r"(?<!\S)(?:--|[\u2014\u2013])(?:png|original)(?!\S)", re.IGNORECASE)
+_SIZE_FLAG_RE = re.compile(
+    r"(?<!\S)(?:--|[\u2014\u2013])(?:w|h|width|height|ar)(?=[\s=]|$)", re.IGNORECASE
+)
+# A variation repaints this much of the chosen image: recognisably the same picture, changed.
+VARIATION_STRENGTH = 0.6
+UPSCALE_FACTOR = 2
+IMG2IMG_MIN_SIDE = 256
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed prompt: the request, and whether the person asked for the original PNG."""
+
+    request: GenerationRequest
+    original: bool
+    explicit_size: bool  # --w/--h/--ar given: an img2img keeps that size, not the photo's
+
+
+def aspect_ratio(text: str) -> float:
+    width, _, height = text.partition(":")
+    return float(width) / float(height)
+
+
+def defaults_for(prefs: UserPrefs) -> dict[str, Any]:
+    """The person's settings as ``parse_command`` defaults."""
+    width, height = size_for_aspect(aspect_ratio(prefs.aspect), SIZES[prefs.size])
+    defaults: dict[str, Any] = {"width": width, "height": height, "raw": prefs.raw}
+    if prefs.steps is not None:
+        defaults["steps"] = prefs.steps
+    if prefs.style:
+        defaults["styles"] = (prefs.style,)
+    return defaults
+
+
+def parse_prompt(text: str, prefs: UserPrefs, registry: StyleRegistry | None = None) -> Parsed:
+    """``a cat --ar 16:9 --png`` -> the request; InvalidRequest naming what is wrong."""
+    original = bool(_ORIGINAL_RE.search(text))
+    stripped = _ORIGINAL_RE.sub(" ", text).strip()
+    if not stripped:
+        raise InvalidRequest("the prompt is empty; describe the image, e.g. 'a lighthouse at dusk'")
+    request = parse_command(stripped, defaults_for(prefs), registry=registry)
+    return Parsed(request, original or prefs.original, bool(_SIZE_FLAG_RE.search(stripped)))
+
+
+def img2img(parsed: Parsed, png: bytes, width: int, height: int) -> GenerationRequest:
+    """Redraw an uploaded photo (already validated, PNG) in its shape, unless a size was given."""
+    request = parsed.request
+    size: dict[str, int] = {}
+    if not parsed.explicit_size:
+        # The photo's shape, at its own pixel count: no larger than the person's default size
+        # (no detail to gain by blowing a thumbnail up), no smaller than IMG2IMG_MIN_SIDE².
+        ratio = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
+        area = min(request.width * request.height, max(width * height, IMG2IMG_MIN_SIDE**2))
+        size["width"], size["height"] = size_for_aspect(ratio, math.sqrt(area))
+    return _copy(request, kind=JobKind.img2img, init_image=png, **size)
+
+
+def reroll(request: GenerationRequest) -> GenerationRequest:
+    """The same request with a new random seed."""
+    return _copy(request, seed=None)
+
+
+def restyle(request: GenerationRequest, style: str) -> GenerationRequest:
+    """The same request and seed in one other style: easy to compare."""
+    return _copy(request, styles=(style,))
+
+
+def variation(
+    request: GenerationRequest, png: bytes, width: int, height: int, style: str | None
+) -> GenerationRequest:
+    """New takes on one image of a job: its picture repainted with the job's prompt."""
+    return _copy(
+        request,
+        kind=JobKind.variation,
+        init_image=png,
+        mask=None,
+        width=width,
+        height=height,
+        styles=(style,) if style else (),
+        strength=VARIATION_STRENGTH,
+        seed=None,
+    )
+
+
+def upscale(
+    request: GenerationRequest,
+    png: bytes,
+    width: int,
+    height: int,
+    style: str | None,
+    seed: int,
+    *,
+    max_side: int,
+) -> GenerationRequest:
+    """One image at up to twice its size, capped by ``max_side``."""
+    factor = min(UPSCALE_FACTOR, max_side / max(width, height))
+    new_width, new_height = (int(side * factor) // 8 * 8 for side in (width, height))
+    if new_width <= width or new_height <= height:
+        raise InvalidRequest(
+            f"this image is {width}x{height}; the largest side allowed is {max_side}, "
+            "so it cannot be upscaled"
+        )
+    return _copy(
+        request,
+        kind=JobKind.upscale,
+        init_image=png,
+        mask=None,
+        width=new_width,
+        height=new_height,
+        styles=(style,) if style else (),
+        count=1,
+        seed=seed,
+        # The engine repaints UPSCALE_STRENGTH of the steps: at least one must remain.
+        steps=max(request.steps, math.ceil(1 / UPSCALE_STRENGTH)),
+    )
+
+
+def _copy(request: GenerationRequest, **update: Any) -> GenerationRequest:
+    """A validated copy (``model_copy`` would skip the validators)."""
+    return build_request(**{**dict(request), **update})

@@ -1,0 +1,110 @@
+"""The bots' own small state: preferences, delivered-job markers, seen webhook updates. Redis
+when configured (survives restarts, shared by replicas), else an in-process dict with TTLs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+from redis import asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+# Key names, each with its retention. They sit beside cluster/keys.py's streams (same prefix).
+PREFIX = "atelier:bot"
+# Personal preferences (JSON): kept until changed, no TTL.
+PREFS = PREFIX + ":{platform}:prefs:{user}"
+# A group's settings (JSON, set by its admins): kept until changed, no TTL.
+GROUP = PREFIX + ":{platform}:group:{chat}"
+# A finished job was posted: TTL DELIVERED_TTL_S, longer than any redelivery can come late.
+DELIVERED = PREFIX + ":{platform}:delivered:{job}"
+DELIVERED_TTL_S = 7 * 24 * 3600
+# One part of a result (a photo, an album) was posted: a delivery retried after flood control
+# or a restart skips it. TTL POSTED_TTL_S (the delivered marker takes over once all are out).
+POSTED = PREFIX + ":{platform}:posted:{job}:{part}"
+POSTED_TTL_S = 24 * 3600
+# An album of photos was answered (only its captioned photo is used): TTL ALBUM_SEEN_TTL_S,
+# longer than Telegram takes to deliver one album's messages.
+ALBUM_SEEN = PREFIX + ":{platform}:album:{album}"
+ALBUM_SEEN_TTL_S = 3600
+# A webhook update already handled: TTL SEEN_UPDATE_TTL_S (Telegram retries for ~hours).
+SEEN_UPDATE = PREFIX + ":{platform}:update:{update_id}"
+SEEN_UPDATE_TTL_S = 24 * 3600
+
+
+class BotState(ABC):
+    """A tiny key-value store with TTLs."""
+
+    @abstractmethod
+    async def get(self, key: str) -> str | None: ...
+
+    @abstractmethod
+    async def set(self, key: str, value: str, ttl_s: int | None = None) -> None: ...
+
+    @abstractmethod
+    async def add(self, key: str, value: str, ttl_s: int) -> bool:
+        """Set ``key`` only if absent; True if this call set it."""
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryState(BotState):
+    """In-process state for a single-box bot without Redis; lost on restart."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, tuple[str, float | None]] = {}
+
+    def _live(self, key: str) -> str | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires is not None and expires <= time.monotonic():
+            del self._data[key]
+            return None
+        return value
+
+    async def get(self, key: str) -> str | None:
+        return self._live(key)
+
+    async def set(self, key: str, value: str, ttl_s: int | None = None) -> None:
+        self._data[key] = (value, None if ttl_s is None else time.monotonic() + ttl_s)
+
+    async def add(self, key: str, value: str, ttl_s: int) -> bool:
+        if self._live(key) is not None:
+            return False
+        await self.set(key, value, ttl_s)
+        return True
+
+
+class RedisState(BotState):
+    """State in Redis (the broker's server)."""
+
+    def __init__(self, url: str) -> None:
+        self._redis: Any = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0
+        )
+
+    async def get(self, key: str) -> str | None:
+        value = await self._redis.get(key)
+        return None if value is None else str(value)
+
+    async def set(self, key: str, value: str, ttl_s: int | None = None) -> None:
+        await self._redis.set(key, value, ex=ttl_s)
+
+    async def add(self, key: str, value: str, ttl_s: int) -> bool:
+        return bool(await self._redis.set(key, value, ex=ttl_s, nx=True))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def make_state(redis_url: str | None) -> BotState:
+    """Redis-backed state when a URL is configured, else in-process."""
+    if redis_url:
+        return RedisState(redis_url)
+    log.info("bot state: no Redis URL configured; keeping preferences in memory")
+    return MemoryState()

@@ -1,0 +1,230 @@
+"""Every line the bots say, in plain text (no markup: it reads the same on Telegram and Discord).
+Errors become one line: what went wrong, what to do about it, and the credits left."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from core.errors import (
+    AtelierError,
+    Conflict,
+    ContentBlocked,
+    Forbidden,
+    ImageRejected,
+    InsufficientCredits,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+)
+from core.flags import flags_help
+from core.jobs import JobStatus
+from core.request import GenerationRequest, JobKind
+from storage.jobs import JobRead
+from storage.ledger import Balance, until
+
+CAPTION_LIMIT = 1024  # Telegram's caption limit; Discord's message limit is larger
+PROMPT_PREVIEW = 200
+
+HELP = (
+    "How to use me:\n"
+    "/imagine <prompt> [flags] - make images, e.g. /imagine a lighthouse at dusk --ar 16:9\n"
+    "Send a photo with a caption to redraw it (add --strength 0.5 to keep more of it).\n"
+    "/styles - pick your default style\n"
+    "/settings - default size, steps, raw mode, original PNG files\n"
+    "/credits - what you can still spend today\n"
+    "/gallery - a private link to all your images\n"
+    "/history - your last jobs, to run them again\n"
+    "/cancel - stop your running job\n"
+    "/link - connect your account on another platform\n\n"
+    "Flags: {flags}; --png sends the original PNG file.\n"
+    "Under each result: reroll, V1-V4 variations, U1-U4 upscales, another style."
+)
+UNSUPPORTED = (
+    "I make images from text: send /imagine <prompt>, or a photo with a caption describing "
+    "what to make of it. {what} is not something I can use."
+)
+PHOTO_NEEDS_CAPTION = (
+    "Add a caption to the photo saying what to make of it, e.g. 'as a watercolor painting "
+    "--strength 0.6'."
+)
+ONE_PHOTO_AT_A_TIME = (
+    "I redraw one photo at a time: the one whose caption says what to make of it (e.g. 'as a "
+    "watercolor --strength 0.6'). Photos of an album without a caption are left as they are."
+)
+UNEXPECTED = "Something went wrong on our side; it has been logged. Please try again in a minute."
+NOT_YOURS = "These buttons belong to the person who asked for the image; send your own /imagine."
+EXPIRED_BUTTON = "This button no longer works; send a new /imagine."
+ADMINS_ONLY = "Only the group's admins can change its settings."
+PRIVATE_ONLY = "For your privacy, use {command} in a private chat with me."
+NOTHING_TO_CANCEL = "You have no queued or running job to cancel."
+IMAGINE_USAGE = "Tell me what to make, e.g. /imagine a lighthouse at dusk --ar 16:9"
+
+_HINTS: tuple[tuple[type[AtelierError], str], ...] = (
+    (ImageRejected, "send a smaller PNG, JPEG or WebP photo"),
+    (InvalidRequest, "fix that and send it again (/help lists the flags)"),
+    (ContentBlocked, "rephrase the prompt; nothing was charged"),
+    (InsufficientCredits, "wait for the daily reset or add a pack (/credits)"),
+    (RateLimited, "wait a moment and try again"),
+    (Forbidden, "only the person who asked can do that"),
+    (NotFound, "it may have been deleted; check /history"),
+    (Conflict, "nothing was changed"),
+)
+
+
+def help_text() -> str:
+    return HELP.format(flags=flags_help())
+
+
+def welcome(name: str, balance: Balance, now: datetime) -> str:
+    return (
+        f"Hi {name}! I turn your words into images.\n"
+        f"You have {balance.describe(now)}.\n\n" + help_text()
+    )
+
+
+def hint_for(exc: AtelierError) -> str:
+    for kind, hint in _HINTS:
+        if isinstance(exc, kind):
+            return hint
+    return "please try again"
+
+
+def error_line(exc: AtelierError, credits_left: int | None = None) -> str:
+    """``⚠️ <what is wrong> — <what to do>. Credits left: N`` on one line."""
+    line = f"⚠️ {_sentence(exc.message)} - {hint_for(exc)}."
+    if credits_left is not None:
+        line += f" Credits left: {credits_left}."
+    return line
+
+
+def _sentence(text: str) -> str:
+    text = text.strip().rstrip(".")
+    return text[:1].upper() + text[1:]
+
+
+def prompt_preview(prompt: str, limit: int = PROMPT_PREVIEW) -> str:
+    prompt = " ".join(prompt.split())
+    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+
+
+def queued(prompt: str, position: int | None) -> str:
+    where = f"position {position} in the queue" if position else "in the queue"
+    return f"⏳ {prompt_preview(prompt)}\nQueued, {where}."
+
+
+def rendering(prompt: str, step: int | None = None, total: int | None = None) -> str:
+    progress = ""
+    if step is not None and total:
+        filled = round(10 * min(step, total) / total)
+        progress = f" {'▰' * filled}{'▱' * (10 - filled)} step {step}/{total}"
+    return f"🎨 {prompt_preview(prompt)}\nRendering…{progress}"
+
+
+def finished(prompt: str, images: int) -> str:
+    plural = "image" if images == 1 else "images"
+    return f"✅ {prompt_preview(prompt)}\nDone: {images} {plural}."
+
+
+def failed(reason: str | None, credits_left: int | None) -> str:
+    line = f"❌ The job failed: {_sentence(reason or 'unknown error')}. Nothing was charged."
+    if credits_left is not None:
+        line += f" Credits left: {credits_left}."
+    return line
+
+
+def cancelled(credits_left: int | None) -> str:
+    line = "🚫 Cancelled; the credits were refunded."
+    if credits_left is not None:
+        line += f" Credits left: {credits_left}."
+    return line
+
+
+def accepted(action: str, cost: int) -> str:
+    return f"{action}… ({cost} credit{'s' if cost != 1 else ''})"
+
+
+def caption(request: GenerationRequest, seed: int, style: str | None) -> str:
+    """The caption under a result: prompt, then what reproduces it."""
+    what = {JobKind.upscale: "Upscaled", JobKind.variation: "Variation"}.get(request.kind, "")
+    details = [f"seed {seed}", f"{request.width}x{request.height}", f"{request.steps} steps"]
+    if style:
+        details.insert(0, f"style {style}")
+    head = f"{what}: " if what else ""
+    text = f"{head}{prompt_preview(request.prompt, 700)}\n{', '.join(details)}"
+    return text[:CAPTION_LIMIT]
+
+
+def album_buttons_note(images: int) -> str:
+    return f"Your {images} images: V = variation, U = upscale (numbered left to right)."
+
+
+def credits_text(balance: Balance, now: datetime) -> str:
+    reset = balance.next_reset
+    lines = [
+        f"Today: {balance.daily_left} of {balance.daily_allowance} daily credits left.",
+        f"Next reset: {reset:%Y-%m-%d %H:%M} UTC (in {until(reset, now)}).",
+    ]
+    if balance.packs:
+        lines.append("Packs:")
+        for pack in balance.packs:
+            expiry = f"expires {pack.expires_at:%Y-%m-%d}" if pack.expires_at else "no expiry"
+            lines.append(f"  {pack.amount} credits, {expiry}")
+    else:
+        lines.append("No credit packs.")
+    lines.append(f"Total you can spend now: {balance.total}.")
+    lines.append("A 512x512 image with up to 30 steps costs 1 credit.")
+    return "\n".join(lines)
+
+
+def gallery_text(url: str, days: int) -> str:
+    return f"🖼 Your gallery (a private link, valid {days} days; do not share it):\n{url}"
+
+
+_STATUS_ICON = {
+    JobStatus.queued: "⏳",
+    JobStatus.running: "🎨",
+    JobStatus.succeeded: "✅",
+    JobStatus.failed: "❌",
+    JobStatus.cancelled: "🚫",
+}
+
+
+def history_text(jobs: Sequence[JobRead]) -> str:
+    if not jobs:
+        return "No jobs yet. Try /imagine a lighthouse at dusk"
+    lines = ["Your last jobs (press a number to run it again with a new seed):"]
+    for n, job in enumerate(jobs, 1):
+        icon = _STATUS_ICON.get(job.status, "•")
+        lines.append(f"{n}. {icon} {prompt_preview(job.request.prompt, 80)}")
+    return "\n".join(lines)
+
+
+def link_code_text(code: str, minutes: int) -> str:
+    return (
+        f"🔗 Your link code: {code}\nOn your other account (Telegram, Discord or the web), send "
+        f"/link {code} within {minutes} minutes. Credits and galleries will then be shared."
+    )
+
+
+def linked_text() -> str:
+    return "🔗 Linked! Your accounts now share one balance and one gallery."
+
+
+def style_picker_text(default: str | None) -> str:
+    current = default or "none"
+    return f"Pick your default style (now: {current}). Flags like --style still win."
+
+
+def restyle_picker_text() -> str:
+    return "Pick a style to run this prompt again with:"
+
+
+def style_set_text(style: str | None) -> str:
+    return f"Default style: {style}." if style else "Default style cleared."
+
+
+def cancel_asked(status: JobStatus) -> str:
+    if status is JobStatus.cancelled:
+        return "🚫 Cancelled before it started; the credits were refunded."
+    return "Stopping the job… the credits will be refunded."

@@ -1,0 +1,173 @@
+"""``build_application()``: the python-telegram-bot Application with every handler registered,
+the delivery loop started and stopped with it, and flood control on every call."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from telegram import BotCommand
+from telegram.error import TelegramError
+from telegram.ext import (
+    Application,
+    ApplicationBuilder,
+    BaseRateLimiter,
+    CallbackQueryHandler,
+    CommandHandler,
+    MessageHandler,
+    filters,
+)
+
+from bots.common.delivery import DeliveryLoop, cancel_and_wait
+from bots.common.logs import hide_in_logs
+from bots.common.prefs import PrefsStore
+from bots.common.progress import DEFAULT_INTERVAL_S, ProgressEditor
+from bots.common.state import BotState
+from bots.telegram.handlers import buttons, commands, errors, imagine
+from bots.telegram.jobs import deliver
+from bots.telegram.ratelimit import FloodLimiter
+from bots.telegram.services import KEY, PHOTO_MAX_BYTES, PLATFORM, Services
+from cluster.broker import Broker
+from cluster.client import Client
+from cluster.events import JobEvent
+from core.errors import ConfigError
+from core.settings import Settings
+from core.styles import StyleRegistry
+
+log = logging.getLogger(__name__)
+
+COMMANDS = (
+    BotCommand("imagine", "Make images: /imagine a lighthouse at dusk --ar 16:9"),
+    BotCommand("styles", "Pick your default style"),
+    BotCommand("settings", "Default size, steps, raw mode, PNG files"),
+    BotCommand("credits", "Credits left today and in packs"),
+    BotCommand("gallery", "A private link to your images"),
+    BotCommand("history", "Your last jobs, to run again"),
+    BotCommand("cancel", "Stop your running job"),
+    BotCommand("link", "Connect your account on another platform"),
+    BotCommand("help", "How to use the bot"),
+)
+_UNSUPPORTED = (
+    filters.Sticker.ALL
+    | filters.VOICE
+    | filters.AUDIO
+    | filters.VIDEO
+    | filters.VIDEO_NOTE
+    | filters.ANIMATION
+    | filters.Document.ALL
+    | filters.LOCATION
+    | filters.CONTACT
+    | filters.POLL
+)
+
+
+class AtelierApplication(Application):  # type: ignore[type-arg]
+    """Starts the delivery loop with the Application and stops it first, in polling, webhook
+    and test set-ups alike (``post_init`` only runs under ``run_polling``)."""
+
+    async def initialize(self) -> None:
+        await super().initialize()
+        try:
+            await self.bot.set_my_commands(COMMANDS)
+        except TelegramError as exc:
+            log.warning("could not set the command list: %s", exc)
+
+    async def start(self) -> None:
+        limiter = self.bot.rate_limiter
+        if isinstance(limiter, FloodLimiter):
+            limiter.open()
+        await super().start()
+        svc: Services = self.bot_data[KEY]
+        svc.delivery.start()
+
+    async def stop(self) -> None:
+        svc: Services = self.bot_data[KEY]
+        svc.delivery.stop_reading()
+        # Calls waiting out flood control give up now (nothing of theirs was sent); a delivery
+        # in the middle of sending finishes. Unacked deliveries stay pending for the next start.
+        limiter = self.bot.rate_limiter
+        if isinstance(limiter, FloodLimiter):
+            limiter.close()
+        await svc.delivery.stop()
+        await cancel_and_wait(list(svc.watchers.values()))
+        await svc.editor.close()
+        await super().stop()
+
+
+def build_application(
+    settings: Settings,
+    client: Client,
+    broker: Broker,
+    *,
+    state: BotState,
+    styles: StyleRegistry | None = None,
+    consumer: str = "telegram-bot",
+    progress_interval_s: float = DEFAULT_INTERVAL_S,
+    rate_limiter: BaseRateLimiter[Any] | None = None,
+    concurrent_updates: int = 64,
+    startup_claim_idle_ms: int = 0,
+    photo_max_bytes: int = PHOTO_MAX_BYTES,
+) -> Application:  # type: ignore[type-arg]
+    """The bot, ready to start (``bots.telegram.run.start_bot`` does); ``state`` stays the
+    caller's to close. It consumes the Telegram delivery stream as ``consumer``."""
+    if settings.telegram_token is None:
+        raise ConfigError("ATELIER_TELEGRAM_TOKEN is required to run the Telegram bot")
+    token = settings.telegram_token.get_secret_value()
+    hide_in_logs(token)
+    app = (
+        ApplicationBuilder()
+        .application_class(AtelierApplication)
+        .token(token)
+        .base_url(settings.telegram_api_base_url)
+        .base_file_url(settings.telegram_file_base_url)
+        .rate_limiter(rate_limiter or FloodLimiter())
+        # Each update waits on the network and the store: handle many at once.
+        .concurrent_updates(concurrent_updates)
+        .connection_pool_size(max(8, concurrent_updates))
+        .pool_timeout(30.0)
+        .build()
+    )
+
+    async def handle(event: JobEvent) -> None:
+        await deliver(app.bot_data[KEY], app.bot, event)
+
+    app.bot_data[KEY] = Services(
+        settings=settings,
+        client=client,
+        broker=broker,
+        state=state,
+        prefs=PrefsStore(state, PLATFORM),
+        editor=ProgressEditor(progress_interval_s),
+        styles=styles or client.styles,
+        delivery=DeliveryLoop(
+            broker, PLATFORM, consumer, handle, state, startup_claim_idle_ms=startup_claim_idle_ms
+        ),
+        photo_max_bytes=photo_max_bytes,
+    )
+    register_handlers(app)
+    return app
+
+
+def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
+    """Every handler, in match order (the first match in a group wins)."""
+    new = filters.UpdateType.MESSAGE  # edits of old messages make no new jobs
+    private = filters.ChatType.PRIVATE
+    for name, callback in (
+        ("start", commands.start),
+        ("help", commands.help_command),
+        ("imagine", imagine.imagine),
+        ("styles", commands.styles),
+        ("credits", commands.credits),
+        ("gallery", commands.gallery),
+        ("history", commands.history),
+        ("cancel", commands.cancel),
+        ("link", commands.link),
+        ("settings", commands.settings),
+    ):
+        app.add_handler(CommandHandler(name, callback, filters=new))
+    app.add_handler(CallbackQueryHandler(buttons.on_button))
+    app.add_handler(MessageHandler(new & (filters.PHOTO | filters.Document.IMAGE), imagine.photo))
+    app.add_handler(MessageHandler(new & private & filters.COMMAND, commands.unknown))
+    app.add_handler(MessageHandler(new & private & filters.TEXT, imagine.prompt_text))
+    app.add_handler(MessageHandler(new & private & _UNSUPPORTED, imagine.unsupported))
+    app.add_error_handler(errors.on_error)

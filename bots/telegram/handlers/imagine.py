@@ -1,0 +1,177 @@
+"""Making images: /imagine, plain text in private chats, photos with a caption (img2img), and
+a clear answer for what the bot cannot use (stickers, voice messages, ...)."""
+
+from __future__ import annotations
+
+import logging
+
+from telegram import Message, MessageEntity, Update
+
+from bots.common import texts
+from bots.common.requests import img2img, parse_prompt
+from bots.common.state import ALBUM_SEEN, ALBUM_SEEN_TTL_S
+from bots.telegram.jobs import start_job
+from bots.telegram.services import (
+    PLATFORM,
+    Context,
+    is_private,
+    reply_error,
+    requester_for,
+    services,
+)
+from core.errors import AtelierError, ImageRejected
+from core.images import ValidatedImage, validate_image
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_MAX_BYTES = 20 * 1024 * 1024
+
+
+async def imagine(update: Update, context: Context) -> None:
+    """Make images from /imagine <prompt> [flags]."""
+    message = update.effective_message
+    if message is None or message.text is None:
+        return
+    text = _after_command(message)
+    if not text:
+        await message.reply_text(texts.IMAGINE_USAGE)
+        return
+    await _make(update, context, text)
+
+
+async def prompt_text(update: Update, context: Context) -> None:
+    """Take plain text in a private chat as a prompt."""
+    message = update.effective_message
+    if message is not None and message.text:
+        await _make(update, context, message.text.strip())
+
+
+async def photo(update: Update, context: Context) -> None:
+    """Redraw a photo, with its caption as the prompt (img2img)."""
+    message, chat = update.effective_message, update.effective_chat
+    if message is None:
+        return
+    svc = services(context)
+    caption = _addressed_caption(message, context.bot.username, is_private(chat))
+    if message.media_group_id and not caption:
+        # Telegram puts an album's caption on one photo: that one is redrawn; say so, once.
+        if caption == "" and is_private(chat):
+            key = ALBUM_SEEN.format(platform=PLATFORM, album=message.media_group_id)
+            if await svc.state.add(key, "1", ALBUM_SEEN_TTL_S):
+                await message.reply_text(texts.ONE_PHOTO_AT_A_TIME)
+        return
+    if caption is None:
+        return  # a group photo not meant for the bot
+    if not caption:
+        await message.reply_text(texts.PHOTO_NEEDS_CAPTION)
+        return
+    limits = svc.settings.limits
+    attachment = message.photo[-1] if message.photo else message.document
+    if attachment is None:
+        return
+    try:
+        # Bots may download files up to 20 MB from Telegram.
+        size, limit = attachment.file_size or 0, min(limits.max_upload_bytes, DOWNLOAD_MAX_BYTES)
+        if size > limit:
+            # Checked before downloading: Telegram says the size up front.
+            raise ImageRejected(
+                f"the photo is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.1f} MB"
+            )
+        data = await (await attachment.get_file()).download_as_bytearray()
+        image = validate_image(
+            bytes(data),
+            max_bytes=limits.max_upload_bytes,
+            max_pixels=limits.max_upload_pixels,
+            purpose="photo",
+        )
+    except AtelierError as exc:
+        await reply_error(update, context, exc)
+        return
+    await _make(update, context, caption, image=image)
+
+
+async def unsupported(update: Update, context: Context) -> None:
+    """Say clearly what the bot can use when it gets something else."""
+    message = update.effective_message
+    if message is None:
+        return
+    await message.reply_text(texts.UNSUPPORTED.format(what=_kind_of(message)))
+
+
+async def _make(
+    update: Update, context: Context, text: str, image: ValidatedImage | None = None
+) -> None:
+    user, chat, message = update.effective_user, update.effective_chat, update.effective_message
+    if user is None or chat is None or message is None:
+        return
+    svc = services(context)
+    requester = await requester_for(svc, user, chat)
+    try:
+        parsed = parse_prompt(text, await svc.prefs.user(user.id), svc.styles)
+        request = parsed.request
+        if image is not None:
+            request = img2img(parsed, image.png, image.width, image.height)
+        # Checks that need no account (blocklist, styles, model limits) before any status
+        # message, so a refused prompt is never shown back as if it were queued.
+        request = svc.client.prepare(request, requester)
+    except AtelierError as exc:
+        await reply_error(update, context, exc)
+        return
+    status = await message.reply_text(texts.queued(request.prompt, None))
+    await start_job(
+        svc,
+        context.bot,
+        request=request,
+        requester=requester,
+        status=status,
+        # The same update delivered twice (webhook retries, a restart) makes one job.
+        idempotency_key=f"telegram:{chat.id}:{message.message_id}",
+        original=parsed.original,
+    )
+
+
+def _after_command(message: Message) -> str:
+    """The text after the leading /command (and its @botname), newlines kept."""
+    text = message.text or ""
+    for entity in message.entities:
+        if entity.type == MessageEntity.BOT_COMMAND and entity.offset == 0:
+            return text[entity.length :].strip()
+    return text.strip()
+
+
+def _addressed_caption(message: Message, bot_username: str, private: bool) -> str | None:
+    """The prompt in a photo's caption; None when a group photo is not addressed to the bot
+    (a caption starting with /imagine, or mentioning @botname)."""
+    caption = (message.caption or "").strip()
+    if private:
+        first = caption.split(maxsplit=1)
+        if first and first[0].split("@")[0].lower() == "/imagine":
+            return first[1].strip() if len(first) > 1 else ""
+        return caption
+    mention = f"@{bot_username}".lower()
+    words = caption.split(maxsplit=1)
+    if not words:
+        return None
+    head = words[0].lower()
+    if head in ("/imagine", f"/imagine{mention}", mention):
+        return words[1].strip() if len(words) > 1 else ""
+    return None
+
+
+def _kind_of(message: Message) -> str:
+    kinds = (
+        ("sticker", "A sticker"),
+        ("voice", "A voice message"),
+        ("audio", "An audio file"),
+        ("video", "A video"),
+        ("video_note", "A video message"),
+        ("animation", "A GIF"),
+        ("document", "That file"),
+        ("location", "A location"),
+        ("contact", "A contact"),
+        ("poll", "A poll"),
+    )
+    for attr, name in kinds:
+        if getattr(message, attr, None):
+            return name
+    return "That"

@@ -1,0 +1,180 @@
+"""Running the Telegram bot: ``start_bot`` inside a process that already has a client and a
+broker (``atelier up``, over its in-process stack), ``run_bot`` as a process of its own
+(``atelier bot telegram``, over the shared Redis and database). Long polling unless
+ATELIER_TELEGRAM_WEBHOOK_URL is set."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+from typing import Any
+
+from telegram import Update
+from telegram.error import InvalidToken, NetworkError, TelegramError
+from telegram.ext import Application
+
+from bots.common.logs import mask
+from bots.common.state import BotState, make_state
+from bots.telegram.app import build_application
+from bots.telegram.webhook import WebhookServer
+from cluster.broker import Broker, connect_broker
+from cluster.client import Client
+from core.errors import ConfigError
+from core.settings import Settings
+from storage.blobs import BlobStore
+from storage.db import check_migrated, make_engine, session_factory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_TIMEOUT_S = 10
+
+
+class RunningBot:
+    """A started bot; ``stop()`` ends it (unsent deliveries stay pending for the next start)."""
+
+    def __init__(
+        self,
+        app: Application,  # type: ignore[type-arg]
+        webhook: WebhookServer | None,
+        own_state: BotState | None = None,
+    ) -> None:
+        self.app = app
+        self.webhook = webhook
+        self._own_state = own_state  # made by start_bot: closed here
+
+    @property
+    def username(self) -> str:
+        return str(self.app.bot.username)
+
+    async def stop(self) -> None:
+        if self.webhook is not None:
+            await self.webhook.stop()
+        elif self.app.updater is not None and self.app.updater.running:
+            await self.app.updater.stop()
+        if self.app.running:
+            await self.app.stop()
+        await self.app.shutdown()
+        if self._own_state is not None:
+            await self._own_state.close()
+            self._own_state = None
+
+
+async def start_bot(
+    settings: Settings,
+    client: Client,
+    broker: Broker,
+    *,
+    state: BotState | None = None,
+    poll_timeout: int = DEFAULT_POLL_TIMEOUT_S,
+    **options: Any,
+) -> RunningBot:
+    """Build the Application (``options`` go to ``build_application``), reach Telegram and
+    start taking updates. ConfigError, with the token masked, if Telegram refuses the token
+    or cannot be reached. Without ``state``, Redis-backed state where the broker is Redis."""
+    own_state = None if state is not None else state_for(settings, broker)
+    app = build_application(settings, client, broker, state=state or own_state, **options)
+    webhook: WebhookServer | None = None
+    try:
+        await app.initialize()  # getMe: checks the token and the API's address
+        if settings.telegram_webhook_url:
+            url = settings.telegram_webhook_url
+            secret = (
+                settings.telegram_webhook_secret.get_secret_value()
+                if settings.telegram_webhook_secret is not None
+                else secrets.token_urlsafe(32)  # only this process needs to know it
+            )
+            webhook = WebhookServer(
+                app,
+                url=url,
+                secret_token=secret,
+                listen=settings.telegram_webhook_listen,
+                port=settings.telegram_webhook_port,
+            )
+            await webhook.start()
+            await app.bot.set_webhook(url, secret_token=secret, allowed_updates=Update.ALL_TYPES)
+            await app.start()
+            log.info("telegram bot @%s: webhook %s", app.bot.username, url)
+        else:
+            # Deletes any webhook first, as Telegram allows one or the other.
+            await app.updater.start_polling(  # type: ignore[union-attr]
+                poll_interval=0, timeout=poll_timeout, allowed_updates=Update.ALL_TYPES
+            )
+            await app.start()
+            log.info("telegram bot @%s: long polling", app.bot.username)
+    except BaseException as exc:
+        await _abandon(RunningBot(app, webhook, own_state))
+        if isinstance(exc, InvalidToken):
+            raise ConfigError(
+                f"Telegram refused ATELIER_TELEGRAM_TOKEN ({mask(str(exc))})"
+            ) from None
+        if isinstance(exc, NetworkError):
+            raise ConfigError(
+                f"cannot reach the Telegram Bot API at {settings.telegram_api_base_url} "
+                f"(ATELIER_TELEGRAM_API_BASE_URL): {mask(str(exc))}"
+            ) from None
+        if isinstance(exc, TelegramError):
+            raise ConfigError(f"Telegram refused to start the bot: {mask(str(exc))}") from None
+        raise
+    return RunningBot(app, webhook, own_state)
+
+
+async def _abandon(bot: RunningBot) -> None:
+    """Undo a start that failed half-way, quietly: the original error is what matters."""
+    with contextlib.suppress(Exception):
+        await bot.stop()
+
+
+async def run_bot(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    poll_timeout: int = DEFAULT_POLL_TIMEOUT_S,
+) -> None:
+    """The bot as a process of its own, until SIGINT/SIGTERM (or ``stop``). It reaches the
+    dispatchers through Redis only, so ATELIER_REDIS_URL is required."""
+    if settings.telegram_token is None:
+        raise ConfigError("ATELIER_TELEGRAM_TOKEN is required to run the Telegram bot")
+    if settings.redis_url is None:
+        raise ConfigError(
+            "ATELIER_REDIS_URL is required to run the Telegram bot on its own: it reaches the "
+            "dispatchers through Redis (`atelier up` runs the bot in-process without one)"
+        )
+    engine = make_engine(settings.db_url)
+    try:
+        check_migrated(engine)
+        # Never an in-process fallback: a private queue would never see a dispatcher.
+        broker = await connect_broker(settings.redis_url, fallback=False)
+        try:
+            client = Client(
+                settings=settings,
+                session_factory=session_factory(engine),
+                broker=broker,
+                blobs=BlobStore.from_settings(settings),
+            )
+            stop = stop or _stop_on_signals()
+            bot = await start_bot(settings, client, broker, poll_timeout=poll_timeout)
+            try:
+                await stop.wait()
+            finally:
+                await bot.stop()
+        finally:
+            await broker.close()
+    finally:
+        engine.dispose()
+
+
+def state_for(settings: Settings, broker: Broker) -> BotState:
+    """Redis-backed bot state where the broker is Redis; in-process where it fell back."""
+    return make_state(settings.redis_url if broker.kind == "redis" else None)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -1,0 +1,240 @@
+"""Starting the bot the ways an operator does: `atelier up` (over its in-process stack),
+`atelier bot telegram` (a process of its own, over Redis), webhook mode; and clear refusals of a
+bad token or missing settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from atelier.cli import app as cli
+from atelier.serve import _start_bots
+from atelier.service import local_stack
+from bots.telegram.run import run_bot, start_bot
+from bots.telegram.webhook import SECRET_HEADER
+from cluster.dispatcher import Dispatcher
+from cluster.placement import WorkerPool
+from core.errors import ConfigError
+from storage.blobs import BlobStore
+from storage.db import upgrade
+from tests.bots.conftest import TINY, TOKEN, Stack, settings_for
+from tests.bots.fake_telegram import free_port
+
+
+async def test_atelier_up_starts_the_bot_over_its_local_stack(backend: Stack) -> None:
+    fake, user = backend.fake, 5001
+    # The single-box stack without Ray (the test's dispatcher and worker run the jobs).
+    async with local_stack(backend.settings, workers=False, dispatcher=False) as stack:
+        bots = await _start_bots(backend.settings, stack)
+        assert [name for name, _ in bots] == ["telegram (@atelier_test_bot)"]
+        try:
+            await fake.send(user, f"/imagine a kite over dunes {TINY}")
+            photo = await fake.wait_call("sendPhoto", chat=user)
+            assert photo.files["photo"].startswith(b"\x89PNG")
+        finally:
+            for _, stopper in bots:
+                await stopper()
+    (job,) = await backend.finished(1)
+    assert job.status.value == "succeeded"
+    # Stopped: nothing answers any more.
+    await fake.send(user, "/help")
+    await asyncio.sleep(1.5)
+    assert not [c for c in fake.calls_of("sendMessage", chat=user) if "How to" in c.params["text"]]
+
+
+async def test_atelier_up_without_redis_runs_the_bot_on_the_in_process_broker(
+    backend: Stack, tmp_path: Path
+) -> None:
+    fake, user = backend.fake, 5005
+    # A store of its own: the Redis-backed dispatcher of ``backend`` must not see this job.
+    settings = settings_for(tmp_path / "single", None, fake)
+    upgrade(settings.db_url)
+    async with local_stack(settings, workers=False, dispatcher=False) as stack:
+        assert stack.broker.kind == "memory"
+        dispatcher = Dispatcher(
+            settings=settings,
+            session_factory=stack.sessions,
+            broker=stack.broker,
+            blobs=BlobStore.from_settings(settings),
+            workers=await WorkerPool.from_handles([backend.worker]),
+            name="single-box",
+            models=backend.registry,
+            gather_window_s=0.02,
+            read_block_ms=200,
+        )
+        stop = asyncio.Event()
+        dispatching = asyncio.create_task(dispatcher.run(stop))
+        bots = await _start_bots(settings, stack)
+        try:
+            await fake.send(user, f"/imagine a lamp in a window {TINY}")
+            await fake.wait_call("sendPhoto", chat=user)
+            await fake.wait_for(
+                lambda: any(
+                    c.params["text"].startswith("✅")
+                    for c in fake.calls_of("editMessageText", chat=user)
+                ),
+                what="the status message saying done",
+            )
+        finally:
+            for _, stopper in bots:
+                await stopper()
+            stop.set()
+            await asyncio.wait_for(dispatching, 60)
+    assert not backend.jobs()  # nothing went through Redis
+
+
+async def test_atelier_up_without_a_token_starts_no_bot(backend: Stack, tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path, str(backend.settings.redis_url), backend.fake, telegram_token=None
+    )
+    async with local_stack(settings, workers=False, dispatcher=False) as stack:
+        assert await _start_bots(settings, stack) == []
+    assert not backend.fake.calls
+
+
+async def test_run_bot_serves_on_its_own_over_redis(backend: Stack) -> None:
+    fake, user = backend.fake, 5002
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_bot(backend.settings, stop=stop, poll_timeout=1))
+    try:
+        await fake.send(user, f"/imagine a tram at night {TINY}")
+        await fake.wait_call("sendPhoto", chat=user, timeout=90)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    assert fake.calls_of("deleteWebhook")  # long polling
+    (job,) = await backend.finished(1)
+    assert len(backend.images(job.id)) == 1
+
+
+async def test_webhook_mode_checks_the_secret_and_handles_an_update_once(
+    backend: Stack, tmp_path: Path
+) -> None:
+    fake, user, secret, port = backend.fake, 5003, "s3cret_token-1", free_port()
+    settings = settings_for(
+        tmp_path,
+        str(backend.settings.redis_url),
+        fake,
+        telegram_webhook_url="https://bot.example/hook",
+        telegram_webhook_secret=secret,
+        telegram_webhook_listen="127.0.0.1",
+        telegram_webhook_port=port,
+    )
+    bot = await start_bot(settings, backend.client, backend.broker, state=backend.state)
+    try:
+        hook = fake.calls_of("setWebhook")[0]
+        assert hook.params["url"] == "https://bot.example/hook"
+        assert hook.params["secret_token"] == secret
+        assert not fake.calls_of("deleteWebhook")  # no polling
+        update = {"update_id": 777, **fake.message(user, f"/imagine a red tram {TINY}")}
+        url = f"http://127.0.0.1:{port}/hook"
+        async with httpx.AsyncClient() as http:
+            denied = await http.post(url, json=update, headers={SECRET_HEADER: "wrong"})
+            assert denied.status_code == 403
+            missing = await http.post(url, json=update)
+            assert missing.status_code == 403
+            for _ in range(2):  # Telegram retries a delivery it got no answer for
+                ok = await http.post(url, json=update, headers={SECRET_HEADER: secret})
+                assert ok.status_code == 200
+        await fake.wait_call("sendPhoto", chat=user)
+        await asyncio.sleep(0.5)
+        assert len(backend.jobs()) == 1
+        assert len(fake.calls_of("sendPhoto", chat=user)) == 1
+        assert len(fake.calls_of("sendMessage", chat=user)) == 1  # one status message
+    finally:
+        await bot.stop()
+
+
+async def test_a_refused_token_is_one_line_without_the_token(
+    backend: Stack, tmp_path: Path
+) -> None:
+    wrong = "999999:refused-token-value"
+    settings = settings_for(
+        tmp_path, str(backend.settings.redis_url), backend.fake, telegram_token=wrong
+    )
+    with pytest.raises(ConfigError) as err:
+        await start_bot(settings, backend.client, backend.broker)
+    assert "ATELIER_TELEGRAM_TOKEN" in err.value.message
+    assert wrong not in err.value.message
+
+
+async def test_an_unreachable_api_is_one_line(backend: Stack, tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    settings = settings_for(
+        tmp_path,
+        str(backend.settings.redis_url),
+        backend.fake,
+        telegram_api_base_url=f"{closed}/bot",
+        telegram_file_base_url=f"{closed}/file/bot",
+    )
+    with pytest.raises(ConfigError) as err:
+        await start_bot(settings, backend.client, backend.broker)
+    assert "ATELIER_TELEGRAM_API_BASE_URL" in err.value.message
+    assert TOKEN not in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({}, "ATELIER_TELEGRAM_TOKEN"),
+        ({"ATELIER_TELEGRAM_TOKEN": TOKEN}, "ATELIER_REDIS_URL"),
+        (
+            {"ATELIER_TELEGRAM_TOKEN": TOKEN, "ATELIER_TELEGRAM_WEBHOOK_URL": "http://x/hook"},
+            "ATELIER_TELEGRAM_WEBHOOK_URL",
+        ),
+    ],
+)
+def test_bot_telegram_command_names_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    for var in [v for v in os.environ if v.startswith("ATELIER_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ATELIER_DATA_DIR", str(tmp_path))
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    result = CliRunner().invoke(cli, ["bot", "telegram"])
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "Traceback" not in result.output
+
+
+async def test_atelier_bot_telegram_runs_until_interrupted(backend: Stack) -> None:
+    """The real command in a process of its own: it makes an image, then exits on SIGINT."""
+    settings, fake, user = backend.settings, backend.fake, 5004
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")},
+        "ATELIER_DATA_DIR": str(settings.data_dir),
+        "ATELIER_DATABASE_URL": settings.db_url,
+        "ATELIER_REDIS_URL": str(settings.redis_url),
+        "ATELIER_TELEGRAM_TOKEN": TOKEN,
+        "ATELIER_TELEGRAM_API_BASE_URL": fake.base_url,
+        "ATELIER_TELEGRAM_FILE_BASE_URL": fake.base_file_url,
+        "ATELIER_SIGNING_KEY": "k" * 40,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from atelier.cli import app; app(['bot', 'telegram'])",
+        cwd=settings.data_dir,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await fake.wait_call("deleteWebhook", timeout=90)  # polling
+        await fake.send(user, f"/imagine a ferry at dawn {TINY}")
+        await fake.wait_call("sendPhoto", chat=user)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    output = out.decode()
+    assert proc.returncode == 0, output
+    assert "long polling" in output and TOKEN not in output
+    assert len(backend.jobs()) == 1
