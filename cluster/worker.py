@@ -429,6 +429,9 @@ def init_local_ray(
     # this process (already imported) and, inherited, in the raylet and workers it starts.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # A new local instance, never whichever Ray another program left in /tmp/ray: joining
+    # that one would fail ("num_cpus must not be provided") or, worse, run our jobs on it.
+    kw.setdefault("address", "local")
     ray.init(
         _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
         resources=resources, **kw,

@@ -205,6 +205,13 @@ class _Term:
     text: str
     pattern: re.Pattern[str]
 
+    def found_in(self, folded: str) -> bool:
+        """Whether the term occurs in ``folded``. A match with no letter at all ("10011" read as
+        "loli") is a number, not a disguised word: it does not count."""
+        return any(
+            any(ch.isalpha() for ch in m.group()) for m in self.pattern.finditer(folded)
+        )
+
 
 class Blocklist:
     """Terms never allowed, and terms allowed only where the channel is marked NSFW."""
@@ -254,7 +261,7 @@ class Blocklist:
         folded = _fold(text)
         for section, terms in (("never", self.never), ("nsfw", self.nsfw)):
             for term in terms:
-                if term.pattern.search(folded):
+                if term.found_in(folded):
                     return section, term.text
         return None
 
@@ -262,13 +269,13 @@ class Blocklist:
         """Raise ContentBlocked if ``text`` may not be generated in this channel."""
         folded = _fold(text)
         for term in self.never:
-            if term.pattern.search(folded):
+            if term.found_in(folded):
                 # Never echo these terms back: the reply may be posted in a public channel.
                 raise ContentBlocked("your prompt contains a term that is not allowed here")
         if nsfw_allowed:
             return
         for term in self.nsfw:
-            if term.pattern.search(folded):
+            if term.found_in(folded):
                 raise ContentBlocked(
                     f"your prompt contains a term that is not allowed here ({term.text!r}); "
                     "it is allowed only in channels marked NSFW"

@@ -125,6 +125,9 @@ def test_nsfw_terms_match_disguised(blocklist: Blocklist, text: str) -> None:
         "topiary garden",
         "a nudibranch",
         "the gorge at dawn",
+        "a lighthouse number 10011",  # digits only: a number, not "loli" in leetspeak
+        "room 1011, floor 10",
+        "the year 1337",
     ],
 )
 def test_innocent_words_pass(blocklist: Blocklist, text: str) -> None:
@@ -140,7 +143,9 @@ def test_word_boundaries_scunthorpe() -> None:
 
 
 def test_never_terms(blocklist: Blocklist) -> None:
-    for text in ("l0li", "shotacon art", "child p0rn", "child-porn", "c.p.", "c p", "CP"):
+    terms = ("l0li", "1oli", "10li", "shotacon art", "child p0rn", "child-porn", "c.p.", "c p")
+    terms += ("CP",)
+    for text in terms:
         match = blocklist.first_match(text)
         assert match is not None and match[0] == "never", text
 
