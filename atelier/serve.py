@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -212,6 +213,8 @@ async def _imagine(
                 else:
                     bar.update(task, description=ev.kind, s="")
                     con.print(f"[red]{ev.kind}:[/red] {ev.reason}")
+        with contextlib.suppress(AtelierError):  # Conflict: it did not finish (interrupted)
+            await client.mark_delivered(job.job_id)  # the files are written: no re-announcing
         await _ack_own_delivery(stack.broker, job.job_id)
     for ref_path in paths:
         seed = ref_path.stem.rsplit("-", 1)[-1]

@@ -356,6 +356,14 @@ class Client:
         """A job row; NotFound if there is none."""
         return await self._db(lambda s: job_repo.get_job(session=s, job_id=job_id), read_only=True)
 
+    async def mark_delivered(self, job_id: str) -> bool:
+        """Tell the store a finished job's result has reached its user. A front end calls this
+        after it has sent the result and before it acks the delivery entry; until then the
+        dispatcher re-announces the job (after a grace period, and at once when the broker
+        restarts), so a lost delivery comes back. Idempotent: True the first time, False
+        after. NotFound for an unknown job, Conflict for one that is not finished."""
+        return await self._db(lambda s: job_repo.mark_delivered(session=s, job_id=job_id))
+
     async def _images(self, job_id: str) -> list[ImageRead]:
         return await self._db(
             lambda s: gallery.list_job_images(session=s, job_id=job_id), read_only=True

@@ -28,9 +28,17 @@ from cluster.client import read_only_sessions
 from cluster.engine import BatchItem, GenerationCancelled, ImageResult, batch_key, item_pixels
 from cluster.events import EventKind, JobEvent, nsfw_allowed, terminal_event
 from cluster.placement import WorkerPool, WorkerSlot
-from cluster.registry import ModelRegistry, ModelSpec
+from cluster.registry import ModelLoadError, ModelRegistry, ModelSpec
 from cluster.worker import WorkerFailed, WorkerLost, run_batch
-from core.errors import AtelierError, Conflict, NotFound
+from core.errors import (
+    AtelierError,
+    Conflict,
+    ContentBlocked,
+    ImageRejected,
+    InvalidRequest,
+    NotFound,
+    PromptTooLong,
+)
 from core.jobs import JobStatus
 from core.settings import Settings
 from storage import gallery, ledger
@@ -84,6 +92,23 @@ BATCH_HISTORY = 1000
 # commit and its XADD.
 RECONCILE_GRACE_S = 5.0
 RECONCILE_LIMIT = 10_000
+# Worker error codes whose message is about the job's input and written for its owner (the
+# engine's JobRejected and input checks); any other failure is shown as a generic line.
+USER_INPUT_CODES = frozenset(
+    {InvalidRequest.code, PromptTooLong.code, ImageRejected.code, ContentBlocked.code}
+)
+# Durable delivery. A delivery lives in the broker until its front end reads and acks it, and a
+# broker restart without persistence loses it (and so does an outage outlasting the publish
+# retries). So the store keeps the truth: a finished job's delivered_at stays NULL until the
+# front end has sent the result (Client.mark_delivered). Every reconcile pass re-announces
+# finished jobs undelivered for longer than redeliver_grace_s (backing off per job, up to
+# REDELIVER_MAX_BACKOFF_S), and a broker restart re-announces every undelivered job at once;
+# only jobs finished within redeliver_window_s, redeliver_batch at a time. Front ends dedupe
+# by job id.
+REDELIVER_GRACE_S = 60.0
+REDELIVER_WINDOW_S = 24 * 3600.0
+REDELIVER_BATCH = 500
+REDELIVER_MAX_BACKOFF_S = 3600.0
 # Waits between attempts to publish a settled job's delivery while the broker is down.
 PUBLISH_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0)
 
@@ -154,6 +179,9 @@ class Dispatcher:
         read_block_ms: int = 500,
         drain_timeout_s: float = 30.0,
         reconcile_grace_s: float = RECONCILE_GRACE_S,
+        redeliver_grace_s: float = REDELIVER_GRACE_S,
+        redeliver_window_s: float = REDELIVER_WINDOW_S,
+        redeliver_batch: int = REDELIVER_BATCH,
     ) -> None:
         """``window``: at most this many queued entries are read ahead; fairness between
         accounts is exact within it. Leases: a running job's row is refreshed every fifth of
@@ -185,6 +213,9 @@ class Dispatcher:
         self.read_block_ms = read_block_ms
         self.drain_timeout_s = drain_timeout_s
         self.reconcile_grace_s = reconcile_grace_s
+        self.redeliver_grace_s = redeliver_grace_s
+        self.redeliver_window_s = redeliver_window_s
+        self.redeliver_batch = redeliver_batch
         claim_s = broker.claim_idle_ms / 1000
         self.lease_s = claim_s / 2
         self.touch_interval_s = max(0.05, claim_s / 5)
@@ -198,6 +229,8 @@ class Dispatcher:
         self._announced: OrderedDict[str, None] = OrderedDict()
         self._epoch: str | None = None
         self._due: dict[str, float] = {}
+        # Jobs re-announced by this process: (times, monotonic time of the next one due).
+        self._redelivered: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     # The loop ----------------------------------------------------------------------------
 
@@ -267,9 +300,11 @@ class Dispatcher:
                 await self.reconcile(everything=False)
             elif epoch != self._epoch:
                 log.warning("dispatcher %s: the broker restarted (epoch %s -> %s); "
-                            "re-enqueueing unfinished jobs", self.name, self._epoch[:8], epoch[:8])
+                            "re-enqueueing unfinished jobs and re-announcing undelivered ones",
+                            self.name, self._epoch[:8], epoch[:8])
                 self._epoch = epoch
                 await self.reconcile(everything=True)
+                await self.redeliver(everything=True)
         if self._every("claim", self.broker.claim_idle_ms / 2000):
             room = self.window - len(self._queue)
             if room > 0:
@@ -282,6 +317,7 @@ class Dispatcher:
             await self.workers.refresh()
         if self._every("reconcile", self.reconcile_interval_s):
             await self.reconcile(everything=False)
+            await self.redeliver(everything=False)
         if self._every("heartbeat", self.heartbeat_s):
             live = self.workers.live()
             log.info(
@@ -440,8 +476,8 @@ class Dispatcher:
             raise
         except BrokerUnavailable as exc:
             # Maybe settled in the store but not announced or acked: the pending entries
-            # bring the jobs back once the broker answers. (If Redis restarted meanwhile, a
-            # settled job's delivery is lost; Client.events and Client.job still report it.)
+            # bring the jobs back once the broker answers. (If Redis restarted meanwhile, the
+            # entries are gone too; redeliver() re-announces the settled jobs from the store.)
             log.warning("batch on %s: broker unavailable mid-settle (%s): %s", slot.worker_id,
                         exc, [h.job_id for h in held])
         except Exception:
@@ -546,8 +582,9 @@ class Dispatcher:
     async def _worker_failed(self, slot: WorkerSlot, jobs: list[_Held], exc: WorkerFailed) -> None:
         by_id = {h.job_id: h for h in jobs}
         if exc.job_id is not None and exc.job_id in by_id:
-            # The worker named the job at fault: fail it, run the others again.
-            await self._fail(by_id[exc.job_id], exc.message)
+            # The worker named the job at fault (its input): fail it, run the others again.
+            culprit = by_id[exc.job_id]
+            await self._fail(culprit, user_reason(exc, culprit.model.name))
             others = [h for h in jobs if h.job_id != exc.job_id]
             if others:
                 await self._execute(slot, others)
@@ -562,9 +599,11 @@ class Dispatcher:
         # A lone job and no job named: the worker's model, device or code failed, not the job's
         # input as far as anyone can tell. Another worker may do better; a job that fails on
         # every try is dead-lettered (and refunded) after max_attempts.
-        log.warning("job %s: worker %s failed it (%s)", jobs[0].job_id, slot.worker_id,
-                    exc.error_code)
-        await self._retry_or_fail(jobs[0], exc.message)
+        # The full message (paths, exception text) is for the operator; the job's owner gets
+        # a line that names the model but none of the server's internals.
+        log.error("job %s: worker %s failed it (%s): %s", jobs[0].job_id, slot.worker_id,
+                  exc.error_code, exc.message)
+        await self._retry_or_fail(jobs[0], user_reason(exc, jobs[0].model.name))
 
     def _progress_relay(self, jobs: list[_Held]) -> Callable[[int, int], None]:
         """Progress ticks for ``jobs``, sent beside the batch, never in its way: while one is
@@ -745,8 +784,9 @@ class Dispatcher:
         await self._ack(entries)
 
     async def _publish_delivery(self, frontend: str, event: JobEvent) -> None:
-        """Publish, riding out a short broker outage: the job is settled, and after a Redis
-        restart no entry would be left to bring this delivery back."""
+        """Publish, riding out a short broker outage (the job is settled); a longer one, or a
+        restart losing the stream, is made good by redeliver() until the front end marks the
+        job delivered."""
         for delay in (*PUBLISH_RETRY_S, None):
             try:
                 await self.broker.publish_delivery(frontend, event.to_fields())
@@ -803,6 +843,56 @@ class Dispatcher:
             log.warning("dispatcher %s: re-enqueued %d unfinished jobs", self.name, enqueued)
         return enqueued
 
+    async def redeliver(self, *, everything: bool) -> int:
+        """Re-announce finished jobs whose front end has not marked them delivered; returns
+        how many were published.
+
+        ``everything`` (the broker restarted, its delivery streams are gone): every such job
+        finished within the window, at once. Otherwise those finished more than
+        ``redeliver_grace_s`` ago, each at most once per its backoff (the grace period,
+        doubling per re-announcement up to REDELIVER_MAX_BACKOFF_S). Jobs this dispatcher is
+        still settling are left to it.
+        """
+        now = utcnow()
+        before = now if everything else now - timedelta(seconds=self.redeliver_grace_s)
+        window = timedelta(seconds=self.redeliver_window_s)
+        rows = await self._db(
+            lambda s: job_repo.undelivered_jobs(
+                session=s, finished_before=before, window=window, limit=self.redeliver_batch
+            ),
+            read_only=True,
+        )
+        mine = self._held.keys() | self._running.keys()
+        clock = time.monotonic()
+        published = 0
+        for job in rows:
+            if job.id in mine:
+                continue
+            times, due = self._redelivered.get(job.id, (0, 0.0))
+            if not everything and clock < due:
+                continue
+            images: list[ImageRead] = []
+            if job.status is JobStatus.succeeded:
+                images = await self._db(
+                    functools.partial(_job_images, job_id=job.id), read_only=True
+                )
+            # No retry loop: a broker that is down now fails the pass, and the next one (or
+            # the restart's) brings the job back.
+            await self.broker.publish_delivery(
+                job.delivery.frontend, terminal_event(job, images).to_fields()
+            )
+            step = max(self.redeliver_grace_s, self.reconcile_interval_s)
+            backoff = min(step * 2**times, REDELIVER_MAX_BACKOFF_S)
+            self._redelivered[job.id] = (times + 1, clock + backoff)
+            self._redelivered.move_to_end(job.id)
+            while len(self._redelivered) > ANNOUNCED_MEMORY:
+                self._redelivered.popitem(last=False)
+            published += 1
+        if published:
+            log.warning("dispatcher %s: re-announced %d finished jobs not marked delivered",
+                        self.name, published)
+        return published
+
     # Helpers -----------------------------------------------------------------------------
 
     async def _db(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
@@ -826,11 +916,27 @@ class Dispatcher:
 # Store queries the dispatcher needs beyond storage.jobs (candidates to move there).
 
 
+def user_reason(exc: WorkerFailed, model: str) -> str:
+    """What a job's owner is told when the worker failed it: the worker's own message only
+    where it is about the job's input (written for its owner); otherwise a plain line
+    without the server's paths or exception text, which the operator log keeps."""
+    if exc.error_code in USER_INPUT_CODES:
+        return exc.message
+    if exc.error_code == ModelLoadError.code:
+        return f"model {model!r} could not be loaded on the worker; the operator has been told"
+    return (f"image generation with model {model!r} failed on the worker; "
+            "the operator has been told")
+
+
 def _find_job(session: Session, *, job_id: str) -> JobRead | None:
     try:
         return job_repo.get_job(session=session, job_id=job_id)
     except NotFound:
         return None
+
+
+def _job_images(session: Session, *, job_id: str) -> list[ImageRead]:
+    return gallery.list_job_images(session=session, job_id=job_id)
 
 
 def _start_attempts(

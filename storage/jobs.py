@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 from sqlalchemy import func, update
@@ -26,6 +26,8 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.cancelled: frozenset(),
 }
 IN_FLIGHT = (JobStatus.queued, JobStatus.running)
+# The statuses a front end gets a delivery for (the terminal event).
+FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
 class JobRead(BaseModel):
@@ -43,6 +45,7 @@ class JobRead(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    delivered_at: datetime | None = None
 
 
 def create_job(
@@ -184,6 +187,48 @@ def list_jobs(
     return [_read(j) for j in session.exec(stmt).all()]
 
 
+def mark_delivered(*, session: Session, job_id: str, now: datetime | None = None) -> bool:
+    """Record that the front end has sent a finished job's result; from then on the dispatcher
+    no longer re-announces it. Idempotent: True the first time, False when already marked.
+    A job that is not finished yet cannot have been delivered (Conflict)."""
+    job = _load(session, job_id)
+    if not JobStatus(job.status).finished:
+        raise Conflict(f"job {job_id} is {JobStatus(job.status).value}; only a finished job "
+                       "can be delivered")
+    result = session.exec(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.delivered_at).is_(None))
+        .values(delivered_at=now or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)
+
+
+def undelivered_jobs(
+    *,
+    session: Session,
+    finished_before: datetime,
+    window: timedelta,
+    limit: int = 500,
+) -> list[JobRead]:
+    """Finished jobs no front end has marked delivered, that finished before
+    ``finished_before`` and within ``window`` of it; oldest first, at most ``limit``."""
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest(f"limit must be between 1 and 10000, got {limit}")
+    stmt = (
+        select(Job)
+        .where(
+            col(Job.delivered_at).is_(None),
+            col(Job.finished_at) < finished_before,
+            col(Job.finished_at) >= finished_before - window,
+            col(Job.status).in_(FINISHED),
+        )
+        .order_by(col(Job.finished_at), col(Job.id))
+        .limit(limit)
+    )
+    return [_read(j) for j in session.exec(stmt).all()]
+
+
 def running_jobs_count(*, session: Session, account_id: int) -> int:
     """Jobs in flight (queued or running), to hold an account to its tier's concurrency."""
     count = session.exec(
@@ -227,4 +272,5 @@ def _read(job: Job) -> JobRead:
         started_at=job.started_at,
         finished_at=job.finished_at,
         updated_at=job.updated_at,
+        delivered_at=job.delivered_at,
     )

@@ -178,7 +178,13 @@ class Reservation(SQLModel, table=True):
 
 class Job(SQLModel, table=True):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_account_status", "account_id", "status"),)
+    __table_args__ = (
+        Index("ix_jobs_account_status", "account_id", "status"),
+        # The reconciler's scan of unfinished jobs, oldest first.
+        Index("ix_jobs_status_created", "status", "created_at"),
+        # Finished jobs whose front end has not confirmed the delivery (delivered_at NULL).
+        Index("ix_jobs_delivered_finished", "delivered_at", "finished_at"),
+    )
 
     id: str = Field(primary_key=True, max_length=64)
     idempotency_key: str = Field(max_length=200, unique=True)
@@ -194,6 +200,9 @@ class Job(SQLModel, table=True):
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+    # Set once the front end has sent the result (Client.mark_delivered); until then the
+    # dispatcher re-announces the finished job, so a broker restart loses no delivery.
+    delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class Image(SQLModel, table=True):

@@ -17,6 +17,9 @@ from core.errors import AtelierError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[JobEvent], Awaitable[None]]
+# Tells the store a job's result reached its user (Client.mark_delivered): until then the
+# dispatchers re-announce it, so a delivery lost with the broker comes back.
+MarkDelivered = Callable[[str], Awaitable[object]]
 
 DEFAULT_BLOCK_MS = 2_000
 DEFAULT_CLAIM_EVERY_S = 30.0
@@ -60,8 +63,10 @@ class DeliveryLoop:
         block_ms: int = DEFAULT_BLOCK_MS,
         claim_every_s: float = DEFAULT_CLAIM_EVERY_S,
         startup_claim_idle_ms: int = 0,
+        mark_delivered: MarkDelivered | None = None,
     ) -> None:
         self.broker = broker
+        self.mark_delivered = mark_delivered
         self.frontend = frontend
         self.consumer = consumer
         self.handler = handler
@@ -164,8 +169,13 @@ class DeliveryLoop:
 
     async def _deliver_once(self, entry: DeliveryEntry, event: JobEvent) -> None:
         marker = DELIVERED.format(platform=self.frontend, job=event.job_id)
-        if not event.terminal or await self.state.get(marker) is not None:
-            await self._ack(entry)  # a repeat (or a tick on the wrong stream): already handled
+        if not event.terminal:
+            await self._ack(entry)  # a tick on the wrong stream
+            return
+        if await self.state.get(marker) is not None:
+            # A repeat (a re-announcement, or a retry after a lost mark): mark, then ack.
+            await self._mark(event.job_id)
+            await self._ack(entry)
             return
         if self.broker.over_delivered(entry):
             log.error(
@@ -173,12 +183,28 @@ class DeliveryLoop:
                 event.job_id,
                 entry.deliveries,
             )
+            await self._mark(event.job_id)  # given up on: not to be announced again
             await self._ack(entry)
             return
         if not await self._handle(event):
             return  # left pending: a later claim retries it
         await self.state.set(marker, entry.entry_id, DELIVERED_TTL_S)
+        await self._mark(event.job_id)
         await self._ack(entry)
+
+    async def _mark(self, job_id: str) -> None:
+        """Record the delivery in the store. A failure (database down) is logged and the entry
+        acked anyway: the job is re-announced later, the marker stops a second send, and the
+        repeat marks it then."""
+        if self.mark_delivered is None:
+            return
+        try:
+            await self.mark_delivered(job_id)
+        except AtelierError as exc:  # NotFound / Conflict: nothing to record
+            log.warning("deliveries: job %s not marked delivered: %s", job_id, exc)
+        except Exception:
+            log.warning("deliveries: job %s not marked delivered; it will be announced again",
+                        job_id, exc_info=True)
 
     async def _handle(self, event: JobEvent) -> bool:
         failures = 0

@@ -140,7 +140,8 @@ def build_application(
         editor=ProgressEditor(progress_interval_s),
         styles=styles or client.styles,
         delivery=DeliveryLoop(
-            broker, PLATFORM, consumer, handle, state, startup_claim_idle_ms=startup_claim_idle_ms
+            broker, PLATFORM, consumer, handle, state, startup_claim_idle_ms=startup_claim_idle_ms,
+            mark_delivered=client.mark_delivered,
         ),
         photo_max_bytes=photo_max_bytes,
     )

@@ -4,6 +4,7 @@ store (SQLite, migrated), a local Ray worker with a tiny pipeline and a Dispatch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -95,9 +96,13 @@ def ray_worker(tiny_dir: Path) -> Iterator[Any]:
         settings=settings, device_class="cpu", name="bots-test-worker", num_cpus=0, resources={}
     )
     yield handle
-    ray.kill(handle)
-    if started:
-        ray.shutdown()
+    # Later tests (tests/cluster's multi-node faults) may have shut this Ray down and started
+    # their own: then the handle is gone with it, and ray.kill would start yet another Ray.
+    if ray.is_initialized():
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(handle)
+        if started:
+            ray.shutdown()
 
 
 class Stack:

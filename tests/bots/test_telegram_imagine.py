@@ -55,6 +55,12 @@ async def test_imagine_posts_photo_with_buttons_and_charges_once(stack: Stack) -
     )
     edits = fake.calls_of("editMessageText", chat=user)
     assert {int(e.params["message_id"]) for e in edits} == {status.result["message_id"]}
+    # The bot told the store the photo reached its user: the dispatchers will not re-announce it.
+    (row,) = await fake.wait_for(
+        lambda: [j for j in stack.jobs() if j.id == job.id and j.delivered_at is not None] or None,
+        what="the job marked delivered",
+    )
+    assert row.delivered_at is not None and row.delivered_at >= row.finished_at
 
 
 async def test_status_shows_the_queue_position_then_the_steps(stack: Stack) -> None:

@@ -112,3 +112,44 @@ def test_list_jobs_and_running_count(
         queued = jobs.list_jobs(session=s, account_id=acct.id, status=JobStatus.queued)
     assert [j.id for j in listed] == [j.id for j in reversed(made)]
     assert [j.id for j in queued] == [made[3].id, made[2].id]
+
+
+def test_mark_delivered_and_the_undelivered_scan(
+    tx: Tx, new_account: Callable[..., AccountRead], now: datetime
+) -> None:
+    acct = new_account()
+    ids = {}
+    for name, status, finished in (
+        ("old", JobStatus.succeeded, now - timedelta(days=2)),  # outside the window
+        ("done", JobStatus.succeeded, now - timedelta(minutes=5)),
+        ("failed", JobStatus.failed, now - timedelta(minutes=4)),
+        ("recent", JobStatus.cancelled, now - timedelta(seconds=10)),  # within the grace
+        ("running", JobStatus.running, now - timedelta(minutes=5)),
+    ):
+        job, _ = _create(tx, acct, name, finished - timedelta(seconds=1))
+        ids[name] = job.id
+        with tx() as s:
+            if status is not JobStatus.cancelled:
+                jobs.set_status(session=s, job_id=job.id, status=JobStatus.running, now=finished)
+            if status is not JobStatus.running:
+                jobs.set_status(session=s, job_id=job.id, status=status, now=finished)
+
+    def scan(grace_s: float) -> list[str]:
+        with tx() as s:
+            rows = jobs.undelivered_jobs(
+                session=s, finished_before=now - timedelta(seconds=grace_s),
+                window=timedelta(days=1), limit=10,
+            )
+        return [j.id for j in rows]
+
+    assert scan(60) == [ids["done"], ids["failed"]]  # oldest first
+    assert scan(0) == [ids["done"], ids["failed"], ids["recent"]]
+    with tx() as s:
+        assert jobs.mark_delivered(session=s, job_id=ids["done"], now=now) is True
+        assert jobs.mark_delivered(session=s, job_id=ids["done"]) is False
+        assert jobs.get_job(session=s, job_id=ids["done"]).delivered_at == now
+        with pytest.raises(Conflict, match="only a finished job"):
+            jobs.mark_delivered(session=s, job_id=ids["running"])
+        with pytest.raises(NotFound):
+            jobs.mark_delivered(session=s, job_id="nope")
+    assert scan(60) == [ids["failed"]]

@@ -82,3 +82,32 @@ def test_database_urls_are_normalized() -> None:
     assert normalize_url("sqlite:///x.db").drivername == "sqlite"
     with pytest.raises(ConfigError, match="unsupported database driver 'mysql'"):
         normalize_url("mysql://h/db")
+
+
+def test_0002_marks_jobs_finished_before_it_delivered(db_url: str) -> None:
+    """Jobs finished before delivered_at existed were delivered the old way: the upgrade marks
+    them (at their finish time), or dispatchers would re-announce them; unfinished stay NULL."""
+    upgrade(db_url, "0001")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO accounts (id, tier, created_at) VALUES (1, 'free', :t)"
+            ), {"t": "2026-11-01 10:00:00"})
+            for job_id, status, finished in (("a", "succeeded", "2026-11-01 10:05:00"),
+                                             ("b", "queued", None)):
+                conn.execute(text(
+                    "INSERT INTO jobs (id, idempotency_key, account_id, request_json, status, "
+                    "attempts, delivery_json, cost, created_at, finished_at, updated_at) VALUES "
+                    "(:id, :id, 1, '{}', :status, 0, '{}', 1, :t, :f, :t)"
+                ), {"id": job_id, "status": status, "t": "2026-11-01 10:00:00", "f": finished})
+        upgrade(db_url)
+        check_migrated(engine)
+        with engine.connect() as conn:
+            rows = dict(conn.execute(text(
+                "SELECT id, delivered_at IS NOT NULL AND delivered_at = finished_at FROM jobs"
+            )).all())
+            conn.rollback()
+        assert {k: bool(v) for k, v in rows.items()} == {"a": True, "b": False}
+    finally:
+        engine.dispose()
