@@ -70,12 +70,22 @@ def imagine(
     out: Path = typer.Option(Path("."), help="folder for the PNGs"),
     model: str | None = typer.Option(None, help="model name (see `atelier models list`)"),
     nsfw: bool = typer.Option(False, help="allow NSFW prompts (the operator's own call)"),
+    via_queue: bool = typer.Option(
+        False, "--via-queue",
+        help="submit to the running service (`atelier up` or dispatchers) over "
+        "ATELIER_REDIS_URL instead of starting workers in this process",
+    ),
 ) -> None:
     """Generate images through the same client, queue and dispatcher the bots use."""
     settings = settings_or_exit()
+    if via_queue and settings.redis_url is None:
+        err_console.print(
+            "[red]error:[/red] --via-queue needs ATELIER_REDIS_URL, the Redis the service uses"
+        )
+        raise typer.Exit(2)
     quiet_ml_libraries()
     try:
-        paths = asyncio.run(_imagine(settings, prompt, out, model, nsfw))
+        paths = asyncio.run(_imagine(settings, prompt, out, model, nsfw, via_queue=via_queue))
     except AtelierError as exc:
         raise fail(exc) from None
     if not paths:
@@ -156,7 +166,8 @@ async def _start_bots(settings: Settings, stack: Stack) -> list[tuple[str, Stopp
 
 
 async def _imagine(
-    settings: Settings, text: str, out: Path, model: str | None, nsfw: bool
+    settings: Settings, text: str, out: Path, model: str | None, nsfw: bool,
+    *, via_queue: bool = False,
 ) -> list[Path]:
     from core.flags import parse_command
 
@@ -166,7 +177,14 @@ async def _imagine(
         request = request.model_copy(update={"model": model})
     requester = Requester(platform="cli", platform_user_id=getpass.getuser(), nsfw_allowed=nsfw)
     out.mkdir(parents=True, exist_ok=True)
-    async with local_stack(settings) as stack:
+    from cluster.broker import BrokerUnavailable
+
+    async with local_stack(settings, dispatcher=not via_queue, workers=not via_queue) as stack:
+        if via_queue and stack.broker.kind != "redis":
+            raise BrokerUnavailable(
+                f"Redis at {redact_url(settings.redis_url or '')} does not answer: "
+                "is `atelier up` running with the same ATELIER_REDIS_URL?"
+            )
         client = stack.client
         job = await client.submit(
             request,

@@ -1,0 +1,100 @@
+"""`atelier up` as a real process serves a job submitted from another process: the README's
+service command, over a private Redis, a SQLite store, a local Ray and the tiny model."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cluster.tiny import make_tiny_models
+
+ATELIER = [sys.executable, "-c", "from atelier.cli import app; app()"]
+
+
+def _env(data_dir: Path, redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")}
+    env |= {
+        "ATELIER_DATA_DIR": str(data_dir),
+        "ATELIER_REDIS_URL": redis_url,
+        "HF_HUB_OFFLINE": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "COLUMNS": "200",
+    }
+    return env
+
+
+def _wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> list[str]:
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            if needle in line:
+                return seen
+        elif proc.poll() is not None:
+            break
+    pytest.fail(f"`atelier up` never printed {needle!r}; output:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+def test_atelier_up_serves_a_job_from_another_process(tmp_path: Path, redis_url: str) -> None:
+    data_dir = tmp_path / "data"
+    make_tiny_models(data_dir / "models", seed=0)
+    env = _env(data_dir, redis_url)
+    subprocess.run([*ATELIER, "db", "upgrade"], env=env, check=True, cwd=tmp_path,
+                   capture_output=True)
+    up = subprocess.Popen(
+        [*ATELIER, "up"], env=env, cwd=tmp_path, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        banner = "".join(_wait_for_line(up, "Ctrl-C stops it", timeout=150))
+        assert "broker: redis" in banner and "workers: cpu" in banner, banner
+        out = tmp_path / "out"
+        done = subprocess.run(
+            [*ATELIER, "imagine", "a red fox --style watercolor,anime --w 64 --h 64 --steps 2",
+             "--model", "tiny", "--out", str(out), "--via-queue"],
+            env=env, cwd=tmp_path, text=True, capture_output=True, timeout=150,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        pngs = sorted(out.glob("*.png"))
+        assert len(pngs) == 2, done.stdout  # one image per style
+        for png in pngs:
+            with Image.open(png) as im:
+                assert im.size == (64, 64)
+                assert "Styles: " in im.info["parameters"]
+            assert f"{png}  seed " in done.stdout
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            rc = up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            raise
+    assert rc == 0
+
+
+def test_via_queue_needs_redis(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")}
+    env["ATELIER_DATA_DIR"] = str(tmp_path)
+    done = subprocess.run(
+        [*ATELIER, "imagine", "a fox", "--via-queue"], env=env, cwd=tmp_path, text=True,
+        capture_output=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--via-queue needs ATELIER_REDIS_URL" in done.stderr
