@@ -27,6 +27,7 @@ from storage import ledger
 from storage.blobs import BlobStore
 from storage.db import transaction
 from storage.models import CreditKind, CreditLedger
+from tests.conftest import RedisServer
 
 PG_ADMIN_URL = os.environ.get("ATELIER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SIZE = 64
@@ -135,3 +136,11 @@ def ledger_rows(c: Cluster, job_id: str, kind: CreditKind) -> int:
 
 def captures(c: Cluster, job_id: str) -> int:
     return ledger_rows(c, job_id, CreditKind.capture)
+
+
+def kill_redis(server: RedisServer) -> None:
+    """SIGKILL: no shutdown save, no goodbye to clients."""
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    server.proc = None

@@ -53,8 +53,8 @@ from storage.db import session_factory
 from storage.gallery import list_job_images
 from storage.jobs import JobRead
 from storage.models import CreditKind, utcnow
-from tests.cluster.helpers import Cluster, audit, ledger_rows, req, submit, who
-from tests.conftest import RedisServer, service_missing
+from tests.cluster.helpers import Cluster, audit, kill_redis, ledger_rows, req, submit, who
+from tests.conftest import RedisServer
 
 if TYPE_CHECKING:
     from ray._private.node import Node
@@ -462,29 +462,6 @@ async def test_a_job_failing_on_every_worker_is_dead_lettered_and_refunded(
 
 
 # Redis killed and restarted, or frozen, under load ------------------------------------------------
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own, to kill or freeze. No persistence (``--save ""
-    --appendonly no``), as keys.py plans for: a restart loses every stream."""
-    if shutil.which("redis-server") is None:
-        service_missing("redis-server")
-    server = RedisServer(tmp_path / "redis")
-    server.dir.mkdir()
-    server.start()
-    yield server
-    if server.proc is not None:
-        server.proc.send_signal(signal.SIGCONT)  # a frozen one would not hear SIGTERM
-    server.stop()
-
-
-def kill_redis(server: RedisServer) -> None:
-    """SIGKILL: no shutdown save, no goodbye to clients."""
-    assert server.proc is not None
-    server.proc.kill()
-    server.proc.wait(timeout=10)
-    server.proc = None
 
 
 async def test_redis_killed_and_restarted_under_load_loses_no_job(

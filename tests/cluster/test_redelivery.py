@@ -5,10 +5,8 @@ delivered (Client.mark_delivered), and never after."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,30 +24,15 @@ from core.jobs import JobStatus
 from core.settings import Settings
 from storage.blobs import BlobStore
 from storage.db import session_factory
-from tests.cluster.helpers import Cluster, req, submit, who
-from tests.conftest import RedisServer, service_missing
+from tests.cluster.helpers import Cluster, kill_redis, req, submit, who
+from tests.conftest import RedisServer
 
 FRONTEND = "telegram"
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own to kill: no persistence, so a restart loses every stream."""
-    if shutil.which("redis-server") is None:
-        service_missing("redis-server")
-    server = RedisServer(tmp_path / "redis")
-    server.dir.mkdir()
-    server.start()
-    yield server
-    server.stop()
-
-
 def kill_and_restart(server: RedisServer) -> None:
     """SIGKILL (no shutdown save), then a fresh, empty server on the same port."""
-    assert server.proc is not None
-    server.proc.kill()
-    server.proc.wait(timeout=10)
-    server.proc = None
+    kill_redis(server)
     server.start()
 
 
