@@ -498,10 +498,13 @@ async def test_redis_killed_and_restarted_under_load_loses_no_job(
             assert_ran_or_refunded(c, job)
         assert [j.status for j in jobs.values()] == [JobStatus.succeeded] * len(subs)
         assert_nothing_held(c, *people)
-        # Settled during the outage, after it, but none before it (whose deliveries the
-        # restart would have lost): so each job has its one delivery on the new stream.
+        # Settled during the outage and after it. (One settled just before the kill, which a
+        # loaded machine can make happen, lost its delivery with Redis; the restart's
+        # re-announcement brings it back, so the checks below hold for it too.)
         finished = sorted(j.finished_at for j in jobs.values() if j.finished_at is not None)
-        assert len(finished) == len(subs) and killed < finished[0] < restarted < finished[-1]
+        assert len(finished) == len(subs) and finished[0] < restarted < finished[-1]
+        log.info("Redis restart: %d jobs settled while Redis was down",
+                 sum(killed < f < restarted for f in finished))
         # Nothing left pending either: re-enqueued duplicates of running jobs were acked. The
         # restart re-announces every job no front end marked delivered, so a delivery published
         # between the restart and the dispatcher noticing it comes twice (front ends dedupe).
