@@ -117,6 +117,7 @@ def credits_grant(
     import secrets as _secrets
 
     from storage import accounts, ledger
+    from storage.models import CreditKind
 
     platform, user = _identity(identity)
     ttl = _duration(expires) if expires else None
@@ -136,7 +137,7 @@ def credits_grant(
                 account_id=acc.id,
                 amount=amount,
                 key=key or f"cli:{_secrets.token_hex(8)}",
-                kind=ledger.CreditKind.admin,
+                kind=CreditKind.admin,
                 expires_at=now + ttl if ttl else None,
                 now=now,
                 note="atelier credits grant",

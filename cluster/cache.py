@@ -20,7 +20,7 @@ from cluster.registry import ModelRegistry, ModelSpec, derive_pipeline, load_pip
 from core.request import JobKind
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    from cluster.pipelines import Pipeline as DiffusionPipeline
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import DiffusionPipeline
+
+    from cluster.pipelines import Pipeline as DiffusionPipeline
 
 DeviceKind = Literal["cuda", "rocm", "mps", "xpu", "cpu"]
 Offload = Literal["none", "model", "sequential"]

@@ -21,8 +21,9 @@ from core.request import MAX_SEED, GenerationRequest, JobKind
 from core.styles import StyleRegistry, default_registry
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
     from PIL import Image
+
+    from cluster.pipelines import Pipeline as DiffusionPipeline
 
 # An upscale is a light img2img pass over the Lanczos-enlarged image: enough to add detail,
 # too little to change the picture. The request's own strength is for img2img/variations.

@@ -20,7 +20,8 @@ from core.settings import Settings
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import DiffusionPipeline
+
+    from cluster.pipelines import Pipeline as DiffusionPipeline
 
 log = logging.getLogger(__name__)
 

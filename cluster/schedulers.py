@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from core.request import SCHEDULERS, canonical_scheduler
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from cluster.pipelines import Pipeline as DiffusionPipeline
 
 # A1111 name -> (Diffusers class, config overrides). "DPM++ 2M" is DPMSolverMultistep's default
 # (dpmsolver++, second order); A1111's "Karras" variants only change the sigma spacing.

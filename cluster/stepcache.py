@@ -57,7 +57,7 @@ class StepCache:
 def install_step_cache(unet: Any, interval: int = DEFAULT_INTERVAL) -> StepCache | None:
     """Wrap ``unet``'s deep blocks so they can be skipped; return the cache (kept on the UNet as
     ``unet._atelier_step_cache``), or None when the UNet is too shallow to have a deep part."""
-    existing = getattr(unet, "_atelier_step_cache", None)
+    existing: StepCache | None = getattr(unet, "_atelier_step_cache", None)
     if existing is not None:
         existing.interval = interval
         return existing

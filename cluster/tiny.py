@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import DiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from cluster.pipelines import Pipeline as DiffusionPipeline
 
 TinyFamily = Literal["sd15", "sdxl"]
 TINY_FAMILIES: tuple[str, ...] = ("sd15", "sdxl")

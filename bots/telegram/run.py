@@ -74,8 +74,10 @@ async def start_bot(
     """Build the Application (``options`` go to ``build_application``), reach Telegram and
     start taking updates. ConfigError, with the token masked, if Telegram refuses the token
     or cannot be reached. Without ``state``, Redis-backed state where the broker is Redis."""
-    own_state = None if state is not None else state_for(settings, broker)
-    app = build_application(settings, client, broker, state=state or own_state, **options)
+    own_state: BotState | None = None
+    if state is None:
+        state = own_state = state_for(settings, broker)
+    app = build_application(settings, client, broker, state=state, **options)
     webhook: WebhookServer | None = None
     try:
         await app.initialize()  # getMe: checks the token and the API's address
