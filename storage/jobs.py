@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
-from sqlalchemy import func, update
+from sqlalchemy import and_, func, literal, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.jobs import DeliveryTarget, JobStatus
 from core.request import GenerationRequest
-from storage.models import Job, utcnow
+from storage.models import Job, UTCDateTime, utcnow
 
 # Which status may follow which. running -> queued is a retry on another worker.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
@@ -274,3 +275,61 @@ def _read(job: Job) -> JobRead:
         updated_at=job.updated_at,
         delivered_at=job.delivered_at,
     )
+
+
+# Dispatcher leases -------------------------------------------------------------------------------
+
+
+def start_attempts(
+    *, session: Session, job_ids: Sequence[str], now: datetime, stale_before: datetime
+) -> dict[str, JobRead]:
+    """Move each job to running and count an attempt, if it is queued or running with a lapsed
+    lease; a compare-and-set, so of two dispatchers holding the same job only one wins it.
+    Returns the won jobs' rows."""
+    won: dict[str, JobRead] = {}
+    for job_id in job_ids:
+        result = session.exec(  # type: ignore[call-overload]
+            update(Job)
+            .where(
+                col(Job.id) == job_id,
+                or_(
+                    col(Job.status) == JobStatus.queued,
+                    and_(
+                        col(Job.status) == JobStatus.running, col(Job.updated_at) < stale_before
+                    ),
+                ),
+            )
+            .values(
+                status=JobStatus.running,
+                attempts=col(Job.attempts) + 1,
+                started_at=func.coalesce(col(Job.started_at), literal(now, UTCDateTime())),
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            won[job_id] = get_job(session=session, job_id=job_id)
+    return won
+
+
+def refresh_leases(*, session: Session, job_ids: Sequence[str], now: datetime) -> None:
+    """Renew the lease (``updated_at``) of running jobs this dispatcher is working on."""
+    session.exec(  # type: ignore[call-overload]
+        update(Job)
+        .where(col(Job.id).in_(job_ids), col(Job.status) == JobStatus.running)
+        .values(updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def in_flight_jobs(
+    *, session: Session, limit: int
+) -> list[tuple[str, int, JobStatus, datetime]]:
+    """(id, account, status, updated_at) of queued and running jobs, oldest first."""
+    rows = session.exec(
+        select(Job.id, Job.account_id, Job.status, Job.updated_at)
+        .where(col(Job.status).in_(IN_FLIGHT))
+        .order_by(col(Job.created_at))
+        .limit(limit)
+    ).all()
+    return [(r[0], r[1], JobStatus(r[2]), r[3]) for r in rows]

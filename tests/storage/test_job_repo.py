@@ -153,3 +153,29 @@ def test_mark_delivered_and_the_undelivered_scan(
         with pytest.raises(NotFound):
             jobs.mark_delivered(session=s, job_id="nope")
     assert scan(60) == [ids["failed"]]
+
+
+def test_start_attempts_is_a_compare_and_set_on_the_lease(
+    tx: Tx, new_account: Callable[..., AccountRead], now: datetime
+) -> None:
+    job, _ = _create(tx, new_account(), "lease", now)
+    stale_before = now - timedelta(seconds=15)
+    with tx() as s:
+        won = jobs.start_attempts(session=s, job_ids=[job.id], now=now, stale_before=stale_before)
+    assert won[job.id].status is JobStatus.running and won[job.id].attempts == 1
+    # A second dispatcher holding the same job loses while the lease is fresh...
+    later = now + timedelta(seconds=5)
+    with tx() as s:
+        assert jobs.start_attempts(session=s, job_ids=[job.id], now=later,
+                                   stale_before=later - timedelta(seconds=15)) == {}
+        assert [j[0] for j in jobs.in_flight_jobs(session=s, limit=10)] == [job.id]
+    # ...and renewing keeps it fresh; once it lapses the job can be won again (attempt 2).
+    with tx() as s:
+        jobs.refresh_leases(session=s, job_ids=[job.id], now=later)
+    lapsed = later + timedelta(seconds=20)
+    with tx() as s:
+        assert jobs.start_attempts(session=s, job_ids=[job.id], now=later + timedelta(seconds=10),
+                                   stale_before=later - timedelta(seconds=1)) == {}
+        again = jobs.start_attempts(session=s, job_ids=[job.id], now=lapsed,
+                                    stale_before=lapsed - timedelta(seconds=15))
+    assert again[job.id].attempts == 2 and again[job.id].started_at == won[job.id].started_at
