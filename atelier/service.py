@@ -67,7 +67,10 @@ async def local_stack(
     check_migrated(db)
     sessions = session_factory(db)
     # 2. Broker: a shared Redis when configured; production never falls back silently.
-    broker = await connect_broker(settings.redis_url, fallback=settings.mode is not Mode.production)
+    broker = await connect_broker(
+        settings.redis_url, claim_idle_ms=settings.dispatch.claim_timeout_ms,
+        fallback=settings.mode is not Mode.production,
+    )
     stop = asyncio.Event()
     task: asyncio.Task[None] | None = None
     handles: list[Any] = []

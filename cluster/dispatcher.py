@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from cluster.batching import FairQueue, Waiting
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
@@ -46,8 +45,8 @@ from storage import jobs as job_repo
 from storage.blobs import BlobStore, sha256_of
 from storage.db import transaction
 from storage.gallery import ImageRead, NewImage
-from storage.jobs import IN_FLIGHT, JobRead
-from storage.models import Job, UTCDateTime, utcnow
+from storage.jobs import JobRead
+from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +164,13 @@ class Dispatcher:
         workers: WorkerPool,
         name: str,
         models: ModelRegistry | None = None,
-        gather_window_s: float = 0.05,
-        job_timeout_s: float = 600.0,
-        max_attempts: int = 3,
+        gather_window_s: float | None = None,
+        gather_gap_s: float | None = None,
+        job_timeout_s: float | None = None,
+        max_attempts: int | None = None,
         window: int = 64,
-        max_batch_items: int = 8,
+        max_batch_items: int | None = None,
+        worker_lease_s: float | None = None,
         progress_interval_s: float = 0.5,
         cancel_poll_s: float = 0.25,
         refresh_interval_s: float = 10.0,
@@ -179,13 +180,30 @@ class Dispatcher:
         read_block_ms: int = 500,
         drain_timeout_s: float = 30.0,
         reconcile_grace_s: float = RECONCILE_GRACE_S,
-        redeliver_grace_s: float = REDELIVER_GRACE_S,
-        redeliver_window_s: float = REDELIVER_WINDOW_S,
+        redeliver_grace_s: float | None = None,
+        redeliver_window_s: float | None = None,
         redeliver_batch: int = REDELIVER_BATCH,
     ) -> None:
-        """``window``: at most this many queued entries are read ahead; fairness between
-        accounts is exact within it. Leases: a running job's row is refreshed every fifth of
-        the broker's claim timeout and counts as abandoned after half of it."""
+        """Options left None come from ``settings.dispatch`` (``ATELIER_DISPATCH__*``).
+
+        ``window``: at most this many queued entries are read ahead; fairness between
+        accounts is exact within it. Gathering: once jobs arrive, more are read while each
+        comes within ``gather_gap_s`` of the last, for at most ``gather_window_s`` in all.
+        Leases: a running job's row is refreshed every fifth of the broker's claim timeout and
+        counts as abandoned after half of it."""
+        opts = settings.dispatch
+        if gather_window_s is None:
+            gather_window_s = opts.gather_window_ms / 1000
+        if gather_gap_s is None:
+            gather_gap_s = min(opts.gather_gap_ms / 1000, gather_window_s)
+        job_timeout_s = opts.job_timeout_s if job_timeout_s is None else job_timeout_s
+        max_attempts = opts.max_attempts if max_attempts is None else max_attempts
+        max_batch_items = opts.max_batch_items if max_batch_items is None else max_batch_items
+        worker_lease_s = opts.worker_lease_s if worker_lease_s is None else worker_lease_s
+        if redeliver_grace_s is None:
+            redeliver_grace_s = opts.redeliver_grace_s
+        if redeliver_window_s is None:
+            redeliver_window_s = opts.redeliver_window_s
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         if window < 1 or max_batch_items < 1:
@@ -200,10 +218,12 @@ class Dispatcher:
         self.name = name
         self.models = models if models is not None else ModelRegistry.load(settings)
         self.gather_window_s = gather_window_s
+        self.gather_gap_s = gather_gap_s
         self.job_timeout_s = job_timeout_s
         self.max_attempts = max_attempts
         self.window = window
         self.max_batch_items = max_batch_items
+        self.worker_lease_s = worker_lease_s
         self.progress_interval_s = progress_interval_s
         self.cancel_poll_s = cancel_poll_s
         self.refresh_interval_s = refresh_interval_s
@@ -224,6 +244,7 @@ class Dispatcher:
         self._queue: FairQueue[tuple[object, ...]] = FairQueue()
         self._held: dict[str, _Held] = {}  # read, waiting for a batch
         self._running: dict[str, _Held] = {}  # in a batch on a worker
+        self._settling: dict[str, _Held] = {}  # stored, being announced and acked
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending: set[asyncio.Task[None]] = set()  # progress ticks in flight
         self._announced: OrderedDict[str, None] = OrderedDict()
@@ -251,6 +272,8 @@ class Dispatcher:
                 except BrokerUnavailable as exc:
                     log.warning("dispatcher %s: broker unavailable (%s); retrying in %.1f s",
                                 self.name, exc, backoff)
+                    # Jobs read before the outage still go to workers as they free up.
+                    self._dispatch()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -270,18 +293,35 @@ class Dispatcher:
             else:
                 block = self.read_block_ms
             entries = await self.broker.read_jobs(self.name, count=room, block_ms=block)
-            if entries and self.gather_window_s > 0:
-                # 2. A moment for compatible jobs submitted together to arrive together.
-                await asyncio.sleep(self.gather_window_s)
-                more = room - len(entries)
-                if more > 0:
-                    entries += await self.broker.read_jobs(self.name, count=more, block_ms=0)
+            if entries and self.workers.idle():
+                # 2. Jobs submitted together should arrive together: keep reading while they
+                # keep coming. Only worth it while a worker waits for them; a busy pool
+                # gathers the queue by itself.
+                entries += await self._gather(room - len(entries))
             if entries:
                 await self._admit(entries)
         elif not placeable:
             await asyncio.sleep(0.05)
         # 3. Batches for every idle worker that can take one.
         self._dispatch()
+
+    async def _gather(self, room: int) -> list[JobEntry]:
+        """Entries arriving each within ``gather_gap_s`` of the last, for at most
+        ``gather_window_s``: a lone job waits one gap, a burst is read whole."""
+        got: list[JobEntry] = []
+        deadline = time.monotonic() + self.gather_window_s
+        while room - len(got) > 0:
+            wait = min(self.gather_gap_s, deadline - time.monotonic())
+            if wait < 0.001:
+                break
+            # Sleep here, then look without blocking: Redis checks a blocked read's timeout
+            # only about every 100 ms (its hz), far coarser than a gap.
+            await asyncio.sleep(wait)
+            more = await self.broker.read_jobs(self.name, count=room - len(got), block_ms=0)
+            if not more:
+                break
+            got += more
+        return got
 
     def _every(self, what: str, interval_s: float) -> bool:
         now = time.monotonic()
@@ -328,14 +368,14 @@ class Dispatcher:
 
     async def _touch(self) -> None:
         """Keep our entries from being claimed and our running jobs' leases fresh."""
-        held = [*self._held.values(), *self._running.values()]
+        held = [*self._held.values(), *self._running.values(), *self._settling.values()]
         entry_ids = [eid for h in held for eid in h.entry_ids]
         if entry_ids:
             await self.broker.touch_jobs(self.name, entry_ids)
         running = list(self._running)
         if running:
             now = utcnow()
-            await self._db(lambda s: _refresh_leases(s, running, now))
+            await self._db(lambda s: job_repo.refresh_leases(session=s, job_ids=running, now=now))
 
     async def _drain(self) -> None:
         if self._tasks:
@@ -356,7 +396,8 @@ class Dispatcher:
         refuse what can never run, queue the rest."""
         fresh: list[JobEntry] = []
         for entry in entries:
-            mine = self._held.get(entry.job_id) or self._running.get(entry.job_id)
+            mine = (self._held.get(entry.job_id) or self._running.get(entry.job_id)
+                    or self._settling.get(entry.job_id))
             if mine is not None:
                 # Another entry of a job we hold (a reconcile or retry duplicate): acked with it.
                 if entry.entry_id not in mine.entry_ids:
@@ -494,8 +535,13 @@ class Dispatcher:
         """Mark the jobs running (one compare-and-set each: only one dispatcher wins a job)
         and count the attempt; settle those cancelled or taken meanwhile."""
         for h in held:
-            if await self.broker.is_cancel_requested(h.job_id):
-                h.cancel_requested = True
+            try:
+                if await self.broker.is_cancel_requested(h.job_id):
+                    h.cancel_requested = True
+            except BrokerUnavailable:
+                # The flags live in the broker: none can be set while it is down. The jobs
+                # already held run now; their deliveries wait for the broker.
+                pass
         live = [h for h in held if not h.cancel_requested]
         for h in held:
             if h.cancel_requested:
@@ -505,7 +551,10 @@ class Dispatcher:
         now = utcnow()
         stale_before = now - timedelta(seconds=self.lease_s)
         ids = [h.job_id for h in live]
-        won = await self._db(lambda s: _start_attempts(s, ids, now=now, stale_before=stale_before))
+        won = await self._db(
+            lambda s: job_repo.start_attempts(session=s, job_ids=ids, now=now,
+                                              stale_before=stale_before)
+        )
         started = []
         for h in live:
             job = won.get(h.job_id)
@@ -532,7 +581,7 @@ class Dispatcher:
             async with asyncio.timeout(self.job_timeout_s):
                 results = await run_batch(
                     slot.handle, [h.item() for h in jobs], on_progress=relay,
-                    timeout_s=self.job_timeout_s,
+                    timeout_s=self.job_timeout_s, lease_s=self.worker_lease_s,
                 )
         except GenerationCancelled:
             for h in jobs:
@@ -542,7 +591,8 @@ class Dispatcher:
             await self._worker_failed(slot, jobs, exc)
             return
         except WorkerLost as exc:
-            self.workers.lost(slot, exc)
+            if exc.reason != "lease":  # a lapsed lease says nothing bad about the worker
+                self.workers.lost(slot, exc)
             for h in jobs:
                 await self._retry_or_fail(h, f"the worker was lost ({exc.reason})")
             return
@@ -569,8 +619,8 @@ class Dispatcher:
                 job = await self._store_done(h, images)
                 if job is not None:
                     stored.append((h, job))
-        for h, job in stored:
-            await self._announce(job, h.entries)
+        if stored:
+            self._announce_soon(stored)
         for h in jobs:
             if by_job.get(h.job_id):
                 continue
@@ -765,8 +815,9 @@ class Dispatcher:
     async def _announce(
         self, job: JobRead, entries: Sequence[JobEntry], *, dead_letter: str | None = None
     ) -> None:
-        """Publish a finished job's terminal event to its front end, then ack its entries."""
-        if job.id not in self._announced:
+        """Publish a finished job's terminal event to its front end, then ack its entries.
+        A job its front end marked delivered is only acked."""
+        if job.id not in self._announced and job.delivered_at is None:
             images: list[ImageRead] = []
             if job.status is JobStatus.succeeded:
                 images = await self._db(
@@ -783,10 +834,37 @@ class Dispatcher:
             entries = entries[1:]
         await self._ack(entries)
 
+    def _announce_soon(self, stored: list[tuple[_Held, JobRead]]) -> None:
+        """Announce settled jobs in a task of their own: riding out a broker outage must not
+        keep the worker from its next batch. Their entries stay touched until acked."""
+        for h, _ in stored:
+            self._settling[h.job_id] = h
+
+        async def announce() -> None:
+            try:
+                for h, job in stored:
+                    await self._announce(job, h.entries)
+            except BrokerUnavailable as exc:
+                # Pending entries (or redeliver(), if the broker lost them) bring these back.
+                log.warning("jobs %s: settled, not yet announced (%s)",
+                            [h.job_id for h, _ in stored], exc)
+            except Exception:
+                log.exception("jobs %s: settled, announcing failed",
+                              [h.job_id for h, _ in stored])
+            finally:
+                for h, _ in stored:
+                    self._settling.pop(h.job_id, None)
+
+        task = asyncio.create_task(announce())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _publish_delivery(self, frontend: str, event: JobEvent) -> None:
         """Publish, riding out a short broker outage (the job is settled); a longer one, or a
         restart losing the stream, is made good by redeliver() until the front end marks the
-        job delivered."""
+        job delivered. A retry is dropped once redeliver() has published the event or the
+        front end has marked the job delivered: a late copy would repeat a delivered job."""
+        redelivered = self._redelivered.get(event.job_id)
         for delay in (*PUBLISH_RETRY_S, None):
             try:
                 await self.broker.publish_delivery(frontend, event.to_fields())
@@ -797,6 +875,13 @@ class Dispatcher:
                 log.warning("job %s: delivery not published (%s); retrying in %g s",
                             event.job_id, exc, delay)
                 await asyncio.sleep(delay)
+            if self._redelivered.get(event.job_id) != redelivered:
+                return
+            job = await self._db(
+                lambda s: job_repo.get_job(session=s, job_id=event.job_id), read_only=True
+            )
+            if job.delivered_at is not None:
+                return
 
     async def _ack(self, entries: Sequence[JobEntry]) -> None:
         for entry in entries:
@@ -821,7 +906,9 @@ class Dispatcher:
         and an entry of a finished job is only acked.
         """
         now = utcnow()
-        rows = await self._db(lambda s: _in_flight(s, RECONCILE_LIMIT), read_only=True)
+        rows = await self._db(
+            lambda s: job_repo.in_flight_jobs(session=s, limit=RECONCILE_LIMIT), read_only=True
+        )
         if not everything:
             entries = await self.broker.queue_depth() + await self.broker.pending_count()
             if len(rows) <= entries:
@@ -850,8 +937,9 @@ class Dispatcher:
         ``everything`` (the broker restarted, its delivery streams are gone): every such job
         finished within the window, at once. Otherwise those finished more than
         ``redeliver_grace_s`` ago, each at most once per its backoff (the grace period,
-        doubling per re-announcement up to REDELIVER_MAX_BACKOFF_S). Jobs this dispatcher is
-        still settling are left to it.
+        doubling per re-announcement up to REDELIVER_MAX_BACKOFF_S). Jobs this dispatcher
+        holds or runs are left to it; one whose announcement is still retrying is published
+        here, and that retry then stops.
         """
         now = utcnow()
         before = now if everything else now - timedelta(seconds=self.redeliver_grace_s)
@@ -913,7 +1001,7 @@ class Dispatcher:
         return sorted(self._running)
 
 
-# Store queries the dispatcher needs beyond storage.jobs (candidates to move there).
+# Helpers.
 
 
 def user_reason(exc: WorkerFailed, model: str) -> str:
@@ -937,58 +1025,6 @@ def _find_job(session: Session, *, job_id: str) -> JobRead | None:
 
 def _job_images(session: Session, *, job_id: str) -> list[ImageRead]:
     return gallery.list_job_images(session=session, job_id=job_id)
-
-
-def _start_attempts(
-    session: Session, job_ids: Sequence[str], *, now: datetime, stale_before: datetime
-) -> dict[str, JobRead]:
-    """Move each job to running and count an attempt, if it is queued or running with a lapsed
-    lease; a compare-and-set, so of two dispatchers holding the same job only one wins it.
-    Returns the won jobs' rows."""
-    won: dict[str, JobRead] = {}
-    for job_id in job_ids:
-        result = session.exec(  # type: ignore[call-overload]
-            sa.update(Job)
-            .where(
-                col(Job.id) == job_id,
-                sa.or_(
-                    col(Job.status) == JobStatus.queued,
-                    sa.and_(
-                        col(Job.status) == JobStatus.running, col(Job.updated_at) < stale_before
-                    ),
-                ),
-            )
-            .values(
-                status=JobStatus.running,
-                attempts=col(Job.attempts) + 1,
-                started_at=sa.func.coalesce(col(Job.started_at), sa.literal(now, UTCDateTime())),
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount == 1:
-            won[job_id] = job_repo.get_job(session=session, job_id=job_id)
-    return won
-
-
-def _refresh_leases(session: Session, job_ids: Sequence[str], now: datetime) -> None:
-    """Renew the lease (``updated_at``) of running jobs this dispatcher is working on."""
-    session.exec(  # type: ignore[call-overload]
-        sa.update(Job)
-        .where(col(Job.id).in_(job_ids), col(Job.status) == JobStatus.running)
-        .values(updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-
-
-def _in_flight(session: Session, limit: int) -> list[tuple[str, int, JobStatus, datetime]]:
-    rows = session.exec(
-        select(Job.id, Job.account_id, Job.status, Job.updated_at)
-        .where(col(Job.status).in_(IN_FLIGHT))
-        .order_by(col(Job.created_at))
-        .limit(limit)
-    ).all()
-    return [(r[0], r[1], JobStatus(r[2]), r[3]) for r in rows]
 
 
 async def _await_ref(ref: Any) -> Any:
@@ -1023,7 +1059,7 @@ async def run_dispatcher(
     (``ray_address``, e.g. "auto" or "ray://head:10001"), finding workers by name prefix."""
     import ray
 
-    from cluster.broker import DEFAULT_CLAIM_IDLE_MS, connect_broker
+    from cluster.broker import connect_broker
     from cluster.placement import ray_discovery
     from core.errors import ConfigError
     from storage.db import check_migrated, make_engine, session_factory
@@ -1035,7 +1071,8 @@ async def run_dispatcher(
     engine = make_engine(settings.db_url)
     check_migrated(engine)
     broker = await connect_broker(
-        settings.redis_url, claim_idle_ms=claim_idle_ms or DEFAULT_CLAIM_IDLE_MS, fallback=False
+        settings.redis_url, claim_idle_ms=claim_idle_ms or settings.dispatch.claim_timeout_ms,
+        fallback=False,
     )
     if not ray.is_initialized():
         await asyncio.to_thread(

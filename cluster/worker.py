@@ -8,6 +8,8 @@ import dataclasses
 import logging
 import os
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +41,19 @@ MAX_CONCURRENCY = 4
 # Device classes that take no GPU slot from Ray.
 HOST_CLASSES = frozenset({"cpu", "mps"})
 
+# Set in a worker's process before it starts (Ray's runtime_env), since glibc reads it only then.
+# One malloc arena: the engine runs on executor threads, and glibc gives each thread an arena
+# of its own whose heaps top out at 64 MB, so every large activation of a CPU pipeline is a
+# fresh mmap, faulted in page by page on each call: SD1.5-shaped 256² ran 15-30% slower on a
+# thread than on the main thread, and as fast with this (bench/pipeline.py P1, "worker alone").
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
 ProgressCallback = Callable[[int, int], object]
+# A batch's caller renews its lease every LEASE_RENEW_FRACTION of it; a batch whose lease
+# lapses (its dispatcher died: Ray lets an actor call run on after its caller is gone) is
+# stopped at its next step, so a reclaimed job does not run twice on one device.
+DEFAULT_LEASE_S = 10.0
+LEASE_RENEW_FRACTION = 0.25
 # The Settings fields a worker uses (models registry, blocklist); see WorkerActor.__init__.
 _WORKER_FIELDS = ("data_dir", "models_file", "blocklist_file")
 
@@ -74,7 +88,8 @@ class WorkerInfo:
 class WorkerLost(AtelierError):
     """The actor or its node died or became unreachable mid-call: retry the batch elsewhere.
 
-    ``reason`` is "died", "unavailable", "node" or "timeout".
+    ``reason`` is "died", "unavailable", "node", "timeout", or "lease" (the worker is fine: it
+    stopped the batch because the caller's lease renewals stopped reaching it).
     """
 
     code = "worker_lost"
@@ -103,6 +118,12 @@ class WorkerFailed(AtelierError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.message, self.error_code, self.job_id))
+
+
+class LeaseLapsed(AtelierError):
+    """The worker stopped a batch whose caller stopped renewing its lease."""
+
+    code = "lease_lapsed"
 
 
 class NoWorkerForClass(AtelierError):
@@ -148,6 +169,9 @@ class WorkerActor:
         self._jobs_lock = threading.Lock()
         self._running: dict[str, int] = {}  # job id -> batches here holding it
         self._cancelled: set[str] = set()
+        self._leases: dict[str, float] = {}  # batch id -> monotonic time its lease ends
+        self._expired: set[str] = set()  # batches whose lease lapsed, until they end
+        self._orphans_stopped = 0  # batches stopped because their caller stopped renewing
         ctx = ray.get_runtime_context()
         self._worker_id = ctx.get_actor_name() or ctx.get_actor_id() or f"pid-{os.getpid()}"
         self._node_id = ctx.get_node_id()
@@ -168,8 +192,9 @@ class WorkerActor:
         engine = self._engine
         return {
             "ok": True, "worker_id": self._worker_id, "pid": os.getpid(),
+            "env": {k: os.environ.get(k) for k in WORKER_ENV},
             "device_class": self._profile.device_class, "busy": bool(self._running),
-            "jobs": sorted(self._running),
+            "jobs": sorted(self._running), "orphans_stopped": self._orphans_stopped,
             "cache": describe_cache(engine.cache) if engine is not None else None,
         }
 
@@ -183,6 +208,14 @@ class WorkerActor:
             self._cancelled.add(job_id)
             return True
 
+    async def renew(self, batch_id: str, lease_s: float) -> bool:
+        """Extend a running batch's lease by ``lease_s``; False when no such batch runs here."""
+        with self._jobs_lock:
+            if batch_id not in self._leases:
+                return False
+            self._leases[batch_id] = time.monotonic() + lease_s
+            return True
+
     async def preload(self, model: str) -> None:
         try:
             await asyncio.to_thread(lambda: self._engine_now().cache.get(model))
@@ -190,20 +223,27 @@ class WorkerActor:
             # Re-raised as a type that survives pickling with its message and code.
             raise WorkerFailed(exc.message, exc.code) from None
 
-    async def generate(self, items: list[BatchItem]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(
+        self, items: list[BatchItem], batch_id: str | None = None, lease_s: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run one batch. With ``lease_s``, the caller must ``renew(batch_id, ...)`` before
+        each lease ends, or the batch stops at its next step (an orphan of a dead caller)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         job_ids = [item.job_id for item in items]
-        self._track(job_ids)
+        batch_id = batch_id or uuid.uuid4().hex
+        self._track(job_ids, batch_id, lease_s)
 
         def progress(step: int, total: int) -> None:  # called from the engine's thread
             event = {"type": "progress", "step": step, "total": total}
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        work = asyncio.ensure_future(asyncio.to_thread(self._generate, items, progress))
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self._generate, items, progress, batch_id)
+        )
         # Ends the event loop below after the last progress event (both go through the loop).
         work.add_done_callback(lambda _: events.put_nowait(None))
-        work.add_done_callback(lambda fut: self._untrack(job_ids, fut))
+        work.add_done_callback(lambda fut: self._untrack(job_ids, batch_id, fut))
         try:
             while (event := await events.get()) is not None:
                 yield event
@@ -228,21 +268,48 @@ class WorkerActor:
                 self._engine = Engine(cache, profile=self._profile, blocklist=blocklist)
             return self._engine
 
-    def _generate(self, items: list[BatchItem], progress: ProgressFn) -> list[ImageResult]:
+    def _generate(
+        self, items: list[BatchItem], progress: ProgressFn, batch_id: str
+    ) -> list[ImageResult]:
         engine = self._engine_now()
-        return engine.generate(items, on_progress=progress, cancelled=self._cancelled_now)
+        everyone = frozenset(item.job_id for item in items)
 
-    def _cancelled_now(self) -> frozenset[str]:
-        with self._jobs_lock:
-            return frozenset(self._cancelled)
+        def cancelled() -> frozenset[str]:  # asked by the engine at every step
+            with self._jobs_lock:
+                if batch_id in self._expired:
+                    return everyone
+                ends = self._leases.get(batch_id)
+                if ends is not None and time.monotonic() > ends:
+                    del self._leases[batch_id]
+                    self._expired.add(batch_id)
+                    self._orphans_stopped += 1
+                    log.warning("batch %s: its caller stopped renewing its lease; stopping "
+                                "jobs %s", batch_id, sorted(everyone))
+                    return everyone
+                return frozenset(self._cancelled)
 
-    def _track(self, job_ids: list[str]) -> None:
+        try:
+            return engine.generate(items, on_progress=progress, cancelled=cancelled)
+        except GenerationCancelled:
+            with self._jobs_lock:
+                orphaned = batch_id in self._expired
+            if orphaned:
+                raise LeaseLapsed(
+                    f"stopped: the batch's lease lapsed (caller silent); jobs {sorted(everyone)}"
+                ) from None
+            raise
+
+    def _track(self, job_ids: list[str], batch_id: str, lease_s: float | None) -> None:
         with self._jobs_lock:
             for job_id in job_ids:
                 self._running[job_id] = self._running.get(job_id, 0) + 1
+            if lease_s is not None:
+                self._leases[batch_id] = time.monotonic() + lease_s
 
-    def _untrack(self, job_ids: list[str], fut: asyncio.Future[Any]) -> None:
+    def _untrack(self, job_ids: list[str], batch_id: str, fut: asyncio.Future[Any]) -> None:
         with self._jobs_lock:
+            self._leases.pop(batch_id, None)
+            self._expired.discard(batch_id)
             for job_id in job_ids:
                 left = self._running.pop(job_id, 1) - 1
                 if left > 0:
@@ -259,6 +326,8 @@ def _final_event(work: asyncio.Future[list[ImageResult]]) -> dict[str, Any]:
         return {"type": "results", "images": work.result()}
     except GenerationCancelled as exc:
         return {"type": "cancelled", "message": exc.message}
+    except LeaseLapsed as exc:
+        return {"type": "lease_lapsed", "message": exc.message}
     except JobRejected as exc:
         return {"type": "error", "code": exc.code, "message": exc.message, "job_id": exc.job_id}
     except AtelierError as exc:
@@ -310,8 +379,13 @@ def spawn_worker(
     }
     if name is not None:
         options["name"] = name
+    runtime_env = dict(actor_options.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**WORKER_ENV, **runtime_env.get("env_vars", {})}
+    options["runtime_env"] = runtime_env
     options |= actor_options
-    handle = WorkerActor.options(**options).remote(settings, device_class=cls, profile=profile)
+    # @ray.remote turns the class into an ActorClass, which mypy cannot see through.
+    actor: Any = WorkerActor
+    handle = actor.options(**options).remote(settings, device_class=cls, profile=profile)
     try:
         ray.get(handle.info.remote(), timeout=timeout_s)
     except rex.GetTimeoutError:
@@ -331,15 +405,22 @@ def spawn_worker(
 
 async def run_batch(
     handle: Any, items: list[BatchItem], *, on_progress: ProgressCallback | None = None,
-    timeout_s: float,
+    timeout_s: float, lease_s: float | None = DEFAULT_LEASE_S,
 ) -> list[ImageResult]:
     """Run ``items`` on the worker ``handle``, relaying progress; the images in job order.
 
     ``timeout_s`` bounds every wait: the first event (which includes loading the model) and
-    each one after. Raises WorkerLost (retry elsewhere), WorkerFailed (the job is at fault),
-    or GenerationCancelled (every job was cancelled).
+    each one after. ``lease_s``: renewed from here while this call waits; should this process
+    die, the worker stops the batch within about that long (None: it runs to its end).
+    Raises WorkerLost (retry elsewhere), WorkerFailed (the job is at fault), or
+    GenerationCancelled (every job was cancelled).
     """
-    stream = handle.generate.remote(items)
+    batch_id = uuid.uuid4().hex
+    stream = handle.generate.remote(items, batch_id, lease_s)
+    keeper = (
+        asyncio.create_task(_renew_lease(handle, batch_id, lease_s))
+        if lease_s is not None else None
+    )
     try:
         while True:
             try:
@@ -357,6 +438,8 @@ async def run_batch(
                 return list(event["images"])
             elif kind == "cancelled":
                 raise GenerationCancelled(str(event["message"]))
+            elif kind == "lease_lapsed":  # our renewals did not get through in time
+                raise WorkerLost(str(event["message"]), reason="lease")
             elif kind == "error":
                 raise WorkerFailed(str(event["message"]), str(event["code"]), event.get("job_id"))
             else:
@@ -377,6 +460,22 @@ async def run_batch(
         raise WorkerFailed(f"the worker failed: {_summary(exc)}", "internal") from None
     except _LOST_ERRORS as exc:
         raise _lost(exc) from None
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+
+
+async def _renew_lease(handle: Any, batch_id: str, lease_s: float) -> None:
+    """Renew a batch's lease until cancelled. A lost renewal is only logged: a dead worker
+    shows on the batch's own stream, and a worker that is merely slow to answer gets the
+    next one (each is sent well before the lease ends)."""
+    every = lease_s * LEASE_RENEW_FRACTION
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.wait_for(handle.renew.remote(batch_id, lease_s), every)
+        except Exception as exc:  # CancelledError is not an Exception: cancelling still stops
+            log.debug("batch %s: lease renewal failed: %s", batch_id, exc)
 
 
 def _lost(exc: BaseException) -> WorkerLost:

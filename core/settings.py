@@ -53,6 +53,37 @@ class Limits(BaseModel):
     max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
 
 
+class Dispatch(BaseModel):
+    """How dispatchers batch and retry (``ATELIER_DISPATCH__GATHER_WINDOW_MS=80`` and so on)."""
+
+    # Batching: after a job arrives at an idle worker, keep gathering compatible jobs while
+    # more keep arriving (each within ``gather_gap_ms`` of the last), for at most
+    # ``gather_window_ms``. A lone job waits only the gap; a burst is gathered whole.
+    gather_window_ms: int = Field(default=50, ge=0, le=5000)
+    gather_gap_ms: int = Field(default=12, ge=0, le=5000)
+    max_batch_items: int = Field(default=8, ge=1, le=64)
+    job_timeout_s: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    # A dispatcher renews each running batch's lease with its worker; should the dispatcher
+    # die, the worker stops the orphaned batch about this long after the last renewal.
+    worker_lease_s: float = Field(default=10.0, ge=1.0, le=3600.0)
+    # Queue entries un-acked this long are claimed by another dispatcher.
+    claim_timeout_ms: int = Field(default=60_000, ge=1000)
+    # Finished jobs a front end has not confirmed are announced again after this grace,
+    # with doubling back-off, for at most the window.
+    redeliver_grace_s: float = Field(default=60.0, gt=0)
+    redeliver_window_s: float = Field(default=24 * 3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _gap_within_window(self) -> Dispatch:
+        if self.gather_gap_ms > self.gather_window_ms:
+            raise ValueError(
+                f"gather_gap_ms ({self.gather_gap_ms}) must not exceed gather_window_ms "
+                f"({self.gather_window_ms})"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """All configuration. Invalid values fail at start-up naming the ``ATELIER_`` variable."""
 
@@ -89,6 +120,7 @@ class Settings(BaseSettings):
     cost_base_pixels: int = Field(default=512 * 512, ge=64 * 64)
     cost_base_steps: int = Field(default=30, ge=1)
     limits: Limits = Field(default_factory=Limits)
+    dispatch: Dispatch = Field(default_factory=Dispatch)
     blocklist_file: Path | None = None
     # Extra/overriding model entries (TOML); default: {data_dir}/models.toml when present.
     models_file: Path | None = None

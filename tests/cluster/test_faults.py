@@ -82,6 +82,11 @@ FINISH_BOUND_S = 60.0
 # Jobs that run long enough on the tiny model to be caught mid-run by a kill (about 0.6 s an
 # image on an idle core), and shorter ones that still span a few progress ticks.
 LONG = {"width": 256, "height": 256, "steps": 20}
+# The dispatcher process's worker lease, and how long after it lapses its orphaned batch must
+# have stopped (the next step's end; steps of ORPHAN_JOB take ~0.1-0.5 s here).
+ORPHAN_LEASE_S = 1.0
+ORPHAN_STOP_BOUND_S = 5.0
+ORPHAN_JOB = {"width": 256, "height": 256, "steps": 50}
 MEDIUM = {"width": 128, "height": 128, "steps": 20}
 DISPATCHER_OPTIONS: dict[str, Any] = {
     "gather_window_s": 0.05, "job_timeout_s": 60, "max_attempts": MAX_ATTEMPTS,
@@ -475,10 +480,19 @@ async def test_redis_killed_and_restarted_under_load_loses_no_job(
     broker = RedisBroker(server.url, claim_idle_ms=CLAIM_IDLE_MS)
     c = make_stack(settings, db_engine, broker, models)
     people = [f"user{n}" for n in range(5)]
+    # Two jobs a batch on two workers: of the six read before the crash, two wait in the
+    # dispatcher for a free worker, and must still run while Redis is down.
+    c.dispatcher.max_batch_items = 2
     try:
         c.start()
         before = [await submit(c, who(people[n % 5]), req(seed=n, **MEDIUM)) for n in range(6)]
         await first_progress(c, before[0].job_id)
+        await all_read(server.url)  # "before": every one is in the dispatcher's hands
+        deadline = time.monotonic() + 10
+        while len(c.dispatcher.running) + c.dispatcher.queued < len(before):
+            assert time.monotonic() < deadline, "the dispatcher did not admit every job"
+            await asyncio.sleep(0.02)
+        assert c.dispatcher.queued >= 2  # held, not started, when Redis goes
         killed = utcnow()
         kill_redis(server)
         # Accepted while Redis is down: charged and stored, queued by the reconciler later.
@@ -571,6 +585,7 @@ def start_dispatcher_process(
 ) -> subprocess.Popen[bytes]:
     """``python -m cluster.dispatcher`` against the same Redis, store and Ray cluster."""
     env = os.environ | {
+        "ATELIER_DISPATCH__WORKER_LEASE_S": str(ORPHAN_LEASE_S),
         "ATELIER_DATA_DIR": str(settings.data_dir),
         "ATELIER_DATABASE_URL": db_url,
         "ATELIER_REDIS_URL": redis_url,
@@ -592,8 +607,10 @@ async def test_a_dispatcher_process_killed_mid_batch_is_reclaimed_and_delivered_
     stack: Cluster, workers: RayNodes, db_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     people = ("alice", "bob", "carol")
-    subs = [await submit(stack, who(p), req(seed=n, **LONG)) for n, p in enumerate(people)]
+    # Long enough (~3x the lease at least) that the orphaned batch cannot just finish.
+    subs = [await submit(stack, who(p), req(seed=n, **ORPHAN_JOB)) for n, p in enumerate(people)]
     ids = [s.job_id for s in subs]
+    stopped_before = await orphans_stopped(workers)
     log_file = tmp_path / "dproc.log"
     proc = start_dispatcher_process(workers, stack.settings, db_url, redis_url, log_file)
     try:
@@ -607,6 +624,17 @@ async def test_a_dispatcher_process_killed_mid_batch_is_reclaimed_and_delivered_
             proc.wait(10)
     output = log_file.read_text(errors="replace")
     assert "batch on" in output, output[-3000:]
+    # Ray runs an actor call on after its caller died: the worker stops the orphaned batch
+    # itself once the dead dispatcher's lease renewals stop, so the rerun below does not
+    # share the device with it.
+    deadline = killed + ORPHAN_LEASE_S + ORPHAN_STOP_BOUND_S
+    while (stopped := await orphans_stopped(workers)) == stopped_before:
+        assert time.monotonic() < deadline, "the orphaned batch was not stopped"
+        await asyncio.sleep(0.1)
+    log.info("dispatcher killed: its orphaned batch stopped after %.1f s",
+             time.monotonic() - killed)
+    assert stopped == stopped_before + 1
+    assert not await busy_jobs(workers)
     # Killed mid-batch: the jobs are running (one attempt each), their entries pending on the
     # dead consumer, nothing delivered.
     jobs = await asyncio.to_thread(rows, stack, ids)
@@ -639,6 +667,33 @@ async def test_a_dispatcher_process_killed_mid_batch_is_reclaimed_and_delivered_
         assert a.captured == s.cost and a.released == 0 and a.held == 0
     events = await delivered_once(stack.broker, redis_url, ids)
     assert all(e.kind is EventKind.done for e in events.values())
+
+
+async def all_read(redis_url: str, timeout: float = 30) -> None:
+    """Return once the dispatchers' group has been handed every entry of the jobs stream."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            stream = await client.xinfo_stream(keys.JOBS_STREAM)
+            groups = await client.xinfo_groups(keys.JOBS_STREAM)
+            group = next(g for g in groups if g["name"] == keys.DISPATCHER_GROUP)
+            if group["last-delivered-id"] == stream["last-generated-id"]:
+                return
+            assert time.monotonic() < deadline, "the dispatcher did not read every entry"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
+async def orphans_stopped(workers: RayNodes) -> int:
+    """Batches the workers stopped because their caller's lease renewals stopped."""
+    healths = [await h.health.remote() for h in workers.handles.values()]
+    return sum(int(h["orphans_stopped"]) for h in healths)
+
+
+async def busy_jobs(workers: RayNodes) -> list[str]:
+    return [j for h in workers.handles.values() for j in (await h.health.remote())["jobs"]]
 
 
 # A worker killed mid-job; a node removed mid-run (these take workers away: last) -----------------

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -302,6 +303,32 @@ async def test_one_account_with_thirty_jobs_does_not_starve_another(cluster: Clu
     assert any(single.job_id in b.job_ids for b in batches[:2]), [b.job_ids for b in batches]
 
 
+async def test_gathering_waits_for_a_burst_but_not_for_a_lone_job(cluster: Cluster) -> None:
+    d = cluster.dispatcher
+    # A long window and a generous gap, so the two behaviours cannot be told apart by luck.
+    d.gather_window_s, d.gather_gap_s = 6.0, 0.5
+    cluster.start()
+
+    async def started_after(job_id: str, since: float) -> float:
+        async for event in cluster.client.events(job_id):
+            if event.kind is EventKind.started:
+                return time.monotonic() - since
+        raise AssertionError(f"job {job_id} ended without starting")
+
+    # A lone job waits one quiet gap, not the whole window.
+    since = time.monotonic()
+    lone = await submit(cluster, who("alice"), req(seed=1))
+    assert await asyncio.wait_for(started_after(lone.job_id, since), 30) < 3.0
+    await cluster.wait_all([lone.job_id])
+    # Four people submitting one after another, each within the gap: one batch of four.
+    before = len(d.batches)
+    burst = [await submit(cluster, who(name), req(seed=n))
+             for n, name in enumerate(("bob", "carol", "dave", "erin"))]
+    await cluster.wait_all([s.job_id for s in burst], timeout=60)
+    shapes = [sorted(b.job_ids) for b in list(d.batches)[before:]]
+    assert shapes == [sorted(s.job_id for s in burst)], shapes
+
+
 async def test_a_job_no_worker_can_run_fails_at_once_and_is_refunded(cluster: Cluster) -> None:
     alice = who("alice")
     cluster.start()
@@ -370,6 +397,38 @@ async def test_a_job_the_broker_never_got_is_enqueued_by_the_reconciler(cluster:
     cluster.start()  # its first reconcile finds the job the broker lacks
     assert (await asyncio.wait_for(cluster.client.wait(sub.job_id), 20)).kind is EventKind.done
     assert captures(cluster, sub.job_id) == 1
+
+
+@pytest.mark.parametrize("broker", ["memory"], indirect=True)
+async def test_a_delivery_retry_stops_once_the_job_is_marked_delivered(cluster: Cluster) -> None:
+    """A settled job whose delivery cannot be published yet is retried, but a retry that
+    wakes after the front end marked the job delivered (it got the result another way, a
+    re-announcement say) must not publish a late copy."""
+    alice = who("alice")
+    real_publish = cluster.broker.publish_delivery
+    tries: list[str] = []
+    broker_up = asyncio.Event()
+
+    async def flaky(frontend: str, event: Any) -> str:
+        tries.append(event["job_id"])
+        if not broker_up.is_set():
+            raise BrokerUnavailable("Redis is restarting")
+        return await real_publish(frontend, event)
+
+    cluster.broker.publish_delivery = flaky  # type: ignore[method-assign]
+    cluster.start()
+    first = await submit(cluster, alice, req())
+    deadline = time.monotonic() + 30
+    while len(tries) < 2:  # settled, and its first retry failed too
+        assert time.monotonic() < deadline, "the delivery was never tried"
+        await asyncio.sleep(0.02)
+    assert await cluster.client.mark_delivered(first.job_id) is True
+    broker_up.set()
+    second = await submit(cluster, alice, req(seed=7))  # the broker works again
+    assert (await asyncio.wait_for(cluster.client.wait(second.job_id), 30)).kind is EventKind.done
+    await asyncio.sleep(1.5)  # past the first job's next retry (0.2, 0.5, 1 s ...)
+    assert tries.count(first.job_id) == 2  # no try after it was marked delivered
+    assert [e.job_id for e in await cluster.deliveries("telegram")] == [second.job_id]
 
 
 async def test_an_abandoned_entry_is_claimed_and_finished(cluster: Cluster) -> None:

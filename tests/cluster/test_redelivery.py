@@ -162,3 +162,21 @@ async def test_only_a_finished_job_can_be_marked_delivered(stack: Cluster) -> No
     job = await submit(stack, who("ada"), req(), frontend=FRONTEND)
     with pytest.raises(Conflict, match="only a finished job can be delivered"):
         await stack.client.mark_delivered(job.job_id)
+
+
+async def test_an_entry_of_a_job_marked_delivered_is_acked_not_announced(
+    stack: Cluster, private_redis: RedisServer
+) -> None:
+    """A dispatcher reading the entry of a finished job it never announced (it restarted, or
+    the entry is a duplicate) announces it only if its front end has not marked it delivered."""
+    url = private_redis.url
+    delivered, undelivered = await cancelled_jobs(stack, 2)  # entries still in the stream
+    assert await stack.client.mark_delivered(delivered) is True
+    stack.start()
+    events = await until_on_stream(url, {undelivered})
+    deadline = time.monotonic() + 15
+    while await stack.broker.queue_depth() + await stack.broker.pending_count():
+        assert time.monotonic() < deadline, "the entries were not acked"
+        await asyncio.sleep(0.05)
+    assert [e.job_id for e in await on_stream(url)] == [undelivered]
+    assert events[0].kind is EventKind.cancelled

@@ -134,6 +134,42 @@ async def test_cancel_mid_batch_then_worker_runs_normally(workers: dict[str, Any
     assert (await handle.health.remote())["cache"]["loads"] == 1  # every batch reused the model
 
 
+async def test_a_batch_whose_caller_stops_renewing_its_lease_is_stopped(
+    workers: dict[str, Any],
+) -> None:
+    handle = workers["cpu"]
+    before = (await handle.health.remote())["orphans_stopped"]
+    slow = request(steps=150, width=128, height=128)
+    # A caller that lives renews the lease: a batch many leases long runs to its end.
+    started = time.monotonic()
+    images = await run_batch(handle, [BatchItem("kept", slow)], timeout_s=TIMEOUT_S, lease_s=0.3)
+    took = time.monotonic() - started
+    assert len(images) == 1 and took > 3 * 0.3, took  # it did outlive several leases
+    assert (await handle.health.remote())["orphans_stopped"] == before
+
+    # What a dead caller's batch looks like to the worker: a lease nobody renews. (Ray runs
+    # an actor call on after its caller is gone.) Stopped at the next step after it lapses.
+    stream = handle.generate.remote([BatchItem("orphan", slow)], "orphan-batch", 0.3)
+    events = [await ref async for ref in stream]
+    assert events[-1]["type"] == "lease_lapsed", events[-1]
+    assert events[-2]["step"] < 150
+    health = await handle.health.remote()
+    assert health["orphans_stopped"] == before + 1 and health["jobs"] == []
+    # A caller whose renewals do not get through hears why its batch stopped: WorkerLost
+    # with reason "lease" (the dispatcher retries the jobs and keeps using the worker).
+    class Mute:
+        generate = handle.generate
+        renew = type("M", (), {"remote": staticmethod(lambda *a: _Stream(TimeoutError()))})()
+
+    with pytest.raises(WorkerLost, match="lease lapsed") as info:
+        await run_batch(Mute(), [BatchItem("muted", slow)], timeout_s=TIMEOUT_S, lease_s=0.3)
+    assert info.value.reason == "lease"
+    health = await handle.health.remote()
+    assert health["orphans_stopped"] == before + 2 and health["jobs"] == []
+    # The worker is fine afterwards.
+    assert len(await run_batch(handle, [BatchItem("next", request())], timeout_s=TIMEOUT_S)) == 1
+
+
 async def test_job_errors_come_back_as_worker_failed(workers: dict[str, Any]) -> None:
     mixed = [BatchItem("a", request()), BatchItem("b", request(width=128))]
     with pytest.raises(WorkerFailed, match="width 64 vs 128") as info:
@@ -166,7 +202,7 @@ class _Stream:
 
 class _Handle:
     def __init__(self, stream: _Stream) -> None:
-        self.generate = type("M", (), {"remote": staticmethod(lambda items: stream)})()
+        self.generate = type("M", (), {"remote": staticmethod(lambda *args: stream)})()
 
 
 async def test_every_wait_is_bounded_and_ray_errors_are_classified() -> None:

@@ -20,11 +20,13 @@ def test_env_variables_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("ATELIER_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("ATELIER_REDIS_URL", "redis://127.0.0.1:6379/2")
     monkeypatch.setenv("ATELIER_LIMITS__MAX_STEPS", "40")
+    monkeypatch.setenv("ATELIER_DISPATCH__GATHER_WINDOW_MS", "80")
     monkeypatch.setenv("ATELIER_TIERS", '{"free": {"daily_allowance": 3, "concurrency": 1, '
                        '"max_side": 768}}')
     s = load_settings(_env_file=None)
     assert s.redis_url == "redis://127.0.0.1:6379/2"
     assert s.limits.max_steps == 40
+    assert s.dispatch.gather_window_ms == 80 and s.dispatch.gather_gap_ms == 12
     assert s.tier("free").daily_allowance == 3
 
 
@@ -36,6 +38,9 @@ def test_env_variables_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("ATELIER_LIMITS__MAX_STEPS", "zero", "ATELIER_LIMITS__MAX_STEPS"),
         ("ATELIER_TELEGRAM_API_BASE_URL", "ftp://x", "ATELIER_TELEGRAM_API_BASE_URL"),
         ("ATELIER_MODE", "chaos", "ATELIER_MODE"),
+        ("ATELIER_DISPATCH__MAX_ATTEMPTS", "0", "ATELIER_DISPATCH__MAX_ATTEMPTS"),
+        # The gap is how long one quiet moment may be: never longer than the whole window.
+        ("ATELIER_DISPATCH__GATHER_GAP_MS", "500", "gather_gap_ms (500) must not exceed"),
     ],
 )
 def test_invalid_values_name_the_variable(
