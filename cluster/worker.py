@@ -41,12 +41,21 @@ MAX_CONCURRENCY = 4
 # Device classes that take no GPU slot from Ray.
 HOST_CLASSES = frozenset({"cpu", "mps"})
 
-# Set in a worker's process before it starts (Ray's runtime_env), since glibc reads it only then.
-# One malloc arena: the engine runs on executor threads, and glibc gives each thread an arena
-# of its own whose heaps top out at 64 MB, so every large activation of a CPU pipeline is a
-# fresh mmap, faulted in page by page on each call: SD1.5-shaped 256² ran 15-30% slower on a
-# thread than on the main thread, and as fast with this (bench/pipeline.py P1, "worker alone").
-WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+# glibc malloc settings, set in a worker's process before it starts (Ray's runtime_env: glibc
+# reads them only then). By default every large activation a pipeline call frees goes back to
+# the kernel (mmap'd blocks, a trimmed heap) and is faulted in again, page by page, on the next
+# step: SD1.5-shaped 256² on a CPU took ~2.4 million page faults a call. One arena (the engine
+# runs on executor threads, which would each get one), blocks up to 32 MB from the heap, a heap
+# that is never trimmed and transparent huge pages for it: ~1,000 faults a call and 1.15-1.3x
+# faster (bench/pipeline.py, "raw, worker's malloc" vs "raw, plain process"). The cost is that
+# a worker keeps its peak memory, which a process that owns a device may.
+WORKER_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),  # glibc's upper limit on 64-bit
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
+    "MALLOC_TOP_PAD_": str(64 * 2**20),
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+}
 
 ProgressCallback = Callable[[int, int], object]
 # A batch's caller renews its lease every LEASE_RENEW_FRACTION of it; a batch whose lease

@@ -19,6 +19,7 @@ import ray.exceptions as rex
 from cluster.devices import DeviceProfile
 from cluster.engine import BatchItem, GenerationCancelled
 from cluster.worker import (
+    WORKER_ENV,
     NoWorkerForClass,
     WorkerFailed,
     WorkerInfo,
@@ -168,6 +169,19 @@ async def test_a_batch_whose_caller_stops_renewing_its_lease_is_stopped(
     assert health["orphans_stopped"] == before + 2 and health["jobs"] == []
     # The worker is fine afterwards.
     assert len(await run_batch(handle, [BatchItem("next", request())], timeout_s=TIMEOUT_S)) == 1
+
+
+async def test_workers_start_with_the_malloc_settings(workers: dict[str, Any]) -> None:
+    """glibc reads its malloc settings only at process start: they must be in the environment
+    the worker's process was started with, not set later."""
+    for handle in workers.values():
+        health = await handle.health.remote()
+        assert health["env"] == WORKER_ENV
+        with open(f"/proc/{health['pid']}/environ", "rb") as f:
+            started_with = dict(
+                part.decode().split("=", 1) for part in f.read().split(b"\0") if b"=" in part
+            )
+        assert {k: started_with.get(k) for k in WORKER_ENV} == WORKER_ENV
 
 
 async def test_job_errors_come_back_as_worker_failed(workers: dict[str, Any]) -> None:
