@@ -12,26 +12,25 @@ import os
 import signal
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from cluster.batching import FairQueue, Waiting
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
-from cluster.client import read_only_sessions
-from cluster.engine import BatchItem, GenerationCancelled, ImageResult, batch_key, item_pixels
-from cluster.events import EventKind, JobEvent, nsfw_allowed, terminal_event
+from cluster.engine import GenerationCancelled, ImageResult, batch_key, item_pixels
+from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool, WorkerSlot
-from cluster.registry import ModelLoadError, ModelRegistry, ModelSpec
+from cluster.registry import ModelLoadError, ModelRegistry
+from cluster.settling import REDELIVER_BATCH, Held, Settler, Store
 from cluster.worker import WorkerFailed, WorkerLost, run_batch
 from core.errors import (
     AtelierError,
-    Conflict,
     ContentBlocked,
     ImageRejected,
     InvalidRequest,
@@ -40,17 +39,12 @@ from core.errors import (
 )
 from core.jobs import JobStatus
 from core.settings import Settings
-from storage import gallery, ledger
 from storage import jobs as job_repo
-from storage.blobs import BlobStore, sha256_of
-from storage.db import transaction
-from storage.gallery import ImageRead, NewImage
+from storage.blobs import BlobStore
 from storage.jobs import JobRead
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Crash safety. Settling a job is a recipe of idempotent steps, always in this order: PNGs into
 # the content-addressed blob store; ONE transaction writing the image rows, capturing the
@@ -81,10 +75,6 @@ T = TypeVar("T")
 # processes find the workers (named actors are only visible within their namespace).
 RAY_NAMESPACE = "atelier"
 WORKER_NAME_PREFIX = "atelier-worker"
-CANCELLED_REASON = "cancelled by its owner"
-# Remember this many job ids whose terminal event this process published: a duplicate entry
-# then does not publish again (across processes, front ends dedupe by job id).
-ANNOUNCED_MEMORY = 10_000
 # Recent batches kept for inspection (``Dispatcher.batches``).
 BATCH_HISTORY = 1000
 # The reconciler leaves queued jobs younger than this alone: the client may be between its
@@ -96,21 +86,6 @@ RECONCILE_LIMIT = 10_000
 USER_INPUT_CODES = frozenset(
     {InvalidRequest.code, PromptTooLong.code, ImageRejected.code, ContentBlocked.code}
 )
-# Durable delivery. A delivery lives in the broker until its front end reads and acks it, and a
-# broker restart without persistence loses it (and so does an outage outlasting the publish
-# retries). So the store keeps the truth: a finished job's delivered_at stays NULL until the
-# front end has sent the result (Client.mark_delivered). Every reconcile pass re-announces
-# finished jobs undelivered for longer than redeliver_grace_s (backing off per job, up to
-# REDELIVER_MAX_BACKOFF_S), and a broker restart re-announces every undelivered job at once;
-# only jobs finished within redeliver_window_s, redeliver_batch at a time. Front ends dedupe
-# by job id.
-REDELIVER_GRACE_S = 60.0
-REDELIVER_WINDOW_S = 24 * 3600.0
-REDELIVER_BATCH = 500
-REDELIVER_MAX_BACKOFF_S = 3600.0
-# Waits between attempts to publish a settled job's delivery while the broker is down.
-PUBLISH_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0)
-
 
 @dataclass(frozen=True)
 class BatchRecord:
@@ -120,34 +95,6 @@ class BatchRecord:
     job_ids: tuple[str, ...]
     model: str
     started: float
-
-
-@dataclass
-class _Held:
-    """A job this dispatcher holds: its entries (the first is the one it was admitted with;
-    duplicates are acked with it), its row and its model."""
-
-    entries: list[JobEntry]
-    job: JobRead
-    spec: ModelSpec | None = None  # resolved on admission
-    cancel_requested: bool = False
-
-    @property
-    def model(self) -> ModelSpec:
-        if self.spec is None:
-            raise RuntimeError(f"job {self.job.id} was queued without a model")
-        return self.spec
-
-    @property
-    def job_id(self) -> str:
-        return self.job.id
-
-    @property
-    def entry_ids(self) -> list[str]:
-        return [e.entry_id for e in self.entries]
-
-    def item(self) -> BatchItem:
-        return BatchItem(self.job.id, self.job.request, nsfw_allowed(self.job.delivery))
 
 
 class Dispatcher:
@@ -210,17 +157,13 @@ class Dispatcher:
             raise ValueError(f"window and max_batch_items must be >= 1, got {window}, "
                              f"{max_batch_items}")
         self.settings = settings
-        self.sessions = session_factory
-        self._readers = read_only_sessions(session_factory)
         self.broker = broker
-        self.blobs = blobs
         self.workers = workers
         self.name = name
         self.models = models if models is not None else ModelRegistry.load(settings)
         self.gather_window_s = gather_window_s
         self.gather_gap_s = gather_gap_s
         self.job_timeout_s = job_timeout_s
-        self.max_attempts = max_attempts
         self.window = window
         self.max_batch_items = max_batch_items
         self.worker_lease_s = worker_lease_s
@@ -233,25 +176,27 @@ class Dispatcher:
         self.read_block_ms = read_block_ms
         self.drain_timeout_s = drain_timeout_s
         self.reconcile_grace_s = reconcile_grace_s
-        self.redeliver_grace_s = redeliver_grace_s
-        self.redeliver_window_s = redeliver_window_s
-        self.redeliver_batch = redeliver_batch
         claim_s = broker.claim_idle_ms / 1000
         self.lease_s = claim_s / 2
         self.touch_interval_s = max(0.05, claim_s / 5)
 
         self.batches: deque[BatchRecord] = deque(maxlen=BATCH_HISTORY)
         self._queue: FairQueue[tuple[object, ...]] = FairQueue()
-        self._held: dict[str, _Held] = {}  # read, waiting for a batch
-        self._running: dict[str, _Held] = {}  # in a batch on a worker
-        self._settling: dict[str, _Held] = {}  # stored, being announced and acked
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._held: dict[str, Held] = {}  # read, waiting for a batch
+        self._running: dict[str, Held] = {}  # in a batch on a worker
+        self._tasks: set[asyncio.Task[None]] = set()  # batches running
         self._sending: set[asyncio.Task[None]] = set()  # progress ticks in flight
-        self._announced: OrderedDict[str, None] = OrderedDict()
         self._epoch: str | None = None
         self._due: dict[str, float] = {}
-        # Jobs re-announced by this process: (times, monotonic time of the next one due).
-        self._redelivered: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._db = Store(session_factory)
+        # What happens to a job once it ran (or cannot run): stored, failed, re-queued,
+        # announced; and finished jobs re-announced until their front end confirms them.
+        self.settle = Settler(
+            name=name, broker=broker, db=self._db, blobs=blobs, max_attempts=max_attempts,
+            redeliver_grace_s=redeliver_grace_s, redeliver_window_s=redeliver_window_s,
+            pass_interval_s=reconcile_interval_s, redeliver_batch=redeliver_batch,
+            busy=lambda: self._held.keys() | self._running.keys(),
+        )
 
     # The loop ----------------------------------------------------------------------------
 
@@ -344,7 +289,7 @@ class Dispatcher:
                             self.name, self._epoch[:8], epoch[:8])
                 self._epoch = epoch
                 await self.reconcile(everything=True)
-                await self.redeliver(everything=True)
+                await self.settle.redeliver(everything=True)
         if self._every("claim", self.broker.claim_idle_ms / 2000):
             room = self.window - len(self._queue)
             if room > 0:
@@ -357,7 +302,7 @@ class Dispatcher:
             await self.workers.refresh()
         if self._every("reconcile", self.reconcile_interval_s):
             await self.reconcile(everything=False)
-            await self.redeliver(everything=False)
+            await self.settle.redeliver(everything=False)
         if self._every("heartbeat", self.heartbeat_s):
             live = self.workers.live()
             log.info(
@@ -368,7 +313,7 @@ class Dispatcher:
 
     async def _touch(self) -> None:
         """Keep our entries from being claimed and our running jobs' leases fresh."""
-        held = [*self._held.values(), *self._running.values(), *self._settling.values()]
+        held = [*self._held.values(), *self._running.values(), *self.settle.settling.values()]
         entry_ids = [eid for h in held for eid in h.entry_ids]
         if entry_ids:
             await self.broker.touch_jobs(self.name, entry_ids)
@@ -378,12 +323,20 @@ class Dispatcher:
             await self._db(lambda s: job_repo.refresh_leases(session=s, job_ids=running, now=now))
 
     async def _drain(self) -> None:
+        """Let running batches finish, then the announcements they started, within
+        ``drain_timeout_s`` in all; what is left is cancelled (its entries stay pending)."""
         if self._tasks:
             log.info("dispatcher %s: waiting for %d running batches", self.name,
                      len(self._tasks))
-            _, pending = await asyncio.wait(self._tasks, timeout=self.drain_timeout_s)
+        deadline = time.monotonic() + self.drain_timeout_s
+        for tasks in (self._tasks, self.settle.tasks):
+            if not tasks:
+                continue
+            _, pending = await asyncio.wait(
+                set(tasks), timeout=max(0.0, deadline - time.monotonic())
+            )
             for task in pending:
-                task.cancel()  # the worker stops at its next step; the entries stay pending
+                task.cancel()  # a worker stops at its next step
             if pending:
                 await asyncio.wait(pending, timeout=5)
         if self._sending:
@@ -397,7 +350,7 @@ class Dispatcher:
         fresh: list[JobEntry] = []
         for entry in entries:
             mine = (self._held.get(entry.job_id) or self._running.get(entry.job_id)
-                    or self._settling.get(entry.job_id))
+                    or self.settle.settling.get(entry.job_id))
             if mine is not None:
                 # Another entry of a job we hold (a reconcile or retry duplicate): acked with it.
                 if entry.entry_id not in mine.entry_ids:
@@ -426,7 +379,7 @@ class Dispatcher:
     async def _admit_one(self, entry: JobEntry, job: JobRead, stale_before: datetime) -> None:
         # 1. Finished already (a crash after settling, or a duplicate): (re)announce, ack.
         if job.status.finished:
-            await self._announce(job, [entry])
+            await self.settle.announce(job, [entry])
             return
         # 2. Running with a fresh lease: another dispatcher has it; this entry is a duplicate.
         if job.status is JobStatus.running and job.updated_at >= stale_before:
@@ -434,27 +387,27 @@ class Dispatcher:
                      entry.entry_id)
             await self.broker.ack_job(entry.entry_id)
             return
-        held = _Held([entry], job)
+        held = Held([entry], job)
         # 3. Cancelled while queued.
         if await self.broker.is_cancel_requested(job.id):
-            await self._settle_cancelled(held)
+            await self.settle.cancelled(held)
             return
         # 4. Jobs that can never run: fail now, refunded.
         try:
             held.spec = self.models.get(job.request.model)
         except AtelierError:
-            await self._fail(held, f"model {job.request.model!r} is not available here")
+            await self.settle.fail(held, f"model {job.request.model!r} is not available here")
             return
         impossible = self.workers.impossible(held.spec)
         if impossible is not None:
-            await self._fail(held, impossible)
+            await self.settle.fail(held, impossible)
             return
         # 5. Given up: started too often, or handed out too often (a job crashing dispatchers).
-        if job.attempts >= self.max_attempts:
-            await self._fail(held, f"gave up after {job.attempts} attempts", dead_letter=True)
+        if job.attempts >= self.settle.max_attempts:
+            await self.settle.fail(held, f"gave up after {job.attempts} attempts", dead_letter=True)
             return
         if self.broker.over_delivered(entry):
-            await self._fail(
+            await self.settle.fail(
                 held, f"gave up after {entry.deliveries} deliveries", dead_letter=True
             )
             return
@@ -470,9 +423,9 @@ class Dispatcher:
         return any(self.workers.choose(self._payload(h).model) for h in self._queue.heads())
 
     @staticmethod
-    def _payload(waiting: Waiting[Any]) -> _Held:
+    def _payload(waiting: Waiting[Any]) -> Held:
         held = waiting.payload
-        if not isinstance(held, _Held):
+        if not isinstance(held, Held):
             raise TypeError(f"queue entry for job {waiting.job_id} carries no job")
         return held
 
@@ -501,7 +454,7 @@ class Dispatcher:
 
     # Running a batch ---------------------------------------------------------------------
 
-    async def _run_batch(self, slot: WorkerSlot, held: list[_Held]) -> None:
+    async def _run_batch(self, slot: WorkerSlot, held: list[Held]) -> None:
         model = held[0].model.name
         try:
             started = await self._start(held)
@@ -531,7 +484,7 @@ class Dispatcher:
             for h in held:
                 self._running.pop(h.job_id, None)
 
-    async def _start(self, held: list[_Held]) -> list[_Held]:
+    async def _start(self, held: list[Held]) -> list[Held]:
         """Mark the jobs running (one compare-and-set each: only one dispatcher wins a job)
         and count the attempt; settle those cancelled or taken meanwhile."""
         for h in held:
@@ -545,7 +498,7 @@ class Dispatcher:
         live = [h for h in held if not h.cancel_requested]
         for h in held:
             if h.cancel_requested:
-                await self._settle_cancelled(h)
+                await self.settle.cancelled(h)
         if not live:
             return []
         now = utcnow()
@@ -564,15 +517,15 @@ class Dispatcher:
                 continue
             current = await self._db(functools.partial(_find_job, job_id=h.job_id))
             if current is not None and current.status.finished:
-                await self._announce(current, h.entries)
+                await self.settle.announce(current, h.entries)
             else:
                 log.info("job %s: taken by another dispatcher; acking entry", h.job_id)
-                await self._ack(h.entries)
+                await self.settle.ack(h.entries)
         for h in started:
-            await self._hint(JobEvent(EventKind.started, h.job_id))
+            await self.settle.hint(JobEvent(EventKind.started, h.job_id))
         return started
 
-    async def _execute(self, slot: WorkerSlot, jobs: list[_Held]) -> None:
+    async def _execute(self, slot: WorkerSlot, jobs: list[Held]) -> None:
         """Run ``jobs`` as one call on ``slot`` and settle each; isolates a poison job."""
         relay = self._progress_relay(jobs)
         ran = asyncio.Event()
@@ -585,7 +538,7 @@ class Dispatcher:
                 )
         except GenerationCancelled:
             for h in jobs:
-                await self._settle_cancelled(h)
+                await self.settle.cancelled(h)
             return
         except WorkerFailed as exc:
             await self._worker_failed(slot, jobs, exc)
@@ -594,7 +547,7 @@ class Dispatcher:
             if exc.reason != "lease":  # a lapsed lease says nothing bad about the worker
                 self.workers.lost(slot, exc)
             for h in jobs:
-                await self._retry_or_fail(h, f"the worker was lost ({exc.reason})")
+                await self.settle.retry_or_fail(h, f"the worker was lost ({exc.reason})")
             return
         except TimeoutError:
             for h in jobs:
@@ -602,7 +555,7 @@ class Dispatcher:
                     await asyncio.wait_for(_await_ref(slot.handle.cancel.remote(h.job_id)), 5)
             self.workers.mark_dead(slot.worker_id, f"a batch ran past {self.job_timeout_s:g}s")
             for h in jobs:
-                await self._retry_or_fail(h, f"timed out after {self.job_timeout_s:g}s")
+                await self.settle.retry_or_fail(h, f"timed out after {self.job_timeout_s:g}s")
             return
         finally:
             ran.set()
@@ -612,29 +565,29 @@ class Dispatcher:
             by_job.setdefault(result.job_id, []).append(result)
         # Every job the worker finished goes into the store first, which needs no broker, and
         # only then to its front end: a broker outage delays deliveries, never the settling.
-        stored: list[tuple[_Held, JobRead]] = []
+        stored: list[tuple[Held, JobRead]] = []
         for h in jobs:
             images = by_job.get(h.job_id)
             if images:
-                job = await self._store_done(h, images)
+                job = await self.settle.store_done(h, images)
                 if job is not None:
                     stored.append((h, job))
         if stored:
-            self._announce_soon(stored)
+            self.settle.announce_soon(stored)
         for h in jobs:
             if by_job.get(h.job_id):
                 continue
             if h.cancel_requested:
-                await self._settle_cancelled(h)
+                await self.settle.cancelled(h)
             else:
-                await self._retry_or_fail(h, "the worker returned no images for this job")
+                await self.settle.retry_or_fail(h, "the worker returned no images for this job")
 
-    async def _worker_failed(self, slot: WorkerSlot, jobs: list[_Held], exc: WorkerFailed) -> None:
+    async def _worker_failed(self, slot: WorkerSlot, jobs: list[Held], exc: WorkerFailed) -> None:
         by_id = {h.job_id: h for h in jobs}
         if exc.job_id is not None and exc.job_id in by_id:
             # The worker named the job at fault (its input): fail it, run the others again.
             culprit = by_id[exc.job_id]
-            await self._fail(culprit, user_reason(exc, culprit.model.name))
+            await self.settle.fail(culprit, user_reason(exc, culprit.model.name))
             others = [h for h in jobs if h.job_id != exc.job_id]
             if others:
                 await self._execute(slot, others)
@@ -653,9 +606,9 @@ class Dispatcher:
         # a line that names the model but none of the server's internals.
         log.error("job %s: worker %s failed it (%s): %s", jobs[0].job_id, slot.worker_id,
                   exc.error_code, exc.message)
-        await self._retry_or_fail(jobs[0], user_reason(exc, jobs[0].model.name))
+        await self.settle.retry_or_fail(jobs[0], user_reason(exc, jobs[0].model.name))
 
-    def _progress_relay(self, jobs: list[_Held]) -> Callable[[int, int], None]:
+    def _progress_relay(self, jobs: list[Held]) -> Callable[[int, int], None]:
         """Progress ticks for ``jobs``, sent beside the batch, never in its way: while one is
         in flight (the broker slow or down, each send retrying) later ticks are dropped."""
         last = 0.0
@@ -680,12 +633,12 @@ class Dispatcher:
     async def _hints(self, events: Sequence[JobEvent]) -> None:
         try:
             for event in events:
-                await self._hint(event)
+                await self.settle.hint(event)
         except Exception as exc:  # a tick is not worth a crash; nobody awaits this task
             log.debug("progress ticks not published: %r", exc)
 
     async def _watch_cancels(
-        self, slot: WorkerSlot, jobs: list[_Held], ran: asyncio.Event
+        self, slot: WorkerSlot, jobs: list[Held], ran: asyncio.Event
     ) -> None:
         """Pass cancel flags on to the worker, which stops the job at its next step; ends
         once ``ran`` is set (no cancellation needed, which a client library might swallow)."""
@@ -707,192 +660,6 @@ class Dispatcher:
                     log.warning("job %s: could not tell the worker to cancel: %s", h.job_id, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ran.wait(), self.cancel_poll_s)
-
-    # Settling ----------------------------------------------------------------------------
-
-    async def _store_done(self, h: _Held, results: list[ImageResult]) -> JobRead | None:
-        """Images, then capture and succeeded (each idempotent); the caller then announces the
-        job (delivery, ack). Returns the finished row, or None if the job is not finished."""
-        # 1. PNGs into the content-addressed store: a repeat writes nothing new.
-        keys = await asyncio.to_thread(lambda: [self.blobs.put(r.png) for r in results])
-        images = [
-            NewImage(
-                index=r.index, seed=r.seed, width=r.width, height=r.height, blob_key=key,
-                sha256=sha256_of(key), prompt=r.prompt, negative=r.negative,
-                styles=(r.style,) if r.style else (), model=r.model, infotext=r.infotext,
-            )
-            for r, key in zip(results, keys, strict=True)
-        ]
-
-        # 2. One transaction: rows, capture, succeeded; unless the job finished meanwhile
-        #    (cancelled by its owner, or settled by a dispatcher running a duplicate).
-        def commit(session: Session) -> JobRead:
-            job = job_repo.get_job(session=session, job_id=h.job_id)
-            if job.status.finished:
-                return job
-            gallery.add_images(session=session, job_id=h.job_id, images=images)
-            ledger.capture(session=session, job_id=h.job_id)
-            return job_repo.set_status(
-                session=session, job_id=h.job_id, status=JobStatus.succeeded
-            )
-
-        try:
-            job = await self._db(commit)
-        except Conflict as exc:
-            # Lost a race with a cancel (its release won): the job is whatever it became.
-            log.info("job %s: finished elsewhere while settling (%s)", h.job_id, exc)
-            job = await self._db(lambda s: job_repo.get_job(session=s, job_id=h.job_id))
-        if not job.status.finished:
-            log.error("job %s is %s after settling; leaving its entry for a retry",
-                      h.job_id, job.status.value)
-            return None
-        if job.status is JobStatus.succeeded:
-            log.info("job %s: succeeded with %d images", h.job_id, len(images))
-        return job
-
-    async def _settle_cancelled(self, h: _Held) -> None:
-        def cancel(session: Session) -> JobRead:
-            job = job_repo.get_job(session=session, job_id=h.job_id)
-            if job.status.finished:
-                return job
-            job_repo.set_status(
-                session=session, job_id=h.job_id, status=JobStatus.cancelled,
-                error=CANCELLED_REASON,
-            )
-            ledger.release(session=session, job_id=h.job_id)
-            return job_repo.get_job(session=session, job_id=h.job_id)
-
-        job = await self._db(cancel)
-        log.info("job %s: %s, credits released", h.job_id, job.status.value)
-        await self._announce(job, h.entries)
-
-    async def _fail(self, h: _Held, reason: str, *, dead_letter: bool = False) -> None:
-        """Failed and refunded, then announced; ``dead_letter`` parks the entry for people."""
-
-        def fail(session: Session) -> JobRead:
-            job = job_repo.get_job(session=session, job_id=h.job_id)
-            if job.status.finished:
-                return job
-            job_repo.set_status(
-                session=session, job_id=h.job_id, status=JobStatus.failed, error=reason
-            )
-            ledger.release(session=session, job_id=h.job_id)
-            return job_repo.get_job(session=session, job_id=h.job_id)
-
-        job = await self._db(fail)
-        log.warning("job %s: failed (%s), credits released", h.job_id, reason)
-        await self._announce(job, h.entries, dead_letter=reason if dead_letter else None)
-
-    async def _retry_or_fail(self, h: _Held, reason: str) -> None:
-        """Back to the queue for another worker while attempts remain, else failed."""
-        if h.job.attempts >= self.max_attempts:
-            await self._fail(
-                h, f"gave up after {h.job.attempts} attempts: {reason}", dead_letter=True
-            )
-            return
-
-        # 1. Queued again in the store, 2. a fresh entry, 3. the old ones acked: a crash
-        #    between the steps leaves a pending entry or a duplicate, both handled on reading.
-        def requeue(session: Session) -> JobRead:
-            job = job_repo.get_job(session=session, job_id=h.job_id)
-            if job.status is JobStatus.running:
-                job = job_repo.set_status(
-                    session=session, job_id=h.job_id, status=JobStatus.queued
-                )
-            return job
-
-        job = await self._db(requeue)
-        if job.status.finished:
-            await self._announce(job, h.entries)
-            return
-        log.warning("job %s: attempt %d failed (%s); queued again", h.job_id, h.job.attempts,
-                    reason)
-        await self.broker.enqueue(
-            h.job_id, {"account": str(job.account_id), "retry": str(h.job.attempts)}
-        )
-        await self._ack(h.entries)
-
-    async def _announce(
-        self, job: JobRead, entries: Sequence[JobEntry], *, dead_letter: str | None = None
-    ) -> None:
-        """Publish a finished job's terminal event to its front end, then ack its entries.
-        A job its front end marked delivered is only acked."""
-        if job.id not in self._announced and job.delivered_at is None:
-            images: list[ImageRead] = []
-            if job.status is JobStatus.succeeded:
-                images = await self._db(
-                    lambda s: gallery.list_job_images(session=s, job_id=job.id)
-                )
-            event = terminal_event(job, images)
-            await self._publish_delivery(job.delivery.frontend, event)
-            self._announced[job.id] = None
-            while len(self._announced) > ANNOUNCED_MEMORY:
-                self._announced.popitem(last=False)
-            await self._hint(JobEvent(event.kind, job.id))
-        if dead_letter is not None and entries:
-            await self.broker.dead_letter(entries[0], dead_letter)
-            entries = entries[1:]
-        await self._ack(entries)
-
-    def _announce_soon(self, stored: list[tuple[_Held, JobRead]]) -> None:
-        """Announce settled jobs in a task of their own: riding out a broker outage must not
-        keep the worker from its next batch. Their entries stay touched until acked."""
-        for h, _ in stored:
-            self._settling[h.job_id] = h
-
-        async def announce() -> None:
-            try:
-                for h, job in stored:
-                    await self._announce(job, h.entries)
-            except BrokerUnavailable as exc:
-                # Pending entries (or redeliver(), if the broker lost them) bring these back.
-                log.warning("jobs %s: settled, not yet announced (%s)",
-                            [h.job_id for h, _ in stored], exc)
-            except Exception:
-                log.exception("jobs %s: settled, announcing failed",
-                              [h.job_id for h, _ in stored])
-            finally:
-                for h, _ in stored:
-                    self._settling.pop(h.job_id, None)
-
-        task = asyncio.create_task(announce())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _publish_delivery(self, frontend: str, event: JobEvent) -> None:
-        """Publish, riding out a short broker outage (the job is settled); a longer one, or a
-        restart losing the stream, is made good by redeliver() until the front end marks the
-        job delivered. A retry is dropped once redeliver() has published the event or the
-        front end has marked the job delivered: a late copy would repeat a delivered job."""
-        redelivered = self._redelivered.get(event.job_id)
-        for delay in (*PUBLISH_RETRY_S, None):
-            try:
-                await self.broker.publish_delivery(frontend, event.to_fields())
-                return
-            except BrokerUnavailable as exc:
-                if delay is None:
-                    raise
-                log.warning("job %s: delivery not published (%s); retrying in %g s",
-                            event.job_id, exc, delay)
-                await asyncio.sleep(delay)
-            if self._redelivered.get(event.job_id) != redelivered:
-                return
-            job = await self._db(
-                lambda s: job_repo.get_job(session=s, job_id=event.job_id), read_only=True
-            )
-            if job.delivered_at is not None:
-                return
-
-    async def _ack(self, entries: Sequence[JobEntry]) -> None:
-        for entry in entries:
-            await self.broker.ack_job(entry.entry_id)
-
-    async def _hint(self, event: JobEvent) -> None:
-        """A best-effort progress message (clients also poll the job row)."""
-        try:
-            await self.broker.publish_progress(event.job_id, event.to_fields())
-        except BrokerUnavailable as exc:
-            log.debug("job %s: progress not published: %s", event.job_id, exc)
 
     # Reconciling the broker with the store -----------------------------------------------
 
@@ -930,67 +697,7 @@ class Dispatcher:
             log.warning("dispatcher %s: re-enqueued %d unfinished jobs", self.name, enqueued)
         return enqueued
 
-    async def redeliver(self, *, everything: bool) -> int:
-        """Re-announce finished jobs whose front end has not marked them delivered; returns
-        how many were published.
-
-        ``everything`` (the broker restarted, its delivery streams are gone): every such job
-        finished within the window, at once. Otherwise those finished more than
-        ``redeliver_grace_s`` ago, each at most once per its backoff (the grace period,
-        doubling per re-announcement up to REDELIVER_MAX_BACKOFF_S). Jobs this dispatcher
-        holds or runs are left to it; one whose announcement is still retrying is published
-        here, and that retry then stops.
-        """
-        now = utcnow()
-        before = now if everything else now - timedelta(seconds=self.redeliver_grace_s)
-        window = timedelta(seconds=self.redeliver_window_s)
-        rows = await self._db(
-            lambda s: job_repo.undelivered_jobs(
-                session=s, finished_before=before, window=window, limit=self.redeliver_batch
-            ),
-            read_only=True,
-        )
-        mine = self._held.keys() | self._running.keys()
-        clock = time.monotonic()
-        published = 0
-        for job in rows:
-            if job.id in mine:
-                continue
-            times, due = self._redelivered.get(job.id, (0, 0.0))
-            if not everything and clock < due:
-                continue
-            images: list[ImageRead] = []
-            if job.status is JobStatus.succeeded:
-                images = await self._db(
-                    functools.partial(_job_images, job_id=job.id), read_only=True
-                )
-            # No retry loop: a broker that is down now fails the pass, and the next one (or
-            # the restart's) brings the job back.
-            await self.broker.publish_delivery(
-                job.delivery.frontend, terminal_event(job, images).to_fields()
-            )
-            step = max(self.redeliver_grace_s, self.reconcile_interval_s)
-            backoff = min(step * 2**times, REDELIVER_MAX_BACKOFF_S)
-            self._redelivered[job.id] = (times + 1, clock + backoff)
-            self._redelivered.move_to_end(job.id)
-            while len(self._redelivered) > ANNOUNCED_MEMORY:
-                self._redelivered.popitem(last=False)
-            published += 1
-        if published:
-            log.warning("dispatcher %s: re-announced %d finished jobs not marked delivered",
-                        self.name, published)
-        return published
-
     # Helpers -----------------------------------------------------------------------------
-
-    async def _db(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
-        factory = self._readers if read_only else self.sessions
-
-        def work() -> T:
-            with transaction(factory) as session:
-                return fn(session)
-
-        return await asyncio.to_thread(work)
 
     @property
     def queued(self) -> int:
@@ -1021,10 +728,6 @@ def _find_job(session: Session, *, job_id: str) -> JobRead | None:
         return job_repo.get_job(session=session, job_id=job_id)
     except NotFound:
         return None
-
-
-def _job_images(session: Session, *, job_id: str) -> list[ImageRead]:
-    return gallery.list_job_images(session=session, job_id=job_id)
 
 
 async def _await_ref(ref: Any) -> Any:

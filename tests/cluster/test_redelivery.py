@@ -139,22 +139,22 @@ async def test_undelivered_jobs_are_re_announced_after_the_grace_period_with_bac
     (job_id,) = await cancelled_jobs(stack, 1)
     d = stack.dispatcher  # not started: the test runs its passes
     # Not finished long enough ago yet (cancelled just now): nothing.
-    d.redeliver_grace_s = 3600.0
-    assert await d.redeliver(everything=False) == 0
-    d.redeliver_grace_s = 0.3
+    d.settle.redeliver_grace_s = 3600.0
+    assert await d.settle.redeliver(everything=False) == 0
+    d.settle.redeliver_grace_s = 0.3
     await asyncio.sleep(0.35)
-    assert await d.redeliver(everything=False) == 1
-    assert await d.redeliver(everything=False) == 0  # backing off: 0.3 s, then 0.6 s
+    assert await d.settle.redeliver(everything=False) == 1
+    assert await d.settle.redeliver(everything=False) == 0  # backing off: 0.3 s, then 0.6 s
     await asyncio.sleep(0.35)
-    assert await d.redeliver(everything=False) == 1
+    assert await d.settle.redeliver(everything=False) == 1
     assert [e.job_id for e in await on_stream(url)] == [job_id, job_id]
     # Out of the window: left alone.
-    d.redeliver_window_s = 0.1
+    d.settle.redeliver_window_s = 0.1
     await asyncio.sleep(0.7)
-    assert await d.redeliver(everything=True) == 0
-    d.redeliver_window_s = 3600.0
+    assert await d.settle.redeliver(everything=True) == 0
+    d.settle.redeliver_window_s = 3600.0
     assert await stack.client.mark_delivered(job_id) is True
-    assert await d.redeliver(everything=True) == 0
+    assert await d.settle.redeliver(everything=True) == 0
     assert len(await on_stream(url)) == 2
 
 

@@ -1,0 +1,372 @@
+"""Settling finished work: every step of it idempotent and in an order that survives a crash
+anywhere (see "Crash safety" in cluster/dispatcher.py), and re-announcing finished jobs whose
+front end never confirmed them."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
+
+from cluster.broker import Broker, BrokerUnavailable, JobEntry
+from cluster.client import read_only_sessions
+from cluster.engine import BatchItem, ImageResult
+from cluster.events import JobEvent, nsfw_allowed, terminal_event
+from cluster.registry import ModelSpec
+from core.errors import Conflict
+from core.jobs import JobStatus
+from storage import gallery, ledger
+from storage import jobs as job_repo
+from storage.blobs import BlobStore, sha256_of
+from storage.db import transaction
+from storage.gallery import ImageRead, NewImage
+from storage.jobs import JobRead
+from storage.models import utcnow
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CANCELLED_REASON = "cancelled by its owner"
+# Remember this many job ids whose terminal event this process published: a duplicate entry
+# then does not publish again (across processes, front ends dedupe by job id).
+ANNOUNCED_MEMORY = 10_000
+# Durable delivery. A delivery lives in the broker until its front end reads and acks it, and a
+# broker restart without persistence loses it (and so does an outage outlasting the publish
+# retries). So the store keeps the truth: a finished job's delivered_at stays NULL until the
+# front end has sent the result (Client.mark_delivered). Every reconcile pass re-announces
+# finished jobs undelivered for longer than redeliver_grace_s (backing off per job, up to
+# REDELIVER_MAX_BACKOFF_S), and a broker restart re-announces every undelivered job at once;
+# only jobs finished within redeliver_window_s, redeliver_batch at a time. Front ends dedupe
+# by job id.
+REDELIVER_BATCH = 500
+REDELIVER_MAX_BACKOFF_S = 3600.0
+# Waits between attempts to publish a settled job's delivery while the broker is down.
+PUBLISH_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0)
+
+
+@dataclass
+class Held:
+    """A job a dispatcher holds: its entries (the first is the one it was admitted with;
+    duplicates are acked with it), its row and its model."""
+
+    entries: list[JobEntry]
+    job: JobRead
+    spec: ModelSpec | None = None  # resolved on admission
+    cancel_requested: bool = False
+
+    @property
+    def model(self) -> ModelSpec:
+        if self.spec is None:
+            raise RuntimeError(f"job {self.job.id} was queued without a model")
+        return self.spec
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def entry_ids(self) -> list[str]:
+        return [e.entry_id for e in self.entries]
+
+    def item(self) -> BatchItem:
+        return BatchItem(self.job.id, self.job.request, nsfw_allowed(self.job.delivery))
+
+
+class Store:
+    """Runs a store function off the event loop, in one transaction of its own."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._readers = read_only_sessions(sessions)
+
+    async def __call__(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
+        factory = self._readers if read_only else self.sessions
+
+        def work() -> T:
+            with transaction(factory) as session:
+                return fn(session)
+
+        return await asyncio.to_thread(work)
+
+
+class Settler:
+    """One dispatcher's settling: stores what a worker made, fails, cancels or re-queues a job,
+    announces finished jobs to their front ends and acks their entries."""
+
+    def __init__(
+        self, *, name: str, broker: Broker, db: Store, blobs: BlobStore, max_attempts: int,
+        redeliver_grace_s: float, redeliver_window_s: float, pass_interval_s: float,
+        redeliver_batch: int = REDELIVER_BATCH, busy: Callable[[], set[str]] = set,
+    ) -> None:
+        """``pass_interval_s``: how often ``redeliver`` is called (a job's back-off starts at
+        the larger of it and the grace). ``busy``: ids of the jobs the dispatcher still holds
+        or runs, which ``redeliver`` leaves to it."""
+        self.name = name
+        self.broker = broker
+        self._db = db
+        self.blobs = blobs
+        self.max_attempts = max_attempts
+        self.redeliver_grace_s = redeliver_grace_s
+        self.redeliver_window_s = redeliver_window_s
+        self.pass_interval_s = pass_interval_s
+        self.redeliver_batch = redeliver_batch
+        self._busy = busy
+        self.settling: dict[str, Held] = {}  # stored, being announced and acked
+        self.tasks: set[asyncio.Task[None]] = set()  # announcements in the background
+        self.announced: OrderedDict[str, None] = OrderedDict()
+        # Jobs re-announced by this process: (times, monotonic time of the next one due).
+        self._redelivered: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def store_done(self, h: Held, results: list[ImageResult]) -> JobRead | None:
+        """Images, then capture and succeeded (each idempotent); the caller then announces the
+        job (delivery, ack). Returns the finished row, or None if the job is not finished."""
+        # 1. PNGs into the content-addressed store: a repeat writes nothing new.
+        keys = await asyncio.to_thread(lambda: [self.blobs.put(r.png) for r in results])
+        images = [
+            NewImage(
+                index=r.index, seed=r.seed, width=r.width, height=r.height, blob_key=key,
+                sha256=sha256_of(key), prompt=r.prompt, negative=r.negative,
+                styles=(r.style,) if r.style else (), model=r.model, infotext=r.infotext,
+            )
+            for r, key in zip(results, keys, strict=True)
+        ]
+
+        # 2. One transaction: rows, capture, succeeded; unless the job finished meanwhile
+        #    (cancelled by its owner, or settled by a dispatcher running a duplicate).
+        def commit(session: Session) -> JobRead:
+            job = job_repo.get_job(session=session, job_id=h.job_id)
+            if job.status.finished:
+                return job
+            gallery.add_images(session=session, job_id=h.job_id, images=images)
+            ledger.capture(session=session, job_id=h.job_id)
+            return job_repo.set_status(
+                session=session, job_id=h.job_id, status=JobStatus.succeeded
+            )
+
+        try:
+            job = await self._db(commit)
+        except Conflict as exc:
+            # Lost a race with a cancel (its release won): the job is whatever it became.
+            log.info("job %s: finished elsewhere while settling (%s)", h.job_id, exc)
+            job = await self._db(lambda s: job_repo.get_job(session=s, job_id=h.job_id))
+        if not job.status.finished:
+            log.error("job %s is %s after settling; leaving its entry for a retry",
+                      h.job_id, job.status.value)
+            return None
+        if job.status is JobStatus.succeeded:
+            log.info("job %s: succeeded with %d images", h.job_id, len(images))
+        return job
+
+    async def cancelled(self, h: Held) -> None:
+        """Cancelled and released (unless it finished meanwhile), then announced."""
+
+        def cancel(session: Session) -> JobRead:
+            job = job_repo.get_job(session=session, job_id=h.job_id)
+            if job.status.finished:
+                return job
+            job_repo.set_status(
+                session=session, job_id=h.job_id, status=JobStatus.cancelled,
+                error=CANCELLED_REASON,
+            )
+            ledger.release(session=session, job_id=h.job_id)
+            return job_repo.get_job(session=session, job_id=h.job_id)
+
+        job = await self._db(cancel)
+        log.info("job %s: %s, credits released", h.job_id, job.status.value)
+        await self.announce(job, h.entries)
+
+    async def fail(self, h: Held, reason: str, *, dead_letter: bool = False) -> None:
+        """Failed and refunded, then announced; ``dead_letter`` parks the entry for people."""
+
+        def fail(session: Session) -> JobRead:
+            job = job_repo.get_job(session=session, job_id=h.job_id)
+            if job.status.finished:
+                return job
+            job_repo.set_status(
+                session=session, job_id=h.job_id, status=JobStatus.failed, error=reason
+            )
+            ledger.release(session=session, job_id=h.job_id)
+            return job_repo.get_job(session=session, job_id=h.job_id)
+
+        job = await self._db(fail)
+        log.warning("job %s: failed (%s), credits released", h.job_id, reason)
+        await self.announce(job, h.entries, dead_letter=reason if dead_letter else None)
+
+    async def retry_or_fail(self, h: Held, reason: str) -> None:
+        """Back to the queue for another worker while attempts remain, else failed."""
+        if h.job.attempts >= self.max_attempts:
+            await self.fail(
+                h, f"gave up after {h.job.attempts} attempts: {reason}", dead_letter=True
+            )
+            return
+
+        # 1. Queued again in the store, 2. a fresh entry, 3. the old ones acked: a crash
+        #    between the steps leaves a pending entry or a duplicate, both handled on reading.
+        def requeue(session: Session) -> JobRead:
+            job = job_repo.get_job(session=session, job_id=h.job_id)
+            if job.status is JobStatus.running:
+                job = job_repo.set_status(
+                    session=session, job_id=h.job_id, status=JobStatus.queued
+                )
+            return job
+
+        job = await self._db(requeue)
+        if job.status.finished:
+            await self.announce(job, h.entries)
+            return
+        log.warning("job %s: attempt %d failed (%s); queued again", h.job_id, h.job.attempts,
+                    reason)
+        await self.broker.enqueue(
+            h.job_id, {"account": str(job.account_id), "retry": str(h.job.attempts)}
+        )
+        await self.ack(h.entries)
+
+    async def announce(
+        self, job: JobRead, entries: Sequence[JobEntry], *, dead_letter: str | None = None
+    ) -> None:
+        """Publish a finished job's terminal event to its front end, then ack its entries.
+        A job its front end marked delivered is only acked."""
+        if job.id not in self.announced and job.delivered_at is None:
+            images: list[ImageRead] = []
+            if job.status is JobStatus.succeeded:
+                images = await self._db(
+                    lambda s: gallery.list_job_images(session=s, job_id=job.id)
+                )
+            event = terminal_event(job, images)
+            await self._publish_delivery(job.delivery.frontend, event)
+            self.announced[job.id] = None
+            while len(self.announced) > ANNOUNCED_MEMORY:
+                self.announced.popitem(last=False)
+            await self.hint(JobEvent(event.kind, job.id))
+        if dead_letter is not None and entries:
+            await self.broker.dead_letter(entries[0], dead_letter)
+            entries = entries[1:]
+        await self.ack(entries)
+
+    def announce_soon(self, stored: list[tuple[Held, JobRead]]) -> None:
+        """Announce settled jobs in a task of their own: riding out a broker outage must not
+        keep the worker from its next batch. Their entries stay touched until acked."""
+        for h, _ in stored:
+            self.settling[h.job_id] = h
+
+        async def announce() -> None:
+            try:
+                for h, job in stored:
+                    await self.announce(job, h.entries)
+            except BrokerUnavailable as exc:
+                # Pending entries (or redeliver(), if the broker lost them) bring these back.
+                log.warning("jobs %s: settled, not yet announced (%s)",
+                            [h.job_id for h, _ in stored], exc)
+            except Exception:
+                log.exception("jobs %s: settled, announcing failed",
+                              [h.job_id for h, _ in stored])
+            finally:
+                for h, _ in stored:
+                    self.settling.pop(h.job_id, None)
+
+        self._spawn(announce())
+
+    async def _publish_delivery(self, frontend: str, event: JobEvent) -> None:
+        """Publish, riding out a short broker outage (the job is settled); a longer one, or a
+        restart losing the stream, is made good by redeliver() until the front end marks the
+        job delivered. A retry is dropped once redeliver() has published the event or the
+        front end has marked the job delivered: a late copy would repeat a delivered job."""
+        redelivered = self._redelivered.get(event.job_id)
+        for delay in (*PUBLISH_RETRY_S, None):
+            try:
+                await self.broker.publish_delivery(frontend, event.to_fields())
+                return
+            except BrokerUnavailable as exc:
+                if delay is None:
+                    raise
+                log.warning("job %s: delivery not published (%s); retrying in %g s",
+                            event.job_id, exc, delay)
+                await asyncio.sleep(delay)
+            if self._redelivered.get(event.job_id) != redelivered:
+                return
+            job = await self._db(
+                lambda s: job_repo.get_job(session=s, job_id=event.job_id), read_only=True
+            )
+            if job.delivered_at is not None:
+                return
+
+    async def ack(self, entries: Sequence[JobEntry]) -> None:
+        for entry in entries:
+            await self.broker.ack_job(entry.entry_id)
+
+    async def hint(self, event: JobEvent) -> None:
+        """A best-effort progress message (clients also poll the job row)."""
+        try:
+            await self.broker.publish_progress(event.job_id, event.to_fields())
+        except BrokerUnavailable as exc:
+            log.debug("job %s: progress not published: %s", event.job_id, exc)
+
+    async def redeliver(self, *, everything: bool) -> int:
+        """Re-announce finished jobs whose front end has not marked them delivered; returns
+        how many were published.
+
+        ``everything`` (the broker restarted, its delivery streams are gone): every such job
+        finished within the window, at once. Otherwise those finished more than
+        ``redeliver_grace_s`` ago, each at most once per its backoff (the grace period,
+        doubling per re-announcement up to REDELIVER_MAX_BACKOFF_S). Jobs this dispatcher
+        holds or runs are left to it; one whose announcement is still retrying is published
+        here, and that retry then stops.
+        """
+        now = utcnow()
+        before = now if everything else now - timedelta(seconds=self.redeliver_grace_s)
+        window = timedelta(seconds=self.redeliver_window_s)
+        rows = await self._db(
+            lambda s: job_repo.undelivered_jobs(
+                session=s, finished_before=before, window=window, limit=self.redeliver_batch
+            ),
+            read_only=True,
+        )
+        mine = self._busy()
+        clock = time.monotonic()
+        published = 0
+        for job in rows:
+            if job.id in mine:
+                continue
+            times, due = self._redelivered.get(job.id, (0, 0.0))
+            if not everything and clock < due:
+                continue
+            images: list[ImageRead] = []
+            if job.status is JobStatus.succeeded:
+                images = await self._db(
+                    functools.partial(_job_images, job_id=job.id), read_only=True
+                )
+            # No retry loop: a broker that is down now fails the pass, and the next one (or
+            # the restart's) brings the job back.
+            await self.broker.publish_delivery(
+                job.delivery.frontend, terminal_event(job, images).to_fields()
+            )
+            step = max(self.redeliver_grace_s, self.pass_interval_s)
+            backoff = min(step * 2**times, REDELIVER_MAX_BACKOFF_S)
+            self._redelivered[job.id] = (times + 1, clock + backoff)
+            self._redelivered.move_to_end(job.id)
+            while len(self._redelivered) > ANNOUNCED_MEMORY:
+                self._redelivered.popitem(last=False)
+            published += 1
+        if published:
+            log.warning("dispatcher %s: re-announced %d finished jobs not marked delivered",
+                        self.name, published)
+        return published
+
+
+def _job_images(session: Session, *, job_id: str) -> list[ImageRead]:
+    return gallery.list_job_images(session=session, job_id=job_id)
