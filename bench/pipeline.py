@@ -179,9 +179,17 @@ class Rounds:
     def best(self, name: str) -> float:
         return min(self.times[name])
 
+    def ratios(self, a: str, b: str) -> list[float]:
+        """``a``'s time over ``b``'s in each round kept."""
+        return [x / y for x, y in zip(self.times[a], self.times[b], strict=True)]
+
     def ratio(self, a: str, b: str) -> float:
-        """Median over the rounds kept of ``a``'s time over ``b``'s in the same round."""
-        return median([x / y for x, y in zip(self.times[a], self.times[b], strict=True)])
+        """The median of ``ratios(a, b)``."""
+        return median(self.ratios(a, b))
+
+    def spread(self, a: str, b: str) -> str:
+        values = self.ratios(a, b)
+        return f"rounds {min(values):.3f}-{max(values):.3f}x"
 
     @property
     def note(self) -> str:
@@ -195,14 +203,19 @@ async def alternate(
     extra: int = 0,
 ) -> Rounds:
     """Run the variants in alternating rounds (after one warm-up each), so a shared machine
-    slows every variant alike, until ``reps`` rounds were quiet or ``reps + extra`` ran."""
+    slows every variant alike, until ``reps`` rounds were quiet or ``reps + extra`` ran.
+    Every other round runs them in reverse order (A B C, C B A, ...): this machine's speed
+    drifts by 10% and more within a minute, and a drift then favours no variant."""
     if warmup:
         for run in variants.values():
             await run()
     rounds: list[tuple[dict[str, float], bool]] = []
     while sum(q for _, q in rounds) < reps and len(rounds) < reps + extra:
         meter = LoadMeter()
-        times = {name: await run() for name, run in variants.items()}
+        order = list(variants.items())
+        if len(rounds) % 2:
+            order.reverse()
+        times = {name: await run() for name, run in order}
         cores = meter.cores()
         rounds.append((times, cores is None or cores <= QUIET_CORES))
     kept = [t for t, quiet in rounds if quiet] or [t for t, _ in rounds]
@@ -564,8 +577,8 @@ async def bench_p1(stack: Stack, model: str, side: int, reps: int, *, extra: int
     ratio = rounds.ratio("pipeline", "raw")
     report(out, load=load, result=Result(
         f"P1 e2e/job {model} {side}² {STEPS} st",
-        f"pipeline {p:.3f}s vs raw {r:.3f}s, worker alone {w:.3f}s ({rounds.note}; "
-        f"worker/raw {rounds.ratio('worker', 'raw'):.3f}x)",
+        f"pipeline {p:.3f}s vs raw {r:.3f}s, worker alone {w:.3f}s ({rounds.note}, "
+        f"{rounds.spread('pipeline', 'raw')}; worker/raw {rounds.ratio('worker', 'raw'):.3f}x)",
         f"{ratio:.3f}x",
         "<= 1.05x" if goal else "(goal is for SD-shaped)",
         ratio <= 1.05 if goal else None,
@@ -775,7 +788,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 await bench_p4(stack, TINY, TINY_SIDE, n, extra=n, out=out)
             if sd_path is not None:
                 if want("p1"):
-                    await bench_p1(stack, SD, SD_SIDE, 5, extra=2, goal=True, out=out)
+                    await bench_p1(stack, SD, SD_SIDE, 8, extra=2, goal=True, out=out)
                 if want("p2"):
                     await bench_p2(stack, SD, SD_SIDE, 2, 2, extra=0, goal_share=0.9, out=out)
                 if want("p4") and args.sd_styles:
