@@ -4,8 +4,9 @@ busy shared machine slows both sides alike. Prints each result as a ratio agains
 
 Run from the repository root, with Redis at 127.0.0.1:6379:
 ``.venv/bin/python -m bench.pipeline [--quick] [--only p1,p3]``. Full: the tiny model and the
-SD1.5-shaped one (built once into ``--cache-dir``, ~2 GB, ~30 s), 7-8 minutes on 2 cores;
-``--quick``: the tiny model only, 1-2 minutes. Uses Redis database 12 by default and deletes
+SD1.5-shaped one (built once into ``--cache-dir``, ~2 GB, ~30 s), about 25 minutes on 2 cores
+without bf16 (an SD-shaped image takes ~15 s there); ``--quick``: the tiny model only, 1-2
+minutes. Uses Redis database 12 by default and deletes
 its ``atelier:*`` keys before and after.
 
 The last column says how much CPU other people's processes took meanwhile: on 2 cores even
