@@ -166,6 +166,12 @@ class Broker(ABC):
     @abstractmethod
     async def is_cancel_requested(self, job_id: str) -> bool: ...
 
+    @abstractmethod
+    async def claim_redelivery(self, job_id: str, ttl_s: float) -> bool:
+        """True for the first caller in ``ttl_s`` seconds (a SET NX with a TTL): the
+        dispatcher that may re-announce ``job_id`` this period, so several dispatchers
+        re-announce an undelivered job once, not once each."""
+
     # Stats and housekeeping ---------------------------------------------------------------
 
     @abstractmethod

@@ -159,6 +159,7 @@ class MemoryBroker(Broker):
         self._dead_last_id: StreamId = (0, 0)
         self._subscribers: dict[str, set[asyncio.Queue[object]]] = {}
         self._cancels: dict[str, float] = {}  # job id -> monotonic expiry
+        self._redeliveries: dict[str, float] = {}  # job id -> monotonic expiry of the claim
 
     def _check_open(self) -> None:
         if self._closed:
@@ -298,6 +299,17 @@ class MemoryBroker(Broker):
         keys.cancel_key(job_id)
         self._check_open()
         return self._cancels.get(job_id, 0.0) > time.monotonic()
+
+    async def claim_redelivery(self, job_id: str, ttl_s: float) -> bool:
+        keys.redeliver_key(job_id)
+        self._check_open()
+        now = time.monotonic()
+        for expired in [j for j, until in self._redeliveries.items() if until <= now]:
+            del self._redeliveries[expired]
+        if job_id in self._redeliveries:
+            return False
+        self._redeliveries[job_id] = now + max(ttl_s, 0.001)
+        return True
 
     # Stats and housekeeping ---------------------------------------------------------------
 

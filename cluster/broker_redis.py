@@ -333,6 +333,11 @@ class RedisBroker(Broker):
         async with self._errors("checking a cancel"):
             return bool(await self._redis.exists(key))
 
+    async def claim_redelivery(self, job_id: str, ttl_s: float) -> bool:
+        key = keys.redeliver_key(job_id)
+        async with self._errors("claiming a re-announcement"):
+            return bool(await self._redis.set(key, "1", px=max(1, int(ttl_s * 1000)), nx=True))
+
     # Stats and housekeeping ---------------------------------------------------------------
 
     async def _group_info(self, stream: str) -> list[dict[str, Any]]:

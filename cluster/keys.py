@@ -36,6 +36,10 @@ PROGRESS_PREFIX = f"{PREFIX}:progress:"
 CANCEL_PREFIX = f"{PREFIX}:cancel:"
 CANCEL_TTL_S = 3600
 
+# Re-announcement claims: one dispatcher re-announces an undelivered job per back-off period.
+# Retention: a TTL of that period.
+REDELIVER_PREFIX = f"{PREFIX}:redeliver:"
+
 # One key per live dispatcher, refreshed by it as a heartbeat. Retention: a TTL of a few
 # heartbeat periods, so a dead dispatcher's key disappears on its own.
 DISPATCHER_PREFIX = f"{PREFIX}:dispatcher:"
@@ -86,6 +90,12 @@ def progress_channel(job_id: str) -> str:
 def cancel_key(job_id: str) -> str:
     """``atelier:cancel:{job_id}``: present (with a TTL) once cancellation was asked for."""
     return CANCEL_PREFIX + check_job_id(job_id)
+
+
+def redeliver_key(job_id: str) -> str:
+    """``atelier:redeliver:{job_id}``: present (with a TTL) while one dispatcher's
+    re-announcement of the job stands for all."""
+    return REDELIVER_PREFIX + check_job_id(job_id)
 
 
 def dispatcher_key(name: str) -> str:

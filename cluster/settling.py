@@ -325,7 +325,8 @@ class Settler:
         ``redeliver_grace_s`` ago, each at most once per its backoff (the grace period,
         doubling per re-announcement up to REDELIVER_MAX_BACKOFF_S). Jobs this dispatcher
         holds or runs are left to it; one whose announcement is still retrying is published
-        here, and that retry then stops.
+        here, and that retry then stops. Dispatchers sharing a broker take turns through
+        ``Broker.claim_redelivery``: each job is re-announced once per period, not once each.
         """
         now = utcnow()
         before = now if everything else now - timedelta(seconds=self.redeliver_grace_s)
@@ -345,6 +346,13 @@ class Settler:
             times, due = self._redelivered.get(job.id, (0, 0.0))
             if not everything and clock < due:
                 continue
+            step = max(self.redeliver_grace_s, self.pass_interval_s)
+            backoff = min(step * 2**times, REDELIVER_MAX_BACKOFF_S)
+            if not await self.broker.claim_redelivery(job.id, ttl_s=backoff):
+                # Another dispatcher re-announces it this period (or did, and the broker kept
+                # that announcement): look again one step later.
+                self._remember(job.id, times, clock + step)
+                continue
             images: list[ImageRead] = []
             if job.status is JobStatus.succeeded:
                 images = await self._db(
@@ -355,17 +363,18 @@ class Settler:
             await self.broker.publish_delivery(
                 job.delivery.frontend, terminal_event(job, images).to_fields()
             )
-            step = max(self.redeliver_grace_s, self.pass_interval_s)
-            backoff = min(step * 2**times, REDELIVER_MAX_BACKOFF_S)
-            self._redelivered[job.id] = (times + 1, clock + backoff)
-            self._redelivered.move_to_end(job.id)
-            while len(self._redelivered) > ANNOUNCED_MEMORY:
-                self._redelivered.popitem(last=False)
+            self._remember(job.id, times + 1, clock + backoff)
             published += 1
         if published:
             log.warning("dispatcher %s: re-announced %d finished jobs not marked delivered",
                         self.name, published)
         return published
+
+    def _remember(self, job_id: str, times: int, due: float) -> None:
+        self._redelivered[job_id] = (times, due)
+        self._redelivered.move_to_end(job_id)
+        while len(self._redelivered) > ANNOUNCED_MEMORY:
+            self._redelivered.popitem(last=False)
 
 
 def _job_images(session: Session, *, job_id: str) -> list[ImageRead]:

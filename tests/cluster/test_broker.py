@@ -296,6 +296,16 @@ async def test_cancel_flag(broker: Broker) -> None:
     assert await broker.is_cancel_requested("job-3") is False
 
 
+async def test_a_redelivery_claim_goes_to_one_caller_per_period(broker: Broker) -> None:
+    assert await broker.claim_redelivery("job-1", ttl_s=0.3) is True
+    assert await broker.claim_redelivery("job-1", ttl_s=0.3) is False
+    assert await broker.claim_redelivery("job-2", ttl_s=0.3) is True  # per job
+    await asyncio.sleep(0.4)
+    assert await broker.claim_redelivery("job-1", ttl_s=0.3) is True  # the period is over
+    with pytest.raises(InvalidRequest, match="job id must match"):
+        await broker.claim_redelivery("bad id", ttl_s=1)
+
+
 # Stats and housekeeping ---------------------------------------------------------------------
 
 

@@ -158,6 +158,32 @@ async def test_undelivered_jobs_are_re_announced_after_the_grace_period_with_bac
     assert len(await on_stream(url)) == 2
 
 
+async def test_dispatchers_sharing_a_broker_re_announce_a_job_once_per_period(
+    stack: Cluster, private_redis: RedisServer, settings: Settings
+) -> None:
+    (job_id,) = await cancelled_jobs(stack, 1)
+    d1 = stack.dispatcher  # not started: the test runs the passes of both
+    d2 = Dispatcher(
+        settings=settings, session_factory=stack.sessions, broker=stack.broker,
+        blobs=stack.blobs, workers=WorkerPool(), name="d2", models=d1.models,
+        reconcile_interval_s=0.2, redeliver_grace_s=1.0,
+    )
+    d1.settle.redeliver_grace_s = 1.0
+    await asyncio.sleep(1.05)
+    assert await d1.settle.redeliver(everything=False) == 1
+    assert await d2.settle.redeliver(everything=False) == 0  # d1 has this period
+    assert await d2.settle.redeliver(everything=True) == 0  # and its copy is in the stream
+    await asyncio.sleep(1.05)  # d1's claim lapses; d2 looks again one step later
+    assert await d2.settle.redeliver(everything=False) == 1
+    assert await d1.settle.redeliver(everything=False) == 0  # d1 backs off, d2 has it now
+    assert [e.job_id for e in await on_stream(private_redis.url)] == [job_id, job_id]
+    # A restart loses the claims with the streams: one of them re-announces at once.
+    kill_and_restart(private_redis)
+    published = [await d.settle.redeliver(everything=True) for d in (d2, d1)]
+    assert published == [1, 0]
+    assert [e.job_id for e in await on_stream(private_redis.url)] == [job_id]
+
+
 async def test_only_a_finished_job_can_be_marked_delivered(stack: Cluster) -> None:
     job = await submit(stack, who("ada"), req(), frontend=FRONTEND)
     with pytest.raises(Conflict, match="only a finished job can be delivered"):
