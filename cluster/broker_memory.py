@@ -289,10 +289,7 @@ class MemoryBroker(Broker):
     async def request_cancel(self, job_id: str, ttl_s: float = keys.CANCEL_TTL_S) -> None:
         keys.cancel_key(job_id)
         self._check_open()
-        now = time.monotonic()
-        # Drop expired flags here, so the dict never outgrows the jobs of the last TTL.
-        for expired in [j for j, until in self._cancels.items() if until <= now]:
-            del self._cancels[expired]
+        now = _drop_expired(self._cancels)
         self._cancels[job_id] = now + max(ttl_s, 0.001)
 
     async def is_cancel_requested(self, job_id: str) -> bool:
@@ -303,9 +300,7 @@ class MemoryBroker(Broker):
     async def claim_redelivery(self, job_id: str, ttl_s: float) -> bool:
         keys.redeliver_key(job_id)
         self._check_open()
-        now = time.monotonic()
-        for expired in [j for j, until in self._redeliveries.items() if until <= now]:
-            del self._redeliveries[expired]
+        now = _drop_expired(self._redeliveries)
         if job_id in self._redeliveries:
             return False
         self._redeliveries[job_id] = now + max(ttl_s, 0.001)
@@ -372,3 +367,12 @@ class _Subscription:
             event = json.loads(str(message))
             if isinstance(event, dict):
                 return event
+
+
+def _drop_expired(expiries: dict[str, float]) -> float:
+    """Drop the entries whose monotonic expiry has passed (so a dict of TTL'd flags never
+    outgrows the last TTL's worth of jobs); returns now."""
+    now = time.monotonic()
+    for expired in [k for k, until in expiries.items() if until <= now]:
+        del expiries[expired]
+    return now

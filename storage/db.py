@@ -107,11 +107,7 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on error. Writers to a SQLite file
     take its in-process writer lock first (see _SQLITE_WRITERS)."""
     lock = _sqlite_writer_lock(factory)
-    if lock is None:
-        with factory() as session, session.begin():
-            yield session
-        return
-    if not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_S):
+    if lock is not None and not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_S):
         raise sqlite3.OperationalError(
             f"database is locked: another writer in this process held it for "
             f"{SQLITE_BUSY_TIMEOUT_S:g}s"
@@ -120,7 +116,8 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         with factory() as session, session.begin():
             yield session
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _sqlite_writer_lock(factory: sessionmaker[Session]) -> threading.Lock | None:
