@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from atelier import serve, webserver
+from atelier.apikey_cli import apikey_app
 from atelier.wiring import (
     console,
     fail,
@@ -30,6 +31,7 @@ app.add_typer(account_app, name="account")
 app.add_typer(credits_app, name="credits")
 bot_app = typer.Typer(help="Chat bots as processes of their own.", no_args_is_help=True)
 app.add_typer(bot_app, name="bot")
+app.add_typer(apikey_app, name="apikey")
 
 _settings = settings_or_exit
 _fail = fail

@@ -83,3 +83,9 @@ class ConfigError(AtelierError):
 
 class DatabaseNotMigrated(ConfigError):
     code = "database_not_migrated"
+
+
+class Unauthorized(AtelierError):
+    """No credentials, or credentials that are wrong, revoked or malformed (HTTP 401)."""
+
+    code = "unauthorized"
