@@ -27,3 +27,8 @@ def _include_routers(app: FastAPI) -> None:
     from web.health import router as health_router
 
     app.include_router(health_router)
+    from web.api.sdapi import router as sdapi_router
+    from web.api.v1 import router as api_v1_router
+
+    app.include_router(api_v1_router)
+    app.include_router(sdapi_router)
