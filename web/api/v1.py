@@ -132,8 +132,11 @@ def to_request(body: JobSubmit, limits: Limits) -> GenerationRequest:
         return GenerationRequest(**fields)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "request"
-        raise FieldError(field, err["msg"].removeprefix("Value error, ")) from None
+        message = err["msg"].removeprefix("Value error, ")
+        # The kind's own check has no field of its own: it is about the missing input.
+        whole = "mask" if "mask" in message and "init image" not in message else "init_image"
+        field = ".".join(str(p) for p in err["loc"]) or whole
+        raise FieldError(field, message) from None
 
 
 async def _own_job(ctx: WebContext, who: Caller, job_id: str) -> JobRead:
