@@ -29,6 +29,7 @@ from storage import accounts, apikeys
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, transaction, upgrade
 from storage.models import Job
+from web.api.deliveries import drain_web_deliveries
 from web.app import create_app
 from web.context import WebContext
 
@@ -103,6 +104,10 @@ class WebStack:
 
     async def start(self) -> None:
         await self.start_dispatcher()
+        self._drain_stop = asyncio.Event()
+        self._drain = asyncio.create_task(
+            drain_web_deliveries(self.client, self._drain_stop, block_ms=200)
+        )
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
@@ -141,6 +146,8 @@ class WebStack:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._serving, 10)
+        self._drain_stop.set()
+        await asyncio.wait_for(self._drain, 10)
         await self.stop_dispatcher()
         await self.broker.close()
         self.engine.dispose()

@@ -191,3 +191,27 @@ async def test_openapi_docs(web: WebStack, http: httpx.AsyncClient) -> None:
                  "/sdapi/v1/txt2img", "/sdapi/v1/progress", "/sdapi/v1/options"):
         assert path in paths, path
     assert JobStatus.succeeded.value in json.dumps(paths)
+
+
+async def test_a_job_nobody_polls_is_delivered_to_the_gallery(
+    web: WebStack, http: httpx.AsyncClient
+) -> None:
+    import redis.asyncio as redis
+
+    from cluster import keys
+
+    key = web.new_key("208")
+    made = await http.post("/api/v1/jobs", json={"prompt": "unwatched", **TINY},
+                           headers=_auth(key))
+    await web.client.wait(made.json()["job_id"])
+    for _ in range(100):
+        if web.jobs()[0].delivered_at is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert web.jobs()[0].delivered_at is not None
+    r = redis.Redis.from_url(str(web.settings.redis_url), decode_responses=True)
+    try:
+        pending = await r.xpending(keys.deliveries_stream("web"), keys.delivery_group("web"))
+        assert pending["pending"] == 0
+    finally:
+        await r.aclose()
