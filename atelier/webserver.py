@@ -17,7 +17,6 @@ from atelier.wiring import console, fail, redact_url, settings_or_exit
 from core.errors import AtelierError, ConfigError
 from core.settings import Settings, parse_listen
 from storage.blobs import BlobStore
-from web.api.deliveries import drain_web_deliveries
 from web.context import WebContext
 
 
@@ -75,9 +74,6 @@ async def serve_web(stack: Stack) -> AsyncIterator[str]:
     )
     server = _InLoopServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    # Web jobs' delivery announcements: marked delivered and acked (web/api/deliveries.py).
-    stop_drain = asyncio.Event()
-    drain = asyncio.create_task(drain_web_deliveries(stack.client, stop_drain))
     try:
         while not server.started:
             if task.done():
@@ -86,9 +82,6 @@ async def serve_web(stack: Stack) -> AsyncIterator[str]:
             await asyncio.sleep(0.02)
         yield listen_url(stack.settings, sock)
     finally:
-        stop_drain.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(drain, timeout=5)
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=10)

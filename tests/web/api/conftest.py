@@ -29,9 +29,9 @@ from storage import accounts, apikeys
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, transaction, upgrade
 from storage.models import Job
-from web.api.deliveries import drain_web_deliveries
 from web.app import create_app
 from web.context import WebContext
+from web.gallery.deliveries import settle_deliveries
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +105,8 @@ class WebStack:
     async def start(self) -> None:
         await self.start_dispatcher()
         self._drain_stop = asyncio.Event()
-        self._drain = asyncio.create_task(
-            drain_web_deliveries(self.client, self._drain_stop, block_ms=200)
-        )
+        # The web delivery stream's settling loop, as `atelier web` runs it beside the server.
+        self._drain = asyncio.create_task(settle_deliveries(self.client, self._drain_stop))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
