@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from core.errors import Forbidden, InvalidRequest, NotFound
-from storage.models import FTS_TABLE, Image, Job, UTCDateTime, utcnow
+from storage.models import FTS_TABLE, Identity, Image, Job, UTCDateTime, utcnow
 
 MAX_PAGE = 100
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -132,6 +132,7 @@ def list_images(
     since: datetime | None = None,
     until: datetime | None = None,
     search: str | None = None,
+    platform: str | None = None,
 ) -> ImagePage:
     """One page of an account's gallery, newest first. ``before`` is the previous page's
     ``next_cursor``; ``search`` matches all of its words in the prompt, in any order."""
@@ -147,6 +148,14 @@ def list_images(
         stmt = stmt.where((sa.literal(",") + col(Image.styles) + ",").like(pattern, escape="\\"))
     if model:
         stmt = stmt.where(Image.model == model)
+    if platform:
+        # The platform the job was asked from (a linked account spans several).
+        from_platform = (
+            select(Job.id)
+            .join(Identity, col(Identity.id) == col(Job.identity_id))
+            .where(Job.account_id == account_id, Identity.platform == platform)
+        )
+        stmt = stmt.where(col(Image.job_id).in_(from_platform))
     if since is not None:
         stmt = stmt.where(col(Image.created_at) >= since)
     if until is not None:
@@ -182,6 +191,41 @@ def soft_delete(
         .values(deleted_at=now or utcnow())
         .execution_options(synchronize_session=False)
     )
+
+
+def delete_image(
+    *, session: Session, image_id: int, account_id: int, now: datetime | None = None
+) -> list[str]:
+    """Soft-delete an owner's image; returns the blob keys no live image uses any more (the
+    caller removes those blobs once this transaction commits)."""
+    image = _owned(session, image_id, account_id)
+    soft_delete(session=session, image_id=image_id, account_id=account_id, now=now)
+    still_used = session.exec(
+        select(Image.id).where(Image.blob_key == image.blob_key, col(Image.deleted_at).is_(None))
+    ).first()
+    return [] if still_used is not None else [image.blob_key]
+
+
+class Facets(BaseModel):
+    """What a gallery can be filtered by: the styles, models and platforms it holds."""
+
+    styles: list[str]
+    models: list[str]
+    platforms: list[str]
+
+
+def facets(*, session: Session, account_id: int) -> Facets:
+    live = (Image.account_id == account_id, col(Image.deleted_at).is_(None))
+    style_sets = session.exec(select(Image.styles).where(*live).distinct()).all()
+    models = session.exec(select(Image.model).where(*live, Image.model != "").distinct()).all()
+    platforms = session.exec(
+        select(Identity.platform)
+        .join(Job, col(Job.identity_id) == col(Identity.id))
+        .where(Job.account_id == account_id)
+        .distinct()
+    ).all()
+    styles = {s for joined in style_sets for s in joined.split(",") if s}
+    return Facets(styles=sorted(styles), models=sorted(models), platforms=sorted(platforms))
 
 
 def encode_cursor(created_at: datetime, image_id: int) -> str:

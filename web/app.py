@@ -24,6 +24,8 @@ def create_app(ctx: WebContext) -> FastAPI:
 
 def _include_routers(app: FastAPI) -> None:
     # Each front of the web app adds its router here (one line each, so merges stay easy).
+    from web.gallery.routes import install as install_gallery
     from web.health import router as health_router
 
     app.include_router(health_router)
+    install_gallery(app)
