@@ -100,7 +100,8 @@ def stream_zip(blobs: BlobStore, images: Iterable[ImageRead]) -> Iterator[bytes]
             with blobs.path(image.blob_key).open("rb") as src, zf.open(info, "w") as dst:
                 while chunk := src.read(_CHUNK):
                     dst.write(chunk)
-                    if pipe.tell():
-                        yield pipe.take()
-            yield pipe.take()
-    yield pipe.take()
+                    if out := pipe.take():
+                        yield out
+            if out := pipe.take():
+                yield out
+    yield pipe.take()  # the central directory, written as the archive closes
