@@ -62,8 +62,22 @@ def link_identity(sessions: sessionmaker[Session], person: Person, platform: str
 
 
 def png(color: tuple[int, int, int], size: int = 64, text: str = "") -> bytes:
+    """A small picture: a sky fading from ``color`` and a sun (something to see in screenshots)."""
+    from PIL import ImageDraw
+
+    im = PILImage.new("RGB", (size, size))
+    draw = ImageDraw.Draw(im)
+    r, g, b = color
+    for y in range(size):
+        t = y / size
+        draw.line([(0, y), (size, y)], fill=(int(r * (1 - t) + 20 * t), int(g * (1 - t) + 30 * t),
+                                              int(b * (1 - t) + 60 * t)))
+    sun = size // 4
+    cx, cy = (r * size) // 256, size // 3 + (g % (size // 3))
+    draw.ellipse([cx - sun // 2, cy - sun // 2, cx + sun // 2, cy + sun // 2], fill=(255, 236, 170))
+    draw.rectangle([0, size * 3 // 4, size, size], fill=(b // 3, g // 3 + 40, r // 3 + 60))
     out = io.BytesIO()
-    PILImage.new("RGB", (size, size), color).save(out, "PNG")
+    im.save(out, "PNG")
     return png_with_infotext(out.getvalue(), text) if text else out.getvalue()
 
 

@@ -35,7 +35,9 @@ async def sign_in(token: str, ctx: Ctx) -> Response:
     except Forbidden as exc:
         raise PageError(403, exc.message) from None
     response.headers["Cache-Control"] = "no-store"
-    return secured(response)
+    secured(response)
+    response.headers["Referrer-Policy"] = "no-referrer"  # this URL carries the token
+    return response
 
 
 @router.get("/gallery")

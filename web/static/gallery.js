@@ -56,7 +56,13 @@ function watchJob() {
   const bar = document.getElementById("progress");
   const results = document.getElementById("results");
   const source = new EventSource(job.dataset.events);
-  const on = (kind, fn) => source.addEventListener(kind, (e) => fn(JSON.parse(e.data)));
+  // What arrived, in order, kept on the element (for people debugging, and for the tests).
+  const seen = [];
+  const on = (kind, fn) => source.addEventListener(kind, (e) => {
+    seen.push(kind);
+    job.dataset.seen = seen.join(" ");
+    fn(JSON.parse(e.data));
+  });
   on("queued", (d) => { status.textContent = d.position ? `queued (position ${d.position})` : "queued"; });
   on("started", () => { status.textContent = "rendering"; });
   on("progress", (d) => {
