@@ -206,28 +206,6 @@ def delete_image(
     return [] if still_used is not None else [image.blob_key]
 
 
-class Facets(BaseModel):
-    """What a gallery can be filtered by: the styles, models and platforms it holds."""
-
-    styles: list[str]
-    models: list[str]
-    platforms: list[str]
-
-
-def facets(*, session: Session, account_id: int) -> Facets:
-    live = (Image.account_id == account_id, col(Image.deleted_at).is_(None))
-    style_sets = session.exec(select(Image.styles).where(*live).distinct()).all()
-    models = session.exec(select(Image.model).where(*live, Image.model != "").distinct()).all()
-    platforms = session.exec(
-        select(Identity.platform)
-        .join(Job, col(Job.identity_id) == col(Identity.id))
-        .where(Job.account_id == account_id)
-        .distinct()
-    ).all()
-    styles = {s for joined in style_sets for s in joined.split(",") if s}
-    return Facets(styles=sorted(styles), models=sorted(models), platforms=sorted(platforms))
-
-
 def encode_cursor(created_at: datetime, image_id: int) -> str:
     raw = f"{created_at.isoformat()}|{image_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")

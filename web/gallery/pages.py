@@ -3,6 +3,7 @@ infinite scroll) and an image's page with its parameters."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -11,6 +12,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from core.errors import Forbidden, InvalidRequest
 from core.infotext import parse_infotext
+from storage import accounts
 from storage import gallery as store
 from storage import jobs as job_repo
 from web.app import get_ctx
@@ -75,9 +77,30 @@ async def grid(
     values: dict[str, Any] = {"images": result.items, "next_url": next_url, "filters": filters}
     if partial:
         return page(request, ctx, "_cards.html", **values)
-    facets = await db(ctx, lambda s: store.facets(session=s, account_id=account_id))
+    facets = await _facets(ctx, account_id)
     return page(request, ctx, "grid.html", facets=facets, zip_all=f"{HOME}/zip?all=1",
                 searching=bool(kept), **values)
+
+
+@dataclass(frozen=True)
+class Facets:
+    """The filter menus. Styles and models come from the registries, not from a scan of the
+    gallery (a DISTINCT over 10,000 rows cost more than the whole page); platforms are the
+    account's linked identities."""
+
+    styles: list[str]
+    models: list[str]
+    platforms: list[str]
+
+
+async def _facets(ctx: WebContext, account_id: int) -> Facets:
+    identities = await db(ctx, lambda s: accounts.list_identities(session=s,
+                                                                   account_id=account_id))
+    return Facets(
+        styles=sorted(ctx.client.styles.names()),
+        models=sorted(ctx.client.models.names()),
+        platforms=sorted({i.platform for i in identities}),
+    )
 
 
 @router.get("/gallery/image/{image_id:int}")
