@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlmodel import Session
 
 from core.errors import Forbidden, InvalidRequest
 from core.infotext import parse_infotext
@@ -63,11 +64,19 @@ async def grid(
     try:
         start = parse_day(since, "since")
         end = parse_day(until, "until", end=True)
-        result = await db(ctx, lambda s: store.list_images(
-            session=s, account_id=account_id, before=before or None, limit=PAGE_SIZE,
-            style=style or None, model=model or None, platform=platform or None,
-            since=start, until=end, search=q or None,
-        ))
+
+        def read(s: Session) -> tuple[store.ImagePage, list[str]]:
+            # One trip to the database thread: the page, and (for a whole page) the
+            # platforms of the account's identities for the filter menu.
+            found = store.list_images(
+                session=s, account_id=account_id, before=before or None, limit=PAGE_SIZE,
+                style=style or None, model=model or None, platform=platform or None,
+                since=start, until=end, search=q or None,
+            )
+            ids = [] if partial else accounts.list_identities(session=s, account_id=account_id)
+            return found, sorted({i.platform for i in ids})
+
+        result, platforms = await db(ctx, read)
     except InvalidRequest as exc:
         raise PageError(400, exc.message) from None
     kept = {k: v for k, v in filters.items() if v}
@@ -77,7 +86,8 @@ async def grid(
     values: dict[str, Any] = {"images": result.items, "next_url": next_url, "filters": filters}
     if partial:
         return page(request, ctx, "_cards.html", **values)
-    facets = await _facets(ctx, account_id)
+    facets = Facets(styles=sorted(ctx.client.styles.names()),
+                    models=sorted(ctx.client.models.names()), platforms=platforms)
     return page(request, ctx, "grid.html", facets=facets, zip_all=f"{HOME}/zip?all=1",
                 searching=bool(kept), **values)
 
@@ -91,16 +101,6 @@ class Facets:
     styles: list[str]
     models: list[str]
     platforms: list[str]
-
-
-async def _facets(ctx: WebContext, account_id: int) -> Facets:
-    identities = await db(ctx, lambda s: accounts.list_identities(session=s,
-                                                                   account_id=account_id))
-    return Facets(
-        styles=sorted(ctx.client.styles.names()),
-        models=sorted(ctx.client.models.names()),
-        platforms=sorted({i.platform for i in identities}),
-    )
 
 
 @router.get("/gallery/image/{image_id:int}")
