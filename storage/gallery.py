@@ -164,7 +164,7 @@ def list_images(
         words = _WORD_RE.findall(search)
         if not words:
             return ImagePage(items=[], next_cursor=None)  # only punctuation: nothing can match
-        stmt = stmt.where(_prompt_matches(session, words))
+        stmt = stmt.where(_prompt_matches(session, words, account_id))
     stmt = stmt.order_by(col(Image.created_at).desc(), col(Image.id).desc()).limit(limit + 1)
     rows = list(session.exec(stmt).all())
     items = [_read(i) for i in rows[:limit]]
@@ -223,13 +223,24 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise InvalidRequest(f"invalid gallery cursor {cursor[:40]!r}") from None
 
 
-def _prompt_matches(session: Session, words: list[str]) -> sa.ColumnElement[bool]:
+def _prompt_matches(
+    session: Session, words: list[str], account_id: int
+) -> sa.ColumnElement[bool]:
     if session.get_bind().dialect.name == "postgresql":
         # Literal 'simple' (not a bind parameter) so the planner matches the GIN index expression.
         simple: sa.ColumnElement[str] = sa.literal_column("'simple'")
         vector = sa.func.to_tsvector(simple, col(Image.prompt))
         query = sa.func.plainto_tsquery(simple, " ".join(words))
-        return vector.bool_op("@@")(query)
+        # A materialized CTE: the matches come from the GIN index first. Left to itself the
+        # planner walks the gallery index newest first and computes to_tsvector on every row
+        # until it has a page (33 ms at 10,000 images instead of 1-2; bench/web.py).
+        found = (
+            sa.select(col(Image.id))
+            .where(col(Image.account_id) == account_id, vector.bool_op("@@")(query))
+            .cte("prompt_hits")
+            .prefix_with("MATERIALIZED")
+        )
+        return col(Image.id).in_(sa.select(found.c.id))
     # Each word as an FTS5 string: user text never reaches the MATCH syntax (no operators).
     match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
     fts = sa.table(FTS_TABLE, sa.column("rowid"))

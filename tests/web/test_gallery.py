@@ -230,3 +230,26 @@ async def test_make_again_submits_one_charged_job(web: Web) -> None:
     await _signed_in(web, other.account_id)
     assert (await web.http.get(f"/gallery/job/{job_id}")).status_code == 404
     assert (await web.http.get(f"/gallery/job/{job_id}/events")).status_code == 404
+
+
+async def test_web_deliveries_are_confirmed_and_acked(web: Web) -> None:
+    from core.jobs import JobStatus
+    from storage import jobs as job_repo
+    from storage.db import transaction
+    from web.gallery.deliveries import FRONTEND, settle_once
+
+    me = make_person(web.sessions)
+    image = add_job(web.sessions, web.blobs, me, "a comet")[0]
+    csrf = await _signed_in(web, me.account_id)
+    made = await web.http.post(f"/gallery/image/{image.id}/make",
+                               data={"csrf": csrf, "nonce": "d1", "mode": "again"})
+    job_id = made.headers["location"].rsplit("/", 1)[1]
+    with transaction(web.sessions) as s:  # as the dispatcher leaves it
+        job_repo.set_status(session=s, job_id=job_id, status=JobStatus.running)
+        job_repo.set_status(session=s, job_id=job_id, status=JobStatus.succeeded)
+    await web.client.broker.publish_delivery(FRONTEND, {"v": "1", "kind": "done",
+                                                        "job_id": job_id})
+    assert (await web.client.job(job_id)).delivered_at is None
+    assert await settle_once(web.client) == 1
+    assert (await web.client.job(job_id)).delivered_at is not None
+    assert await settle_once(web.client) == 0  # acked: not read again

@@ -24,12 +24,12 @@ from storage.jobs import JobRead
 from web.app import get_ctx
 from web.context import WebContext
 from web.gallery.common import PageError, db, own_image, page, secured
+from web.gallery.deliveries import FRONTEND
 from web.session import check_csrf, current_account
 
 router = APIRouter(include_in_schema=False)
 Ctx = Annotated[WebContext, Depends(get_ctx)]
 Account = Annotated[int, Depends(current_account)]
-FRONTEND = "web"
 # As the chat bots' V buttons: recognisably the same picture, changed.
 VARIATION_STRENGTH = 0.6
 
@@ -113,10 +113,9 @@ async def _sse(client: Client, job_id: str) -> AsyncIterator[str]:
             yield f"event: {event.kind.value}\ndata: {json.dumps(_event_data(event))}\n\n"
             if event.terminal:
                 break
-    # The page shows the images: nothing for a chat front end to deliver.
+    # The page has shown the result (the delivery stream's loop would confirm it too).
     with contextlib.suppress(AtelierError):
         await client.mark_delivered(job_id)
-    await _ack_delivery(client, job_id)
 
 
 def _event_data(event: JobEvent) -> dict[str, object]:
@@ -134,20 +133,6 @@ def _event_data(event: JobEvent) -> dict[str, object]:
     elif event.terminal:
         data["reason"] = event.reason
     return data
-
-
-async def _ack_delivery(client: Client, job_id: str) -> None:
-    """Take the job's announcement off the web stream (best effort: it is marked delivered,
-    so nothing announces it again either way)."""
-    broker = client.broker
-    consumer = f"web-{secrets.token_hex(4)}"
-    with contextlib.suppress(Exception):
-        for _ in range(3):
-            entries = await broker.read_deliveries(FRONTEND, consumer, count=50, block_ms=100)
-            for entry in entries:
-                if entry.event.get("job_id") == job_id:
-                    await broker.ack_delivery(FRONTEND, entry.entry_id)
-                    return
 
 
 async def _own_job(ctx: WebContext, account_id: int, job_id: str) -> JobRead:
