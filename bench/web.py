@@ -320,7 +320,9 @@ def pg_database() -> tuple[str, Callable[[], None]] | None:
 async def main(images: int, zip_images: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="atelier-bench-web-") as tmp:
         settings = load_settings(data_dir=Path(tmp) / "sqlite", _env_file=None)
-        print(f"gallery of {images} images, {rounds} requests each, time inside the app")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"gallery of {images} images, {rounds} requests each, time inside the app "
+              f"(load average {load} on {os.cpu_count()} CPUs: p99 is mostly the machine's)")
         print("SQLite:")
         for line in await bench_pages(settings, settings.db_url, images, rounds):
             print(line)
