@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,8 +105,6 @@ def parse_day(text: str | None, name: str, *, end: bool = False) -> datetime | N
         raise InvalidRequest(f"{name} must be a date like 2026-03-02, got {text[:20]!r}") from None
     if end:
         day += timedelta(days=1)
-    from datetime import UTC
-
     return datetime.combine(day, time(0), tzinfo=UTC)
 
 

@@ -11,10 +11,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from sqlmodel import Session
 
 from cluster.client import Client
 from cluster.events import NSFW_EXTRA_KEY, EventKind, JobEvent
-from core.errors import AtelierError, Forbidden, NotFound
+from core.errors import (
+    AtelierError,
+    ContentBlocked,
+    Forbidden,
+    InsufficientCredits,
+    NotFound,
+    RateLimited,
+)
 from core.jobs import DeliveryTarget, Requester
 from core.request import GenerationRequest, JobKind
 from storage import accounts
@@ -145,12 +153,9 @@ async def _own_job(ctx: WebContext, account_id: int, job_id: str) -> JobRead:
     return job
 
 
-def _requester(session: object, job: JobRead) -> Requester:
+def _requester(session: Session, job: JobRead) -> Requester:
     """Who the new job is asked as: the identity behind the image's job (so the same
     account pays and the same NSFW choice holds), else any identity of the account."""
-    from sqlmodel import Session
-
-    assert isinstance(session, Session)
     if job.identity_id is not None:
         identity = accounts.get_identity(session=session, identity_id=job.identity_id)
     else:
@@ -165,8 +170,6 @@ def _requester(session: object, job: JobRead) -> Requester:
 
 
 def _status(exc: AtelierError) -> int:
-    from core.errors import ContentBlocked, InsufficientCredits, RateLimited
-
     if isinstance(exc, InsufficientCredits):
         return 402
     if isinstance(exc, RateLimited):
