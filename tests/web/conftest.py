@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -74,3 +75,37 @@ async def web(
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Where browser screenshots go (kept with pytest's temp dirs)."""
     yield tmp_path_factory.mktemp("web-artifacts")
+
+
+@pytest.fixture(scope="session")
+def web_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cluster.tiny import make_tiny_models
+
+    data_dir = tmp_path_factory.mktemp("web-tiny")
+    make_tiny_models(data_dir / "models", seed=0)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def web_ray_worker(web_tiny_dir: Path) -> Iterator[Any]:
+    """One CPU worker actor on a loopback Ray (the one already running in a full test run,
+    else a new one), named for these tests so it never collides with the bots' worker."""
+    import contextlib
+
+    import ray
+
+    from cluster.worker import init_local_ray, spawn_worker
+
+    started = not ray.is_initialized()
+    # The same resources as tests/bots asks for: whichever starts Ray first, both fit.
+    init_local_ray(address="local", num_cpus=2, resources={"device:cpu": 1, "device:fake-gpu": 1},
+                   object_store_memory=200 * 1024 * 1024)
+    settings = load_settings(data_dir=web_tiny_dir, _env_file=None)
+    handle = spawn_worker(settings=settings, device_class="cpu", name="web-test-worker",
+                          num_cpus=0, resources={})
+    yield handle
+    if ray.is_initialized():
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(handle)
+        if started:
+            ray.shutdown()

@@ -28,7 +28,6 @@ from core.infotext import parse_infotext, read_png_infotext
 from core.settings import Settings, load_settings
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, upgrade
-from tests.bots.conftest import ray_worker, tiny_dir  # noqa: F401 - fixtures
 from tests.conftest import service_missing
 from tests.web.helpers import NOW, add_job, gallery_link, make_person
 from web.app import create_app
@@ -54,7 +53,7 @@ class Live:
 
 
 @pytest.fixture
-async def live(tmp_path: Path, ray_worker: Any, tiny_dir: Path) -> AsyncIterator[Live]:  # noqa: F811
+async def live(tmp_path: Path, web_ray_worker: Any, web_tiny_dir: Path) -> AsyncIterator[Live]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,14 +66,14 @@ async def live(tmp_path: Path, ray_worker: Any, tiny_dir: Path) -> AsyncIterator
     engine = make_engine(settings.db_url)
     sessions = session_factory(engine)
     blobs = BlobStore.from_settings(settings)
-    registry = ModelRegistry.load(load_settings(data_dir=tiny_dir, _env_file=None)).with_models(
+    registry = ModelRegistry.load(load_settings(data_dir=web_tiny_dir, _env_file=None)).with_models(
         default="tiny")
     broker = MemoryBroker()
     client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
                     models=registry, poll_interval_s=0.2)
     dispatcher = Dispatcher(
         settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
-        workers=await WorkerPool.from_handles([ray_worker]), name="web-test-dispatcher",
+        workers=await WorkerPool.from_handles([web_ray_worker]), name="web-test-dispatcher",
         models=registry, gather_window_s=0.02, read_block_ms=200, progress_interval_s=0.1,
     )
     stop = asyncio.Event()
