@@ -66,6 +66,7 @@ def listen_url(settings: Settings, sock: socket.socket) -> str:
 async def serve_web(stack: Stack) -> AsyncIterator[str]:
     """Serve the web app in this event loop while the block runs; yields the listen URL."""
     from web.app import create_app
+    from web.gallery.deliveries import settle_deliveries
 
     app = create_app(web_context(stack))
     sock = _bind(stack.settings)
@@ -74,6 +75,8 @@ async def serve_web(stack: Stack) -> AsyncIterator[str]:
     )
     server = _InLoopServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
+    stop = asyncio.Event()
+    settling = asyncio.create_task(settle_deliveries(stack.client, stop))
     try:
         while not server.started:
             if task.done():
@@ -82,6 +85,9 @@ async def serve_web(stack: Stack) -> AsyncIterator[str]:
             await asyncio.sleep(0.02)
         yield listen_url(stack.settings, sock)
     finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(settling, timeout=5)
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=10)

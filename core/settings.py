@@ -232,7 +232,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT (or [IPv6]:PORT) as (host, port); ValueError naming the text otherwise."""
     host, sep, port = text.strip().rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected HOST:PORT like 127.0.0.1:8000, got {text!r}")
     return host, int(port)
 
