@@ -147,8 +147,12 @@ async def main(args: argparse.Namespace) -> None:
               f"steps, tiny model, {args.rounds} rounds):")
         print(f"  direct median {statistics.median(a_times) * 1000:.1f} ms, sdapi median "
               f"{statistics.median(b_times) * 1000:.1f} ms")
+        diffs = [b - a for a, b in zip(a_times, b_times, strict=True)]
         print(f"  ratio (median of per-round) {ratio:.3f}  "
               f"[min {min(ratios):.3f}, max {max(ratios):.3f}]  goal <= {GOAL}: {verdict}")
+        print(f"  sdapi - direct per round: median {statistics.median(diffs) * 1000:+.1f} ms")
+        print(f"  load average during the run: {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} CPUs (others' work slows either side at random)")
     finally:
         await http.aclose()
         server.should_exit = True
