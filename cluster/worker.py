@@ -513,17 +513,6 @@ def _cancel_quietly(stream: Any) -> None:
 # Local Ray ------------------------------------------------------------------------------------
 
 
-def local_device_resources(devices: list[DeviceInfo] | None = None) -> dict[str, float]:
-    """``device:{class}`` resources for this machine: one per accelerator, else one CPU slot."""
-    found = devices if devices is not None else detect_devices()
-    out: dict[str, float] = {}
-    for info in found:
-        if info.kind != "cpu":
-            key = device_resource(choose_profile(info).device_class)
-            out[key] = out.get(key, 0) + 1
-    return out or {device_resource("cpu"): 1}
-
-
 def init_local_ray(
     *, num_cpus: int | None = None, resources: dict[str, float] | None = None, **kw: Any
 ) -> None:
