@@ -14,10 +14,10 @@ from atelier.wiring import (
     fail,
     open_store,
     quiet_ml_libraries,
-    redact_url,
     settings_or_exit,
 )
 from core.errors import AtelierError
+from core.redact import redact_url
 
 app = typer.Typer(
     help="Atelier: a self-hosted image studio for chat communities.", no_args_is_help=True

@@ -22,11 +22,11 @@ from atelier.wiring import (
     err_console,
     fail,
     quiet_ml_libraries,
-    redact_url,
     settings_or_exit,
 )
 from core.errors import AtelierError
 from core.jobs import DeliveryTarget, Requester
+from core.redact import redact_url
 from core.settings import Settings
 
 Stopper = Callable[[], Awaitable[None]]

@@ -1,8 +1,7 @@
-"""Process wiring shared by the CLI commands: open the store, redact secrets for printing."""
+"""Process wiring shared by the CLI commands: settings, errors, the store, quiet ML libraries."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,11 +30,6 @@ def fail(exc: AtelierError) -> typer.Exit:
     """Print a user-facing error; the caller raises the returned Exit."""
     err_console.print(f"[red]error:[/red] {exc.message}")
     return typer.Exit(1)
-
-
-def redact_url(url: str) -> str:
-    """A URL fit to print: any password replaced by ***."""
-    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
 @contextmanager
