@@ -281,7 +281,7 @@ def _worker(settings: Settings, address: str, node_ip: str | None) -> None:
     for n, profile in enumerate(profiles):
         name = f"{WORKER_NAME_PREFIX}-{node_id[:8]}-{n}"
         spawn_worker(
-            settings=settings,
+            settings=settings.worker_config(),
             profile=profile,
             name=name,
             lifetime="detached",

@@ -109,7 +109,7 @@ async def local_stack(
             for n, profile in enumerate(profiles):
                 handle = await asyncio.to_thread(
                     spawn_worker,
-                    settings=settings,
+                    settings=settings.worker_config(),
                     profile=profile,
                     name=f"{WORKER_NAME_PREFIX}-{socket.gethostname()}-{os.getpid()}-{n}",
                 )

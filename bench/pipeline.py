@@ -414,7 +414,7 @@ async def open_stack(data_dir: Path, redis_url: str, sd_path: Path | None) -> As
     worker = None
     try:
         worker = await asyncio.to_thread(
-            spawn_worker, settings=settings.model_dump(mode="json"), profile=profile,
+            spawn_worker, settings=settings.worker_config(), profile=profile,
             name=f"{WORKER_NAME_PREFIX}-bench", timeout_s=180,
         )
         for name in models:

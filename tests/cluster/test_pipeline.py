@@ -74,7 +74,7 @@ def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile) -> Iterator[Any]
         log_to_driver=False,
     )
     handle = spawn_worker(
-        settings=tiny_models.settings.model_dump(mode="json"),
+        settings=tiny_models.settings.worker_config(),
         device_class="cpu",
         profile=cpu_profile,
         name=f"{WORKER_NAME_PREFIX}-test",
@@ -455,7 +455,7 @@ async def test_a_lost_worker_s_job_runs_again_elsewhere_and_is_charged_once(
 
     # A second worker on the other CPU, the only one the dispatcher knows at first.
     spare = await asyncio.to_thread(
-        spawn_worker, settings=tiny_models.settings.model_dump(mode="json"), device_class="cpu",
+        spawn_worker, settings=tiny_models.settings.worker_config(), device_class="cpu",
         profile=cpu_profile, name=f"{WORKER_NAME_PREFIX}-spare", timeout_s=120, resources={},
     )
     pool = cluster.dispatcher.workers = await WorkerPool.from_handles([spare], host_memory_gb=32)
