@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,13 +17,13 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, func, select
 
 from cluster.broker import Broker, BrokerUnavailable
-from cluster.engine import effective_strength
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
 from cluster.registry import ModelRegistry
 from core.cost import job_cost_for
 from core.errors import AtelierError, Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
 from core.jobs import DeliveryTarget, JobStatus, Requester
 from core.prompts import Blocklist, default_blocklist, prepare_prompt
+from core.recipe import effective_strength, min_denoising_steps
 from core.request import GenerationRequest
 from core.settings import Settings
 from core.styles import StyleRegistry, default_registry
@@ -123,11 +122,10 @@ class Client:
                 f"{spec.name} runs at most {spec.max_steps} steps, got {request.steps}"
             )
         strength = effective_strength(request)
-        if strength is not None and int(request.steps * strength) < 1:
-            # Diffusers denoises int(steps x strength) steps of an input image: none is no job.
+        if strength is not None and request.steps < (least := min_denoising_steps(strength)):
             raise InvalidRequest(
                 f"{request.steps} steps at strength {strength:g} leave no denoising step; "
-                f"use at least {math.ceil(1 / strength)} steps"
+                f"use at least {least} steps"
             )
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
         return request.model_copy(update={"model": spec.name}).with_seed()

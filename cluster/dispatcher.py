@@ -23,7 +23,7 @@ from sqlmodel import Session
 
 from cluster.batching import FairQueue, Waiting
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
-from cluster.engine import GenerationCancelled, ImageResult, batch_key, item_pixels
+from cluster.engine import GenerationCancelled, ImageResult
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool, WorkerSlot
 from cluster.registry import ModelLoadError, ModelRegistry
@@ -38,6 +38,7 @@ from core.errors import (
     PromptTooLong,
 )
 from core.jobs import JobStatus
+from core.recipe import batch_key, item_pixels
 from core.settings import Settings
 from storage import jobs as job_repo
 from storage.blobs import BlobStore
