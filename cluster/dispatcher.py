@@ -27,7 +27,7 @@ from cluster.engine import GenerationCancelled, ImageResult
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool, WorkerSlot
 from cluster.registry import ModelLoadError, ModelRegistry
-from cluster.settling import REDELIVER_BATCH, Held, Settler, Store
+from cluster.settling import REDELIVER_BATCH, Held, Settler
 from cluster.worker import WorkerFailed, WorkerLost, run_batch
 from core.errors import (
     AtelierError,
@@ -42,6 +42,7 @@ from core.recipe import batch_key, item_pixels
 from core.settings import Settings
 from storage import jobs as job_repo
 from storage.blobs import BlobStore
+from storage.db import Store
 from storage.jobs import JobRead
 from storage.models import utcnow
 

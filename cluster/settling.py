@@ -12,31 +12,26 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
-from cluster.client import read_only_sessions
 from cluster.engine import BatchItem, ImageResult
 from cluster.events import JobEvent, nsfw_allowed, terminal_event
 from cluster.registry import ModelSpec
 from core.errors import Conflict
-from core.jobs import JobStatus
+from core.jobs import CANCELLED_BY_OWNER, JobStatus
 from storage import gallery, ledger
 from storage import jobs as job_repo
 from storage.blobs import BlobStore, sha256_of
-from storage.db import transaction
+from storage.db import Store
 from storage.gallery import ImageRead, NewImage
 from storage.jobs import JobRead
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-CANCELLED_REASON = "cancelled by its owner"
 # Remember this many job ids whose terminal event this process published: a duplicate entry
 # then does not publish again (across processes, front ends dedupe by job id).
 ANNOUNCED_MEMORY = 10_000
@@ -80,23 +75,6 @@ class Held:
 
     def item(self) -> BatchItem:
         return BatchItem(self.job.id, self.job.request, nsfw_allowed(self.job.delivery))
-
-
-class Store:
-    """Runs a store function off the event loop, in one transaction of its own."""
-
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
-        self._readers = read_only_sessions(sessions)
-
-    async def __call__(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
-        factory = self._readers if read_only else self.sessions
-
-        def work() -> T:
-            with transaction(factory) as session:
-                return fn(session)
-
-        return await asyncio.to_thread(work)
 
 
 class Settler:
@@ -175,35 +153,22 @@ class Settler:
     async def cancelled(self, h: Held) -> None:
         """Cancelled and released (unless it finished meanwhile), then announced."""
 
-        def cancel(session: Session) -> JobRead:
-            job = job_repo.get_job(session=session, job_id=h.job_id)
-            if job.status.finished:
-                return job
-            job_repo.set_status(
-                session=session, job_id=h.job_id, status=JobStatus.cancelled,
-                error=CANCELLED_REASON,
+        job = await self._db(
+            lambda s: job_repo.finish_and_release(
+                session=s, job_id=h.job_id, status=JobStatus.cancelled, error=CANCELLED_BY_OWNER
             )
-            ledger.release(session=session, job_id=h.job_id)
-            return job_repo.get_job(session=session, job_id=h.job_id)
-
-        job = await self._db(cancel)
+        )
         log.info("job %s: %s, credits released", h.job_id, job.status.value)
         await self.announce(job, h.entries)
 
     async def fail(self, h: Held, reason: str, *, dead_letter: bool = False) -> None:
         """Failed and refunded, then announced; ``dead_letter`` parks the entry for people."""
 
-        def fail(session: Session) -> JobRead:
-            job = job_repo.get_job(session=session, job_id=h.job_id)
-            if job.status.finished:
-                return job
-            job_repo.set_status(
-                session=session, job_id=h.job_id, status=JobStatus.failed, error=reason
+        job = await self._db(
+            lambda s: job_repo.finish_and_release(
+                session=s, job_id=h.job_id, status=JobStatus.failed, error=reason
             )
-            ledger.release(session=session, job_id=h.job_id)
-            return job_repo.get_job(session=session, job_id=h.job_id)
-
-        job = await self._db(fail)
+        )
         log.warning("job %s: failed (%s), credits released", h.job_id, reason)
         await self.announce(job, h.entries, dead_letter=reason if dead_letter else None)
 
