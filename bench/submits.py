@@ -21,13 +21,13 @@ if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import storage.db as store_db
+from atelier.service import make_client
 from bench.pipeline import TINY, TINY_SIDE, delivery, request, requester
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
 from cluster.registry import ModelRegistry
 from cluster.tiny import make_tiny_models
 from core.settings import Tier, load_settings
-from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, upgrade
 
 
@@ -55,9 +55,8 @@ async def run(rounds: int, size: int) -> None:
         )
         upgrade(settings.db_url)
         engine = make_engine(settings.db_url)
-        client = Client(settings=settings, session_factory=session_factory(engine),
-                        broker=MemoryBroker(), blobs=BlobStore.from_settings(settings),
-                        models=ModelRegistry.load(settings))
+        client = make_client(settings, session_factory(engine), MemoryBroker(),
+                             models=ModelRegistry.load(settings))
         with_lock = store_db._sqlite_writer_lock
         variants: dict[str, Any] = {"writer lock": with_lock, "busy handler": lambda _: None}
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}

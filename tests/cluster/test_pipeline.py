@@ -22,7 +22,7 @@ from cluster.broker_memory import MemoryBroker
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client
 from cluster.devices import DeviceProfile
-from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher
+from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
@@ -132,10 +132,12 @@ async def cluster(
         poll_interval_s=0.2,
     )
     dispatcher = Dispatcher(
-        settings=settings, session_factory=sessions, broker=broker, blobs=blobs, workers=pool,
-        name="d1", models=models, gather_window_s=0.05, job_timeout_s=60, max_batch_items=4,
-        progress_interval_s=0.05, cancel_poll_s=0.05, read_block_ms=100, drain_timeout_s=20,
-        reconcile_grace_s=0.0,
+        dispatch=settings.dispatch.model_copy(
+            update={"gather_window_ms": 50, "job_timeout_s": 60, "max_batch_items": 4}
+        ),
+        sessions=sessions, broker=broker, blobs=blobs, workers=pool, name="d1", models=models,
+        pacing=Pacing(progress_interval_s=0.05, cancel_poll_s=0.05, read_block_ms=100,
+                      drain_timeout_s=20, reconcile_grace_s=0.0),
     )
     c = Cluster(settings, sessions, broker, blobs, client, dispatcher)
     yield c
