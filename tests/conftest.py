@@ -19,6 +19,46 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REQUIRE_SERVICES = os.environ.get("ATELIER_REQUIRE_SERVICES") == "1"
+# The fast tier (`make test-fast`): only tests that need no Ray, Redis or PostgreSQL, selected
+# with `-m "not services"`. Here a test that reaches for one anyway fails, naming it, instead
+# of quietly making the tier slow: Redis and PostgreSQL refuse to start, Ray cannot be imported.
+FAST_TIER = os.environ.get("ATELIER_TEST_FAST") == "1"
+# Fixtures that stand for a service: a test using one is marked `services`.
+SERVICE_FIXTURES = frozenset({"redis_server", "redis_url", "private_redis", "pg_admin"})
+# Parametrized fixtures whose value names a service (PostgreSQL, the Redis broker).
+SERVICE_PARAMS = {"db_url": "postgresql", "broker": "redis"}
+
+
+def forbid_in_fast_tier(what: str) -> None:
+    if FAST_TIER:
+        pytest.fail(f"{what} used in the fast tier: mark the test (or its module) `services`")
+
+
+class _NoRayInFastTier:
+    """A meta-path finder that refuses ``import ray`` in the fast tier."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "ray" or name.startswith("ray."):
+            forbid_in_fast_tier(f"Ray (import {name})")
+        return None
+
+
+if FAST_TIER:
+    import sys
+
+    sys.meta_path.insert(0, _NoRayInFastTier())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs Ray, Redis or PostgreSQL `services` (modules that start Ray
+    or a service themselves carry the mark already)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if fixtures & SERVICE_FIXTURES or any(
+            params.get(name) == value for name, value in SERVICE_PARAMS.items()
+        ):
+            item.add_marker(pytest.mark.services)
 
 
 def service_missing(what: str) -> None:
@@ -47,6 +87,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        forbid_in_fast_tier("redis-server")
         self.proc = subprocess.Popen(
             [
                 "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",

@@ -141,22 +141,22 @@ async def test_undelivered_jobs_are_re_announced_after_the_grace_period_with_bac
     (job_id,) = await cancelled_jobs(stack, 1)
     d = stack.dispatcher  # not started: the test runs its passes
     # Not finished long enough ago yet (cancelled just now): nothing.
-    d.settle.redeliver_grace_s = 3600.0
-    assert await d.settle.redeliver(everything=False) == 0
-    d.settle.redeliver_grace_s = 0.3
+    d.reconciler.redeliver_grace_s = 3600.0
+    assert await d.reconciler.redeliver(everything=False) == 0
+    d.reconciler.redeliver_grace_s = 0.3
     await asyncio.sleep(0.35)
-    assert await d.settle.redeliver(everything=False) == 1
-    assert await d.settle.redeliver(everything=False) == 0  # backing off: 0.3 s, then 0.6 s
+    assert await d.reconciler.redeliver(everything=False) == 1
+    assert await d.reconciler.redeliver(everything=False) == 0  # backing off: 0.3 s, then 0.6 s
     await asyncio.sleep(0.35)
-    assert await d.settle.redeliver(everything=False) == 1
+    assert await d.reconciler.redeliver(everything=False) == 1
     assert [e.job_id for e in await on_stream(url)] == [job_id, job_id]
     # Out of the window: left alone.
-    d.settle.redeliver_window_s = 0.1
+    d.reconciler.redeliver_window_s = 0.1
     await asyncio.sleep(0.7)
-    assert await d.settle.redeliver(everything=True) == 0
-    d.settle.redeliver_window_s = 3600.0
+    assert await d.reconciler.redeliver(everything=True) == 0
+    d.reconciler.redeliver_window_s = 3600.0
     assert await stack.client.mark_delivered(job_id) is True
-    assert await d.settle.redeliver(everything=True) == 0
+    assert await d.reconciler.redeliver(everything=True) == 0
     assert len(await on_stream(url)) == 2
 
 
@@ -181,7 +181,7 @@ async def test_dispatchers_sharing_a_broker_re_announce_a_job_once_per_period(
     assert [e.job_id for e in await on_stream(private_redis.url)] == [job_id, job_id]
     # A restart loses the claims with the streams: one of them re-announces at once.
     kill_and_restart(private_redis)
-    published = [await d.settle.redeliver(everything=True) for d in (d2, d1)]
+    published = [await d.reconciler.redeliver(everything=True) for d in (d2, d1)]
     assert published == [1, 0]
     assert [e.job_id for e in await on_stream(private_redis.url)] == [job_id]
 
