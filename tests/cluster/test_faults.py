@@ -46,7 +46,7 @@ from cluster.placement import WorkerPool, ray_discovery
 from cluster.registry import ModelRegistry
 from cluster.worker import device_resource, spawn_worker
 from core.jobs import JobStatus
-from core.settings import Settings, Tier, load_settings
+from core.settings import Settings, Tier, WorkerConfig, load_settings
 from storage import jobs as job_repo
 from storage.blobs import BlobStore
 from storage.db import session_factory
@@ -110,7 +110,7 @@ class RayNodes:
     and a ``fault-node-{i}`` resource that pins worker ``i`` to it."""
 
     cluster: RayCluster
-    worker_settings: dict[str, Any]
+    worker_settings: WorkerConfig
     profile: DeviceProfile
     nodes: dict[int, Node] = field(default_factory=dict)
     handles: dict[int, Any] = field(default_factory=dict)
@@ -228,7 +228,7 @@ def ray_nodes(
             },
         )
         try:
-            nodes = RayNodes(cluster, worker_settings.model_dump(mode="json"), cpu_profile)
+            nodes = RayNodes(cluster, worker_settings.worker_config(), cpu_profile)
             for i in range(WORKERS):
                 nodes.add_node(i)
             ray.init(address=cluster.address, namespace=RAY_NAMESPACE, log_to_driver=False)
@@ -248,7 +248,7 @@ def workers(ray_nodes: RayNodes) -> RayNodes:
 @pytest.fixture(scope="module")
 def models(ray_nodes: RayNodes) -> ModelRegistry:
     """What the workers know: the packaged models (tiny among them) and "tiny-broken"."""
-    return ModelRegistry.load(Settings.model_validate(ray_nodes.worker_settings))
+    return ModelRegistry.load(ray_nodes.worker_settings)
 
 
 # A store, a broker and the stack a test drives ---------------------------------------------------
@@ -591,7 +591,7 @@ def start_dispatcher_process(
         "ATELIER_DATA_DIR": str(settings.data_dir),
         "ATELIER_DATABASE_URL": db_url,
         "ATELIER_REDIS_URL": redis_url,
-        "ATELIER_MODELS_FILE": str(workers.worker_settings["models_file"]),
+        "ATELIER_MODELS_FILE": str(workers.worker_settings.models_file),
         ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0",  # loopback, like the cluster
     }
     with log_file.open("wb") as out:
