@@ -291,12 +291,10 @@ def _worker(settings: Settings, address: str, node_ip: str | None) -> None:
 async def _jobs(settings: Settings) -> None:
     from rich.table import Table
 
-    from cluster.broker import connect_broker
+    from atelier.service import open_broker
 
     con = console
-    broker = (
-        await connect_broker(settings.redis_url, fallback=False) if settings.redis_url else None
-    )
+    broker = await open_broker(settings, shared=True) if settings.redis_url else None
     table = Table(show_header=False)
     if broker is None:
         con.print("no ATELIER_REDIS_URL: the single-box queue lives inside `atelier up`")

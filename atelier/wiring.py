@@ -35,14 +35,10 @@ def fail(exc: AtelierError) -> typer.Exit:
 @contextmanager
 def open_store(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """A session factory on a migrated database; DatabaseNotMigrated otherwise."""
-    from storage.db import check_migrated, make_engine, session_factory
+    from atelier.service import open_db
 
-    engine = make_engine(settings.db_url)
-    try:
-        check_migrated(engine)
-        yield session_factory(engine)
-    finally:
-        engine.dispose()
+    with open_db(settings) as (_, sessions):
+        yield sessions
 
 
 def quiet_ml_libraries() -> None:

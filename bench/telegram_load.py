@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -82,7 +83,7 @@ def _pct(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     import ray
 
-    from atelier.service import make_client, make_dispatcher
+    from atelier.service import make_client, make_dispatcher, open_db
     from bots.telegram.fake_api import FakeTelegram
     from bots.telegram.run import start_bot
     from cluster.broker_redis import RedisBroker
@@ -91,7 +92,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     from cluster.tiny import make_tiny_models
     from cluster.worker import init_local_ray, spawn_worker
     from core.settings import load_settings
-    from storage.db import make_engine, session_factory, upgrade
+    from storage.db import upgrade
 
     # 1. The stack: tiny models, Ray worker(s), store, broker, dispatcher, fake API, bot.
     make_tiny_models(tmp / "models", seed=0)
@@ -116,8 +117,8 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         for i in range(args.workers)
     ]
     upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
-    sessions = session_factory(engine)
+    store = contextlib.ExitStack()
+    _, sessions = store.enter_context(open_db(settings))
     broker = RedisBroker(redis_url)
     client = make_client(settings, sessions, broker, models=registry)
     stop = asyncio.Event()
@@ -160,7 +161,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         await dispatching
         await fake.stop()
         await broker.close()
-        engine.dispose()
+        store.close()
         ray.shutdown()
 
     # 4. The table.
