@@ -41,6 +41,7 @@ USER_INPUT_CODES = frozenset(
     {InvalidRequest.code, PromptTooLong.code, ImageRejected.code, ContentBlocked.code}
 )
 
+
 @dataclass(frozen=True)
 class BatchRecord:
     """One batch as placed: which worker, which jobs, when (monotonic seconds)."""
