@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Iterator
 import uvicorn
 
 from atelier.service import Stack, local_stack
-from atelier.wiring import console, fail, redact_url, settings_or_exit
+from atelier.wiring import console, fail, settings_or_exit
 from core.errors import AtelierError, ConfigError
+from core.redact import redact_url
 from core.settings import Settings, parse_listen
 from storage.blobs import BlobStore
 from web.context import WebContext

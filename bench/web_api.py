@@ -78,7 +78,7 @@ async def main(args: argparse.Namespace) -> None:
                           num_cpus=0, resources={})
     pool = await WorkerPool.from_handles([worker])
     stop = asyncio.Event()
-    dispatcher = Dispatcher(settings=settings, session_factory=sessions, broker=broker,
+    dispatcher = Dispatcher(dispatch=settings.dispatch, sessions=sessions, broker=broker,
                             blobs=blobs, workers=pool, name="bench-web", models=registry)
     dispatching = asyncio.create_task(dispatcher.run(stop))
 

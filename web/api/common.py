@@ -18,7 +18,6 @@ from fastapi.routing import APIRoute
 from sqlmodel import Session
 
 from cluster.broker import BrokerUnavailable
-from cluster.client import read_only_sessions
 from core.errors import (
     AtelierError,
     Conflict,
@@ -33,7 +32,7 @@ from core.errors import (
 from core.jobs import Requester
 from storage import apikeys
 from storage.apikeys import ApiKeyRead
-from storage.db import transaction
+from storage.db import read_only_sessions, transaction
 from web.api.sdapi_models import FieldError
 from web.app import get_ctx
 from web.context import WebContext

@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client
-from cluster.dispatcher import Dispatcher
+from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from cluster.tiny import make_tiny_models
@@ -126,10 +126,10 @@ class WebStack:
     async def start_dispatcher(self) -> None:
         pool = await WorkerPool.from_handles([self.worker])
         dispatcher = Dispatcher(
-            settings=self.settings, session_factory=self.sessions, broker=self.broker,
-            blobs=self.blobs, workers=pool, name="web-api-test-dispatcher",
-            models=self.registry, gather_window_s=0.02, read_block_ms=200,
-            progress_interval_s=0.1,
+            dispatch=self.settings.dispatch.model_copy(update={"gather_window_ms": 20}),
+            sessions=self.sessions, broker=self.broker, blobs=self.blobs, workers=pool,
+            name="web-api-test-dispatcher", models=self.registry,
+            pacing=Pacing(read_block_ms=200, progress_interval_s=0.1),
         )
         self._stop = asyncio.Event()
         self._dispatcher = asyncio.create_task(dispatcher.run(self._stop))
