@@ -156,13 +156,10 @@ async def _own_job(ctx: WebContext, account_id: int, job_id: str) -> JobRead:
 def _requester(session: Session, job: JobRead) -> Requester:
     """Who the new job is asked as: the identity behind the image's job (so the same
     account pays and the same NSFW choice holds), else any identity of the account."""
-    if job.identity_id is not None:
-        identity = accounts.get_identity(session=session, identity_id=job.identity_id)
-    else:
-        found = accounts.list_identities(session=session, account_id=job.account_id)
-        if not found:
-            raise PageError(409, "this account has no chat identity to charge the job to")
-        identity = found[0]
+    found = accounts.list_identities(session=session, account_id=job.account_id)
+    if not found:
+        raise PageError(409, "this account has no chat identity to charge the job to")
+    identity = next((i for i in found if i.id == job.identity_id), found[0])
     return Requester(
         platform=identity.platform, platform_user_id=identity.platform_user_id,
         nsfw_allowed=job.delivery.extra.get(NSFW_EXTRA_KEY) == "1",
