@@ -21,7 +21,7 @@ import uvicorn
 
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
-from cluster.dispatcher import Dispatcher
+from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from core.infotext import parse_infotext, read_png_infotext
@@ -72,9 +72,10 @@ async def live(tmp_path: Path, web_ray_worker: Any, web_tiny_dir: Path) -> Async
     client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
                     models=registry, poll_interval_s=0.2)
     dispatcher = Dispatcher(
-        settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
+        dispatch=settings.dispatch.model_copy(update={"gather_window_ms": 20}),
+        sessions=sessions, broker=broker, blobs=blobs,
         workers=await WorkerPool.from_handles([web_ray_worker]), name="web-test-dispatcher",
-        models=registry, gather_window_s=0.02, read_block_ms=200, progress_interval_s=0.1,
+        models=registry, pacing=Pacing(read_block_ms=200, progress_interval_s=0.1),
     )
     stop = asyncio.Event()
     running = asyncio.create_task(dispatcher.run(stop))
