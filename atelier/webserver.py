@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 
-from atelier.service import Stack, local_stack
+from atelier.service import Stack, shared_stack, stop_on_signals
 from atelier.wiring import console, fail, settings_or_exit
 from core.errors import AtelierError, ConfigError
 from core.redact import redact_url
@@ -118,14 +117,9 @@ def web() -> None:
 
 
 async def _web(settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with (
-        local_stack(settings, dispatcher=False, workers=False) as stack,
-        serve_web(stack) as url,
-    ):
+    stop = stop_on_signals()
+    # The shared Redis: jobs made from the gallery go to the dispatchers running elsewhere.
+    async with shared_stack(settings) as stack, serve_web(stack) as url:
         console.print("[bold]Atelier web is up[/bold]")
         for line in web_lines(settings, url):
             console.print(f"  {line}")

@@ -101,8 +101,8 @@ def web_ray_worker(web_tiny_dir: Path) -> Iterator[Any]:
     init_local_ray(address="local", num_cpus=2, resources={"device:cpu": 1, "device:fake-gpu": 1},
                    object_store_memory=200 * 1024 * 1024)
     settings = load_settings(data_dir=web_tiny_dir, _env_file=None)
-    handle = spawn_worker(settings=settings, device_class="cpu", name="web-test-worker",
-                          num_cpus=0, resources={})
+    handle = spawn_worker(settings=settings.worker_config(), device_class="cpu",
+                          name="web-test-worker", num_cpus=0, resources={})
     yield handle
     if ray.is_initialized():
         with contextlib.suppress(ray.exceptions.RayError):

@@ -29,7 +29,6 @@ from storage import accounts
 from storage import jobs as job_repo
 from storage.gallery import ImageRead
 from storage.jobs import JobRead
-from storage.models import Identity
 from web.app import get_ctx
 from web.context import WebContext
 from web.gallery.common import PageError, db, own_image, page, secured
@@ -157,18 +156,12 @@ async def _own_job(ctx: WebContext, account_id: int, job_id: str) -> JobRead:
 def _requester(session: Session, job: JobRead) -> Requester:
     """Who the new job is asked as: the identity behind the image's job (so the same
     account pays and the same NSFW choice holds), else any identity of the account."""
-    if job.identity_id is not None:
-        row = session.get(Identity, job.identity_id)
-        if row is None:
-            raise PageError(409, "the identity that asked for this job no longer exists")
-        platform, user = row.platform, row.platform_user_id
-    else:
-        found = accounts.list_identities(session=session, account_id=job.account_id)
-        if not found:
-            raise PageError(409, "this account has no chat identity to charge the job to")
-        platform, user = found[0].platform, found[0].platform_user_id
+    found = accounts.list_identities(session=session, account_id=job.account_id)
+    if not found:
+        raise PageError(409, "this account has no chat identity to charge the job to")
+    identity = next((i for i in found if i.id == job.identity_id), found[0])
     return Requester(
-        platform=platform, platform_user_id=user,
+        platform=identity.platform, platform_user_id=identity.platform_user_id,
         nsfw_allowed=job.delivery.extra.get(NSFW_EXTRA_KEY) == "1",
     )
 
