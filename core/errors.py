@@ -36,9 +36,8 @@ class ImageRejected(InvalidRequest):
 
 class UnreadableImage(ImageRejected):
     """An upload that is not a readable image at all (unknown format, corrupt, truncated):
-    a smaller file would not help, another file would."""
-
-    code = "image_unreadable"
+    a smaller file would not help, another file would. Same code as its parent: callers
+    that sort errors by code (the dispatcher's "not worth retrying") see no new one."""
 
 
 class ContentBlocked(AtelierError):

@@ -17,7 +17,12 @@ from bots.common.core import ChatCore
 from bots.common.delivery import DeliveryLoop
 from bots.common.keyboards import Keyboard
 from bots.common.port import Picture, Posted, Press, Who
+from bots.common.prefs import UserPrefs
 from bots.common.progress import ProgressEditor
+from bots.common.requests import parse_prompt
+from core.errors import InsufficientCredits, NotFound
+from core.jobs import DeliveryTarget, Requester
+from storage import accounts
 from tests.bots.conftest import TINY, Stack
 
 PLATFORM = "memchat"
@@ -217,3 +222,24 @@ async def test_account_use_cases_say_one_thing_each(
     assert user == "504" and "https://atelier.example/g/" in text
     history = await account.history(core, private)
     assert history.text.startswith("No jobs yet") and history.keyboard is None
+
+
+async def test_quote_prices_without_writing(backend: Stack) -> None:
+    client = backend.client
+    newcomer = Requester(platform=PLATFORM, platform_user_id="601", display_name="Di")
+    small = parse_prompt(f"a cat {TINY}", UserPrefs()).request
+    quote = await client.quote(small, newcomer, "mem:q1")
+    assert (quote.cost, quote.credits, quote.repeat_of) == (1, 10, None)
+    assert quote.request.seed is not None and quote.request.model == "tiny"
+    big = parse_prompt(f"a cat {TINY} --n 4 --style anime,watercolor,sketch", UserPrefs()).request
+    with pytest.raises(InsufficientCredits, match="needs 12 credits; you have 10 left today"):
+        await client.quote(big, newcomer, "mem:q2")
+    with backend.sessions() as session, pytest.raises(NotFound):  # asking made no account
+        accounts.find_account(session=session, platform=PLATFORM, platform_user_id="601")
+
+    # An existing account: its real balance, and the job a key already made.
+    job = await client.submit(small, newcomer, DeliveryTarget(frontend=PLATFORM), "mem:q3")
+    assert (await client.quote(small, newcomer, "mem:q3")).repeat_of == job.job_id
+    assert (await client.quote(small, newcomer, "mem:q4")).credits == 10 - job.cost
+    with pytest.raises(InsufficientCredits, match="needs 12 credits; you have 9 left today"):
+        await client.quote(big, newcomer, "mem:q5")

@@ -100,7 +100,7 @@ async def test_plain_text_gets_a_preview_and_imagine_makes_it_once(stack: Stack)
 async def test_progress_resumes_after_a_restart(stack: Stack) -> None:
     fake, user = stack.fake, 5006
     await stack.stop_dispatcher()  # the job waits in the queue while the bot restarts
-    await fake.send(user, "/imagine a slow tide --w 64 --h 64 --steps 10")
+    await fake.send(user, "/imagine a slow tide --w 64 --h 64 --steps 20")
     status = await fake.wait_call("sendMessage", chat=user)
     await fake.wait_for(
         lambda: any("position" in t for t in texts_to(stack, user, "editMessageText")),
@@ -109,7 +109,7 @@ async def test_progress_resumes_after_a_restart(stack: Stack) -> None:
     await stack.stop_bot()
     before = len(fake.calls_of("editMessageText", chat=user))
 
-    await stack.start_bot()
+    await stack.start_bot(progress_interval_s=0.1)  # each tick shown, not coalesced
     await stack.start_dispatcher()
     await fake.wait_call("sendPhoto", chat=user)
     await fake.wait_for(
