@@ -232,7 +232,7 @@ async def test_quote_prices_without_writing(backend: Stack) -> None:
     assert (quote.cost, quote.credits, quote.repeat_of) == (1, 10, None)
     assert quote.request.seed is not None and quote.request.model == "tiny"
     big = parse_prompt(f"a cat {TINY} --n 4 --style anime,watercolor,sketch", UserPrefs()).request
-    with pytest.raises(InsufficientCredits, match="needs 12 credits; you have 10 left today"):
+    with pytest.raises(InsufficientCredits, match="needs 12 credits; you have 10$"):
         await client.quote(big, newcomer, "mem:q2")
     with backend.sessions() as session, pytest.raises(NotFound):  # asking made no account
         accounts.find_account(session=session, platform=PLATFORM, platform_user_id="601")
@@ -241,5 +241,5 @@ async def test_quote_prices_without_writing(backend: Stack) -> None:
     job = await client.submit(small, newcomer, DeliveryTarget(frontend=PLATFORM), "mem:q3")
     assert (await client.quote(small, newcomer, "mem:q3")).repeat_of == job.job_id
     assert (await client.quote(small, newcomer, "mem:q4")).credits == 10 - job.cost
-    with pytest.raises(InsufficientCredits, match="needs 12 credits; you have 9 left today"):
+    with pytest.raises(InsufficientCredits, match="needs 12 credits; you have 9$"):
         await client.quote(big, newcomer, "mem:q5")
