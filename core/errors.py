@@ -34,6 +34,12 @@ class ImageRejected(InvalidRequest):
     code = "image_rejected"
 
 
+class UnreadableImage(ImageRejected):
+    """An upload that is not a readable image at all (unknown format, corrupt, truncated):
+    a smaller file would not help, another file would. Same code as its parent: callers
+    that sort errors by code (the dispatcher's "not worth retrying") see no new one."""
+
+
 class ContentBlocked(AtelierError):
     """The prompt matches the blocklist for this channel."""
 
