@@ -12,6 +12,7 @@ import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -28,6 +29,9 @@ from atelier.wiring import (
 from core.errors import AtelierError
 from core.jobs import DeliveryTarget, Requester
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from cluster.registry import ModelRegistry
 
 Stopper = Callable[[], Awaitable[None]]
 
@@ -137,6 +141,9 @@ async def _up(settings: Settings) -> None:
             con.print(f"  {note}")
         con.print(f"  database: {redact_url(settings.db_url)}")
         con.print(f"  data dir: {settings.data_dir}")
+        con.print("  models:")
+        for line in model_lines(stack.client.models):
+            con.print(f"    {line}", markup=False)
         bots = await _start_bots(settings, stack)
         con.print(
             "  bots: "
@@ -151,6 +158,13 @@ async def _up(settings: Settings) -> None:
         finally:
             for _, stopper in bots:
                 await stopper()
+
+
+def model_lines(models: ModelRegistry) -> list[str]:
+    """Each model's availability here, one line each (how to get the missing ones)."""
+    from cluster.availability import registry_availability
+
+    return [a.line() for a in registry_availability(models).values()]
 
 
 async def _start_bots(settings: Settings, stack: Stack) -> list[tuple[str, Stopper]]:

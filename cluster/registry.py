@@ -330,42 +330,13 @@ class ModelRegistry:
         return len(self._specs)
 
 
-# Local availability and the `atelier models list` table --------------------------------------
+# The hub cache (what cluster/availability.py asks too) -----------------------------------------
 
 
 def _hub_cached(repo: str, filename: str = "model_index.json") -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo, filename), str)
-
-
-def is_available_locally(spec: ModelSpec) -> bool:
-    """Whether loading needs no network (the hub-cache check looks at model_index.json only)."""
-    if spec.path is not None:
-        return (spec.path / "model_index.json").is_file()
-    if spec.file is not None:
-        return spec.file.is_file()
-    return _hub_cached(str(spec.repo))
-
-
-def registry_table_rows(registry: ModelRegistry) -> list[dict[str, Any]]:
-    """One row per model for ``atelier models list``."""
-    return [
-        {
-            "name": s.name,
-            "default": s.name == registry.default,
-            "family": s.family.value,
-            "source": f"{s.source}:{s.location}",
-            "min_vram_gb": s.min_vram_gb,
-            "default_size": f"{s.default_width}x{s.default_height}",
-            "max_size": f"{s.max_width}x{s.max_height}",
-            "default_steps": s.default_steps,
-            "scheduler": s.scheduler,
-            "available": is_available_locally(s),
-            "description": s.description,
-        }
-        for s in registry
-    ]
 
 
 # Loading -------------------------------------------------------------------------------------

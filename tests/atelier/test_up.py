@@ -65,6 +65,10 @@ def test_atelier_up_serves_a_job_from_another_process(tmp_path: Path, redis_url:
     try:
         banner = "".join(_wait_for_line(up, "Ctrl-C stops it", timeout=150))
         assert "broker: redis" in banner and "workers: cpu" in banner, banner
+        # Each model's availability, with how to get a missing one.
+        assert "tiny: available (folder)" in banner, banner
+        assert "sd15: not available (it is not in the Hugging Face cache" in banner, banner
+        assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in banner
         out = tmp_path / "out"
         done = subprocess.run(
             [*ATELIER, "imagine", "a red fox --style watercolor,anime --w 64 --h 64 --steps 2",

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cluster.availability import registry_table_rows
 from cluster.registry import (
     Family,
     ModelLoadError,
@@ -18,7 +19,6 @@ from cluster.registry import (
     ModelSpec,
     derive_pipeline,
     load_pipeline,
-    registry_table_rows,
 )
 from core.errors import ConfigError, InvalidRequest
 from core.request import JobKind
@@ -143,7 +143,7 @@ def test_missing_user_file_is_a_config_error(settings: Settings, tmp_path: Path)
 def test_table_rows(tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch) -> None:
     # As on a machine whose Hugging Face cache is empty, whatever this one holds.
     monkeypatch.setattr("cluster.registry._hub_cached", lambda repo: False)
-    rows = {r["name"]: r for r in registry_table_rows(tiny_models.registry)}
+    rows = {r["name"]: r for r in registry_table_rows(tiny_models.registry, offline=True)}
     assert rows["tiny"]["available"] is True
     assert rows["tiny-xl"]["available"] is True
     assert rows["sd15"]["available"] is False
@@ -159,6 +159,10 @@ def test_table_rows(tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch) ->
         "default_steps": 30,
         "scheduler": "DPM++ 2M Karras",
         "available": None,
+        "availability": "missing",
+        "how": "run `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0` on a box "
+        "with network and copy its Hugging Face cache here, or set path to a downloaded copy "
+        "under [models.sdxl] in your models.toml (ATELIER_MODELS_FILE)",
         "description": "Stable Diffusion XL base 1.0",
     }
 
