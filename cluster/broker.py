@@ -172,6 +172,19 @@ class Broker(ABC):
         dispatcher that may re-announce ``job_id`` this period, so several dispatchers
         re-announce an undelivered job once, not once each."""
 
+    # Which models the workers can load ----------------------------------------------------
+
+    @abstractmethod
+    async def publish_worker_models(
+        self, worker_id: str, models: Sequence[str], ttl_s: float = keys.WORKER_MODELS_TTL_S
+    ) -> None:
+        """Record for ``ttl_s`` seconds that worker ``worker_id`` can load ``models``
+        (replacing what was published for it before)."""
+
+    @abstractmethod
+    async def worker_models(self) -> dict[str, frozenset[str]]:
+        """What was published for each worker whose record has not lapsed, by worker id."""
+
     # Stats and housekeeping ---------------------------------------------------------------
 
     @abstractmethod

@@ -338,6 +338,33 @@ class RedisBroker(Broker):
         async with self._errors("claiming a re-announcement"):
             return bool(await self._redis.set(key, "1", px=max(1, int(ttl_s * 1000)), nx=True))
 
+    # Which models the workers can load ----------------------------------------------------
+
+    async def publish_worker_models(
+        self, worker_id: str, models: Sequence[str], ttl_s: float = keys.WORKER_MODELS_TTL_S
+    ) -> None:
+        key = keys.worker_models_key(worker_id)
+        async with self._errors("publishing a worker's models"):
+            await self._redis.set(key, json.dumps(sorted(models)), px=max(1, int(ttl_s * 1000)))
+
+    async def worker_models(self) -> dict[str, frozenset[str]]:
+        async with self._errors("reading the workers' models"):
+            found = [k async for k in self._redis.scan_iter(
+                match=keys.WORKER_MODELS_PREFIX + "*", count=100)]
+            values = await self._redis.mget(found) if found else []
+        out: dict[str, frozenset[str]] = {}
+        for key, value in zip(found, values, strict=True):
+            if value is None:  # lapsed between the scan and the read
+                continue
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            try:
+                models = json.loads(value)
+            except ValueError:
+                log.warning("ignoring %s: not a JSON list", name)
+                continue
+            out[name.removeprefix(keys.WORKER_MODELS_PREFIX)] = frozenset(map(str, models))
+        return out
+
     # Stats and housekeeping ---------------------------------------------------------------
 
     async def _group_info(self, stream: str) -> list[dict[str, Any]]:

@@ -17,12 +17,21 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, func, select
 
+from cluster.availability import how_to_get, loadable_models, model_availability
 from cluster.broker import Broker, BrokerUnavailable
 from cluster.engine import effective_strength
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
 from cluster.registry import ModelRegistry
 from core.cost import job_cost_for
-from core.errors import AtelierError, Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
+from core.errors import (
+    AtelierError,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    ModelUnavailable,
+    NotFound,
+    RateLimited,
+)
 from core.jobs import DeliveryTarget, JobStatus, Requester
 from core.prompts import Blocklist, default_blocklist, prepare_prompt
 from core.request import GenerationRequest
@@ -141,15 +150,16 @@ class Client:
     ) -> SubmittedJob:
         """Accept a job: validate, charge (reserve) and queue it, exactly once per key.
 
-        Raises ContentBlocked, InvalidRequest, RateLimited or InsufficientCredits; in every
-        case nothing is charged and no job row is left behind.
+        Raises ContentBlocked, InvalidRequest, ModelUnavailable, RateLimited or
+        InsufficientCredits; in every case nothing is charged and no job row is left behind.
         """
-        # 1. Checks that need no database.
+        # 1. Checks that need no database, then that some worker can load the model.
         request = self.prepare(request, requester)
         if not idempotency_key or len(idempotency_key) > 200:
             raise InvalidRequest(
                 f"idempotency key must be 1 to 200 characters, got {len(idempotency_key)}"
             )
+        await self.check_model_available(request.model)
 
         # 2. The account (created on first contact) and its tier's size limit.
         account = await self.account(requester)
@@ -219,6 +229,46 @@ class Client:
         log.debug("job %s: prompt %r", job.id, request.prompt)
         return SubmittedJob(
             job.id, job.status, cost, True, await self._position(job), request.images_out
+        )
+
+    # Which models can run ------------------------------------------------------------------
+
+    async def _published_models(self) -> frozenset[str] | None:
+        """The union of what the live workers can load, as their dispatchers published it;
+        None before any has (start-up) or while the broker does not answer."""
+        try:
+            by_worker = await self.broker.worker_models()
+        except BrokerUnavailable:
+            return None
+        return frozenset().union(*by_worker.values()) if by_worker else None
+
+    async def available_models(self) -> list[str]:
+        """The registry's models a job can use now, in registry order: those some worker can
+        load, or, before any worker has told, those this machine can load. What front ends
+        offer and list (``/help``)."""
+        published = await self._published_models()
+        if published is not None:
+            return [n for n in self.models.names() if n in published]
+        return await asyncio.to_thread(loadable_models, self.models)
+
+    async def check_model_available(self, name: str | None) -> None:
+        """Raise ModelUnavailable, with one line on how to get it, when no worker can load
+        model ``name`` (the default when None); InvalidRequest for an unknown name."""
+        spec = self.models.get(name)
+        published = await self._published_models()
+        if published is not None and spec.name in published:
+            return
+        here = await asyncio.to_thread(model_availability, spec)
+        if published is None:  # no worker has told yet: what this machine has stands for it
+            if here.loadable:
+                return
+            raise ModelUnavailable(
+                f"model '{spec.name}' is not available: {here.why}. To get it: {here.how}"
+            )
+        why = f" ({here.why})" if here.why else ""
+        raise ModelUnavailable(
+            f"model '{spec.name}' is not available on any worker{why}. "
+            f"To get it: {here.how or how_to_get(spec)}"
         )
 
     async def _position(self, job: JobRead) -> int | None:

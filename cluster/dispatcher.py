@@ -21,11 +21,12 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
+from cluster import keys
 from cluster.batching import FairQueue, Waiting
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
 from cluster.engine import GenerationCancelled, ImageResult, batch_key, item_pixels
 from cluster.events import EventKind, JobEvent
-from cluster.placement import WorkerPool, WorkerSlot
+from cluster.placement import WorkerPool, WorkerSlot, publish_loadable
 from cluster.registry import ModelLoadError, ModelRegistry
 from cluster.settling import REDELIVER_BATCH, Held, Settler, Store
 from cluster.worker import WorkerFailed, WorkerLost, run_batch
@@ -300,6 +301,9 @@ class Dispatcher:
                     await self._admit(claimed)
         if self._every("refresh", self.refresh_interval_s):
             await self.workers.refresh()
+            # What the workers can load, for submit's check (lapses if we stop refreshing).
+            ttl_s = max(keys.WORKER_MODELS_TTL_S, 3 * self.refresh_interval_s)
+            await publish_loadable(self.workers, self.broker, ttl_s)
         if self._every("reconcile", self.reconcile_interval_s):
             await self.reconcile(everything=False)
             await self.settle.redeliver(everything=False)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cluster.broker import Broker
 from cluster.registry import ModelSpec
 from cluster.worker import WorkerInfo, WorkerLost
 
@@ -219,3 +220,15 @@ def ray_discovery(prefix: str) -> Any:
 
 async def _await_ref(ref: Any) -> Any:
     return await ref
+
+
+async def publish_loadable(pool: WorkerPool, broker: Broker, ttl_s: float) -> int:
+    """Publish through ``broker`` the models each live worker said it can load, for ``ttl_s``
+    seconds (submit refuses a model no published worker can load). Returns how many workers
+    were published; a dead worker is left to lapse."""
+    published = 0
+    for slot in pool.live():
+        if slot.info.loadable_models is not None:
+            await broker.publish_worker_models(slot.worker_id, slot.info.loadable_models, ttl_s)
+            published += 1
+    return published

@@ -18,6 +18,7 @@ import ray
 import ray.exceptions as rex
 from ray._private import ray_constants
 
+from cluster.availability import loadable_models
 from cluster.cache import ModelCache, default_budget_bytes, describe_cache
 from cluster.devices import DeviceInfo, DeviceProfile, best_device, choose_profile, detect_devices
 from cluster.engine import (
@@ -92,6 +93,9 @@ class WorkerInfo:
     max_batch_pixels: int
     busy: bool
     node_id: str
+    # The models this worker's node can load (files, Hugging Face cache, or the hub when
+    # online); None when it could not tell (its registry failed to load).
+    loadable_models: list[str] | None = None
 
 
 class WorkerLost(AtelierError):
@@ -194,7 +198,7 @@ class WorkerActor:
             profile=dataclasses.asdict(profile),
             loaded_models=engine.cache.loaded() if engine is not None else [],
             max_batch_pixels=profile.max_batch_pixels, busy=bool(self._running),
-            node_id=self._node_id,
+            node_id=self._node_id, loadable_models=await asyncio.to_thread(self._loadable),
         )
 
     async def health(self) -> dict[str, Any]:
@@ -264,6 +268,18 @@ class WorkerActor:
         yield _final_event(work)
 
     # Internals --------------------------------------------------------------------------
+
+    def _loadable(self) -> list[str] | None:
+        """The models this node can load now: asked at every info(), so files deleted or
+        downloaded meanwhile show up (a few stat calls per model)."""
+        engine = self._engine
+        try:
+            registry = engine.cache.registry if engine is not None else ModelRegistry.load(
+                self._settings)
+        except AtelierError as exc:
+            log.warning("cannot tell which models load here: %s", exc)
+            return None
+        return loadable_models(registry)
 
     def _engine_now(self) -> Engine:
         with self._engine_lock:

@@ -75,6 +75,15 @@ class Conflict(AtelierError):
     code = "conflict"
 
 
+class ModelUnavailable(AtelierError):
+    """A model cannot be loaded where it would run, and retrying will not change that: its
+    files are missing, it is not in the Hugging Face cache offline, it is not a pipeline of its
+    family. The message says how to get it and never holds a server path (a person may see it).
+    Raised at submit (nothing charged) and by a worker's load (the job fails at once)."""
+
+    code = "model_unavailable"
+
+
 class ConfigError(AtelierError):
     """Settings or deployment problem; names the variable or file at fault."""
 

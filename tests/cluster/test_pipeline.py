@@ -33,6 +33,7 @@ from core.errors import (
     Forbidden,
     InsufficientCredits,
     InvalidRequest,
+    ModelUnavailable,
     RateLimited,
 )
 from core.jobs import JobStatus, Requester
@@ -42,7 +43,7 @@ from storage import jobs as job_repo
 from storage.blobs import BlobStore
 from storage.db import session_factory
 from storage.gallery import list_job_images
-from storage.models import Job
+from storage.models import CreditKind, CreditLedger, Job
 from tests.cluster.helpers import (
     Cluster,
     audit,
@@ -66,7 +67,23 @@ CLAIM_IDLE_MS = 1500
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile) -> Iterator[Any]:
+def models_file(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models, plus one no worker here can ever hold (it needs 1000 GB), plus one
+    whose files are missing: the worker and the client share this file, as processes of one
+    deployment share their models.toml."""
+    path = tmp_path_factory.mktemp("pipeline-models") / "models.toml"
+    path.write_text(
+        f'[models.huge]\npath = "{tiny_models.sd15}"\nfamily = "sd15"\nmin_vram_gb = 1000\n'
+        'default_width = 64\ndefault_height = 64\ndefault_steps = 4\nscheduler = "Euler"\n'
+        f'[models.absent]\npath = "{tiny_models.data_dir}/models/nowhere"\nfamily = "sd15"\n'
+        'hint = "build it with `atelier models make-tiny`"\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile, models_file: Path
+           ) -> Iterator[Any]:
     import ray
 
     init_local_ray(
@@ -74,7 +91,7 @@ def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile) -> Iterator[Any]
         log_to_driver=False,
     )
     handle = spawn_worker(
-        settings=tiny_models.settings.model_dump(mode="json"),
+        settings=tiny_models.settings.model_dump(mode="json") | {"models_file": str(models_file)},
         device_class="cpu",
         profile=cpu_profile,
         name=f"{WORKER_NAME_PREFIX}-test",
@@ -111,12 +128,9 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models: TinyModels) -> ModelRegistry:
-    """The tiny models, plus one no worker here can ever hold."""
-    tiny = tiny_models.registry.get("tiny")
-    return tiny_models.registry.with_models(
-        tiny.model_copy(update={"name": "huge", "min_vram_gb": 1000.0})
-    )
+def models(tiny_models: TinyModels, models_file: Path) -> ModelRegistry:
+    """What the worker knows (see ``models_file``)."""
+    return ModelRegistry.load(tiny_models.settings, models_file)
 
 
 @pytest.fixture
@@ -381,6 +395,40 @@ async def test_refusals_charge_nothing_and_leave_no_job(cluster: Cluster) -> Non
     with pytest.raises(RateLimited, match="1 at a time"):
         await submit(cluster, tight, req())
     assert first.created
+
+
+async def test_a_model_no_worker_can_load_is_refused_at_submit_for_nothing(
+    cluster: Cluster, tiny_models: TinyModels
+) -> None:
+    alice = who("alice")
+    # 1. Before any worker has told (start-up): this machine's files stand for the workers'.
+    with pytest.raises(ModelUnavailable) as err:
+        await submit(cluster, alice, req(model="absent"))
+    line = err.value.message
+    assert line.startswith("model 'absent' is not available: its folder does not exist.")
+    assert "build it with `atelier models make-tiny`" in line
+    assert str(tiny_models.data_dir) not in line  # no server path
+    # 2. Once the dispatcher published what its worker can load, the union of that decides.
+    cluster.start()
+    async with asyncio.timeout(10):
+        while not await cluster.broker.worker_models():
+            await asyncio.sleep(0.05)
+    assert await cluster.client.available_models() == ["tiny", "tiny-xl", "huge"]
+    with pytest.raises(ModelUnavailable, match="'absent' is not available on any worker"):
+        await submit(cluster, alice, req(model="absent"))
+    # A model this machine has but no worker can load (not in the workers' models.toml).
+    tiny = cluster.client.models.get("tiny")
+    cluster.client.models = cluster.client.models.with_models(
+        tiny.model_copy(update={"name": "only-here"}))
+    with pytest.raises(ModelUnavailable, match="'only-here' is not available on any worker"):
+        await submit(cluster, alice, req(model="only-here"))
+    # Nothing was charged, no job row was left, and the person's next job runs.
+    with cluster.session() as s:
+        assert s.exec(select(func.count()).select_from(Job)).one() == 0
+        assert s.exec(select(func.count()).select_from(CreditLedger).where(
+            col(CreditLedger.kind) == CreditKind.reserve)).one() == 0
+    ok = await submit(cluster, alice, req())
+    assert (await asyncio.wait_for(cluster.client.wait(ok.job_id), 60)).kind is EventKind.done
 
 
 async def test_a_job_the_broker_never_got_is_enqueued_by_the_reconciler(cluster: Cluster) -> None:
