@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import registry as _registry
-from cluster.registry import MODELS_FILE_VARIABLE, ModelRegistry, ModelSpec
+from cluster.registry import ModelRegistry, ModelSpec, how_to_get
 
 
 class Availability(StrEnum):
@@ -52,24 +52,6 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def _settable(spec: ModelSpec, what: str) -> str:
-    return f"set {what} under [models.{spec.name}] in your models.toml ({MODELS_FILE_VARIABLE})"
-
-
-def how_to_get(spec: ModelSpec) -> str:
-    """One line on how to make ``spec`` available here."""
-    if spec.source == "repo":
-        fix = (f"run `huggingface-cli download {spec.repo}` on a box with network and copy its "
-               f"Hugging Face cache here, or {_settable(spec, 'path to a downloaded copy')}")
-    elif spec.source == "path":
-        fix = _settable(spec, "path to a Diffusers folder that exists")
-    else:
-        fix = _settable(spec, "file to a .safetensors/.ckpt checkpoint that exists")
-    if spec.hint:  # a model's own remedy (how the tiny models are built) comes first
-        fix = f"{spec.hint}, or {fix}"
-    return fix
 
 
 def _folder_problem(folder: Path) -> str | None:

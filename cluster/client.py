@@ -17,11 +17,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, func, select
 
-from cluster.availability import how_to_get, loadable_models, model_availability
+from cluster.availability import loadable_models, model_availability
 from cluster.broker import Broker, BrokerUnavailable
 from cluster.engine import effective_strength
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
-from cluster.registry import ModelRegistry
+from cluster.registry import ModelRegistry, how_to_get
 from core.cost import job_cost_for
 from core.errors import (
     AtelierError,

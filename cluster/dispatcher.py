@@ -35,6 +35,7 @@ from core.errors import (
     ContentBlocked,
     ImageRejected,
     InvalidRequest,
+    ModelUnavailable,
     NotFound,
     PromptTooLong,
 )
@@ -87,6 +88,9 @@ RECONCILE_LIMIT = 10_000
 USER_INPUT_CODES = frozenset(
     {InvalidRequest.code, PromptTooLong.code, ImageRejected.code, ContentBlocked.code}
 )
+# Worker error codes no retry can change: the job fails at once (the message is the person's).
+PERMANENT_CODES = frozenset({ModelUnavailable.code})
+
 
 @dataclass(frozen=True)
 class BatchRecord:
@@ -588,6 +592,12 @@ class Dispatcher:
 
     async def _worker_failed(self, slot: WorkerSlot, jobs: list[Held], exc: WorkerFailed) -> None:
         by_id = {h.job_id: h for h in jobs}
+        if exc.error_code in PERMANENT_CODES:
+            # No retry can mend it (the model's files are missing, say): the batch's jobs, all
+            # of one model, fail now and are refunded.
+            for h in jobs:
+                await self.settle.fail(h, user_reason(exc, h.model.name))
+            return
         if exc.job_id is not None and exc.job_id in by_id:
             # The worker named the job at fault (its input): fail it, run the others again.
             culprit = by_id[exc.job_id]
@@ -719,7 +729,7 @@ def user_reason(exc: WorkerFailed, model: str) -> str:
     """What a job's owner is told when the worker failed it: the worker's own message only
     where it is about the job's input (written for its owner); otherwise a plain line
     without the server's paths or exception text, which the operator log keeps."""
-    if exc.error_code in USER_INPUT_CODES:
+    if exc.error_code in USER_INPUT_CODES or exc.error_code in PERMANENT_CODES:
         return exc.message
     if exc.error_code == ModelLoadError.code:
         return f"model {model!r} could not be loaded on the worker; the operator has been told"

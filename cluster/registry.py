@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.errors import AtelierError, ConfigError, InvalidRequest
+from core.errors import AtelierError, ConfigError, InvalidRequest, ModelUnavailable
 from core.request import JobKind, canonical_scheduler
 from core.settings import Settings
 
@@ -369,6 +369,35 @@ def _fix_broken(spec: ModelSpec) -> str:
     )
 
 
+def _settable(spec: ModelSpec, what: str) -> str:
+    return f"set {what} under [models.{spec.name}] in your models.toml ({MODELS_FILE_VARIABLE})"
+
+
+def how_to_get(spec: ModelSpec) -> str:
+    """One line on how to make ``spec`` available (no server path: a person may read it)."""
+    if spec.source == "repo":
+        fix = (f"run `huggingface-cli download {spec.repo}` on a box with network and copy its "
+               f"Hugging Face cache here, or {_settable(spec, 'path to a downloaded copy')}")
+    elif spec.source == "path":
+        fix = _settable(spec, "path to a Diffusers folder that exists")
+    else:
+        fix = _settable(spec, "file to a .safetensors/.ckpt checkpoint that exists")
+    if spec.hint:  # a model's own remedy (how the tiny models are built) comes first
+        fix = f"{spec.hint}, or {fix}"
+    return fix
+
+
+def _unavailable(
+    spec: ModelSpec, why: str, operator_why: str, fix: str, how: str | None = None
+) -> ModelUnavailable:
+    """A load failure no retry can mend: the person's line (``why``, how to get it) and the
+    operator's (``operator_why`` with paths, and the fix) as its detail."""
+    return ModelUnavailable(
+        f"model '{spec.name}' is not available: {why}. To get it: {how or how_to_get(spec)}",
+        detail=_fail(spec, operator_why, fix).message, model=spec.name,
+    )
+
+
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
@@ -395,7 +424,9 @@ def load_pipeline(
     """Load ``spec`` as its text-to-image pipeline in ``torch_dtype`` (on ``device`` if given).
 
     ``offline`` defaults to HF_HUB_OFFLINE. A repo already in the local hub cache never touches
-    the network. Every failure is a ModelLoadError naming the model, the cause and the fix.
+    the network. A failure no retry can mend (missing files, not cached offline, wrong family,
+    not a pipeline) is a ModelUnavailable; any other is a ModelLoadError (naming the model, the
+    cause and the fix), which another try or another worker may not meet.
     """
     offline = _hub_offline() if offline is None else offline
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -413,12 +444,10 @@ def load_pipeline(
 
     expected = spec.family.pipeline_class
     if type(pipe).__name__ != expected:
-        raise _fail(
-            spec,
-            f"it is a {type(pipe).__name__}, but its family {spec.family.value!r} expects a "
-            f"{expected}",
-            f"Set family to the right one {_where(spec)}",
-        )
+        why = (f"it is a {type(pipe).__name__}, but its family {spec.family.value!r} expects a "
+               f"{expected}")
+        raise _unavailable(spec, why, why, f"Set family to the right one {_where(spec)}",
+                           how=_settable(spec, "family to the right one"))
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -430,10 +459,12 @@ def _load_folder(spec: ModelSpec, kwargs: dict[str, Any]) -> DiffusionPipeline:
 
     folder = Path(str(spec.path))
     if not folder.is_dir():
-        raise _fail(spec, f"folder {folder} does not exist", _fix_location(spec))
+        raise _unavailable(spec, "its folder does not exist", f"folder {folder} does not exist",
+                           _fix_location(spec))
     if not (folder / "model_index.json").is_file():
-        raise _fail(
+        raise _unavailable(
             spec,
+            "its folder has no model_index.json, so it is not a Diffusers pipeline",
             f"folder {folder} has no model_index.json, so it is not a Diffusers pipeline folder",
             f"For a single .safetensors/.ckpt checkpoint set file = ... {_where(spec)}",
         )
@@ -455,16 +486,18 @@ def _load_repo(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) -> Diffus
             return auto.from_pretrained(repo, local_files_only=True, **kwargs)
         except Exception as exc:
             if offline:
-                raise _fail(
+                raise _unavailable(
                     spec,
+                    "it is only partly in the Hugging Face cache and the hub is offline",
                     f"{repo!r} is only partly in the local Hugging Face cache and there is no "
                     f"network ({_cause(exc)})",
                     _fix_download(spec),
                 ) from exc
             log.info("model %r: cached copy incomplete (%s); downloading", spec.name, exc)
     elif offline:
-        raise _fail(
+        raise _unavailable(
             spec,
+            "it is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)",
             f"{repo!r} is not in the local Hugging Face cache and there is no network",
             _fix_download(spec),
         )
@@ -483,7 +516,8 @@ def _load_single_file(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) ->
 
     path = Path(str(spec.file))
     if not path.is_file():
-        raise _fail(spec, f"file {path} does not exist", _fix_location(spec))
+        raise _unavailable(spec, "its checkpoint file does not exist",
+                           f"file {path} does not exist", _fix_location(spec))
     cls = (
         diffusers.StableDiffusionXLPipeline
         if spec.family.is_xl

@@ -30,7 +30,7 @@ from cluster.engine import (
     ProgressFn,
 )
 from cluster.registry import ModelRegistry
-from core.errors import AtelierError, ConfigError
+from core.errors import AtelierError, ConfigError, ModelUnavailable
 from core.prompts import Blocklist
 from core.settings import Settings
 
@@ -355,6 +355,9 @@ def _final_event(work: asyncio.Future[list[ImageResult]]) -> dict[str, Any]:
         return {"type": "lease_lapsed", "message": exc.message}
     except JobRejected as exc:
         return {"type": "error", "code": exc.code, "message": exc.message, "job_id": exc.job_id}
+    except ModelUnavailable as exc:  # the person's line travels; the paths stay in this log
+        log.error("%s", exc.detail)
+        return {"type": "error", "code": exc.code, "message": exc.message, "job_id": None}
     except AtelierError as exc:
         return {"type": "error", "code": exc.code, "message": exc.message, "job_id": None}
     except Exception:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import shutil
 import io
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -77,6 +78,8 @@ def models_file(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactor
         'default_width = 64\ndefault_height = 64\ndefault_steps = 4\nscheduler = "Euler"\n'
         f'[models.absent]\npath = "{tiny_models.data_dir}/models/nowhere"\nfamily = "sd15"\n'
         'hint = "build it with `atelier models make-tiny`"\n'
+        f'[models.doomed]\npath = "{path.parent / "doomed"}"\nfamily = "sd15"\n'
+        'default_width = 64\ndefault_height = 64\ndefault_steps = 4\nscheduler = "Euler"\n'
     )
     return path
 
@@ -353,6 +356,30 @@ async def test_a_job_no_worker_can_run_fails_at_once_and_is_refunded(cluster: Cl
     a = audit(cluster, alice)
     assert a.released == sub.cost and a.held == 0 and a.captured == 0
     assert not cluster.dispatcher.batches
+
+
+async def test_a_model_whose_files_vanish_fails_at_once_not_retried(
+    cluster: Cluster, tiny_models: TinyModels, models_file: Path
+) -> None:
+    # Accepted while its folder is there; the folder is deleted before a worker loads it.
+    folder = models_file.parent / "doomed"
+    shutil.copytree(tiny_models.sd15, folder, dirs_exist_ok=True)
+    alice = who("alice")
+    sub = await submit(cluster, alice, req(model="doomed"))
+    shutil.rmtree(folder)
+    began = time.monotonic()
+    cluster.start()
+    end = await asyncio.wait_for(cluster.client.wait(sub.job_id), 30)
+    took = time.monotonic() - began
+    assert end.kind is EventKind.failed
+    assert end.reason is not None
+    assert end.reason.startswith("model 'doomed' is not available: its folder does not exist.")
+    assert str(folder.parent) not in end.reason  # no server path for the person
+    with cluster.session() as s:
+        assert job_repo.get_job(session=s, job_id=sub.job_id).attempts == 1  # not retried
+    a = audit(cluster, alice)
+    assert a.released == sub.cost and a.held == 0 and a.captured == 0
+    assert took < 15, took  # was 3 attempts with back-off: 60-90 s
 
 
 async def test_a_poison_job_fails_alone(cluster: Cluster) -> None:
