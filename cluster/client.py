@@ -111,7 +111,9 @@ class Client:
     # Submitting --------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest, requester: Requester) -> GenerationRequest:
-        """Validate what needs no database and resolve the model name and the seed.
+        """Validate what needs no database and resolve the model name, what the person left to
+        the model (size, steps, guidance, scheduler: its registry defaults) and the seed. The
+        result is what runs and what is priced.
 
         Raises ContentBlocked (nothing is charged) or InvalidRequest naming the bad value.
         """
@@ -119,23 +121,23 @@ class Client:
         self.blocklist.check(request.prompt, requester.nsfw_allowed)
         # 2. Styles exist and the styled prompts fit the text encoder (estimated tokens).
         prepare_prompt(request, self.styles, self.blocklist, requester.nsfw_allowed)
-        # 3. The model exists and the size and steps are within what it supports.
+        # 3. The model exists; what the person left out is the model's default; the size and
+        #    steps are within what it supports.
         spec = self.models.get(request.model)
-        for side, top in (("width", spec.max_width), ("height", spec.max_height)):
-            if getattr(request, side) > top:
-                raise InvalidRequest(
-                    f"{side} must be at most {top} for model {spec.name}, "
-                    f"got {getattr(request, side)}"
-                )
-        if request.steps > spec.max_steps:
-            raise InvalidRequest(
-                f"{spec.name} runs at most {spec.max_steps} steps, got {request.steps}"
-            )
+        request = request.with_model_defaults(spec.defaults)
+        p = request.params()
+        for side, value, top in (("width", p.width, spec.max_width),
+                                 ("height", p.height, spec.max_height)):
+            if value > top:
+                raise InvalidRequest(f"{side} must be at most {top} for model {spec.name}, "
+                                     f"got {value}")
+        if p.steps > spec.max_steps:
+            raise InvalidRequest(f"{spec.name} runs at most {spec.max_steps} steps, got {p.steps}")
         strength = effective_strength(request)
-        if strength is not None and int(request.steps * strength) < 1:
+        if strength is not None and int(p.steps * strength) < 1:
             # Diffusers denoises int(steps x strength) steps of an input image: none is no job.
             raise InvalidRequest(
-                f"{request.steps} steps at strength {strength:g} leave no denoising step; "
+                f"{p.steps} steps at strength {strength:g} leave no denoising step; "
                 f"use at least {math.ceil(1 / strength)} steps"
             )
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.

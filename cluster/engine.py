@@ -3,6 +3,7 @@ call with per-image prompts and seeds; images come back as PNGs carrying A1111 i
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -115,7 +116,8 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...]:
 
 def item_pixels(request: GenerationRequest) -> int:
     """Pixels a job adds to a batch (for ``DeviceProfile.max_batch_pixels`` placement)."""
-    return request.width * request.height * request.images_out
+    width, height, _ = request.size_and_steps()
+    return width * height * request.images_out
 
 
 def pipeline_steps(request: GenerationRequest) -> int:
@@ -123,7 +125,7 @@ def pipeline_steps(request: GenerationRequest) -> int:
     input image gets at least one denoising step (as A1111 does). Diffusers runs only
     int(steps * strength) of them and refuses zero: 2 steps at an upscale's 0.3, or any turbo
     model's 1-4 steps at a low strength."""
-    steps, strength = request.steps, effective_strength(request)
+    steps, strength = request.size_and_steps()[2], effective_strength(request)
     if strength is not None:
         while int(steps * strength) < 1:
             steps += 1
@@ -182,14 +184,17 @@ class Engine:
         ``max_batch_pixels``). Raises InvalidRequest, JobRejected, ModelLoadError, or
         GenerationCancelled when every job is cancelled; a partly cancelled batch finishes
         and leaves out the cancelled jobs' images."""
-        # 1. Check inputs: one batch key, resolved seeds, unique job ids.
+        # 1. Check inputs: one batch key, resolved seeds, unique job ids; what a request left
+        #    to its model (one that did not come through submit) gets the model's defaults.
+        items = [self._with_defaults(item) for item in items]
         first = self._check_inputs(items)
         job_ids = frozenset(item.job_id for item in items)
         with self._lock:
             # 2. The pipeline for this kind, viewed with this batch's scheduler.
             spec = self.cache.registry.get(first.model)
             base = self.cache.get(spec.name, pipeline_kind(first))
-            scheduler = self._schedulers.get(spec.name, first.scheduler, base.scheduler.config)
+            p = first.params()
+            scheduler = self._schedulers.get(spec.name, p.scheduler, base.scheduler.config)
             pipe = with_scheduler(base, scheduler)
 
             # 3. Prompts per style and seeds per image: one slot per output image.
@@ -198,11 +203,11 @@ class Engine:
 
             # 4.-5. Per-image generators and run, in calls that fit the device's batch budget.
             profile = self.cache.profile_of(spec.name)
-            per_call = max(1, profile.max_batch_pixels // (first.width * first.height))
+            per_call = max(1, profile.max_batch_pixels // (p.width * p.height))
             chunks = [slots[i : i + per_call] for i in range(0, len(slots), per_call)]
             progress = _Progress(job_ids, len(chunks), on_progress, cancelled)
             outputs: list[tuple[_Slot, Image.Image]] = []
-            with _vae_tiling(pipe, profile.needs_vae_tiling(first.width, first.height)):
+            with _vae_tiling(pipe, profile.needs_vae_tiling(p.width, p.height)):
                 for progress.chunk, chunk in enumerate(chunks):
                     gone = _cancelled_now(cancelled)
                     live = [s for s in chunk if s.job_id not in gone]
@@ -218,6 +223,12 @@ class Engine:
         ]
 
     # Steps ------------------------------------------------------------------------------
+
+    def _with_defaults(self, item: BatchItem) -> BatchItem:
+        if not item.request.unresolved:
+            return item
+        spec = self.cache.registry.get(item.request.model)
+        return dataclasses.replace(item, request=item.request.with_model_defaults(spec.defaults))
 
     def _check_inputs(self, items: Sequence[BatchItem]) -> GenerationRequest:
         if not items:
@@ -385,7 +396,8 @@ def _inputs(request: GenerationRequest) -> tuple[Image.Image | None, Image.Image
     """
     from PIL import Image
 
-    size = (request.width, request.height)
+    width, height, _ = request.size_and_steps()
+    size = (width, height)
     image = mask = None
     if request.init_image is not None and pipeline_kind(request) is not JobKind.txt2img:
         image = decode_png_rgb(request.init_image)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import AtelierError, ConfigError, InvalidRequest, ModelUnavailable
-from core.request import JobKind, canonical_scheduler
+from core.request import JobKind, ModelDefaults, canonical_scheduler
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -167,6 +167,14 @@ class ModelSpec(BaseModel):
     @property
     def location(self) -> str:
         return str(self.repo or self.path or self.file)
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        """What a request that leaves size, steps, guidance or scheduler out gets."""
+        return ModelDefaults(
+            width=self.default_width, height=self.default_height, steps=self.default_steps,
+            guidance=self.guidance, scheduler=self.scheduler,
+        )
 
     @property
     def estimated_params(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 from bots.common.prefs import SIZES, UserPrefs
 from cluster.engine import UPSCALE_STRENGTH
 from core.errors import InvalidRequest
-from core.flags import MAX_ASPECT, parse_command, size_for_aspect
+from core.flags import BASE_SIDE, MAX_ASPECT, parse_command, size_for_aspect
 from core.request import GenerationRequest, JobKind, build_request
 from core.styles import StyleRegistry
 
@@ -69,7 +69,8 @@ def img2img(parsed: Parsed, png: bytes, width: int, height: int) -> GenerationRe
         # The photo's shape, at its own pixel count: no larger than the person's default size
         # (no detail to gain by blowing a thumbnail up), no smaller than IMG2IMG_MIN_SIDE².
         ratio = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
-        area = min(request.width * request.height, max(width * height, IMG2IMG_MIN_SIDE**2))
+        asked = (request.width or BASE_SIDE) * (request.height or BASE_SIDE)  # None: not given
+        area = min(asked, max(width * height, IMG2IMG_MIN_SIDE**2))
         size["width"], size["height"] = size_for_aspect(ratio, math.sqrt(area))
     return _copy(request, kind=JobKind.img2img, init_image=png, **size)
 
@@ -130,7 +131,8 @@ def upscale(
         count=1,
         seed=seed,
         # The engine repaints UPSCALE_STRENGTH of the steps: at least one must remain.
-        steps=max(request.steps, math.ceil(1 / UPSCALE_STRENGTH)),
+        # (A stored job's steps are resolved; one left to the model gets at least that.)
+        steps=max(request.steps or 1, math.ceil(1 / UPSCALE_STRENGTH)),
     )
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import shutil
 import io
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -456,6 +456,31 @@ async def test_a_model_no_worker_can_load_is_refused_at_submit_for_nothing(
             col(CreditLedger.kind) == CreditKind.reserve)).one() == 0
     ok = await submit(cluster, alice, req())
     assert (await asyncio.wait_for(cluster.client.wait(ok.job_id), 60)).kind is EventKind.done
+
+
+async def test_the_model_s_defaults_apply_to_what_the_person_left_out(cluster: Cluster) -> None:
+    alice = who("alice")
+    # A plain prompt on the tiny model: its 64x64, 4 steps, Euler, cfg 7 (not 512x512 x 20).
+    plain = await submit(cluster, alice, GenerationRequest(prompt="a fox", model="tiny"))
+    own = await submit(cluster, alice, GenerationRequest(prompt="a fox", model="tiny", steps=9,
+                                                         width=128))
+    # A model whose defaults are large is priced on them: 1024² x 60 steps = 4 x 2 credits.
+    tiny = cluster.client.models.get("tiny")
+    cluster.client.models = cluster.client.models.with_models(tiny.model_copy(update={
+        "name": "big-defaults", "default_width": 1024, "default_height": 1024,
+        "max_width": 1024, "max_height": 1024, "default_steps": 60, "max_steps": 60,
+    }))
+    big = await submit(cluster, alice, GenerationRequest(prompt="a fox", model="big-defaults"))
+    assert (plain.cost, own.cost, big.cost) == (1, 1, 8)
+    with cluster.session() as s:
+        stored = {j: job_repo.get_job(session=s, job_id=j).request
+                  for j in (plain.job_id, own.job_id, big.job_id)}
+    assert stored[plain.job_id].params() == (64, 64, 4, 7.0, "Euler")
+    assert stored[own.job_id].params() == (128, 64, 9, 7.0, "Euler")
+    assert stored[big.job_id].params()[:3] == (1024, 1024, 60)
+    cluster.start()
+    end = await asyncio.wait_for(cluster.client.wait(plain.job_id), 60)
+    assert end.kind is EventKind.done and end.images[0].width == 64
 
 
 async def test_a_job_the_broker_never_got_is_enqueued_by_the_reconciler(cluster: Cluster) -> None:

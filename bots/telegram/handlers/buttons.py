@@ -260,7 +260,8 @@ async def _setting(update: Update, context: Context, pressed: Button) -> str | N
     await svc.prefs.set_user(user.id, prefs)
     if isinstance(query.message, Message):
         markup = keyboards.settings(prefs, str(user.id), private=is_private(chat))
-        await query.message.edit_text(settings_text(prefs.model_dump()), reply_markup=markup)
+        steps = svc.client.models.get().default_steps
+        await query.message.edit_text(settings_text(prefs.model_dump(), steps), reply_markup=markup)
     return "Saved."
 
 

@@ -36,7 +36,8 @@ async def start(update: Update, context: Context) -> None:
 async def help_command(update: Update, context: Context) -> None:
     """List the commands and flags."""
     if update.effective_message is not None:
-        await update.effective_message.reply_text(texts.help_text())
+        models = await services(context).client.available_models()
+        await update.effective_message.reply_text(texts.help_text(models))
 
 
 async def credits(update: Update, context: Context) -> None:
@@ -150,7 +151,8 @@ async def settings(update: Update, context: Context) -> None:
     if is_private(chat):
         prefs = await svc.prefs.user(user.id)
         markup = keyboards.settings(prefs, str(user.id), private=True)
-        await message.reply_text(settings_text(prefs.model_dump()), reply_markup=markup)
+        steps = svc.client.models.get().default_steps
+        await message.reply_text(settings_text(prefs.model_dump(), steps), reply_markup=markup)
         return
     if not await is_admin(context, chat.id, user.id):
         await message.reply_text(
@@ -163,8 +165,9 @@ async def settings(update: Update, context: Context) -> None:
     )
 
 
-def settings_text(prefs: dict[str, object]) -> str:
-    steps = prefs["steps"] or "model default"
+def settings_text(prefs: dict[str, object], model_steps: int) -> str:
+    own = prefs["steps"]
+    steps = texts.steps_setting(own if isinstance(own, int) else None, model_steps)
     return (
         f"Your defaults: aspect {prefs['aspect']}, size {str(prefs['size']).upper()}, "
         f"steps {steps}, raw {_on(prefs['raw'])}, PNG files {_on(prefs['original'])}, "
