@@ -8,6 +8,7 @@ import getpass
 import json
 import logging
 import signal
+import socket
 import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
@@ -135,7 +136,9 @@ async def _up(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with local_stack(settings) as stack:
+    # A stable dispatcher name: restarted after a crash, it takes back its jobs in flight at once.
+    name = f"{socket.gethostname()}-up"
+    async with local_stack(settings, dispatcher_name=name) as stack:
         con.print("[bold]Atelier is up[/bold]")
         for note in stack.notes:
             con.print(f"  {note}")

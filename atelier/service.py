@@ -49,11 +49,16 @@ def local_profiles() -> list[Any]:
 
 @contextlib.asynccontextmanager
 async def local_stack(
-    settings: Settings, *, dispatcher: bool = True, workers: bool = True
+    settings: Settings, *, dispatcher: bool = True, workers: bool = True,
+    dispatcher_name: str | None = None,
 ) -> AsyncIterator[Stack]:
     """Start the single-box stack: the migrated store, Redis when it answers (else the
     in-process broker), Ray on 127.0.0.1 with one worker actor per local device, a dispatcher
-    and the client. Everything stops when the block ends."""
+    and the client. Everything stops when the block ends.
+
+    ``dispatcher_name``: its consumer name, unique among the dispatchers sharing the broker.
+    A stable one (`atelier up`) lets a restarted service take back its jobs in flight at once;
+    the default (host and pid) suits a one-off run."""
     import ray
 
     from cluster.broker import connect_broker
@@ -128,7 +133,7 @@ async def local_stack(
                 broker=broker,
                 blobs=BlobStore.from_settings(settings),
                 workers=pool,
-                name=f"{socket.gethostname()}-{os.getpid()}",
+                name=dispatcher_name or f"{socket.gethostname()}-{os.getpid()}",
             )
             task = asyncio.create_task(stack.dispatcher.run(stop))
             stack.notes.append(f"dispatcher: {stack.dispatcher.name}")

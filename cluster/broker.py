@@ -106,6 +106,13 @@ class Broker(ABC):
         """
 
     @abstractmethod
+    async def own_pending_jobs(self, consumer: str, count: int = 100) -> list[JobEntry]:
+        """Up to ``count`` entries delivered to ``consumer`` and not acked, oldest first: what a
+        dispatcher of that name held when its process stopped. They stay ``consumer``'s, and
+        reading them neither counts a delivery nor resets their idle time. Pending entries
+        whose stream entry is gone are acked away, not returned."""
+
+    @abstractmethod
     async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
         """Reset the idle time of entries ``consumer`` still works on, without counting a delivery.
 

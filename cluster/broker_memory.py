@@ -207,6 +207,25 @@ class MemoryBroker(Broker):
         got = self._jobs.claim(keys.DISPATCHER_GROUP, consumer, idle, count)
         return [_job(eid, fields, n) for eid, fields, n in got]
 
+    async def own_pending_jobs(self, consumer: str, count: int = 100) -> list[JobEntry]:
+        keys.check_consumer(consumer)
+        self._check_open()
+        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
+        if group is None:
+            return []
+        out: list[JobEntry] = []
+        for sid in sorted(group.pel):
+            pending = group.pel[sid]
+            if pending.consumer != consumer:
+                continue
+            if sid not in self._jobs.data:
+                del group.pel[sid]  # deleted while pending: nobody can process it
+                continue
+            out.append(_job(format_id(sid), dict(self._jobs.data[sid]), pending.deliveries))
+            if len(out) >= count:
+                break
+        return out
+
     async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
         keys.check_consumer(consumer)
         self._check_open()

@@ -229,6 +229,39 @@ class RedisBroker(Broker):
             )
             return await self._jobs(raws)
 
+    async def own_pending_jobs(self, consumer: str, count: int = 100) -> list[JobEntry]:
+        keys.check_consumer(consumer)
+        stream, group = keys.JOBS_STREAM, keys.DISPATCHER_GROUP
+        async with self._errors("reading own pending jobs"):
+            try:
+                pending = await self._redis.xpending_range(
+                    stream, group, min="-", max="+", count=count, consumername=consumer
+                )
+            except ResponseError as exc:
+                if _is_nogroup(exc):
+                    return []  # no group yet (or Redis restarted): nothing is pending
+                raise
+            if not pending:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in pending:
+                    pipe.xrange(stream, min=p["message_id"], max=p["message_id"], count=1)
+                found = await pipe.execute()
+            out: list[JobEntry] = []
+            gone: list[str] = []
+            for p, rows in zip(pending, found, strict=True):
+                eid = str(p["message_id"])
+                if not rows or not rows[0][1]:
+                    gone.append(eid)
+                    continue
+                raw: _Raw = (eid, rows[0][1], int(p["times_delivered"]))
+                out.extend(await self._jobs([raw]))
+            if gone:
+                log.warning("acking %d own entries deleted while pending: %s", len(gone),
+                            gone[:10])
+                await self._redis.xack(stream, group, *gone)
+            return out
+
     async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
         keys.check_consumer(consumer)
         if not entry_ids:

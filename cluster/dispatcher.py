@@ -286,6 +286,13 @@ class Dispatcher:
         if self._every("epoch", self.epoch_check_s):
             epoch = await self.broker.server_epoch()
             if self._epoch is None:
+                # What this name held when its previous process stopped (killed mid-job, say):
+                # taken back now, not after the claim timeout (start_attempts' owner check).
+                own = await self.broker.own_pending_jobs(self.name, count=self.window)
+                if own:
+                    log.info("dispatcher %s: resuming %d entries of its previous process: %s",
+                             self.name, len(own), [e.job_id for e in own])
+                    await self._admit(own)
                 self._epoch = epoch
                 await self.reconcile(everything=False)
             elif epoch != self._epoch:
@@ -389,8 +396,10 @@ class Dispatcher:
         if job.status.finished:
             await self.settle.announce(job, [entry])
             return
-        # 2. Running with a fresh lease: another dispatcher has it; this entry is a duplicate.
-        if job.status is JobStatus.running and job.updated_at >= stale_before:
+        # 2. Running with a fresh lease: another dispatcher has it; this entry is a duplicate
+        #    (unless it ran under our name: our previous process, killed; we take it back).
+        if (job.status is JobStatus.running and job.updated_at >= stale_before
+                and job.owner != self.name):
             log.info("job %s: running elsewhere; acking duplicate entry %s", job.id,
                      entry.entry_id)
             await self.broker.ack_job(entry.entry_id)
@@ -514,7 +523,7 @@ class Dispatcher:
         ids = [h.job_id for h in live]
         won = await self._db(
             lambda s: job_repo.start_attempts(session=s, job_ids=ids, now=now,
-                                              stale_before=stale_before)
+                                              stale_before=stale_before, owner=self.name)
         )
         started = []
         for h in live:

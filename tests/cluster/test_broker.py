@@ -307,6 +307,26 @@ async def test_a_redelivery_claim_goes_to_one_caller_per_period(broker: Broker) 
         await broker.claim_redelivery("bad id", ttl_s=1)
 
 
+async def test_own_pending_jobs_are_what_a_consumer_left_unacked(broker: Broker) -> None:
+    assert await broker.own_pending_jobs("d1") == []  # no group yet
+    for i in range(3):
+        await broker.enqueue(f"job-{i}")
+    mine = await broker.read_jobs("d1", count=2)
+    await broker.read_jobs("d2", count=1)
+    await broker.ack_job(mine[0].entry_id)
+    await asyncio.sleep(0.1)
+    own = await broker.own_pending_jobs("d1")
+    assert [(e.job_id, e.entry_id, e.deliveries) for e in own] == [("job-1", mine[1].entry_id, 1)]
+    assert [e.job_id for e in await broker.own_pending_jobs("d2")] == ["job-2"]
+    assert await broker.own_pending_jobs("nobody") == []
+    # Reading them neither counts a delivery nor resets their idle time: still claimable.
+    assert [e.deliveries for e in await broker.own_pending_jobs("d1")] == [1]
+    await idle()
+    claimed = await broker.claim_stale_jobs("d3", count=10)
+    assert {e.job_id for e in claimed} == {"job-1", "job-2"}
+    assert await broker.own_pending_jobs("d1") == []
+
+
 async def test_worker_models_are_published_per_worker_with_a_ttl(broker: Broker) -> None:
     assert await broker.worker_models() == {}
     await broker.publish_worker_models("atelier-worker-cpu-0", ["tiny", "sd15"], ttl_s=0.3)

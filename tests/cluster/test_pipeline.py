@@ -10,6 +10,7 @@ import io
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,7 @@ from storage import jobs as job_repo
 from storage.blobs import BlobStore
 from storage.db import session_factory
 from storage.gallery import list_job_images
-from storage.models import CreditKind, CreditLedger, Job
+from storage.models import CreditKind, CreditLedger, Job, utcnow
 from tests.cluster.helpers import (
     Cluster,
     audit,
@@ -545,6 +546,58 @@ async def test_an_abandoned_entry_is_claimed_and_finished(cluster: Cluster) -> N
     with cluster.session() as s:
         assert s.exec(select(Job.attempts).where(col(Job.id) == sub.job_id)).one() == 1
     assert ghost.job_id == sub.job_id
+
+
+async def test_a_restarted_dispatcher_takes_back_its_jobs_in_flight_at_once(
+    settings: Settings, db_engine: Engine, redis_url: str, worker: Any, models: ModelRegistry
+) -> None:
+    """A service killed mid-job (kill -9: nothing settled) and started again under the same
+    dispatcher name resumes the job at once, not after the claim timeout (60 s here); a job
+    another live dispatcher runs is left to it."""
+    claim_ms = 60_000
+    sessions = session_factory(db_engine)
+    blobs = BlobStore.from_settings(settings)
+    broker = RedisBroker(redis_url, claim_idle_ms=claim_ms)
+    pool = await WorkerPool.from_handles([worker], host_memory_gb=32)
+    client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
+                    models=models, poll_interval_s=0.2)
+    dispatcher = Dispatcher(
+        settings=settings, session_factory=sessions, broker=broker, blobs=blobs, workers=pool,
+        name="box-up", models=models, gather_window_s=0.05, job_timeout_s=60,
+        read_block_ms=100, reconcile_grace_s=0.0,
+    )
+    c = Cluster(settings, sessions, broker, blobs, client, dispatcher)
+    alice, bob = who("alice"), who("bob")
+    ours = await submit(c, alice, req())
+    theirs = await submit(c, bob, req(seed=2))
+    # What the killed process left: both entries pending under its name (read, not acked),
+    # "ours" running under its name with a fresh lease; "theirs" since taken by another live
+    # dispatcher (a duplicate entry, say) whose lease is fresh too.
+    entries = await broker.read_jobs("box-up", count=2)
+    assert sorted(e.job_id for e in entries) == sorted([ours.job_id, theirs.job_id])
+    now = utcnow()
+    with c.session() as s:
+        for job_id, owner in ((ours.job_id, "box-up"), (theirs.job_id, "elsewhere")):
+            job_repo.start_attempts(session=s, job_ids=[job_id], now=now,
+                                    stale_before=now - timedelta(seconds=30), owner=owner)
+    began = time.monotonic()
+    c.start()
+    try:
+        end = await asyncio.wait_for(client.wait(ours.job_id), 30)
+        took = time.monotonic() - began
+        assert end.kind is EventKind.done, end
+        assert took < claim_ms / 1000 / 3, took
+        with c.session() as s:
+            assert job_repo.get_job(session=s, job_id=ours.job_id).attempts == 2
+            left = job_repo.get_job(session=s, job_id=theirs.job_id)
+        assert captures(c, ours.job_id) == 1
+        # The other dispatcher's job: not run again here (its entry acked as a duplicate).
+        assert (left.status, left.attempts, left.owner) == (JobStatus.running, 1, "elsewhere")
+        assert [b.job_ids for b in dispatcher.batches] == [(ours.job_id,)]
+        assert await broker.pending_count() == 0
+    finally:
+        await c.close()
+        await broker.close()
 
 
 @pytest.mark.parametrize("broker", ["memory"], indirect=True)
