@@ -147,6 +147,10 @@ async def _up(settings: Settings) -> None:
         con.print("  models:")
         for line in model_lines(stack.client.models):
             con.print(f"    {line}", markup=False)
+        available = await stack.client.available_models()
+        # The hint names a model that runs here when the default does not.
+        pick = "" if stack.client.models.default in available or not available else (
+            f" --model {available[0]}")
         bots = await _start_bots(settings, stack)
         con.print(
             "  bots: "
@@ -155,7 +159,8 @@ async def _up(settings: Settings) -> None:
                 or "none (set ATELIER_TELEGRAM_TOKEN to run the Telegram bot)"
             )
         )
-        con.print('Ctrl-C stops it. Try: atelier imagine "a red fox --style watercolor"')
+        con.print(f'Ctrl-C stops it. Try: atelier imagine "a red fox --style watercolor"{pick}',
+                  markup=False)
         try:
             await stop.wait()
         finally:

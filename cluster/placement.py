@@ -166,9 +166,20 @@ class WorkerPool:
     def idle(self) -> list[WorkerSlot]:
         return [s for s in self.live() if s.batches < self.batches_per_worker]
 
+    @staticmethod
+    def can_load(slot: WorkerSlot, spec: ModelSpec) -> bool:
+        """Whether ``slot`` said its node can load ``spec`` (one that did not tell may)."""
+        told = slot.info.loadable_models
+        return told is None or spec.name in told
+
     def choose(self, spec: ModelSpec) -> WorkerSlot | None:
-        """The best idle live worker for ``spec``: model loaded > fits > least busy."""
+        """The best idle live worker for ``spec``: model loaded > fits > least busy. While a
+        live worker that fits can load the model, only those: a node lacking the files must
+        not fail a job another node could run. When none can, one tries, and the job fails
+        at once (ModelUnavailable)."""
         candidates = [s for s in self.idle() if self.fits(s, spec)]
+        if any(self.can_load(s, spec) for s in self.live() if self.fits(s, spec)):
+            candidates = [s for s in candidates if self.can_load(s, spec)]
         if not candidates:
             return None
 

@@ -65,6 +65,8 @@ ProgressCallback = Callable[[int, int], object]
 DEFAULT_LEASE_S = 10.0
 LEASE_RENEW_FRACTION = 0.25
 # The Settings fields a worker uses (models registry, blocklist); see WorkerActor.__init__.
+# How long what this node can load (files, Hugging Face cache) is taken as known.
+LOADABLE_TTL_S = 5.0
 _WORKER_FIELDS = ("data_dir", "models_file", "blocklist_file")
 
 # The actor, its process or its node is gone or unreachable: try another worker.
@@ -185,6 +187,9 @@ class WorkerActor:
         self._leases: dict[str, float] = {}  # batch id -> monotonic time its lease ends
         self._expired: set[str] = set()  # batches whose lease lapsed, until they end
         self._orphans_stopped = 0  # batches stopped because their caller stopped renewing
+        self._registry: ModelRegistry | None = None
+        self._loadable_now: list[str] | None = None
+        self._loadable_at: float | None = None  # monotonic time of the last look
         ctx = ray.get_runtime_context()
         self._worker_id = ctx.get_actor_name() or ctx.get_actor_id() or f"pid-{os.getpid()}"
         self._node_id = ctx.get_node_id()
@@ -270,16 +275,22 @@ class WorkerActor:
     # Internals --------------------------------------------------------------------------
 
     def _loadable(self) -> list[str] | None:
-        """The models this node can load now: asked at every info(), so files deleted or
-        downloaded meanwhile show up (a few stat calls per model)."""
+        """The models this node can load now (a few stat calls per model), looked at again
+        every LOADABLE_TTL_S: info() is asked every few seconds and must answer fast."""
+        now = time.monotonic()
+        if self._loadable_at is not None and now - self._loadable_at < LOADABLE_TTL_S:
+            return self._loadable_now
         engine = self._engine
         try:
-            registry = engine.cache.registry if engine is not None else ModelRegistry.load(
-                self._settings)
+            if self._registry is None:
+                self._registry = (engine.cache.registry if engine is not None
+                                  else ModelRegistry.load(self._settings))
+            self._loadable_now = loadable_models(self._registry)
         except AtelierError as exc:
             log.warning("cannot tell which models load here: %s", exc)
-            return None
-        return loadable_models(registry)
+            self._loadable_now = None
+        self._loadable_at = now
+        return self._loadable_now
 
     def _engine_now(self) -> Engine:
         with self._engine_lock:

@@ -69,6 +69,8 @@ def test_atelier_up_serves_a_job_from_another_process(tmp_path: Path, redis_url:
         assert "tiny: available (folder)" in banner, banner
         assert "sd15: not available (it is not in the Hugging Face cache" in banner, banner
         assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in banner
+        # The default (sd15) is not here: the hint names one that is.
+        assert 'atelier imagine "a red fox --style watercolor" --model tiny' in banner, banner
         out = tmp_path / "out"
         done = subprocess.run(
             [*ATELIER, "imagine", "a red fox --style watercolor,anime --w 64 --h 64 --steps 2",
