@@ -40,10 +40,6 @@ CANCEL_TTL_S = 3600
 # Retention: a TTL of that period.
 REDELIVER_PREFIX = f"{PREFIX}:redeliver:"
 
-# One key per live dispatcher, refreshed by it as a heartbeat. Retention: a TTL of a few
-# heartbeat periods, so a dead dispatcher's key disappears on its own.
-DISPATCHER_PREFIX = f"{PREFIX}:dispatcher:"
-
 # The models a worker can load (its node's files and Hugging Face cache), published for it by the
 # dispatchers that see it, read by submit (a job for a model no live worker can load is refused).
 # Retention: a TTL of a few refresh periods (WORKER_MODELS_TTL_S), so a gone worker's key lapses.
@@ -102,11 +98,6 @@ def redeliver_key(job_id: str) -> str:
     """``atelier:redeliver:{job_id}``: present (with a TTL) while one dispatcher's
     re-announcement of the job stands for all."""
     return REDELIVER_PREFIX + check_job_id(job_id)
-
-
-def dispatcher_key(name: str) -> str:
-    """``atelier:dispatcher:{name}``: a dispatcher's heartbeat, with a TTL."""
-    return DISPATCHER_PREFIX + check_consumer(name)
 
 
 def worker_models_key(worker_id: str) -> str:

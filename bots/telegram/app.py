@@ -134,7 +134,6 @@ def build_application(
     app.bot_data[KEY] = Services(
         settings=settings,
         client=client,
-        broker=broker,
         state=state,
         prefs=PrefsStore(state, PLATFORM),
         editor=ProgressEditor(progress_interval_s),

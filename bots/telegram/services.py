@@ -18,7 +18,6 @@ from bots.common.delivery import DeliveryLoop
 from bots.common.prefs import PrefsStore
 from bots.common.progress import ProgressEditor
 from bots.common.state import BotState
-from cluster.broker import Broker
 from cluster.client import Client
 from core.errors import AtelierError
 from core.jobs import Requester
@@ -41,7 +40,6 @@ class Services:
 
     settings: Settings
     client: Client
-    broker: Broker
     state: BotState
     prefs: PrefsStore
     editor: ProgressEditor

@@ -67,3 +67,16 @@ def test_models_list_shows_availability_and_how_to_get(env: Path) -> None:
     assert "tiny-xl: build it with `atelier models make-tiny`" in res.output
     assert "sdxl: run `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0`" in (
         res.output)
+def test_cli_never_prints_a_password_given_as_a_query_parameter(env: Path) -> None:
+    # Nothing listens on the port: the CLI names the Redis it tried, without its password.
+    from tests.conftest import free_port
+
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    url = f"redis://127.0.0.1:{free_port()}/0?password=s3cret-pw"
+    res = runner.invoke(
+        app, ["imagine", "a red fox", "--via-queue", "--out", str(env / "out")],
+        env={"ATELIER_REDIS_URL": url}, terminal_width=300,
+    )
+    assert res.exit_code == 1, res.output
+    assert "does not answer" in res.output and "password=***" in res.output
+    assert "s3cret-pw" not in res.output
