@@ -162,7 +162,8 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list() -> None:
     """List the registered models and whether each is available on this machine."""
-    from cluster.registry import ModelRegistry, registry_table_rows
+    from cluster.availability import registry_table_rows
+    from cluster.registry import ModelRegistry
 
     settings = _settings()
     try:
@@ -181,10 +182,13 @@ def models_list() -> None:
             str(row["default_size"]),
             str(row["default_steps"]),
             f"{row['min_vram_gb']:g}G",
-            "yes" if row["available"] else "no",
+            str(row["availability"]) if row["available"] else "no",
             str(row["source"]),
         )
     console.print(table)
+    for row in registry_table_rows(registry):
+        if not row["available"]:
+            console.print(f"{row['name']}: {row['how']}", markup=False)
 
 
 @models_app.command("make-tiny")

@@ -15,9 +15,10 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, func, select
 
+from cluster.availability import loadable_models, model_availability
 from cluster.broker import Broker, BrokerUnavailable
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
-from cluster.registry import ModelRegistry
+from cluster.registry import ModelRegistry, how_to_get
 from core.cost import job_cost_for
 from core.errors import (
     AtelierError,
@@ -25,6 +26,7 @@ from core.errors import (
     Forbidden,
     InsufficientCredits,
     InvalidRequest,
+    ModelUnavailable,
     NotFound,
     RateLimited,
 )
@@ -104,7 +106,9 @@ class Client:
     # Submitting --------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest, requester: Requester) -> GenerationRequest:
-        """Validate what needs no database and resolve the model name and the seed.
+        """Validate what needs no database and resolve the model name, what the person left to
+        the model (size, steps, guidance, scheduler: its registry defaults) and the seed. The
+        result is what runs and what is priced.
 
         Raises ContentBlocked (nothing is charged) or InvalidRequest naming the bad value.
         """
@@ -112,22 +116,22 @@ class Client:
         self.blocklist.check(request.prompt, requester.nsfw_allowed)
         # 2. Styles exist and the styled prompts fit the text encoder (estimated tokens).
         prepare_prompt(request, self.styles, self.blocklist, requester.nsfw_allowed)
-        # 3. The model exists and the size and steps are within what it supports.
+        # 3. The model exists; what the person left out is the model's default; the size and
+        #    steps are within what it supports.
         spec = self.models.get(request.model)
-        for side, top in (("width", spec.max_width), ("height", spec.max_height)):
-            if getattr(request, side) > top:
-                raise InvalidRequest(
-                    f"{side} must be at most {top} for model {spec.name}, "
-                    f"got {getattr(request, side)}"
-                )
-        if request.steps > spec.max_steps:
-            raise InvalidRequest(
-                f"{spec.name} runs at most {spec.max_steps} steps, got {request.steps}"
-            )
+        request = request.with_model_defaults(spec.defaults)
+        p = request.params()
+        for side, value, top in (("width", p.width, spec.max_width),
+                                 ("height", p.height, spec.max_height)):
+            if value > top:
+                raise InvalidRequest(f"{side} must be at most {top} for model {spec.name}, "
+                                     f"got {value}")
+        if p.steps > spec.max_steps:
+            raise InvalidRequest(f"{spec.name} runs at most {spec.max_steps} steps, got {p.steps}")
         strength = effective_strength(request)
-        if strength is not None and request.steps < (least := min_denoising_steps(strength)):
+        if strength is not None and p.steps < (least := min_denoising_steps(strength)):
             raise InvalidRequest(
-                f"{request.steps} steps at strength {strength:g} leave no denoising step; "
+                f"{p.steps} steps at strength {strength:g} leave no denoising step; "
                 f"use at least {least} steps"
             )
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
@@ -142,15 +146,16 @@ class Client:
     ) -> SubmittedJob:
         """Accept a job: validate, charge (reserve) and queue it, exactly once per key.
 
-        Raises ContentBlocked, InvalidRequest, RateLimited or InsufficientCredits; in every
-        case nothing is charged and no job row is left behind.
+        Raises ContentBlocked, InvalidRequest, ModelUnavailable, RateLimited or
+        InsufficientCredits; in every case nothing is charged and no job row is left behind.
         """
-        # 1. Checks that need no database.
+        # 1. Checks that need no database, then that some worker can load the model.
         request = self.prepare(request, requester)
         if not idempotency_key or len(idempotency_key) > 200:
             raise InvalidRequest(
                 f"idempotency key must be 1 to 200 characters, got {len(idempotency_key)}"
             )
+        await self.check_model_available(request.model)
 
         # 2. The account (created on first contact) and its tier's size limit.
         account = await self.account(requester)
@@ -222,8 +227,10 @@ class Client:
     ) -> Quote:
         """Check a request as ``submit`` will and price it, writing nothing: a front end
         refuses before it posts anything. Raises what ``submit`` raises (ContentBlocked,
-        InvalidRequest, RateLimited, InsufficientCredits); ``submit`` still checks again."""
+        InvalidRequest, ModelUnavailable, RateLimited, InsufficientCredits); ``submit`` still
+        checks again."""
         request = self.prepare(request, requester)
+        await self.check_model_available(request.model)
         now = utcnow()
 
         def read(session: Session) -> Quote:
@@ -265,6 +272,46 @@ class Client:
         their progress again)."""
         jobs = await self._db(lambda s: job_repo.unfinished_jobs(session=s), read_only=True)
         return [j for j in jobs if j.delivery.frontend == frontend]
+
+    # Which models can run ------------------------------------------------------------------
+
+    async def _published_models(self) -> frozenset[str] | None:
+        """The union of what the live workers can load, as their dispatchers published it;
+        None before any has (start-up) or while the broker does not answer."""
+        try:
+            by_worker = await self.broker.worker_models()
+        except BrokerUnavailable:
+            return None
+        return frozenset().union(*by_worker.values()) if by_worker else None
+
+    async def available_models(self) -> list[str]:
+        """The registry's models a job can use now, in registry order: those some worker can
+        load, or, before any worker has told, those this machine can load. What front ends
+        offer and list (``/help``)."""
+        published = await self._published_models()
+        if published is not None:
+            return [n for n in self.models.names() if n in published]
+        return await asyncio.to_thread(loadable_models, self.models)
+
+    async def check_model_available(self, name: str | None) -> None:
+        """Raise ModelUnavailable, with one line on how to get it, when no worker can load
+        model ``name`` (the default when None); InvalidRequest for an unknown name."""
+        spec = self.models.get(name)
+        published = await self._published_models()
+        if published is not None and spec.name in published:
+            return
+        here = await asyncio.to_thread(model_availability, spec)
+        if published is None:  # no worker has told yet: what this machine has stands for it
+            if here.loadable:
+                return
+            raise ModelUnavailable(
+                f"model '{spec.name}' is not available: {here.why}. To get it: {here.how}"
+            )
+        why = f" ({here.why})" if here.why else ""
+        raise ModelUnavailable(
+            f"model '{spec.name}' is not available on any worker{why}. "
+            f"To get it: {here.how or how_to_get(spec)}"
+        )
 
     async def _position(self, job: JobRead) -> int | None:
         """Queued jobs created up to this one, across all accounts (the store knows them all,

@@ -48,6 +48,7 @@ class JobRead(BaseModel):
     finished_at: datetime | None
     updated_at: datetime
     delivered_at: datetime | None = None
+    owner: str | None = None  # the dispatcher that last started it
 
 
 def create_job(
@@ -304,6 +305,7 @@ def _read(job: Job) -> JobRead:
         finished_at=job.finished_at,
         updated_at=job.updated_at,
         delivered_at=job.delivered_at,
+        owner=job.owner,
     )
 
 
@@ -311,26 +313,28 @@ def _read(job: Job) -> JobRead:
 
 
 def start_attempts(
-    *, session: Session, job_ids: Sequence[str], now: datetime, stale_before: datetime
+    *, session: Session, job_ids: Sequence[str], now: datetime, stale_before: datetime,
+    owner: str | None = None,
 ) -> dict[str, JobRead]:
     """Move each job to running and count an attempt, if it is queued or running with a lapsed
     lease; a compare-and-set, so of two dispatchers holding the same job only one wins it.
+    ``owner`` (the dispatcher's unique name) is recorded, and a job running under that name
+    already is taken back at once: its holder was this dispatcher's previous process.
     Returns the won jobs' rows."""
     won: dict[str, JobRead] = {}
+    running = col(Job.status) == JobStatus.running
+    takeable = [
+        col(Job.status) == JobStatus.queued, and_(running, col(Job.updated_at) < stale_before)
+    ]
+    if owner is not None:
+        takeable.append(and_(running, col(Job.owner) == owner))
     for job_id in job_ids:
         result = session.exec(  # type: ignore[call-overload]
             update(Job)
-            .where(
-                col(Job.id) == job_id,
-                or_(
-                    col(Job.status) == JobStatus.queued,
-                    and_(
-                        col(Job.status) == JobStatus.running, col(Job.updated_at) < stale_before
-                    ),
-                ),
-            )
+            .where(col(Job.id) == job_id, or_(*takeable))
             .values(
                 status=JobStatus.running,
+                owner=owner,
                 attempts=col(Job.attempts) + 1,
                 started_at=func.coalesce(col(Job.started_at), literal(now, UTCDateTime())),
                 updated_at=now,

@@ -203,6 +203,9 @@ class Job(SQLModel, table=True):
     # Set once the front end has sent the result (Client.mark_delivered); until then the
     # dispatcher re-announces the finished job, so a broker restart loses no delivery.
     delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # The dispatcher (its consumer name) that last started the job: after a restart under the
+    # same name it takes its running jobs back at once, without waiting for their leases.
+    owner: str | None = Field(default=None, max_length=128)
 
 
 class Image(SQLModel, table=True):

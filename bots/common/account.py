@@ -10,6 +10,7 @@ from bots.common import keyboards, texts
 from bots.common.core import ChatCore
 from bots.common.port import Say, Who
 from bots.common.prefs import GroupPrefs, UserPrefs
+from cluster.registry import ModelSpec
 from core.errors import Conflict
 from core.jobs import JobStatus
 from core.signing import sign
@@ -95,7 +96,8 @@ async def styles(core: ChatCore, who: Who) -> Say:
 async def settings(core: ChatCore, who: Who) -> Say:
     """Personal defaults (private chat) or the group's settings (admins only)."""
     if who.private:
-        return settings_view(await core.prefs.user(who.user_id), who.user_id, private=True)
+        prefs = await core.prefs.user(who.user_id)
+        return settings_view(prefs, who.user_id, private=True, model=core.client.models.get())
     if not await core.port.is_admin(who.chat_id, who.user_id):
         return Say(
             texts.ADMINS_ONLY + " Your personal defaults are in /settings in a private chat."
@@ -103,10 +105,16 @@ async def settings(core: ChatCore, who: Who) -> Say:
     return group_settings_view(await core.prefs.group(who.chat_id))
 
 
-def settings_view(prefs: UserPrefs, owner: str, *, private: bool) -> Say:
-    steps = prefs.steps or "model default"
+def settings_view(prefs: UserPrefs, owner: str, *, private: bool, model: ModelSpec) -> Say:
+    """The person's defaults with the real values a plain /imagine uses (the default model's
+    where the person set none)."""
+    steps = texts.steps_setting(prefs.steps, model.default_steps)
+    size = (
+        prefs.size.upper() if prefs.size is not None
+        else f"{model.default_width}x{model.default_height} (model default)"
+    )
     text = (
-        f"Your defaults: aspect {prefs.aspect}, size {prefs.size.upper()}, "
+        f"Your defaults: aspect {prefs.aspect}, size {size}, "
         f"steps {steps}, raw {_on(prefs.raw)}, PNG files {_on(prefs.original)}, "
         f"NSFW {_on(prefs.nsfw)}. Tap to change; flags in a prompt still win."
     )

@@ -179,7 +179,8 @@ async def _setting(core: ChatCore, press: Press, pressed: Button) -> str | None:
     if key == "ar" and value in ASPECTS:
         changes = {"aspect": value}
     elif key == "size" and value in SIZES:
-        changes = {"size": value}
+        # Tapping the chosen size again goes back to the model's default.
+        changes = {"size": None if prefs.size == value else value}
     elif key == "steps" and value.isdigit() and int(value) in STEPS:
         # Tapping the chosen number again goes back to the model's default.
         changes = {"steps": None if prefs.steps == int(value) else int(value)}
@@ -190,7 +191,9 @@ async def _setting(core: ChatCore, press: Press, pressed: Button) -> str | None:
     prefs = prefs.model_copy(update=changes)
     await core.prefs.set_user(who.user_id, prefs)
     if press.message_id is not None:
-        view = account.settings_view(prefs, who.user_id, private=who.private)
+        view = account.settings_view(
+            prefs, who.user_id, private=who.private, model=core.client.models.get()
+        )
         await core.port.edit(who.chat_id, press.message_id, view.text, view.keyboard)
     return "Saved."
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from bots.common.prefs import SIZES, UserPrefs
 from core.errors import InvalidRequest
-from core.flags import MAX_ASPECT, parse_command, size_for_aspect
+from core.flags import BASE_SIDE, MAX_ASPECT, parse_command, size_for_aspect
 from core.recipe import UPSCALE_STRENGTH, min_denoising_steps
 from core.request import GenerationRequest, JobKind, build_request
 from core.styles import StyleRegistry
@@ -42,8 +42,13 @@ def aspect_ratio(text: str) -> float:
 
 def defaults_for(prefs: UserPrefs) -> dict[str, Any]:
     """The person's settings as ``parse_command`` defaults."""
-    width, height = size_for_aspect(aspect_ratio(prefs.aspect), SIZES[prefs.size])
-    defaults: dict[str, Any] = {"width": width, "height": height, "raw": prefs.raw}
+    defaults: dict[str, Any] = {"raw": prefs.raw}
+    if prefs.size is not None or prefs.aspect != "1:1":
+        # No size chosen and a square: the model's own default size (resolved at submit).
+        # Another aspect without a size keeps a 512x512 area (the model is not known here).
+        area_side = SIZES[prefs.size] if prefs.size is not None else SIZES["s"]
+        width, height = size_for_aspect(aspect_ratio(prefs.aspect), area_side)
+        defaults.update(width=width, height=height)
     if prefs.steps is not None:
         defaults["steps"] = prefs.steps
     if prefs.style:
@@ -69,7 +74,8 @@ def img2img(parsed: Parsed, png: bytes, width: int, height: int) -> GenerationRe
         # The photo's shape, at its own pixel count: no larger than the person's default size
         # (no detail to gain by blowing a thumbnail up), no smaller than IMG2IMG_MIN_SIDE².
         ratio = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
-        area = min(request.width * request.height, max(width * height, IMG2IMG_MIN_SIDE**2))
+        asked = (request.width or BASE_SIDE) * (request.height or BASE_SIDE)  # None: not given
+        area = min(asked, max(width * height, IMG2IMG_MIN_SIDE**2))
         size["width"], size["height"] = size_for_aspect(ratio, math.sqrt(area))
     return _copy(request, kind=JobKind.img2img, init_image=png, **size)
 
@@ -140,7 +146,8 @@ def upscale(
         count=1,
         seed=seed,
         # The engine repaints UPSCALE_STRENGTH of the steps: at least one must remain.
-        steps=max(request.steps, min_denoising_steps(UPSCALE_STRENGTH)),
+        # (A stored job's steps are resolved; one left to the model gets at least that.)
+        steps=max(request.steps or 1, min_denoising_steps(UPSCALE_STRENGTH)),
     )
 
 

@@ -75,8 +75,15 @@ _HINTS: tuple[tuple[type[AtelierError], str], ...] = (
 )
 
 
-def help_text() -> str:
-    return HELP.format(flags=flags_help())
+def help_text(models: Sequence[str] = ()) -> str:
+    """The help, listing ``models`` (the ones available now: ``Client.available_models``)."""
+    text = HELP.format(flags=flags_help())
+    return text + (f"\nModels (--model): {', '.join(models)}." if models else "")
+
+
+def steps_setting(steps: int | None, model_default: int) -> str:
+    """The steps a plain /imagine runs: the person's own, or the default model's, said so."""
+    return str(steps) if steps is not None else f"{model_default} (model default)"
 
 
 def welcome(name: str, balance: Balance, now: datetime) -> str:

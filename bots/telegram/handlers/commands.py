@@ -38,7 +38,8 @@ async def start(update: Update, context: Context) -> None:
 async def help_command(update: Update, context: Context) -> None:
     """List the commands and flags."""
     if update.effective_message is not None:
-        await update.effective_message.reply_text(texts.help_text())
+        models = await core_of(context).client.available_models()
+        await update.effective_message.reply_text(texts.help_text(models))
 
 
 async def credits(update: Update, context: Context) -> None:
