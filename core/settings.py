@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     telegram_webhook_listen: str = "0.0.0.0"
     telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
     discord_token: SecretStr | None = None
+    # Where the Discord bot finds the REST API and the gateway (a proxy, or a test's fake).
+    discord_api_base_url: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
     public_base_url: str = "http://127.0.0.1:8000"
 
     default_tier: str = "free"
@@ -136,6 +139,20 @@ class Settings(BaseSettings):
     def _http_url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
+
+    @field_validator("discord_api_base_url")
+    @classmethod
+    def _discord_api(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("discord_gateway_url")
+    @classmethod
+    def _discord_gateway(cls, v: str) -> str:
+        if not v.startswith(("ws://", "wss://")):
+            raise ValueError(f"must start with ws:// or wss://, got {v!r}")
         return v
 
     @field_validator("telegram_webhook_url")

@@ -1,0 +1,8 @@
+"""One Cog per feature; each gets the bot (and through it the chat core) in its constructor."""
+
+from __future__ import annotations
+
+from bots.discord.cogs.help import Help
+from bots.discord.cogs.server import ServerSettings
+
+ALL = (Help, ServerSettings)

@@ -1,0 +1,112 @@
+"""Starting the Discord bot the ways an operator does: `atelier bot discord [--sync] [--guild]`
+(a process of its own, over Redis) and `atelier up` beside Telegram; clear refusals of missing
+settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from atelier.cli import app as cli
+from atelier.serve import _start_bots
+from atelier.service import local_stack
+from tests.bots import discord_payloads as p
+from tests.bots.discord_conftest import DiscordStack, discord_settings_for
+from tests.bots.fake_discord import TOKEN
+
+
+async def test_atelier_bot_discord_syncs_to_a_server_then_runs_until_interrupted(
+    discord_backend: DiscordStack,
+) -> None:
+    settings, fake = discord_backend.settings, discord_backend.fake
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")},
+        "ATELIER_DATA_DIR": str(settings.data_dir),
+        "ATELIER_DATABASE_URL": settings.db_url,
+        "ATELIER_REDIS_URL": str(settings.redis_url),
+        "ATELIER_DISCORD_TOKEN": TOKEN,
+        "ATELIER_DISCORD_API_BASE_URL": fake.api_base,
+        "ATELIER_DISCORD_GATEWAY_URL": fake.gateway_url,
+        "ATELIER_SIGNING_KEY": "k" * 40,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from atelier.cli import app; app()",
+        "bot",
+        "discord",
+        "--sync",
+        "--guild",
+        str(p.GUILD_ID),
+        cwd=settings.data_dir,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await fake.wait_for(lambda: fake.identifies, 90, "the bot on the gateway")
+        help_ = await fake.slash(42, "help")
+        await fake.wait_for(lambda: help_.callback, what="the /help answer")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    output = out.decode()
+    assert proc.returncode == 0, output
+    assert "help" in {c["name"] for c in fake.commands[str(p.GUILD_ID)]}
+    assert "global" not in fake.commands
+    assert TOKEN not in output
+
+
+def _cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str) -> str:
+    for var in [v for v in os.environ if v.startswith("ATELIER_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ATELIER_DATA_DIR", str(tmp_path))
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    result = CliRunner().invoke(cli, ["bot", "discord", *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "named"),
+    [
+        ({}, (), "ATELIER_DISCORD_TOKEN"),
+        ({"ATELIER_DISCORD_TOKEN": "x.y.z"}, (), "ATELIER_REDIS_URL"),
+        ({"ATELIER_DISCORD_TOKEN": "x.y.z"}, ("--guild", "5"), "--guild only goes with --sync"),
+        ({"ATELIER_DISCORD_GATEWAY_URL": "https://x"}, (), "ws:// or wss://"),
+    ],
+)
+def test_bot_discord_command_names_what_is_missing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    args: tuple[str, ...],
+    named: str,
+) -> None:
+    assert named in _cli(tmp_path, monkeypatch, env, *args)
+
+
+async def test_atelier_up_starts_the_discord_bot_when_its_token_is_set(
+    discord_backend: DiscordStack, tmp_path: Path
+) -> None:
+    fake = discord_backend.fake
+    settings = discord_settings_for(tmp_path, str(discord_backend.settings.redis_url), fake)
+    async with local_stack(settings, workers=False, dispatcher=False) as stack:
+        bots = await _start_bots(settings, stack)
+        try:
+            assert [name for name, _ in bots] == ["discord (atelier)"]
+            help_ = await fake.slash(42, "help")
+            await fake.wait_for(lambda: help_.callback, what="the /help answer")
+        finally:
+            for _, stopper in bots:
+                await stopper()
+    assert fake.identifies == 1
