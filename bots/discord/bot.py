@@ -14,11 +14,18 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bots.common import texts
+from bots.common import account, actions, jobs, texts
+from bots.common.delivery import DeliveryLoop
+from bots.common.port import Press
+from bots.common.progress import DEFAULT_INTERVAL_S, ProgressEditor
 from bots.common.state import BotState
+from bots.discord.chat import DiscordCore, ServerPrefs, who
 from bots.discord.components import ChatButton
+from bots.discord.hooks import Hooks
+from bots.discord.port import PLATFORM, DiscordPort, answering
 from cluster.broker import Broker
 from cluster.client import Client
+from cluster.events import JobEvent
 from core.settings import Settings
 from core.styles import StyleRegistry
 
@@ -51,7 +58,8 @@ class AtelierTree(app_commands.CommandTree[Any]):
 
 class AtelierBot(commands.Bot):
     """The Discord bot. ``clock`` tells the time for the interaction-token rules (tests move
-    it forward); ``options`` go to ``commands.Bot`` (``guild_ready_timeout`` in tests)."""
+    it forward); ``options`` go to ``commands.Bot`` (``guild_ready_timeout`` in tests). It
+    consumes the Discord delivery stream as ``consumer``."""
 
     def __init__(
         self,
@@ -62,6 +70,9 @@ class AtelierBot(commands.Bot):
         *,
         styles: StyleRegistry | None = None,
         clock: Clock = utcnow,
+        consumer: str = "discord-bot",
+        progress_interval_s: float = DEFAULT_INTERVAL_S,
+        startup_claim_idle_ms: int = 0,
         **options: Any,
     ) -> None:
         # Interactions arrive without any intent; GUILDS keeps channels and roles known, for
@@ -81,6 +92,34 @@ class AtelierBot(commands.Bot):
         self.state = state
         self.styles = styles or client.styles
         self.clock = clock
+        self.port = DiscordPort(self, Hooks(state, clock))
+        self.core = DiscordCore(
+            settings=settings,
+            client=client,
+            state=state,
+            port=self.port,
+            editor=ProgressEditor(progress_interval_s),
+            styles=self.styles,
+            bot=self,
+        )
+        self.core.prefs = ServerPrefs(state, self)
+
+        async def gallery_text(user_id: str) -> str:
+            return await account.gallery_link_text(self.core, user_id)
+
+        async def handle(event: JobEvent) -> None:
+            await jobs.deliver(self.core, event)
+
+        self.port.gallery_text = gallery_text
+        self.core.delivery = DeliveryLoop(
+            broker,
+            PLATFORM,
+            consumer,
+            handle,
+            state,
+            startup_claim_idle_ms=startup_claim_idle_ms,
+            mark_delivered=client.mark_delivered,
+        )
 
     async def setup_hook(self) -> None:
         from bots.discord.cogs import ALL
@@ -89,10 +128,26 @@ class AtelierBot(commands.Bot):
         self.add_dynamic_items(ChatButton)
         for cog in ALL:
             await self.add_cog(cog(self))
+        self.core.start()  # posting needs only REST, ready once logged in
+
+    async def close(self) -> None:
+        """Stop taking deliveries, finish those under way, then disconnect (what was not
+        posted stays pending for the next start)."""
+        self.core.stop_reading()
+        await self.core.stop()
+        await super().close()
 
     async def on_press(self, interaction: discord.Interaction[Any], data: str) -> None:
-        """A press of one of our buttons (``data``: the common button data)."""
-        await interaction.response.send_message(texts.EXPIRED_BUTTON, ephemeral=True)
+        """A press of one of our buttons (``data``: the common button data): acknowledged at
+        once, run by the chat core, its answer shown to the presser only."""
+        if not await acknowledge(interaction):
+            return
+        message_id = str(interaction.message.id) if interaction.message is not None else None
+        press = Press(who(interaction), data, str(interaction.id), message_id)
+        with answering(interaction):
+            answer = await actions.on_press(self.core, press)
+        if answer.text:
+            await say(interaction, answer.text)
 
     async def sync_commands(self, guild_id: int | None = None) -> int:
         """Register the slash commands with Discord: in one server (at once) or globally
@@ -106,6 +161,22 @@ class AtelierBot(commands.Bot):
         where = f"to server {guild_id}" if guild_id else "globally"
         log.info("synced %d commands %s", len(synced), where)
         return len(synced)
+
+
+async def acknowledge(interaction: discord.Interaction[Any], **defer: Any) -> bool:
+    """Defer ``interaction`` (Discord wants an answer within 3 s); False when Discord says it
+    was already answered or is unknown (the same interaction delivered twice, or too late)."""
+    try:
+        await interaction.response.defer(**defer)
+    except discord.InteractionResponded:
+        return False
+    except discord.HTTPException as exc:
+        # 40060: already acknowledged; 10062: unknown (expired) interaction.
+        if exc.code in (40060, 10062):
+            log.info("interaction %s not answered: %s", interaction.id, exc.text)
+            return False
+        raise
+    return True
 
 
 async def say(interaction: discord.Interaction[Any], text: str, *, ephemeral: bool = True) -> None:

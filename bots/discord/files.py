@@ -45,10 +45,10 @@ def fit(png: bytes, filename: str, limit: int = DEFAULT_LIMIT) -> Fitted | None:
 
 def fit_all(
     items: Sequence[tuple[bytes, str]], limit: int = DEFAULT_LIMIT
-) -> tuple[list[Fitted], list[int]]:
-    """Fit each image and keep the total under ``limit``: the attached files, and the
-    (0-based) positions of those left out."""
-    fitted: list[Fitted] = []
+) -> tuple[list[tuple[int, Fitted]], list[int]]:
+    """Fit each image and keep the total under ``limit``: the attached files with their
+    (0-based) positions, and the positions of those left out."""
+    fitted: list[tuple[int, Fitted]] = []
     left_out: list[int] = []
     total = 0
     for i, (png, name) in enumerate(items):
@@ -56,6 +56,6 @@ def fit_all(
         if one is None or total + len(one.data) > limit:
             left_out.append(i)
             continue
-        fitted.append(one)
+        fitted.append((i, one))
         total += len(one.data)
     return fitted, left_out

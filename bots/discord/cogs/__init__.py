@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from bots.discord.cogs.account import Account
 from bots.discord.cogs.help import Help
+from bots.discord.cogs.imagine import Imagine
 from bots.discord.cogs.server import ServerSettings
+from bots.discord.cogs.settings import Settings
 
-ALL = (Help, ServerSettings)
+ALL = (Imagine, Account, Settings, ServerSettings, Help)
