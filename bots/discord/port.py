@@ -241,6 +241,10 @@ class DiscordPort:
             )
         except discord.RateLimited as exc:
             raise RetryLater(exc.retry_after) from exc
+        except discord.HTTPException as exc:
+            if exc.status == 429:  # discord.py gave up waiting: the delivery loop waits on
+                raise RetryLater(_retry_after(exc)) from exc
+            raise
         await posted.add("1")
 
     async def _followup(
@@ -304,6 +308,13 @@ class DiscordPort:
         channel = self.bot.get_channel(int(chat_id))
         guild = getattr(channel, "guild", None)
         return guild.filesize_limit if isinstance(guild, discord.Guild) else DEFAULT_SIZE_LIMIT
+
+
+def _retry_after(exc: discord.HTTPException) -> float:
+    try:
+        return float(exc.response.headers.get("Retry-After", 1.0))
+    except (TypeError, ValueError):
+        return 1.0
 
 
 def _missing_permissions(channel: object, files: bool) -> list[str]:
