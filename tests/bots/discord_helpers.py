@@ -3,7 +3,10 @@ of a message the bot sent, read the answers the presser saw."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
+
+from PIL import Image
 
 from bots.common.buttons import Action, parse
 from tests.bots import discord_payloads as p
@@ -13,6 +16,12 @@ from tests.bots.fake_discord import Call, Interaction
 ALICE = 100_000_000_000_000_001
 BOB = 100_000_000_000_000_002
 TINY = "--w 64 --h 64 --steps 2"
+
+
+def png(width: int = 64, height: int = 64) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 80, 40)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def images_of(fake: Any, token: str) -> list[Call]:

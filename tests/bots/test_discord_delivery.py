@@ -13,7 +13,7 @@ from bots.common.state import DELIVERED
 from cluster.events import terminal_event
 from tests.bots import discord_payloads as p
 from tests.bots.discord_conftest import DiscordStack
-from tests.bots.discord_helpers import ALICE, TINY, images_of, imagine, result_of
+from tests.bots.discord_helpers import ALICE, TINY, images_of, imagine, png, result_of
 
 CHANNEL_POSTS = "POST /channels/{channel}/messages"
 
@@ -135,8 +135,6 @@ async def test_nsfw_refused_in_a_plain_channel_free_and_allowed_in_an_age_restri
 
 
 async def test_img2img_from_an_attachment(discord_stack: DiscordStack) -> None:
-    from tests.bots.test_discord_imagine import png
-
     fake = discord_stack.fake
     attachment = fake.add_attachment(png(96, 64))
     inter = await fake.slash(

@@ -4,39 +4,13 @@ posted as attachments with persistent buttons; refusals for the asker only and f
 
 from __future__ import annotations
 
-import io
 from typing import Any
-
-from PIL import Image
 
 from bots.common.buttons import Action, parse
 from tests.bots import discord_payloads as p
 from tests.bots.discord_conftest import DiscordStack
-from tests.bots.fake_discord import Call, Interaction
-
-ALICE = 100_000_000_000_000_001
-TINY = "--w 64 --h 64 --steps 2"
-
-
-def png(width: int = 64, height: int = 64) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 80, 40)).save(out, format="PNG")
-    return out.getvalue()
-
-
-async def result_of(stack: DiscordStack, inter: Interaction, n: int = 1) -> Call:
-    """The ``n``-th message with images for ``inter`` (a followup through its token)."""
-    fake = stack.fake
-    return await fake.wait_for(
-        lambda: (
-            calls[n - 1]
-            if len(calls := [c for c in fake.calls_to("POST /webhooks/") if inter.token in c.path
-                             and c.files]) >= n
-            else None
-        ),
-        90,
-        "the images",
-    )
+from tests.bots.discord_helpers import ALICE, TINY, result_of
+from tests.bots.fake_discord import Call
 
 
 def actions_of(call: Call) -> list[tuple[Action, str]]:
