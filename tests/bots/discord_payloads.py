@@ -18,6 +18,7 @@ PLAIN_CHANNEL = 730_000_000_000_000_001
 NSFW_CHANNEL = 730_000_000_000_000_002  # age-restricted
 MUTED_CHANNEL = 730_000_000_000_000_003  # the bot may not post here
 ADMIN_ROLE = 740_000_000_000_000_001  # holds Manage Server
+DM = 0  # ``channel=DM``: the interaction comes from the person's DM with the bot
 
 # Permission bits (discord.Permissions).
 ADMINISTRATOR = 1 << 3

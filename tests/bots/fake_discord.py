@@ -152,6 +152,8 @@ class FakeDiscord(DiscordRest):
         """A person presses the button ``custom_id`` on a message the bot sent."""
         data = {"custom_id": custom_id, "component_type": 2}
         channel_id = channel or int(message["channel_id"])
+        if channel_id in self.dm_channels:
+            channel_id = p.DM
         return await self._interact(3, user, channel_id, data, message=message)
 
     async def _interact(
@@ -166,7 +168,6 @@ class FakeDiscord(DiscordRest):
         token: str | None = None,
     ) -> Interaction:
         iid = interaction_id or self.snowflake()
-        channel = self.guild.channels[channel_id]
         payload: dict[str, Any] = {
             "id": str(iid),
             "application_id": str(p.APP_ID),
@@ -174,20 +175,34 @@ class FakeDiscord(DiscordRest):
             "token": token or f"itok-{secrets.token_urlsafe(24)}",
             "version": 1,
             "attachment_size_limit": self.attachment_size_limit,
-            "guild_id": str(self.guild.id),
-            "guild_locale": "en-US",
             "locale": "en-US",
             "channel_id": str(channel_id),
-            "channel": {**channel.payload(), "permissions": str(self.guild.permissions(user))},
-            "member": self.guild.member(
-                user, self.clock, permissions=str(self.guild.permissions(user, channel_id))
-            ),
-            "app_permissions": str(self.guild.permissions(p.BOT_ID, channel_id)),
             "entitlements": [],
-            "authorizing_integration_owners": {"0": str(self.guild.id)},
-            "context": 0,
             "data": data,
         }
+        if channel_id == p.DM:  # the person's DM with the bot
+            dm = self._dm_channel(user)
+            payload.update(
+                channel_id=str(dm),
+                channel={"id": str(dm), "type": 1, "recipients": [p.user(user)]},
+                user=p.user(user),
+                app_permissions=str(p.BOT_PERMS),
+                authorizing_integration_owners={"1": str(user)},
+                context=1,
+            )
+            channel_id = dm
+        else:
+            channel = self.guild.channels[channel_id]
+            perms = self.guild.permissions(user, channel_id)
+            payload.update(
+                guild_id=str(self.guild.id),
+                guild_locale="en-US",
+                channel={**channel.payload(), "permissions": str(perms)},
+                member=self.guild.member(user, self.clock, permissions=str(perms)),
+                app_permissions=str(self.guild.permissions(p.BOT_ID, channel_id)),
+                authorizing_integration_owners={"0": str(self.guild.id)},
+                context=0,
+            )
         if message is not None:
             payload["message"] = message
         record = Interaction(

@@ -285,12 +285,16 @@ class DiscordRest:
         self.messages.pop(int(m["message"]), None)
         return None
 
-    async def _open_dm(self, call: Call, m: re.Match[str]) -> Any:
-        user_id = int(call.json["recipient_id"])
+    def _dm_channel(self, user_id: int) -> int:
         channel_id = next((c for c, u in self.dm_channels.items() if u == user_id), None)
         if channel_id is None:
             channel_id = self.snowflake()
             self.dm_channels[channel_id] = user_id
+        return channel_id
+
+    async def _open_dm(self, call: Call, m: re.Match[str]) -> Any:
+        user_id = int(call.json["recipient_id"])
+        channel_id = self._dm_channel(user_id)
         return {
             "id": str(channel_id),
             "type": 1,
