@@ -256,7 +256,7 @@ class DiscordPort:
                 content, files=files, view=view or discord.utils.MISSING, wait=True
             )
         except discord.HTTPException as exc:
-            if exc.status != 401:
+            if exc.status not in (401, 404):  # the token expired, or Discord forgot it
                 raise
             for f in files:
                 f.reset()
