@@ -18,14 +18,13 @@ from atelier.serve import _start_bots
 from atelier.service import local_stack
 from tests.bots import discord_payloads as p
 from tests.bots.discord_conftest import DiscordStack, discord_settings_for
+from tests.bots.discord_helpers import TINY, images_of
 from tests.bots.fake_discord import TOKEN
 
 
-async def test_atelier_bot_discord_syncs_to_a_server_then_runs_until_interrupted(
-    discord_backend: DiscordStack,
-) -> None:
-    settings, fake = discord_backend.settings, discord_backend.fake
-    env = {
+def _env(stack: DiscordStack) -> dict[str, str]:
+    settings, fake = stack.settings, stack.fake
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")},
         "ATELIER_DATA_DIR": str(settings.data_dir),
         "ATELIER_DATABASE_URL": settings.db_url,
@@ -35,20 +34,29 @@ async def test_atelier_bot_discord_syncs_to_a_server_then_runs_until_interrupted
         "ATELIER_DISCORD_GATEWAY_URL": fake.gateway_url,
         "ATELIER_SIGNING_KEY": "k" * 40,
     }
-    proc = await asyncio.create_subprocess_exec(
+
+
+async def _bot_process(stack: DiscordStack, *args: str) -> asyncio.subprocess.Process:
+    """`atelier bot discord ARGS` as a process of its own."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         "from atelier.cli import app; app()",
         "bot",
         "discord",
-        "--sync",
-        "--guild",
-        str(p.GUILD_ID),
-        cwd=settings.data_dir,
-        env=env,
+        *args,
+        cwd=stack.settings.data_dir,
+        env=_env(stack),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+async def test_atelier_bot_discord_syncs_to_a_server_then_runs_until_interrupted(
+    discord_backend: DiscordStack,
+) -> None:
+    fake = discord_backend.fake
+    proc = await _bot_process(discord_backend, "--sync", "--guild", str(p.GUILD_ID))
     try:
         await fake.wait_for(lambda: fake.identifies, 90, "the bot on the gateway")
         help_ = await fake.slash(42, "help")
@@ -61,6 +69,39 @@ async def test_atelier_bot_discord_syncs_to_a_server_then_runs_until_interrupted
     assert "help" in {c["name"] for c in fake.commands[str(p.GUILD_ID)]}
     assert "global" not in fake.commands
     assert TOKEN not in output
+
+
+async def test_a_bot_process_killed_mid_job_has_the_next_one_post_once(
+    discord_backend: DiscordStack,
+) -> None:
+    fake = discord_backend.fake
+    await discord_backend.stop_dispatcher()
+    first = await _bot_process(discord_backend)
+    try:
+        await fake.wait_for(lambda: fake.identifies, 90, "the first bot on the gateway")
+        inter = await fake.slash(42, "imagine", [p.option("prompt", f"a paper crane {TINY}")])
+        # The status with its cancel button: the job is in the queue.
+        await fake.wait_for(
+            lambda: [c for c in fake.calls_to("PATCH /webhooks/") if c.custom_ids()],
+            60,
+            "the queued status",
+        )
+    finally:
+        first.kill()  # no goodbye: nothing of it is stopped cleanly
+        await first.wait()
+    await discord_backend.start_dispatcher()
+    (job,) = await discord_backend.finished(1)
+
+    second = await _bot_process(discord_backend)
+    try:
+        await fake.wait_for(lambda: images_of(fake, inter.token), 90, "the images")
+        await asyncio.sleep(1.5)
+    finally:
+        second.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(second.communicate(), 60)
+    assert second.returncode == 0, out.decode()
+    assert len(images_of(fake, inter.token)) == 1
+    assert (await discord_backend.client.job(job.id)).delivered_at is not None
 
 
 def _cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str) -> str:
