@@ -31,6 +31,15 @@ async def test_commands_are_synced_only_when_asked(discord_backend: DiscordStack
     # Hidden from members without Manage Server unless the server says otherwise.
     assert settings_cmd["default_member_permissions"] == str(p.MANAGE_GUILD)
     assert "global" not in fake.commands
+    await discord_backend.stop_bot()
+
+    await discord_backend.start_bot(sync=True)  # globally
+    assert {c["name"] for c in fake.commands["global"]} == names
+    imagine = next(c for c in fake.commands["global"] if c["name"] == "imagine")
+    options = {o["name"]: o for o in imagine["options"]}
+    assert options["prompt"]["required"] and options["style"]["autocomplete"]
+    assert options["image"]["type"] == 11 and options["n"]["max_value"] == 4
+    assert [c["value"] for c in options["aspect"]["choices"]][:2] == ["1:1", "3:2"]
 
 
 async def test_help_answers_the_asker_only(discord_stack: DiscordStack) -> None:
