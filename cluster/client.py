@@ -22,11 +22,19 @@ from cluster.engine import effective_strength
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
 from cluster.registry import ModelRegistry
 from core.cost import job_cost_for
-from core.errors import AtelierError, Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
+from core.errors import (
+    AtelierError,
+    Conflict,
+    Forbidden,
+    InsufficientCredits,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+)
 from core.jobs import DeliveryTarget, JobStatus, Requester
 from core.prompts import Blocklist, default_blocklist, prepare_prompt
 from core.request import GenerationRequest
-from core.settings import Settings
+from core.settings import Settings, Tier
 from core.styles import StyleRegistry, default_registry
 from storage import accounts, gallery, ledger
 from storage import jobs as job_repo
@@ -59,6 +67,17 @@ class SubmittedJob:
     created: bool
     position: int | None  # queued jobs up to this one, all accounts (None once started)
     images_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What ``quote`` found: the prepared request and its price, or the job an idempotency key
+    already made (``repeat_of``; nothing to post again)."""
+
+    request: GenerationRequest
+    cost: int
+    credits: int | None  # what the person can spend now (None for a repeat)
+    repeat_of: str | None
 
 
 class Client:
@@ -170,12 +189,7 @@ class Client:
                 return existing, False
             # The lock makes count-then-insert atomic on PostgreSQL too (SQLite: BEGIN IMMEDIATE).
             ledger.lock_accounts(session, [account.id])
-            in_flight = job_repo.running_jobs_count(session=session, account_id=account.id)
-            if in_flight >= tier.concurrency:
-                raise RateLimited(
-                    f"you already have {in_flight} jobs queued or running; the {account.tier} "
-                    f"tier allows {tier.concurrency} at a time, so wait for one to finish"
-                )
+            _check_concurrency(session, account, tier)
             job, created = job_repo.create_job(
                 session=session,
                 idempotency_key=idempotency_key,
@@ -220,6 +234,55 @@ class Client:
         return SubmittedJob(
             job.id, job.status, cost, True, await self._position(job), request.images_out
         )
+
+    async def quote(
+        self, request: GenerationRequest, requester: Requester, idempotency_key: str
+    ) -> Quote:
+        """Check a request as ``submit`` will and price it, writing nothing: a front end
+        refuses before it posts anything. Raises what ``submit`` raises (ContentBlocked,
+        InvalidRequest, RateLimited, InsufficientCredits); ``submit`` still checks again."""
+        request = self.prepare(request, requester)
+        now = utcnow()
+
+        def read(session: Session) -> Quote:
+            existing = job_repo.find_job(session=session, idempotency_key=idempotency_key)
+            if existing is not None:
+                return Quote(request, existing.cost, None, existing.id)
+            try:
+                account: AccountRead | None = accounts.find_account(
+                    session=session,
+                    platform=requester.platform,
+                    platform_user_id=requester.platform_user_id,
+                )
+            except NotFound:
+                account = None  # first contact: submit creates it with the default tier
+            tier_name = account.tier if account is not None else self.settings.default_tier
+            tier = self.settings.tier(tier_name)
+            request.check_limits(self.settings.limits, max_side=tier.max_side)
+            cost = job_cost_for(request, self.settings)
+            if account is None:
+                available, have = tier.daily_allowance, f"{tier.daily_allowance} left today"
+            else:
+                _check_concurrency(session, account, tier)
+                bal = ledger.peek_balance(
+                    session=session, account_id=account.id, now=now, tiers=self.settings.tiers
+                )
+                available, have = bal.total, bal.describe(now)
+            if available < cost:
+                raise InsufficientCredits(
+                    f"this needs {cost} credit{'s' if cost != 1 else ''}; you have {have}",
+                    needed=cost,
+                    available=available,
+                )
+            return Quote(request, cost, available, None)
+
+        return await self._db(read, read_only=True)
+
+    async def live_jobs(self, frontend: str) -> list[JobRead]:
+        """Queued and running jobs to be delivered to ``frontend`` (a restarted bot follows
+        their progress again)."""
+        jobs = await self._db(lambda s: job_repo.unfinished_jobs(session=s), read_only=True)
+        return [j for j in jobs if j.delivery.frontend == frontend]
 
     async def _position(self, job: JobRead) -> int | None:
         """Queued jobs created up to this one, across all accounts (the store knows them all,
@@ -434,6 +497,16 @@ class Client:
             )
 
         return await self._db(redeem)
+
+
+def _check_concurrency(session: Session, account: AccountRead, tier: Tier) -> None:
+    """RateLimited when the account already has as many jobs in flight as its tier allows."""
+    in_flight = job_repo.running_jobs_count(session=session, account_id=account.id)
+    if in_flight >= tier.concurrency:
+        raise RateLimited(
+            f"you already have {in_flight} jobs queued or running; the {account.tier} "
+            f"tier allows {tier.concurrency} at a time, so wait for one to finish"
+        )
 
 
 def queue_position(session: Session, job: JobRead) -> int:

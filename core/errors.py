@@ -34,6 +34,13 @@ class ImageRejected(InvalidRequest):
     code = "image_rejected"
 
 
+class UnreadableImage(ImageRejected):
+    """An upload that is not a readable image at all (unknown format, corrupt, truncated):
+    a smaller file would not help, another file would."""
+
+    code = "image_unreadable"
+
+
 class ContentBlocked(AtelierError):
     """The prompt matches the blocklist for this channel."""
 

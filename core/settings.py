@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     telegram_webhook_secret: SecretStr | None = None
     telegram_webhook_listen: str = "0.0.0.0"
     telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
+    # Plain text (not a command) in a private chat gets a preview with an Imagine button;
+    # False: it is taken as a prompt and charged at once (the behaviour before issue 10).
+    telegram_plain_text_preview: bool = True
     discord_token: SecretStr | None = None
     # Where the Discord bot finds the REST API and the gateway (a proxy, or a test's fake).
     discord_api_base_url: str = "https://discord.com/api/v10"

@@ -230,6 +230,19 @@ def undelivered_jobs(
     return [_read(j) for j in session.exec(stmt).all()]
 
 
+def unfinished_jobs(*, session: Session, limit: int = 1000) -> list[JobRead]:
+    """Queued and running jobs, oldest first (a restarted front end follows its own again)."""
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest(f"limit must be between 1 and 10000, got {limit}")
+    stmt = (
+        select(Job)
+        .where(col(Job.status).in_((JobStatus.queued, JobStatus.running)))
+        .order_by(col(Job.created_at), col(Job.id))
+        .limit(limit)
+    )
+    return [_read(j) for j in session.exec(stmt).all()]
+
+
 def running_jobs_count(*, session: Session, account_id: int) -> int:
     """Jobs in flight (queued or running), to hold an account to its tier's concurrency."""
     count = session.exec(

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from bots.common import account, keyboards, requests, texts
 from bots.common.buttons import Action, BadButton, Button, parse
 from bots.common.core import ChatCore
-from bots.common.jobs import image_ref, show_status, start_job, stop_watching
+from bots.common.jobs import image_ref, imagine_draft, show_status, start_job, stop_watching
 from bots.common.port import Answer, Press
 from bots.common.prefs import ASPECTS, SIZES, STEPS
 from core.errors import AtelierError, Forbidden, InvalidRequest, NotFound
@@ -43,7 +43,7 @@ async def on_press(core: ChatCore, press: Press) -> Answer:
     try:
         text = await _HANDLERS[pressed.action](core, press, pressed)
     except AtelierError as exc:
-        return Answer(await core.error_text(who.user_id, exc), alert=True)
+        return Answer(await core.error_text(who.user_id, exc, button=True), alert=True)
     return Answer(text)
 
 
@@ -64,7 +64,6 @@ async def _submit(
     core: ChatCore, press: Press, request: GenerationRequest, verb: str
 ) -> str | None:
     requester = await core.requester(press.who)
-    request = core.client.prepare(request, requester)
     prefs = await core.prefs.user(press.who.user_id)
     job = await start_job(
         core,
@@ -84,16 +83,6 @@ async def _reroll(core: ChatCore, press: Press, pressed: Button) -> str | None:
     return await _submit(core, press, requests.reroll(job.request), "Rerolling")
 
 
-async def upscale_cap(core: ChatCore, user_id: str, model: str | None) -> int:
-    """The largest side an upscale may reach for whoever pays (their tier) on ``model``."""
-    payer = await core.client.account(core.plain_requester(user_id))
-    return min(
-        core.settings.limits.max_side,
-        core.settings.tier(payer.tier).max_side,
-        core.client.models.get(model).max_width,
-    )
-
-
 async def _from_image(
     core: ChatCore, press: Press, pressed: Button, *, upscale: bool
 ) -> str | None:
@@ -105,7 +94,7 @@ async def _from_image(
     if not upscale:
         request = requests.variation(job.request, png, ref.width, ref.height, ref.style)
         return await _submit(core, press, request, f"Making variations of image {pressed.index}")
-    max_side = await upscale_cap(core, press.who.user_id, job.request.model)
+    max_side = await core.upscale_cap(press.who.user_id, job.request.model)
     request = requests.upscale(
         job.request, png, ref.width, ref.height, ref.style, ref.seed, max_side=max_side
     )
@@ -228,7 +217,13 @@ async def _group_setting(core: ChatCore, press: Press, pressed: Button) -> str |
     return "Saved."
 
 
+async def _imagine(core: ChatCore, press: Press, pressed: Button) -> str | None:
+    cost = await imagine_draft(core, press.who, pressed.arg, press.message_id)
+    return texts.accepted("Imagining", cost) if cost is not None else None
+
+
 _HANDLERS: dict[Action, Handler] = {
+    Action.imagine: _imagine,
     Action.reroll: _reroll,
     Action.variation: _variation,
     Action.upscale: _upscale,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from bots.common import texts
 from bots.common.delivery import DeliveryLoop, cancel_and_wait
@@ -41,6 +43,8 @@ class ChatCore:
     delivery: DeliveryLoop | None = None
     # Per job: the task following its progress.
     watchers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # Other tasks of the core (following in-flight jobs again after a start).
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.prefs = PrefsStore(self.state, self.platform)
@@ -50,9 +54,16 @@ class ChatCore:
         return self.port.platform
 
     def start(self) -> None:
-        """Start delivering (call once the platform connection is up)."""
+        """Start delivering (call once the platform connection is up); ``jobs.start`` also
+        follows the jobs in flight again."""
         if self.delivery is not None:
             self.delivery.start()
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` in a task that ``stop`` ends."""
+        task = asyncio.create_task(work, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def stop_reading(self) -> None:
         """Take no more deliveries (``stop`` waits for those under way)."""
@@ -63,7 +74,7 @@ class ChatCore:
         """Finish deliveries under way, stop following jobs and editing statuses."""
         if self.delivery is not None:
             await self.delivery.stop()
-        await cancel_and_wait(list(self.watchers.values()))
+        await cancel_and_wait([*self.tasks, *self.watchers.values()])
         await self.editor.close()
 
     def plain_requester(self, user_id: str | int) -> Requester:
@@ -91,6 +102,17 @@ class ChatCore:
             log.warning("could not read the balance of %s:%s (%s)", self.platform, user_id, exc)
             return None
 
-    async def error_text(self, user_id: str | int, exc: AtelierError) -> str:
-        """One line: what is wrong, what to do, the credits left."""
-        return texts.error_line(exc, await self.credits_left(user_id))
+    async def upscale_cap(self, user_id: str | int, model: str | None) -> int:
+        """The largest side an upscale may reach for whoever pays (their tier) on ``model``."""
+        payer = await self.client.account(self.plain_requester(user_id))
+        return min(
+            self.settings.limits.max_side,
+            self.settings.tier(payer.tier).max_side,
+            self.client.models.get(model).max_width,
+        )
+
+    async def error_text(
+        self, user_id: str | int, exc: AtelierError, *, button: bool = False
+    ) -> str:
+        """One line: what is wrong, what to do (``button``: after a press), the credits left."""
+        return texts.error_line(exc, await self.credits_left(user_id), button=button)

@@ -14,10 +14,11 @@ from bots.common.core import ChatCore
 from bots.common.delivery import Undeliverable
 from bots.common.keyboards import Keyboard
 from bots.common.port import Picture, Posted, Who
-from bots.common.requests import img2img, parse_prompt
+from bots.common.requests import img2img, parse_prompt, upscaled_size
+from bots.common.state import DRAFT, DRAFT_TTL_S
 from cluster.client import SubmittedJob
 from cluster.events import EventKind, ImageRef, JobEvent
-from core.errors import AtelierError
+from core.errors import AtelierError, NotFound
 from core.images import validate_image
 from core.jobs import DeliveryTarget, Requester
 from core.request import GenerationRequest
@@ -28,6 +29,32 @@ WORKING_EVERY_S = 4.5  # Telegram shows an action for 5 s, or until the bot send
 WATCH_TIMEOUT_S = 3600.0
 
 
+def start(core: ChatCore) -> None:
+    """Start the core: deliver, and follow again the jobs in flight that a previous run of the
+    bot was following (their status messages keep moving after a restart)."""
+    core.start()
+    core.spawn(resume(core), "resume-following")
+
+
+async def resume(core: ChatCore) -> None:
+    """Follow this platform's queued and running jobs again."""
+    try:
+        live = await core.client.live_jobs(core.platform)
+    except Exception as exc:  # the store unreachable: deliveries still come, progress not
+        log.warning("could not list the jobs in flight (%s); their progress is not shown", exc)
+        return
+    followed = 0
+    for job in live:
+        target = job.delivery
+        if not target.chat_id or not target.message_id or job.id in core.watchers:
+            continue
+        owner = target.extra.get("owner", "")
+        follow(core, job.id, target.chat_id, target.message_id, job.request.prompt, owner)
+        followed += 1
+    if followed:
+        log.info("following %d jobs in flight again", followed)
+
+
 async def imagine(
     core: ChatCore,
     who: Who,
@@ -36,36 +63,95 @@ async def imagine(
     idempotency_key: str,
     photo: bytes | None = None,
 ) -> SubmittedJob | None:
-    """Make images from a prompt with flags (and a photo to redraw): refusals are one line."""
-    requester = await core.requester(who)
+    """Make images from a prompt with flags (and a photo to redraw). Everything is checked
+    and priced before anything is posted: a refusal is one line, never a status first."""
     try:
-        parsed = parse_prompt(text, await core.prefs.user(who.user_id), core.styles)
-        request = parsed.request
-        if photo is not None:
-            limits = core.settings.limits
-            image = validate_image(
-                photo,
-                max_bytes=limits.max_upload_bytes,
-                max_pixels=limits.max_upload_pixels,
-                purpose="photo",
-            )
-            request = img2img(parsed, image.png, image.width, image.height)
-        # Checks that need no account (blocklist, styles, model limits) before any status
-        # message, so a refused prompt is never shown back as if it were queued.
-        request = core.client.prepare(request, requester)
+        requester = await core.requester(who)
+        request, original = await _request_from(core, who, text, photo)
+        return await start_job(
+            core,
+            who,
+            request=request,
+            requester=requester,
+            idempotency_key=idempotency_key,
+            original=original,
+        )
     except AtelierError as exc:
         await core.port.send(
             who.chat_id, await core.error_text(who.user_id, exc), reply_to=who.message_id
         )
         return None
-    return await start_job(
+
+
+async def preview(core: ChatCore, who: Who, text: str, *, draft_id: str) -> None:
+    """Plain text (not a command): show what it would make and what it costs, with an Imagine
+    button, instead of charging at once. Refusals are one line, as for ``imagine``."""
+    try:
+        requester = await core.requester(who)
+        request, _ = await _request_from(core, who, text, None)
+        quote = await core.client.quote(request, requester, draft_key(core, who, draft_id))
+    except AtelierError as exc:
+        await core.port.send(
+            who.chat_id, await core.error_text(who.user_id, exc), reply_to=who.message_id
+        )
+        return
+    if quote.repeat_of is not None:
+        return  # the same message again, already imagined
+    key = DRAFT.format(platform=core.platform, chat=who.chat_id, draft=draft_id)
+    await core.state.set(key, text, DRAFT_TTL_S)
+    await core.port.send(
+        who.chat_id,
+        texts.preview(quote.request, quote.cost, quote.credits),
+        keyboards.imagine(who.user_id, draft_id),
+        reply_to=who.message_id,
+    )
+
+
+def draft_key(core: ChatCore, who: Who, draft_id: str) -> str:
+    """The idempotency key of the job a preview makes: one job however often it is pressed."""
+    return f"{core.platform}:{who.chat_id}:{draft_id}"
+
+
+async def imagine_draft(
+    core: ChatCore, who: Who, draft_id: str, reply_to: str | None
+) -> int | None:
+    """Make the job a preview showed; its cost, or None when it was made already."""
+    text = await core.state.get(
+        DRAFT.format(platform=core.platform, chat=who.chat_id, draft=draft_id)
+    )
+    if text is None:
+        raise NotFound("this preview has expired; send the text again")
+    requester = await core.requester(who)
+    request, original = await _request_from(core, who, text, None)
+    job = await start_job(
         core,
         who,
         request=request,
         requester=requester,
-        idempotency_key=idempotency_key,
-        original=parsed.original,
+        idempotency_key=draft_key(core, who, draft_id),
+        original=original,
+        reply_to=reply_to,
     )
+    return job.cost if job is not None else None
+
+
+async def _request_from(
+    core: ChatCore, who: Who, text: str, photo: bytes | None
+) -> tuple[GenerationRequest, bool]:
+    """The request a prompt (and a photo) makes with the person's defaults; and whether
+    they asked for PNG files."""
+    parsed = parse_prompt(text, await core.prefs.user(who.user_id), core.styles)
+    request = parsed.request
+    if photo is not None:
+        limits = core.settings.limits
+        image = validate_image(
+            photo,
+            max_bytes=limits.max_upload_bytes,
+            max_pixels=limits.max_upload_pixels,
+            purpose="photo",
+        )
+        request = img2img(parsed, image.png, image.width, image.height)
+    return request, parsed.original
 
 
 async def start_job(
@@ -78,9 +164,18 @@ async def start_job(
     original: bool = False,
     reply_to: str | None = None,
 ) -> SubmittedJob | None:
-    """Post a status message and submit behind it: the delivery event names that message, so
-    the result finds its way back even after a restart. Errors end up in the status itself."""
+    """Check and price the request, then post a status message and submit behind it: the
+    delivery event names that message, so the result finds its way back even after a
+    restart. A refusal before anything is posted raises (the caller says it in one line);
+    a later one (credits spent meanwhile) ends up in the status message itself."""
     chat = who.chat_id
+    quote = await core.client.quote(request, requester, idempotency_key)
+    if quote.repeat_of is not None:
+        # The same update again (a webhook retry, a redelivery): the first status message
+        # already follows that job; say nothing more.
+        log.info("job %s: repeated update %s", quote.repeat_of, idempotency_key)
+        return None
+    request = quote.request
     status = await core.port.send(
         chat, texts.queued(request.prompt, None), reply_to=reply_to or who.message_id
     )
@@ -96,8 +191,7 @@ async def start_job(
         await core.port.edit(chat, status, await core.error_text(requester.platform_user_id, exc))
         return None
     if not job.created:
-        # The same update again (a webhook retry, a redelivery): the first status message
-        # already follows this job.
+        # A twin of this update got in between the check and now: that one's status follows.
         log.info("job %s: repeated update %s", job.job_id, idempotency_key)
         await core.port.delete(chat, status)
         return None
@@ -223,7 +317,10 @@ async def _post_images(
         for png, ref in zip(pngs, refs, strict=True)
     ]
     as_files = original or any(len(png) > core.port.photo_max_bytes for png in pngs)
-    keyboard = keyboards.results(job.id, owner, len(refs))
+    # U buttons only on images an upscale can grow (the owner's tier and the model cap it).
+    cap = await core.upscale_cap(owner, job.request.model) if owner else 0
+    fits = [n for n, ref in enumerate(refs, 1) if upscaled_size(ref.width, ref.height, cap)]
+    keyboard = keyboards.results(job.id, owner, len(refs), upscale=fits)
     await core.port.post_images(
         chat_id,
         pictures,

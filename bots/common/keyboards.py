@@ -145,3 +145,8 @@ def history(jobs: Sequence[JobRead], owner: str) -> Keyboard | None:
     return (
         tuple(Key(f"🔄 {n}", button(Action.reroll, owner, j.id)) for n, j in enumerate(jobs, 1)),
     )
+
+
+def imagine(owner: str, draft_id: str) -> Keyboard:
+    """Under a preview of plain text: make it."""
+    return ((Key("🎨 Imagine", button(Action.imagine, owner, None, draft_id)),),)

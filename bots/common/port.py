@@ -13,6 +13,16 @@ An adapter's whole job is two-way translation:
   strings; keyboards are ``bots.common.keyboards.Keyboard`` (rows of label + button data),
   rendered natively by the adapter (split a row longer than the platform allows).
 
+Lifecycle: build a ``bots.common.core.ChatCore`` with the port and a ``DeliveryLoop`` whose
+handler is ``bots.common.jobs.deliver``; call ``bots.common.jobs.start(core)`` once connected
+(it delivers, and follows the jobs in flight again after a restart), and on shutdown
+``core.stop_reading()`` then ``await core.stop()``.
+
+Use-cases an adapter calls: ``jobs.imagine`` (a prompt, optionally with a photo's bytes),
+``jobs.preview`` (plain text: a priced preview with an Imagine button), ``actions.on_press``
+(any button), and ``account.*`` (credits, gallery, history, cancel, link, styles, settings).
+Everything is checked and priced before anything is posted: a refusal is one line.
+
 Error contract for ``edit`` and ``post_images`` (the delivery path): raise
 ``bots.common.delivery.RetryLater`` when the platform says "too many requests" (nothing was
 sent), ``Undeliverable`` when the chat is gone or the bot may no longer write there. Anything

@@ -101,6 +101,16 @@ def variation(
     )
 
 
+def upscaled_size(width: int, height: int, max_side: int) -> tuple[int, int] | None:
+    """The size an upscale of a ``width`` x ``height`` image makes, or None when ``max_side``
+    leaves no room to grow (then no U button is offered)."""
+    factor = min(UPSCALE_FACTOR, max_side / max(width, height))
+    new_width, new_height = (int(side * factor) // 8 * 8 for side in (width, height))
+    if new_width <= width or new_height <= height:
+        return None
+    return new_width, new_height
+
+
 def upscale(
     request: GenerationRequest,
     png: bytes,
@@ -112,13 +122,13 @@ def upscale(
     max_side: int,
 ) -> GenerationRequest:
     """One image at up to twice its size, capped by ``max_side``."""
-    factor = min(UPSCALE_FACTOR, max_side / max(width, height))
-    new_width, new_height = (int(side * factor) // 8 * 8 for side in (width, height))
-    if new_width <= width or new_height <= height:
+    size = upscaled_size(width, height, max_side)
+    if size is None:
         raise InvalidRequest(
             f"this image is {width}x{height}; the largest side allowed is {max_side}, "
             "so it cannot be upscaled"
         )
+    new_width, new_height = size
     return _copy(
         request,
         kind=JobKind.upscale,

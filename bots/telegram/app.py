@@ -78,8 +78,7 @@ class AtelierApplication(Application):  # type: ignore[type-arg]
         if isinstance(limiter, FloodLimiter):
             limiter.open()
         await super().start()
-        core: ChatCore = self.bot_data[KEY]
-        core.start()
+        jobs.start(self.bot_data[KEY])
 
     async def stop(self) -> None:
         core: ChatCore = self.bot_data[KEY]
@@ -140,7 +139,12 @@ def build_application(
         await jobs.deliver(core, event)
 
     core.delivery = DeliveryLoop(
-        broker, PLATFORM, consumer, handle, state, startup_claim_idle_ms=startup_claim_idle_ms,
+        broker,
+        PLATFORM,
+        consumer,
+        handle,
+        state,
+        startup_claim_idle_ms=startup_claim_idle_ms,
         mark_delivered=client.mark_delivered,
     )
     app.bot_data[KEY] = core

@@ -30,10 +30,16 @@ async def imagine(update: Update, context: Context) -> None:
 
 
 async def prompt_text(update: Update, context: Context) -> None:
-    """Take plain text in a private chat as a prompt."""
-    message = update.effective_message
-    if message is not None and message.text:
+    """Plain text in a private chat: a preview with an Imagine button (or, when
+    ATELIER_TELEGRAM_PLAIN_TEXT_PREVIEW is off, a prompt at once)."""
+    message, who = update.effective_message, who_of(update)
+    if message is None or not message.text or who is None:
+        return
+    core = core_of(context)
+    if not core.settings.telegram_plain_text_preview:
         await _make(update, context, message.text.strip())
+        return
+    await jobs.preview(core, who, message.text.strip(), draft_id=str(message.message_id))
 
 
 async def photo(update: Update, context: Context) -> None:
