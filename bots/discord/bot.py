@@ -128,7 +128,9 @@ class AtelierBot(commands.Bot):
         self.add_dynamic_items(ChatButton)
         for cog in ALL:
             await self.add_cog(cog(self))
-        self.core.start()  # posting needs only REST, ready once logged in
+        # Deliver (posting needs only REST, ready once logged in) and follow again the jobs
+        # in flight that a previous run was following.
+        jobs.start(self.core)
 
     async def close(self) -> None:
         """Stop taking deliveries, finish those under way, then disconnect (what was not
