@@ -14,10 +14,10 @@ from atelier.wiring import (
     fail,
     open_store,
     quiet_ml_libraries,
-    redact_url,
     settings_or_exit,
 )
 from core.errors import AtelierError
+from core.redact import redact_url
 
 app = typer.Typer(
     help="Atelier: a self-hosted image studio for chat communities.", no_args_is_help=True
@@ -82,6 +82,7 @@ def account_show(
     identity: str = typer.Argument(..., help="PLATFORM:USER, e.g. telegram:12345"),
 ) -> None:
     """Show the account behind an identity: tier, linked identities, balance."""
+    from bots.common.texts import describe_balance
     from storage import accounts, ledger
 
     platform, user = _identity(identity)
@@ -99,7 +100,7 @@ def account_show(
     table.add_row("tier", acc.tier)
     table.add_row("created", acc.created_at.isoformat(timespec="seconds"))
     table.add_row("identities", ", ".join(f"{i.platform}:{i.platform_user_id}" for i in ids))
-    table.add_row("credits", f"{bal.total} ({bal.describe(now)})")
+    table.add_row("credits", f"{bal.total} ({describe_balance(bal, now)})")
     for pack in bal.packs:
         expiry = pack.expires_at.date().isoformat() if pack.expires_at else "never"
         table.add_row("  pack", f"{pack.amount} (expires {expiry})")

@@ -22,11 +22,11 @@ from atelier.wiring import (
     err_console,
     fail,
     quiet_ml_libraries,
-    redact_url,
     settings_or_exit,
 )
 from core.errors import AtelierError
 from core.jobs import DeliveryTarget, Requester
+from core.redact import redact_url
 from core.settings import Settings
 
 Stopper = Callable[[], Awaitable[None]]
@@ -49,7 +49,7 @@ def bot_telegram() -> None:
     """Run the Telegram bot as a process of its own, over the shared Redis and database (the
     dispatchers and workers run elsewhere). Long polling, or a webhook when
     ATELIER_TELEGRAM_WEBHOOK_URL is set. `atelier up` runs it in-process instead."""
-    from bots.telegram.run import run_bot
+    from atelier.service import run_telegram_bot
     from core.errors import ConfigError
 
     settings = settings_or_exit()
@@ -57,7 +57,7 @@ def bot_telegram() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(run_bot(settings))
+        asyncio.run(run_telegram_bot(settings))
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None
@@ -75,7 +75,7 @@ def bot_discord(
 ) -> None:
     """Run the Discord bot as a process of its own, over the shared Redis and database (the
     dispatchers and workers run elsewhere). `atelier up` runs it in-process instead."""
-    from bots.discord.run import run_bot
+    from atelier.service import run_discord_bot
     from core.errors import ConfigError
 
     if guild is not None and not sync:
@@ -86,7 +86,7 @@ def bot_discord(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(run_bot(settings, sync=sync, guild_id=guild))
+        asyncio.run(run_discord_bot(settings, sync=sync, guild_id=guild))
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None
@@ -127,7 +127,7 @@ def dispatcher(
 ) -> None:
     """Run one dispatcher process (needs ATELIER_REDIS_URL, a migrated database and a Ray
     cluster whose workers were started by `atelier worker`)."""
-    from cluster.dispatcher import run_dispatcher
+    from atelier.service import run_dispatcher
 
     settings = settings_or_exit()
     logging.basicConfig(level=logging.INFO)
@@ -298,16 +298,13 @@ def _worker(settings: Settings, address: str, node_ip: str | None) -> None:
     import ray
     from rich.console import Console
 
+    from atelier.service import device_resources
     from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX
-    from cluster.worker import device_resource, spawn_worker
+    from cluster.worker import spawn_worker
 
     con: Console = console  # type: ignore[assignment]
     profiles = local_profiles()
-    resources: dict[str, float] = {}
-    for p in profiles:
-        resources[device_resource(p.device_class)] = (
-            resources.get(device_resource(p.device_class), 0) + 1
-        )
+    resources = device_resources(profiles)
     cmd = ["ray", "start", f"--address={address}", f"--resources={json.dumps(resources)}"]
     if node_ip:
         cmd.append(f"--node-ip-address={node_ip}")
@@ -320,7 +317,7 @@ def _worker(settings: Settings, address: str, node_ip: str | None) -> None:
     for n, profile in enumerate(profiles):
         name = f"{WORKER_NAME_PREFIX}-{node_id[:8]}-{n}"
         spawn_worker(
-            settings=settings,
+            settings=settings.worker_config(),
             profile=profile,
             name=name,
             lifetime="detached",
@@ -333,12 +330,10 @@ def _worker(settings: Settings, address: str, node_ip: str | None) -> None:
 async def _jobs(settings: Settings) -> None:
     from rich.table import Table
 
-    from cluster.broker import connect_broker
+    from atelier.service import open_broker
 
     con = console
-    broker = (
-        await connect_broker(settings.redis_url, fallback=False) if settings.redis_url else None
-    )
+    broker = await open_broker(settings, shared=True) if settings.redis_url else None
     table = Table(show_header=False)
     if broker is None:
         con.print("no ATELIER_REDIS_URL: the single-box queue lives inside `atelier up`")
@@ -362,3 +357,31 @@ async def _jobs(settings: Settings) -> None:
     for status, n in rows:
         table.add_row(f"jobs {status}", str(n))
     con.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m atelier.serve --name d1``: one dispatcher process (settings from the
+    ``ATELIER_*`` environment), what `atelier dispatcher` runs, with two more knobs for tests."""
+    import argparse
+
+    from atelier.service import run_dispatcher
+    from cluster.dispatcher import WORKER_NAME_PREFIX
+    from core.settings import load_settings
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--name", default=None, help="consumer name (default: host-pid)")
+    parser.add_argument("--ray-address", default="auto")
+    parser.add_argument("--claim-idle-ms", type=int, default=None)
+    parser.add_argument("--worker-prefix", default=WORKER_NAME_PREFIX)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(
+        run_dispatcher(
+            load_settings(), name=args.name, ray_address=args.ray_address,
+            claim_idle_ms=args.claim_idle_ms, worker_prefix=args.worker_prefix,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,6 @@
-"""Process wiring: the single-box stack (store, broker, local Ray workers, dispatcher, client)."""
+"""Process assembly, in one place: the store, the broker, Ray and its workers, the client and the
+dispatcher, put together for each kind of process (the single box, a dispatcher of its own, a
+bot of its own) and for the benches. Nothing else builds these parts from settings."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +20,10 @@ from sqlmodel import Session
 
 from cluster.broker import Broker
 from cluster.client import Client
-from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher
+from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
+from cluster.placement import WorkerPool
+from cluster.registry import ModelRegistry
+from core.errors import ConfigError
 from core.settings import Mode, Settings
 
 log = logging.getLogger(__name__)
@@ -25,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Stack:
-    """What ``local_stack`` started; everything a front end or the CLI needs."""
+    """What an assembly started; everything a front end, the CLI or a bench needs."""
 
     settings: Settings
     db: DbEngine
@@ -33,9 +39,77 @@ class Stack:
     broker: Broker
     client: Client
     dispatcher: Dispatcher | None
+    models: ModelRegistry | None = None
     workers: list[Any] = field(default_factory=list)
     device_classes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+# The parts -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_db(settings: Settings) -> Iterator[tuple[DbEngine, sessionmaker[Session]]]:
+    """The migrated store (DatabaseNotMigrated, saying to run `atelier db upgrade`, otherwise)."""
+    from storage.db import check_migrated, make_engine, session_factory
+
+    db = make_engine(settings.db_url)
+    try:
+        check_migrated(db)
+        yield db, session_factory(db)
+    finally:
+        db.dispose()
+
+
+async def open_broker(
+    settings: Settings, *, shared: bool, claim_idle_ms: int | None = None
+) -> Broker:
+    """The broker. ``shared``: this process meets others through it, so ATELIER_REDIS_URL is
+    required and there is no in-process fallback (a private queue would never see them).
+    Otherwise Redis when it answers, else the in-process broker (never in production)."""
+    from cluster.broker import connect_broker
+
+    if shared and settings.redis_url is None:
+        raise ConfigError("this process needs ATELIER_REDIS_URL, the Redis the others share")
+    return await connect_broker(
+        settings.redis_url,
+        claim_idle_ms=claim_idle_ms or settings.dispatch.claim_timeout_ms,
+        fallback=not shared and settings.mode is not Mode.production,
+    )
+
+
+def make_client(
+    settings: Settings, sessions: sessionmaker[Session], broker: Broker,
+    *, models: ModelRegistry | None = None, **options: Any,
+) -> Client:
+    """The client front ends use (``options``: Client's own, e.g. ``poll_interval_s``)."""
+    from storage.blobs import BlobStore
+
+    return Client(
+        settings=settings, session_factory=sessions, broker=broker,
+        blobs=BlobStore.from_settings(settings), models=models, **options,
+    )
+
+
+def make_dispatcher(
+    settings: Settings, sessions: sessionmaker[Session], broker: Broker, workers: WorkerPool,
+    *, name: str | None = None, models: ModelRegistry | None = None,
+    pacing: Pacing | None = None,
+) -> Dispatcher:
+    """A dispatcher over ``workers`` with the settings' batching and retries."""
+    from storage.blobs import BlobStore
+
+    return Dispatcher(
+        dispatch=settings.dispatch, sessions=sessions, broker=broker,
+        blobs=BlobStore.from_settings(settings), workers=workers,
+        models=models if models is not None else ModelRegistry.load(settings),
+        name=name or default_name(), pacing=pacing,
+    )
+
+
+def default_name() -> str:
+    """A consumer name unique per process: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def local_profiles() -> list[Any]:
@@ -47,6 +121,30 @@ def local_profiles() -> list[Any]:
     return [choose_profile(i) for i in (accelerators or infos[-1:])]
 
 
+def device_resources(profiles: list[Any]) -> dict[str, float]:
+    """The ``device:<class>`` Ray resources a node offers for ``profiles``: one slot each."""
+    from cluster.worker import device_resource
+
+    resources: dict[str, float] = {}
+    for p in profiles:
+        key = device_resource(p.device_class)
+        resources[key] = resources.get(key, 0) + 1
+    return resources
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+# The processes ---------------------------------------------------------------------------------
+
+
 @contextlib.asynccontextmanager
 async def local_stack(
     settings: Settings, *, dispatcher: bool = True, workers: bool = True
@@ -56,92 +154,170 @@ async def local_stack(
     and the client. Everything stops when the block ends."""
     import ray
 
-    from cluster.broker import connect_broker
-    from cluster.placement import WorkerPool
-    from cluster.worker import device_resource, init_local_ray, spawn_worker
-    from storage.blobs import BlobStore
-    from storage.db import check_migrated, make_engine, session_factory
+    from cluster.worker import init_local_ray, spawn_worker
 
     # 1. Store: refuse an un-migrated database (the message says to run `atelier db upgrade`).
-    db = make_engine(settings.db_url)
-    check_migrated(db)
-    sessions = session_factory(db)
-    # 2. Broker: a shared Redis when configured; production never falls back silently.
-    broker = await connect_broker(
-        settings.redis_url, claim_idle_ms=settings.dispatch.claim_timeout_ms,
-        fallback=settings.mode is not Mode.production,
-    )
-    stop = asyncio.Event()
-    task: asyncio.Task[None] | None = None
-    handles: list[Any] = []
-    started_ray = False
-    try:
-        client = Client(
-            settings=settings,
-            session_factory=sessions,
-            broker=broker,
-            blobs=BlobStore.from_settings(settings),
-        )
-        stack = Stack(
-            settings=settings,
-            db=db,
-            sessions=sessions,
-            broker=broker,
-            client=client,
-            dispatcher=None,
-        )
-        stack.notes.append(f"broker: {broker.kind}")
-        if workers:
-            # 3. Ray pinned to loopback; each local device offered as a `device:<class>` resource.
-            profiles = local_profiles()
-            resources: dict[str, float] = {}
-            for p in profiles:
-                key = device_resource(p.device_class)
-                resources[key] = resources.get(key, 0) + 1
-            if not ray.is_initialized():
-                await asyncio.to_thread(
-                    init_local_ray,
-                    resources=resources,
-                    namespace=RAY_NAMESPACE,
-                    log_to_driver=False,
-                )
-                started_ray = True
-            for n, profile in enumerate(profiles):
-                handle = await asyncio.to_thread(
-                    spawn_worker,
-                    settings=settings,
-                    profile=profile,
-                    name=f"{WORKER_NAME_PREFIX}-{socket.gethostname()}-{os.getpid()}-{n}",
-                )
-                handles.append(handle)
-                stack.device_classes.append(profile.device_class)
-            stack.workers = handles
-            stack.notes.append(
-                "ray: local on 127.0.0.1, workers: " + ", ".join(stack.device_classes)
+    with open_db(settings) as (db, sessions):
+        # 2. Broker: a shared Redis when configured; production never falls back silently.
+        broker = await open_broker(settings, shared=False)
+        stop = asyncio.Event()
+        task: asyncio.Task[None] | None = None
+        handles: list[Any] = []
+        started_ray = False
+        try:
+            models = ModelRegistry.load(settings)
+            stack = Stack(
+                settings=settings, db=db, sessions=sessions, broker=broker,
+                client=make_client(settings, sessions, broker, models=models),
+                dispatcher=None, models=models,
             )
-        if dispatcher and handles:
-            # 4. The dispatcher, in this process, over the workers just started.
-            pool = await WorkerPool.from_handles(handles)
-            stack.dispatcher = Dispatcher(
-                settings=settings,
-                session_factory=sessions,
-                broker=broker,
-                blobs=BlobStore.from_settings(settings),
-                workers=pool,
-                name=f"{socket.gethostname()}-{os.getpid()}",
+            stack.notes.append(f"broker: {broker.kind}")
+            if workers:
+                # 3. Ray pinned to loopback; each local device offered as a resource.
+                profiles = local_profiles()
+                if not ray.is_initialized():
+                    await asyncio.to_thread(
+                        init_local_ray, resources=device_resources(profiles),
+                        namespace=RAY_NAMESPACE, log_to_driver=False,
+                    )
+                    started_ray = True
+                for n, profile in enumerate(profiles):
+                    handle = await asyncio.to_thread(
+                        spawn_worker,
+                        settings=settings.worker_config(),
+                        profile=profile,
+                        name=f"{WORKER_NAME_PREFIX}-{default_name()}-{n}",
+                    )
+                    handles.append(handle)
+                    stack.device_classes.append(profile.device_class)
+                stack.workers = handles
+                stack.notes.append(
+                    "ray: local on 127.0.0.1, workers: " + ", ".join(stack.device_classes)
+                )
+            if dispatcher and handles:
+                # 4. The dispatcher, in this process, over the workers just started.
+                pool = await WorkerPool.from_handles(handles)
+                stack.dispatcher = make_dispatcher(
+                    settings, sessions, broker, pool, models=models
+                )
+                task = asyncio.create_task(stack.dispatcher.run(stop))
+                stack.notes.append(f"dispatcher: {stack.dispatcher.name}")
+            yield stack
+        finally:
+            stop.set()
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    await task
+            for handle in handles:
+                with contextlib.suppress(Exception):
+                    ray.kill(handle)
+            if started_ray:
+                await asyncio.to_thread(ray.shutdown)
+            await broker.close()
+
+
+@contextlib.asynccontextmanager
+async def shared_stack(
+    settings: Settings, *, claim_idle_ms: int | None = None
+) -> AsyncIterator[Stack]:
+    """A process that meets the others through the shared Redis and database: a bot or a
+    dispatcher of its own (no Ray here; ``run_dispatcher`` joins it)."""
+    with open_db(settings) as (db, sessions):
+        broker = await open_broker(settings, shared=True, claim_idle_ms=claim_idle_ms)
+        try:
+            models = ModelRegistry.load(settings)
+            yield Stack(
+                settings=settings, db=db, sessions=sessions, broker=broker,
+                client=make_client(settings, sessions, broker, models=models),
+                dispatcher=None, models=models,
             )
-            task = asyncio.create_task(stack.dispatcher.run(stop))
-            stack.notes.append(f"dispatcher: {stack.dispatcher.name}")
-        yield stack
-    finally:
-        stop.set()
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await task
-        for handle in handles:
-            with contextlib.suppress(Exception):
-                ray.kill(handle)
-        if started_ray:
-            await asyncio.to_thread(ray.shutdown)
-        await broker.close()
-        db.dispose()
+        finally:
+            await broker.close()
+
+
+async def run_dispatcher(
+    settings: Settings,
+    *,
+    name: str | None = None,
+    stop: asyncio.Event | None = None,
+    ray_address: str | None = "auto",
+    namespace: str = RAY_NAMESPACE,
+    worker_prefix: str = WORKER_NAME_PREFIX,
+    claim_idle_ms: int | None = None,
+    pacing: Pacing | None = None,
+) -> None:
+    """Run one dispatcher until ``stop`` is set (or SIGTERM/SIGINT): over the shared Redis,
+    the migrated store and Ray (``ray_address``, e.g. "auto" or "ray://head:10001"), finding
+    the workers `atelier worker` started by their name prefix."""
+    import ray
+
+    from cluster.placement import ray_discovery
+
+    if settings.redis_url is None:
+        raise ConfigError("a dispatcher process needs ATELIER_REDIS_URL (a shared broker)")
+    async with shared_stack(settings, claim_idle_ms=claim_idle_ms) as stack:
+        if not ray.is_initialized():
+            await asyncio.to_thread(
+                ray.init, address=ray_address, namespace=namespace, log_to_driver=False
+            )
+        stop = stop or stop_on_signals()
+        pool = WorkerPool(discover=ray_discovery(worker_prefix))
+        dispatcher = make_dispatcher(
+            settings, stack.sessions, stack.broker, pool, name=name, models=stack.models,
+            pacing=pacing,
+        )
+        await dispatcher.run(stop)
+
+
+async def run_telegram_bot(
+    settings: Settings, *, stop: asyncio.Event | None = None, poll_timeout: int | None = None
+) -> None:
+    """The Telegram bot as a process of its own, until SIGINT/SIGTERM (or ``stop``). It
+    reaches the dispatchers through Redis only, so ATELIER_REDIS_URL is required."""
+    from bots.telegram.run import DEFAULT_POLL_TIMEOUT_S, start_bot
+
+    if settings.telegram_token is None:
+        raise ConfigError("ATELIER_TELEGRAM_TOKEN is required to run the Telegram bot")
+    if settings.redis_url is None:
+        raise ConfigError(
+            "ATELIER_REDIS_URL is required to run the Telegram bot on its own: it reaches the "
+            "dispatchers through Redis (`atelier up` runs the bot in-process without one)"
+        )
+    async with shared_stack(settings) as stack:
+        stop = stop or stop_on_signals()
+        bot = await start_bot(
+            settings, stack.client, stack.broker,
+            poll_timeout=DEFAULT_POLL_TIMEOUT_S if poll_timeout is None else poll_timeout,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await bot.stop()
+
+
+async def run_discord_bot(
+    settings: Settings,
+    *,
+    sync: bool = False,
+    guild_id: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """The Discord bot as a process of its own, until SIGINT/SIGTERM (or ``stop``); ``sync``
+    registers the slash commands first (in ``guild_id``, or globally). It reaches the
+    dispatchers through Redis only, so ATELIER_REDIS_URL is required."""
+    from bots.discord.run import start_bot
+
+    if settings.discord_token is None:
+        raise ConfigError("ATELIER_DISCORD_TOKEN is required to run the Discord bot")
+    if settings.redis_url is None:
+        raise ConfigError(
+            "ATELIER_REDIS_URL is required to run the Discord bot on its own: it reaches the "
+            "dispatchers through Redis (`atelier up` runs the bot in-process without one)"
+        )
+    async with shared_stack(settings) as stack:
+        stop = stop or stop_on_signals()
+        bot = await start_bot(settings, stack.client, stack.broker, sync=sync, guild_id=guild_id)
+        try:
+            await stop.wait()
+        finally:
+            await bot.stop()

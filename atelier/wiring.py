@@ -1,8 +1,7 @@
-"""Process wiring shared by the CLI commands: open the store, redact secrets for printing."""
+"""Process wiring shared by the CLI commands: settings, errors, the store, quiet ML libraries."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,22 +32,13 @@ def fail(exc: AtelierError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def redact_url(url: str) -> str:
-    """A URL fit to print: any password replaced by ***."""
-    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
-
-
 @contextmanager
 def open_store(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """A session factory on a migrated database; DatabaseNotMigrated otherwise."""
-    from storage.db import check_migrated, make_engine, session_factory
+    from atelier.service import open_db
 
-    engine = make_engine(settings.db_url)
-    try:
-        check_migrated(engine)
-        yield session_factory(engine)
-    finally:
-        engine.dispose()
+    with open_db(settings) as (_, sessions):
+        yield sessions
 
 
 def quiet_ml_libraries() -> None:

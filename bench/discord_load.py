@@ -1,5 +1,5 @@
 """Load benchmark of the Discord front end: N people run /imagine at the same moment through the
-fake Discord (tests/bots/fake_discord.py: REST + gateway) into the real discord.py bot, Redis
+fake Discord (bots/discord/fake: REST + gateway) into the real discord.py bot, Redis
 broker, SQLite store, dispatcher and a local Ray worker with the tiny pipeline. Prints the time
 from each interaction to its defer (Discord wants one within 3 s; goal p99 <= 300 ms) and to its
 images, p50/p99/max.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import statistics
@@ -38,19 +39,17 @@ DEFER_GOAL_S = 0.300
 async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     import ray
 
+    from atelier.service import make_client, make_dispatcher, open_db
+    from bots.discord.fake import payloads as p
+    from bots.discord.fake.server import TOKEN, FakeDiscord, Interaction
     from bots.discord.run import start_bot
     from cluster.broker_redis import RedisBroker
-    from cluster.client import Client
-    from cluster.dispatcher import Dispatcher
     from cluster.placement import WorkerPool
     from cluster.registry import ModelRegistry
     from cluster.tiny import make_tiny_models
     from cluster.worker import init_local_ray, spawn_worker
     from core.settings import load_settings
-    from storage.blobs import BlobStore
-    from storage.db import make_engine, session_factory, upgrade
-    from tests.bots import discord_payloads as p
-    from tests.bots.fake_discord import TOKEN, FakeDiscord, Interaction
+    from storage.db import upgrade
 
     # 1. The stack: tiny models, Ray worker(s), store, broker, dispatcher, fake Discord, bot.
     make_tiny_models(tmp / "models", seed=0)
@@ -71,25 +70,17 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         object_store_memory=200 * 1024 * 1024,
     )
     workers = [
-        spawn_worker(settings=settings, device_class="cpu", name=f"bench-{i}")
+        spawn_worker(settings=settings.worker_config(), device_class="cpu", name=f"bench-{i}")
         for i in range(args.workers)
     ]
     upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
-    sessions = session_factory(engine)
+    store = contextlib.ExitStack()
+    _, sessions = store.enter_context(open_db(settings))
     broker = RedisBroker(redis_url)
-    blobs = BlobStore.from_settings(settings)
-    client = Client(
-        settings=settings, session_factory=sessions, broker=broker, blobs=blobs, models=registry
-    )
+    client = make_client(settings, sessions, broker, models=registry)
     stop = asyncio.Event()
-    dispatcher = Dispatcher(
-        settings=settings,
-        session_factory=sessions,
-        broker=broker,
-        blobs=blobs,
-        workers=await WorkerPool.from_handles(workers),
-        name="bench",
+    dispatcher = make_dispatcher(
+        settings, sessions, broker, await WorkerPool.from_handles(workers), name="bench",
         models=registry,
     )
     dispatching = asyncio.create_task(dispatcher.run(stop))
@@ -128,7 +119,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         await dispatching
         await fake.stop()
         await broker.close()
-        engine.dispose()
+        store.close()
         ray.shutdown()
 
     # 4. The table.

@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 
 import torch
 
+from atelier.service import make_client, make_dispatcher, open_db
 from cluster import keys
 from cluster.broker import connect_broker
 from cluster.broker_redis import RedisBroker
@@ -56,8 +57,7 @@ from core.prompts import default_blocklist, prepare_prompt
 from core.request import GenerationRequest
 from core.settings import Settings, Tier, load_settings
 from core.styles import default_registry
-from storage.blobs import BlobStore
-from storage.db import check_migrated, make_engine, session_factory, upgrade
+from storage.db import upgrade
 
 STEPS = 4
 GUIDANCE = 7.0
@@ -258,16 +258,18 @@ class Stack:
     settings: Settings
     client: Client
     client_broker: TimedBroker
-    dispatcher_kwargs: dict[str, Any]
+    make_dispatcher: Callable[[Settings], Dispatcher]
     worker: Any
     raw: RawProcess  # raw pipeline calls in a process of their own, with the worker's malloc
     plain: RawProcess  # and in a plain process (glibc's default malloc), as a script would
 
     @contextlib.asynccontextmanager
-    async def serving(self, **options: Any) -> AsyncIterator[Dispatcher]:
-        """A running dispatcher (production defaults, overridden by ``options``), warmed up
-        with one tiny job so its start-up housekeeping stays out of the timings."""
-        dispatcher = Dispatcher(**self.dispatcher_kwargs, **options)
+    async def serving(self, **dispatch: Any) -> AsyncIterator[Dispatcher]:
+        """A running dispatcher (production defaults, overridden by ``dispatch``: fields of
+        ``Dispatch``), warmed up with one tiny job so its start-up housekeeping stays out of
+        the timings."""
+        tuned = self.settings.dispatch.model_copy(update=dispatch)
+        dispatcher = self.make_dispatcher(self.settings.model_copy(update={"dispatch": tuned}))
         stop = asyncio.Event()
         task = asyncio.create_task(dispatcher.run(stop))
         try:
@@ -388,9 +390,8 @@ async def open_stack(data_dir: Path, redis_url: str, sd_path: Path | None) -> As
     # 2. Store and broker (one for the dispatchers, one for the client, as in separate
     #    processes).
     upgrade(settings.db_url)
-    db = make_engine(settings.db_url)
-    check_migrated(db)
-    sessions = session_factory(db)
+    store = contextlib.ExitStack()
+    _, sessions = store.enter_context(open_db(settings))
     clear_redis(redis_url)
     broker = await connect_broker(redis_url, fallback=False)
     client_broker = TimedBroker(redis_url)
@@ -414,7 +415,7 @@ async def open_stack(data_dir: Path, redis_url: str, sd_path: Path | None) -> As
     worker = None
     try:
         worker = await asyncio.to_thread(
-            spawn_worker, settings=settings.model_dump(mode="json"), profile=profile,
+            spawn_worker, settings=settings.worker_config(), profile=profile,
             name=f"{WORKER_NAME_PREFIX}-bench", timeout_s=180,
         )
         for name in models:
@@ -422,15 +423,13 @@ async def open_stack(data_dir: Path, redis_url: str, sd_path: Path | None) -> As
         await asyncio.to_thread(raw.ready)
         await asyncio.to_thread(plain.ready)
         registry = ModelRegistry.load(settings)
-        blobs = BlobStore.from_settings(settings)
         pool = await WorkerPool.from_handles([worker])
-        client = Client(settings=settings, session_factory=sessions, broker=client_broker,
-                        blobs=blobs, models=registry)
-        dispatcher_kwargs = {
-            "settings": settings, "session_factory": sessions, "broker": broker,
-            "blobs": blobs, "workers": pool, "name": "bench", "models": registry,
-        }
-        yield Stack(settings, client, client_broker, dispatcher_kwargs, worker, raw, plain)
+        client = make_client(settings, sessions, client_broker, models=registry)
+
+        def dispatcher_for(tuned: Settings) -> Dispatcher:
+            return make_dispatcher(tuned, sessions, broker, pool, name="bench", models=registry)
+
+        yield Stack(settings, client, client_broker, dispatcher_for, worker, raw, plain)
     finally:
         raw.close()
         plain.close()
@@ -439,7 +438,7 @@ async def open_stack(data_dir: Path, redis_url: str, sd_path: Path | None) -> As
         await asyncio.to_thread(ray.shutdown)
         await client_broker.close()
         await broker.close()
-        db.dispose()
+        store.close()
         clear_redis(redis_url)
 
 
@@ -665,7 +664,7 @@ async def bench_p3(stack: Stack, jobs: int, *, gather_window_s: float | None,
     """P3: enqueue (the client's XADD returned) -> "started" (the dispatcher won the job and
     calls the worker) and -> first step done (heard from the worker), one tiny job at a time."""
     load = LoadMeter()
-    options = {} if gather_window_s is None else {"gather_window_s": gather_window_s}
+    options = {} if gather_window_s is None else {"gather_window_ms": round(gather_window_s * 1000)}
     started: list[float] = []
     stepped: list[float] = []
     async with stack.serving(**options) as dispatcher, stack.progress_log() as log_:

@@ -21,14 +21,14 @@ if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import storage.db as store_db
+from atelier.service import make_client, open_db
 from bench.pipeline import TINY, TINY_SIDE, delivery, request, requester
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
 from cluster.registry import ModelRegistry
 from cluster.tiny import make_tiny_models
 from core.settings import Tier, load_settings
-from storage.blobs import BlobStore
-from storage.db import make_engine, session_factory, upgrade
+from storage.db import upgrade
 
 
 async def burst(client: Client, size: int, seed: int) -> tuple[float, float]:
@@ -54,23 +54,24 @@ async def run(rounds: int, size: int) -> None:
             tiers={"bench": Tier(daily_allowance=10**6, concurrency=10**4, max_side=1024)},
         )
         upgrade(settings.db_url)
-        engine = make_engine(settings.db_url)
-        client = Client(settings=settings, session_factory=session_factory(engine),
-                        broker=MemoryBroker(), blobs=BlobStore.from_settings(settings),
-                        models=ModelRegistry.load(settings))
-        with_lock = store_db._sqlite_writer_lock
-        variants: dict[str, Any] = {"writer lock": with_lock, "busy handler": lambda _: None}
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-        try:
-            for n in range(2 + rounds):  # two warm-up rounds (accounts, caches)
-                for name, lock in (variants.items() if n % 2 else reversed(variants.items())):
-                    store_db._sqlite_writer_lock = lock
-                    result = await burst(client, size, seed=1000 * n)
-                    if n >= 2:
-                        times[name].append(result)
-        finally:
-            store_db._sqlite_writer_lock = with_lock
-            engine.dispose()
+        with open_db(settings) as (_, sessions):
+            client = make_client(settings, sessions, MemoryBroker(),
+                                 models=ModelRegistry.load(settings))
+            with_lock = store_db._sqlite_writer_lock
+            variants: dict[str, Any] = {
+                "writer lock": with_lock, "busy handler": lambda _: None,
+            }
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+            try:
+                for n in range(2 + rounds):  # two warm-up rounds (accounts, caches)
+                    order = variants.items() if n % 2 else reversed(variants.items())
+                    for name, lock in order:
+                        store_db._sqlite_writer_lock = lock
+                        result = await burst(client, size, seed=1000 * n)
+                        if n >= 2:
+                            times[name].append(result)
+            finally:
+                store_db._sqlite_writer_lock = with_lock
     print(f"{size} concurrent submits, SQLite store, median of {rounds} rounds")
     for name, values in times.items():
         first = statistics.median(a for a, _ in values) * 1000

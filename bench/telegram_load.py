@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -82,18 +83,16 @@ def _pct(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     import ray
 
+    from atelier.service import make_client, make_dispatcher, open_db
+    from bots.telegram.fake_api import FakeTelegram
     from bots.telegram.run import start_bot
     from cluster.broker_redis import RedisBroker
-    from cluster.client import Client
-    from cluster.dispatcher import Dispatcher
     from cluster.placement import WorkerPool
     from cluster.registry import ModelRegistry
     from cluster.tiny import make_tiny_models
     from cluster.worker import init_local_ray, spawn_worker
     from core.settings import load_settings
-    from storage.blobs import BlobStore
-    from storage.db import make_engine, session_factory, upgrade
-    from tests.bots.fake_telegram import FakeTelegram
+    from storage.db import upgrade
 
     # 1. The stack: tiny models, Ray worker(s), store, broker, dispatcher, fake API, bot.
     make_tiny_models(tmp / "models", seed=0)
@@ -114,25 +113,17 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         object_store_memory=200 * 1024 * 1024,
     )
     workers = [
-        spawn_worker(settings=settings, device_class="cpu", name=f"bench-{i}")
+        spawn_worker(settings=settings.worker_config(), device_class="cpu", name=f"bench-{i}")
         for i in range(args.workers)
     ]
     upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
-    sessions = session_factory(engine)
+    store = contextlib.ExitStack()
+    _, sessions = store.enter_context(open_db(settings))
     broker = RedisBroker(redis_url)
-    blobs = BlobStore.from_settings(settings)
-    client = Client(
-        settings=settings, session_factory=sessions, broker=broker, blobs=blobs, models=registry
-    )
+    client = make_client(settings, sessions, broker, models=registry)
     stop = asyncio.Event()
-    dispatcher = Dispatcher(
-        settings=settings,
-        session_factory=sessions,
-        broker=broker,
-        blobs=blobs,
-        workers=await WorkerPool.from_handles(workers),
-        name="bench",
+    dispatcher = make_dispatcher(
+        settings, sessions, broker, await WorkerPool.from_handles(workers), name="bench",
         models=registry,
     )
     dispatching = asyncio.create_task(dispatcher.run(stop))
@@ -170,7 +161,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         await dispatching
         await fake.stop()
         await broker.close()
-        engine.dispose()
+        store.close()
         ray.shutdown()
 
     # 4. The table.

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cluster import keys
 from core.errors import AtelierError
@@ -269,24 +268,6 @@ def next_id(sid: StreamId) -> StreamId:
     if sid[1] >= 2**64 - 1:
         return sid[0] + 1, 0
     return sid[0], sid[1] + 1
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, fit for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user, sep, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{host}" if sep else f"{userinfo}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 async def connect_broker(

@@ -30,9 +30,9 @@ from cluster.broker import (
     job_entry_fields,
     next_id,
     parse_id,
-    redact_url,
 )
 from core.errors import ConfigError
+from core.redact import redact_url
 
 log = logging.getLogger(__name__)
 

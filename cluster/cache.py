@@ -148,10 +148,6 @@ class ModelCache:
         with self._lock:
             return list(self._entries)
 
-    def is_loaded(self, name: str) -> bool:
-        with self._lock:
-            return name in self._entries
-
     @property
     def used_bytes(self) -> int:
         with self._lock:

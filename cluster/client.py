@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, func, select
 
 from cluster.broker import Broker, BrokerUnavailable
-from cluster.engine import effective_strength
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
 from cluster.registry import ModelRegistry
 from core.cost import job_cost_for
@@ -31,8 +28,9 @@ from core.errors import (
     NotFound,
     RateLimited,
 )
-from core.jobs import DeliveryTarget, JobStatus, Requester
+from core.jobs import CANCELLED_BY_OWNER, DeliveryTarget, JobStatus, Requester
 from core.prompts import Blocklist, default_blocklist, prepare_prompt
+from core.recipe import effective_strength, min_denoising_steps
 from core.request import GenerationRequest
 from core.settings import Settings, Tier
 from core.styles import StyleRegistry, default_registry
@@ -40,8 +38,7 @@ from storage import accounts, gallery, ledger
 from storage import jobs as job_repo
 from storage.accounts import AccountRead, LinkCodeRead
 from storage.blobs import BlobStore
-from storage.db import session_factory as make_session_factory
-from storage.db import transaction
+from storage.db import Store
 from storage.gallery import ImageRead
 from storage.jobs import JobRead
 from storage.ledger import Balance
@@ -49,12 +46,9 @@ from storage.models import Job, utcnow
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 # How often events() re-reads the job row when no progress message arrives: the fallback that
 # makes a lost pub/sub message (or a broker outage) cost latency, never the terminal event.
 DEFAULT_POLL_INTERVAL_S = 0.5
-CANCELLED_BY_OWNER = "cancelled by its owner"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +91,7 @@ class Client:
     ) -> None:
         self.settings = settings
         self.sessions = session_factory
-        self._readers = read_only_sessions(session_factory)
+        self._db = Store(session_factory)
         self.broker = broker
         self.blobs = blobs
         self.styles = styles if styles is not None else default_registry()
@@ -106,17 +100,6 @@ class Client:
         if poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be positive, got {poll_interval_s}")
         self.poll_interval_s = poll_interval_s
-
-    async def _db(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
-        """Run ``fn`` in one committed transaction on a worker thread. ``read_only``: a
-        deferred BEGIN on SQLite, so polling readers never queue behind the dispatcher."""
-        factory = self._readers if read_only else self.sessions
-
-        def work() -> T:
-            with transaction(factory) as session:
-                return fn(session)
-
-        return await asyncio.to_thread(work)
 
     # Submitting --------------------------------------------------------------------------
 
@@ -142,11 +125,10 @@ class Client:
                 f"{spec.name} runs at most {spec.max_steps} steps, got {request.steps}"
             )
         strength = effective_strength(request)
-        if strength is not None and int(request.steps * strength) < 1:
-            # Diffusers denoises int(steps x strength) steps of an input image: none is no job.
+        if strength is not None and request.steps < (least := min_denoising_steps(strength)):
             raise InvalidRequest(
                 f"{request.steps} steps at strength {strength:g} leave no denoising step; "
-                f"use at least {math.ceil(1 / strength)} steps"
+                f"use at least {least} steps"
             )
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
         return request.model_copy(update={"model": spec.name}).with_seed()
@@ -261,16 +243,17 @@ class Client:
             request.check_limits(self.settings.limits, max_side=tier.max_side)
             cost = job_cost_for(request, self.settings)
             if account is None:
-                available, have = tier.daily_allowance, f"{tier.daily_allowance} left today"
+                available = tier.daily_allowance
             else:
                 _check_concurrency(session, account, tier)
                 bal = ledger.peek_balance(
                     session=session, account_id=account.id, now=now, tiers=self.settings.tiers
                 )
-                available, have = bal.total, bal.describe(now)
+                available = bal.total
             if available < cost:
                 raise InsufficientCredits(
-                    f"this needs {cost} credit{'s' if cost != 1 else ''}; you have {have}",
+                    # As the ledger says it (the chat texts add when the daily credits reset).
+                    f"this needs {cost} credit{'s' if cost != 1 else ''}; you have {available}",
                     needed=cost,
                     available=available,
                 )
@@ -315,11 +298,10 @@ class Client:
                 raise Conflict(f"job {job_id} already finished ({job.status.value})")
             if job.status is JobStatus.running:
                 return JobStatus.running
-            job_repo.set_status(
+            job_repo.finish_and_release(
                 session=session, job_id=job_id, status=JobStatus.cancelled,
                 error=CANCELLED_BY_OWNER,
             )
-            ledger.release(session=session, job_id=job_id)
             return JobStatus.cancelled
 
         status = await self._db(mark)
@@ -518,13 +500,6 @@ def queue_position(session: Session, job: JobRead) -> int:
         .where(col(Job.status) == JobStatus.queued, col(Job.created_at) <= job.created_at)
     ).one()
     return max(1, int(ahead))
-
-
-def read_only_sessions(factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    """The read-only twin of a session factory (deferred BEGIN on SQLite), or the factory
-    itself when it is not bound to an engine."""
-    bind = factory.kw.get("bind")
-    return make_session_factory(bind, read_only=True) if isinstance(bind, Engine) else factory
 
 
 def new_job_id() -> str:

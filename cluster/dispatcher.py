@@ -3,17 +3,12 @@ places them on worker actors, relays progress, and settles every job exactly onc
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import functools
 import logging
-import os
-import signal
-import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,25 +17,19 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from cluster.batching import FairQueue, Waiting
+from cluster.batchrun import BatchRecord, BatchRunner, find_job
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
-from cluster.engine import GenerationCancelled, ImageResult, batch_key, item_pixels
-from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool, WorkerSlot
-from cluster.registry import ModelLoadError, ModelRegistry
-from cluster.settling import REDELIVER_BATCH, Held, Settler, Store
-from cluster.worker import WorkerFailed, WorkerLost, run_batch
-from core.errors import (
-    AtelierError,
-    ContentBlocked,
-    ImageRejected,
-    InvalidRequest,
-    NotFound,
-    PromptTooLong,
-)
+from cluster.reconcile import REDELIVER_BATCH, REQUEUE_GRACE_S, Reconciler
+from cluster.registry import ModelRegistry
+from cluster.settling import Held, Settler
+from core.errors import AtelierError
 from core.jobs import JobStatus
-from core.settings import Settings
+from core.recipe import batch_key, item_pixels
+from core.settings import Dispatch
 from storage import jobs as job_repo
 from storage.blobs import BlobStore
+from storage.db import Store
 from storage.jobs import JobRead
 from storage.models import utcnow
 
@@ -75,128 +64,94 @@ log = logging.getLogger(__name__)
 # processes find the workers (named actors are only visible within their namespace).
 RAY_NAMESPACE = "atelier"
 WORKER_NAME_PREFIX = "atelier-worker"
-# Recent batches kept for inspection (``Dispatcher.batches``).
-BATCH_HISTORY = 1000
-# The reconciler leaves queued jobs younger than this alone: the client may be between its
-# commit and its XADD.
-RECONCILE_GRACE_S = 5.0
-RECONCILE_LIMIT = 10_000
-# Worker error codes whose message is about the job's input and written for its owner (the
-# engine's JobRejected and input checks); any other failure is shown as a generic line.
-USER_INPUT_CODES = frozenset(
-    {InvalidRequest.code, PromptTooLong.code, ImageRejected.code, ContentBlocked.code}
-)
+
 
 @dataclass(frozen=True)
-class BatchRecord:
-    """One batch as placed: which worker, which jobs, when (monotonic seconds)."""
+class Pacing:
+    """How often a dispatcher looks at things: not settings an operator tunes (those are
+    ``Dispatch``), but tests and benches shorten them."""
 
-    worker_id: str
-    job_ids: tuple[str, ...]
-    model: str
-    started: float
-
+    window: int = 64  # queued entries read ahead; fairness between accounts is exact within it
+    read_block_ms: int = 500
+    progress_interval_s: float = 0.5
+    cancel_poll_s: float = 0.25
+    refresh_interval_s: float = 10.0
+    epoch_check_s: float = 1.0
+    reconcile_interval_s: float = 30.0
+    heartbeat_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    reconcile_grace_s: float = REQUEUE_GRACE_S
+    redeliver_batch: int = REDELIVER_BATCH
 
 class Dispatcher:
     """One dispatcher (a consumer of the broker's ``dispatchers`` group). Several may run
     against one broker and store; each job still runs and is charged once."""
 
     def __init__(
-        self,
-        *,
-        settings: Settings,
-        session_factory: sessionmaker[Session],
-        broker: Broker,
-        blobs: BlobStore,
-        workers: WorkerPool,
-        name: str,
-        models: ModelRegistry | None = None,
-        gather_window_s: float | None = None,
-        gather_gap_s: float | None = None,
-        job_timeout_s: float | None = None,
-        max_attempts: int | None = None,
-        window: int = 64,
-        max_batch_items: int | None = None,
-        worker_lease_s: float | None = None,
-        progress_interval_s: float = 0.5,
-        cancel_poll_s: float = 0.25,
-        refresh_interval_s: float = 10.0,
-        epoch_check_s: float = 1.0,
-        reconcile_interval_s: float = 30.0,
-        heartbeat_s: float = 30.0,
-        read_block_ms: int = 500,
-        drain_timeout_s: float = 30.0,
-        reconcile_grace_s: float = RECONCILE_GRACE_S,
-        redeliver_grace_s: float | None = None,
-        redeliver_window_s: float | None = None,
-        redeliver_batch: int = REDELIVER_BATCH,
+        self, *, dispatch: Dispatch, sessions: sessionmaker[Session], broker: Broker,
+        blobs: BlobStore, workers: WorkerPool, models: ModelRegistry, name: str,
+        pacing: Pacing | None = None,
     ) -> None:
-        """Options left None come from ``settings.dispatch`` (``ATELIER_DISPATCH__*``).
-
-        ``window``: at most this many queued entries are read ahead; fairness between
-        accounts is exact within it. Gathering: once jobs arrive, more are read while each
-        comes within ``gather_gap_s`` of the last, for at most ``gather_window_s`` in all.
-        Leases: a running job's row is refreshed every fifth of the broker's claim timeout and
-        counts as abandoned after half of it."""
-        opts = settings.dispatch
-        if gather_window_s is None:
-            gather_window_s = opts.gather_window_ms / 1000
-        if gather_gap_s is None:
-            gather_gap_s = min(opts.gather_gap_ms / 1000, gather_window_s)
-        job_timeout_s = opts.job_timeout_s if job_timeout_s is None else job_timeout_s
-        max_attempts = opts.max_attempts if max_attempts is None else max_attempts
-        max_batch_items = opts.max_batch_items if max_batch_items is None else max_batch_items
-        worker_lease_s = opts.worker_lease_s if worker_lease_s is None else worker_lease_s
-        if redeliver_grace_s is None:
-            redeliver_grace_s = opts.redeliver_grace_s
-        if redeliver_window_s is None:
-            redeliver_window_s = opts.redeliver_window_s
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-        if window < 1 or max_batch_items < 1:
-            raise ValueError(f"window and max_batch_items must be >= 1, got {window}, "
-                             f"{max_batch_items}")
-        self.settings = settings
+        """``dispatch``: batching and retries (``ATELIER_DISPATCH__*``); ``pacing``: how often
+        it looks at things. Leases: a running job's row is refreshed every fifth of the
+        broker's claim timeout and counts as abandoned after half of it."""
+        pacing = pacing or Pacing()
+        if pacing.window < 1:
+            raise ValueError(f"pacing.window must be >= 1, got {pacing.window}")
         self.broker = broker
-        self.workers = workers
+        self._workers = workers
         self.name = name
-        self.models = models if models is not None else ModelRegistry.load(settings)
-        self.gather_window_s = gather_window_s
-        self.gather_gap_s = gather_gap_s
-        self.job_timeout_s = job_timeout_s
-        self.window = window
-        self.max_batch_items = max_batch_items
-        self.worker_lease_s = worker_lease_s
-        self.progress_interval_s = progress_interval_s
-        self.cancel_poll_s = cancel_poll_s
-        self.refresh_interval_s = refresh_interval_s
-        self.epoch_check_s = epoch_check_s
-        self.reconcile_interval_s = reconcile_interval_s
-        self.heartbeat_s = heartbeat_s
-        self.read_block_ms = read_block_ms
-        self.drain_timeout_s = drain_timeout_s
-        self.reconcile_grace_s = reconcile_grace_s
+        self.models = models
+        # Batching knobs stay attributes: a running dispatcher may be retuned.
+        self.gather_window_s = dispatch.gather_window_ms / 1000
+        self.gather_gap_s = min(dispatch.gather_gap_ms / 1000, self.gather_window_s)
+        self.max_batch_items = dispatch.max_batch_items
+        self.pacing = pacing
         claim_s = broker.claim_idle_ms / 1000
         self.lease_s = claim_s / 2
         self.touch_interval_s = max(0.05, claim_s / 5)
 
-        self.batches: deque[BatchRecord] = deque(maxlen=BATCH_HISTORY)
         self._queue: FairQueue[tuple[object, ...]] = FairQueue()
         self._held: dict[str, Held] = {}  # read, waiting for a batch
         self._running: dict[str, Held] = {}  # in a batch on a worker
         self._tasks: set[asyncio.Task[None]] = set()  # batches running
-        self._sending: set[asyncio.Task[None]] = set()  # progress ticks in flight
         self._epoch: str | None = None
         self._due: dict[str, float] = {}
-        self._db = Store(session_factory)
-        # What happens to a job once it ran (or cannot run): stored, failed, re-queued,
-        # announced; and finished jobs re-announced until their front end confirms them.
-        self.settle = Settler(
-            name=name, broker=broker, db=self._db, blobs=blobs, max_attempts=max_attempts,
-            redeliver_grace_s=redeliver_grace_s, redeliver_window_s=redeliver_window_s,
-            pass_interval_s=reconcile_interval_s, redeliver_batch=redeliver_batch,
-            busy=lambda: self._held.keys() | self._running.keys(),
+        self._db = Store(sessions)
+        # Three rooms, by lifetime: reconciling the store with the broker (periodic passes),
+        # settling a job once it ran or cannot run, running one batch on a worker slot.
+        self.reconciler = Reconciler(
+            name=name, dispatch=dispatch, broker=broker, db=self._db, lease_s=self.lease_s,
+            pass_interval_s=pacing.reconcile_interval_s,
+            requeue_grace_s=pacing.reconcile_grace_s, redeliver_batch=pacing.redeliver_batch,
+            busy=self._busy,
         )
+        self.settle = Settler(
+            name=name, broker=broker, db=self._db, blobs=blobs,
+            max_attempts=dispatch.max_attempts, redelivered=self.reconciler.redelivered,
+        )
+        self.runner = BatchRunner(
+            dispatch=dispatch, broker=broker, workers=workers, settle=self.settle, db=self._db,
+            lease_s=self.lease_s, progress_interval_s=pacing.progress_interval_s,
+            cancel_poll_s=pacing.cancel_poll_s,
+        )
+
+    @property
+    def workers(self) -> WorkerPool:
+        return self._workers
+
+    @workers.setter
+    def workers(self, pool: WorkerPool) -> None:
+        """A new pool for what is placed from now on (tests and tools swap it)."""
+        self._workers = self.runner.workers = pool
+
+    def _busy(self) -> set[str]:
+        return set(self._held.keys() | self._running.keys())
+
+    @property
+    def batches(self) -> deque[BatchRecord]:
+        """Recent batches as placed (worker, jobs, model), newest last."""
+        return self.runner.batches
 
     # The loop ----------------------------------------------------------------------------
 
@@ -228,7 +183,7 @@ class Dispatcher:
 
     async def _step(self) -> None:
         # 1. Read ahead, up to the window; block only when nothing can be placed meanwhile.
-        room = self.window - len(self._queue)
+        room = self.pacing.window - len(self._queue)
         placeable = self._placeable()
         if room > 0:
             if placeable:
@@ -236,7 +191,7 @@ class Dispatcher:
             elif len(self._queue):
                 block = 50  # jobs wait for a worker: come back soon to place them
             else:
-                block = self.read_block_ms
+                block = self.pacing.read_block_ms
             entries = await self.broker.read_jobs(self.name, count=room, block_ms=block)
             if entries and self.workers.idle():
                 # 2. Jobs submitted together should arrive together: keep reading while they
@@ -278,32 +233,32 @@ class Dispatcher:
     async def _housekeeping(self) -> None:
         if self._every("touch", self.touch_interval_s):
             await self._touch()
-        if self._every("epoch", self.epoch_check_s):
+        if self._every("epoch", self.pacing.epoch_check_s):
             epoch = await self.broker.server_epoch()
             if self._epoch is None:
                 self._epoch = epoch
-                await self.reconcile(everything=False)
+                await self.reconciler.requeue_lost(everything=False)
             elif epoch != self._epoch:
                 log.warning("dispatcher %s: the broker restarted (epoch %s -> %s); "
                             "re-enqueueing unfinished jobs and re-announcing undelivered ones",
                             self.name, self._epoch[:8], epoch[:8])
                 self._epoch = epoch
-                await self.reconcile(everything=True)
-                await self.settle.redeliver(everything=True)
+                await self.reconciler.requeue_lost(everything=True)
+                await self.reconciler.redeliver(everything=True)
         if self._every("claim", self.broker.claim_idle_ms / 2000):
-            room = self.window - len(self._queue)
+            room = self.pacing.window - len(self._queue)
             if room > 0:
                 claimed = await self.broker.claim_stale_jobs(self.name, count=room)
                 if claimed:
                     log.info("dispatcher %s claimed %d stale entries: %s", self.name,
                              len(claimed), [e.job_id for e in claimed])
                     await self._admit(claimed)
-        if self._every("refresh", self.refresh_interval_s):
+        if self._every("refresh", self.pacing.refresh_interval_s):
             await self.workers.refresh()
-        if self._every("reconcile", self.reconcile_interval_s):
-            await self.reconcile(everything=False)
-            await self.settle.redeliver(everything=False)
-        if self._every("heartbeat", self.heartbeat_s):
+        if self._every("reconcile", self.pacing.reconcile_interval_s):
+            await self.reconciler.requeue_lost(everything=False)
+            await self.reconciler.redeliver(everything=False)
+        if self._every("heartbeat", self.pacing.heartbeat_s):
             live = self.workers.live()
             log.info(
                 "dispatcher %s: %d queued, %d running %s, %d/%d workers live",
@@ -328,7 +283,7 @@ class Dispatcher:
         if self._tasks:
             log.info("dispatcher %s: waiting for %d running batches", self.name,
                      len(self._tasks))
-        deadline = time.monotonic() + self.drain_timeout_s
+        deadline = time.monotonic() + self.pacing.drain_timeout_s
         for tasks in (self._tasks, self.settle.tasks):
             if not tasks:
                 continue
@@ -339,8 +294,8 @@ class Dispatcher:
                 task.cancel()  # a worker stops at its next step
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        if self._sending:
-            await asyncio.wait(self._sending, timeout=5)
+        if self.runner.sending:
+            await asyncio.wait(self.runner.sending, timeout=5)
 
     # Admission ---------------------------------------------------------------------------
 
@@ -360,7 +315,7 @@ class Dispatcher:
         if not fresh:
             return
         rows = await self._db(
-            lambda s: {e.job_id: _find_job(s, job_id=e.job_id) for e in fresh}, read_only=True
+            lambda s: {e.job_id: find_job(s, job_id=e.job_id) for e in fresh}, read_only=True
         )
         stale_before = utcnow() - timedelta(seconds=self.lease_s)
         for entry in fresh:
@@ -445,257 +400,19 @@ class Dispatcher:
                     del self._held[h.job_id]
                     self._running[h.job_id] = h
                 self.workers.started(slot)
-                task = asyncio.create_task(self._run_batch(slot, held))
+                task = asyncio.create_task(self._run(slot, held))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 break
             else:
                 return  # nothing at the heads can be placed now
 
-    # Running a batch ---------------------------------------------------------------------
-
-    async def _run_batch(self, slot: WorkerSlot, held: list[Held]) -> None:
-        model = held[0].model.name
+    async def _run(self, slot: WorkerSlot, held: list[Held]) -> None:
         try:
-            started = await self._start(held)
-            if not started:
-                return
-            self.batches.append(
-                BatchRecord(slot.worker_id, tuple(h.job_id for h in started), model,
-                            time.monotonic())
-            )
-            log.info("batch on %s: %s (%s)", slot.worker_id, [h.job_id for h in started], model)
-            await self._execute(slot, started)
-        except asyncio.CancelledError:
-            raise
-        except BrokerUnavailable as exc:
-            # Maybe settled in the store but not announced or acked: the pending entries
-            # bring the jobs back once the broker answers. (If Redis restarted meanwhile, the
-            # entries are gone too; redeliver() re-announces the settled jobs from the store.)
-            log.warning("batch on %s: broker unavailable mid-settle (%s): %s", slot.worker_id,
-                        exc, [h.job_id for h in held])
-        except Exception:
-            # A bug or an outage mid-settle: the entries stay pending and the lease lapses,
-            # so this or another dispatcher picks the jobs up again after the claim timeout.
-            log.exception("batch on %s failed unexpectedly: %s", slot.worker_id,
-                          [h.job_id for h in held])
+            await self.runner.run(slot, held)
         finally:
-            self.workers.finished(slot, model)
             for h in held:
                 self._running.pop(h.job_id, None)
-
-    async def _start(self, held: list[Held]) -> list[Held]:
-        """Mark the jobs running (one compare-and-set each: only one dispatcher wins a job)
-        and count the attempt; settle those cancelled or taken meanwhile."""
-        for h in held:
-            try:
-                if await self.broker.is_cancel_requested(h.job_id):
-                    h.cancel_requested = True
-            except BrokerUnavailable:
-                # The flags live in the broker: none can be set while it is down. The jobs
-                # already held run now; their deliveries wait for the broker.
-                pass
-        live = [h for h in held if not h.cancel_requested]
-        for h in held:
-            if h.cancel_requested:
-                await self.settle.cancelled(h)
-        if not live:
-            return []
-        now = utcnow()
-        stale_before = now - timedelta(seconds=self.lease_s)
-        ids = [h.job_id for h in live]
-        won = await self._db(
-            lambda s: job_repo.start_attempts(session=s, job_ids=ids, now=now,
-                                              stale_before=stale_before)
-        )
-        started = []
-        for h in live:
-            job = won.get(h.job_id)
-            if job is not None:
-                h.job = job
-                started.append(h)
-                continue
-            current = await self._db(functools.partial(_find_job, job_id=h.job_id))
-            if current is not None and current.status.finished:
-                await self.settle.announce(current, h.entries)
-            else:
-                log.info("job %s: taken by another dispatcher; acking entry", h.job_id)
-                await self.settle.ack(h.entries)
-        for h in started:
-            await self.settle.hint(JobEvent(EventKind.started, h.job_id))
-        return started
-
-    async def _execute(self, slot: WorkerSlot, jobs: list[Held]) -> None:
-        """Run ``jobs`` as one call on ``slot`` and settle each; isolates a poison job."""
-        relay = self._progress_relay(jobs)
-        ran = asyncio.Event()
-        watch = asyncio.create_task(self._watch_cancels(slot, jobs, ran))
-        try:
-            async with asyncio.timeout(self.job_timeout_s):
-                results = await run_batch(
-                    slot.handle, [h.item() for h in jobs], on_progress=relay,
-                    timeout_s=self.job_timeout_s, lease_s=self.worker_lease_s,
-                )
-        except GenerationCancelled:
-            for h in jobs:
-                await self.settle.cancelled(h)
-            return
-        except WorkerFailed as exc:
-            await self._worker_failed(slot, jobs, exc)
-            return
-        except WorkerLost as exc:
-            if exc.reason != "lease":  # a lapsed lease says nothing bad about the worker
-                self.workers.lost(slot, exc)
-            for h in jobs:
-                await self.settle.retry_or_fail(h, f"the worker was lost ({exc.reason})")
-            return
-        except TimeoutError:
-            for h in jobs:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(_await_ref(slot.handle.cancel.remote(h.job_id)), 5)
-            self.workers.mark_dead(slot.worker_id, f"a batch ran past {self.job_timeout_s:g}s")
-            for h in jobs:
-                await self.settle.retry_or_fail(h, f"timed out after {self.job_timeout_s:g}s")
-            return
-        finally:
-            ran.set()
-            await stop_task(watch)
-        by_job: dict[str, list[ImageResult]] = {}
-        for result in results:
-            by_job.setdefault(result.job_id, []).append(result)
-        # Every job the worker finished goes into the store first, which needs no broker, and
-        # only then to its front end: a broker outage delays deliveries, never the settling.
-        stored: list[tuple[Held, JobRead]] = []
-        for h in jobs:
-            images = by_job.get(h.job_id)
-            if images:
-                job = await self.settle.store_done(h, images)
-                if job is not None:
-                    stored.append((h, job))
-        if stored:
-            self.settle.announce_soon(stored)
-        for h in jobs:
-            if by_job.get(h.job_id):
-                continue
-            if h.cancel_requested:
-                await self.settle.cancelled(h)
-            else:
-                await self.settle.retry_or_fail(h, "the worker returned no images for this job")
-
-    async def _worker_failed(self, slot: WorkerSlot, jobs: list[Held], exc: WorkerFailed) -> None:
-        by_id = {h.job_id: h for h in jobs}
-        if exc.job_id is not None and exc.job_id in by_id:
-            # The worker named the job at fault (its input): fail it, run the others again.
-            culprit = by_id[exc.job_id]
-            await self.settle.fail(culprit, user_reason(exc, culprit.model.name))
-            others = [h for h in jobs if h.job_id != exc.job_id]
-            if others:
-                await self._execute(slot, others)
-            return
-        if len(jobs) > 1:
-            # Unknown culprit: one by one, so one poison job takes only itself down.
-            log.warning("batch %s failed (%s: %s); retrying its jobs one by one",
-                        list(by_id), exc.error_code, exc.message)
-            for h in jobs:
-                await self._execute(slot, [h])
-            return
-        # A lone job and no job named: the worker's model, device or code failed, not the job's
-        # input as far as anyone can tell. Another worker may do better; a job that fails on
-        # every try is dead-lettered (and refunded) after max_attempts.
-        # The full message (paths, exception text) is for the operator; the job's owner gets
-        # a line that names the model but none of the server's internals.
-        log.error("job %s: worker %s failed it (%s): %s", jobs[0].job_id, slot.worker_id,
-                  exc.error_code, exc.message)
-        await self.settle.retry_or_fail(jobs[0], user_reason(exc, jobs[0].model.name))
-
-    def _progress_relay(self, jobs: list[Held]) -> Callable[[int, int], None]:
-        """Progress ticks for ``jobs``, sent beside the batch, never in its way: while one is
-        in flight (the broker slow or down, each send retrying) later ticks are dropped."""
-        last = 0.0
-        sending: asyncio.Task[None] | None = None
-
-        def relay(step: int, total: int) -> None:
-            nonlocal last, sending
-            now = time.monotonic()
-            if step < total and now - last < self.progress_interval_s:
-                return
-            if sending is not None and not sending.done():
-                return
-            last = now
-            events = [JobEvent(EventKind.progress, h.job_id, step=step, total=total)
-                      for h in jobs if not h.cancel_requested]
-            sending = asyncio.create_task(self._hints(events))
-            self._sending.add(sending)
-            sending.add_done_callback(self._sending.discard)
-
-        return relay
-
-    async def _hints(self, events: Sequence[JobEvent]) -> None:
-        try:
-            for event in events:
-                await self.settle.hint(event)
-        except Exception as exc:  # a tick is not worth a crash; nobody awaits this task
-            log.debug("progress ticks not published: %r", exc)
-
-    async def _watch_cancels(
-        self, slot: WorkerSlot, jobs: list[Held], ran: asyncio.Event
-    ) -> None:
-        """Pass cancel flags on to the worker, which stops the job at its next step; ends
-        once ``ran`` is set (no cancellation needed, which a client library might swallow)."""
-        while not ran.is_set():
-            for h in jobs:
-                if h.cancel_requested:
-                    continue
-                try:
-                    flagged = await self.broker.is_cancel_requested(h.job_id)
-                except BrokerUnavailable:
-                    continue
-                if not flagged:
-                    continue
-                h.cancel_requested = True
-                log.info("job %s: cancel requested; telling worker %s", h.job_id, slot.worker_id)
-                try:
-                    await asyncio.wait_for(_await_ref(slot.handle.cancel.remote(h.job_id)), 5)
-                except Exception as exc:  # the worker may be gone; the batch then fails
-                    log.warning("job %s: could not tell the worker to cancel: %s", h.job_id, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ran.wait(), self.cancel_poll_s)
-
-    # Reconciling the broker with the store -----------------------------------------------
-
-    async def reconcile(self, *, everything: bool) -> int:
-        """Re-enqueue unfinished jobs the broker has lost; returns how many were enqueued.
-
-        ``everything`` (the broker restarted, its streams are gone): every queued job and every
-        running job whose lease lapsed. Otherwise only when the store holds more unfinished
-        jobs than the broker has entries (an enqueue failed, say), and then only jobs older than
-        a few seconds. Duplicates are harmless: a job starts once (compare-and-set on its row)
-        and an entry of a finished job is only acked.
-        """
-        now = utcnow()
-        rows = await self._db(
-            lambda s: job_repo.in_flight_jobs(session=s, limit=RECONCILE_LIMIT), read_only=True
-        )
-        if not everything:
-            entries = await self.broker.queue_depth() + await self.broker.pending_count()
-            if len(rows) <= entries:
-                return 0
-        stale_before = now - timedelta(seconds=self.lease_s)
-        young = now - timedelta(seconds=self.reconcile_grace_s)
-        mine = self._held.keys() | self._running.keys()
-        enqueued = 0
-        for job_id, account_id, status, updated_at in rows:
-            if job_id in mine:
-                continue
-            if status is JobStatus.running and updated_at >= stale_before:
-                continue  # its dispatcher is alive; if it dies, a later pass finds it
-            if not everything and status is JobStatus.queued and updated_at >= young:
-                continue
-            await self.broker.enqueue(job_id, {"account": str(account_id), "reconciled": "1"})
-            enqueued += 1
-        if enqueued:
-            log.warning("dispatcher %s: re-enqueued %d unfinished jobs", self.name, enqueued)
-        return enqueued
 
     # Helpers -----------------------------------------------------------------------------
 
@@ -708,117 +425,3 @@ class Dispatcher:
         return sorted(self._running)
 
 
-# Helpers.
-
-
-def user_reason(exc: WorkerFailed, model: str) -> str:
-    """What a job's owner is told when the worker failed it: the worker's own message only
-    where it is about the job's input (written for its owner); otherwise a plain line
-    without the server's paths or exception text, which the operator log keeps."""
-    if exc.error_code in USER_INPUT_CODES:
-        return exc.message
-    if exc.error_code == ModelLoadError.code:
-        return f"model {model!r} could not be loaded on the worker; the operator has been told"
-    return (f"image generation with model {model!r} failed on the worker; "
-            "the operator has been told")
-
-
-def _find_job(session: Session, *, job_id: str) -> JobRead | None:
-    try:
-        return job_repo.get_job(session=session, job_id=job_id)
-    except NotFound:
-        return None
-
-
-async def _await_ref(ref: Any) -> Any:
-    return await ref
-
-
-async def stop_task(task: asyncio.Task[Any], timeout_s: float = 5.0) -> None:
-    """Cancel a helper task and give it ``timeout_s`` to end. Never suppresses the caller's
-    own cancellation (``asyncio.wait`` neither raises the task's error nor swallows ours)."""
-    task.cancel()
-    await asyncio.wait({task}, timeout=timeout_s)
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        log.debug("helper task ended with %r", task.exception())
-
-
-# Running as its own process ---------------------------------------------------------------------
-
-
-async def run_dispatcher(
-    settings: Settings,
-    *,
-    name: str | None = None,
-    stop: asyncio.Event | None = None,
-    ray_address: str | None = "auto",
-    namespace: str = RAY_NAMESPACE,
-    worker_prefix: str = WORKER_NAME_PREFIX,
-    claim_idle_ms: int | None = None,
-    **options: Any,
-) -> None:
-    """Run one dispatcher until ``stop`` is set (or SIGTERM/SIGINT): connects to Redis (no
-    in-process fallback: other processes must share the queue), the migrated store and Ray
-    (``ray_address``, e.g. "auto" or "ray://head:10001"), finding workers by name prefix."""
-    import ray
-
-    from cluster.broker import connect_broker
-    from cluster.placement import ray_discovery
-    from core.errors import ConfigError
-    from storage.db import check_migrated, make_engine, session_factory
-
-    if settings.redis_url is None:
-        raise ConfigError("a dispatcher process needs ATELIER_REDIS_URL (a shared broker)")
-    name = name or f"{socket.gethostname()}-{os.getpid()}"
-    # 1. Store, broker, Ray.
-    engine = make_engine(settings.db_url)
-    check_migrated(engine)
-    broker = await connect_broker(
-        settings.redis_url, claim_idle_ms=claim_idle_ms or settings.dispatch.claim_timeout_ms,
-        fallback=False,
-    )
-    if not ray.is_initialized():
-        await asyncio.to_thread(
-            ray.init, address=ray_address, namespace=namespace, log_to_driver=False
-        )
-    # 2. Stop on a signal.
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    # 3. Dispatch.
-    try:
-        pool = WorkerPool(discover=ray_discovery(worker_prefix))
-        dispatcher = Dispatcher(
-            settings=settings, session_factory=session_factory(engine), broker=broker,
-            blobs=BlobStore.from_settings(settings), workers=pool, name=name, **options,
-        )
-        await dispatcher.run(stop)
-    finally:
-        await broker.close()
-        engine.dispose()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m cluster.dispatcher --name d1``: one dispatcher process (settings from the
-    ``ATELIER_*`` environment)."""
-    from core.settings import load_settings
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--name", default=None, help="consumer name (default: host-pid)")
-    parser.add_argument("--ray-address", default="auto")
-    parser.add_argument("--claim-idle-ms", type=int, default=None)
-    parser.add_argument("--worker-prefix", default=WORKER_NAME_PREFIX)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(
-        run_dispatcher(
-            load_settings(), name=args.name, ray_address=args.ray_address,
-            claim_idle_ms=args.claim_idle_ms, worker_prefix=args.worker_prefix,
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

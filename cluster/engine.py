@@ -17,21 +17,22 @@ from core.errors import AtelierError, InvalidRequest
 from core.images import decode_png_mask, decode_png_rgb
 from core.infotext import format_infotext, infotext_for, png_with_infotext
 from core.prompts import Blocklist, TokenCounter, default_blocklist, prepare_prompt
-from core.request import MAX_SEED, GenerationRequest, JobKind
+from core.recipe import (
+    KEY_FIELDS,
+    UPSCALE_STRENGTH,
+    batch_key,
+    effective_strength,
+    image_seeds,
+    pipeline_kind,
+    pipeline_steps,
+)
+from core.request import GenerationRequest, JobKind
 from core.styles import StyleRegistry, default_registry
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from cluster.pipelines import Pipeline as DiffusionPipeline
-
-# An upscale is a light img2img pass over the Lanczos-enlarged image: enough to add detail,
-# too little to change the picture. The request's own strength is for img2img/variations.
-UPSCALE_STRENGTH = 0.3
-# A variation without an image re-runs the prompt from seed + 4 onwards: the original job's
-# images used seed .. seed + count - 1 (count <= 4), so none of them comes back as a "variation".
-VARIATION_SEED_OFFSET = 4
-KEY_FIELDS = ("model", "kind", "width", "height", "steps", "scheduler", "guidance", "strength")
 
 ProgressFn = Callable[[int, int], None]
 CancelledFn = Callable[[], Collection[str]]
@@ -81,63 +82,6 @@ class JobRejected(AtelierError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Crosses process boundaries (Ray): rebuild with all three arguments, not just args.
         return (type(self), (self.job_id, self.message, self.code))
-
-
-def pipeline_kind(request: GenerationRequest) -> JobKind:
-    """The pipeline a request runs on: txt2img, img2img or inpaint.
-
-    Upscales and variations with an image are img2img; a variation without one is txt2img.
-    """
-    if request.kind is JobKind.inpaint:
-        return JobKind.inpaint
-    if request.kind is JobKind.txt2img or request.init_image is None:
-        return JobKind.txt2img
-    return JobKind.img2img
-
-
-def effective_strength(request: GenerationRequest) -> float | None:
-    """How much of an input image is repainted; None when there is no input image."""
-    if pipeline_kind(request) is JobKind.txt2img:
-        return None
-    return UPSCALE_STRENGTH if request.kind is JobKind.upscale else request.strength
-
-
-def batch_key(request: GenerationRequest) -> tuple[object, ...]:
-    """Jobs with equal keys may share one pipeline call (fields named by ``KEY_FIELDS``).
-
-    The kind is the pipeline kind, so a txt2img job and a variation without an image batch
-    together; strength is part of the key only where an input image is denoised.
-    """
-    r = request
-    kind, strength = pipeline_kind(r).value, effective_strength(r)
-    return (r.model, kind, r.width, r.height, r.steps, r.scheduler, r.guidance, strength)
-
-
-def item_pixels(request: GenerationRequest) -> int:
-    """Pixels a job adds to a batch (for ``DeviceProfile.max_batch_pixels`` placement)."""
-    return request.width * request.height * request.images_out
-
-
-def pipeline_steps(request: GenerationRequest) -> int:
-    """``num_inference_steps`` for the pipeline: the request's steps, raised where needed so an
-    input image gets at least one denoising step (as A1111 does). Diffusers runs only
-    int(steps * strength) of them and refuses zero: 2 steps at an upscale's 0.3, or any turbo
-    model's 1-4 steps at a low strength."""
-    steps, strength = request.steps, effective_strength(request)
-    if strength is not None:
-        while int(steps * strength) < 1:
-            steps += 1
-    return steps
-
-
-def image_seeds(request: GenerationRequest) -> list[int]:
-    """The seed of each of a job's ``count`` images: consecutive from the (resolved) seed."""
-    if request.seed is None:
-        raise InvalidRequest("the seed must be resolved before generating, got None")
-    base = request.seed
-    if request.kind is JobKind.variation and request.init_image is None:
-        base += VARIATION_SEED_OFFSET
-    return [(base + i) % (MAX_SEED + 1) for i in range(request.count)]
 
 
 @dataclass(frozen=True)

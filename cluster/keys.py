@@ -40,10 +40,6 @@ CANCEL_TTL_S = 3600
 # Retention: a TTL of that period.
 REDELIVER_PREFIX = f"{PREFIX}:redeliver:"
 
-# One key per live dispatcher, refreshed by it as a heartbeat. Retention: a TTL of a few
-# heartbeat periods, so a dead dispatcher's key disappears on its own.
-DISPATCHER_PREFIX = f"{PREFIX}:dispatcher:"
-
 FRONTEND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # Job ids are made by the store (uuid/ulid/integer), never by a person; still checked, since they
 # end up in key names.
@@ -96,8 +92,3 @@ def redeliver_key(job_id: str) -> str:
     """``atelier:redeliver:{job_id}``: present (with a TTL) while one dispatcher's
     re-announcement of the job stands for all."""
     return REDELIVER_PREFIX + check_job_id(job_id)
-
-
-def dispatcher_key(name: str) -> str:
-    """``atelier:dispatcher:{name}``: a dispatcher's heartbeat, with a TTL."""
-    return DISPATCHER_PREFIX + check_consumer(name)

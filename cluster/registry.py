@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.errors import AtelierError, ConfigError, InvalidRequest
 from core.request import JobKind, canonical_scheduler
-from core.settings import Settings
+from core.settings import Settings, WorkerConfig
 
 if TYPE_CHECKING:
     import torch
@@ -260,7 +260,9 @@ class ModelRegistry:
             )
 
     @classmethod
-    def load(cls, settings: Settings, extra_path: Path | str | None = None) -> ModelRegistry:
+    def load(
+        cls, settings: Settings | WorkerConfig, extra_path: Path | str | None = None
+    ) -> ModelRegistry:
         """The packaged models, overridden/extended by the user's file.
 
         The user's file is ``extra_path``, else ``settings.models_file`` (ATELIER_MODELS_FILE)

@@ -1,55 +1,35 @@
 """Settling finished work: every step of it idempotent and in an order that survives a crash
-anywhere (see "Crash safety" in cluster/dispatcher.py), and re-announcing finished jobs whose
-front end never confirmed them."""
+anywhere (see "Crash safety" in cluster/dispatcher.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
-from cluster.client import read_only_sessions
 from cluster.engine import BatchItem, ImageResult
 from cluster.events import JobEvent, nsfw_allowed, terminal_event
 from cluster.registry import ModelSpec
 from core.errors import Conflict
-from core.jobs import JobStatus
+from core.jobs import CANCELLED_BY_OWNER, JobStatus
 from storage import gallery, ledger
 from storage import jobs as job_repo
 from storage.blobs import BlobStore, sha256_of
-from storage.db import transaction
+from storage.db import Store
 from storage.gallery import ImageRead, NewImage
 from storage.jobs import JobRead
-from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-CANCELLED_REASON = "cancelled by its owner"
 # Remember this many job ids whose terminal event this process published: a duplicate entry
 # then does not publish again (across processes, front ends dedupe by job id).
 ANNOUNCED_MEMORY = 10_000
-# Durable delivery. A delivery lives in the broker until its front end reads and acks it, and a
-# broker restart without persistence loses it (and so does an outage outlasting the publish
-# retries). So the store keeps the truth: a finished job's delivered_at stays NULL until the
-# front end has sent the result (Client.mark_delivered). Every reconcile pass re-announces
-# finished jobs undelivered for longer than redeliver_grace_s (backing off per job, up to
-# REDELIVER_MAX_BACKOFF_S), and a broker restart re-announces every undelivered job at once;
-# only jobs finished within redeliver_window_s, redeliver_batch at a time. Front ends dedupe
-# by job id.
-REDELIVER_BATCH = 500
-REDELIVER_MAX_BACKOFF_S = 3600.0
 # Waits between attempts to publish a settled job's delivery while the broker is down.
 PUBLISH_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0)
 
@@ -82,50 +62,25 @@ class Held:
         return BatchItem(self.job.id, self.job.request, nsfw_allowed(self.job.delivery))
 
 
-class Store:
-    """Runs a store function off the event loop, in one transaction of its own."""
-
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
-        self._readers = read_only_sessions(sessions)
-
-    async def __call__(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
-        factory = self._readers if read_only else self.sessions
-
-        def work() -> T:
-            with transaction(factory) as session:
-                return fn(session)
-
-        return await asyncio.to_thread(work)
-
-
 class Settler:
     """One dispatcher's settling: stores what a worker made, fails, cancels or re-queues a job,
     announces finished jobs to their front ends and acks their entries."""
 
     def __init__(
         self, *, name: str, broker: Broker, db: Store, blobs: BlobStore, max_attempts: int,
-        redeliver_grace_s: float, redeliver_window_s: float, pass_interval_s: float,
-        redeliver_batch: int = REDELIVER_BATCH, busy: Callable[[], set[str]] = set,
+        redelivered: Callable[[str], object] = lambda job_id: None,
     ) -> None:
-        """``pass_interval_s``: how often ``redeliver`` is called (a job's back-off starts at
-        the larger of it and the grace). ``busy``: ids of the jobs the dispatcher still holds
-        or runs, which ``redeliver`` leaves to it."""
+        """``redelivered(job_id)``: what the reconciler knows of re-announcing the job (it
+        changes when it re-announces it), so a publish still retrying can stop."""
         self.name = name
         self.broker = broker
         self._db = db
         self.blobs = blobs
         self.max_attempts = max_attempts
-        self.redeliver_grace_s = redeliver_grace_s
-        self.redeliver_window_s = redeliver_window_s
-        self.pass_interval_s = pass_interval_s
-        self.redeliver_batch = redeliver_batch
-        self._busy = busy
+        self._redelivered = redelivered
         self.settling: dict[str, Held] = {}  # stored, being announced and acked
         self.tasks: set[asyncio.Task[None]] = set()  # announcements in the background
         self.announced: OrderedDict[str, None] = OrderedDict()
-        # Jobs re-announced by this process: (times, monotonic time of the next one due).
-        self._redelivered: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -175,35 +130,22 @@ class Settler:
     async def cancelled(self, h: Held) -> None:
         """Cancelled and released (unless it finished meanwhile), then announced."""
 
-        def cancel(session: Session) -> JobRead:
-            job = job_repo.get_job(session=session, job_id=h.job_id)
-            if job.status.finished:
-                return job
-            job_repo.set_status(
-                session=session, job_id=h.job_id, status=JobStatus.cancelled,
-                error=CANCELLED_REASON,
+        job = await self._db(
+            lambda s: job_repo.finish_and_release(
+                session=s, job_id=h.job_id, status=JobStatus.cancelled, error=CANCELLED_BY_OWNER
             )
-            ledger.release(session=session, job_id=h.job_id)
-            return job_repo.get_job(session=session, job_id=h.job_id)
-
-        job = await self._db(cancel)
+        )
         log.info("job %s: %s, credits released", h.job_id, job.status.value)
         await self.announce(job, h.entries)
 
     async def fail(self, h: Held, reason: str, *, dead_letter: bool = False) -> None:
         """Failed and refunded, then announced; ``dead_letter`` parks the entry for people."""
 
-        def fail(session: Session) -> JobRead:
-            job = job_repo.get_job(session=session, job_id=h.job_id)
-            if job.status.finished:
-                return job
-            job_repo.set_status(
-                session=session, job_id=h.job_id, status=JobStatus.failed, error=reason
+        job = await self._db(
+            lambda s: job_repo.finish_and_release(
+                session=s, job_id=h.job_id, status=JobStatus.failed, error=reason
             )
-            ledger.release(session=session, job_id=h.job_id)
-            return job_repo.get_job(session=session, job_id=h.job_id)
-
-        job = await self._db(fail)
+        )
         log.warning("job %s: failed (%s), credits released", h.job_id, reason)
         await self.announce(job, h.entries, dead_letter=reason if dead_letter else None)
 
@@ -286,7 +228,7 @@ class Settler:
         restart losing the stream, is made good by redeliver() until the front end marks the
         job delivered. A retry is dropped once redeliver() has published the event or the
         front end has marked the job delivered: a late copy would repeat a delivered job."""
-        redelivered = self._redelivered.get(event.job_id)
+        redelivered = self._redelivered(event.job_id)
         for delay in (*PUBLISH_RETRY_S, None):
             try:
                 await self.broker.publish_delivery(frontend, event.to_fields())
@@ -297,7 +239,7 @@ class Settler:
                 log.warning("job %s: delivery not published (%s); retrying in %g s",
                             event.job_id, exc, delay)
                 await asyncio.sleep(delay)
-            if self._redelivered.get(event.job_id) != redelivered:
+            if self._redelivered(event.job_id) != redelivered:
                 return
             job = await self._db(
                 lambda s: job_repo.get_job(session=s, job_id=event.job_id), read_only=True
@@ -315,67 +257,3 @@ class Settler:
             await self.broker.publish_progress(event.job_id, event.to_fields())
         except BrokerUnavailable as exc:
             log.debug("job %s: progress not published: %s", event.job_id, exc)
-
-    async def redeliver(self, *, everything: bool) -> int:
-        """Re-announce finished jobs whose front end has not marked them delivered; returns
-        how many were published.
-
-        ``everything`` (the broker restarted, its delivery streams are gone): every such job
-        finished within the window, at once. Otherwise those finished more than
-        ``redeliver_grace_s`` ago, each at most once per its backoff (the grace period,
-        doubling per re-announcement up to REDELIVER_MAX_BACKOFF_S). Jobs this dispatcher
-        holds or runs are left to it; one whose announcement is still retrying is published
-        here, and that retry then stops. Dispatchers sharing a broker take turns through
-        ``Broker.claim_redelivery``: each job is re-announced once per period, not once each.
-        """
-        now = utcnow()
-        before = now if everything else now - timedelta(seconds=self.redeliver_grace_s)
-        window = timedelta(seconds=self.redeliver_window_s)
-        rows = await self._db(
-            lambda s: job_repo.undelivered_jobs(
-                session=s, finished_before=before, window=window, limit=self.redeliver_batch
-            ),
-            read_only=True,
-        )
-        mine = self._busy()
-        clock = time.monotonic()
-        published = 0
-        for job in rows:
-            if job.id in mine:
-                continue
-            times, due = self._redelivered.get(job.id, (0, 0.0))
-            if not everything and clock < due:
-                continue
-            step = max(self.redeliver_grace_s, self.pass_interval_s)
-            backoff = min(step * 2**times, REDELIVER_MAX_BACKOFF_S)
-            if not await self.broker.claim_redelivery(job.id, ttl_s=backoff):
-                # Another dispatcher re-announces it this period (or did, and the broker kept
-                # that announcement): look again one step later.
-                self._remember(job.id, times, clock + step)
-                continue
-            images: list[ImageRead] = []
-            if job.status is JobStatus.succeeded:
-                images = await self._db(
-                    functools.partial(_job_images, job_id=job.id), read_only=True
-                )
-            # No retry loop: a broker that is down now fails the pass, and the next one (or
-            # the restart's) brings the job back.
-            await self.broker.publish_delivery(
-                job.delivery.frontend, terminal_event(job, images).to_fields()
-            )
-            self._remember(job.id, times + 1, clock + backoff)
-            published += 1
-        if published:
-            log.warning("dispatcher %s: re-announced %d finished jobs not marked delivered",
-                        self.name, published)
-        return published
-
-    def _remember(self, job_id: str, times: int, due: float) -> None:
-        self._redelivered[job_id] = (times, due)
-        self._redelivered.move_to_end(job_id)
-        while len(self._redelivered) > ANNOUNCED_MEMORY:
-            self._redelivered.popitem(last=False)
-
-
-def _job_images(session: Session, *, job_id: str) -> list[ImageRead]:
-    return gallery.list_job_images(session=session, job_id=job_id)

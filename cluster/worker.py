@@ -31,7 +31,7 @@ from cluster.engine import (
 from cluster.registry import ModelRegistry
 from core.errors import AtelierError, ConfigError
 from core.prompts import Blocklist
-from core.settings import Settings
+from core.settings import Settings, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ ProgressCallback = Callable[[int, int], object]
 # stopped at its next step, so a reclaimed job does not run twice on one device.
 DEFAULT_LEASE_S = 10.0
 LEASE_RENEW_FRACTION = 0.25
-# The Settings fields a worker uses (models registry, blocklist); see WorkerActor.__init__.
-_WORKER_FIELDS = ("data_dir", "models_file", "blocklist_file")
 
 # The actor, its process or its node is gone or unreachable: try another worker.
 _LOST_ERRORS: tuple[type[BaseException], ...] = (
@@ -152,15 +150,12 @@ class WorkerActor:
     """
 
     def __init__(
-        self, settings: Settings | dict[str, Any], device_class: str | None = None,
+        self, config: WorkerConfig, device_class: str | None = None,
         profile: DeviceProfile | None = None,
     ) -> None:
-        if not isinstance(settings, Settings):
-            # Only what a worker reads: a dumped Settings masks its secrets ("**********"),
-            # which would fail their validation, and the worker needs none of them.
-            wanted = {k: settings[k] for k in _WORKER_FIELDS if k in settings}
-            settings = Settings.model_validate(wanted)
-        self._settings = settings
+        if not isinstance(config, WorkerConfig):  # a whole Settings would carry its secrets
+            raise ConfigError(f"a worker takes a WorkerConfig, got {type(config).__name__}")
+        self._config = config
         self._info: DeviceInfo | None = None
         if profile is None:
             # Ray's num_gpus=1 leaves exactly this worker's GPU visible, so the first is ours.
@@ -201,6 +196,7 @@ class WorkerActor:
         engine = self._engine
         return {
             "ok": True, "worker_id": self._worker_id, "pid": os.getpid(),
+            "config": self._config.model_dump(mode="json"),
             "env": {k: os.environ.get(k) for k in WORKER_ENV},
             "device_class": self._profile.device_class, "busy": bool(self._running),
             "jobs": sorted(self._running), "orphans_stopped": self._orphans_stopped,
@@ -268,11 +264,11 @@ class WorkerActor:
     def _engine_now(self) -> Engine:
         with self._engine_lock:
             if self._engine is None:
-                settings, info = self._settings, self._info
+                config, info = self._config, self._info
                 budget = default_budget_bytes(info) if info is not None else 8 * 2**30
-                registry = ModelRegistry.load(settings)
+                registry = ModelRegistry.load(config)
                 cache = ModelCache(registry, self._profile, budget, device_info=info)
-                path = settings.blocklist_file
+                path = config.blocklist_file
                 blocklist = Blocklist.load(path) if path is not None else None
                 self._engine = Engine(cache, profile=self._profile, blocklist=blocklist)
             return self._engine
@@ -360,7 +356,7 @@ def offered_device_classes() -> list[str]:
 
 
 def spawn_worker(
-    *, settings: Settings | dict[str, Any], device_class: str | None = None,
+    *, settings: Settings | WorkerConfig, device_class: str | None = None,
     name: str | None = None, timeout_s: float = 60, profile: DeviceProfile | None = None,
     **actor_options: Any,
 ) -> Any:
@@ -368,8 +364,10 @@ def spawn_worker(
 
     ``device_class`` None: the profile's class if given, else the first accelerator class
     offered, else "cpu". ``profile`` overrides device detection in the actor (tests, tools).
-    ``actor_options`` override the Ray options chosen here (num_gpus, num_cpus...).
+    ``actor_options`` override the Ray options chosen here (num_gpus, num_cpus...). The
+    actor receives ``settings.worker_config()`` only: no bot token, no signing key.
     """
+    config = settings.worker_config() if isinstance(settings, Settings) else settings
     offered = offered_device_classes()
     cls = device_class or (profile.device_class if profile is not None else None)
     if cls is None:
@@ -394,7 +392,7 @@ def spawn_worker(
     options |= actor_options
     # @ray.remote turns the class into an ActorClass, which mypy cannot see through.
     actor: Any = WorkerActor
-    handle = actor.options(**options).remote(settings, device_class=cls, profile=profile)
+    handle = actor.options(**options).remote(config, device_class=cls, profile=profile)
     try:
         ray.get(handle.info.remote(), timeout=timeout_s)
     except rex.GetTimeoutError:
@@ -511,17 +509,6 @@ def _cancel_quietly(stream: Any) -> None:
 
 
 # Local Ray ------------------------------------------------------------------------------------
-
-
-def local_device_resources(devices: list[DeviceInfo] | None = None) -> dict[str, float]:
-    """``device:{class}`` resources for this machine: one per accelerator, else one CPU slot."""
-    found = devices if devices is not None else detect_devices()
-    out: dict[str, float] = {}
-    for info in found:
-        if info.kind != "cpu":
-            key = device_resource(choose_profile(info).device_class)
-            out[key] = out.get(key, 0) + 1
-    return out or {device_resource("cpu"): 1}
 
 
 def init_local_ray(

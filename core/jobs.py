@@ -6,6 +6,9 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
+# The error a job cancelled by the person who asked for it is left with.
+CANCELLED_BY_OWNER = "cancelled by its owner"
+
 
 class JobStatus(StrEnum):
     queued = "queued"

@@ -12,7 +12,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
@@ -82,6 +90,17 @@ class Dispatch(BaseModel):
                 f"({self.gather_window_ms})"
             )
         return self
+
+
+class WorkerConfig(BaseModel):
+    """What a worker actor needs of the settings (the model registry and the blocklist), and
+    nothing else: workers run on other machines, so bot tokens and the signing key stay home."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path
+    models_file: Path | None = None
+    blocklist_file: Path | None = None
 
 
 class Settings(BaseSettings):
@@ -218,6 +237,13 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    def worker_config(self) -> WorkerConfig:
+        """The part of these settings a worker actor receives."""
+        return WorkerConfig(
+            data_dir=self.data_dir, models_file=self.models_file,
+            blocklist_file=self.blocklist_file,
+        )
 
     def tier(self, name: str) -> Tier:
         try:

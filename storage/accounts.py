@@ -108,10 +108,6 @@ def get_account(*, session: Session, account_id: int) -> AccountRead:
     return _account_read(session, account_id, None)
 
 
-def get_identity(*, session: Session, identity_id: int) -> IdentityRead:
-    return _identity_read(_load_identity(session, identity_id))
-
-
 def list_identities(*, session: Session, account_id: int) -> list[IdentityRead]:
     rows = session.exec(
         select(Identity).where(Identity.account_id == account_id).order_by(col(Identity.id))

@@ -3,12 +3,13 @@ is configured in code, without an alembic.ini, so ``upgrade`` works from an inst
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -118,6 +119,36 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     finally:
         if lock is not None:
             lock.release()
+
+
+T = TypeVar("T")
+
+
+def read_only_sessions(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """The read-only twin of a session factory (deferred BEGIN on SQLite), or the factory
+    itself when it is not bound to an engine."""
+    bind = factory.kw.get("bind")
+    return session_factory(bind, read_only=True) if isinstance(bind, Engine) else factory
+
+
+class Store:
+    """The one way async code runs the synchronous repository functions: off the event loop,
+    each call in one transaction of its own."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._readers = read_only_sessions(sessions)
+
+    async def __call__(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
+        """``fn(session)`` in one committed transaction on a worker thread. ``read_only``: a
+        deferred BEGIN on SQLite, so polling readers never queue behind writers."""
+        factory = self._readers if read_only else self.sessions
+
+        def work() -> T:
+            with transaction(factory) as session:
+                return fn(session)
+
+        return await asyncio.to_thread(work)
 
 
 def _sqlite_writer_lock(factory: sessionmaker[Session]) -> threading.Lock | None:

@@ -14,6 +14,7 @@ from sqlmodel import Session, col, select
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.jobs import DeliveryTarget, JobStatus
 from core.request import GenerationRequest
+from storage import ledger
 from storage.models import Job, UTCDateTime, utcnow
 
 # Which status may follow which. running -> queued is a retry on another worker.
@@ -106,6 +107,22 @@ def get_job(*, session: Session, job_id: str) -> JobRead:
 def find_job(*, session: Session, idempotency_key: str) -> JobRead | None:
     job = _by_key(session, idempotency_key)
     return None if job is None else _read(job)
+
+
+def finish_and_release(
+    *, session: Session, job_id: str, status: JobStatus, error: str
+) -> JobRead:
+    """End an unfinished job as ``status`` (failed or cancelled) and release its reserved
+    credits, in the caller's transaction: the one way a job ends without being charged. A job
+    that finished meanwhile (a racing dispatcher, a cancel) is returned as it is."""
+    if not status.finished or status is JobStatus.succeeded:
+        raise InvalidRequest(f"a job ends unpaid as failed or cancelled, not {status.value}")
+    job = get_job(session=session, job_id=job_id)
+    if job.status.finished:
+        return job
+    set_status(session=session, job_id=job_id, status=status, error=error)
+    ledger.release(session=session, job_id=job_id)
+    return get_job(session=session, job_id=job_id)
 
 
 def set_status(

@@ -3,7 +3,6 @@ per job. Every operation runs in the caller's transaction and is idempotent by j
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 
@@ -55,14 +54,6 @@ class Balance(BaseModel):
     packs: list[PackCredits]  # soonest-expiring first
     total: int
     next_reset: datetime
-
-    def describe(self, now: datetime) -> str:
-        """``2 left today (resets in 5 h 12 min) and 5 in packs``."""
-        parts = [f"{self.daily_left} left today (resets in {until(self.next_reset, now)})"]
-        in_packs = sum(p.amount for p in self.packs)
-        if in_packs:
-            parts.append(f"{in_packs} in packs")
-        return " and ".join(parts)
 
 
 class ReservationRead(BaseModel):
@@ -173,9 +164,8 @@ def reserve(
     buckets = _spend_order(_live_buckets(session, account_id=account_id, now=now, lock=True))
     available = sum(b.remaining for b in buckets)
     if available < amount:
-        bal = _balance_of(session, account=account, now=now, tiers=tiers)
         raise InsufficientCredits(
-            f"this needs {_credits(amount)}; you have {bal.describe(now)}",
+            f"this needs {_credits(amount)}; you have {available}",
             needed=amount,
             available=available,
         )
@@ -392,11 +382,6 @@ def expire(*, session: Session, now: datetime) -> int:
     return total
 
 
-def get_reservation(*, session: Session, job_id: str) -> ReservationRead | None:
-    found = _get_reservation(session, job_id)
-    return None if found is None else _reservation_read(found)
-
-
 def ledger_total(*, session: Session, account_id: int) -> int:
     total = session.exec(
         select(func.coalesce(func.sum(CreditLedger.amount), 0)).where(
@@ -439,15 +424,6 @@ def audit(*, session: Session, account_id: int) -> Audit:
         released=by_kind.get(CreditKind.release, 0),
         expired=-by_kind.get(CreditKind.expire, 0),
     )
-
-
-def until(when: datetime, now: datetime) -> str:
-    """``5 h 12 min``, rounded up to the minute."""
-    minutes = max(1, math.ceil((when - now).total_seconds() / 60))
-    hours, mins = divmod(minutes, 60)
-    if hours and mins:
-        return f"{hours} h {mins} min"
-    return f"{hours} h" if hours else f"{mins} min"
 
 
 def day_key(account_id: int, day: date) -> str:

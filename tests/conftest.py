@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,6 +23,82 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REQUIRE_SERVICES = os.environ.get("ATELIER_REQUIRE_SERVICES") == "1"
+# The fast tier (`make test-fast`): only tests that need no Ray, Redis or PostgreSQL, selected
+# with `-m "not services"`. Here a test that reaches for one anyway fails, naming it, instead
+# of quietly making the tier slow: Redis and PostgreSQL refuse to start, Ray cannot be imported.
+FAST_TIER = os.environ.get("ATELIER_TEST_FAST") == "1"
+# Fixtures that stand for a service: a test using one is marked `services`.
+SERVICE_FIXTURES = frozenset({"redis_server", "redis_url", "private_redis", "pg_admin"})
+# Parametrized fixtures whose value names a service (PostgreSQL, the Redis broker).
+SERVICE_PARAMS = {"db_url": "postgresql", "broker": "redis"}
+# Fixtures that build tiny Diffusers pipelines (seconds each on a CPU): marked `pipelines`,
+# also left out of the fast tier.
+PIPELINE_FIXTURES = frozenset({"tiny_models"})
+# Modules all of whose tests start Ray or run pipelines: not even collected in the fast tier
+# (importing torch, Diffusers and Ray alone would take much of its minute).
+HEAVY_MODULES = frozenset({
+    "test_engine.py", "test_tiny.py", "test_cache.py", "test_stepcache.py", "test_pipeline.py",
+    "test_worker.py", "test_faults.py",
+})
+
+
+def forbid_in_fast_tier(what: str) -> None:
+    if FAST_TIER:
+        pytest.fail(f"{what} used in the fast tier: mark the test (or its module) `services`")
+
+
+class _NoRayInFastTier(importlib.abc.MetaPathFinder):
+    """Lets ``ray`` be imported (modules import it at the top) but not started: in the fast
+    tier its ``ray.init`` fails the test that calls it."""
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name != "ray":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        load = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            load(module)
+
+            def init(*args: object, **kwargs: object) -> None:
+                forbid_in_fast_tier("Ray (ray.init)")
+
+            module.init = init  # type: ignore[attr-defined]
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+if FAST_TIER:
+    sys.meta_path.insert(0, _NoRayInFastTier())
+
+
+def pytest_ignore_collect(collection_path: Path) -> bool | None:
+    if FAST_TIER and collection_path.name in HEAVY_MODULES:
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs Redis or PostgreSQL (by its fixtures) `services`, every one
+    that builds pipelines `pipelines`. A test that starts Ray itself is in a HEAVY_MODULES
+    module, marked `services` here; should one elsewhere call ray.init, the fast tier fails it."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (
+            fixtures & SERVICE_FIXTURES
+            or any(params.get(name) == value for name, value in SERVICE_PARAMS.items())
+            or item.path.name in HEAVY_MODULES
+        ):
+            item.add_marker(pytest.mark.services)
+        if fixtures & PIPELINE_FIXTURES:
+            item.add_marker(pytest.mark.pipelines)
 
 
 def service_missing(what: str) -> None:
@@ -47,6 +127,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        forbid_in_fast_tier("redis-server")
         self.proc = subprocess.Popen(
             [
                 "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",

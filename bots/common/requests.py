@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bots.common.prefs import SIZES, UserPrefs
-from cluster.engine import UPSCALE_STRENGTH
 from core.errors import InvalidRequest
 from core.flags import MAX_ASPECT, parse_command, size_for_aspect
+from core.recipe import UPSCALE_STRENGTH, min_denoising_steps
 from core.request import GenerationRequest, JobKind, build_request
 from core.styles import StyleRegistry
 
@@ -140,7 +140,7 @@ def upscale(
         count=1,
         seed=seed,
         # The engine repaints UPSCALE_STRENGTH of the steps: at least one must remain.
-        steps=max(request.steps, math.ceil(1 / UPSCALE_STRENGTH)),
+        steps=max(request.steps, min_denoising_steps(UPSCALE_STRENGTH)),
     )
 
 

@@ -3,9 +3,11 @@ when configured (survives restarts, shared by replicas), else an in-process dict
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from redis import asyncio as aioredis
@@ -55,26 +57,54 @@ class BotState(ABC):
 
 
 class MemoryState(BotState):
-    """In-process state for a single-box bot without Redis; lost on restart."""
+    """In-process state for a single-box bot without Redis; lost on restart.
 
-    def __init__(self) -> None:
+    Expired keys are swept on every write (a heap of expiry times, so each sweep costs only
+    what it removes): memory holds the live keys, not every key ever set, in a bot that runs
+    for months. Keys without a TTL (preferences) stay until changed.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._data: dict[str, tuple[str, float | None]] = {}
+        self._expiries: list[tuple[float, str]] = []  # heap; stale pairs are skipped
+
+    def __len__(self) -> int:
+        """Keys held, expired ones not yet swept included."""
+        return len(self._data)
 
     def _live(self, key: str) -> str | None:
         item = self._data.get(key)
         if item is None:
             return None
         value, expires = item
-        if expires is not None and expires <= time.monotonic():
+        if expires is not None and expires <= self._clock():
             del self._data[key]
             return None
         return value
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            expires, key = heapq.heappop(heap)
+            item = self._data.get(key)
+            if item is not None and item[1] == expires:  # not set again since
+                del self._data[key]
+        if len(heap) > 2 * len(self._data) + 64:
+            # Keys set again and again leave stale pairs behind: rebuild from the live ones.
+            self._expiries = [(e, k) for k, (_, e) in self._data.items() if e is not None]
+            heapq.heapify(self._expiries)
 
     async def get(self, key: str) -> str | None:
         return self._live(key)
 
     async def set(self, key: str, value: str, ttl_s: int | None = None) -> None:
-        self._data[key] = (value, None if ttl_s is None else time.monotonic() + ttl_s)
+        self._sweep()
+        expires = None if ttl_s is None else self._clock() + ttl_s
+        self._data[key] = (value, expires)
+        if expires is not None:
+            heapq.heappush(self._expiries, (expires, key))
 
     async def add(self, key: str, value: str, ttl_s: int) -> bool:
         if self._live(key) is not None:

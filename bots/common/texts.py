@@ -3,6 +3,7 @@ Errors become one line: what went wrong, what to do about it, and the credits le
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -22,7 +23,7 @@ from core.flags import flags_help
 from core.jobs import JobStatus
 from core.request import GenerationRequest, JobKind
 from storage.jobs import JobRead
-from storage.ledger import Balance, until
+from storage.ledger import Balance
 
 CAPTION_LIMIT = 1024  # Telegram's caption limit; Discord's message limit is larger
 PROMPT_PREVIEW = 200
@@ -81,8 +82,26 @@ def help_text() -> str:
 def welcome(name: str, balance: Balance, now: datetime) -> str:
     return (
         f"Hi {name}! I turn your words into images.\n"
-        f"You have {balance.describe(now)}.\n\n" + help_text()
+        f"You have {describe_balance(balance, now)}.\n\n" + help_text()
     )
+
+
+def until(when: datetime, now: datetime) -> str:
+    """``5 h 12 min``, rounded up to the minute."""
+    minutes = max(1, math.ceil((when - now).total_seconds() / 60))
+    hours, mins = divmod(minutes, 60)
+    if hours and mins:
+        return f"{hours} h {mins} min"
+    return f"{hours} h" if hours else f"{mins} min"
+
+
+def describe_balance(balance: Balance, now: datetime) -> str:
+    """``2 left today (resets in 5 h 12 min) and 5 in packs``."""
+    parts = [f"{balance.daily_left} left today (resets in {until(balance.next_reset, now)})"]
+    in_packs = sum(p.amount for p in balance.packs)
+    if in_packs:
+        parts.append(f"{in_packs} in packs")
+    return " and ".join(parts)
 
 
 # After a button press there is no message to fix and send again.

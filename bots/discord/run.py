@@ -1,13 +1,12 @@
-"""Running the Discord bot: ``start_bot`` inside a process that already has a client and a
-broker (``atelier up``), ``run_bot`` as a process of its own (``atelier bot discord``, over
-the shared Redis and database). Commands are synced with Discord only when asked (``sync``)."""
+"""Starting the Discord bot over a client and a broker the process already has (``atelier up``;
+``atelier.service.run_discord_bot`` for ``atelier bot discord``). Commands are synced with
+Discord only when asked (``sync``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import signal
 from typing import Any
 
 import aiohttp
@@ -16,12 +15,10 @@ import discord
 from bots.common.logs import hide_in_logs, mask
 from bots.common.state import BotState, make_state
 from bots.discord.bot import AtelierBot, use_endpoints
-from cluster.broker import Broker, connect_broker
+from cluster.broker import Broker
 from cluster.client import Client
 from core.errors import ConfigError
 from core.settings import Settings
-from storage.blobs import BlobStore
-from storage.db import check_migrated, make_engine, session_factory
 
 log = logging.getLogger(__name__)
 
@@ -106,54 +103,3 @@ async def start_bot(
         raise
     log.info("discord bot %s: connected to %d servers", bot.user, len(bot.guilds))
     return RunningBot(bot, task, own_state)
-
-
-async def run_bot(
-    settings: Settings,
-    *,
-    sync: bool = False,
-    guild_id: int | None = None,
-    stop: asyncio.Event | None = None,
-    **options: Any,
-) -> None:
-    """The bot as a process of its own, until SIGINT/SIGTERM (or ``stop``). It reaches the
-    dispatchers through Redis only, so ATELIER_REDIS_URL is required."""
-    if settings.discord_token is None:
-        raise ConfigError("ATELIER_DISCORD_TOKEN is required to run the Discord bot")
-    if settings.redis_url is None:
-        raise ConfigError(
-            "ATELIER_REDIS_URL is required to run the Discord bot on its own: it reaches the "
-            "dispatchers through Redis (`atelier up` runs the bot in-process without one)"
-        )
-    engine = make_engine(settings.db_url)
-    try:
-        check_migrated(engine)
-        broker = await connect_broker(settings.redis_url, fallback=False)
-        try:
-            client = Client(
-                settings=settings,
-                session_factory=session_factory(engine),
-                broker=broker,
-                blobs=BlobStore.from_settings(settings),
-            )
-            stop = stop or _stop_on_signals()
-            bot = await start_bot(
-                settings, client, broker, sync=sync, guild_id=guild_id, **options
-            )
-            try:
-                await stop.wait()
-            finally:
-                await bot.stop()
-        finally:
-            await broker.close()
-    finally:
-        engine.dispose()
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop

@@ -1,15 +1,13 @@
-"""Running the Telegram bot: ``start_bot`` inside a process that already has a client and a
-broker (``atelier up``, over its in-process stack), ``run_bot`` as a process of its own
-(``atelier bot telegram``, over the shared Redis and database). Long polling unless
+"""Running the Telegram bot: ``start_bot`` inside a process that has a client and a broker (passed
+in by ``atelier up`` over its single-box stack, or by ``atelier bot telegram``, a process of its
+own over the shared Redis and database: atelier/service.py). Long polling unless
 ATELIER_TELEGRAM_WEBHOOK_URL is set."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 from typing import Any
 
 from telegram import Update
@@ -20,12 +18,10 @@ from bots.common.logs import mask
 from bots.common.state import BotState, make_state
 from bots.telegram.app import build_application
 from bots.telegram.webhook import WebhookServer
-from cluster.broker import Broker, connect_broker
+from cluster.broker import Broker
 from cluster.client import Client
 from core.errors import ConfigError
 from core.settings import Settings
-from storage.blobs import BlobStore
-from storage.db import check_migrated, make_engine, session_factory
 
 log = logging.getLogger(__name__)
 
@@ -129,54 +125,6 @@ async def _abandon(bot: RunningBot) -> None:
         await bot.stop()
 
 
-async def run_bot(
-    settings: Settings,
-    *,
-    stop: asyncio.Event | None = None,
-    poll_timeout: int = DEFAULT_POLL_TIMEOUT_S,
-) -> None:
-    """The bot as a process of its own, until SIGINT/SIGTERM (or ``stop``). It reaches the
-    dispatchers through Redis only, so ATELIER_REDIS_URL is required."""
-    if settings.telegram_token is None:
-        raise ConfigError("ATELIER_TELEGRAM_TOKEN is required to run the Telegram bot")
-    if settings.redis_url is None:
-        raise ConfigError(
-            "ATELIER_REDIS_URL is required to run the Telegram bot on its own: it reaches the "
-            "dispatchers through Redis (`atelier up` runs the bot in-process without one)"
-        )
-    engine = make_engine(settings.db_url)
-    try:
-        check_migrated(engine)
-        # Never an in-process fallback: a private queue would never see a dispatcher.
-        broker = await connect_broker(settings.redis_url, fallback=False)
-        try:
-            client = Client(
-                settings=settings,
-                session_factory=session_factory(engine),
-                broker=broker,
-                blobs=BlobStore.from_settings(settings),
-            )
-            stop = stop or _stop_on_signals()
-            bot = await start_bot(settings, client, broker, poll_timeout=poll_timeout)
-            try:
-                await stop.wait()
-            finally:
-                await bot.stop()
-        finally:
-            await broker.close()
-    finally:
-        engine.dispose()
-
-
 def state_for(settings: Settings, broker: Broker) -> BotState:
     """Redis-backed bot state where the broker is Redis; in-process where it fell back."""
     return make_state(settings.redis_url if broker.kind == "redis" else None)
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop

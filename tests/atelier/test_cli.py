@@ -52,3 +52,18 @@ def test_styles_lists_at_least_20(env: Path) -> None:
     res = runner.invoke(app, ["styles"], terminal_width=200)
     assert res.exit_code == 0
     assert "watercolor" in res.output and "anime" in res.output
+
+
+def test_cli_never_prints_a_password_given_as_a_query_parameter(env: Path) -> None:
+    # Nothing listens on the port: the CLI names the Redis it tried, without its password.
+    from tests.conftest import free_port
+
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    url = f"redis://127.0.0.1:{free_port()}/0?password=s3cret-pw"
+    res = runner.invoke(
+        app, ["imagine", "a red fox", "--via-queue", "--out", str(env / "out")],
+        env={"ATELIER_REDIS_URL": url}, terminal_width=300,
+    )
+    assert res.exit_code == 1, res.output
+    assert "does not answer" in res.output and "password=***" in res.output
+    assert "s3cret-pw" not in res.output

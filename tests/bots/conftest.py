@@ -16,11 +16,12 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, select
 
 from bots.common.state import RedisState
+from bots.telegram.fake_api import FakeTelegram
 from bots.telegram.ratelimit import FloodLimiter
 from bots.telegram.run import RunningBot, start_bot
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client
-from cluster.dispatcher import Dispatcher
+from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from cluster.tiny import make_tiny_models
@@ -29,7 +30,6 @@ from core.settings import Settings, load_settings
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, upgrade
 from storage.models import Image, Job
-from tests.bots.fake_telegram import FakeTelegram
 
 TOKEN = "123456789:AAF-test-token-for-the-fake-server"
 WATCHED_LOGGERS = ("telegram", "discord", "bots")
@@ -143,16 +143,14 @@ class Stack:
     async def start_dispatcher(self) -> None:
         pool = await WorkerPool.from_handles([self.worker])
         dispatcher = Dispatcher(
-            settings=self.settings,
-            session_factory=self.sessions,
+            dispatch=self.settings.dispatch.model_copy(update={"gather_window_ms": 20}),
+            sessions=self.sessions,
             broker=self.broker,
             blobs=self.blobs,
             workers=pool,
             name="bots-test-dispatcher",
             models=self.registry,
-            gather_window_s=0.02,
-            read_block_ms=200,
-            progress_interval_s=0.2,
+            pacing=Pacing(read_block_ms=200, progress_interval_s=0.2),
         )
         self._stop = asyncio.Event()
         self._dispatcher = asyncio.create_task(dispatcher.run(self._stop))

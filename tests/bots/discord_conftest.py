@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from bots.discord.bot import AtelierBot
+from bots.discord.fake.server import TOKEN, FakeDiscord
 from bots.discord.run import RunningBot, start_bot
 from core.jobs import Requester
 from core.settings import Settings, load_settings
 from tests.bots.conftest import Stack
-from tests.bots.fake_discord import TOKEN, FakeDiscord
 
 
 def discord_settings_for(

@@ -9,9 +9,9 @@ from typing import Any
 from PIL import Image
 
 from bots.common.buttons import Action, parse
-from tests.bots import discord_payloads as p
+from bots.discord.fake import payloads as p
+from bots.discord.fake.server import Call, Interaction
 from tests.bots.discord_conftest import DiscordStack
-from tests.bots.fake_discord import Call, Interaction
 
 ALICE = 100_000_000_000_000_001
 BOB = 100_000_000_000_000_002

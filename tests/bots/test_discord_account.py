@@ -9,10 +9,10 @@ from typing import Any
 from bots.common import texts
 from bots.common.buttons import Action, parse
 from bots.discord import guilds
-from tests.bots import discord_payloads as p
+from bots.discord.fake import payloads as p
+from bots.discord.fake.server import Call, Interaction
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import ALICE, BOB, TINY, imagine, result_of
-from tests.bots.fake_discord import Call, Interaction
 
 
 async def ask(stack: DiscordStack, user: int, command: str, *, channel: int = p.PLAIN_CHANNEL,

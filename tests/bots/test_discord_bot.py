@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 from bots.discord import guilds
+from bots.discord.fake import payloads as p
+from bots.discord.fake.server import FakeDiscord
 from bots.discord.run import start_bot
 from core.errors import ConfigError
-from tests.bots import discord_payloads as p
 from tests.bots.discord_conftest import DiscordStack, discord_settings_for
-from tests.bots.fake_discord import FakeDiscord
 
 ALICE = 100_000_000_000_000_001
 

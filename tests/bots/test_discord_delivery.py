@@ -10,8 +10,8 @@ import asyncio
 import time
 
 from bots.common.state import DELIVERED
+from bots.discord.fake import payloads as p
 from cluster.events import terminal_event
-from tests.bots import discord_payloads as p
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import ALICE, TINY, images_of, imagine, png, result_of
 

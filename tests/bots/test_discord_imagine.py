@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from bots.common.buttons import Action, parse
-from tests.bots import discord_payloads as p
+from bots.discord.fake import payloads as p
+from bots.discord.fake.server import Call
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import ALICE, TINY, result_of
-from tests.bots.fake_discord import Call
 
 
 def actions_of(call: Call) -> list[tuple[Action, str]]:

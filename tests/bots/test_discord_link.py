@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
+from bots.discord.fake import payloads as p
+from bots.discord.fake.server import TOKEN, FakeDiscord
 from bots.discord.run import RunningBot, start_bot
+from bots.telegram.fake_api import FakeTelegram
 from core.jobs import Requester
 from core.signing import verify
-from tests.bots import discord_payloads as p
 from tests.bots.conftest import TINY, Stack, settings_for
 from tests.bots.discord_helpers import ALICE, images_of
-from tests.bots.fake_discord import TOKEN, FakeDiscord
-from tests.bots.fake_telegram import FakeTelegram
 
 TG_USER = 7001
 

@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bots.common.requests import parse_prompt
+from bots.telegram.fake_api import BOT_USERNAME, Call
 from core.jobs import Requester
 from core.request import JobKind
 from core.signing import verify
 from tests.bots.conftest import TINY, Stack
-from tests.bots.fake_telegram import BOT_USERNAME, Call
 
 
 def data_of(call: Call, label: str) -> str:

@@ -16,16 +16,16 @@ from typer.testing import CliRunner
 
 from atelier.cli import app as cli
 from atelier.serve import _start_bots
-from atelier.service import local_stack
-from bots.telegram.run import run_bot, start_bot
+from atelier.service import local_stack, run_telegram_bot
+from bots.telegram.fake_api import free_port
+from bots.telegram.run import start_bot
 from bots.telegram.webhook import SECRET_HEADER
-from cluster.dispatcher import Dispatcher
+from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from core.errors import ConfigError
 from storage.blobs import BlobStore
 from storage.db import upgrade
 from tests.bots.conftest import TINY, TOKEN, Stack, settings_for
-from tests.bots.fake_telegram import free_port
 
 
 async def test_atelier_up_starts_the_bot_over_its_local_stack(backend: Stack) -> None:
@@ -59,15 +59,14 @@ async def test_atelier_up_without_redis_runs_the_bot_on_the_in_process_broker(
     async with local_stack(settings, workers=False, dispatcher=False) as stack:
         assert stack.broker.kind == "memory"
         dispatcher = Dispatcher(
-            settings=settings,
-            session_factory=stack.sessions,
+            dispatch=settings.dispatch.model_copy(update={"gather_window_ms": 20}),
+            sessions=stack.sessions,
             broker=stack.broker,
             blobs=BlobStore.from_settings(settings),
             workers=await WorkerPool.from_handles([backend.worker]),
             name="single-box",
             models=backend.registry,
-            gather_window_s=0.02,
-            read_block_ms=200,
+            pacing=Pacing(read_block_ms=200),
         )
         stop = asyncio.Event()
         dispatching = asyncio.create_task(dispatcher.run(stop))
@@ -102,7 +101,9 @@ async def test_atelier_up_without_a_token_starts_no_bot(backend: Stack, tmp_path
 async def test_run_bot_serves_on_its_own_over_redis(backend: Stack) -> None:
     fake, user = backend.fake, 5002
     stop = asyncio.Event()
-    running = asyncio.create_task(run_bot(backend.settings, stop=stop, poll_timeout=1))
+    running = asyncio.create_task(
+        run_telegram_bot(backend.settings, stop=stop, poll_timeout=1)
+    )
     try:
         await fake.send(user, f"/imagine a tram at night {TINY}")
         await fake.wait_call("sendPhoto", chat=user, timeout=90)

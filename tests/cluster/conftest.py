@@ -22,7 +22,7 @@ from cluster.tiny import make_tiny_models
 from core.settings import Settings, load_settings
 from storage.db import make_engine, upgrade
 from tests.cluster.helpers import PG_ADMIN_URL
-from tests.conftest import RedisServer, service_missing
+from tests.conftest import RedisServer, forbid_in_fast_tier, service_missing
 
 # Registry names of the tiny models, by family.
 TINY_NAMES = {"sd15": "tiny", "sdxl": "tiny-xl"}
@@ -101,6 +101,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         upgrade(url)
         yield url
         return
+    forbid_in_fast_tier("PostgreSQL")
     try:
         with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
             pass

@@ -16,11 +16,11 @@ from cluster.broker import (
     BrokerUnavailable,
     JobEntry,
     connect_broker,
-    redact_url,
 )
 from cluster.broker_memory import MemoryBroker
 from cluster.broker_redis import RedisBroker
 from core.errors import InvalidRequest
+from core.redact import redact_url
 
 if TYPE_CHECKING:
     from tests.conftest import RedisServer

@@ -218,3 +218,38 @@ def test_nsfw_flag_rides_on_the_delivery_target() -> None:
     assert not nsfw_allowed(target)
     marked = with_nsfw(target, True)
     assert nsfw_allowed(marked) and not nsfw_allowed(with_nsfw(marked, False))
+
+
+def test_the_dispatcher_takes_its_knobs_from_the_dispatch_settings(tmp_path: Any) -> None:
+    from cluster.broker_memory import MemoryBroker
+    from cluster.dispatcher import Dispatcher, Pacing
+    from cluster.registry import ModelRegistry
+    from core.settings import Dispatch, load_settings
+    from storage.blobs import BlobStore
+    from storage.db import make_engine, session_factory
+
+    settings = load_settings(data_dir=tmp_path, _env_file=None)
+    engine = make_engine(f"sqlite:///{tmp_path / 'atelier.db'}")
+    dispatch = Dispatch(
+        gather_window_ms=80, gather_gap_ms=20, max_batch_items=3, job_timeout_s=7,
+        max_attempts=2, worker_lease_s=4, redeliver_grace_s=5, redeliver_window_s=50,
+    )
+    try:
+        d = Dispatcher(
+            dispatch=dispatch, sessions=session_factory(engine), broker=MemoryBroker(),
+            blobs=BlobStore(tmp_path / "blobs"), workers=WorkerPool(), name="d1",
+            models=ModelRegistry.load(settings), pacing=Pacing(reconcile_interval_s=3.0),
+        )
+    finally:
+        engine.dispose()
+    assert (d.gather_window_s, d.gather_gap_s, d.max_batch_items) == (0.08, 0.02, 3)
+    assert (d.runner.job_timeout_s, d.runner.worker_lease_s) == (7, 4)
+    assert d.settle.max_attempts == 2
+    assert (d.reconciler.redeliver_grace_s, d.reconciler.redeliver_window_s) == (5, 50)
+    assert d.reconciler.pass_interval_s == 3.0
+    with pytest.raises(ValueError, match="pacing.window must be >= 1, got 0"):
+        Dispatcher(
+            dispatch=dispatch, sessions=session_factory(engine), broker=MemoryBroker(),
+            blobs=BlobStore(tmp_path / "blobs"), workers=WorkerPool(), name="d2",
+            models=d.models, pacing=Pacing(window=0),
+        )

@@ -14,20 +14,16 @@ from PIL import Image
 from cluster.cache import ModelCache
 from cluster.devices import DeviceProfile
 from cluster.engine import (
-    UPSCALE_STRENGTH,
-    VARIATION_SEED_OFFSET,
     BatchItem,
     Engine,
     GenerationCancelled,
     ImageResult,
     JobRejected,
-    batch_key,
-    item_pixels,
-    pipeline_steps,
 )
 from cluster.schedulers import SCHEDULER_CLASSES, make_scheduler, with_scheduler
 from core.errors import InvalidRequest
 from core.infotext import parse_infotext, read_png_infotext
+from core.recipe import UPSCALE_STRENGTH, VARIATION_SEED_OFFSET, pipeline_steps
 from core.request import SCHEDULERS, GenerationRequest, JobKind
 
 if TYPE_CHECKING:
@@ -249,19 +245,6 @@ def test_an_input_image_always_gets_a_denoising_step(engine: Engine) -> None:
     )
     assert steps == [(1, 1)]
     assert parse_infotext(result.infotext).steps == 2
-
-
-def test_batch_key_and_pixels() -> None:
-    t2i = request("sd15")
-    assert batch_key(t2i) == batch_key(request("sd15", prompt="other", seed=9, count=3))
-    # A variation without an image runs on the txt2img pipeline, so it batches with txt2img.
-    assert batch_key(request("sd15", kind="variation")) == batch_key(t2i)
-    assert batch_key(request("sd15", scheduler="DDIM")) != batch_key(t2i)
-    img = request("sd15", kind="img2img", init_image=b"png")
-    assert batch_key(img) != batch_key(
-        request("sd15", kind="img2img", init_image=b"x", strength=0.5)
-    )
-    assert item_pixels(request("sd15", count=2, styles=("anime", "sketch"))) == 4 * SIZE * SIZE
 
 
 def test_bad_job_is_rejected_by_id(engine: Engine) -> None:

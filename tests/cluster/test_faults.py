@@ -40,13 +40,13 @@ from cluster.broker import Broker
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client, SubmittedJob
 from cluster.devices import DeviceProfile
-from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher
+from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool, ray_discovery
 from cluster.registry import ModelRegistry
 from cluster.worker import device_resource, spawn_worker
 from core.jobs import JobStatus
-from core.settings import Settings, Tier, load_settings
+from core.settings import Settings, Tier, WorkerConfig, load_settings
 from storage import jobs as job_repo
 from storage.blobs import BlobStore
 from storage.db import session_factory
@@ -88,15 +88,17 @@ ORPHAN_LEASE_S = 1.0
 ORPHAN_STOP_BOUND_S = 5.0
 ORPHAN_JOB = {"width": 256, "height": 256, "steps": 50}
 MEDIUM = {"width": 128, "height": 128, "steps": 20}
-DISPATCHER_OPTIONS: dict[str, Any] = {
-    "gather_window_s": 0.05, "job_timeout_s": 60, "max_attempts": MAX_ATTEMPTS,
-    "max_batch_items": 4, "progress_interval_s": 0.05, "cancel_poll_s": 0.1,
-    "read_block_ms": 100, "refresh_interval_s": 1.0, "epoch_check_s": 0.5,
-    "reconcile_interval_s": 2.0, "drain_timeout_s": 20, "reconcile_grace_s": 0.0,
+DISPATCH_OPTIONS: dict[str, Any] = {
+    "gather_window_ms": 50, "job_timeout_s": 60, "max_attempts": MAX_ATTEMPTS,
+    "max_batch_items": 4,
     # No front end marks jobs delivered here: only a broker restart re-announces them (the
     # grace-period path is tested in test_redelivery.py), so the other tests count on one each.
     "redeliver_grace_s": 3600.0,
 }
+PACING = Pacing(
+    progress_interval_s=0.05, cancel_poll_s=0.1, read_block_ms=100, refresh_interval_s=1.0,
+    epoch_check_s=0.5, reconcile_interval_s=2.0, drain_timeout_s=20, reconcile_grace_s=0.0,
+)
 
 
 # The Ray cluster (module) ------------------------------------------------------------------------
@@ -108,7 +110,7 @@ class RayNodes:
     and a ``fault-node-{i}`` resource that pins worker ``i`` to it."""
 
     cluster: RayCluster
-    worker_settings: dict[str, Any]
+    worker_settings: WorkerConfig
     profile: DeviceProfile
     nodes: dict[int, Node] = field(default_factory=dict)
     handles: dict[int, Any] = field(default_factory=dict)
@@ -226,7 +228,7 @@ def ray_nodes(
             },
         )
         try:
-            nodes = RayNodes(cluster, worker_settings.model_dump(mode="json"), cpu_profile)
+            nodes = RayNodes(cluster, worker_settings.worker_config(), cpu_profile)
             for i in range(WORKERS):
                 nodes.add_node(i)
             ray.init(address=cluster.address, namespace=RAY_NAMESPACE, log_to_driver=False)
@@ -246,7 +248,7 @@ def workers(ray_nodes: RayNodes) -> RayNodes:
 @pytest.fixture(scope="module")
 def models(ray_nodes: RayNodes) -> ModelRegistry:
     """What the workers know: the packaged models (tiny among them) and "tiny-broken"."""
-    return ModelRegistry.load(Settings.model_validate(ray_nodes.worker_settings))
+    return ModelRegistry.load(ray_nodes.worker_settings)
 
 
 # A store, a broker and the stack a test drives ---------------------------------------------------
@@ -282,8 +284,8 @@ def make_stack(
     )
     pool = WorkerPool(discover=ray_discovery(WORKER_NAME_PREFIX), host_memory_gb=32)
     dispatcher = Dispatcher(
-        settings=settings, session_factory=sessions, broker=broker, blobs=blobs, workers=pool,
-        name=name, models=models, **DISPATCHER_OPTIONS,
+        dispatch=settings.dispatch.model_copy(update=DISPATCH_OPTIONS), sessions=sessions,
+        broker=broker, blobs=blobs, workers=pool, name=name, models=models, pacing=PACING,
     )
     return Cluster(settings, sessions, broker, blobs, client, dispatcher)
 
@@ -583,19 +585,19 @@ async def test_a_frozen_redis_holds_up_deliveries_not_batches(
 def start_dispatcher_process(
     workers: RayNodes, settings: Settings, db_url: str, redis_url: str, log_file: Path
 ) -> subprocess.Popen[bytes]:
-    """``python -m cluster.dispatcher`` against the same Redis, store and Ray cluster."""
+    """``python -m atelier.serve`` (a dispatcher) against the same Redis, store and Ray cluster."""
     env = os.environ | {
         "ATELIER_DISPATCH__WORKER_LEASE_S": str(ORPHAN_LEASE_S),
         "ATELIER_DATA_DIR": str(settings.data_dir),
         "ATELIER_DATABASE_URL": db_url,
         "ATELIER_REDIS_URL": redis_url,
-        "ATELIER_MODELS_FILE": str(workers.worker_settings["models_file"]),
+        "ATELIER_MODELS_FILE": str(workers.worker_settings.models_file),
         ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0",  # loopback, like the cluster
     }
     with log_file.open("wb") as out:
         return subprocess.Popen(
             [
-                sys.executable, "-m", "cluster.dispatcher", "--name", "dproc",
+                sys.executable, "-m", "atelier.serve", "--name", "dproc",
                 "--ray-address", workers.address, "--claim-idle-ms", str(CLAIM_IDLE_MS),
             ],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -22,7 +22,7 @@ from cluster.broker_memory import MemoryBroker
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client
 from cluster.devices import DeviceProfile
-from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher
+from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
@@ -74,7 +74,7 @@ def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile) -> Iterator[Any]
         log_to_driver=False,
     )
     handle = spawn_worker(
-        settings=tiny_models.settings.model_dump(mode="json"),
+        settings=tiny_models.settings.worker_config(),
         device_class="cpu",
         profile=cpu_profile,
         name=f"{WORKER_NAME_PREFIX}-test",
@@ -132,10 +132,12 @@ async def cluster(
         poll_interval_s=0.2,
     )
     dispatcher = Dispatcher(
-        settings=settings, session_factory=sessions, broker=broker, blobs=blobs, workers=pool,
-        name="d1", models=models, gather_window_s=0.05, job_timeout_s=60, max_batch_items=4,
-        progress_interval_s=0.05, cancel_poll_s=0.05, read_block_ms=100, drain_timeout_s=20,
-        reconcile_grace_s=0.0,
+        dispatch=settings.dispatch.model_copy(
+            update={"gather_window_ms": 50, "job_timeout_s": 60, "max_batch_items": 4}
+        ),
+        sessions=sessions, broker=broker, blobs=blobs, workers=pool, name="d1", models=models,
+        pacing=Pacing(progress_interval_s=0.05, cancel_poll_s=0.05, read_block_ms=100,
+                      drain_timeout_s=20, reconcile_grace_s=0.0),
     )
     c = Cluster(settings, sessions, broker, blobs, client, dispatcher)
     yield c
@@ -455,7 +457,7 @@ async def test_a_lost_worker_s_job_runs_again_elsewhere_and_is_charged_once(
 
     # A second worker on the other CPU, the only one the dispatcher knows at first.
     spare = await asyncio.to_thread(
-        spawn_worker, settings=tiny_models.settings.model_dump(mode="json"), device_class="cpu",
+        spawn_worker, settings=tiny_models.settings.worker_config(), device_class="cpu",
         profile=cpu_profile, name=f"{WORKER_NAME_PREFIX}-spare", timeout_s=120, resources={},
     )
     pool = cluster.dispatcher.workers = await WorkerPool.from_handles([spare], host_memory_gb=32)

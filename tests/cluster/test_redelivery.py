@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from cluster import keys
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client
-from cluster.dispatcher import Dispatcher
+from cluster.dispatcher import Dispatcher, Pacing
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
@@ -49,9 +49,11 @@ async def stack(
     # No workers: the jobs here are cancelled while queued, so the dispatcher only settles and
     # announces them. A long grace period: only a broker restart re-announces in these tests.
     dispatcher = Dispatcher(
-        settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
-        workers=WorkerPool(), name="d1", models=models, read_block_ms=50, epoch_check_s=0.1,
-        reconcile_interval_s=0.2, reconcile_grace_s=0.0, redeliver_grace_s=3600.0,
+        dispatch=settings.dispatch.model_copy(update={"redeliver_grace_s": 3600.0}),
+        sessions=sessions, broker=broker, blobs=blobs, workers=WorkerPool(), name="d1",
+        models=models,
+        pacing=Pacing(read_block_ms=50, epoch_check_s=0.1, reconcile_interval_s=0.2,
+                      reconcile_grace_s=0.0),
     )
     c = Cluster(settings, sessions, broker, blobs, client, dispatcher)
     try:
@@ -139,22 +141,22 @@ async def test_undelivered_jobs_are_re_announced_after_the_grace_period_with_bac
     (job_id,) = await cancelled_jobs(stack, 1)
     d = stack.dispatcher  # not started: the test runs its passes
     # Not finished long enough ago yet (cancelled just now): nothing.
-    d.settle.redeliver_grace_s = 3600.0
-    assert await d.settle.redeliver(everything=False) == 0
-    d.settle.redeliver_grace_s = 0.3
+    d.reconciler.redeliver_grace_s = 3600.0
+    assert await d.reconciler.redeliver(everything=False) == 0
+    d.reconciler.redeliver_grace_s = 0.3
     await asyncio.sleep(0.35)
-    assert await d.settle.redeliver(everything=False) == 1
-    assert await d.settle.redeliver(everything=False) == 0  # backing off: 0.3 s, then 0.6 s
+    assert await d.reconciler.redeliver(everything=False) == 1
+    assert await d.reconciler.redeliver(everything=False) == 0  # backing off: 0.3 s, then 0.6 s
     await asyncio.sleep(0.35)
-    assert await d.settle.redeliver(everything=False) == 1
+    assert await d.reconciler.redeliver(everything=False) == 1
     assert [e.job_id for e in await on_stream(url)] == [job_id, job_id]
     # Out of the window: left alone.
-    d.settle.redeliver_window_s = 0.1
+    d.reconciler.redeliver_window_s = 0.1
     await asyncio.sleep(0.7)
-    assert await d.settle.redeliver(everything=True) == 0
-    d.settle.redeliver_window_s = 3600.0
+    assert await d.reconciler.redeliver(everything=True) == 0
+    d.reconciler.redeliver_window_s = 3600.0
     assert await stack.client.mark_delivered(job_id) is True
-    assert await d.settle.redeliver(everything=True) == 0
+    assert await d.reconciler.redeliver(everything=True) == 0
     assert len(await on_stream(url)) == 2
 
 
@@ -164,22 +166,22 @@ async def test_dispatchers_sharing_a_broker_re_announce_a_job_once_per_period(
     (job_id,) = await cancelled_jobs(stack, 1)
     d1 = stack.dispatcher  # not started: the test runs the passes of both
     d2 = Dispatcher(
-        settings=settings, session_factory=stack.sessions, broker=stack.broker,
-        blobs=stack.blobs, workers=WorkerPool(), name="d2", models=d1.models,
-        reconcile_interval_s=0.2, redeliver_grace_s=1.0,
+        dispatch=settings.dispatch.model_copy(update={"redeliver_grace_s": 1.0}),
+        sessions=stack.sessions, broker=stack.broker, blobs=stack.blobs, workers=WorkerPool(),
+        name="d2", models=d1.models, pacing=Pacing(reconcile_interval_s=0.2),
     )
-    d1.settle.redeliver_grace_s = 1.0
+    d1.reconciler.redeliver_grace_s = 1.0
     await asyncio.sleep(1.05)
-    assert await d1.settle.redeliver(everything=False) == 1
-    assert await d2.settle.redeliver(everything=False) == 0  # d1 has this period
-    assert await d2.settle.redeliver(everything=True) == 0  # and its copy is in the stream
+    assert await d1.reconciler.redeliver(everything=False) == 1
+    assert await d2.reconciler.redeliver(everything=False) == 0  # d1 has this period
+    assert await d2.reconciler.redeliver(everything=True) == 0  # and its copy is in the stream
     await asyncio.sleep(1.05)  # d1's claim lapses; d2 looks again one step later
-    assert await d2.settle.redeliver(everything=False) == 1
-    assert await d1.settle.redeliver(everything=False) == 0  # d1 backs off, d2 has it now
+    assert await d2.reconciler.redeliver(everything=False) == 1
+    assert await d1.reconciler.redeliver(everything=False) == 0  # d1 backs off, d2 has it now
     assert [e.job_id for e in await on_stream(private_redis.url)] == [job_id, job_id]
     # A restart loses the claims with the streams: one of them re-announces at once.
     kill_and_restart(private_redis)
-    published = [await d.settle.redeliver(everything=True) for d in (d2, d1)]
+    published = [await d.reconciler.redeliver(everything=True) for d in (d2, d1)]
     assert published == [1, 0]
     assert [e.job_id for e in await on_stream(private_redis.url)] == [job_id]
 

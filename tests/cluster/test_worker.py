@@ -95,6 +95,43 @@ async def test_each_device_class_serves_a_batch_with_progress(workers: dict[str,
         assert (await handle.info.remote()).loaded_models == ["tiny"]
 
 
+async def test_a_worker_receives_no_secrets(
+    local_ray: None, tiny_models: TinyModels, cpu_profile: DeviceProfile
+) -> None:
+    """Workers may run on other machines: bot tokens and the signing key never travel there.
+    Every SecretStr Ray serializes on the way to the actor is recorded here, in the driver."""
+    from pydantic import SecretStr
+
+    settings = tiny_models.settings.model_copy(update={
+        "telegram_token": SecretStr("123456:tg-SECRET"),
+        "discord_token": SecretStr("dc-SECRET"),
+        "signing_key": SecretStr("sk-SECRET" * 5),
+    })
+    sent: list[str] = []
+
+    def record(secret: SecretStr) -> str:
+        sent.append(secret.get_secret_value())
+        return "seen"
+
+    ray.util.register_serializer(SecretStr, serializer=record, deserializer=SecretStr)
+    try:
+        handle = spawn_worker(
+            settings=settings, device_class="cpu", profile=cpu_profile,
+            name="test-no-secrets", resources={}, num_cpus=0, timeout_s=TIMEOUT_S,
+        )
+    finally:
+        ray.util.deregister_serializer(SecretStr)
+    try:
+        assert sent == []
+        health = await handle.health.remote()
+        assert health["config"] == {
+            "data_dir": str(settings.data_dir), "models_file": None, "blocklist_file": None,
+        }
+        assert "SECRET" not in repr(health)
+    finally:
+        ray.kill(handle)
+
+
 async def test_unknown_device_class_is_refused_quickly(
     local_ray: None, tiny_models: TinyModels
 ) -> None:

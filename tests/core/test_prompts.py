@@ -196,8 +196,23 @@ def test_missing_blocklist_file(tmp_path: Path) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(st.text(alphabet="aeiouns l1!|@$.-_ ", max_size=400))
-def test_blocklist_is_fast_on_adversarial_text(text: str) -> None:
-    default_blocklist().first_match(text)
+def test_blocklist_match_agrees_with_check_on_adversarial_text(text: str) -> None:
+    # Look-alike letters and separators, the text that makes a pattern work hardest: what
+    # first_match reports is exactly what check enforces, in either kind of channel.
+    blocklist = default_blocklist()
+    found = blocklist.first_match(text)
+    if found is None:
+        blocklist.check(text, nsfw_allowed=False)
+        return
+    section, term = found
+    assert term in {t.text for t in (blocklist.never if section == "never" else blocklist.nsfw)}
+    with pytest.raises(ContentBlocked):
+        blocklist.check(text, nsfw_allowed=False)
+    if section == "never":
+        with pytest.raises(ContentBlocked):
+            blocklist.check(text, nsfw_allowed=True)
+    else:
+        blocklist.check(text, nsfw_allowed=True)
 
 
 # tokens ---------------------------------------------------------------------------------

@@ -68,3 +68,18 @@ def test_single_box_generates_signing_key_once(tmp_path: Path) -> None:
 def test_secrets_not_in_repr(tmp_path: Path) -> None:
     s = load_settings(data_dir=tmp_path, telegram_token="123:SECRET", _env_file=None)
     assert "SECRET" not in repr(s) and "SECRET" not in str(s.model_dump())
+
+
+def test_worker_config_carries_no_secret(tmp_path: Path) -> None:
+    from pydantic import SecretStr
+
+    from core.settings import WorkerConfig
+
+    settings = load_settings(
+        data_dir=tmp_path, telegram_token="123:tg-SECRET", signing_key="sk-SECRET" * 4,
+        _env_file=None,
+    )
+    config = settings.worker_config()
+    assert config == WorkerConfig(data_dir=tmp_path)
+    assert not any(isinstance(v, SecretStr) for v in config.model_dump().values())
+    assert "SECRET" not in config.model_dump_json()

@@ -19,6 +19,7 @@ from sqlmodel import Session
 from core.settings import Tier
 from storage import accounts
 from storage.db import make_engine, session_factory, transaction, upgrade
+from tests.conftest import forbid_in_fast_tier
 
 PG_ADMIN_URL = os.environ.get("ATELIER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -31,6 +32,7 @@ def _require_services() -> bool:
 @pytest.fixture(scope="session")
 def pg_admin() -> str | None:
     """The admin URL when PostgreSQL answers, else None (checked once per session)."""
+    forbid_in_fast_tier("PostgreSQL")
     try:
         with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
             return PG_ADMIN_URL

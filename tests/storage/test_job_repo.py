@@ -12,6 +12,7 @@ from sqlmodel import Session
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.jobs import DeliveryTarget, JobStatus
 from core.request import GenerationRequest, JobKind
+from core.settings import Tier
 from storage import jobs
 from storage.accounts import AccountRead
 
@@ -179,3 +180,41 @@ def test_start_attempts_is_a_compare_and_set_on_the_lease(
         again = jobs.start_attempts(session=s, job_ids=[job.id], now=lapsed,
                                     stale_before=lapsed - timedelta(seconds=15))
     assert again[job.id].attempts == 2 and again[job.id].started_at == won[job.id].started_at
+
+
+def test_finish_and_release_refunds_once_and_leaves_finished_jobs_alone(
+    tx: Tx, new_account: Callable[..., AccountRead], tiers: dict[str, Tier], now: datetime
+) -> None:
+    from storage import ledger
+    from storage.models import utcnow
+
+    now = utcnow()  # release() stamps the real time: a daily credit of another day would lapse
+    acct = new_account()
+    before = _balance(tx, acct, now, tiers)
+    job, _ = _create(tx, acct, "k1", now)
+    with tx() as s:
+        ledger.reserve(session=s, account_id=acct.id, job_id=job.id, amount=2, now=now,
+                       tiers=tiers)
+    assert _balance(tx, acct, now, tiers) == before - 2
+    with tx() as s:
+        ended = jobs.finish_and_release(
+            session=s, job_id=job.id, status=JobStatus.failed, error="the worker was lost"
+        )
+    assert ended.status is JobStatus.failed and ended.error == "the worker was lost"
+    assert _balance(tx, acct, now, tiers) == before  # refunded
+    with tx() as s:  # a late cancel (a racing dispatcher) changes nothing
+        again = jobs.finish_and_release(
+            session=s, job_id=job.id, status=JobStatus.cancelled, error="cancelled"
+        )
+    assert again.status is JobStatus.failed and _balance(tx, acct, now, tiers) == before
+    with pytest.raises(InvalidRequest, match="not succeeded"), tx() as s:
+        jobs.finish_and_release(
+            session=s, job_id=job.id, status=JobStatus.succeeded, error="x"
+        )
+
+
+def _balance(tx: Tx, acct: AccountRead, now: datetime, tiers: dict[str, Tier]) -> int:
+    from storage import ledger
+
+    with tx() as s:
+        return ledger.balance(session=s, account_id=acct.id, now=now, tiers=tiers).total

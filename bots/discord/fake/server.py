@@ -1,5 +1,5 @@
 """A fake Discord (REST v10 + gateway v10 on one 127.0.0.1 port, aiohttp) that the real
-discord.py talks to in tests: it serves one guild, pushes interactions over the gateway,
+discord.py talks to in tests and benches: it serves one guild, pushes interactions over the gateway,
 enforces the 3-second and 15-minute interaction rules on its own movable clock, parses uploads,
 serves attachments, answers 429s on request and records every REST call."""
 
@@ -11,14 +11,15 @@ import itertools
 import json
 import re
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.bots import discord_payloads as p
-from tests.bots.fake_discord_rest import (
+from bots.discord.fake import payloads as p
+from bots.discord.fake.rest import (
     JSON,
     Call,
     DiscordError,
@@ -30,7 +31,13 @@ from tests.bots.fake_discord_rest import (
     _json,
     _parse,
 )
-from tests.bots.fake_telegram import free_port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 __all__ = ["JSON", "TOKEN", "Call", "DiscordError", "FakeDiscord", "Interaction", "Upload"]
 

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
-from tests.bots import discord_payloads as p
+from bots.discord.fake import payloads as p
 
 JSON = "application/json"  # exactly: discord.py does not decode "...; charset=utf-8"
 RESPOND_WITHIN_S = 3.0
@@ -95,10 +95,13 @@ class DiscordRest:
     dm_channels: dict[int, int]
     dm_closed: set[int]
     attachment_size_limit: int
+    attachments: dict[str, bytes]
     commands: dict[str, list[dict[str, Any]]]
     _routes: list[tuple[str, re.Pattern[str], str, Handler]]
 
-    gateway_url: str
+    @property
+    def gateway_url(self) -> str:
+        raise NotImplementedError
 
     def add_attachment(self, data: bytes, filename: str = "photo.png") -> dict[str, Any]:
         raise NotImplementedError
@@ -385,11 +388,13 @@ async def _parse(request: web.Request) -> tuple[Any, list[Upload]]:
         files: list[Upload] = []
         reader = await request.multipart()
         async for part in reader:
-            data = bytes(await part.read())  # type: ignore[union-attr]
+            if not isinstance(part, BodyPartReader):
+                continue  # discord.py sends no nested multipart
+            data = bytes(await part.read())
             if part.name == "payload_json":
                 payload = json.loads(data)
-            elif part.filename is not None:  # type: ignore[union-attr]
-                files.append(Upload(part.name or "", part.filename, data))  # type: ignore[union-attr]
+            elif part.filename is not None:
+                files.append(Upload(part.name or "", part.filename, data))
         return payload, files
     body = await request.read()
     return (json.loads(body) if body else None), []

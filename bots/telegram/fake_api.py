@@ -1,5 +1,6 @@
-"""A fake Telegram Bot API server on 127.0.0.1 (aiohttp) that the real python-telegram-bot talks
-to in tests: it long-polls updates, records every call (uploads included) and can answer 429."""
+"""A fake Telegram Bot API server on 127.0.0.1 (aiohttp, from the dev extra) that the real
+python-telegram-bot talks to in tests and benches: it long-polls updates, records every call
+(uploads included) and can answer 429."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 BOT_ID = 900_000_001
 BOT_USERNAME = "atelier_test_bot"
@@ -154,7 +155,8 @@ class FakeTelegram:
     async def send(self, user: int, text: str | None = None, **kw: Any) -> dict[str, Any]:
         update = self.message(user, text, **kw)
         await self.push(update)
-        return update["message"]
+        message: dict[str, Any] = update["message"]
+        return message
 
     async def send_photo(
         self, user: int, data: bytes, caption: str | None = None, **kw: Any
@@ -179,7 +181,7 @@ class FakeTelegram:
 
     async def answer(self, query_id: str) -> Call:
         """The bot's answerCallbackQuery for a press (its ``text`` is what the person saw)."""
-        return await self.wait_for(
+        call: Call = await self.wait_for(
             lambda: next(
                 (
                     c
@@ -190,6 +192,7 @@ class FakeTelegram:
             ),
             what=f"an answer to {query_id}",
         )
+        return call
 
     def calls_of(self, *methods: str, chat: int | None = None, ok: bool = True) -> list[Call]:
         """Calls of ``methods`` (to ``chat``) that succeeded (``ok=False``: that failed)."""
@@ -474,10 +477,10 @@ async def _parse(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]
     if ctype == "multipart/form-data":
         reader = await request.multipart()
         async for part in reader:
-            if part.name is None:
+            if not isinstance(part, BodyPartReader) or part.name is None:
                 continue
-            data = await part.read()  # type: ignore[union-attr]
-            if part.filename is not None:  # type: ignore[union-attr]
+            data = await part.read()
+            if part.filename is not None:
                 files[part.name] = bytes(data)
             else:
                 params[part.name] = bytes(data).decode("utf-8")
