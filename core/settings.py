@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     discord_api_base_url: str = "https://discord.com/api/v10"
     discord_gateway_url: str = "wss://gateway.discord.gg/"
     public_base_url: str = "http://127.0.0.1:8000"
+    # Where `atelier up` / `atelier web` serve the web app: HOST:PORT ([::1]:8000 for IPv6).
+    web_listen: str = "127.0.0.1:8000"
 
     default_tier: str = "free"
     tiers: dict[str, Tier] = Field(default_factory=_default_tiers)
@@ -175,6 +177,12 @@ class Settings(BaseSettings):
     def _discord_gateway(cls, v: str) -> str:
         if not v.startswith(("ws://", "wss://")):
             raise ValueError(f"must start with ws:// or wss://, got {v!r}")
+        return v
+
+    @field_validator("web_listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
         return v
 
     @field_validator("telegram_webhook_url")
@@ -264,6 +272,15 @@ class Settings(BaseSettings):
             tmp.chmod(0o600)
             tmp.replace(path)
         return path.read_text().strip().encode()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (or [IPv6]:PORT) as (host, port); ValueError naming the text otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT like 127.0.0.1:8000, got {text!r}")
+    return host, int(port)
 
 
 def _variable_name(loc: tuple[Any, ...]) -> str:
