@@ -1,4 +1,4 @@
-"""CLI commands that run the service: up, bot telegram, imagine, dispatcher, worker, jobs."""
+"""CLI commands that run the service: up, bot (telegram, discord), imagine, dispatcher, worker."""
 
 from __future__ import annotations
 
@@ -64,6 +64,35 @@ def bot_telegram() -> None:
     )
     try:
         asyncio.run(run_telegram_bot(settings))
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    except AtelierError as exc:
+        raise fail(exc) from None
+
+
+def bot_discord(
+    sync: bool = typer.Option(
+        False, "--sync",
+        help="register the slash commands with Discord first (with --guild: in that server, "
+        "at once; without: globally, which Discord rate-limits to 200 creations a day)",
+    ),
+    guild: int | None = typer.Option(None, "--guild", help="server id for --sync"),
+) -> None:
+    """Run the Discord bot as a process of its own, over the shared Redis and database (the
+    dispatchers and workers run elsewhere). `atelier up` runs it in-process instead."""
+    from atelier.service import run_discord_bot
+    from core.errors import ConfigError
+
+    if guild is not None and not sync:
+        err_console.print("[red]error:[/red] --guild only goes with --sync")
+        raise typer.Exit(2)
+    settings = settings_or_exit()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(run_discord_bot(settings, sync=sync, guild_id=guild))
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None
@@ -159,7 +188,7 @@ async def _up(settings: Settings) -> None:
             "  bots: "
             + (
                 ", ".join(name for name, _ in bots)
-                or "none (set ATELIER_TELEGRAM_TOKEN to run the Telegram bot)"
+                or "none (set ATELIER_TELEGRAM_TOKEN or ATELIER_DISCORD_TOKEN to run a bot)"
             )
         )
         con.print(f'Ctrl-C stops it. Try: atelier imagine "a red fox --style watercolor"{pick}',
@@ -187,6 +216,16 @@ async def _start_bots(settings: Settings, stack: Stack) -> list[tuple[str, Stopp
 
         bot = await start_bot(settings, stack.client, stack.broker)
         started.append((f"telegram (@{bot.username})", bot.stop))
+    if settings.discord_token is not None:
+        from bots.discord.run import start_bot as start_discord
+
+        try:
+            discord_bot = await start_discord(settings, stack.client, stack.broker)
+        except BaseException:
+            for _, stopper in started:
+                await stopper()
+            raise
+        started.append((f"discord ({discord_bot.username})", discord_bot.stop))
     return started
 
 

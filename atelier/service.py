@@ -298,3 +298,31 @@ async def run_telegram_bot(
             await stop.wait()
         finally:
             await bot.stop()
+
+
+async def run_discord_bot(
+    settings: Settings,
+    *,
+    sync: bool = False,
+    guild_id: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """The Discord bot as a process of its own, until SIGINT/SIGTERM (or ``stop``); ``sync``
+    registers the slash commands first (in ``guild_id``, or globally). It reaches the
+    dispatchers through Redis only, so ATELIER_REDIS_URL is required."""
+    from bots.discord.run import start_bot
+
+    if settings.discord_token is None:
+        raise ConfigError("ATELIER_DISCORD_TOKEN is required to run the Discord bot")
+    if settings.redis_url is None:
+        raise ConfigError(
+            "ATELIER_REDIS_URL is required to run the Discord bot on its own: it reaches the "
+            "dispatchers through Redis (`atelier up` runs the bot in-process without one)"
+        )
+    async with shared_stack(settings) as stack:
+        stop = stop or stop_on_signals()
+        bot = await start_bot(settings, stack.client, stack.broker, sync=sync, guild_id=guild_id)
+        try:
+            await stop.wait()
+        finally:
+            await bot.stop()

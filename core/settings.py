@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     # False: it is taken as a prompt and charged at once (the behaviour before issue 10).
     telegram_plain_text_preview: bool = True
     discord_token: SecretStr | None = None
+    # Where the Discord bot finds the REST API and the gateway (a proxy, or a test's fake).
+    discord_api_base_url: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
     public_base_url: str = "http://127.0.0.1:8000"
     # Where `atelier up` / `atelier web` serve the web app: HOST:PORT ([::1]:8000 for IPv6).
     web_listen: str = "127.0.0.1:8000"
@@ -160,6 +163,20 @@ class Settings(BaseSettings):
     def _http_url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
+
+    @field_validator("discord_api_base_url")
+    @classmethod
+    def _discord_api(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("discord_gateway_url")
+    @classmethod
+    def _discord_gateway(cls, v: str) -> str:
+        if not v.startswith(("ws://", "wss://")):
+            raise ValueError(f"must start with ws:// or wss://, got {v!r}")
         return v
 
     @field_validator("web_listen")

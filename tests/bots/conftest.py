@@ -32,7 +32,7 @@ from storage.db import make_engine, session_factory, upgrade
 from storage.models import Image, Job
 
 TOKEN = "123456789:AAF-test-token-for-the-fake-server"
-WATCHED_LOGGERS = ("telegram", "bots")
+WATCHED_LOGGERS = ("telegram", "discord", "bots")
 # Flags that keep every job tiny: the tiny model at 64x64 with 2 steps.
 TINY = "--w 64 --h 64 --steps 2"
 
@@ -279,3 +279,14 @@ async def backend(
         yield s
     finally:
         await s.close()
+
+
+# The Discord suite's fixtures (they build on the Stack above).
+from tests.bots.discord_conftest import (  # noqa: E402
+    discord_backend,
+    discord_fake,
+    discord_settings,
+    discord_stack,
+)
+
+__all__ = ["discord_backend", "discord_fake", "discord_settings", "discord_stack"]

@@ -8,7 +8,8 @@ import sys
 
 def test_bots_do_not_import_the_engine() -> None:
     code = (
-        "import sys, bots.telegram.app, bots.telegram.run, bots.common.requests; "
+        "import sys, bots.telegram.app, bots.telegram.run, bots.common.requests, "
+        "bots.discord.bot, bots.discord.run; "
         "print(sorted(m for m in ('cluster.engine', 'torch', 'diffusers', 'ray') "
         "if m in sys.modules))"
     )

@@ -1,0 +1,148 @@
+"""``/imagine`` (typed options, style and model autocomplete, an image to redraw) and
+``/cancel``: deferred at once, then the chat core runs the job behind the deferred message."""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bots.common import account, jobs
+from bots.common.prefs import ASPECTS
+from bots.discord import guilds
+from bots.discord.autocomplete import model_choices, style_choices
+from bots.discord.bot import acknowledge
+from bots.discord.chat import who
+from bots.discord.cogs.replies import ephemeral
+from bots.discord.options import Options, command_text
+from bots.discord.port import answering
+from core.errors import AtelierError, InvalidRequest
+from core.request import MAX_SEED
+
+if TYPE_CHECKING:
+    from bots.discord.bot import AtelierBot
+
+log = logging.getLogger(__name__)
+
+_STEPS_FLAG = re.compile(r"(?<!\S)(?:--|[\u2014\u2013])steps[\s=]+(\d+)", re.IGNORECASE)
+_MODEL_FLAG = re.compile(r"(?<!\S)(?:--|[\u2014\u2013])model(?=[\s=]|$)", re.IGNORECASE)
+
+
+def server_defaults(text: str, prefs: guilds.GuildPrefs) -> str:
+    """The server's default model (unless one is asked for) and its cap on steps (a request
+    over it is refused, naming both numbers)."""
+    if prefs.model and not _MODEL_FLAG.search(text):
+        text += f" --model {prefs.model}"
+    cap = prefs.steps_cap
+    if cap is not None:
+        asked = [int(n) for n in _STEPS_FLAG.findall(text)]
+        if any(n > cap for n in asked):
+            raise InvalidRequest(f"this server allows at most {cap} steps, got {max(asked)}")
+        if not asked:
+            text += f" --steps {cap}"
+    return text
+
+
+class Imagine(commands.Cog):
+    def __init__(self, bot: AtelierBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="imagine", description="Make images from a prompt")
+    @app_commands.describe(
+        prompt="What to draw; flags work too, e.g. 'a fox --ar 16:9'",
+        style="A style from the list",
+        aspect="Shape of the image",
+        n="How many images (1-4)",
+        seed="Seed, to repeat a result",
+        steps="Denoising steps (more: slower, finer)",
+        cfg="How closely to follow the prompt (guidance)",
+        negative="What to keep out of the image",
+        model="Model to use",
+        image="An image to redraw (img2img)",
+        strength="How much of the image to repaint (0-1)",
+    )
+    @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS])
+    async def imagine(
+        self,
+        interaction: discord.Interaction[Any],
+        prompt: app_commands.Range[str, 1, 1500],
+        style: str | None = None,
+        aspect: str | None = None,
+        n: app_commands.Range[int, 1, 4] | None = None,
+        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        steps: app_commands.Range[int, 1, 150] | None = None,
+        cfg: app_commands.Range[float, 0.0, 30.0] | None = None,
+        negative: str | None = None,
+        model: str | None = None,
+        image: discord.Attachment | None = None,
+        strength: app_commands.Range[float, 0.01, 1.0] | None = None,
+    ) -> None:
+        """Defer within Discord's 3 s, then make the images behind the deferred message."""
+        bot = self.bot
+        if not await acknowledge(interaction, thinking=True):
+            return
+        bot.port.thinking(interaction)
+        try:
+            options = Options(style, aspect, n, seed, steps, cfg, negative, model, strength)
+            text = command_text(prompt, options)
+            text = server_defaults(text, await guilds.load(bot.state, interaction.guild_id))
+            photo = await self._read(image)
+        except AtelierError as exc:
+            await self._refuse(interaction, await bot.core.error_text(interaction.user.id, exc))
+            return
+        try:
+            with answering(interaction):
+                job = await jobs.imagine(
+                    bot.core,
+                    who(interaction),
+                    text,
+                    idempotency_key=f"discord:{interaction.id}",
+                    photo=photo,
+                )
+            refusal = bot.port.first_reply(interaction)
+            if job is None and refusal is not None:
+                await self._refuse(interaction, refusal)
+        finally:
+            bot.port.done_with(interaction)
+
+    async def _read(self, image: discord.Attachment | None) -> bytes | None:
+        if image is None:
+            return None
+        limit = self.bot.settings.limits.max_upload_bytes
+        if image.size > limit:
+            raise InvalidRequest(
+                f"the image is {image.size / 1e6:.1f} MB; the most I take is {limit / 1e6:.0f} MB"
+            )
+        if image.content_type is not None and not image.content_type.startswith("image/"):
+            raise InvalidRequest(f"the attachment is {image.content_type}, not an image")
+        return await image.read()
+
+    async def _refuse(self, interaction: discord.Interaction[Any], text: str) -> None:
+        """A refusal is for the asker only: the public "thinking" message goes away."""
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException as exc:
+            log.info("could not remove the deferred message of %s: %s", interaction.id, exc)
+        await interaction.followup.send(text, ephemeral=True)
+
+    @imagine.autocomplete("style")
+    async def _style(
+        self, interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return style_choices(self.bot.styles, current)
+
+    @imagine.autocomplete("model")
+    async def _model(
+        self, interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return model_choices(self.bot.client.models, current)
+
+    @app_commands.command(name="cancel", description="Stop your latest queued or running job")
+    async def cancel(self, interaction: discord.Interaction[Any]) -> None:
+        """Cancel the person's latest job."""
+        await ephemeral(self.bot, interaction, partial(account.cancel_latest, self.bot.core))

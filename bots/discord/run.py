@@ -1,0 +1,105 @@
+"""Starting the Discord bot over a client and a broker the process already has (``atelier up``;
+``atelier.service.run_discord_bot`` for ``atelier bot discord``). Commands are synced with
+Discord only when asked (``sync``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aiohttp
+import discord
+
+from bots.common.logs import hide_in_logs, mask
+from bots.common.state import BotState, make_state
+from bots.discord.bot import AtelierBot, use_endpoints
+from cluster.broker import Broker
+from cluster.client import Client
+from core.errors import ConfigError
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+
+
+class RunningBot:
+    """A started bot; ``stop()`` ends it (unsent deliveries stay pending for the next start)."""
+
+    def __init__(
+        self, bot: AtelierBot, task: asyncio.Task[None], own_state: BotState | None
+    ) -> None:
+        self.bot = bot
+        self.task = task
+        self._own_state = own_state  # made by start_bot: closed here
+
+    @property
+    def username(self) -> str:
+        return str(self.bot.user)
+
+    async def stop(self) -> None:
+        await self.bot.close()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 10)
+        if self._own_state is not None:
+            await self._own_state.close()
+            self._own_state = None
+
+
+async def start_bot(
+    settings: Settings,
+    client: Client,
+    broker: Broker,
+    *,
+    state: BotState | None = None,
+    sync: bool = False,
+    guild_id: int | None = None,
+    reconnect: bool = True,
+    **options: Any,
+) -> RunningBot:
+    """Log in, connect to the gateway and wait until the bot is ready (``options`` go to
+    ``AtelierBot``). ConfigError, with the token masked, if Discord refuses the token or cannot
+    be reached. ``sync``: register the slash commands first (``guild_id``: in that server)."""
+    if settings.discord_token is None:
+        raise ConfigError("ATELIER_DISCORD_TOKEN is required to run the Discord bot")
+    token = settings.discord_token.get_secret_value()
+    hide_in_logs(token)
+    use_endpoints(settings)
+    own_state: BotState | None = None
+    if state is None:
+        state = own_state = make_state(settings.redis_url if broker.kind == "redis" else None)
+    bot = AtelierBot(settings, client, broker, state, **options)
+    task: asyncio.Task[None] | None = None
+    try:
+        await bot.login(token)
+        if sync:
+            await bot.sync_commands(guild_id)
+        task = asyncio.create_task(bot.connect(reconnect=reconnect), name="discord-gateway")
+        ready = asyncio.create_task(bot.wait_until_ready())
+        done, _ = await asyncio.wait({task, ready}, timeout=READY_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            if task in done:
+                task.result()  # the gateway's own error
+            raise ConfigError(
+                f"the Discord gateway at {settings.discord_gateway_url} "
+                f"(ATELIER_DISCORD_GATEWAY_URL) did not get ready within {READY_TIMEOUT_S:.0f} s"
+            )
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await RunningBot(bot, task or asyncio.create_task(asyncio.sleep(0)), own_state).stop()
+        if isinstance(exc, discord.LoginFailure):
+            raise ConfigError(f"Discord refused ATELIER_DISCORD_TOKEN ({mask(str(exc))})") from None
+        if isinstance(exc, aiohttp.ClientError | OSError):
+            raise ConfigError(
+                f"cannot reach Discord at {settings.discord_api_base_url} "
+                f"(ATELIER_DISCORD_API_BASE_URL): {mask(str(exc))}"
+            ) from None
+        if isinstance(exc, discord.DiscordException):
+            raise ConfigError(f"Discord refused to start the bot: {mask(str(exc))}") from None
+        raise
+    log.info("discord bot %s: connected to %d servers", bot.user, len(bot.guilds))
+    return RunningBot(bot, task, own_state)
