@@ -247,6 +247,20 @@ def undelivered_jobs(
     return [_read(j) for j in session.exec(stmt).all()]
 
 
+def undelivered_count(*, session: Session, since: datetime) -> int:
+    """Finished jobs (since ``since``) no front end has marked delivered yet."""
+    count = session.exec(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            col(Job.delivered_at).is_(None),
+            col(Job.finished_at) >= since,
+            col(Job.status).in_(FINISHED),
+        )
+    ).one()
+    return int(count)
+
+
 def running_jobs_count(*, session: Session, account_id: int) -> int:
     """Jobs in flight (queued or running), to hold an account to its tier's concurrency."""
     count = session.exec(
