@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,7 +42,9 @@ SCALE_DOWN_S = 180
 
 
 @pytest.fixture
-def fake_cluster(tmp_path: Path) -> Iterator[FakeAutoscalingCluster]:
+def fake_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeAutoscalingCluster]:
     if ray.is_initialized():
         ray.shutdown()
     cluster = FakeAutoscalingCluster(tmp_path, NODE_TYPES, idle_timeout_minutes=0.05)
@@ -51,9 +52,9 @@ def fake_cluster(tmp_path: Path) -> Iterator[FakeAutoscalingCluster]:
     try:
         cluster.wait_for_head()
         # This driver on loopback too, as the nodes (see cluster.worker.init_local_ray).
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head (tests/cluster/fake_cluster.py)
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head (tests/cluster/fake_cluster.py)
+        monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         ray.init(address=cluster.address, namespace=RAY_NAMESPACE, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
         yield cluster
