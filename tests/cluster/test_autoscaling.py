@@ -53,7 +53,7 @@ def fake_cluster(
         cluster.wait_for_head()
         # This driver on loopback too, as the nodes (see cluster.worker.init_local_ray).
         monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head (tests/cluster/fake_cluster.py)
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head (fake_cluster.py)
         monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         ray.init(address=cluster.address, namespace=RAY_NAMESPACE, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
