@@ -80,6 +80,8 @@ async def stream(settings: Any, handles: list[Any], jobs: int, side: int, steps:
             bad = [e for e in events if e.kind != "done"]
             if bad:
                 raise RuntimeError(f"{len(bad)} jobs did not succeed: {bad[0]}")
+            for j in submitted:  # as a front end would: no re-announcements later
+                await client.mark_delivered(j.job_id)
             return took
         finally:
             stop.set()

@@ -109,6 +109,9 @@ class Autoscaler:
         self.wanted: dict[str, int] | None = None  # as last requested
         self.started: dict[str, Any] = {}  # worker id -> handle, workers this dispatcher started
         self._idle_since: dict[str, float] = {}
+        # Starting workers waits for Ray (seconds, or minutes for a new node's actor): in a
+        # task of its own, so the dispatcher keeps placing jobs on the workers it has.
+        self._starting: asyncio.Task[None] | None = None
 
     def class_of(self, spec: ModelSpec) -> str | None:
         return class_for(spec.min_vram_gb, self.memory_gb)
@@ -134,9 +137,16 @@ class Autoscaler:
             self.wanted = wanted
             for name, n in wanted.items():
                 metrics.AUTOSCALE_WANTED.labels(name).set(n)
-        await self._start_workers(wanted, pool)
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.create_task(self._start_workers_logged(wanted, pool))
         await self._stop_idle(queued, pool)
         return wanted
+
+    async def _start_workers_logged(self, wanted: Mapping[str, int], pool: WorkerPool) -> None:
+        try:
+            await self._start_workers(wanted, pool)
+        except Exception:  # Ray unreachable, say: the next tick tries again
+            log.exception("autoscale: starting workers failed")
 
     async def _start_workers(self, wanted: Mapping[str, int], pool: WorkerPool) -> None:
         have: dict[str, int] = {}
@@ -194,6 +204,9 @@ class Autoscaler:
         """Withdraw the request and stop the workers started here."""
         import ray
 
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            await asyncio.wait({self._starting}, timeout=5)
         if self.wanted is not None:
             await asyncio.to_thread(self._request, [])
         for handle in self.started.values():

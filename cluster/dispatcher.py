@@ -66,9 +66,9 @@ log = logging.getLogger(__name__)
 # Ray namespace and actor-name prefix that `atelier worker` uses, so dispatchers in other
 # processes find the workers (named actors are only visible within their namespace).
 RAY_NAMESPACE = "atelier"
+WORKER_NAME_PREFIX = "atelier-worker"
 # How often the gauges (queue depth per class, workers, deliveries pending) are refreshed.
 METRICS_INTERVAL_S = 1.0
-WORKER_NAME_PREFIX = "atelier-worker"
 
 
 @dataclass(frozen=True)
@@ -269,12 +269,19 @@ class Dispatcher:
         if self._every("reconcile", self.pacing.reconcile_interval_s):
             await self.reconciler.requeue_lost(everything=False)
             await self.reconciler.redeliver(everything=False)
+        # Neither autoscaling nor metrics may stop the dispatching: failures are only logged.
         if self.autoscaler is not None and self._every(
             "autoscale", self.autoscaler.config.interval_s
         ):
-            await self.autoscaler.tick(self.queued_by_class(), self.workers)
+            try:
+                await self.autoscaler.tick(self.queued_by_class(), self.workers)
+            except Exception:
+                log.exception("dispatcher %s: autoscaling failed; trying again", self.name)
         if self._every("metrics", METRICS_INTERVAL_S):
-            await self._observe()
+            try:
+                await self._observe()
+            except Exception as exc:
+                log.warning("dispatcher %s: metrics not refreshed: %s", self.name, exc)
         if self._every("heartbeat", self.pacing.heartbeat_s):
             live = self.workers.live()
             log.info(
