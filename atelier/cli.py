@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import typer
 from rich.table import Table
 
-from atelier import serve
+from atelier import serve, webserver
 from atelier.wiring import (
     console,
     fail,
@@ -230,4 +230,5 @@ app.command("imagine")(serve.imagine)
 app.command("dispatcher")(serve.dispatcher)
 app.command("worker")(serve.worker)
 app.command("jobs")(serve.jobs)
+app.command("web")(webserver.web)
 bot_app.command("telegram")(serve.bot_telegram)

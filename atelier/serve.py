@@ -16,6 +16,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from atelier.service import Stack, local_profiles, local_stack
+from atelier.webserver import serve_web, web_lines
 from atelier.wiring import (
     console,
     err_console,
@@ -127,8 +128,10 @@ async def _up(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with local_stack(settings) as stack:
+    async with local_stack(settings) as stack, serve_web(stack) as web_url:
         con.print("[bold]Atelier is up[/bold]")
+        for line in web_lines(settings, web_url):
+            con.print(f"  {line}")
         for note in stack.notes:
             con.print(f"  {note}")
         con.print(f"  database: {redact_url(settings.db_url)}")

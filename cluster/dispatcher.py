@@ -1,5 +1,7 @@
-"""The dispatcher: reads jobs off the broker, batches compatible ones fairly across accounts,
-places them on worker actors, relays progress, and settles every job exactly once."""
+"""The dispatcher loop: reads jobs off the broker, admits them, batches compatible ones fairly
+across accounts and places each batch on a worker slot. Running a batch (cluster/batchrun.py),
+settling a job (cluster/settling.py) and reconciling the store with the broker
+(cluster/reconcile.py) are rooms of their own; together every job settles exactly once."""
 
 from __future__ import annotations
 

@@ -120,6 +120,23 @@ def asgi_app(probe: Probe) -> Callable[..., Awaitable[None]]:
     return app
 
 
+PROBE_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
+def with_probe(app: Callable[..., Awaitable[None]], probe: Probe) -> Callable[..., Awaitable[None]]:
+    """``app`` with /metrics, /healthz and /readyz answered in front of it (a web app's own
+    port then serves them; every other path and the lifespan go to ``app``)."""
+    endpoints = asgi_app(probe)
+
+    async def wrapped(scope: Mapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in PROBE_PATHS:
+            await endpoints(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return wrapped
+
+
 class MetricsServer:
     """The endpoints on their own port, in this process's event loop (aiohttp: it installs no
     signal handlers of its own, so the process's SIGTERM handling stays as it is)."""

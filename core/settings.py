@@ -173,6 +173,8 @@ class Settings(BaseSettings):
     telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
     discord_token: SecretStr | None = None
     public_base_url: str = "http://127.0.0.1:8000"
+    # Where `atelier up` / `atelier web` serve the web app: HOST:PORT ([::1]:8000 for IPv6).
+    web_listen: str = "127.0.0.1:8000"
 
     default_tier: str = "free"
     tiers: dict[str, Tier] = Field(default_factory=_default_tiers)
@@ -200,6 +202,12 @@ class Settings(BaseSettings):
     def _http_url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
+
+    @field_validator("web_listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
         return v
 
     @field_validator("telegram_webhook_url")
@@ -289,6 +297,15 @@ class Settings(BaseSettings):
             tmp.chmod(0o600)
             tmp.replace(path)
         return path.read_text().strip().encode()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (or [IPv6]:PORT) as (host, port); ValueError naming the text otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT like 127.0.0.1:8000, got {text!r}")
+    return host, int(port)
 
 
 def _variable_name(loc: tuple[Any, ...]) -> str:

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from core.errors import Forbidden
 
@@ -46,3 +46,13 @@ def verify(key: bytes, token: str, *, purpose: str, now: datetime) -> str:
     if int(payload.get("exp", 0)) < int(now.timestamp()):
         raise Forbidden("this link has expired; ask the bot for a new one")
     return str(payload["sub"])
+
+
+def expires_at(token: str) -> datetime:
+    """When a token (already checked with ``verify``) stops opening: its ``exp`` claim."""
+    body = token.partition(_SEP)[0]
+    try:
+        exp = int(json.loads(_unb64(body))["exp"])
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+        raise Forbidden("this link is malformed; ask the bot for a new one") from None
+    return datetime.fromtimestamp(exp, UTC)

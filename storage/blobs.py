@@ -38,6 +38,16 @@ class BlobStore:
         target = self._resolve(key)
         if target.is_file():
             return key
+        self._write(target, key, data)
+        return key
+
+    def put_named(self, key: str, data: bytes) -> str:
+        """Store ``data`` under a given valid key (a derived blob named by its source's hash,
+        such as a thumbnail in a store of its own); replaces what was there, atomically."""
+        self._write(self._resolve(key), key, data)
+        return key
+
+    def _write(self, target: Path, key: str, data: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         self._resolve(key)  # the fan-out dirs must not lead outside either
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=".part")
@@ -53,7 +63,6 @@ class BlobStore:
                 os.unlink(tmp)
             raise
         _fsync_dir(target.parent)
-        return key
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from core.errors import Forbidden, InvalidRequest, NotFound
-from storage.models import FTS_TABLE, Image, Job, UTCDateTime, utcnow
+from storage.models import FTS_TABLE, Identity, Image, Job, UTCDateTime, utcnow
 
 MAX_PAGE = 100
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -132,6 +132,7 @@ def list_images(
     since: datetime | None = None,
     until: datetime | None = None,
     search: str | None = None,
+    platform: str | None = None,
 ) -> ImagePage:
     """One page of an account's gallery, newest first. ``before`` is the previous page's
     ``next_cursor``; ``search`` matches all of its words in the prompt, in any order."""
@@ -147,6 +148,14 @@ def list_images(
         stmt = stmt.where((sa.literal(",") + col(Image.styles) + ",").like(pattern, escape="\\"))
     if model:
         stmt = stmt.where(Image.model == model)
+    if platform:
+        # The platform the job was asked from (a linked account spans several).
+        from_platform = (
+            select(Job.id)
+            .join(Identity, col(Identity.id) == col(Job.identity_id))
+            .where(Job.account_id == account_id, Identity.platform == platform)
+        )
+        stmt = stmt.where(col(Image.job_id).in_(from_platform))
     if since is not None:
         stmt = stmt.where(col(Image.created_at) >= since)
     if until is not None:
@@ -155,7 +164,7 @@ def list_images(
         words = _WORD_RE.findall(search)
         if not words:
             return ImagePage(items=[], next_cursor=None)  # only punctuation: nothing can match
-        stmt = stmt.where(_prompt_matches(session, words))
+        stmt = stmt.where(_prompt_matches(session, words, account_id))
     stmt = stmt.order_by(col(Image.created_at).desc(), col(Image.id).desc()).limit(limit + 1)
     rows = list(session.exec(stmt).all())
     items = [_read(i) for i in rows[:limit]]
@@ -184,6 +193,19 @@ def soft_delete(
     )
 
 
+def delete_image(
+    *, session: Session, image_id: int, account_id: int, now: datetime | None = None
+) -> list[str]:
+    """Soft-delete an owner's image; returns the blob keys no live image uses any more (the
+    caller removes those blobs once this transaction commits)."""
+    image = _owned(session, image_id, account_id)
+    soft_delete(session=session, image_id=image_id, account_id=account_id, now=now)
+    still_used = session.exec(
+        select(Image.id).where(Image.blob_key == image.blob_key, col(Image.deleted_at).is_(None))
+    ).first()
+    return [] if still_used is not None else [image.blob_key]
+
+
 def encode_cursor(created_at: datetime, image_id: int) -> str:
     raw = f"{created_at.isoformat()}|{image_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -201,13 +223,25 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise InvalidRequest(f"invalid gallery cursor {cursor[:40]!r}") from None
 
 
-def _prompt_matches(session: Session, words: list[str]) -> sa.ColumnElement[bool]:
+def _prompt_matches(
+    session: Session, words: list[str], account_id: int
+) -> sa.ColumnElement[bool]:
     if session.get_bind().dialect.name == "postgresql":
         # Literal 'simple' (not a bind parameter) so the planner matches the GIN index expression.
         simple: sa.ColumnElement[str] = sa.literal_column("'simple'")
         vector = sa.func.to_tsvector(simple, col(Image.prompt))
         query = sa.func.plainto_tsquery(simple, " ".join(words))
-        return vector.bool_op("@@")(query)
+        # ``id = ANY(ARRAY(matches))``: the matches come from the GIN index first (an init
+        # plan run once), then their rows by primary key. With ``IN`` the planner walks the
+        # gallery index newest first computing to_tsvector on every row until it has a page,
+        # or hash-joins a scan of the whole gallery (EXPLAIN ANALYZE at 10,000 images: 19-33 ms
+        # with IN, 2.6 ms so).
+        found = (
+            sa.select(col(Image.id))
+            .where(col(Image.account_id) == account_id, vector.bool_op("@@")(query))
+            .scalar_subquery()
+        )
+        return col(Image.id) == sa.any_(sa.func.array(found))
     # Each word as an FTS5 string: user text never reaches the MATCH syntax (no operators).
     match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
     fts = sa.table(FTS_TABLE, sa.column("rowid"))

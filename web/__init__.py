@@ -1,2 +1,2 @@
-"""The web gallery (FastAPI behind signed, expiring links). The page itself is a later issue;
-the link format it will verify lives in ``core.signing`` and is already issued by the bots."""
+"""The web front end: a FastAPI app built by ``web.app.create_app`` over a ``WebContext`` (the
+gallery behind signed links, and the APIs). It never imports ``bots`` or ``atelier``."""

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -29,6 +30,7 @@ def _env(data_dir: Path, redis_url: str) -> dict[str, str]:
         "no_proxy": "127.0.0.1,localhost",
         "RAY_USAGE_STATS_ENABLED": "0",
         "COLUMNS": "200",
+        "ATELIER_WEB_LISTEN": "127.0.0.1:0",  # any free port: tests run side by side
     }
     return env
 
@@ -65,6 +67,8 @@ def test_atelier_up_serves_a_job_from_another_process(tmp_path: Path, redis_url:
     try:
         banner = "".join(_wait_for_line(up, "Ctrl-C stops it", timeout=150))
         assert "broker: redis" in banner and "workers: cpu" in banner, banner
+        web_url = next(w for w in banner.split() if w.startswith("http://127.0.0.1:"))
+        assert httpx.get(f"{web_url}/healthz", timeout=10).json() == {"status": "ok"}
         out = tmp_path / "out"
         done = subprocess.run(
             [*ATELIER, "imagine", "a red fox --style watercolor,anime --w 64 --h 64 --steps 2",

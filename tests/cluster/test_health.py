@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from atelier.service import serve_metrics, shared_stack
-from cluster.health import Probe, asgi_app
+from cluster.health import Probe, asgi_app, with_probe
 from core import metrics
 from core.logs import JobFilter, JsonFormatter, job_context
 from core.settings import load_settings
@@ -96,3 +96,31 @@ def test_json_log_lines_carry_the_job_id(caplog: pytest.LogCaptureFixture) -> No
     line = json.loads(fmt.format(record))
     assert line["job_id"] == "j1,j2" and line["msg"] == "x" and line["worker"] == "w0"
     assert line["level"] == "WARNING" and line["logger"] == "atelier.test"
+
+
+async def test_a_web_app_wrapped_with_the_probe_keeps_its_own_paths() -> None:
+    seen: list[str] = []
+
+    async def web(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"page"})
+
+    async def fine() -> None:
+        return None
+
+    app = with_probe(web, Probe({"store": fine}))
+
+    async def call(path: str) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app({"type": "http", "path": path, "method": "GET"}, None, send)
+        return sent[0]["status"], sent[1]["body"]
+
+    assert await call("/readyz") == (200, b"store: ok\n")
+    assert await call("/g/abc") == (200, b"page")
+    assert await call("/healthz") == (200, b"ok\n")
+    assert seen == ["/g/abc"]

@@ -1,0 +1,131 @@
+"""Serving the web app: the ``WebContext`` built from a running stack, and uvicorn inside the
+caller's event loop (``atelier up``) or on its own (``atelier web``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+
+from atelier.service import Stack, shared_stack, stop_on_signals
+from atelier.wiring import console, fail, settings_or_exit
+from cluster.health import Probe, broker_check, store_check, with_probe
+from core.errors import AtelierError, ConfigError
+from core.logs import setup_logging
+from core.redact import redact_url
+from core.settings import Settings, parse_listen
+from storage.blobs import BlobStore
+from web.context import WebContext
+
+
+class _InLoopServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the process that embeds it owns Ctrl-C."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def web_context(stack: Stack) -> WebContext:
+    """The web app's dependencies over a started stack."""
+    return WebContext(
+        settings=stack.settings,
+        sessions=stack.sessions,
+        blobs=BlobStore.from_settings(stack.settings),
+        client=stack.client,
+    )
+
+
+def _bind(settings: Settings) -> socket.socket:
+    host, port = parse_listen(settings.web_listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on ATELIER_WEB_LISTEN={settings.web_listen!r}: {exc.strerror}"
+        ) from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def listen_url(settings: Settings, sock: socket.socket) -> str:
+    """The address the app answers on (the bound port, which matters when 0 was asked)."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def serve_web(stack: Stack) -> AsyncIterator[str]:
+    """Serve the web app in this event loop while the block runs; yields the listen URL."""
+    from web.app import create_app
+    from web.gallery.deliveries import settle_deliveries
+
+    app = create_app(web_context(stack))
+    # /metrics, /healthz and /readyz (store and broker reachable) on the web app's own port.
+    checks = {"store": store_check(stack.sessions), "broker": broker_check(stack.broker)}
+    probe = Probe(checks, timeout_s=stack.settings.metrics.check_timeout_s)
+    sock = _bind(stack.settings)
+    config = uvicorn.Config(
+        with_probe(app, probe), log_level="warning", lifespan="off", proxy_headers=True,
+        access_log=False,
+    )
+    server = _InLoopServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    stop = asyncio.Event()
+    settling = asyncio.create_task(settle_deliveries(stack.client, stop))
+    try:
+        while not server.started:
+            if task.done():
+                await task  # raises what stopped it
+                raise ConfigError(f"the web app did not start on {stack.settings.web_listen}")
+            await asyncio.sleep(0.02)
+        yield listen_url(stack.settings, sock)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(settling, timeout=5)
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=10)
+        sock.close()
+
+
+def web_lines(settings: Settings, url: str) -> list[str]:
+    """What start-up prints about the web app."""
+    lines = [f"web: {url}"]
+    public = settings.public_base_url.rstrip("/")
+    if public != url:
+        lines.append(f"  links point at {public} (ATELIER_PUBLIC_BASE_URL)")
+    return lines
+
+
+def web() -> None:
+    """Run the web app (gallery and APIs) on its own, over the shared Redis and database (the
+    dispatchers and workers run elsewhere). `atelier up` serves it in-process instead."""
+    settings = settings_or_exit()
+    setup_logging(settings.log_format, settings.log_level)
+    try:
+        asyncio.run(_web(settings))
+    except AtelierError as exc:
+        raise fail(exc) from None
+
+
+async def _web(settings: Settings) -> None:
+    stop = stop_on_signals()
+    # The shared Redis: jobs made from the gallery go to the dispatchers running elsewhere.
+    async with shared_stack(settings) as stack, serve_web(stack) as url:
+        console.print("[bold]Atelier web is up[/bold]")
+        for line in web_lines(settings, url):
+            console.print(f"  {line}")
+        console.print(f"  database: {redact_url(settings.db_url)}")
+        console.print("Ctrl-C stops it.")
+        await stop.wait()

@@ -1,0 +1,31 @@
+"""The FastAPI application: ``create_app(ctx)`` builds it over a ``WebContext`` and includes
+every router (the gallery pages, the REST API). Routes reach the context through ``get_ctx``."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+
+from web.context import WebContext
+
+
+def get_ctx(request: Request) -> WebContext:
+    """FastAPI dependency: the ``WebContext`` the app was created with."""
+    ctx: WebContext = request.app.state.ctx
+    return ctx
+
+
+def create_app(ctx: WebContext) -> FastAPI:
+    """The whole web app over ``ctx`` (stored as ``app.state.ctx``)."""
+    app = FastAPI(title="Atelier", version="1", docs_url="/docs", redoc_url=None)
+    app.state.ctx = ctx
+    _include_routers(app)
+    return app
+
+
+def _include_routers(app: FastAPI) -> None:
+    # Each front of the web app adds its router here (one line each, so merges stay easy).
+    from web.gallery.routes import install as install_gallery
+    from web.health import router as health_router
+
+    app.include_router(health_router)
+    install_gallery(app)

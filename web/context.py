@@ -1,0 +1,36 @@
+"""What every web route needs, built once by the process that serves the app (``atelier``):
+settings, the SQL session factory, the blob store and the cluster Client. ``web`` never
+imports ``atelier`` or ``bots``; it receives this instead."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
+
+from cluster.client import Client
+from core.settings import Settings
+from storage.blobs import BlobStore
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class WebContext:
+    """The web app's dependencies. ``now`` is the clock links and cookies are checked
+    against (tests move it to expire them)."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    blobs: BlobStore
+    client: Client
+    now: Callable[[], datetime] = field(default=_utcnow)
+
+    @property
+    def signing_key(self) -> bytes:
+        return self.settings.resolved_signing_key

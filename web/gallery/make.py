@@ -1,0 +1,176 @@
+""""Make again" and "variations" from an image's page: submitted through the cluster Client
+(charged as chat jobs are), then a page that follows the job over Server-Sent Events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from sqlmodel import Session
+
+from cluster.client import Client
+from cluster.events import NSFW_EXTRA_KEY, EventKind, JobEvent
+from core.errors import (
+    AtelierError,
+    ContentBlocked,
+    Forbidden,
+    InsufficientCredits,
+    NotFound,
+    RateLimited,
+)
+from core.jobs import DeliveryTarget, Requester
+from core.request import GenerationRequest, JobKind
+from storage import accounts
+from storage import jobs as job_repo
+from storage.gallery import ImageRead
+from storage.jobs import JobRead
+from web.app import get_ctx
+from web.context import WebContext
+from web.gallery.common import PageError, db, own_image, page, secured
+from web.gallery.deliveries import FRONTEND
+from web.session import check_csrf, current_account
+
+router = APIRouter(include_in_schema=False)
+Ctx = Annotated[WebContext, Depends(get_ctx)]
+Account = Annotated[int, Depends(current_account)]
+# As the chat bots' V buttons: recognisably the same picture, changed.
+VARIATION_STRENGTH = 0.6
+
+
+def new_nonce() -> str:
+    """Put in each make form: submitting the same form twice makes (and charges) one job."""
+    return secrets.token_urlsafe(12)
+
+
+def again_request(job: JobRead, image: ImageRead, *, keep_seed: bool) -> GenerationRequest:
+    """The image's own settings, once more: its style, its seed if asked, else a new one."""
+    return job.request.model_copy(update={
+        "styles": tuple(image.styles), "count": 1, "seed": image.seed if keep_seed else None,
+    })
+
+
+def variation_request(job: JobRead, image: ImageRead, png: bytes) -> GenerationRequest:
+    """New takes on the image: its picture repainted with the job's prompt."""
+    return job.request.model_copy(update={
+        "kind": JobKind.variation, "init_image": png, "mask": None, "width": image.width,
+        "height": image.height, "styles": tuple(image.styles), "strength": VARIATION_STRENGTH,
+        "seed": None, "count": 1,
+    })
+
+
+@router.post("/gallery/image/{image_id:int}/make")
+async def make(
+    request: Request,
+    image_id: int,
+    ctx: Ctx,
+    account_id: Account,
+    csrf: Annotated[str, Form()] = "",
+    nonce: Annotated[str, Form(max_length=64)] = "",
+    mode: Annotated[str, Form()] = "again",
+    keep_seed: Annotated[bool, Form()] = False,
+) -> Response:
+    try:
+        check_csrf(ctx, request, csrf)
+    except Forbidden as exc:
+        raise PageError(403, exc.message) from None
+    if mode not in ("again", "variations"):
+        raise PageError(400, f"mode must be again or variations, got {mode[:20]!r}")
+    image = await own_image(ctx, account_id, image_id)
+    job = await db(ctx, lambda s: job_repo.get_job(session=s, job_id=image.job_id))
+    requester = await db(ctx, lambda s: _requester(s, job))
+    if mode == "again":
+        wanted = again_request(job, image, keep_seed=keep_seed)
+    else:
+        wanted = variation_request(job, image, ctx.blobs.get(image.blob_key))
+    key = f"web:{account_id}:{image_id}:{nonce or secrets.token_urlsafe(12)}"
+    try:
+        submitted = await ctx.client.submit(
+            wanted, requester, DeliveryTarget(frontend=FRONTEND), idempotency_key=key
+        )
+    except AtelierError as exc:
+        raise PageError(_status(exc), exc.message) from None
+    return secured(RedirectResponse(f"/gallery/job/{submitted.job_id}", status_code=303))
+
+
+@router.get("/gallery/job/{job_id}")
+async def job_page(request: Request, job_id: str, ctx: Ctx, account_id: Account) -> Response:
+    job = await _own_job(ctx, account_id, job_id)
+    return page(request, ctx, "job.html", job=job, events_url=f"/gallery/job/{job.id}/events")
+
+
+@router.get("/gallery/job/{job_id}/events")
+async def job_events(job_id: str, ctx: Ctx, account_id: Account) -> Response:
+    """The job's story as Server-Sent Events, ending with done (the new images' links),
+    failed or cancelled."""
+    job = await _own_job(ctx, account_id, job_id)
+    response = StreamingResponse(
+        _sse(ctx.client, job.id), media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+    return secured(response)
+
+
+async def _sse(client: Client, job_id: str) -> AsyncIterator[str]:
+    async with contextlib.aclosing(client.events(job_id)) as events:
+        async for event in events:
+            yield f"event: {event.kind.value}\ndata: {json.dumps(_event_data(event))}\n\n"
+            if event.terminal:
+                break
+    # The page has shown the result (the delivery stream's loop would confirm it too).
+    with contextlib.suppress(AtelierError):
+        await client.mark_delivered(job_id)
+
+
+def _event_data(event: JobEvent) -> dict[str, object]:
+    data: dict[str, object] = {"kind": event.kind.value}
+    if event.kind is EventKind.queued:
+        data["position"] = event.position
+    elif event.kind is EventKind.progress:
+        data |= {"step": event.step, "total": event.total}
+    elif event.kind is EventKind.done:
+        data["images"] = [
+            {"id": ref.image_id, "url": f"/gallery/image/{ref.image_id}",
+             "thumb": f"/gallery/thumb/{ref.image_id}.webp", "seed": ref.seed}
+            for ref in event.images
+        ]
+    elif event.terminal:
+        data["reason"] = event.reason
+    return data
+
+
+async def _own_job(ctx: WebContext, account_id: int, job_id: str) -> JobRead:
+    try:
+        job = await db(ctx, lambda s: job_repo.get_job(session=s, job_id=job_id))
+    except NotFound:
+        job = None
+    if job is None or job.account_id != account_id:
+        raise PageError(404, "there is no such job of yours")
+    return job
+
+
+def _requester(session: Session, job: JobRead) -> Requester:
+    """Who the new job is asked as: the identity behind the image's job (so the same
+    account pays and the same NSFW choice holds), else any identity of the account."""
+    found = accounts.list_identities(session=session, account_id=job.account_id)
+    if not found:
+        raise PageError(409, "this account has no chat identity to charge the job to")
+    identity = next((i for i in found if i.id == job.identity_id), found[0])
+    return Requester(
+        platform=identity.platform, platform_user_id=identity.platform_user_id,
+        nsfw_allowed=job.delivery.extra.get(NSFW_EXTRA_KEY) == "1",
+    )
+
+
+def _status(exc: AtelierError) -> int:
+    if isinstance(exc, InsufficientCredits):
+        return 402
+    if isinstance(exc, RateLimited):
+        return 429
+    if isinstance(exc, ContentBlocked):
+        return 422
+    return 400

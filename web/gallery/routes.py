@@ -1,0 +1,30 @@
+"""Mounting the gallery on the app: its routers, static files and its error page."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from web.gallery import actions, make, pages
+from web.gallery.common import WEB_DIR, PageError, error_page, secured
+from web.session import HOME, NotSignedIn
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(pages.router)
+    app.include_router(actions.router)
+    app.include_router(make.router)
+    app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
+
+    @app.exception_handler(PageError)
+    async def _page_error(request: Request, exc: PageError) -> Response:
+        return error_page(request, exc)
+
+    @app.exception_handler(NotSignedIn)
+    async def _not_signed_in(request: Request, exc: NotSignedIn) -> Response:
+        return error_page(request, PageError(401, exc.message))
+
+    @app.get("/", include_in_schema=False)
+    async def _home() -> Response:
+        return secured(RedirectResponse(HOME, status_code=303))
