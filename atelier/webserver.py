@@ -70,13 +70,14 @@ async def serve_web(stack: Stack) -> AsyncIterator[str]:
     from web.gallery.deliveries import settle_deliveries
 
     app = create_app(web_context(stack))
-    # /metrics, /healthz and /readyz (store and broker reachable) on the web app's own port.
+    # /metrics and /readyz (store and broker reachable) on the web app's own port; /healthz
+    # is the app's own.
     checks = {"store": store_check(stack.sessions), "broker": broker_check(stack.broker)}
     probe = Probe(checks, timeout_s=stack.settings.metrics.check_timeout_s)
     sock = _bind(stack.settings)
     config = uvicorn.Config(
-        with_probe(app, probe), log_level="warning", lifespan="off", proxy_headers=True,
-        access_log=False,
+        with_probe(app, probe, frozenset({"/metrics", "/readyz"})), log_level="warning",
+        lifespan="off", proxy_headers=True, access_log=False,
     )
     server = _InLoopServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -123,13 +123,15 @@ def asgi_app(probe: Probe) -> Callable[..., Awaitable[None]]:
 PROBE_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
-def with_probe(app: Callable[..., Awaitable[None]], probe: Probe) -> Callable[..., Awaitable[None]]:
-    """``app`` with /metrics, /healthz and /readyz answered in front of it (a web app's own
-    port then serves them; every other path and the lifespan go to ``app``)."""
+def with_probe(
+    app: Callable[..., Awaitable[None]], probe: Probe, paths: frozenset[str] = PROBE_PATHS
+) -> Callable[..., Awaitable[None]]:
+    """``app`` with the probe's ``paths`` answered in front of it (a web app's own port then
+    serves them; every other path and the lifespan go to ``app``)."""
     endpoints = asgi_app(probe)
 
     async def wrapped(scope: Mapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] in PROBE_PATHS:
+        if scope["type"] == "http" and scope["path"] in paths:
             await endpoints(scope, receive, send)
         else:
             await app(scope, receive, send)
