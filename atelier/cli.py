@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from atelier import serve, webserver
+from atelier.apikey_cli import apikey_app
 from atelier.wiring import (
     console,
     fail,
@@ -30,6 +31,7 @@ app.add_typer(account_app, name="account")
 app.add_typer(credits_app, name="credits")
 bot_app = typer.Typer(help="Chat bots as processes of their own.", no_args_is_help=True)
 app.add_typer(bot_app, name="bot")
+app.add_typer(apikey_app, name="apikey")
 
 _settings = settings_or_exit
 _fail = fail
@@ -160,7 +162,8 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list() -> None:
     """List the registered models and whether each is available on this machine."""
-    from cluster.registry import ModelRegistry, registry_table_rows
+    from cluster.availability import registry_table_rows
+    from cluster.registry import ModelRegistry
 
     settings = _settings()
     try:
@@ -179,10 +182,13 @@ def models_list() -> None:
             str(row["default_size"]),
             str(row["default_steps"]),
             f"{row['min_vram_gb']:g}G",
-            "yes" if row["available"] else "no",
+            str(row["availability"]) if row["available"] else "no",
             str(row["source"]),
         )
     console.print(table)
+    for row in registry_table_rows(registry):
+        if not row["available"]:
+            console.print(f"{row['name']}: {row['how']}", markup=False)
 
 
 @models_app.command("make-tiny")

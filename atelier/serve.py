@@ -7,10 +7,12 @@ import contextlib
 import getpass
 import json
 import signal
+import socket
 import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,6 +31,9 @@ from core.jobs import DeliveryTarget, Requester
 from core.logs import setup_logging
 from core.redact import redact_url
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from cluster.registry import ModelRegistry
 
 Stopper = Callable[[], Awaitable[None]]
 
@@ -128,7 +133,9 @@ async def _up(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with local_stack(settings) as stack, serve_web(stack) as web_url:
+    # A stable dispatcher name: restarted after a crash, it takes back its jobs in flight at once.
+    name = f"{socket.gethostname()}-up"
+    async with local_stack(settings, dispatcher_name=name) as stack, serve_web(stack) as web_url:
         con.print("[bold]Atelier is up[/bold]")
         for line in web_lines(settings, web_url):
             con.print(f"  {line}")
@@ -136,6 +143,13 @@ async def _up(settings: Settings) -> None:
             con.print(f"  {note}")
         con.print(f"  database: {redact_url(settings.db_url)}")
         con.print(f"  data dir: {settings.data_dir}")
+        con.print("  models:")
+        for line in model_lines(stack.client.models):
+            con.print(f"    {line}", markup=False)
+        available = await stack.client.available_models()
+        # The hint names a model that runs here when the default does not.
+        pick = "" if stack.client.models.default in available or not available else (
+            f" --model {available[0]}")
         bots = await _start_bots(settings, stack)
         con.print(
             "  bots: "
@@ -144,12 +158,20 @@ async def _up(settings: Settings) -> None:
                 or "none (set ATELIER_TELEGRAM_TOKEN to run the Telegram bot)"
             )
         )
-        con.print('Ctrl-C stops it. Try: atelier imagine "a red fox --style watercolor"')
+        con.print(f'Ctrl-C stops it. Try: atelier imagine "a red fox --style watercolor"{pick}',
+                  markup=False)
         try:
             await stop.wait()
         finally:
             for _, stopper in bots:
                 await stopper()
+
+
+def model_lines(models: ModelRegistry) -> list[str]:
+    """Each model's availability here, one line each (how to get the missing ones)."""
+    from cluster.availability import registry_availability
+
+    return [a.line() for a in registry_availability(models).values()]
 
 
 async def _start_bots(settings: Settings, stack: Stack) -> list[tuple[str, Stopper]]:

@@ -178,11 +178,16 @@ def stop_on_signals() -> asyncio.Event:
 
 @contextlib.asynccontextmanager
 async def local_stack(
-    settings: Settings, *, dispatcher: bool = True, workers: bool = True
+    settings: Settings, *, dispatcher: bool = True, workers: bool = True,
+    dispatcher_name: str | None = None,
 ) -> AsyncIterator[Stack]:
     """Start the single-box stack: the migrated store, Redis when it answers (else the
     in-process broker), Ray on 127.0.0.1 with one worker actor per local device, a dispatcher
-    and the client. Everything stops when the block ends."""
+    and the client. Everything stops when the block ends.
+
+    ``dispatcher_name``: its consumer name, unique among the dispatchers sharing the broker.
+    A stable one (`atelier up`) lets a restarted service take back its jobs in flight at once;
+    the default (host and pid) suits a one-off run."""
     import ray
 
     from cluster.worker import init_local_ray, spawn_worker
@@ -229,7 +234,7 @@ async def local_stack(
                 # 4. The dispatcher, in this process, over the workers just started.
                 pool = await WorkerPool.from_handles(handles)
                 stack.dispatcher = make_dispatcher(
-                    settings, sessions, broker, pool, models=models
+                    settings, sessions, broker, pool, models=models, name=dispatcher_name
                 )
                 task = asyncio.create_task(stack.dispatcher.run(stop))
                 stack.notes.append(f"dispatcher: {stack.dispatcher.name}")

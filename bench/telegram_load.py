@@ -4,7 +4,7 @@ dispatcher and a local Ray worker with the tiny pipeline. Prints time to the fir
 status message) and to the image, p50/p99/max.
 
     .venv/bin/python bench/telegram_load.py [--users 50] [--size 64] [--steps 2] [--workers 1]
-        [--timeout 600] [--log-level INFO]
+        [--timeout 600] [--log-level INFO] [--overall-per-s 30]
 
 Needs redis-server on PATH. The bot runs with Telegram's real flood limits (30 messages/s
 overall, ~1/s per chat), so the numbers include that pacing.
@@ -85,6 +85,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
 
     from atelier.service import make_client, make_dispatcher, open_db
     from bots.telegram.fake_api import FakeTelegram
+    from bots.telegram.ratelimit import FloodLimiter
     from bots.telegram.run import start_bot
     from cluster.broker_redis import RedisBroker
     from cluster.placement import WorkerPool
@@ -128,7 +129,13 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     )
     dispatching = asyncio.create_task(dispatcher.run(stop))
     await fake.start()
-    bot = await start_bot(settings, client, broker, poll_timeout=1)
+    bot = await start_bot(
+        settings,
+        client,
+        broker,
+        poll_timeout=1,
+        rate_limiter=FloodLimiter(overall_per_s=args.overall_per_s),
+    )
 
     # 2. Warm the model up (a first load is not what this measures).
     await fake.send(FIRST_USER - 1, f"/imagine warm up --w {args.size} --h {args.size} --steps 1")
@@ -201,6 +208,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--overall-per-s",
+        type=float,
+        default=30.0,
+        help="the bot's overall flood budget (Telegram's is about 30 messages/s); a higher "
+        "one shows what the rest of the path costs",
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"

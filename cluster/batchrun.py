@@ -25,7 +25,14 @@ from cluster.registry import ModelLoadError
 from cluster.settling import Held, Settler
 from cluster.worker import WorkerFailed, WorkerLost, run_batch
 from core import metrics
-from core.errors import ContentBlocked, ImageRejected, InvalidRequest, NotFound, PromptTooLong
+from core.errors import (
+    ContentBlocked,
+    ImageRejected,
+    InvalidRequest,
+    ModelUnavailable,
+    NotFound,
+    PromptTooLong,
+)
 from core.jobs import JobStatus
 from core.logs import set_job
 from core.settings import Dispatch
@@ -43,6 +50,8 @@ BATCH_HISTORY = 1000
 USER_INPUT_CODES = frozenset(
     {InvalidRequest.code, PromptTooLong.code, ImageRejected.code, ContentBlocked.code}
 )
+# Worker error codes no retry can change: the job fails at once (the message is the person's).
+PERMANENT_CODES = frozenset({ModelUnavailable.code})
 
 
 @dataclass(frozen=True)
@@ -61,9 +70,12 @@ class BatchRunner:
     def __init__(
         self, *, dispatch: Dispatch, broker: Broker, workers: WorkerPool, settle: Settler,
         db: Store, lease_s: float, progress_interval_s: float, cancel_poll_s: float,
+        owner: str | None = None,
     ) -> None:
         """``lease_s``: a running job whose row was not refreshed for this long counts as
-        abandoned, so a new start may take it over."""
+        abandoned, so a new start may take it over. ``owner``: the dispatcher's name, recorded
+        on the jobs it starts (a restart under that name takes them back at once)."""
+        self.owner = owner
         self.job_timeout_s = dispatch.job_timeout_s
         self.worker_lease_s = dispatch.worker_lease_s
         self.broker = broker
@@ -140,7 +152,7 @@ class BatchRunner:
         ids = [h.job_id for h in live]
         won = await self._db(
             lambda s: job_repo.start_attempts(session=s, job_ids=ids, now=now,
-                                              stale_before=stale_before)
+                                              stale_before=stale_before, owner=self.owner)
         )
         started = []
         for h in live:
@@ -226,6 +238,12 @@ class BatchRunner:
 
     async def _worker_failed(self, slot: WorkerSlot, jobs: list[Held], exc: WorkerFailed) -> None:
         by_id = {h.job_id: h for h in jobs}
+        if exc.error_code in PERMANENT_CODES:
+            # No retry can mend it (the model's files are missing, say): the batch's jobs, all
+            # of one model, fail now and are refunded.
+            for h in jobs:
+                await self.settle.fail(h, user_reason(exc, h.model.name))
+            return
         if exc.job_id is not None and exc.job_id in by_id:
             # The worker named the job at fault (its input): fail it, run the others again.
             culprit = by_id[exc.job_id]
@@ -334,7 +352,7 @@ def user_reason(exc: WorkerFailed, model: str) -> str:
     """What a job's owner is told when the worker failed it: the worker's own message only
     where it is about the job's input (written for its owner); otherwise a plain line
     without the server's paths or exception text, which the operator log keeps."""
-    if exc.error_code in USER_INPUT_CODES:
+    if exc.error_code in USER_INPUT_CODES or exc.error_code in PERMANENT_CODES:
         return exc.message
     if exc.error_code == ModelLoadError.code:
         return f"model {model!r} could not be loaded on the worker; the operator has been told"

@@ -105,6 +105,13 @@ class Broker(ABC):
         """
 
     @abstractmethod
+    async def own_pending_jobs(self, consumer: str, count: int = 100) -> list[JobEntry]:
+        """Up to ``count`` entries delivered to ``consumer`` and not acked, oldest first: what a
+        dispatcher of that name held when its process stopped. They stay ``consumer``'s, and
+        reading them neither counts a delivery nor resets their idle time. Pending entries
+        whose stream entry is gone are acked away, not returned."""
+
+    @abstractmethod
     async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
         """Reset the idle time of entries ``consumer`` still works on, without counting a delivery.
 
@@ -170,6 +177,19 @@ class Broker(ABC):
         """True for the first caller in ``ttl_s`` seconds (a SET NX with a TTL): the
         dispatcher that may re-announce ``job_id`` this period, so several dispatchers
         re-announce an undelivered job once, not once each."""
+
+    # Which models the workers can load ----------------------------------------------------
+
+    @abstractmethod
+    async def publish_worker_models(
+        self, worker_id: str, models: Sequence[str], ttl_s: float = keys.WORKER_MODELS_TTL_S
+    ) -> None:
+        """Record for ``ttl_s`` seconds that worker ``worker_id`` can load ``models``
+        (replacing what was published for it before)."""
+
+    @abstractmethod
+    async def worker_models(self) -> dict[str, frozenset[str]]:
+        """What was published for each worker whose record has not lapsed, by worker id."""
 
     # Stats and housekeeping ---------------------------------------------------------------
 

@@ -160,6 +160,8 @@ class MemoryBroker(Broker):
         self._subscribers: dict[str, set[asyncio.Queue[object]]] = {}
         self._cancels: dict[str, float] = {}  # job id -> monotonic expiry
         self._redeliveries: dict[str, float] = {}  # job id -> monotonic expiry of the claim
+        self._worker_models: dict[str, frozenset[str]] = {}
+        self._worker_models_until: dict[str, float] = {}  # worker id -> monotonic expiry
 
     def _check_open(self) -> None:
         if self._closed:
@@ -204,6 +206,25 @@ class MemoryBroker(Broker):
         idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
         got = self._jobs.claim(keys.DISPATCHER_GROUP, consumer, idle, count)
         return [_job(eid, fields, n) for eid, fields, n in got]
+
+    async def own_pending_jobs(self, consumer: str, count: int = 100) -> list[JobEntry]:
+        keys.check_consumer(consumer)
+        self._check_open()
+        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
+        if group is None:
+            return []
+        out: list[JobEntry] = []
+        for sid in sorted(group.pel):
+            pending = group.pel[sid]
+            if pending.consumer != consumer:
+                continue
+            if sid not in self._jobs.data:
+                del group.pel[sid]  # deleted while pending: nobody can process it
+                continue
+            out.append(_job(format_id(sid), dict(self._jobs.data[sid]), pending.deliveries))
+            if len(out) >= count:
+                break
+        return out
 
     async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
         keys.check_consumer(consumer)
@@ -305,6 +326,24 @@ class MemoryBroker(Broker):
             return False
         self._redeliveries[job_id] = now + max(ttl_s, 0.001)
         return True
+
+    # Which models the workers can load ----------------------------------------------------
+
+    async def publish_worker_models(
+        self, worker_id: str, models: Sequence[str], ttl_s: float = keys.WORKER_MODELS_TTL_S
+    ) -> None:
+        keys.worker_models_key(worker_id)
+        self._check_open()
+        now = _drop_expired(self._worker_models_until)
+        self._worker_models_until[worker_id] = now + max(ttl_s, 0.001)
+        self._worker_models[worker_id] = frozenset(models)
+
+    async def worker_models(self) -> dict[str, frozenset[str]]:
+        self._check_open()
+        _drop_expired(self._worker_models_until)
+        for gone in self._worker_models.keys() - self._worker_models_until.keys():
+            del self._worker_models[gone]
+        return dict(self._worker_models)
 
     # Stats and housekeeping ---------------------------------------------------------------
 

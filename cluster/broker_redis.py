@@ -229,6 +229,39 @@ class RedisBroker(Broker):
             )
             return await self._jobs(raws)
 
+    async def own_pending_jobs(self, consumer: str, count: int = 100) -> list[JobEntry]:
+        keys.check_consumer(consumer)
+        stream, group = keys.JOBS_STREAM, keys.DISPATCHER_GROUP
+        async with self._errors("reading own pending jobs"):
+            try:
+                pending = await self._redis.xpending_range(
+                    stream, group, min="-", max="+", count=count, consumername=consumer
+                )
+            except ResponseError as exc:
+                if _is_nogroup(exc):
+                    return []  # no group yet (or Redis restarted): nothing is pending
+                raise
+            if not pending:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in pending:
+                    pipe.xrange(stream, min=p["message_id"], max=p["message_id"], count=1)
+                found = await pipe.execute()
+            out: list[JobEntry] = []
+            gone: list[str] = []
+            for p, rows in zip(pending, found, strict=True):
+                eid = str(p["message_id"])
+                if not rows or not rows[0][1]:
+                    gone.append(eid)
+                    continue
+                raw: _Raw = (eid, rows[0][1], int(p["times_delivered"]))
+                out.extend(await self._jobs([raw]))
+            if gone:
+                log.warning("acking %d own entries deleted while pending: %s", len(gone),
+                            gone[:10])
+                await self._redis.xack(stream, group, *gone)
+            return out
+
     async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
         keys.check_consumer(consumer)
         if not entry_ids:
@@ -337,6 +370,33 @@ class RedisBroker(Broker):
         key = keys.redeliver_key(job_id)
         async with self._errors("claiming a re-announcement"):
             return bool(await self._redis.set(key, "1", px=max(1, int(ttl_s * 1000)), nx=True))
+
+    # Which models the workers can load ----------------------------------------------------
+
+    async def publish_worker_models(
+        self, worker_id: str, models: Sequence[str], ttl_s: float = keys.WORKER_MODELS_TTL_S
+    ) -> None:
+        key = keys.worker_models_key(worker_id)
+        async with self._errors("publishing a worker's models"):
+            await self._redis.set(key, json.dumps(sorted(models)), px=max(1, int(ttl_s * 1000)))
+
+    async def worker_models(self) -> dict[str, frozenset[str]]:
+        async with self._errors("reading the workers' models"):
+            found = [k async for k in self._redis.scan_iter(
+                match=keys.WORKER_MODELS_PREFIX + "*", count=100)]
+            values = await self._redis.mget(found) if found else []
+        out: dict[str, frozenset[str]] = {}
+        for key, value in zip(found, values, strict=True):
+            if value is None:  # lapsed between the scan and the read
+                continue
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            try:
+                models = json.loads(value)
+            except ValueError:
+                log.warning("ignoring %s: not a JSON list", name)
+                continue
+            out[name.removeprefix(keys.WORKER_MODELS_PREFIX)] = frozenset(map(str, models))
+        return out
 
     # Stats and housekeeping ---------------------------------------------------------------
 

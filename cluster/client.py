@@ -15,16 +15,26 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, func, select
 
+from cluster.availability import loadable_models, model_availability
 from cluster.broker import Broker, BrokerUnavailable
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
-from cluster.registry import ModelRegistry
+from cluster.registry import ModelRegistry, how_to_get
 from core.cost import job_cost_for
-from core.errors import AtelierError, Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
+from core.errors import (
+    AtelierError,
+    Conflict,
+    Forbidden,
+    InsufficientCredits,
+    InvalidRequest,
+    ModelUnavailable,
+    NotFound,
+    RateLimited,
+)
 from core.jobs import CANCELLED_BY_OWNER, DeliveryTarget, JobStatus, Requester
 from core.prompts import Blocklist, default_blocklist, prepare_prompt
 from core.recipe import effective_strength, min_denoising_steps
 from core.request import GenerationRequest
-from core.settings import Settings
+from core.settings import Settings, Tier
 from core.styles import StyleRegistry, default_registry
 from storage import accounts, gallery, ledger
 from storage import jobs as job_repo
@@ -53,6 +63,17 @@ class SubmittedJob:
     created: bool
     position: int | None  # queued jobs up to this one, all accounts (None once started)
     images_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What ``quote`` found: the prepared request and its price, or the job an idempotency key
+    already made (``repeat_of``; nothing to post again)."""
+
+    request: GenerationRequest
+    cost: int
+    credits: int | None  # what the person can spend now (None for a repeat)
+    repeat_of: str | None
 
 
 class Client:
@@ -85,7 +106,9 @@ class Client:
     # Submitting --------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest, requester: Requester) -> GenerationRequest:
-        """Validate what needs no database and resolve the model name and the seed.
+        """Validate what needs no database and resolve the model name, what the person left to
+        the model (size, steps, guidance, scheduler: its registry defaults) and the seed. The
+        result is what runs and what is priced.
 
         Raises ContentBlocked (nothing is charged) or InvalidRequest naming the bad value.
         """
@@ -93,22 +116,22 @@ class Client:
         self.blocklist.check(request.prompt, requester.nsfw_allowed)
         # 2. Styles exist and the styled prompts fit the text encoder (estimated tokens).
         prepare_prompt(request, self.styles, self.blocklist, requester.nsfw_allowed)
-        # 3. The model exists and the size and steps are within what it supports.
+        # 3. The model exists; what the person left out is the model's default; the size and
+        #    steps are within what it supports.
         spec = self.models.get(request.model)
-        for side, top in (("width", spec.max_width), ("height", spec.max_height)):
-            if getattr(request, side) > top:
-                raise InvalidRequest(
-                    f"{side} must be at most {top} for model {spec.name}, "
-                    f"got {getattr(request, side)}"
-                )
-        if request.steps > spec.max_steps:
-            raise InvalidRequest(
-                f"{spec.name} runs at most {spec.max_steps} steps, got {request.steps}"
-            )
+        request = request.with_model_defaults(spec.defaults)
+        p = request.params()
+        for side, value, top in (("width", p.width, spec.max_width),
+                                 ("height", p.height, spec.max_height)):
+            if value > top:
+                raise InvalidRequest(f"{side} must be at most {top} for model {spec.name}, "
+                                     f"got {value}")
+        if p.steps > spec.max_steps:
+            raise InvalidRequest(f"{spec.name} runs at most {spec.max_steps} steps, got {p.steps}")
         strength = effective_strength(request)
-        if strength is not None and request.steps < (least := min_denoising_steps(strength)):
+        if strength is not None and p.steps < (least := min_denoising_steps(strength)):
             raise InvalidRequest(
-                f"{request.steps} steps at strength {strength:g} leave no denoising step; "
+                f"{p.steps} steps at strength {strength:g} leave no denoising step; "
                 f"use at least {least} steps"
             )
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
@@ -123,15 +146,16 @@ class Client:
     ) -> SubmittedJob:
         """Accept a job: validate, charge (reserve) and queue it, exactly once per key.
 
-        Raises ContentBlocked, InvalidRequest, RateLimited or InsufficientCredits; in every
-        case nothing is charged and no job row is left behind.
+        Raises ContentBlocked, InvalidRequest, ModelUnavailable, RateLimited or
+        InsufficientCredits; in every case nothing is charged and no job row is left behind.
         """
-        # 1. Checks that need no database.
+        # 1. Checks that need no database, then that some worker can load the model.
         request = self.prepare(request, requester)
         if not idempotency_key or len(idempotency_key) > 200:
             raise InvalidRequest(
                 f"idempotency key must be 1 to 200 characters, got {len(idempotency_key)}"
             )
+        await self.check_model_available(request.model)
 
         # 2. The account (created on first contact) and its tier's size limit.
         account = await self.account(requester)
@@ -152,12 +176,7 @@ class Client:
                 return existing, False
             # The lock makes count-then-insert atomic on PostgreSQL too (SQLite: BEGIN IMMEDIATE).
             ledger.lock_accounts(session, [account.id])
-            in_flight = job_repo.running_jobs_count(session=session, account_id=account.id)
-            if in_flight >= tier.concurrency:
-                raise RateLimited(
-                    f"you already have {in_flight} jobs queued or running; the {account.tier} "
-                    f"tier allows {tier.concurrency} at a time, so wait for one to finish"
-                )
+            _check_concurrency(session, account, tier)
             job, created = job_repo.create_job(
                 session=session,
                 idempotency_key=idempotency_key,
@@ -201,6 +220,97 @@ class Client:
         log.debug("job %s: prompt %r", job.id, request.prompt)
         return SubmittedJob(
             job.id, job.status, cost, True, await self._position(job), request.images_out
+        )
+
+    async def quote(
+        self, request: GenerationRequest, requester: Requester, idempotency_key: str
+    ) -> Quote:
+        """Check a request as ``submit`` will and price it, writing nothing: a front end
+        refuses before it posts anything. Raises what ``submit`` raises (ContentBlocked,
+        InvalidRequest, ModelUnavailable, RateLimited, InsufficientCredits); ``submit`` still
+        checks again."""
+        request = self.prepare(request, requester)
+        await self.check_model_available(request.model)
+        now = utcnow()
+
+        def read(session: Session) -> Quote:
+            existing = job_repo.find_job(session=session, idempotency_key=idempotency_key)
+            if existing is not None:
+                return Quote(request, existing.cost, None, existing.id)
+            try:
+                account: AccountRead | None = accounts.find_account(
+                    session=session,
+                    platform=requester.platform,
+                    platform_user_id=requester.platform_user_id,
+                )
+            except NotFound:
+                account = None  # first contact: submit creates it with the default tier
+            tier_name = account.tier if account is not None else self.settings.default_tier
+            tier = self.settings.tier(tier_name)
+            request.check_limits(self.settings.limits, max_side=tier.max_side)
+            cost = job_cost_for(request, self.settings)
+            if account is None:
+                available = tier.daily_allowance
+            else:
+                _check_concurrency(session, account, tier)
+                available = ledger.peek_balance(
+                    session=session, account_id=account.id, now=now, tiers=self.settings.tiers
+                ).total
+            if available < cost:
+                # As the reservation in submit would say it.
+                raise InsufficientCredits(
+                    f"this needs {cost} credit{'s' if cost != 1 else ''}; you have {available}",
+                    needed=cost,
+                    available=available,
+                )
+            return Quote(request, cost, available, None)
+
+        return await self._db(read, read_only=True)
+
+    async def live_jobs(self, frontend: str) -> list[JobRead]:
+        """Queued and running jobs to be delivered to ``frontend`` (a restarted bot follows
+        their progress again)."""
+        jobs = await self._db(lambda s: job_repo.unfinished_jobs(session=s), read_only=True)
+        return [j for j in jobs if j.delivery.frontend == frontend]
+
+    # Which models can run ------------------------------------------------------------------
+
+    async def _published_models(self) -> frozenset[str] | None:
+        """The union of what the live workers can load, as their dispatchers published it;
+        None before any has (start-up) or while the broker does not answer."""
+        try:
+            by_worker = await self.broker.worker_models()
+        except BrokerUnavailable:
+            return None
+        return frozenset().union(*by_worker.values()) if by_worker else None
+
+    async def available_models(self) -> list[str]:
+        """The registry's models a job can use now, in registry order: those some worker can
+        load, or, before any worker has told, those this machine can load. What front ends
+        offer and list (``/help``)."""
+        published = await self._published_models()
+        if published is not None:
+            return [n for n in self.models.names() if n in published]
+        return await asyncio.to_thread(loadable_models, self.models)
+
+    async def check_model_available(self, name: str | None) -> None:
+        """Raise ModelUnavailable, with one line on how to get it, when no worker can load
+        model ``name`` (the default when None); InvalidRequest for an unknown name."""
+        spec = self.models.get(name)
+        published = await self._published_models()
+        if published is not None and spec.name in published:
+            return
+        here = await asyncio.to_thread(model_availability, spec)
+        if published is None:  # no worker has told yet: what this machine has stands for it
+            if here.loadable:
+                return
+            raise ModelUnavailable(
+                f"model '{spec.name}' is not available: {here.why}. To get it: {here.how}"
+            )
+        why = f" ({here.why})" if here.why else ""
+        raise ModelUnavailable(
+            f"model '{spec.name}' is not available on any worker{why}. "
+            f"To get it: {here.how or how_to_get(spec)}"
         )
 
     async def _position(self, job: JobRead) -> int | None:
@@ -415,6 +525,16 @@ class Client:
             )
 
         return await self._db(redeem)
+
+
+def _check_concurrency(session: Session, account: AccountRead, tier: Tier) -> None:
+    """RateLimited when the account already has as many jobs in flight as its tier allows."""
+    in_flight = job_repo.running_jobs_count(session=session, account_id=account.id)
+    if in_flight >= tier.concurrency:
+        raise RateLimited(
+            f"you already have {in_flight} jobs queued or running; the {account.tier} "
+            f"tier allows {tier.concurrency} at a time, so wait for one to finish"
+        )
 
 
 def queue_position(session: Session, job: JobRead) -> int:

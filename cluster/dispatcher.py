@@ -18,11 +18,12 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
+from cluster import keys
 from cluster.autoscale import UNPLACED, Autoscaler, class_for
 from cluster.batching import FairQueue, Waiting
 from cluster.batchrun import BatchRecord, BatchRunner, find_job
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
-from cluster.placement import WorkerPool, WorkerSlot
+from cluster.placement import WorkerPool, WorkerSlot, publish_loadable
 from cluster.reconcile import REDELIVER_BATCH, REQUEUE_GRACE_S, Reconciler
 from cluster.registry import ModelRegistry
 from cluster.settling import Held, Settler
@@ -143,7 +144,7 @@ class Dispatcher:
         self.runner = BatchRunner(
             dispatch=dispatch, broker=broker, workers=workers, settle=self.settle, db=self._db,
             lease_s=self.lease_s, progress_interval_s=pacing.progress_interval_s,
-            cancel_poll_s=pacing.cancel_poll_s,
+            cancel_poll_s=pacing.cancel_poll_s, owner=name,
         )
 
     @property
@@ -249,6 +250,13 @@ class Dispatcher:
         if self._every("epoch", self.pacing.epoch_check_s):
             epoch = await self.broker.server_epoch()
             if self._epoch is None:
+                # What this name held when its previous process stopped (killed mid-job, say):
+                # taken back now, not after the claim timeout (start_attempts' owner check).
+                own = await self.broker.own_pending_jobs(self.name, count=self.pacing.window)
+                if own:
+                    log.info("dispatcher %s: resuming %d entries of its previous process: %s",
+                             self.name, len(own), [e.job_id for e in own])
+                    await self._admit(own)
                 self._epoch = epoch
                 await self.reconciler.requeue_lost(everything=False)
             elif epoch != self._epoch:
@@ -268,6 +276,9 @@ class Dispatcher:
                     await self._admit(claimed)
         if self._every("refresh", self.pacing.refresh_interval_s):
             await self.workers.refresh()
+            # What the workers can load, for submit's check (lapses if we stop refreshing).
+            ttl_s = max(keys.WORKER_MODELS_TTL_S, 3 * self.pacing.refresh_interval_s)
+            await publish_loadable(self.workers, self.broker, ttl_s)
         if self._every("reconcile", self.pacing.reconcile_interval_s):
             await self.reconciler.requeue_lost(everything=False)
             await self.reconciler.redeliver(everything=False)
@@ -399,8 +410,10 @@ class Dispatcher:
         if job.status.finished:
             await self.settle.announce(job, [entry])
             return
-        # 2. Running with a fresh lease: another dispatcher has it; this entry is a duplicate.
-        if job.status is JobStatus.running and job.updated_at >= stale_before:
+        # 2. Running with a fresh lease: another dispatcher has it; this entry is a duplicate
+        #    (unless it ran under our name: our previous process, killed; we take it back).
+        if (job.status is JobStatus.running and job.updated_at >= stale_before
+                and job.owner != self.name):
             log.info("job %s: running elsewhere; acking duplicate entry %s", job.id,
                      entry.entry_id)
             await self.broker.ack_job(entry.entry_id)

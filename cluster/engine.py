@@ -3,6 +3,7 @@ call with per-image prompts and seeds; images come back as PNGs carrying A1111 i
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -126,14 +127,17 @@ class Engine:
         ``max_batch_pixels``). Raises InvalidRequest, JobRejected, ModelLoadError, or
         GenerationCancelled when every job is cancelled; a partly cancelled batch finishes
         and leaves out the cancelled jobs' images."""
-        # 1. Check inputs: one batch key, resolved seeds, unique job ids.
+        # 1. Check inputs: one batch key, resolved seeds, unique job ids; what a request left
+        #    to its model (one that did not come through submit) gets the model's defaults.
+        items = [self._with_defaults(item) for item in items]
         first = self._check_inputs(items)
         job_ids = frozenset(item.job_id for item in items)
         with self._lock:
             # 2. The pipeline for this kind, viewed with this batch's scheduler.
             spec = self.cache.registry.get(first.model)
             base = self.cache.get(spec.name, pipeline_kind(first))
-            scheduler = self._schedulers.get(spec.name, first.scheduler, base.scheduler.config)
+            p = first.params()
+            scheduler = self._schedulers.get(spec.name, p.scheduler, base.scheduler.config)
             pipe = with_scheduler(base, scheduler)
 
             # 3. Prompts per style and seeds per image: one slot per output image.
@@ -142,11 +146,11 @@ class Engine:
 
             # 4.-5. Per-image generators and run, in calls that fit the device's batch budget.
             profile = self.cache.profile_of(spec.name)
-            per_call = max(1, profile.max_batch_pixels // (first.width * first.height))
+            per_call = max(1, profile.max_batch_pixels // (p.width * p.height))
             chunks = [slots[i : i + per_call] for i in range(0, len(slots), per_call)]
             progress = _Progress(job_ids, len(chunks), on_progress, cancelled)
             outputs: list[tuple[_Slot, Image.Image]] = []
-            with _vae_tiling(pipe, profile.needs_vae_tiling(first.width, first.height)):
+            with _vae_tiling(pipe, profile.needs_vae_tiling(p.width, p.height)):
                 for progress.chunk, chunk in enumerate(chunks):
                     gone = _cancelled_now(cancelled)
                     live = [s for s in chunk if s.job_id not in gone]
@@ -162,6 +166,12 @@ class Engine:
         ]
 
     # Steps ------------------------------------------------------------------------------
+
+    def _with_defaults(self, item: BatchItem) -> BatchItem:
+        if not item.request.unresolved:
+            return item
+        spec = self.cache.registry.get(item.request.model)
+        return dataclasses.replace(item, request=item.request.with_model_defaults(spec.defaults))
 
     def _check_inputs(self, items: Sequence[BatchItem]) -> GenerationRequest:
         if not items:
@@ -329,7 +339,8 @@ def _inputs(request: GenerationRequest) -> tuple[Image.Image | None, Image.Image
     """
     from PIL import Image
 
-    size = (request.width, request.height)
+    width, height, _ = request.size_and_steps()
+    size = (width, height)
     image = mask = None
     if request.init_image is not None and pipeline_kind(request) is not JobKind.txt2img:
         image = decode_png_rgb(request.init_image)

@@ -40,6 +40,12 @@ CANCEL_TTL_S = 3600
 # Retention: a TTL of that period.
 REDELIVER_PREFIX = f"{PREFIX}:redeliver:"
 
+# The models a worker can load (its node's files and Hugging Face cache), published for it by the
+# dispatchers that see it, read by submit (a job for a model no live worker can load is refused).
+# Retention: a TTL of a few refresh periods (WORKER_MODELS_TTL_S), so a gone worker's key lapses.
+WORKER_MODELS_PREFIX = f"{PREFIX}:worker-models:"
+WORKER_MODELS_TTL_S = 60.0
+
 FRONTEND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # Job ids are made by the store (uuid/ulid/integer), never by a person; still checked, since they
 # end up in key names.
@@ -92,3 +98,8 @@ def redeliver_key(job_id: str) -> str:
     """``atelier:redeliver:{job_id}``: present (with a TTL) while one dispatcher's
     re-announcement of the job stands for all."""
     return REDELIVER_PREFIX + check_job_id(job_id)
+
+
+def worker_models_key(worker_id: str) -> str:
+    """``atelier:worker-models:{worker_id}``: the models a worker can load, with a TTL."""
+    return WORKER_MODELS_PREFIX + check_consumer(worker_id)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cluster.broker import Broker
 from cluster.registry import ModelSpec
 from cluster.worker import WorkerInfo, WorkerLost
 
@@ -174,9 +175,20 @@ class WorkerPool:
     def idle(self) -> list[WorkerSlot]:
         return [s for s in self.live() if s.batches < self.batches_per_worker]
 
+    @staticmethod
+    def can_load(slot: WorkerSlot, spec: ModelSpec) -> bool:
+        """Whether ``slot`` said its node can load ``spec`` (one that did not tell may)."""
+        told = slot.info.loadable_models
+        return told is None or spec.name in told
+
     def choose(self, spec: ModelSpec) -> WorkerSlot | None:
-        """The best idle live worker for ``spec``: model loaded > fits > least busy."""
+        """The best idle live worker for ``spec``: model loaded > fits > least busy. While a
+        live worker that fits can load the model, only those: a node lacking the files must
+        not fail a job another node could run. When none can, one tries, and the job fails
+        at once (ModelUnavailable)."""
         candidates = [s for s in self.idle() if self.fits(s, spec)]
+        if any(self.can_load(s, spec) for s in self.live() if self.fits(s, spec)):
+            candidates = [s for s in candidates if self.can_load(s, spec)]
         if not candidates:
             return None
 
@@ -228,3 +240,15 @@ def ray_discovery(prefix: str) -> Any:
 
 async def _await_ref(ref: Any) -> Any:
     return await ref
+
+
+async def publish_loadable(pool: WorkerPool, broker: Broker, ttl_s: float) -> int:
+    """Publish through ``broker`` the models each live worker said it can load, for ``ttl_s``
+    seconds (submit refuses a model no published worker can load). Returns how many workers
+    were published; a dead worker is left to lapse."""
+    published = 0
+    for slot in pool.live():
+        if slot.info.loadable_models is not None:
+            await broker.publish_worker_models(slot.worker_id, slot.info.loadable_models, ttl_s)
+            published += 1
+    return published

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.errors import AtelierError, ConfigError, InvalidRequest
-from core.request import JobKind, canonical_scheduler
+from core.errors import AtelierError, ConfigError, InvalidRequest, ModelUnavailable
+from core.request import JobKind, ModelDefaults, canonical_scheduler
 from core.settings import Settings, WorkerConfig
 
 if TYPE_CHECKING:
@@ -167,6 +167,14 @@ class ModelSpec(BaseModel):
     @property
     def location(self) -> str:
         return str(self.repo or self.path or self.file)
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        """What a request that leaves size, steps, guidance or scheduler out gets."""
+        return ModelDefaults(
+            width=self.default_width, height=self.default_height, steps=self.default_steps,
+            guidance=self.guidance, scheduler=self.scheduler,
+        )
 
     @property
     def estimated_params(self) -> int:
@@ -332,42 +340,13 @@ class ModelRegistry:
         return len(self._specs)
 
 
-# Local availability and the `atelier models list` table --------------------------------------
+# The hub cache (what cluster/availability.py asks too) -----------------------------------------
 
 
 def _hub_cached(repo: str, filename: str = "model_index.json") -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo, filename), str)
-
-
-def is_available_locally(spec: ModelSpec) -> bool:
-    """Whether loading needs no network (the hub-cache check looks at model_index.json only)."""
-    if spec.path is not None:
-        return (spec.path / "model_index.json").is_file()
-    if spec.file is not None:
-        return spec.file.is_file()
-    return _hub_cached(str(spec.repo))
-
-
-def registry_table_rows(registry: ModelRegistry) -> list[dict[str, Any]]:
-    """One row per model for ``atelier models list``."""
-    return [
-        {
-            "name": s.name,
-            "default": s.name == registry.default,
-            "family": s.family.value,
-            "source": f"{s.source}:{s.location}",
-            "min_vram_gb": s.min_vram_gb,
-            "default_size": f"{s.default_width}x{s.default_height}",
-            "max_size": f"{s.max_width}x{s.max_height}",
-            "default_steps": s.default_steps,
-            "scheduler": s.scheduler,
-            "available": is_available_locally(s),
-            "description": s.description,
-        }
-        for s in registry
-    ]
 
 
 # Loading -------------------------------------------------------------------------------------
@@ -400,6 +379,35 @@ def _fix_broken(spec: ModelSpec) -> str:
     )
 
 
+def _settable(spec: ModelSpec, what: str) -> str:
+    return f"set {what} under [models.{spec.name}] in your models.toml ({MODELS_FILE_VARIABLE})"
+
+
+def how_to_get(spec: ModelSpec) -> str:
+    """One line on how to make ``spec`` available (no server path: a person may read it)."""
+    if spec.source == "repo":
+        fix = (f"run `huggingface-cli download {spec.repo}` on a box with network and copy its "
+               f"Hugging Face cache here, or {_settable(spec, 'path to a downloaded copy')}")
+    elif spec.source == "path":
+        fix = _settable(spec, "path to a Diffusers folder that exists")
+    else:
+        fix = _settable(spec, "file to a .safetensors/.ckpt checkpoint that exists")
+    if spec.hint:  # a model's own remedy (how the tiny models are built) comes first
+        fix = f"{spec.hint}, or {fix}"
+    return fix
+
+
+def _unavailable(
+    spec: ModelSpec, why: str, operator_why: str, fix: str, how: str | None = None
+) -> ModelUnavailable:
+    """A load failure no retry can mend: the person's line (``why``, how to get it) and the
+    operator's (``operator_why`` with paths, and the fix) as its detail."""
+    return ModelUnavailable(
+        f"model '{spec.name}' is not available: {why}. To get it: {how or how_to_get(spec)}",
+        detail=_fail(spec, operator_why, fix).message, model=spec.name,
+    )
+
+
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
@@ -426,7 +434,9 @@ def load_pipeline(
     """Load ``spec`` as its text-to-image pipeline in ``torch_dtype`` (on ``device`` if given).
 
     ``offline`` defaults to HF_HUB_OFFLINE. A repo already in the local hub cache never touches
-    the network. Every failure is a ModelLoadError naming the model, the cause and the fix.
+    the network. A failure no retry can mend (missing files, not cached offline, wrong family,
+    not a pipeline) is a ModelUnavailable; any other is a ModelLoadError (naming the model, the
+    cause and the fix), which another try or another worker may not meet.
     """
     offline = _hub_offline() if offline is None else offline
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -444,12 +454,10 @@ def load_pipeline(
 
     expected = spec.family.pipeline_class
     if type(pipe).__name__ != expected:
-        raise _fail(
-            spec,
-            f"it is a {type(pipe).__name__}, but its family {spec.family.value!r} expects a "
-            f"{expected}",
-            f"Set family to the right one {_where(spec)}",
-        )
+        why = (f"it is a {type(pipe).__name__}, but its family {spec.family.value!r} expects a "
+               f"{expected}")
+        raise _unavailable(spec, why, why, f"Set family to the right one {_where(spec)}",
+                           how=_settable(spec, "family to the right one"))
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -461,10 +469,12 @@ def _load_folder(spec: ModelSpec, kwargs: dict[str, Any]) -> DiffusionPipeline:
 
     folder = Path(str(spec.path))
     if not folder.is_dir():
-        raise _fail(spec, f"folder {folder} does not exist", _fix_location(spec))
+        raise _unavailable(spec, "its folder does not exist", f"folder {folder} does not exist",
+                           _fix_location(spec))
     if not (folder / "model_index.json").is_file():
-        raise _fail(
+        raise _unavailable(
             spec,
+            "its folder has no model_index.json, so it is not a Diffusers pipeline",
             f"folder {folder} has no model_index.json, so it is not a Diffusers pipeline folder",
             f"For a single .safetensors/.ckpt checkpoint set file = ... {_where(spec)}",
         )
@@ -486,16 +496,18 @@ def _load_repo(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) -> Diffus
             return auto.from_pretrained(repo, local_files_only=True, **kwargs)
         except Exception as exc:
             if offline:
-                raise _fail(
+                raise _unavailable(
                     spec,
+                    "it is only partly in the Hugging Face cache and the hub is offline",
                     f"{repo!r} is only partly in the local Hugging Face cache and there is no "
                     f"network ({_cause(exc)})",
                     _fix_download(spec),
                 ) from exc
             log.info("model %r: cached copy incomplete (%s); downloading", spec.name, exc)
     elif offline:
-        raise _fail(
+        raise _unavailable(
             spec,
+            "it is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)",
             f"{repo!r} is not in the local Hugging Face cache and there is no network",
             _fix_download(spec),
         )
@@ -514,7 +526,8 @@ def _load_single_file(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) ->
 
     path = Path(str(spec.file))
     if not path.is_file():
-        raise _fail(spec, f"file {path} does not exist", _fix_location(spec))
+        raise _unavailable(spec, "its checkpoint file does not exist",
+                           f"file {path} does not exist", _fix_location(spec))
     cls = (
         diffusers.StableDiffusionXLPipeline
         if spec.family.is_xl

@@ -18,6 +18,7 @@ import ray
 import ray.exceptions as rex
 from ray._private import ray_constants
 
+from cluster.availability import loadable_models
 from cluster.cache import ModelCache, default_budget_bytes, describe_cache
 from cluster.devices import DeviceInfo, DeviceProfile, best_device, choose_profile, detect_devices
 from cluster.engine import (
@@ -29,7 +30,7 @@ from cluster.engine import (
     ProgressFn,
 )
 from cluster.registry import ModelRegistry
-from core.errors import AtelierError, ConfigError
+from core.errors import AtelierError, ConfigError, ModelUnavailable
 from core.prompts import Blocklist
 from core.settings import Settings, WorkerConfig
 
@@ -63,6 +64,8 @@ ProgressCallback = Callable[[int, int], object]
 # stopped at its next step, so a reclaimed job does not run twice on one device.
 DEFAULT_LEASE_S = 10.0
 LEASE_RENEW_FRACTION = 0.25
+# How long what this node can load (files, Hugging Face cache) is taken as known.
+LOADABLE_TTL_S = 5.0
 
 # The actor, its process or its node is gone or unreachable: try another worker.
 _LOST_ERRORS: tuple[type[BaseException], ...] = (
@@ -90,6 +93,9 @@ class WorkerInfo:
     max_batch_pixels: int
     busy: bool
     node_id: str
+    # The models this worker's node can load (files, Hugging Face cache, or the hub when
+    # online); None when it could not tell (its registry failed to load).
+    loadable_models: list[str] | None = None
 
 
 class WorkerLost(AtelierError):
@@ -176,6 +182,9 @@ class WorkerActor:
         self._leases: dict[str, float] = {}  # batch id -> monotonic time its lease ends
         self._expired: set[str] = set()  # batches whose lease lapsed, until they end
         self._orphans_stopped = 0  # batches stopped because their caller stopped renewing
+        self._registry: ModelRegistry | None = None
+        self._loadable_now: list[str] | None = None
+        self._loadable_at: float | None = None  # monotonic time of the last look
         ctx = ray.get_runtime_context()
         self._worker_id = ctx.get_actor_name() or ctx.get_actor_id() or f"pid-{os.getpid()}"
         self._node_id = ctx.get_node_id()
@@ -189,7 +198,7 @@ class WorkerActor:
             profile=dataclasses.asdict(profile),
             loaded_models=engine.cache.loaded() if engine is not None else [],
             max_batch_pixels=profile.max_batch_pixels, busy=bool(self._running),
-            node_id=self._node_id,
+            node_id=self._node_id, loadable_models=await asyncio.to_thread(self._loadable),
         )
 
     async def health(self) -> dict[str, Any]:
@@ -265,6 +274,24 @@ class WorkerActor:
 
     # Internals --------------------------------------------------------------------------
 
+    def _loadable(self) -> list[str] | None:
+        """The models this node can load now (a few stat calls per model), looked at again
+        every LOADABLE_TTL_S: info() is asked every few seconds and must answer fast."""
+        now = time.monotonic()
+        if self._loadable_at is not None and now - self._loadable_at < LOADABLE_TTL_S:
+            return self._loadable_now
+        engine = self._engine
+        try:
+            if self._registry is None:
+                self._registry = (engine.cache.registry if engine is not None
+                                  else ModelRegistry.load(self._config))
+            self._loadable_now = loadable_models(self._registry)
+        except AtelierError as exc:
+            log.warning("cannot tell which models load here: %s", exc)
+            self._loadable_now = None
+        self._loadable_at = now
+        return self._loadable_now
+
     def _engine_now(self) -> Engine:
         with self._engine_lock:
             if self._engine is None:
@@ -339,6 +366,9 @@ def _final_event(work: asyncio.Future[list[ImageResult]]) -> dict[str, Any]:
         return {"type": "lease_lapsed", "message": exc.message}
     except JobRejected as exc:
         return {"type": "error", "code": exc.code, "message": exc.message, "job_id": exc.job_id}
+    except ModelUnavailable as exc:  # the person's line travels; the paths stay in this log
+        log.error("%s", exc.detail)
+        return {"type": "error", "code": exc.code, "message": exc.message, "job_id": None}
     except AtelierError as exc:
         return {"type": "error", "code": exc.code, "message": exc.message, "job_id": None}
     except Exception:

@@ -27,8 +27,10 @@ def job_cost(
     if base_steps <= 0:
         raise ConfigError(f"base_steps must be positive, got {base_steps}")
     # Fractions, not floats: 1.0000000001 would round a 1-credit job up to 2.
-    size = max(Fraction(1), Fraction(request.width * request.height, base_pixels))
-    length = max(Fraction(1), Fraction(request.steps, base_steps))
+    # Resolved first: the model's defaults are priced like given values.
+    width, height, steps = request.size_and_steps()
+    size = max(Fraction(1), Fraction(width * height, base_pixels))
+    length = max(Fraction(1), Fraction(steps, base_steps))
     return max(1, math.ceil(request.images_out * size * length))
 
 

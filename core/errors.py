@@ -34,6 +34,12 @@ class ImageRejected(InvalidRequest):
     code = "image_rejected"
 
 
+class UnreadableImage(ImageRejected):
+    """An upload that is not a readable image at all (unknown format, corrupt, truncated):
+    a smaller file would not help, another file would. Same code as its parent: callers
+    that sort errors by code (the dispatcher's "not worth retrying") see no new one."""
+
+
 class ContentBlocked(AtelierError):
     """The prompt matches the blocklist for this channel."""
 
@@ -75,6 +81,29 @@ class Conflict(AtelierError):
     code = "conflict"
 
 
+class ModelUnavailable(AtelierError):
+    """A model cannot be loaded where it would run, and retrying will not change that: its
+    files are missing, it is not in the Hugging Face cache offline, it is not a pipeline of its
+    family. ``message`` says how to get it and never holds a server path (a person may see it);
+    ``detail`` is the operator's version (paths, library errors) for the log. Raised at submit
+    (nothing charged) and by a worker's load (the job fails at once, not retried)."""
+
+    code = "model_unavailable"
+
+    def __init__(self, message: str, *, detail: str | None = None, model: str | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.detail = detail or self.message
+        self.model = model
+
+    def __reduce__(self) -> tuple[object, ...]:  # keeps detail and model across processes
+        return (_rebuild_model_unavailable, (self.message, self.detail, self.model))
+
+
+def _rebuild_model_unavailable(message: str, detail: str, model: str | None) -> ModelUnavailable:
+    return ModelUnavailable(message, detail=detail, model=model)
+
+
 class ConfigError(AtelierError):
     """Settings or deployment problem; names the variable or file at fault."""
 
@@ -83,3 +112,9 @@ class ConfigError(AtelierError):
 
 class DatabaseNotMigrated(ConfigError):
     code = "database_not_migrated"
+
+
+class Unauthorized(AtelierError):
+    """No credentials, or credentials that are wrong, revoked or malformed (HTTP 401)."""
+
+    code = "unauthorized"

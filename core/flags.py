@@ -318,8 +318,9 @@ def parse_command(
         elif "height" in given:
             fields["width"] = _round8(fields["height"] * ratio)
         else:
-            width = fields.get("width", _request_default("width"))
-            height = fields.get("height", _request_default("height"))
+            # Without a size the area is 512² (the model, known at submit, is not known here).
+            width = fields.get("width") or BASE_SIDE
+            height = fields.get("height") or BASE_SIDE
             fields["width"], fields["height"] = size_for_aspect(ratio, math.sqrt(width * height))
         source["width"] = source["height"] = given["ar"].typed
 
@@ -365,15 +366,15 @@ def format_request(
         parts.append(f"--style {','.join(req.styles) if req.styles else 'none'}")
     if differs("negative"):
         parts.append(f"--no {req.negative or 'none'}")
-    if differs("width"):
+    if differs("width") and req.width is not None:
         parts.append(f"--w {req.width}")
-    if differs("height"):
+    if differs("height") and req.height is not None:
         parts.append(f"--h {req.height}")
-    if differs("steps"):
+    if differs("steps") and req.steps is not None:
         parts.append(f"--steps {req.steps}")
-    if differs("guidance"):
+    if differs("guidance") and req.guidance is not None:
         parts.append(f"--cfg {_number(req.guidance)}")
-    if differs("scheduler"):
+    if differs("scheduler") and req.scheduler is not None:
         parts.append(f"--sampler {req.scheduler}")
     if req.seed is not None:
         parts.append(f"--seed {req.seed}")

@@ -13,7 +13,7 @@ from typing import Final
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from core.errors import ImageRejected
+from core.errors import ImageRejected, UnreadableImage
 
 ACCEPTED_FORMATS: Final = ("PNG", "JPEG", "WEBP")
 # Fast compression: these PNGs are working copies for the engine, and a 16-megapixel upload
@@ -120,11 +120,13 @@ def _open_checked(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _too_many_pixels(purpose, max_pixels) from None
     except UnidentifiedImageError:
-        raise ImageRejected("only PNG, JPEG or WebP images are accepted") from None
+        raise UnreadableImage("only PNG, JPEG or WebP images are accepted") from None
     except (OSError, SyntaxError, ValueError, EOFError):
         # A known format whose header chunks are broken, or Pillow's cap on text chunks
         # (MAX_TEXT_CHUNK / MAX_TEXT_MEMORY) refusing a metadata bomb.
-        raise ImageRejected(f"the {purpose} file is corrupt or carries too much metadata") from None
+        raise UnreadableImage(
+            f"the {purpose} file is corrupt or carries too much metadata"
+        ) from None
 
     width, height = img.size
     if width * height > max_pixels:
@@ -142,7 +144,7 @@ def _open_checked(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _too_many_pixels(purpose, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError):
-        raise ImageRejected(f"the {purpose} file is truncated or corrupt") from None
+        raise UnreadableImage(f"the {purpose} file is truncated or corrupt") from None
 
     return _exif_upright(img), original_format
 

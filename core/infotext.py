@@ -181,15 +181,16 @@ def infotext_for(
 
     Only generation settings go in: the image may be shared, so nothing about who asked.
     """
+    p = request.params()
     return Infotext(
         prompt=clean_prompt_text(prompt),
         negative=clean_prompt_text(negative),
-        steps=request.steps,
-        sampler=request.scheduler,
-        cfg_scale=request.guidance,
+        steps=p.steps,
+        sampler=p.scheduler,
+        cfg_scale=p.guidance,
         seed=seed,
-        width=request.width,
-        height=request.height,
+        width=p.width,
+        height=p.height,
         model=model or None,
         styles=request.styles,
         denoising_strength=request.strength if request.kind in _DENOISING_KINDS else None,

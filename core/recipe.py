@@ -52,7 +52,8 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...]:
 
 def item_pixels(request: GenerationRequest) -> int:
     """Pixels a job adds to a batch (for ``DeviceProfile.max_batch_pixels`` placement)."""
-    return request.width * request.height * request.images_out
+    width, height, _ = request.size_and_steps()
+    return width * height * request.images_out
 
 
 def min_denoising_steps(strength: float) -> int:
@@ -73,10 +74,10 @@ def min_denoising_steps(strength: float) -> int:
 def pipeline_steps(request: GenerationRequest) -> int:
     """``num_inference_steps`` for the pipeline: the request's steps, raised where needed so an
     input image gets at least one denoising step (as A1111 does)."""
-    strength = effective_strength(request)
+    steps, strength = request.size_and_steps()[2], effective_strength(request)
     if strength is None:
-        return request.steps
-    return max(request.steps, min_denoising_steps(strength))
+        return steps
+    return max(steps, min_denoising_steps(strength))
 
 
 def image_seeds(request: GenerationRequest) -> list[int]:

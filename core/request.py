@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -43,6 +44,32 @@ def canonical_scheduler(name: str) -> str:
     raise InvalidRequest(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
 
 
+# What a model's registry entry supplies when the person gives none (None in the request).
+MODEL_DEFAULT_FIELDS = ("width", "height", "steps", "guidance", "scheduler")
+
+
+class Params(NamedTuple):
+    """A resolved request's size, steps, guidance and scheduler."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDefaults:
+    """A model's defaults for what a person may leave out (the registry entry's, passed in by
+    the cluster: core knows the rule, not the registry)."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+
+
 class GenerationRequest(BaseModel):
     """One generation job as asked. Images travel as bytes (base64 in JSON)."""
 
@@ -53,11 +80,12 @@ class GenerationRequest(BaseModel):
     prompt: str
     negative: str = ""
     styles: tuple[str, ...] = ()
-    width: int = 512
-    height: int = 512
-    steps: int = Field(default=20)
-    guidance: float = 7.0
-    scheduler: str = "Euler a"
+    # None: not given; the model's default applies (``with_model_defaults``, at submit).
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
     seed: int | None = None
     count: int = 1
     model: str | None = None
@@ -93,7 +121,9 @@ class GenerationRequest(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _side(cls, v: int) -> int:
+    def _side(cls, v: int | None) -> int | None:
+        if v is None:
+            return v
         if v % 8 != 0:
             raise ValueError(f"must be a multiple of 8, got {v}")
         if v < 64:
@@ -102,21 +132,23 @@ class GenerationRequest(BaseModel):
 
     @field_validator("steps")
     @classmethod
-    def _steps(cls, v: int) -> int:
-        if not 1 <= v <= 150:
+    def _steps(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= 150:
             raise ValueError(f"must be between 1 and 150, got {v}")
         return v
 
     @field_validator("guidance")
     @classmethod
-    def _guidance(cls, v: float) -> float:
-        if not 0.0 <= v <= 30.0:
+    def _guidance(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 30.0:
             raise ValueError(f"must be between 0 and 30, got {v}")
         return v
 
     @field_validator("scheduler")
     @classmethod
-    def _scheduler(cls, v: str) -> str:
+    def _scheduler(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             return canonical_scheduler(v)
         except InvalidRequest as exc:
@@ -157,6 +189,44 @@ class GenerationRequest(BaseModel):
     # Helpers -----------------------------------------------------------------------
 
     @property
+    def unresolved(self) -> tuple[str, ...]:
+        """The fields still "not given" (None): what the model's defaults will fill."""
+        return tuple(f for f in MODEL_DEFAULT_FIELDS if getattr(self, f) is None)
+
+    def params(self) -> Params:
+        """Size, steps, guidance and scheduler of a request resolved against its model (every
+        request past submit). InvalidRequest naming what is unset otherwise."""
+        w, h, steps = self.width, self.height, self.steps
+        cfg, sampler = self.guidance, self.scheduler
+        if w is None or h is None or steps is None or cfg is None or sampler is None:
+            raise InvalidRequest(
+                f"{', '.join(self.unresolved)} not set: resolve the request against its "
+                "model's defaults first (with_model_defaults)"
+            )
+        return Params(w, h, steps, cfg, sampler)
+
+    def size_and_steps(self) -> tuple[int, int, int]:
+        """Width, height and steps (what the price and the limits look at), each given or
+        resolved; InvalidRequest naming what is unset otherwise."""
+        w, h, steps = self.width, self.height, self.steps
+        if w is None or h is None or steps is None:
+            raise InvalidRequest(
+                f"{', '.join(self.unresolved)} not set: resolve the request against its "
+                "model's defaults first (with_model_defaults)"
+            )
+        return w, h, steps
+
+    def with_model_defaults(self, defaults: ModelDefaults) -> GenerationRequest:
+        """A copy with every field not given (None) taken from the model's ``defaults``.
+
+        A size given on one side only keeps the model's other side. Already resolved: itself.
+        """
+        missing = self.unresolved
+        if not missing:
+            return self
+        return self.model_copy(update={f: getattr(defaults, f) for f in missing})
+
+    @property
     def images_out(self) -> int:
         """How many images the job makes: ``count`` for each style (or one unstyled run)."""
         return self.count * max(1, len(self.styles))
@@ -170,18 +240,18 @@ class GenerationRequest(BaseModel):
     def check_limits(self, limits: Limits, *, max_side: int | None = None) -> None:
         """Raise InvalidRequest if the request exceeds the deployment's or tier's limits."""
         side_cap = min(limits.max_side, max_side or limits.max_side)
+        width, height, steps = self.size_and_steps()
         if len(self.prompt) > limits.max_prompt_chars:
             raise InvalidRequest(
                 f"prompt is {len(self.prompt)} characters; the limit is {limits.max_prompt_chars}"
             )
-        for name in ("width", "height"):
-            v = getattr(self, name)
+        for name, v in (("width", width), ("height", height)):
             if not limits.min_side <= v <= side_cap:
                 raise InvalidRequest(
                     f"{name} must be between {limits.min_side} and {side_cap}, got {v}"
                 )
-        if self.steps > limits.max_steps:
-            raise InvalidRequest(f"steps must be at most {limits.max_steps}, got {self.steps}")
+        if steps > limits.max_steps:
+            raise InvalidRequest(f"steps must be at most {limits.max_steps}, got {steps}")
         if self.count > limits.max_count:
             raise InvalidRequest(f"count must be at most {limits.max_count}, got {self.count}")
 

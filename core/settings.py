@@ -171,6 +171,9 @@ class Settings(BaseSettings):
     telegram_webhook_secret: SecretStr | None = None
     telegram_webhook_listen: str = "0.0.0.0"
     telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
+    # Plain text (not a command) in a private chat gets a preview with an Imagine button;
+    # False: it is taken as a prompt and charged at once (the behaviour before issue 10).
+    telegram_plain_text_preview: bool = True
     discord_token: SecretStr | None = None
     public_base_url: str = "http://127.0.0.1:8000"
     # Where `atelier up` / `atelier web` serve the web app: HOST:PORT ([::1]:8000 for IPv6).

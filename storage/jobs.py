@@ -48,6 +48,7 @@ class JobRead(BaseModel):
     finished_at: datetime | None
     updated_at: datetime
     delivered_at: datetime | None = None
+    owner: str | None = None  # the dispatcher that last started it
 
 
 def create_job(
@@ -261,6 +262,19 @@ def undelivered_count(*, session: Session, since: datetime) -> int:
     return int(count)
 
 
+def unfinished_jobs(*, session: Session, limit: int = 1000) -> list[JobRead]:
+    """Queued and running jobs, oldest first (a restarted front end follows its own again)."""
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest(f"limit must be between 1 and 10000, got {limit}")
+    stmt = (
+        select(Job)
+        .where(col(Job.status).in_((JobStatus.queued, JobStatus.running)))
+        .order_by(col(Job.created_at), col(Job.id))
+        .limit(limit)
+    )
+    return [_read(j) for j in session.exec(stmt).all()]
+
+
 def running_jobs_count(*, session: Session, account_id: int) -> int:
     """Jobs in flight (queued or running), to hold an account to its tier's concurrency."""
     count = session.exec(
@@ -305,6 +319,7 @@ def _read(job: Job) -> JobRead:
         finished_at=job.finished_at,
         updated_at=job.updated_at,
         delivered_at=job.delivered_at,
+        owner=job.owner,
     )
 
 
@@ -312,26 +327,28 @@ def _read(job: Job) -> JobRead:
 
 
 def start_attempts(
-    *, session: Session, job_ids: Sequence[str], now: datetime, stale_before: datetime
+    *, session: Session, job_ids: Sequence[str], now: datetime, stale_before: datetime,
+    owner: str | None = None,
 ) -> dict[str, JobRead]:
     """Move each job to running and count an attempt, if it is queued or running with a lapsed
     lease; a compare-and-set, so of two dispatchers holding the same job only one wins it.
+    ``owner`` (the dispatcher's unique name) is recorded, and a job running under that name
+    already is taken back at once: its holder was this dispatcher's previous process.
     Returns the won jobs' rows."""
     won: dict[str, JobRead] = {}
+    running = col(Job.status) == JobStatus.running
+    takeable = [
+        col(Job.status) == JobStatus.queued, and_(running, col(Job.updated_at) < stale_before)
+    ]
+    if owner is not None:
+        takeable.append(and_(running, col(Job.owner) == owner))
     for job_id in job_ids:
         result = session.exec(  # type: ignore[call-overload]
             update(Job)
-            .where(
-                col(Job.id) == job_id,
-                or_(
-                    col(Job.status) == JobStatus.queued,
-                    and_(
-                        col(Job.status) == JobStatus.running, col(Job.updated_at) < stale_before
-                    ),
-                ),
-            )
+            .where(col(Job.id) == job_id, or_(*takeable))
             .values(
                 status=JobStatus.running,
+                owner=owner,
                 attempts=col(Job.attempts) + 1,
                 started_at=func.coalesce(col(Job.started_at), literal(now, UTCDateTime())),
                 updated_at=now,

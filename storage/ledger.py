@@ -110,6 +110,27 @@ def balance(
     return _balance_of(session, account=account, now=now, tiers=tiers)
 
 
+def peek_balance(
+    *, session: Session, account_id: int, now: datetime, tiers: Mapping[str, Tier]
+) -> Balance:
+    """``balance`` without writing: what a reservation now could take (today's allowance
+    counted when it is not granted yet). For a price check before anything is posted."""
+    now = _utc(now)
+    account = session.get(Account, account_id)
+    if account is None:
+        raise NotFound(f"account {account_id} not found")
+    bal = _balance_of(session, account=account, now=now, tiers=tiers)
+    key = day_key(account_id, now.date())
+    if account.merged_into_id is None and not session.exec(
+        select(CreditBucket.id).where(CreditBucket.key == key)
+    ).first():
+        grant_now = _tier(tiers, account.tier).daily_allowance
+        bal = bal.model_copy(
+            update={"daily_left": bal.daily_left + grant_now, "total": bal.total + grant_now}
+        )
+    return bal
+
+
 def reserve(
     *,
     session: Session,

@@ -203,6 +203,9 @@ class Job(SQLModel, table=True):
     # Set once the front end has sent the result (Client.mark_delivered); until then the
     # dispatcher re-announces the finished job, so a broker restart loses no delivery.
     delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # The dispatcher (its consumer name) that last started the job: after a restart under the
+    # same name it takes its running jobs back at once, without waiting for their leases.
+    owner: str | None = Field(default=None, max_length=128)
 
 
 class Image(SQLModel, table=True):
@@ -235,3 +238,24 @@ Index(
     col(Image.id).desc(),
 )
 Index("ix_jobs_account_created", col(Job.account_id), col(Job.created_at).desc())
+
+
+class ApiKey(SQLModel, table=True):
+    """A key for the REST and A1111 APIs, acting as one identity. Only its sha256 is kept:
+    the key itself is shown once, when it is made."""
+
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    # The key's public part ("atk_" + 8 hex): finds the row; shown in listings.
+    prefix: str = Field(max_length=16, unique=True)
+    key_hash: str = Field(max_length=64)
+    # The identity the key acts as; its account is looked up through it on each use, so a
+    # key keeps working (on the joined account) after the identity is linked elsewhere.
+    identity_id: int = Field(foreign_key="identities.id", index=True)
+    name: str = Field(default="", max_length=64)
+    # The model A1111 clients chose with POST /sdapi/v1/options (sd_model_checkpoint).
+    model: str | None = Field(default=None, max_length=100)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

@@ -24,8 +24,12 @@ def create_app(ctx: WebContext) -> FastAPI:
 
 def _include_routers(app: FastAPI) -> None:
     # Each front of the web app adds its router here (one line each, so merges stay easy).
+    from web.api.sdapi import router as sdapi_router
+    from web.api.v1 import router as api_v1_router
     from web.gallery.routes import install as install_gallery
     from web.health import router as health_router
 
     app.include_router(health_router)
+    app.include_router(api_v1_router)
+    app.include_router(sdapi_router)
     install_gallery(app)

@@ -28,6 +28,7 @@ class Action(StrEnum):
     set_style = "ss"  # /styles: make a style the default
     setting = "set"  # /settings: set a personal preference
     group_setting = "gs"  # /settings in a group: admins only
+    imagine = "im"  # under a preview of plain text: make it (arg: the draft's id)
 
 
 class BadButton(ValueError):

@@ -203,8 +203,11 @@ class DeliveryLoop:
         except AtelierError as exc:  # NotFound / Conflict: nothing to record
             log.warning("deliveries: job %s not marked delivered: %s", job_id, exc)
         except Exception:
-            log.warning("deliveries: job %s not marked delivered; it will be announced again",
-                        job_id, exc_info=True)
+            log.warning(
+                "deliveries: job %s not marked delivered; it will be announced again",
+                job_id,
+                exc_info=True,
+            )
 
     async def _handle(self, event: JobEvent) -> bool:
         failures = 0

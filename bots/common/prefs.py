@@ -25,7 +25,7 @@ class UserPrefs(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     aspect: str = "1:1"
-    size: Size = "s"
+    size: Size | None = None  # None: the model's default size
     steps: int | None = None  # None: the model's default
     raw: bool = False  # no prompt enhancement
     original: bool = False  # send PNG files (infotext kept) instead of compressed photos

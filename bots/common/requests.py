@@ -10,7 +10,7 @@ from typing import Any
 
 from bots.common.prefs import SIZES, UserPrefs
 from core.errors import InvalidRequest
-from core.flags import MAX_ASPECT, parse_command, size_for_aspect
+from core.flags import BASE_SIDE, MAX_ASPECT, parse_command, size_for_aspect
 from core.recipe import UPSCALE_STRENGTH, min_denoising_steps
 from core.request import GenerationRequest, JobKind, build_request
 from core.styles import StyleRegistry
@@ -42,8 +42,13 @@ def aspect_ratio(text: str) -> float:
 
 def defaults_for(prefs: UserPrefs) -> dict[str, Any]:
     """The person's settings as ``parse_command`` defaults."""
-    width, height = size_for_aspect(aspect_ratio(prefs.aspect), SIZES[prefs.size])
-    defaults: dict[str, Any] = {"width": width, "height": height, "raw": prefs.raw}
+    defaults: dict[str, Any] = {"raw": prefs.raw}
+    if prefs.size is not None or prefs.aspect != "1:1":
+        # No size chosen and a square: the model's own default size (resolved at submit).
+        # Another aspect without a size keeps a 512x512 area (the model is not known here).
+        area_side = SIZES[prefs.size] if prefs.size is not None else SIZES["s"]
+        width, height = size_for_aspect(aspect_ratio(prefs.aspect), area_side)
+        defaults.update(width=width, height=height)
     if prefs.steps is not None:
         defaults["steps"] = prefs.steps
     if prefs.style:
@@ -69,7 +74,8 @@ def img2img(parsed: Parsed, png: bytes, width: int, height: int) -> GenerationRe
         # The photo's shape, at its own pixel count: no larger than the person's default size
         # (no detail to gain by blowing a thumbnail up), no smaller than IMG2IMG_MIN_SIDE².
         ratio = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
-        area = min(request.width * request.height, max(width * height, IMG2IMG_MIN_SIDE**2))
+        asked = (request.width or BASE_SIDE) * (request.height or BASE_SIDE)  # None: not given
+        area = min(asked, max(width * height, IMG2IMG_MIN_SIDE**2))
         size["width"], size["height"] = size_for_aspect(ratio, math.sqrt(area))
     return _copy(request, kind=JobKind.img2img, init_image=png, **size)
 
@@ -101,6 +107,16 @@ def variation(
     )
 
 
+def upscaled_size(width: int, height: int, max_side: int) -> tuple[int, int] | None:
+    """The size an upscale of a ``width`` x ``height`` image makes, or None when ``max_side``
+    leaves no room to grow (then no U button is offered)."""
+    factor = min(UPSCALE_FACTOR, max_side / max(width, height))
+    new_width, new_height = (int(side * factor) // 8 * 8 for side in (width, height))
+    if new_width <= width or new_height <= height:
+        return None
+    return new_width, new_height
+
+
 def upscale(
     request: GenerationRequest,
     png: bytes,
@@ -112,13 +128,13 @@ def upscale(
     max_side: int,
 ) -> GenerationRequest:
     """One image at up to twice its size, capped by ``max_side``."""
-    factor = min(UPSCALE_FACTOR, max_side / max(width, height))
-    new_width, new_height = (int(side * factor) // 8 * 8 for side in (width, height))
-    if new_width <= width or new_height <= height:
+    size = upscaled_size(width, height, max_side)
+    if size is None:
         raise InvalidRequest(
             f"this image is {width}x{height}; the largest side allowed is {max_side}, "
             "so it cannot be upscaled"
         )
+    new_width, new_height = size
     return _copy(
         request,
         kind=JobKind.upscale,
@@ -130,7 +146,8 @@ def upscale(
         count=1,
         seed=seed,
         # The engine repaints UPSCALE_STRENGTH of the steps: at least one must remain.
-        steps=max(request.steps, min_denoising_steps(UPSCALE_STRENGTH)),
+        # (A stored job's steps are resolved; one left to the model gets at least that.)
+        steps=max(request.steps or 1, min_denoising_steps(UPSCALE_STRENGTH)),
     )
 
 

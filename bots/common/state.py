@@ -31,6 +31,9 @@ POSTED_TTL_S = 24 * 3600
 # longer than Telegram takes to deliver one album's messages.
 ALBUM_SEEN = PREFIX + ":{platform}:album:{album}"
 ALBUM_SEEN_TTL_S = 3600
+# Plain text shown as a preview, waiting for its Imagine button: TTL DRAFT_TTL_S.
+DRAFT = PREFIX + ":{platform}:draft:{chat}:{draft}"
+DRAFT_TTL_S = 24 * 3600
 # A webhook update already handled: TTL SEEN_UPDATE_TTL_S (Telegram retries for ~hours).
 SEEN_UPDATE = PREFIX + ":{platform}:update:{update_id}"
 SEEN_UPDATE_TTL_S = 24 * 3600

@@ -17,6 +17,7 @@ from core.errors import (
     InvalidRequest,
     NotFound,
     RateLimited,
+    UnreadableImage,
 )
 from core.flags import flags_help
 from core.jobs import JobStatus
@@ -62,6 +63,7 @@ NOTHING_TO_CANCEL = "You have no queued or running job to cancel."
 IMAGINE_USAGE = "Tell me what to make, e.g. /imagine a lighthouse at dusk --ar 16:9"
 
 _HINTS: tuple[tuple[type[AtelierError], str], ...] = (
+    (UnreadableImage, "that file is not a readable image; send a PNG, JPEG or WebP photo"),
     (ImageRejected, "send a smaller PNG, JPEG or WebP photo"),
     (InvalidRequest, "fix that and send it again (/help lists the flags)"),
     (ContentBlocked, "rephrase the prompt; nothing was charged"),
@@ -73,8 +75,15 @@ _HINTS: tuple[tuple[type[AtelierError], str], ...] = (
 )
 
 
-def help_text() -> str:
-    return HELP.format(flags=flags_help())
+def help_text(models: Sequence[str] = ()) -> str:
+    """The help, listing ``models`` (the ones available now: ``Client.available_models``)."""
+    text = HELP.format(flags=flags_help())
+    return text + (f"\nModels (--model): {', '.join(models)}." if models else "")
+
+
+def steps_setting(steps: int | None, model_default: int) -> str:
+    """The steps a plain /imagine runs: the person's own, or the default model's, said so."""
+    return str(steps) if steps is not None else f"{model_default} (model default)"
 
 
 def welcome(name: str, balance: Balance, now: datetime) -> str:
@@ -102,16 +111,24 @@ def describe_balance(balance: Balance, now: datetime) -> str:
     return " and ".join(parts)
 
 
-def hint_for(exc: AtelierError) -> str:
-    for kind, hint in _HINTS:
+# After a button press there is no message to fix and send again.
+_BUTTON_HINTS: tuple[tuple[type[AtelierError], str], ...] = (
+    (InvalidRequest, "this button cannot do that; nothing was charged"),
+)
+
+
+def hint_for(exc: AtelierError, *, button: bool = False) -> str:
+    """What the person can do about ``exc``; ``button``: it came from a button press."""
+    for kind, hint in (_BUTTON_HINTS if button else ()) + _HINTS:
         if isinstance(exc, kind):
             return hint
     return "please try again"
 
 
-def error_line(exc: AtelierError, credits_left: int | None = None) -> str:
-    """``⚠️ <what is wrong> — <what to do>. Credits left: N`` on one line."""
-    line = f"⚠️ {_sentence(exc.message)} - {hint_for(exc)}."
+def error_line(exc: AtelierError, credits_left: int | None = None, *, button: bool = False) -> str:
+    """``⚠️ <what is wrong> — <what to do>. Credits left: N`` on one line (``button``: the
+    advice fits a refusal of a button press)."""
+    line = f"⚠️ {_sentence(exc.message)} - {hint_for(exc, button=button)}."
     if credits_left is not None:
         line += f" Credits left: {credits_left}."
     return line
@@ -157,6 +174,21 @@ def cancelled(credits_left: int | None) -> str:
     if credits_left is not None:
         line += f" Credits left: {credits_left}."
     return line
+
+
+def preview(request: GenerationRequest, cost: int, credits_left: int | None) -> str:
+    """What plain text would make, and its price, above an Imagine button."""
+    details = [f"{request.width}x{request.height}", f"{request.steps} steps"]
+    if request.count > 1:
+        details.insert(0, f"{request.count} images")
+    if request.styles:
+        details.append(f"style {', '.join(request.styles)}")
+    price = f"{cost} credit{'s' if cost != 1 else ''}"
+    left = f" (you have {credits_left})" if credits_left is not None else ""
+    return (
+        f"✨ {prompt_preview(request.prompt)}\n{', '.join(details)}: {price}{left}.\n"
+        "Press Imagine to make it, or use /imagine with flags to change it."
+    )
 
 
 def accepted(action: str, cost: int) -> str:

@@ -18,15 +18,16 @@ from telegram.ext import (
     filters,
 )
 
-from bots.common.delivery import DeliveryLoop, cancel_and_wait
+from bots.common import jobs
+from bots.common.core import ChatCore
+from bots.common.delivery import DeliveryLoop
 from bots.common.logs import hide_in_logs
-from bots.common.prefs import PrefsStore
 from bots.common.progress import DEFAULT_INTERVAL_S, ProgressEditor
 from bots.common.state import BotState
 from bots.telegram.handlers import buttons, commands, errors, imagine
-from bots.telegram.jobs import deliver
+from bots.telegram.port import PHOTO_MAX_BYTES, PLATFORM, TelegramPort
 from bots.telegram.ratelimit import FloodLimiter
-from bots.telegram.services import KEY, PHOTO_MAX_BYTES, PLATFORM, Services
+from bots.telegram.services import KEY
 from cluster.broker import Broker
 from cluster.client import Client
 from cluster.events import JobEvent
@@ -77,20 +78,17 @@ class AtelierApplication(Application):  # type: ignore[type-arg]
         if isinstance(limiter, FloodLimiter):
             limiter.open()
         await super().start()
-        svc: Services = self.bot_data[KEY]
-        svc.delivery.start()
+        jobs.start(self.bot_data[KEY])
 
     async def stop(self) -> None:
-        svc: Services = self.bot_data[KEY]
-        svc.delivery.stop_reading()
+        core: ChatCore = self.bot_data[KEY]
+        core.stop_reading()
         # Calls waiting out flood control give up now (nothing of theirs was sent); a delivery
         # in the middle of sending finishes. Unacked deliveries stay pending for the next start.
         limiter = self.bot.rate_limiter
         if isinstance(limiter, FloodLimiter):
             limiter.close()
-        await svc.delivery.stop()
-        await cancel_and_wait(list(svc.watchers.values()))
-        await svc.editor.close()
+        await core.stop()
         await super().stop()
 
 
@@ -128,22 +126,28 @@ def build_application(
         .build()
     )
 
-    async def handle(event: JobEvent) -> None:
-        await deliver(app.bot_data[KEY], app.bot, event)
-
-    app.bot_data[KEY] = Services(
+    core = ChatCore(
         settings=settings,
         client=client,
         state=state,
-        prefs=PrefsStore(state, PLATFORM),
+        port=TelegramPort(app.bot, photo_max_bytes=photo_max_bytes),
         editor=ProgressEditor(progress_interval_s),
         styles=styles or client.styles,
-        delivery=DeliveryLoop(
-            broker, PLATFORM, consumer, handle, state, startup_claim_idle_ms=startup_claim_idle_ms,
-            mark_delivered=client.mark_delivered,
-        ),
-        photo_max_bytes=photo_max_bytes,
     )
+
+    async def handle(event: JobEvent) -> None:
+        await jobs.deliver(core, event)
+
+    core.delivery = DeliveryLoop(
+        broker,
+        PLATFORM,
+        consumer,
+        handle,
+        state,
+        startup_claim_idle_ms=startup_claim_idle_ms,
+        mark_delivered=client.mark_delivered,
+    )
+    app.bot_data[KEY] = core
     register_handlers(app)
     return app
 

@@ -20,8 +20,9 @@ from starlette.routing import Route
 from telegram import Update
 from telegram.ext import Application
 
+from bots.common.core import ChatCore
 from bots.common.state import SEEN_UPDATE, SEEN_UPDATE_TTL_S
-from bots.telegram.services import KEY, PLATFORM, Services
+from bots.telegram.services import KEY, PLATFORM
 from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def webhook_app(
 ) -> Starlette:
     """An ASGI app that feeds verified, first-seen updates to ``application``'s queue."""
     expected = check_secret(secret_token).encode()
-    svc: Services = application.bot_data[KEY]
+    core: ChatCore = application.bot_data[KEY]
 
     async def receive(request: Request) -> Response:
         given = request.headers.get(SECRET_HEADER, "").encode()
@@ -66,7 +67,7 @@ def webhook_app(
         except (ValueError, KeyError, TypeError):
             return Response(status_code=400)
         key = SEEN_UPDATE.format(platform=PLATFORM, update_id=update_id)
-        if not await svc.state.add(key, "1", SEEN_UPDATE_TTL_S):
+        if not await core.state.add(key, "1", SEEN_UPDATE_TTL_S):
             log.info("webhook: update %d delivered again; ignored", update_id)
             return Response(status_code=200)
         await application.update_queue.put(Update.de_json(data, application.bot))

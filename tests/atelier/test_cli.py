@@ -54,6 +54,19 @@ def test_styles_lists_at_least_20(env: Path) -> None:
     assert "watercolor" in res.output and "anime" in res.output
 
 
+def test_models_list_shows_availability_and_how_to_get(env: Path) -> None:
+    from cluster.tiny import make_tiny
+
+    make_tiny(env / "models" / "tiny-sd15", "sd15", 0)
+    res = runner.invoke(app, ["models", "list"], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[1]: line for line in res.output.splitlines() if line.startswith("│")}
+    assert "folder" in rows["tiny"]  # built here
+    assert " no " in rows["tiny-xl"]  # not built
+    # How to get each missing one, one line each (HF_HUB_OFFLINE=1 in tests).
+    assert "tiny-xl: build it with `atelier models make-tiny`" in res.output
+    assert "sdxl: run `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0`" in (
+        res.output)
 def test_cli_never_prints_a_password_given_as_a_query_parameter(env: Path) -> None:
     # Nothing listens on the port: the CLI names the Redis it tried, without its password.
     from tests.conftest import free_port

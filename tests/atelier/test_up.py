@@ -69,6 +69,12 @@ def test_atelier_up_serves_a_job_from_another_process(tmp_path: Path, redis_url:
         assert "broker: redis" in banner and "workers: cpu" in banner, banner
         web_url = next(w for w in banner.split() if w.startswith("http://127.0.0.1:"))
         assert httpx.get(f"{web_url}/healthz", timeout=10).json() == {"status": "ok"}
+        # Each model's availability, with how to get a missing one.
+        assert "tiny: available (folder)" in banner, banner
+        assert "sd15: not available (it is not in the Hugging Face cache" in banner, banner
+        assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in banner
+        # The default (sd15) is not here: the hint names one that is.
+        assert 'atelier imagine "a red fox --style watercolor" --model tiny' in banner, banner
         out = tmp_path / "out"
         done = subprocess.run(
             [*ATELIER, "imagine", "a red fox --style watercolor,anime --w 64 --h 64 --steps 2",

@@ -154,6 +154,11 @@ class Stack:
         )
         self._stop = asyncio.Event()
         self._dispatcher = asyncio.create_task(dispatcher.run(self._stop))
+        # Submit accepts a model once a worker has said it can load it (before any has, only
+        # when this box has its files, which the bot's data dir here has not): wait for that.
+        async with asyncio.timeout(30):
+            while not await self.broker.worker_models():
+                await asyncio.sleep(0.05)
 
     async def stop_dispatcher(self) -> None:
         """Stop taking jobs (queued ones stay queued until ``start_dispatcher``)."""

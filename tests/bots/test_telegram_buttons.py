@@ -131,6 +131,8 @@ async def test_styles_and_settings_become_the_defaults(stack: Stack) -> None:
     await press(stack, user, picker, "Watercolor")
     await fake.send(user, "/settings")
     settings = await fake.wait_call("sendMessage", chat=user, n=2)
+    # No steps of one's own: the default model's, said so (tiny: 4).
+    assert "steps 4 (model default)" in settings.params["text"]
     await press(stack, user, settings, "Raw")
     await press(stack, user, settings, "16:9")
     await fake.wait_call("editMessageText", chat=user, n=3)

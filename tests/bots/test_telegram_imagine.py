@@ -146,6 +146,11 @@ async def test_album_with_png_files_and_a_keyboard_message(stack: Stack) -> None
 
 async def test_plain_text_in_private_is_a_prompt(stack: Stack) -> None:
     fake, user = stack.fake, 1003
+    # Issue 10: plain text now gets a preview first (tests/bots/test_chat_flows.py); the old
+    # behaviour, tested here, is what ATELIER_TELEGRAM_PLAIN_TEXT_PREVIEW=false keeps.
+    await stack.stop_bot()
+    stack.settings = stack.settings.model_copy(update={"telegram_plain_text_preview": False})
+    await stack.start_bot()
     await fake.send(user, f"a quiet harbour {TINY}")
     await fake.wait_call("sendPhoto", chat=user)
     (job,) = await stack.finished(1)

@@ -70,6 +70,11 @@ async def test_atelier_up_without_redis_runs_the_bot_on_the_in_process_broker(
         )
         stop = asyncio.Event()
         dispatching = asyncio.create_task(dispatcher.run(stop))
+        # The tiny model is the worker's, not in this bot's data dir: submit accepts it once
+        # the dispatcher has published what its worker can load.
+        async with asyncio.timeout(30):
+            while not await stack.broker.worker_models():
+                await asyncio.sleep(0.05)
         bots = await _start_bots(settings, stack)
         try:
             await fake.send(user, f"/imagine a lamp in a window {TINY}")

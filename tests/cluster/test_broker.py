@@ -58,6 +58,7 @@ async def idle(ms: int = IDLE_MS) -> None:
 def test_key_names() -> None:
     assert keys.JOBS_STREAM == "atelier:jobs"
     assert keys.DEAD_LETTER_STREAM == "atelier:jobs:dead"
+    assert keys.worker_models_key("w-1") == "atelier:worker-models:w-1"
     assert keys.deliveries_stream("telegram") == "atelier:deliveries:telegram"
     assert keys.delivery_group("discord") == "discord"
     assert keys.progress_channel("j-1") == "atelier:progress:j-1"
@@ -304,6 +305,43 @@ async def test_a_redelivery_claim_goes_to_one_caller_per_period(broker: Broker) 
     assert await broker.claim_redelivery("job-1", ttl_s=0.3) is True  # the period is over
     with pytest.raises(InvalidRequest, match="job id must match"):
         await broker.claim_redelivery("bad id", ttl_s=1)
+
+
+async def test_own_pending_jobs_are_what_a_consumer_left_unacked(broker: Broker) -> None:
+    assert await broker.own_pending_jobs("d1") == []  # no group yet
+    for i in range(3):
+        await broker.enqueue(f"job-{i}")
+    mine = await broker.read_jobs("d1", count=2)
+    await broker.read_jobs("d2", count=1)
+    await broker.ack_job(mine[0].entry_id)
+    await asyncio.sleep(0.1)
+    own = await broker.own_pending_jobs("d1")
+    assert [(e.job_id, e.entry_id, e.deliveries) for e in own] == [("job-1", mine[1].entry_id, 1)]
+    assert [e.job_id for e in await broker.own_pending_jobs("d2")] == ["job-2"]
+    assert await broker.own_pending_jobs("nobody") == []
+    # Reading them neither counts a delivery nor resets their idle time: still claimable.
+    assert [e.deliveries for e in await broker.own_pending_jobs("d1")] == [1]
+    await idle()
+    claimed = await broker.claim_stale_jobs("d3", count=10)
+    assert {e.job_id for e in claimed} == {"job-1", "job-2"}
+    assert await broker.own_pending_jobs("d1") == []
+
+
+async def test_worker_models_are_published_per_worker_with_a_ttl(broker: Broker) -> None:
+    assert await broker.worker_models() == {}
+    await broker.publish_worker_models("atelier-worker-cpu-0", ["tiny", "sd15"], ttl_s=0.3)
+    await broker.publish_worker_models("atelier-worker-cuda-0", ["sdxl"], ttl_s=30)
+    assert await broker.worker_models() == {
+        "atelier-worker-cpu-0": frozenset({"tiny", "sd15"}),
+        "atelier-worker-cuda-0": frozenset({"sdxl"}),
+    }
+    # A new record replaces the old one; an empty one says "nothing loadable".
+    await broker.publish_worker_models("atelier-worker-cuda-0", [], ttl_s=30)
+    assert (await broker.worker_models())["atelier-worker-cuda-0"] == frozenset()
+    await asyncio.sleep(0.4)  # the cpu worker's record lapsed: nobody refreshed it
+    assert set(await broker.worker_models()) == {"atelier-worker-cuda-0"}
+    with pytest.raises(InvalidRequest, match="consumer name must match"):
+        await broker.publish_worker_models("bad id", ["tiny"])
 
 
 # Stats and housekeeping ---------------------------------------------------------------------

@@ -10,8 +10,7 @@ import pytest
 
 from cluster.cache import ModelCache, describe_cache, estimate_params, pipeline_bytes
 from cluster.devices import DeviceInfo, DeviceProfile
-from cluster.registry import ModelLoadError
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, ModelUnavailable
 from core.request import JobKind
 
 if TYPE_CHECKING:
@@ -157,7 +156,7 @@ def test_errors_leave_the_cache_empty(
     cache = ModelCache(registry, cpu_profile, 10**9, offline=True)
     with pytest.raises(InvalidRequest, match="unknown model 'nope'"):
         cache.get("nope")
-    with pytest.raises(ModelLoadError, match="model 'gone' could not be loaded"):
+    with pytest.raises(ModelUnavailable, match="model 'gone' is not available"):
         cache.get("gone")
     assert cache.loaded() == [] and cache.loads == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -144,6 +145,20 @@ def test_placement_prefers_loaded_model_then_fit_then_least_busy() -> None:
     assert pool.choose(sd15).worker_id == "small"
     pool.finished(chosen, "huge")
     assert "huge" in chosen.loaded
+
+
+def test_placement_keeps_a_model_to_the_workers_that_can_load_it() -> None:
+    has = dataclasses.replace(info("has", 24), loadable_models=["sd15"])
+    lacks = dataclasses.replace(info("lacks", 8), loadable_models=[])
+    pool = WorkerPool([(object(), has), (object(), lacks)], host_memory_gb=16)
+    sd15 = spec("sd15", 4)
+    first = pool.choose(sd15)
+    assert first is not None and first.worker_id == "has"  # not the (smaller) one lacking it
+    pool.started(first)
+    assert pool.choose(sd15) is None  # waits for it rather than failing on the other node
+    # A model no worker can load goes to one anyway: it fails there at once, not retried.
+    other = pool.choose(spec("other", 4))
+    assert other is not None and other.worker_id == "lacks"
 
 
 def test_a_model_no_worker_can_ever_run_is_reported() -> None:

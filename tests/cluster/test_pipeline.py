@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from core.errors import (
     Forbidden,
     InsufficientCredits,
     InvalidRequest,
+    ModelUnavailable,
     RateLimited,
 )
 from core.jobs import JobStatus, Requester
@@ -42,7 +45,7 @@ from storage import jobs as job_repo
 from storage.blobs import BlobStore
 from storage.db import session_factory
 from storage.gallery import list_job_images
-from storage.models import Job
+from storage.models import CreditKind, CreditLedger, Job, utcnow
 from tests.cluster.helpers import (
     Cluster,
     audit,
@@ -66,7 +69,25 @@ CLAIM_IDLE_MS = 1500
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile) -> Iterator[Any]:
+def models_file(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models, plus one no worker here can ever hold (it needs 1000 GB), plus one
+    whose files are missing: the worker and the client share this file, as processes of one
+    deployment share their models.toml."""
+    path = tmp_path_factory.mktemp("pipeline-models") / "models.toml"
+    path.write_text(
+        f'[models.huge]\npath = "{tiny_models.sd15}"\nfamily = "sd15"\nmin_vram_gb = 1000\n'
+        'default_width = 64\ndefault_height = 64\ndefault_steps = 4\nscheduler = "Euler"\n'
+        f'[models.absent]\npath = "{tiny_models.data_dir}/models/nowhere"\nfamily = "sd15"\n'
+        'hint = "build it with `atelier models make-tiny`"\n'
+        f'[models.doomed]\npath = "{path.parent / "doomed"}"\nfamily = "sd15"\n'
+        'default_width = 64\ndefault_height = 64\ndefault_steps = 4\nscheduler = "Euler"\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile, models_file: Path
+           ) -> Iterator[Any]:
     import ray
 
     init_local_ray(
@@ -74,7 +95,8 @@ def worker(tiny_models: TinyModels, cpu_profile: DeviceProfile) -> Iterator[Any]
         log_to_driver=False,
     )
     handle = spawn_worker(
-        settings=tiny_models.settings.worker_config(),
+        settings=tiny_models.settings.worker_config().model_copy(
+            update={"models_file": models_file}),
         device_class="cpu",
         profile=cpu_profile,
         name=f"{WORKER_NAME_PREFIX}-test",
@@ -111,12 +133,9 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models: TinyModels) -> ModelRegistry:
-    """The tiny models, plus one no worker here can ever hold."""
-    tiny = tiny_models.registry.get("tiny")
-    return tiny_models.registry.with_models(
-        tiny.model_copy(update={"name": "huge", "min_vram_gb": 1000.0})
-    )
+def models(tiny_models: TinyModels, models_file: Path) -> ModelRegistry:
+    """What the worker knows (see ``models_file``)."""
+    return ModelRegistry.load(tiny_models.settings, models_file)
 
 
 @pytest.fixture
@@ -353,6 +372,30 @@ async def test_a_job_no_worker_can_run_fails_at_once_and_is_refunded(cluster: Cl
     assert sample("atelier_credits_refunded_total") == refunded + sub.cost
 
 
+async def test_a_model_whose_files_vanish_fails_at_once_not_retried(
+    cluster: Cluster, tiny_models: TinyModels, models_file: Path
+) -> None:
+    # Accepted while its folder is there; the folder is deleted before a worker loads it.
+    folder = models_file.parent / "doomed"
+    shutil.copytree(tiny_models.sd15, folder, dirs_exist_ok=True)
+    alice = who("alice")
+    sub = await submit(cluster, alice, req(model="doomed"))
+    shutil.rmtree(folder)
+    began = time.monotonic()
+    cluster.start()
+    end = await asyncio.wait_for(cluster.client.wait(sub.job_id), 30)
+    took = time.monotonic() - began
+    assert end.kind is EventKind.failed
+    assert end.reason is not None
+    assert end.reason.startswith("model 'doomed' is not available: its folder does not exist.")
+    assert str(folder.parent) not in end.reason  # no server path for the person
+    with cluster.session() as s:
+        assert job_repo.get_job(session=s, job_id=sub.job_id).attempts == 1  # not retried
+    a = audit(cluster, alice)
+    assert a.released == sub.cost and a.held == 0 and a.captured == 0
+    assert took < 15, took  # was 3 attempts with back-off: 60-90 s
+
+
 async def test_a_poison_job_fails_alone(cluster: Cluster) -> None:
     alice, bob = who("alice"), who("bob")
     good = [await submit(cluster, alice, req(kind=JobKind.img2img, init_image=png(seed=n)))
@@ -393,6 +436,65 @@ async def test_refusals_charge_nothing_and_leave_no_job(cluster: Cluster) -> Non
     with pytest.raises(RateLimited, match="1 at a time"):
         await submit(cluster, tight, req())
     assert first.created
+
+
+async def test_a_model_no_worker_can_load_is_refused_at_submit_for_nothing(
+    cluster: Cluster, tiny_models: TinyModels
+) -> None:
+    alice = who("alice")
+    # 1. Before any worker has told (start-up): this machine's files stand for the workers'.
+    with pytest.raises(ModelUnavailable) as err:
+        await submit(cluster, alice, req(model="absent"))
+    line = err.value.message
+    assert line.startswith("model 'absent' is not available: its folder does not exist.")
+    assert "build it with `atelier models make-tiny`" in line
+    assert str(tiny_models.data_dir) not in line  # no server path
+    # 2. Once the dispatcher published what its worker can load, the union of that decides.
+    cluster.start()
+    async with asyncio.timeout(10):
+        while not await cluster.broker.worker_models():
+            await asyncio.sleep(0.05)
+    assert await cluster.client.available_models() == ["tiny", "tiny-xl", "huge"]
+    with pytest.raises(ModelUnavailable, match="'absent' is not available on any worker"):
+        await submit(cluster, alice, req(model="absent"))
+    # A model this machine has but no worker can load (not in the workers' models.toml).
+    tiny = cluster.client.models.get("tiny")
+    cluster.client.models = cluster.client.models.with_models(
+        tiny.model_copy(update={"name": "only-here"}))
+    with pytest.raises(ModelUnavailable, match="'only-here' is not available on any worker"):
+        await submit(cluster, alice, req(model="only-here"))
+    # Nothing was charged, no job row was left, and the person's next job runs.
+    with cluster.session() as s:
+        assert s.exec(select(func.count()).select_from(Job)).one() == 0
+        assert s.exec(select(func.count()).select_from(CreditLedger).where(
+            col(CreditLedger.kind) == CreditKind.reserve)).one() == 0
+    ok = await submit(cluster, alice, req())
+    assert (await asyncio.wait_for(cluster.client.wait(ok.job_id), 60)).kind is EventKind.done
+
+
+async def test_the_model_s_defaults_apply_to_what_the_person_left_out(cluster: Cluster) -> None:
+    alice = who("alice")
+    # A plain prompt on the tiny model: its 64x64, 4 steps, Euler, cfg 7 (not 512x512 x 20).
+    plain = await submit(cluster, alice, GenerationRequest(prompt="a fox", model="tiny"))
+    own = await submit(cluster, alice, GenerationRequest(prompt="a fox", model="tiny", steps=9,
+                                                         width=128))
+    # A model whose defaults are large is priced on them: 1024² x 60 steps = 4 x 2 credits.
+    tiny = cluster.client.models.get("tiny")
+    cluster.client.models = cluster.client.models.with_models(tiny.model_copy(update={
+        "name": "big-defaults", "default_width": 1024, "default_height": 1024,
+        "max_width": 1024, "max_height": 1024, "default_steps": 60, "max_steps": 60,
+    }))
+    big = await submit(cluster, alice, GenerationRequest(prompt="a fox", model="big-defaults"))
+    assert (plain.cost, own.cost, big.cost) == (1, 1, 8)
+    with cluster.session() as s:
+        stored = {j: job_repo.get_job(session=s, job_id=j).request
+                  for j in (plain.job_id, own.job_id, big.job_id)}
+    assert stored[plain.job_id].params() == (64, 64, 4, 7.0, "Euler")
+    assert stored[own.job_id].params() == (128, 64, 9, 7.0, "Euler")
+    assert stored[big.job_id].params()[:3] == (1024, 1024, 60)
+    cluster.start()
+    end = await asyncio.wait_for(cluster.client.wait(plain.job_id), 60)
+    assert end.kind is EventKind.done and end.images[0].width == 64
 
 
 async def test_a_job_the_broker_never_got_is_enqueued_by_the_reconciler(cluster: Cluster) -> None:
@@ -457,6 +559,59 @@ async def test_an_abandoned_entry_is_claimed_and_finished(cluster: Cluster) -> N
     with cluster.session() as s:
         assert s.exec(select(Job.attempts).where(col(Job.id) == sub.job_id)).one() == 1
     assert ghost.job_id == sub.job_id
+
+
+async def test_a_restarted_dispatcher_takes_back_its_jobs_in_flight_at_once(
+    settings: Settings, db_engine: Engine, redis_url: str, worker: Any, models: ModelRegistry
+) -> None:
+    """A service killed mid-job (kill -9: nothing settled) and started again under the same
+    dispatcher name resumes the job at once, not after the claim timeout (60 s here); a job
+    another live dispatcher runs is left to it."""
+    claim_ms = 60_000
+    sessions = session_factory(db_engine)
+    blobs = BlobStore.from_settings(settings)
+    broker = RedisBroker(redis_url, claim_idle_ms=claim_ms)
+    pool = await WorkerPool.from_handles([worker], host_memory_gb=32)
+    client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
+                    models=models, poll_interval_s=0.2)
+    dispatcher = Dispatcher(
+        dispatch=settings.dispatch.model_copy(
+            update={"gather_window_ms": 50, "job_timeout_s": 60, "claim_timeout_ms": claim_ms}),
+        sessions=sessions, broker=broker, blobs=blobs, workers=pool, name="box-up",
+        models=models, pacing=Pacing(read_block_ms=100, reconcile_grace_s=0.0),
+    )
+    c = Cluster(settings, sessions, broker, blobs, client, dispatcher)
+    alice, bob = who("alice"), who("bob")
+    ours = await submit(c, alice, req())
+    theirs = await submit(c, bob, req(seed=2))
+    # What the killed process left: both entries pending under its name (read, not acked),
+    # "ours" running under its name with a fresh lease; "theirs" since taken by another live
+    # dispatcher (a duplicate entry, say) whose lease is fresh too.
+    entries = await broker.read_jobs("box-up", count=2)
+    assert sorted(e.job_id for e in entries) == sorted([ours.job_id, theirs.job_id])
+    now = utcnow()
+    with c.session() as s:
+        for job_id, owner in ((ours.job_id, "box-up"), (theirs.job_id, "elsewhere")):
+            job_repo.start_attempts(session=s, job_ids=[job_id], now=now,
+                                    stale_before=now - timedelta(seconds=30), owner=owner)
+    began = time.monotonic()
+    c.start()
+    try:
+        end = await asyncio.wait_for(client.wait(ours.job_id), 30)
+        took = time.monotonic() - began
+        assert end.kind is EventKind.done, end
+        assert took < claim_ms / 1000 / 3, took
+        with c.session() as s:
+            assert job_repo.get_job(session=s, job_id=ours.job_id).attempts == 2
+            left = job_repo.get_job(session=s, job_id=theirs.job_id)
+        assert captures(c, ours.job_id) == 1
+        # The other dispatcher's job: not run again here (its entry acked as a duplicate).
+        assert (left.status, left.attempts, left.owner) == (JobStatus.running, 1, "elsewhere")
+        assert [b.job_ids for b in dispatcher.batches] == [(ours.job_id,)]
+        assert await broker.pending_count() == 0
+    finally:
+        await c.close()
+        await broker.close()
 
 
 @pytest.mark.parametrize("broker", ["memory"], indirect=True)

@@ -18,12 +18,12 @@ from cluster.client import Client
 from cluster.dispatcher import Dispatcher, Pacing
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool
-from cluster.registry import ModelRegistry
 from core.errors import Conflict
 from core.jobs import JobStatus
 from core.settings import Settings
 from storage.blobs import BlobStore
 from storage.db import session_factory
+from tests.cluster.conftest import TinyModels
 from tests.cluster.helpers import Cluster, kill_redis, req, submit, who
 from tests.conftest import RedisServer
 
@@ -38,12 +38,14 @@ def kill_and_restart(server: RedisServer) -> None:
 
 @pytest.fixture
 async def stack(
-    private_redis: RedisServer, settings: Settings, db_engine: Engine
+    private_redis: RedisServer, settings: Settings, db_engine: Engine, tiny_models: TinyModels
 ) -> AsyncIterator[Cluster]:
     broker = RedisBroker(private_redis.url, claim_idle_ms=2000)
     sessions = session_factory(db_engine)
     blobs = BlobStore.from_settings(settings)
-    models = ModelRegistry.load(settings)
+    # Built tiny models: submit refuses a model that no worker, or (before any worker has
+    # told) this machine, can load.
+    models = tiny_models.registry
     client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
                     models=models, poll_interval_s=0.1)
     # No workers: the jobs here are cancelled while queued, so the dispatcher only settles and

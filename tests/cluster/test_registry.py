@@ -11,16 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
+from cluster.availability import registry_table_rows
 from cluster.registry import (
     Family,
     ModelLoadError,
     ModelRegistry,
     ModelSpec,
     derive_pipeline,
+    how_to_get,
     load_pipeline,
-    registry_table_rows,
 )
-from core.errors import ConfigError, InvalidRequest
+from core.errors import ConfigError, InvalidRequest, ModelUnavailable
 from core.request import JobKind
 from core.settings import Settings
 
@@ -143,7 +144,7 @@ def test_missing_user_file_is_a_config_error(settings: Settings, tmp_path: Path)
 def test_table_rows(tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch) -> None:
     # As on a machine whose Hugging Face cache is empty, whatever this one holds.
     monkeypatch.setattr("cluster.registry._hub_cached", lambda repo: False)
-    rows = {r["name"]: r for r in registry_table_rows(tiny_models.registry)}
+    rows = {r["name"]: r for r in registry_table_rows(tiny_models.registry, offline=True)}
     assert rows["tiny"]["available"] is True
     assert rows["tiny-xl"]["available"] is True
     assert rows["sd15"]["available"] is False
@@ -159,6 +160,10 @@ def test_table_rows(tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch) ->
         "default_steps": 30,
         "scheduler": "DPM++ 2M Karras",
         "available": None,
+        "availability": "missing",
+        "how": "run `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0` on a box "
+        "with network and copy its Hugging Face cache here, or set path to a downloaded copy "
+        "under [models.sdxl] in your models.toml (ATELIER_MODELS_FILE)",
         "description": "Stable Diffusion XL base 1.0",
     }
 
@@ -176,6 +181,7 @@ def spec(**fields: object) -> ModelSpec:
 
 
 def load_error(s: ModelSpec) -> str:
+    """The operator's message of a load failure a retry may mend (ModelLoadError)."""
     with pytest.raises(ModelLoadError) as err:
         load_pipeline(s, torch_dtype=torch.float32, offline=True)
     assert err.value.model == s.name
@@ -183,29 +189,49 @@ def load_error(s: ModelSpec) -> str:
     return str(err.value)
 
 
+def unavailable(s: ModelSpec, *, how: str | None = None) -> str:
+    """A load failure no retry can mend (ModelUnavailable): the person's line names the model
+    and how to get it, with no server path; the operator's detail (returned) has the paths."""
+    with pytest.raises(ModelUnavailable) as err:
+        load_pipeline(s, torch_dtype=torch.float32, offline=True)
+    line = err.value.message
+    assert err.value.model == s.name
+    assert line.startswith(f"model '{s.name}' is not available: ")
+    assert f". To get it: {how or how_to_get(s)}" in line
+    assert "/" not in line.replace("`", "").split("To get it:")[0]  # no path in the why
+    for where in (s.path, s.file):
+        assert where is None or str(where) not in line
+    assert f"model '{s.name}' could not be loaded: " in err.value.detail
+    return err.value.detail
+
+
 def test_offline_repo_not_cached(settings: Settings) -> None:
     sd15 = ModelRegistry.load(settings).get("sd15").model_copy(
         update={"repo": "atelier-tests/never-cached"}
     )
-    msg = load_error(sd15)
+    msg = unavailable(sd15)
     assert "not in the local Hugging Face cache and there is no network" in msg
     assert 'set path = "/models/sd15"' in msg and "ATELIER_MODELS_FILE" in msg
 
 
 def test_missing_folder(tiny_models: TinyModels, tmp_path: Path) -> None:
-    msg = load_error(spec(path=tmp_path / "nowhere", hint="build it with `atelier models x`"))
+    msg = unavailable(spec(path=tmp_path / "nowhere", hint="build it with `atelier models x`"))
     assert f"folder {tmp_path / 'nowhere'} does not exist" in msg
     assert ". Build it with `atelier models x`, or point path" in msg
     assert "ATELIER_MODELS_FILE" in msg
 
 
 def test_folder_that_is_not_a_pipeline(tmp_path: Path) -> None:
-    msg = load_error(spec(path=tmp_path))
+    msg = unavailable(spec(path=tmp_path))
     assert "has no model_index.json" in msg and "file = ..." in msg
 
 
 def test_wrong_family(tiny_models: TinyModels) -> None:
-    msg = load_error(spec(path=tiny_models.sdxl, family="sd15"))
+    msg = unavailable(
+        spec(path=tiny_models.sdxl, family="sd15"),
+        how="set family to the right one under [models.broken] in your models.toml "
+        "(ATELIER_MODELS_FILE)",
+    )
     assert "it is a StableDiffusionXLPipeline, but its family 'sd15' expects" in msg
 
 
@@ -224,7 +250,7 @@ def test_corrupt_single_file(tmp_path: Path, content: bytes) -> None:
 
 
 def test_missing_single_file(tmp_path: Path) -> None:
-    assert "does not exist" in load_error(spec(file=tmp_path / "gone.ckpt"))
+    assert "does not exist" in unavailable(spec(file=tmp_path / "gone.ckpt"))
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -8,12 +8,14 @@ from hypothesis import strategies as st
 
 from core.cost import job_cost, job_cost_for
 from core.errors import ConfigError
-from core.request import GenerationRequest, JobKind
+from core.request import GenerationRequest, JobKind, ModelDefaults
 from core.settings import Settings
 
 
 def req(**kw: object) -> GenerationRequest:
-    return GenerationRequest(prompt="a cat", **kw)
+    """Resolved against an SD1.5-like model (512x512, 20 steps): prices are of what runs."""
+    return GenerationRequest(prompt="a cat", **kw).with_model_defaults(
+        ModelDefaults(width=512, height=512, steps=20, guidance=7.0, scheduler="Euler a"))
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from core.infotext import (
     png_with_infotext,
     read_png_infotext,
 )
-from core.request import SCHEDULERS, GenerationRequest, JobKind
+from core.request import SCHEDULERS, GenerationRequest, JobKind, ModelDefaults
 
 SDNEXT_SAMPLE = (
     "masterpiece, a lighthouse at dusk, oil painting\n"
@@ -206,9 +206,12 @@ def test_extra_may_not_shadow_known_keys_or_break_the_line() -> None:
 
 
 def _request(**kw: object) -> GenerationRequest:
+    """A request resolved against an SD1.5-like model's defaults (as every request past
+    submit is: an infotext records what ran)."""
     fields: dict[str, object] = {"prompt": "a cat", "styles": ("watercolor", "noir")}
     fields.update(kw)
-    return GenerationRequest(**fields)
+    return GenerationRequest(**fields).with_model_defaults(
+        ModelDefaults(width=512, height=512, steps=20, guidance=7.0, scheduler="Euler a"))
 
 
 def test_infotext_for_formats_numbers_like_a1111() -> None:

@@ -2,8 +2,9 @@
 
 import pytest
 
+from core.cost import job_cost
 from core.errors import InvalidRequest
-from core.request import GenerationRequest, JobKind, build_request
+from core.request import GenerationRequest, JobKind, ModelDefaults, Params, build_request
 from core.settings import Limits
 
 
@@ -49,3 +50,34 @@ def test_with_seed() -> None:
     fixed = req.with_seed()
     assert fixed.seed is not None and fixed.with_seed() is fixed
     assert req.with_seed(5).seed == 5
+
+
+# Model defaults --------------------------------------------------------------------------------
+
+TINY = ModelDefaults(width=64, height=64, steps=4, guidance=7.5, scheduler="Euler")
+
+
+def test_what_the_person_leaves_out_is_none_until_resolved() -> None:
+    req = build_request(prompt="a fox")
+    assert (req.width, req.height, req.steps, req.guidance, req.scheduler) == (None,) * 5
+    assert req.unresolved == ("width", "height", "steps", "guidance", "scheduler")
+    with pytest.raises(InvalidRequest, match="width, height, steps, guidance, scheduler not set"):
+        req.params()
+    with pytest.raises(InvalidRequest, match="not set"):
+        job_cost(req)  # nothing is priced before the model's defaults apply
+
+
+def test_the_model_s_defaults_fill_only_what_was_not_given() -> None:
+    plain = build_request(prompt="a fox").with_model_defaults(TINY)
+    assert plain.params() == Params(64, 64, 4, 7.5, "Euler")
+    given = build_request(prompt="a fox", width=128, steps=9, scheduler="ddim")
+    resolved = given.with_model_defaults(TINY)
+    assert resolved.params() == Params(128, 64, 9, 7.5, "DDIM")
+    assert resolved.with_model_defaults(ModelDefaults(512, 512, 30, 1.0, "UniPC")) is resolved
+    # The price is the resolved job's: the model's 64x64 x 4 steps, not the old 512x512 x 20.
+    big = ModelDefaults(width=1024, height=1024, steps=60, guidance=6.0, scheduler="Euler a")
+    assert job_cost(build_request(prompt="a fox").with_model_defaults(big)) == 8
+    assert job_cost(plain) == 1
+    # A stored (JSON) request keeps "not given" apart from a given value.
+    again = GenerationRequest.model_validate_json(given.model_dump_json())
+    assert again.height is None and again.width == 128

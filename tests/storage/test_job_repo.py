@@ -182,6 +182,22 @@ def test_start_attempts_is_a_compare_and_set_on_the_lease(
     assert again[job.id].attempts == 2 and again[job.id].started_at == won[job.id].started_at
 
 
+def test_start_attempts_lets_a_restarted_dispatcher_take_back_its_own_running_job(
+    tx: Tx, new_account: Callable[..., AccountRead], now: datetime
+) -> None:
+    job, _ = _create(tx, new_account(), "owned", now)
+    fresh = now - timedelta(seconds=15)  # every lease below is fresh
+    with tx() as s:
+        won = jobs.start_attempts(session=s, job_ids=[job.id], now=now, stale_before=fresh,
+                                  owner="box-up")
+    assert won[job.id].owner == "box-up"
+    with tx() as s:
+        # Another dispatcher waits for the lease; the same name (its process restarted) not.
+        assert jobs.start_attempts(session=s, job_ids=[job.id], now=now, stale_before=fresh,
+                                   owner="elsewhere") == {}
+        back = jobs.start_attempts(session=s, job_ids=[job.id], now=now, stale_before=fresh,
+                                   owner="box-up")
+    assert back[job.id].attempts == 2 and back[job.id].owner == "box-up"
 def test_finish_and_release_refunds_once_and_leaves_finished_jobs_alone(
     tx: Tx, new_account: Callable[..., AccountRead], tiers: dict[str, Tier], now: datetime
 ) -> None:

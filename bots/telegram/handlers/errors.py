@@ -9,7 +9,7 @@ from telegram import Update
 from telegram.error import Forbidden, NetworkError, RetryAfter, TelegramError
 
 from bots.common import texts
-from bots.telegram.services import Context, error_text, services
+from bots.telegram.services import Context, core_of
 from core.errors import AtelierError
 
 log = logging.getLogger("bots.telegram")
@@ -33,7 +33,7 @@ async def on_error(update: object, context: Context) -> None:
     try:
         if isinstance(exc, AtelierError):
             user = update.effective_user
-            text = await error_text(services(context), user.id, exc) if user else exc.message
+            text = await core_of(context).error_text(user.id, exc) if user else exc.message
         else:
             text = texts.UNEXPECTED
         if update.callback_query is not None:

@@ -7,20 +7,10 @@ import logging
 
 from telegram import Message, MessageEntity, Update
 
-from bots.common import texts
-from bots.common.requests import img2img, parse_prompt
+from bots.common import jobs, texts
 from bots.common.state import ALBUM_SEEN, ALBUM_SEEN_TTL_S
-from bots.telegram.jobs import start_job
-from bots.telegram.services import (
-    PLATFORM,
-    Context,
-    is_private,
-    reply_error,
-    requester_for,
-    services,
-)
+from bots.telegram.services import PLATFORM, Context, core_of, is_private, reply_error, who_of
 from core.errors import AtelierError, ImageRejected
-from core.images import ValidatedImage, validate_image
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +30,16 @@ async def imagine(update: Update, context: Context) -> None:
 
 
 async def prompt_text(update: Update, context: Context) -> None:
-    """Take plain text in a private chat as a prompt."""
-    message = update.effective_message
-    if message is not None and message.text:
+    """Plain text in a private chat: a preview with an Imagine button (or, when
+    ATELIER_TELEGRAM_PLAIN_TEXT_PREVIEW is off, a prompt at once)."""
+    message, who = update.effective_message, who_of(update)
+    if message is None or not message.text or who is None:
+        return
+    core = core_of(context)
+    if not core.settings.telegram_plain_text_preview:
         await _make(update, context, message.text.strip())
+        return
+    await jobs.preview(core, who, message.text.strip(), draft_id=str(message.message_id))
 
 
 async def photo(update: Update, context: Context) -> None:
@@ -51,13 +47,13 @@ async def photo(update: Update, context: Context) -> None:
     message, chat = update.effective_message, update.effective_chat
     if message is None:
         return
-    svc = services(context)
+    core = core_of(context)
     caption = _addressed_caption(message, context.bot.username, is_private(chat))
     if message.media_group_id and not caption:
         # Telegram puts an album's caption on one photo: that one is redrawn; say so, once.
         if caption == "" and is_private(chat):
             key = ALBUM_SEEN.format(platform=PLATFORM, album=message.media_group_id)
-            if await svc.state.add(key, "1", ALBUM_SEEN_TTL_S):
+            if await core.state.add(key, "1", ALBUM_SEEN_TTL_S):
                 await message.reply_text(texts.ONE_PHOTO_AT_A_TIME)
         return
     if caption is None:
@@ -65,29 +61,23 @@ async def photo(update: Update, context: Context) -> None:
     if not caption:
         await message.reply_text(texts.PHOTO_NEEDS_CAPTION)
         return
-    limits = svc.settings.limits
     attachment = message.photo[-1] if message.photo else message.document
     if attachment is None:
         return
     try:
         # Bots may download files up to 20 MB from Telegram.
-        size, limit = attachment.file_size or 0, min(limits.max_upload_bytes, DOWNLOAD_MAX_BYTES)
+        size = attachment.file_size or 0
+        limit = min(core.settings.limits.max_upload_bytes, DOWNLOAD_MAX_BYTES)
         if size > limit:
             # Checked before downloading: Telegram says the size up front.
             raise ImageRejected(
                 f"the photo is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.1f} MB"
             )
         data = await (await attachment.get_file()).download_as_bytearray()
-        image = validate_image(
-            bytes(data),
-            max_bytes=limits.max_upload_bytes,
-            max_pixels=limits.max_upload_pixels,
-            purpose="photo",
-        )
     except AtelierError as exc:
         await reply_error(update, context, exc)
         return
-    await _make(update, context, caption, image=image)
+    await _make(update, context, caption, photo=bytes(data))
 
 
 async def unsupported(update: Update, context: Context) -> None:
@@ -98,35 +88,17 @@ async def unsupported(update: Update, context: Context) -> None:
     await message.reply_text(texts.UNSUPPORTED.format(what=_kind_of(message)))
 
 
-async def _make(
-    update: Update, context: Context, text: str, image: ValidatedImage | None = None
-) -> None:
-    user, chat, message = update.effective_user, update.effective_chat, update.effective_message
-    if user is None or chat is None or message is None:
+async def _make(update: Update, context: Context, text: str, photo: bytes | None = None) -> None:
+    who, message = who_of(update), update.effective_message
+    if who is None or message is None:
         return
-    svc = services(context)
-    requester = await requester_for(svc, user, chat)
-    try:
-        parsed = parse_prompt(text, await svc.prefs.user(user.id), svc.styles)
-        request = parsed.request
-        if image is not None:
-            request = img2img(parsed, image.png, image.width, image.height)
-        # Checks that need no account (blocklist, styles, model limits) before any status
-        # message, so a refused prompt is never shown back as if it were queued.
-        request = svc.client.prepare(request, requester)
-    except AtelierError as exc:
-        await reply_error(update, context, exc)
-        return
-    status = await message.reply_text(texts.queued(request.prompt, None))
-    await start_job(
-        svc,
-        context.bot,
-        request=request,
-        requester=requester,
-        status=status,
+    await jobs.imagine(
+        core_of(context),
+        who,
+        text,
+        photo=photo,
         # The same update delivered twice (webhook retries, a restart) makes one job.
-        idempotency_key=f"telegram:{chat.id}:{message.message_id}",
-        original=parsed.original,
+        idempotency_key=f"telegram:{who.chat_id}:{message.message_id}",
     )
 
 

@@ -1,0 +1,271 @@
+"""``/sdapi/v1``: the AUTOMATIC1111 API subset, with A1111's response shapes, over Atelier's
+queue. HTTP Basic auth (A1111's ``--api-auth``): any user name, the API key as the password.
+A generation call waits for its job (delivered to the "web" front end) and returns it."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import JSONResponse
+
+from cluster.broker import BrokerUnavailable
+from cluster.events import EventKind
+from core.errors import AtelierError, InvalidRequest
+from core.infotext import parse_infotext, read_png_infotext
+from core.jobs import DeliveryTarget
+from core.request import SCHEDULERS
+from storage import apikeys
+from web.api.common import Caller, SdApiRoute, caller, db
+from web.api.sdapi_models import (
+    FieldError,
+    GenerationResponse,
+    Img2ImgPayload,
+    PngInfoRequest,
+    PngInfoResponse,
+    ProgressResponse,
+    Txt2ImgPayload,
+    checkpoint_name,
+    decode_b64_image,
+    info_json,
+    infotext_items,
+    parameters_echo,
+    to_generation_request,
+)
+from web.api.sdapi_progress import ProgressBoard, Running
+from web.app import get_ctx
+from web.context import WebContext
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=SdApiRoute)
+WEB = "web"
+
+
+def board(request: Request) -> ProgressBoard:
+    found: ProgressBoard | None = getattr(request.app.state, "sdapi_progress", None)
+    if found is None:
+        found = request.app.state.sdapi_progress = ProgressBoard()
+    return found
+
+
+async def _generate(
+    payload: Txt2ImgPayload, who: Caller, ctx: WebContext, progress: ProgressBoard
+) -> JSONResponse:
+    # 1. Translate (FieldError names the A1111 field), then submit as any front end does.
+    request = to_generation_request(payload, limits=ctx.settings.limits, model=who.key.model)
+    if request.model is not None and request.model not in ctx.client.models:
+        field = "override_settings.sd_model_checkpoint"
+        if not payload.override_settings.get("sd_model_checkpoint"):
+            field = "sd_model_checkpoint"
+        raise FieldError(field, f"unknown model {request.model!r}; see /sdapi/v1/sd-models")
+    delivery = DeliveryTarget(frontend=WEB, extra={"via": "sdapi", "key": who.key.prefix})
+    submitted = await ctx.client.submit(
+        request, who.requester, delivery, f"sdapi:{who.key.identity_id}:{uuid.uuid4()}"
+    )
+    job = await ctx.client.job(submitted.job_id)
+    entry = Running(
+        job_id=job.id, job_count=submitted.images_out,
+        timestamp=job.created_at.strftime("%Y%m%d%H%M%S"),
+    )
+    # 2. Wait for it, keeping /progress up to date.
+    progress.start(who.key.id, entry)
+    try:
+        async with contextlib.aclosing(ctx.client.events(job.id)) as events:
+            async for event in events:
+                if event.kind in (EventKind.started, EventKind.progress):
+                    entry.running = True
+                if event.kind is EventKind.progress and event.total:
+                    entry.step, entry.total = event.step or 0, event.total
+                if event.terminal:
+                    final = event
+                    break
+            else:
+                raise RuntimeError(f"job {job.id}: events ended without an outcome")
+    finally:
+        progress.finish(who.key.id, entry)
+    # 3. The result in A1111's shape; an interrupted job (cancelled, refunded) has no images.
+    if final.kind is EventKind.failed:
+        await ctx.client.mark_delivered(job.id)
+        return JSONResponse(
+            {"error": "job_failed", "detail": final.reason or "the job failed",
+             "job_id": job.id}, status_code=500,
+        )
+    pngs = [await ctx.client.image_bytes(ref) for ref in final.images]
+    job = await ctx.client.job(job.id)
+    info = info_json(
+        job.request,
+        seeds=[ref.seed for ref in final.images],
+        infotexts=[read_png_infotext(p) or "" for p in pngs],
+        model=job.request.model or "",
+        job_id=job.id,
+        created_at=job.created_at,
+    )
+    images = [base64.b64encode(p).decode() for p in pngs] if payload.send_images else []
+    body = GenerationResponse(images=images, parameters=parameters_echo(payload), info=info)
+    await ctx.client.mark_delivered(job.id)
+    return JSONResponse(body.model_dump())
+
+
+@router.post("/txt2img", response_model=GenerationResponse)
+async def txt2img(
+    request: Request,
+    payload: Txt2ImgPayload,
+    who: Caller = Depends(caller),
+    ctx: WebContext = Depends(get_ctx),
+) -> JSONResponse:
+    """Text to image; waits for the images (base64 PNGs carrying their infotext)."""
+    return await _generate(payload, who, ctx, board(request))
+
+
+@router.post("/img2img", response_model=GenerationResponse)
+async def img2img(
+    request: Request,
+    payload: Img2ImgPayload,
+    who: Caller = Depends(caller),
+    ctx: WebContext = Depends(get_ctx),
+) -> JSONResponse:
+    """Image to image (init_images[0], denoising_strength) or inpainting (with a mask)."""
+    return await _generate(payload, who, ctx, board(request))
+
+
+@router.get("/progress", response_model=ProgressResponse)
+async def progress(
+    request: Request, who: Caller = Depends(caller)
+) -> ProgressResponse:
+    """The caller's oldest waiting generation: fraction done, seconds left, sampling steps.
+    ``current_image`` stays null: Atelier sends no live previews."""
+    return board(request).report(who.key.id)
+
+
+async def _cancel_all(request: Request, who: Caller, ctx: WebContext, *, skip: bool) -> None:
+    for entry in board(request).all(who.key.id):
+        entry.skipped, entry.interrupted = skip, not skip
+        # Conflict: it finished meanwhile; the waiting call returns its images as usual.
+        with contextlib.suppress(AtelierError, BrokerUnavailable):
+            await ctx.client.cancel(entry.job_id, who.requester)
+
+
+@router.post("/interrupt")
+async def interrupt(
+    request: Request, who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> dict[str, Any]:
+    """Stop the caller's generations: each is cancelled and refunded; the waiting call
+    returns with no images."""
+    await _cancel_all(request, who, ctx, skip=False)
+    return {}
+
+
+@router.post("/skip")
+async def skip(
+    request: Request, who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> dict[str, Any]:
+    """As interrupt: Atelier renders a call's whole batch at once, so there is no single
+    image to skip."""
+    await _cancel_all(request, who, ctx, skip=True)
+    return {}
+
+
+@router.get("/sd-models")
+async def sd_models(
+    who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> list[dict[str, Any]]:
+    """The registry's models; ``title`` is what sd_model_checkpoint takes."""
+    return [
+        {"title": spec.name, "model_name": spec.name, "hash": None, "sha256": None,
+         "filename": spec.location, "config": None}
+        for spec in ctx.client.models.all()
+    ]
+
+
+@router.get("/samplers")
+async def samplers(who: Caller = Depends(caller)) -> list[dict[str, Any]]:
+    return [{"name": name, "aliases": [], "options": {}} for name in SCHEDULERS]
+
+
+@router.get("/schedulers")
+async def schedulers(who: Caller = Depends(caller)) -> list[dict[str, Any]]:
+    """Automatic (the sampler's own schedule) and Karras (for the samplers that have it)."""
+    return [
+        {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+         "need_inner_model": False},
+        {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+         "need_inner_model": False},
+    ]
+
+
+@router.get("/upscalers")
+async def upscalers(who: Caller = Depends(caller)) -> list[dict[str, Any]]:
+    """None: upscaling is a chat button (U1), not part of this API yet."""
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None,
+             "scale": 1}]
+
+
+@router.get("/prompt-styles")
+async def prompt_styles(
+    who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> list[dict[str, Any]]:
+    """The curated styles; ``styles: ["watercolor"]`` applies one."""
+    return [
+        {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative}
+        for s in ctx.client.styles.all()
+    ]
+
+
+@router.get("/options")
+async def get_options(
+    who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> dict[str, Any]:
+    """The options Atelier has: the key's checkpoint, PNG output."""
+    model = who.key.model or ctx.client.models.default
+    return {
+        "sd_model_checkpoint": model,
+        "sd_checkpoint_hash": None,
+        "samples_format": "png",
+        "enable_pnginfo": True,
+        "CLIP_stop_at_last_layers": 1,
+    }
+
+
+@router.post("/options")
+async def set_options(
+    options: dict[str, Any] = Body(...),
+    who: Caller = Depends(caller),
+    ctx: WebContext = Depends(get_ctx),
+) -> None:
+    """Set ``sd_model_checkpoint`` for this key (what later calls use unless their
+    override_settings name one); other options are ignored, as A1111 ignores unknown ones."""
+    if "sd_model_checkpoint" not in options:
+        return None
+    title = options["sd_model_checkpoint"]
+    if not isinstance(title, str) or not title.strip():
+        raise FieldError("sd_model_checkpoint", f"must be a model title, got {title!r}")
+    name = checkpoint_name(title)
+    if name not in ctx.client.models:
+        raise FieldError(
+            "sd_model_checkpoint", f"unknown model {title!r}; choose one of: "
+            f"{', '.join(ctx.client.models.names())}"
+        )
+    spec = ctx.client.models.get(name)
+    await db(ctx, lambda s: apikeys.set_key_model(session=s, key_id=who.key.id, model=spec.name))
+    return None
+
+
+@router.post("/png-info", response_model=PngInfoResponse)
+async def png_info(
+    body: PngInfoRequest, who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> PngInfoResponse:
+    """The infotext of a PNG (read from its text chunks; no pixel is decoded)."""
+    data = decode_b64_image(body.image, "image")
+    if len(data) > ctx.settings.limits.max_upload_bytes:
+        raise FieldError("image", f"is {len(data)} bytes; the limit is "
+                         f"{ctx.settings.limits.max_upload_bytes}")
+    text = read_png_infotext(data)
+    if text is None:
+        return PngInfoResponse(info="", items={}, parameters={})
+    try:
+        parameters = infotext_items(parse_infotext(text))
+    except InvalidRequest:
+        parameters = {"Prompt": text}
+    return PngInfoResponse(info=text, items={"parameters": text}, parameters=parameters)
