@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import getpass
 import json
-import logging
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from atelier.wiring import (
 )
 from core.errors import AtelierError
 from core.jobs import DeliveryTarget, Requester
+from core.logs import setup_logging
 from core.redact import redact_url
 from core.settings import Settings
 
@@ -42,9 +42,7 @@ def up() -> None:
     """Run the single-box service: Ray on 127.0.0.1 with a worker per local device, the
     dispatcher, and every bot that has a token configured. Ctrl-C stops it."""
     settings = settings_or_exit()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(_up(settings))
     except AtelierError as exc:
@@ -59,9 +57,7 @@ def bot_telegram() -> None:
     from core.errors import ConfigError
 
     settings = settings_or_exit()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(run_telegram_bot(settings))
     except ConfigError as exc:
@@ -136,7 +132,7 @@ def dispatcher(
     from atelier.service import run_dispatcher
 
     settings = settings_or_exit()
-    logging.basicConfig(level=logging.INFO)
+    setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(run_dispatcher(settings, name=name, ray_address=ray_address))
     except AtelierError as exc:
@@ -399,10 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--claim-idle-ms", type=int, default=None)
     parser.add_argument("--worker-prefix", default=WORKER_NAME_PREFIX)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = load_settings()
+    setup_logging(settings.log_format, settings.log_level)
     asyncio.run(
         run_dispatcher(
-            load_settings(), name=args.name, ray_address=args.ray_address,
+            settings, name=args.name, ray_address=args.ray_address,
             claim_idle_ms=args.claim_idle_ms, worker_prefix=args.worker_prefix,
         )
     )

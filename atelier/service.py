@@ -21,6 +21,7 @@ from sqlmodel import Session
 from cluster.broker import Broker
 from cluster.client import Client
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
+from cluster.health import MetricsServer, Probe, broker_check, ray_check, store_check
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from core.errors import ConfigError
@@ -43,6 +44,7 @@ class Stack:
     workers: list[Any] = field(default_factory=list)
     device_classes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    metrics: MetricsServer | None = None  # /metrics /healthz /readyz, when a port is set
 
 
 # The parts -------------------------------------------------------------------------------------
@@ -94,17 +96,46 @@ def make_client(
 def make_dispatcher(
     settings: Settings, sessions: sessionmaker[Session], broker: Broker, workers: WorkerPool,
     *, name: str | None = None, models: ModelRegistry | None = None,
-    pacing: Pacing | None = None,
+    pacing: Pacing | None = None, profile_for: Any = None,
 ) -> Dispatcher:
-    """A dispatcher over ``workers`` with the settings' batching and retries."""
+    """A dispatcher over ``workers`` with the settings' batching and retries, and autoscaling
+    when ``ATELIER_AUTOSCALE__ENABLED`` (``profile_for``: fake devices for its workers, tests)."""
+    from cluster.autoscale import Autoscaler
     from storage.blobs import BlobStore
 
+    autoscaler = None
+    if settings.autoscale.enabled:
+        autoscaler = Autoscaler(
+            settings.autoscale, worker_config=settings.worker_config(),
+            prefix=WORKER_NAME_PREFIX, profile_for=profile_for,
+        )
     return Dispatcher(
         dispatch=settings.dispatch, sessions=sessions, broker=broker,
         blobs=BlobStore.from_settings(settings), workers=workers,
         models=models if models is not None else ModelRegistry.load(settings),
-        name=name or default_name(), pacing=pacing,
+        name=name or default_name(), pacing=pacing, autoscaler=autoscaler,
     )
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(
+    settings: Settings, stack: Stack, *, with_ray: bool
+) -> AsyncIterator[MetricsServer | None]:
+    """/metrics, /healthz and /readyz (store, broker and, ``with_ray``, Ray reachable) on
+    ATELIER_METRICS__HOST:PORT while the block runs; nothing when no port is set."""
+    if settings.metrics.port is None:
+        yield None
+        return
+    checks = {"store": store_check(stack.sessions), "broker": broker_check(stack.broker)}
+    if with_ray:
+        checks["ray"] = ray_check()
+    probe = Probe(checks, timeout_s=settings.metrics.check_timeout_s)
+    server = await MetricsServer(probe, settings.metrics.host, settings.metrics.port).start()
+    stack.metrics = server
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 def default_name() -> str:
@@ -207,7 +238,10 @@ async def local_stack(
                 )
                 task = asyncio.create_task(stack.dispatcher.run(stop))
                 stack.notes.append(f"dispatcher: {stack.dispatcher.name}")
-            yield stack
+            async with serve_metrics(settings, stack, with_ray=workers) as server:
+                if server is not None:
+                    stack.notes.append(f"metrics: http://{server.host}:{server.port}/metrics")
+                yield stack
         finally:
             stop.set()
             if task is not None:
@@ -271,7 +305,8 @@ async def run_dispatcher(
             settings, stack.sessions, stack.broker, pool, name=name, models=stack.models,
             pacing=pacing,
         )
-        await dispatcher.run(stop)
+        async with serve_metrics(settings, stack, with_ray=True):
+            await dispatcher.run(stop)
 
 
 async def run_telegram_bot(
@@ -295,7 +330,8 @@ async def run_telegram_bot(
             poll_timeout=DEFAULT_POLL_TIMEOUT_S if poll_timeout is None else poll_timeout,
         )
         try:
-            await stop.wait()
+            async with serve_metrics(settings, stack, with_ray=False):
+                await stop.wait()
         finally:
             await bot.stop()
 

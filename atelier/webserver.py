@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 
@@ -13,7 +12,9 @@ import uvicorn
 
 from atelier.service import Stack, shared_stack, stop_on_signals
 from atelier.wiring import console, fail, settings_or_exit
+from cluster.health import Probe, broker_check, store_check, with_probe
 from core.errors import AtelierError, ConfigError
+from core.logs import setup_logging
 from core.redact import redact_url
 from core.settings import Settings, parse_listen
 from storage.blobs import BlobStore
@@ -69,9 +70,14 @@ async def serve_web(stack: Stack) -> AsyncIterator[str]:
     from web.gallery.deliveries import settle_deliveries
 
     app = create_app(web_context(stack))
+    # /metrics and /readyz (store and broker reachable) on the web app's own port; /healthz
+    # is the app's own.
+    checks = {"store": store_check(stack.sessions), "broker": broker_check(stack.broker)}
+    probe = Probe(checks, timeout_s=stack.settings.metrics.check_timeout_s)
     sock = _bind(stack.settings)
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", proxy_headers=True, access_log=False
+        with_probe(app, probe, frozenset({"/metrics", "/readyz"})), log_level="warning",
+        lifespan="off", proxy_headers=True, access_log=False,
     )
     server = _InLoopServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -107,9 +113,7 @@ def web() -> None:
     """Run the web app (gallery and APIs) on its own, over the shared Redis and database (the
     dispatchers and workers run elsewhere). `atelier up` serves it in-process instead."""
     settings = settings_or_exit()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(_web(settings))
     except AtelierError as exc:

@@ -24,6 +24,7 @@ from cluster.placement import WorkerPool, WorkerSlot
 from cluster.registry import ModelLoadError
 from cluster.settling import Held, Settler
 from cluster.worker import WorkerFailed, WorkerLost, run_batch
+from core import metrics
 from core.errors import (
     ContentBlocked,
     ImageRejected,
@@ -32,6 +33,8 @@ from core.errors import (
     NotFound,
     PromptTooLong,
 )
+from core.jobs import JobStatus
+from core.logs import set_job
 from core.settings import Dispatch
 from storage import jobs as job_repo
 from storage.db import Store
@@ -90,6 +93,7 @@ class BatchRunner:
         meanwhile are settled instead), run them as one call, settle each; the slot is handed
         back to the pool at the end, whatever happened."""
         model = held[0].model.name
+        set_job(h.job_id for h in held)  # this task's log lines name its jobs
         try:
             started = await self._start(held)
             if not started:
@@ -99,7 +103,17 @@ class BatchRunner:
                             time.monotonic())
             )
             log.info("batch on %s: %s (%s)", slot.worker_id, [h.job_id for h in started], model)
-            await self._execute(slot, started)
+            cls = slot.info.device_class
+            metrics.BATCH_SIZE.labels(cls).observe(len(started))
+            for h in started:
+                if h.job.started_at is not None:
+                    wait = (h.job.started_at - h.job.created_at).total_seconds()
+                    metrics.JOB_WAIT.labels(cls).observe(max(0.0, wait))
+            began = time.monotonic()
+            try:
+                await self._execute(slot, started)
+            finally:
+                metrics.WORKER_BUSY.labels(slot.worker_id, cls).inc(time.monotonic() - began)
         except asyncio.CancelledError:
             raise
         except BrokerUnavailable as exc:
@@ -167,6 +181,7 @@ class BatchRunner:
                 results = await run_batch(
                     slot.handle, [h.item() for h in jobs], on_progress=relay,
                     timeout_s=self.job_timeout_s, lease_s=self.worker_lease_s,
+                    on_load=functools.partial(_count_load, slot.info.device_class),
                 )
         except GenerationCancelled:
             for h in jobs:
@@ -179,7 +194,9 @@ class BatchRunner:
             if exc.reason != "lease":  # a lapsed lease says nothing bad about the worker
                 self.workers.lost(slot, exc)
             for h in jobs:
-                await self.settle.retry_or_fail(h, f"the worker was lost ({exc.reason})")
+                await self.settle.retry_or_fail(
+                    h, f"the worker was lost ({exc.reason})", cause="worker_lost"
+                )
             return
         except TimeoutError:
             for h in jobs:
@@ -187,7 +204,9 @@ class BatchRunner:
                     await asyncio.wait_for(_await_ref(slot.handle.cancel.remote(h.job_id)), 5)
             self.workers.mark_dead(slot.worker_id, f"a batch ran past {self.job_timeout_s:g}s")
             for h in jobs:
-                await self.settle.retry_or_fail(h, f"timed out after {self.job_timeout_s:g}s")
+                await self.settle.retry_or_fail(
+                    h, f"timed out after {self.job_timeout_s:g}s", cause="timeout"
+                )
             return
         finally:
             ran.set()
@@ -205,6 +224,7 @@ class BatchRunner:
                 if job is not None:
                     stored.append((h, job))
         if stored:
+            _count_done(slot.info.device_class, [job for _, job in stored])
             self.settle.announce_soon(stored)
         for h in jobs:
             if by_job.get(h.job_id):
@@ -212,7 +232,9 @@ class BatchRunner:
             if h.cancel_requested:
                 await self.settle.cancelled(h)
             else:
-                await self.settle.retry_or_fail(h, "the worker returned no images for this job")
+                await self.settle.retry_or_fail(
+                    h, "the worker returned no images for this job", cause="no_images"
+                )
 
     async def _worker_failed(self, slot: WorkerSlot, jobs: list[Held], exc: WorkerFailed) -> None:
         by_id = {h.job_id: h for h in jobs}
@@ -225,7 +247,9 @@ class BatchRunner:
         if exc.job_id is not None and exc.job_id in by_id:
             # The worker named the job at fault (its input): fail it, run the others again.
             culprit = by_id[exc.job_id]
-            await self.settle.fail(culprit, user_reason(exc, culprit.model.name))
+            await self.settle.fail(
+                culprit, user_reason(exc, culprit.model.name), cause=failure_cause(exc)
+            )
             others = [h for h in jobs if h.job_id != exc.job_id]
             if others:
                 await self._execute(slot, others)
@@ -244,7 +268,9 @@ class BatchRunner:
         # a line that names the model but none of the server's internals.
         log.error("job %s: worker %s failed it (%s): %s", jobs[0].job_id, slot.worker_id,
                   exc.error_code, exc.message)
-        await self.settle.retry_or_fail(jobs[0], user_reason(exc, jobs[0].model.name))
+        await self.settle.retry_or_fail(
+            jobs[0], user_reason(exc, jobs[0].model.name), cause=failure_cause(exc)
+        )
 
     def _progress_relay(self, jobs: list[Held]) -> Callable[[int, int], None]:
         """Progress ticks for ``jobs``, sent beside the batch, never in its way: while one is
@@ -300,6 +326,28 @@ class BatchRunner:
                 await asyncio.wait_for(ran.wait(), self.cancel_poll_s)
 
 
+def _count_load(device_class: str, model: str, seconds: float) -> None:
+    metrics.MODEL_LOADS.labels(model, device_class).inc()
+    metrics.MODEL_LOAD_TIME.labels(model).observe(seconds)
+
+
+def _count_done(device_class: str, jobs: list[JobRead]) -> None:
+    """Latency and credits of the jobs this batch settled as succeeded (now)."""
+    now = utcnow()
+    for job in jobs:
+        if job.status is not JobStatus.succeeded:
+            continue
+        metrics.JOBS_DONE.labels(device_class).inc()
+        metrics.CREDITS_CHARGED.inc(job.cost)
+        metrics.JOB_LATENCY.labels(device_class).observe(
+            max(0.0, (now - job.created_at).total_seconds())
+        )
+        if job.started_at is not None:
+            metrics.JOB_RUN.labels(device_class).observe(
+                max(0.0, (now - job.started_at).total_seconds())
+            )
+
+
 def user_reason(exc: WorkerFailed, model: str) -> str:
     """What a job's owner is told when the worker failed it: the worker's own message only
     where it is about the job's input (written for its owner); otherwise a plain line
@@ -310,6 +358,15 @@ def user_reason(exc: WorkerFailed, model: str) -> str:
         return f"model {model!r} could not be loaded on the worker; the operator has been told"
     return (f"image generation with model {model!r} failed on the worker; "
             "the operator has been told")
+
+
+def failure_cause(exc: WorkerFailed) -> str:
+    """A fixed word per kind of worker failure, for the failures-by-reason metric."""
+    if exc.error_code in USER_INPUT_CODES:
+        return "input"
+    if exc.error_code == ModelLoadError.code:
+        return "model_load"
+    return "worker_error"
 
 
 def find_job(session: Session, *, job_id: str) -> JobRead | None:

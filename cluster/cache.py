@@ -8,6 +8,7 @@ import json
 import logging
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,6 +141,8 @@ class ModelCache:
         self.loads = 0
         self.hits = 0
         self.evictions = 0
+        # (model, seconds) of each load since the worker last reported them (take_load_times).
+        self.load_times: list[tuple[str, float]] = []
 
     # Queries -----------------------------------------------------------------------------
 
@@ -192,6 +195,12 @@ class ModelCache:
                 entry.pipelines[role] = pipe
             return pipe
 
+    def take_load_times(self) -> list[tuple[str, float]]:
+        """The loads since the last call, (model, seconds) each, and forget them."""
+        with self._lock:
+            taken, self.load_times = self.load_times, []
+            return taken
+
     def evict(self, name: str) -> bool:
         """Unload ``name`` now; False if it was not loaded."""
         with self._lock:
@@ -212,10 +221,12 @@ class ModelCache:
         self._make_room(self.size_of(spec.name))
         profile = self.profile_of(spec.name)
         log.info("loading model %r (%s %s)", spec.name, spec.source, spec.location)
+        began = time.monotonic()
         # Loaded straight in the target dtype: no fp32 copy in memory first.
         pipe = self._loader(spec, torch_dtype=profile.torch_dtype, offline=self._offline)
         self.loads += 1
         apply_profile(pipe, profile)
+        self.load_times.append((spec.name, time.monotonic() - began))
         size = pipeline_bytes(pipe)
         self._sizes[spec.name] = size
         entry = _Entry(spec=spec, pipelines={"txt2img": pipe}, size_bytes=size, profile=profile)

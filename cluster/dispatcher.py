@@ -19,6 +19,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from cluster import keys
+from cluster.autoscale import UNPLACED, Autoscaler, class_for
 from cluster.batching import FairQueue, Waiting
 from cluster.batchrun import BatchRecord, BatchRunner, find_job
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
@@ -26,8 +27,10 @@ from cluster.placement import WorkerPool, WorkerSlot, publish_loadable
 from cluster.reconcile import REDELIVER_BATCH, REQUEUE_GRACE_S, Reconciler
 from cluster.registry import ModelRegistry
 from cluster.settling import Held, Settler
+from core import metrics
 from core.errors import AtelierError
 from core.jobs import JobStatus
+from core.logs import job_context
 from core.recipe import batch_key, item_pixels
 from core.settings import Dispatch
 from storage import jobs as job_repo
@@ -67,6 +70,8 @@ log = logging.getLogger(__name__)
 # processes find the workers (named actors are only visible within their namespace).
 RAY_NAMESPACE = "atelier"
 WORKER_NAME_PREFIX = "atelier-worker"
+# How often the gauges (queue depth per class, workers, deliveries pending) are refreshed.
+METRICS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,10 +98,11 @@ class Dispatcher:
     def __init__(
         self, *, dispatch: Dispatch, sessions: sessionmaker[Session], broker: Broker,
         blobs: BlobStore, workers: WorkerPool, models: ModelRegistry, name: str,
-        pacing: Pacing | None = None,
+        pacing: Pacing | None = None, autoscaler: Autoscaler | None = None,
     ) -> None:
         """``dispatch``: batching and retries (``ATELIER_DISPATCH__*``); ``pacing``: how often
-        it looks at things. Leases: a running job's row is refreshed every fifth of the
+        it looks at things; ``autoscaler``: asks Ray for workers from the queue (off: None).
+        Leases: a running job's row is refreshed every fifth of the
         broker's claim timeout and counts as abandoned after half of it."""
         pacing = pacing or Pacing()
         if pacing.window < 1:
@@ -105,6 +111,7 @@ class Dispatcher:
         self._workers = workers
         self.name = name
         self.models = models
+        self.autoscaler = autoscaler
         # Batching knobs stay attributes: a running dispatcher may be retuned.
         self.gather_window_s = dispatch.gather_window_ms / 1000
         self.gather_gap_s = min(dispatch.gather_gap_ms / 1000, self.gather_window_s)
@@ -120,6 +127,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()  # batches running
         self._epoch: str | None = None
         self._due: dict[str, float] = {}
+        self._worker_classes: set[str] = set()  # seen in the workers gauge, to zero later
         self._db = Store(sessions)
         # Three rooms, by lifetime: reconciling the store with the broker (periodic passes),
         # settling a job once it ran or cannot run, running one batch on a worker slot.
@@ -182,6 +190,9 @@ class Dispatcher:
                     backoff = min(backoff * 2, 5.0)
         finally:
             await self._drain()
+            if self.autoscaler is not None:
+                with contextlib.suppress(Exception):
+                    await self.autoscaler.close()
             log.info("dispatcher %s stopped", self.name)
 
     async def _step(self) -> None:
@@ -271,6 +282,19 @@ class Dispatcher:
         if self._every("reconcile", self.pacing.reconcile_interval_s):
             await self.reconciler.requeue_lost(everything=False)
             await self.reconciler.redeliver(everything=False)
+        # Neither autoscaling nor metrics may stop the dispatching: failures are only logged.
+        if self.autoscaler is not None and self._every(
+            "autoscale", self.autoscaler.config.interval_s
+        ):
+            try:
+                await self.autoscaler.tick(self.queued_by_class(), self.workers)
+            except Exception:
+                log.exception("dispatcher %s: autoscaling failed; trying again", self.name)
+        if self._every("metrics", METRICS_INTERVAL_S):
+            try:
+                await self._observe()
+            except Exception as exc:
+                log.warning("dispatcher %s: metrics not refreshed: %s", self.name, exc)
         if self._every("heartbeat", self.pacing.heartbeat_s):
             live = self.workers.live()
             log.info(
@@ -278,6 +302,42 @@ class Dispatcher:
                 self.name, len(self._queue), len(self._running), sorted(self._running),
                 len(live), len(self.workers.slots),
             )
+
+    def queued_by_class(self) -> dict[str, int]:
+        """Jobs waiting for a worker, by the device class each needs: the autoscaled classes
+        when configured, else those of the workers known now ("unplaced": none fits)."""
+        if self.autoscaler is not None:
+            memory = self.autoscaler.memory_gb
+        else:
+            memory = {}
+            for slot in self.workers.live():
+                memory[slot.info.device_class] = slot.memory_gb(self.workers.host_memory_gb)
+        counts: dict[str, int] = dict.fromkeys(memory, 0)
+        for held in self._held.values():
+            cls = class_for(held.model.min_vram_gb, memory) or UNPLACED
+            counts[cls] = counts.get(cls, 0) + 1
+        return counts
+
+    async def _observe(self) -> None:
+        """Refresh the gauges (the counters and histograms move where things happen)."""
+        for cls, n in self.queued_by_class().items():
+            metrics.QUEUE_DEPTH.labels(cls).set(n)
+        states: dict[tuple[str, str], int] = {}
+        for slot in self.workers.slots:
+            state = "dead" if not slot.alive else "busy" if slot.batches else "idle"
+            key = (slot.info.device_class, state)
+            states[key] = states.get(key, 0) + 1
+        for cls in {c for c, _ in states} | self._worker_classes:
+            for state in ("idle", "busy", "dead"):
+                metrics.WORKERS.labels(cls, state).set(states.get((cls, state), 0))
+        self._worker_classes |= {c for c, _ in states}
+        with contextlib.suppress(BrokerUnavailable):
+            metrics.BROKER_BACKLOG.set(await self.broker.queue_depth())
+        since = utcnow() - timedelta(seconds=self.reconciler.redeliver_window_s)
+        pending = await self._db(
+            lambda s: job_repo.undelivered_count(session=s, since=since), read_only=True
+        )
+        metrics.DELIVERIES_PENDING.set(pending)
 
     async def _touch(self) -> None:
         """Keep our entries from being claimed and our running jobs' leases fresh."""
@@ -342,7 +402,8 @@ class Dispatcher:
             if mine is not None:  # two entries of one job in the same read
                 mine.entries.append(entry)
                 continue
-            await self._admit_one(entry, job, stale_before)
+            with job_context(job.id):
+                await self._admit_one(entry, job, stale_before)
 
     async def _admit_one(self, entry: JobEntry, job: JobRead, stale_before: datetime) -> None:
         # 1. Finished already (a crash after settling, or a duplicate): (re)announce, ack.
@@ -366,19 +427,25 @@ class Dispatcher:
         try:
             held.spec = self.models.get(job.request.model)
         except AtelierError:
-            await self.settle.fail(held, f"model {job.request.model!r} is not available here")
+            await self.settle.fail(
+                held, f"model {job.request.model!r} is not available here",
+                cause="model_unavailable",
+            )
             return
-        impossible = self.workers.impossible(held.spec)
+        impossible = (self.autoscaler or self.workers).impossible(held.spec)
         if impossible is not None:
-            await self.settle.fail(held, impossible)
+            await self.settle.fail(held, impossible, cause="no_fitting_worker")
             return
         # 5. Given up: started too often, or handed out too often (a job crashing dispatchers).
         if job.attempts >= self.settle.max_attempts:
-            await self.settle.fail(held, f"gave up after {job.attempts} attempts", dead_letter=True)
+            await self.settle.fail(
+                held, f"gave up after {job.attempts} attempts", dead_letter=True, cause="gave_up"
+            )
             return
         if self.broker.over_delivered(entry):
             await self.settle.fail(
-                held, f"gave up after {entry.deliveries} deliveries", dead_letter=True
+                held, f"gave up after {entry.deliveries} deliveries", dead_letter=True,
+                cause="gave_up",
             )
             return
         # 6. Wait for a batch.

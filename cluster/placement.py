@@ -91,6 +91,15 @@ class WorkerPool:
             slot.loaded = list(info.loaded_models)
         return slot
 
+    async def join(self, handle: Any) -> WorkerSlot | None:
+        """Add a just-started actor (asked for its ``info()``); None if it does not answer."""
+        info = await self._fetch_info(handle)
+        return self.add(handle, info) if info is not None else None
+
+    def remove(self, worker_id: str) -> None:
+        """Forget a worker (stopped on purpose, e.g. scaled down)."""
+        self._slots.pop(worker_id, None)
+
     @property
     def slots(self) -> list[WorkerSlot]:
         return list(self._slots.values())

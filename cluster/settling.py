@@ -16,6 +16,7 @@ from cluster.broker import Broker, BrokerUnavailable, JobEntry
 from cluster.engine import BatchItem, ImageResult
 from cluster.events import JobEvent, nsfw_allowed, terminal_event
 from cluster.registry import ModelSpec
+from core import metrics
 from core.errors import Conflict
 from core.jobs import CANCELLED_BY_OWNER, JobStatus
 from storage import gallery, ledger
@@ -136,10 +137,16 @@ class Settler:
             )
         )
         log.info("job %s: %s, credits released", h.job_id, job.status.value)
+        if job.status is JobStatus.cancelled and not h.job.status.finished:
+            metrics.JOBS_CANCELLED.inc()
+            metrics.CREDITS_REFUNDED.inc(job.cost)
         await self.announce(job, h.entries)
 
-    async def fail(self, h: Held, reason: str, *, dead_letter: bool = False) -> None:
-        """Failed and refunded, then announced; ``dead_letter`` parks the entry for people."""
+    async def fail(
+        self, h: Held, reason: str, *, dead_letter: bool = False, cause: str = "other"
+    ) -> None:
+        """Failed and refunded, then announced; ``dead_letter`` parks the entry for people.
+        ``cause``: a short fixed word for the metrics (the reason is free text)."""
 
         job = await self._db(
             lambda s: job_repo.finish_and_release(
@@ -147,13 +154,17 @@ class Settler:
             )
         )
         log.warning("job %s: failed (%s), credits released", h.job_id, reason)
+        if job.status is JobStatus.failed and not h.job.status.finished:
+            metrics.JOBS_FAILED.labels(cause).inc()
+            metrics.CREDITS_REFUNDED.inc(job.cost)
         await self.announce(job, h.entries, dead_letter=reason if dead_letter else None)
 
-    async def retry_or_fail(self, h: Held, reason: str) -> None:
+    async def retry_or_fail(self, h: Held, reason: str, *, cause: str = "other") -> None:
         """Back to the queue for another worker while attempts remain, else failed."""
         if h.job.attempts >= self.max_attempts:
             await self.fail(
-                h, f"gave up after {h.job.attempts} attempts: {reason}", dead_letter=True
+                h, f"gave up after {h.job.attempts} attempts: {reason}", dead_letter=True,
+                cause=cause,
             )
             return
 
@@ -173,6 +184,7 @@ class Settler:
             return
         log.warning("job %s: attempt %d failed (%s); queued again", h.job_id, h.job.attempts,
                     reason)
+        metrics.JOBS_RETRIED.labels(cause).inc()
         await self.broker.enqueue(
             h.job_id, {"account": str(job.account_id), "retry": str(h.job.attempts)}
         )

@@ -266,7 +266,11 @@ class WorkerActor:
                 # The caller went away (ray.cancel, closed stream): stop at the next step.
                 with self._jobs_lock:
                     self._cancelled.update(job_ids)
-        yield _final_event(work)
+        final = _final_event(work)
+        # The model loads this batch caused, for the dispatcher's metrics.
+        engine = self._engine
+        final["loads"] = engine.cache.take_load_times() if engine is not None else []
+        yield final
 
     # Internals --------------------------------------------------------------------------
 
@@ -443,12 +447,14 @@ def spawn_worker(
 async def run_batch(
     handle: Any, items: list[BatchItem], *, on_progress: ProgressCallback | None = None,
     timeout_s: float, lease_s: float | None = DEFAULT_LEASE_S,
+    on_load: Callable[[str, float], object] | None = None,
 ) -> list[ImageResult]:
     """Run ``items`` on the worker ``handle``, relaying progress; the images in job order.
 
     ``timeout_s`` bounds every wait: the first event (which includes loading the model) and
     each one after. ``lease_s``: renewed from here while this call waits; should this process
     die, the worker stops the batch within about that long (None: it runs to its end).
+    ``on_load(model, seconds)`` hears of each model the worker loaded for this batch.
     Raises WorkerLost (retry elsewhere), WorkerFailed (the job is at fault), or
     GenerationCancelled (every job was cancelled).
     """
@@ -466,6 +472,9 @@ async def run_batch(
                 raise WorkerLost("the worker's stream ended without results") from None
             event = await asyncio.wait_for(ref, timeout_s)
             kind = event.get("type")
+            if on_load is not None:
+                for model, seconds in event.get("loads", ()):
+                    on_load(str(model), float(seconds))
             if kind == "progress":
                 if on_progress is not None:
                     maybe = on_progress(int(event["step"]), int(event["total"]))

@@ -10,7 +10,7 @@ import secrets
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -92,6 +92,47 @@ class Dispatch(BaseModel):
         return self
 
 
+class Metrics(BaseModel):
+    """The HTTP endpoint each long-running process serves: /metrics (Prometheus), /healthz
+    and /readyz (``ATELIER_METRICS__PORT=9464``; no port: not served)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+    # Each readiness check (store, broker, Ray) must answer within this.
+    check_timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+
+class AutoscaleClass(BaseModel):
+    """One device class the cluster can add workers of (a KubeRay worker group)."""
+
+    memory_gb: float = Field(gt=0)  # device memory: which models fit (min_vram_gb)
+    run_s: float = Field(default=10.0, gt=0)  # expected seconds per job until measured
+    max_workers: int = Field(default=8, ge=0)
+    cpus: float = Field(default=1.0, ge=0)  # what one worker asks of its node besides the device
+    gpus: float = Field(default=1.0, ge=0)
+
+
+class Autoscale(BaseModel):
+    """Asking Ray's autoscaler for workers from the queue (``ATELIER_AUTOSCALE__ENABLED=true``,
+    ``ATELIER_AUTOSCALE__CLASSES='{"a100-80gb": {"memory_gb": 80}}'``). Off on a single box."""
+
+    enabled: bool = False
+    # A queued job should start within this: workers wanted = ceil(jobs x run time / target).
+    latency_target_s: float = Field(default=60.0, gt=0)
+    classes: dict[str, AutoscaleClass] = Field(default_factory=dict)
+    interval_s: float = Field(default=5.0, gt=0)
+    # A worker this dispatcher started is stopped after idling this long with nothing queued
+    # for its class, so its node goes idle and the autoscaler can remove it.
+    idle_release_s: float = Field(default=60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _classes_when_on(self) -> Autoscale:
+        if self.enabled and not self.classes:
+            raise ValueError("autoscale is enabled but no classes are configured "
+                             "(ATELIER_AUTOSCALE__CLASSES)")
+        return self
+
+
 class WorkerConfig(BaseModel):
     """What a worker actor needs of the settings (the model registry and the blocklist), and
     nothing else: workers run on other machines, so bot tokens and the signing key stay home."""
@@ -152,6 +193,10 @@ class Settings(BaseSettings):
     # Extra/overriding model entries (TOML); default: {data_dir}/models.toml when present.
     models_file: Path | None = None
     link_code_ttl_s: int = Field(default=600, ge=30)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics: Metrics = Field(default_factory=Metrics)
+    autoscale: Autoscale = Field(default_factory=Autoscale)
 
     @field_validator("data_dir")
     @classmethod

@@ -248,6 +248,20 @@ def undelivered_jobs(
     return [_read(j) for j in session.exec(stmt).all()]
 
 
+def undelivered_count(*, session: Session, since: datetime) -> int:
+    """Finished jobs (since ``since``) no front end has marked delivered yet."""
+    count = session.exec(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            col(Job.delivered_at).is_(None),
+            col(Job.finished_at) >= since,
+            col(Job.status).in_(FINISHED),
+        )
+    ).one()
+    return int(count)
+
+
 def unfinished_jobs(*, session: Session, limit: int = 1000) -> list[JobRead]:
     """Queued and running jobs, oldest first (a restarted front end follows its own again)."""
     if not 1 <= limit <= 10_000:

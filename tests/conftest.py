@@ -6,6 +6,7 @@ import importlib.abc
 import importlib.machinery
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,7 @@ PIPELINE_FIXTURES = frozenset({"tiny_models"})
 # Modules all of whose tests start Ray or run pipelines: not even collected in the fast tier
 # (importing torch, Diffusers and Ray alone would take much of its minute).
 HEAVY_MODULES = frozenset({
+    "test_metrics.py", "test_autoscaling.py",
     "test_engine.py", "test_tiny.py", "test_cache.py", "test_stepcache.py", "test_pipeline.py",
     "test_worker.py", "test_faults.py",
 })
@@ -180,3 +182,18 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return load_settings(data_dir=tmp_path / "data", _env_file=None)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, to kill or freeze. No persistence (``--save ""
+    --appendonly no``), as keys.py plans for: a restart loses every stream."""
+    if shutil.which("redis-server") is None:
+        service_missing("redis-server")
+    server = RedisServer(tmp_path / "redis")
+    server.dir.mkdir()
+    server.start()
+    yield server
+    if server.proc is not None:
+        server.proc.send_signal(signal.SIGCONT)  # a frozen one would not hear SIGTERM
+    server.stop()

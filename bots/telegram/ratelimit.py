@@ -21,6 +21,8 @@ from telegram.error import NetworkError, RetryAfter
 from telegram.ext import BaseRateLimiter
 from telegram.warnings import PTBDeprecationWarning
 
+from core import metrics
+
 log = logging.getLogger(__name__)
 
 # Calls that put something in a chat; the rest (answers, lookups, chat actions) are not throttled.
@@ -233,6 +235,7 @@ class FloodLimiter(BaseRateLimiter[None]):
             try:
                 return await callback(*args, **kwargs)
             except RetryAfter as exc:
+                metrics.BOT_RATE_LIMITED.labels("telegram").inc()
                 attempt += 1
                 wait = retry_seconds(exc)
                 if attempt > self.max_retries:

@@ -4,8 +4,6 @@ migrated store per test (SQLite, or PostgreSQL when parametrized)."""
 
 from __future__ import annotations
 
-import shutil
-import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from cluster.tiny import make_tiny_models
 from core.settings import Settings, load_settings
 from storage.db import make_engine, upgrade
 from tests.cluster.helpers import PG_ADMIN_URL
-from tests.conftest import RedisServer, forbid_in_fast_tier, service_missing
+from tests.conftest import forbid_in_fast_tier, service_missing
 
 # Registry names of the tiny models, by family.
 TINY_NAMES = {"sd15": "tiny", "sdxl": "tiny-xl"}
@@ -124,18 +122,3 @@ def db_engine(db_url: str) -> Iterator[Engine]:
     engine = make_engine(db_url)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own, to kill or freeze. No persistence (``--save ""
-    --appendonly no``), as keys.py plans for: a restart loses every stream."""
-    if shutil.which("redis-server") is None:
-        service_missing("redis-server")
-    server = RedisServer(tmp_path / "redis")
-    server.dir.mkdir()
-    server.start()
-    yield server
-    if server.proc is not None:
-        server.proc.send_signal(signal.SIGCONT)  # a frozen one would not hear SIGTERM
-    server.stop()

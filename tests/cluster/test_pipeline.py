@@ -351,6 +351,13 @@ async def test_gathering_waits_for_a_burst_but_not_for_a_lone_job(cluster: Clust
 
 
 async def test_a_job_no_worker_can_run_fails_at_once_and_is_refunded(cluster: Cluster) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    failed = sample("atelier_jobs_failed_total", reason="no_fitting_worker")
+    refunded = sample("atelier_credits_refunded_total")
     alice = who("alice")
     cluster.start()
     sub = await submit(cluster, alice, req(model="huge"))
@@ -360,6 +367,9 @@ async def test_a_job_no_worker_can_run_fails_at_once_and_is_refunded(cluster: Cl
     a = audit(cluster, alice)
     assert a.released == sub.cost and a.held == 0 and a.captured == 0
     assert not cluster.dispatcher.batches
+    # Counted once, by its reason, with its refund.
+    assert sample("atelier_jobs_failed_total", reason="no_fitting_worker") == failed + 1
+    assert sample("atelier_credits_refunded_total") == refunded + sub.cost
 
 
 async def test_a_model_whose_files_vanish_fails_at_once_not_retried(

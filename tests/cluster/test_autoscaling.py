@@ -1,0 +1,145 @@
+"""Autoscaling from the queue on a Ray cluster with an autoscaler and a fake node provider:
+two node types offering different device classes, both at zero. Jobs queued for one class
+make the dispatcher ask for that class's bundles; the autoscaler starts a node of that type
+(and not of the other), the dispatcher starts a worker on it and the jobs run; once the queue
+has drained the worker is stopped, the request withdrawn, and the node removed: back to zero
+within a bounded time."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from ray._private import ray_constants
+
+from atelier.service import make_client, make_dispatcher
+from cluster.broker_memory import MemoryBroker
+from cluster.devices import DeviceProfile
+from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Pacing
+from cluster.placement import WorkerPool, ray_discovery
+from core.jobs import DeliveryTarget, Requester
+from core.request import GenerationRequest
+from core.settings import load_settings
+from storage.db import make_engine, session_factory, upgrade
+from tests.cluster.conftest import TinyModels
+from tests.cluster.fake_cluster import FakeAutoscalingCluster
+
+SMALL, BIG = "t4-16gb", "a100-80gb"
+NODE_TYPES = {
+    "gpu-16g": {"resources": {"CPU": 1, "GPU": 1, f"device:{SMALL}": 1},
+                "node_config": {}, "min_workers": 0, "max_workers": 2},
+    "gpu-80g": {"resources": {"CPU": 1, "GPU": 1, f"device:{BIG}": 1},
+                "node_config": {}, "min_workers": 0, "max_workers": 2},
+}
+SCALE_UP_S = 240
+SCALE_DOWN_S = 180
+
+
+@pytest.fixture
+def fake_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeAutoscalingCluster]:
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = FakeAutoscalingCluster(tmp_path, NODE_TYPES, idle_timeout_minutes=0.05)
+    cluster.start()
+    try:
+        cluster.wait_for_head()
+        # This driver on loopback too, as the nodes (see cluster.worker.init_local_ray).
+        monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head (fake_cluster.py)
+        monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        ray.init(address=cluster.address, namespace=RAY_NAMESPACE, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.stop()
+
+
+def device_nodes() -> dict[str, int]:
+    """Alive nodes per device class."""
+    out: dict[str, int] = {}
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        for key in node["Resources"]:
+            if key.startswith("device:"):
+                out[key.removeprefix("device:")] = out.get(key.removeprefix("device:"), 0) + 1
+    return out
+
+
+@pytest.mark.slow
+async def test_queued_jobs_scale_their_class_from_zero_and_back(
+    fake_cluster: FakeAutoscalingCluster, tiny_models: TinyModels, tmp_path: Path,
+    cpu_profile: DeviceProfile,
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'atelier.db'}"
+    upgrade(db_url)
+    settings = load_settings(
+        data_dir=tiny_models.data_dir, database_url=db_url, _env_file=None,
+        autoscale={
+            "enabled": True, "latency_target_s": 30, "interval_s": 1, "idle_release_s": 2,
+            "classes": {SMALL: {"memory_gb": 16, "run_s": 5, "max_workers": 2},
+                        BIG: {"memory_gb": 80, "run_s": 5, "max_workers": 2}},
+        },
+    )
+
+    def profile_for(device_class: str) -> DeviceProfile:
+        # The fake nodes' "GPUs" are this CPU: the tiny model runs on it under their class.
+        return dataclasses.replace(cpu_profile, device_class=device_class, threads=1)
+
+    assert device_nodes() == {}
+    engine = make_engine(db_url)
+    broker = MemoryBroker()
+    sessions = session_factory(engine)
+    pool = WorkerPool(discover=ray_discovery(WORKER_NAME_PREFIX), info_timeout_s=30)
+    dispatcher = make_dispatcher(
+        settings, sessions, broker, pool, name="d-autoscale", profile_for=profile_for,
+        pacing=Pacing(refresh_interval_s=1, heartbeat_s=5),
+    )
+    assert dispatcher.autoscaler is not None
+    client = make_client(settings, sessions, broker)
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop))
+    try:
+        request = GenerationRequest(prompt="a fox", model="tiny", width=64, height=64,
+                                    steps=2, scheduler="Euler")
+        began = time.monotonic()
+        jobs = [
+            await client.submit(request, Requester(platform="web", platform_user_id=f"u{i}"),
+                                DeliveryTarget(frontend="web"), uuid.uuid4().hex)
+            for i in range(3)
+        ]
+        events = await asyncio.wait_for(
+            asyncio.gather(*(client.wait(j.job_id) for j in jobs)), SCALE_UP_S
+        )
+        assert [e.kind for e in events] == ["done"] * 3, events
+        up_s = time.monotonic() - began
+        nodes = device_nodes()
+        assert nodes.get(SMALL, 0) >= 1 and BIG not in nodes, nodes
+        # Every batch ran on a worker of the class the jobs needed.
+        assert {b.worker_id.split("-")[2] for b in dispatcher.batches} == {"t4"}
+
+        # Drained: the request is withdrawn, the worker stopped, the node removed.
+        drained = time.monotonic()
+        while device_nodes():
+            if time.monotonic() - drained > SCALE_DOWN_S:
+                pytest.fail(f"still {device_nodes()} nodes {SCALE_DOWN_S}s after draining")
+            await asyncio.sleep(1)
+        down_s = time.monotonic() - drained
+        assert dispatcher.autoscaler.wanted == {SMALL: 0, BIG: 0}
+        assert dispatcher.autoscaler.started == {}
+        print(f"scale-up to done {up_s:.0f}s, scale-down {down_s:.0f}s")  # noqa: T201
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await broker.close()
+        engine.dispose()

@@ -1,0 +1,222 @@
+"""deploy/ as an operator gets it: the KubeRay base renders and validates against the RayCluster
+CRD schema (a vendored subset) and the Kubernetes models; each worker group offers the device
+resource cluster/devices.py names for its card and the autoscaler knows every group; every
+ATELIER_* variable in the manifests and the compose file is a Settings field; the images'
+Ray is the tested one; `docker compose config` passes where docker compose exists."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from pydantic import BaseModel
+
+from cluster.devices import device_class_name, nominal_gb
+from cluster.worker import device_resource
+from core.settings import Settings, load_settings
+from tests.deploy.manifests import (
+    DEPLOY,
+    MODEL_OF_KIND,
+    build_model,
+    check_model,
+    ray_resources,
+    render_base,
+)
+
+SCHEMA = json.loads((Path(__file__).with_name("raycluster.schema.json")).read_text())
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    return render_base()
+
+
+def _raycluster(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (rc,) = [d for d in docs if d["kind"] == "RayCluster"]
+    return rc
+
+
+def test_every_object_validates(rendered: list[dict[str, Any]]) -> None:
+    kinds = sorted(d["kind"] for d in rendered)
+    assert kinds.count("Deployment") == 4 and "RayCluster" in kinds, kinds
+    for doc in rendered:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "RayCluster":
+            jsonschema.validate(doc, SCHEMA)
+            spec = doc["spec"]
+            templates = [spec["headGroupSpec"]["template"]] + [
+                g["template"] for g in spec["workerGroupSpecs"]
+            ]
+            for template in templates:
+                assert check_model(template, "V1PodTemplateSpec", where) == []
+                build_model(template, "V1PodTemplateSpec")
+            continue
+        model = MODEL_OF_KIND[doc["kind"]]
+        assert check_model(doc, model, where) == []
+        build_model(doc, model)
+
+
+def test_the_validation_catches_mistakes(rendered: list[dict[str, Any]]) -> None:
+    rc = json.loads(json.dumps(_raycluster(rendered)))
+    rc["spec"]["workerGroupSpecs"][0]["minReplica"] = 0  # misspelt
+    with pytest.raises(jsonschema.ValidationError, match="minReplica"):
+        jsonschema.validate(rc, SCHEMA)
+    rc = json.loads(json.dumps(_raycluster(rendered)))
+    rc["spec"]["autoscalerOptions"]["upscalingMode"] = "Fast"
+    with pytest.raises(jsonschema.ValidationError, match="Fast"):
+        jsonschema.validate(rc, SCHEMA)
+    (dep,) = [d for d in rendered if d["metadata"]["name"] == "atelier-dispatcher"]
+    dep = json.loads(json.dumps(dep))
+    dep["spec"]["template"]["spec"]["containers"][0]["envfrom"] = []
+    dep["spec"]["replicas"] = "2"
+    assert check_model(dep, "V1Deployment", "d") == [
+        "d.spec.replicas: expected int, got '2'",
+        "d.spec.template.spec.containers[0].envfrom: not a field of V1Container",
+    ]
+    with pytest.raises(ValueError, match="unescaped"):
+        ray_resources('"{"device:cpu": 1}"')
+    with pytest.raises(ValueError, match="must be"):
+        ray_resources('{"device:cpu": 1}')
+
+
+def _worker_class(template: dict[str, Any]) -> str:
+    notes = template["metadata"]["annotations"]
+    memory = float(notes["atelier.dev/gpu-memory-gb"])
+    if memory == 0:
+        return device_class_name("cpu", "", None)
+    # What the card's driver reports (a little under the size it is sold as).
+    reported = int(memory * 2**30 * 0.98)
+    return device_class_name("cuda", notes["atelier.dev/gpu-product"], nominal_gb(reported))
+
+
+def test_worker_groups_offer_the_device_resource_their_workers_advertise(
+    rendered: list[dict[str, Any]],
+) -> None:
+    rc = _raycluster(rendered)
+    spec = rc["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["rayVersion"] == ray.__version__
+    config = next(d for d in rendered if d["kind"] == "ConfigMap")["data"]
+    autoscaled = json.loads(config["ATELIER_AUTOSCALE__CLASSES"])
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"gpu-24g", "gpu-80g", "cpu"}
+    classes = {}
+    for name, group in groups.items():
+        assert group["minReplicas"] == 0 and group["replicas"] == 0, name
+        cls = _worker_class(group["template"])
+        classes[name] = cls
+        assert ray_resources(group["rayStartParams"]["resources"]) == {device_resource(cls): 1}
+        pod = group["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+        if cls == "cpu":
+            assert "nvidia.com/gpu" not in limits and autoscaled[cls]["gpus"] == 0
+        else:
+            assert limits["nvidia.com/gpu"] == "1", name
+            assert pod["nodeSelector"]["nvidia.com/gpu.product"], name
+            assert {"key": "nvidia.com/gpu", "operator": "Exists",
+                    "effect": "NoSchedule"} in pod["tolerations"], name
+            assert autoscaled[cls]["memory_gb"] == float(
+                group["template"]["metadata"]["annotations"]["atelier.dev/gpu-memory-gb"]
+            )
+    assert classes == {"gpu-24g": "l4-24gb", "gpu-80g": "a100-80gb", "cpu": "cpu"}
+    assert set(autoscaled) == set(classes.values())
+
+
+def _settings_field(name: str) -> bool:
+    """Whether ATELIER_A__B names a Settings field (nested models by ``__``)."""
+    parts = name.removeprefix("ATELIER_").lower().split("__")
+    model: type[BaseModel] = Settings
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if i < len(parts) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return False
+            model = ann
+    return True
+
+
+def _atelier_names(text: str) -> set[str]:
+    return set(re.findall(r"\b(ATELIER_[A-Z0-9_]+)\b", text)) - {"ATELIER_IMAGE"}
+
+
+def test_every_atelier_variable_is_a_setting(rendered: list[dict[str, Any]]) -> None:
+    texts = [yaml.safe_dump_all(rendered), (DEPLOY / "compose.yaml").read_text(),
+             (DEPLOY / "atelier.env.example").read_text()]
+    names = set().union(*(_atelier_names(t) for t in texts))
+    assert {"ATELIER_METRICS__PORT", "ATELIER_AUTOSCALE__CLASSES", "ATELIER_REDIS_URL"} <= names
+    unknown = sorted(n for n in names if not _settings_field(n))
+    assert unknown == []
+    assert not _settings_field("ATELIER_METRICS__PROT") and not _settings_field("ATELIER_NOPE")
+    # The ConfigMap's values load, with the secrets the operator adds.
+    config = next(d for d in rendered if d["kind"] == "ConfigMap")["data"]
+    env = {k.removeprefix("ATELIER_").lower(): v for k, v in config.items()
+           if k.startswith("ATELIER_") and "__" not in k}
+    settings = load_settings(
+        _env_file=None, **env, signing_key="x" * 32, database_url="postgresql://db/atelier",
+        metrics={"host": config["ATELIER_METRICS__HOST"], "port": config["ATELIER_METRICS__PORT"]},
+        autoscale={"enabled": config["ATELIER_AUTOSCALE__ENABLED"],
+                   "classes": json.loads(config["ATELIER_AUTOSCALE__CLASSES"])},
+    )
+    assert settings.autoscale.enabled and settings.metrics.port == 9464
+
+
+def test_the_images_carry_the_tested_ray_and_pinned_deps() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={ray.__version__}\n" in dockerfile
+    assert "rayproject/ray:${RAY_VERSION}-py311 AS cpu" in dockerfile
+    assert "rayproject/ray:${RAY_VERSION}-py311-gpu AS cuda" in dockerfile
+    pins = (DEPLOY / "constraints.txt").read_text()
+    assert f"\nray=={ray.__version__}\n" in pins
+    for line in pins.splitlines():
+        assert line.startswith("#") or re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+", line), line
+
+
+def test_compose_file(tmp_path: Path) -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["redis"]["command"][:3] == ["redis-server", "--appendonly", "yes"]
+    gpu = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    for name in ("redis", "postgres", "head", "gpu-worker", "bot-telegram", "web"):
+        assert "healthcheck" in services[name] or "<<" in services[name], name
+    if shutil.which("docker") is None or subprocess.run(
+        ["docker", "compose", "version"], capture_output=True
+    ).returncode != 0:
+        pytest.skip("docker compose is not installed here; the structure was checked above")
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    shutil.copy(DEPLOY / "atelier.env.example", tmp_path / "deploy" / "atelier.env")
+    done = subprocess.run(
+        ["docker", "compose", "-f", str(tmp_path / "deploy" / "compose.yaml"),
+         "--env-file", str(tmp_path / "deploy" / "atelier.env"), "config", "--quiet"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_dashboard_shows_metrics_the_processes_export() -> None:
+    import prometheus_client
+
+    from core import metrics
+
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = set(re.findall(r"\b(atelier_[a-z_]+)", " ".join(exprs)))
+    exported = set()
+    for value in vars(metrics).values():
+        if isinstance(value, prometheus_client.metrics.MetricWrapperBase):
+            for family in value.describe():
+                exported |= {family.name, family.name + "_total", family.name + "_bucket",
+                             family.name + "_sum", family.name + "_count"}
+    assert used and used <= exported, sorted(used - exported)
+    assert len(used) >= 15  # every family core/metrics.py defines has a panel
