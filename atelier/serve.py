@@ -84,9 +84,7 @@ def bot_discord(
         err_console.print("[red]error:[/red] --guild only goes with --sync")
         raise typer.Exit(2)
     settings = settings_or_exit()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(run_discord_bot(settings, sync=sync, guild_id=guild))
     except ConfigError as exc:
