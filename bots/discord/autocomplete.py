@@ -1,10 +1,11 @@
-"""Autocomplete for styles (the style registry) and models (the registry's models)."""
+"""Autocomplete for styles (the style registry) and models (those a worker can load now)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from discord import app_commands
 
-from cluster.registry import ModelRegistry
 from core.styles import StyleRegistry
 
 MAX_CHOICES = 25  # Discord's limit
@@ -20,11 +21,12 @@ def style_choices(registry: StyleRegistry, current: str) -> list[app_commands.Ch
 
 
 def model_choices(
-    registry: ModelRegistry, current: str, *, with_default: bool = False
+    available: Sequence[str], current: str, *, with_default: bool = False
 ) -> list[app_commands.Choice[str]]:
-    """Models whose name contains what was typed."""
+    """Models a worker can load now (``Client.available_models``) whose name contains what was
+    typed."""
     typed = current.strip().lower()
-    names = [n for n in registry.names() if typed in n.lower()]
+    names = [n for n in available if typed in n.lower()]
     choices = [app_commands.Choice(name=n, value=n) for n in names]
     if with_default and typed in "default":
         choices.insert(0, app_commands.Choice(name="default", value="default"))

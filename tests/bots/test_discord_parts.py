@@ -74,3 +74,13 @@ async def test_keyboards_become_rows_of_at_most_five_persistent_buttons() -> Non
     longest = "x" * MAX_DATA_BYTES
     assert len(ChatButton(longest, "L").custom_id) <= 100
     assert ChatButton(longest).custom_id == PREFIX + longest
+
+
+def test_model_choices_offer_only_the_models_a_worker_can_load() -> None:
+    from bots.discord.autocomplete import model_choices
+
+    available = ["tiny", "tiny-xl"]  # what Client.available_models() said; sd15 is not there
+    assert [c.value for c in model_choices(available, "")] == ["tiny", "tiny-xl"]
+    assert [c.value for c in model_choices(available, "XL")] == ["tiny-xl"]
+    assert [c.value for c in model_choices(available, "sd")] == []
+    assert [c.value for c in model_choices(available, "", with_default=True)][0] == "default"

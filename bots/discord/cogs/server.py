@@ -92,4 +92,6 @@ class ServerSettings(commands.Cog):
     async def _model(
         self, interaction: discord.Interaction[Any], current: str
     ) -> list[app_commands.Choice[str]]:
-        return model_choices(self.bot.client.models, current, with_default=True)
+        return model_choices(
+            await self.bot.client.available_models(), current, with_default=True
+        )
