@@ -22,6 +22,10 @@ from core.settings import Settings, load_settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray 2.5x turns token auth on, process-wide, for the first local cluster a process starts; a
+# later test's own multi-node cluster (test_autoscaling) then loses its workers. Test Rays are
+# private and on loopback: no tokens.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REQUIRE_SERVICES = os.environ.get("ATELIER_REQUIRE_SERVICES") == "1"
 # The fast tier (`make test-fast`): only tests that need no Ray, Redis or PostgreSQL, selected

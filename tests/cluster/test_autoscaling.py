@@ -77,6 +77,7 @@ def device_nodes() -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SCALE_UP_S + SCALE_DOWN_S + 120)  # a loaded machine: nodes start slowly
 async def test_queued_jobs_scale_their_class_from_zero_and_back(
     fake_cluster: FakeAutoscalingCluster, tiny_models: TinyModels, tmp_path: Path,
     cpu_profile: DeviceProfile,
