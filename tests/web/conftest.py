@@ -59,6 +59,9 @@ async def web(
 ) -> AsyncIterator[Web]:
     blobs = BlobStore.from_settings(web_settings)
     broker = MemoryBroker()
+    # A worker that can load the tiny models, as its dispatcher would publish it (these routes
+    # submit jobs; no worker runs them here).
+    await broker.publish_worker_models("web-test", ["tiny", "tiny-xl"], ttl_s=3600)
     client = Client(settings=web_settings, session_factory=factory, broker=broker, blobs=blobs,
                     poll_interval_s=0.1)
     clock = Clock(datetime.now(UTC))
