@@ -36,9 +36,10 @@ from core.recipe import effective_strength, min_denoising_steps
 from core.request import GenerationRequest
 from core.settings import Settings, Tier
 from core.styles import StyleRegistry, default_registry
-from storage import accounts, gallery, ledger
+from storage import accounts, apikeys, gallery, ledger
 from storage import jobs as job_repo
 from storage.accounts import AccountRead, LinkCodeRead
+from storage.apikeys import NewApiKey
 from storage.blobs import BlobStore
 from storage.db import Store
 from storage.gallery import ImageRead
@@ -509,6 +510,20 @@ class Client:
                 identity_id=account.identity.id,
                 now=utcnow(),
                 ttl=timedelta(seconds=self.settings.link_code_ttl_s),
+            )
+
+        return await self._db(make)
+
+    async def create_api_key(self, requester: Requester, name: str = "") -> NewApiKey:
+        """A new API key acting as the requester (the account is made on first contact); the
+        returned ``key`` is the only time it is seen: only its sha256 is stored."""
+
+        def make(session: Session) -> NewApiKey:
+            account = self._resolve(session, requester)
+            if account.identity is None:
+                raise NotFound(f"no identity for {requester.platform}:{requester.platform_user_id}")
+            return apikeys.create_api_key(
+                session=session, identity_id=account.identity.id, name=name
             )
 
         return await self._db(make)

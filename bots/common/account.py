@@ -52,6 +52,18 @@ async def gallery(core: ChatCore, who: Who) -> Say | None:
     return Say(texts.PRIVATE_ONLY.format(command="/gallery"))
 
 
+async def apikey(core: ChatCore, who: Who) -> Say | None:
+    """A new API key, shown once (only its hash is stored). Only ever posted privately: in a
+    group it goes in a private message (None: nothing to say there)."""
+    made = await core.client.create_api_key(core.plain_requester(who.user_id))
+    text = texts.apikey_text(made.key, core.settings.public_base_url)
+    if who.private:
+        return Say(text)
+    if await core.port.send_private(who.user_id, text):
+        return None
+    return Say(texts.PRIVATE_ONLY.format(command="/apikey"))
+
+
 async def history(core: ChatCore, who: Who) -> Say:
     """The last 5 jobs with buttons to run them again."""
     jobs = await core.client.history(core.plain_requester(who.user_id), limit=5)

@@ -258,6 +258,15 @@ def link_code_text(code: str, minutes: int) -> str:
     )
 
 
+def apikey_text(key: str, base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return (
+        f"🔑 Your API key (shown only this once; keep it secret):\n{key}\n"
+        f"Use it as \"Authorization: Bearer <key>\" for {base}/api/v1, or as the password "
+        f"(any user name) of Basic auth for the A1111 API at {base}/sdapi/v1."
+    )
+
+
 def linked_text() -> str:
     return "🔗 Linked! Your accounts now share one balance and one gallery."
 

@@ -1,5 +1,6 @@
-"""The person's account: ``/credits``, ``/gallery`` (a signed link), ``/history`` (run a
-job again) and ``/link`` (join a Telegram and a Discord identity), each for the asker only."""
+"""The person's account: ``/credits``, ``/gallery`` (a signed link), ``/apikey`` (shown once),
+``/history`` (run a job again) and ``/link`` (join a Telegram and a Discord identity), each for
+the asker only."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ class Account(commands.Cog):
     async def gallery(self, interaction: discord.Interaction[Any]) -> None:
         """A signed link to the person's gallery (shared by their linked identities)."""
         await ephemeral(self.bot, interaction, partial(account.gallery, self.bot.core))
+
+    @app_commands.command(name="apikey", description="A key for the REST and A1111 APIs")
+    async def apikey(self, interaction: discord.Interaction[Any]) -> None:
+        """A new API key, shown once and to the asker only."""
+        await ephemeral(self.bot, interaction, partial(account.apikey, self.bot.core))
 
     @app_commands.command(name="history", description="Your last jobs, to run them again")
     async def history(self, interaction: discord.Interaction[Any]) -> None:

@@ -1,5 +1,6 @@
-"""Account commands: /start, /help, /credits, /gallery, /history, /cancel, /link, /styles and
-/settings (a group's settings for its admins), each a call into ``bots.common.account``."""
+"""Account commands: /start, /help, /credits, /gallery, /apikey, /history, /cancel, /link,
+/styles and /settings (a group's settings for its admins), each a call into
+``bots.common.account``."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ async def credits(update: Update, context: Context) -> None:
 async def gallery(update: Update, context: Context) -> None:
     """Send a signed, expiring link to the person's gallery (privately)."""
     await _answer(update, context, account.gallery)
+
+
+async def apikey(update: Update, context: Context) -> None:
+    """Make an API key, shown once (privately; never posted in a group)."""
+    await _answer(update, context, account.apikey)
 
 
 async def history(update: Update, context: Context) -> None:
