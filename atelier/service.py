@@ -359,6 +359,7 @@ async def run_discord_bot(
         stop = stop or stop_on_signals()
         bot = await start_bot(settings, stack.client, stack.broker, sync=sync, guild_id=guild_id)
         try:
-            await stop.wait()
+            async with serve_metrics(settings, stack, with_ray=False):
+                await stop.wait()
         finally:
             await bot.stop()

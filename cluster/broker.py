@@ -7,6 +7,7 @@ Implementations: ``cluster.broker_redis.RedisBroker`` (Redis Streams) and
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -191,6 +192,14 @@ class Broker(ABC):
     async def worker_models(self) -> dict[str, frozenset[str]]:
         """What was published for each worker whose record has not lapsed, by worker id."""
 
+    # Rate limits ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
+        """Count one hit on ``bucket`` in the current fixed window of ``window_s`` seconds
+        (shared by every process on this broker): (hits in this window so far, this one
+        included; seconds until the window ends)."""
+
     # Stats and housekeeping ---------------------------------------------------------------
 
     @abstractmethod
@@ -238,6 +247,16 @@ class Broker(ABC):
 
 
 # Helpers shared by the implementations -----------------------------------------------------
+
+
+def rate_window(window_s: float) -> tuple[int, float]:
+    """The fixed window now falls in (windows of ``window_s`` seconds on the wall clock, the
+    same in every process) and the seconds left in it."""
+    if window_s <= 0:
+        raise ValueError(f"window_s must be positive, not {window_s}")
+    now = time.time()
+    window = int(now // window_s)
+    return window, (window + 1) * window_s - now
 
 
 def job_entry_fields(job_id: str, fields: Mapping[str, str] | None) -> dict[str, str]:

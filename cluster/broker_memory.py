@@ -33,6 +33,7 @@ from cluster.broker import (
     job_entry_fields,
     next_id,
     parse_id,
+    rate_window,
 )
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ class MemoryBroker(Broker):
         self._redeliveries: dict[str, float] = {}  # job id -> monotonic expiry of the claim
         self._worker_models: dict[str, frozenset[str]] = {}
         self._worker_models_until: dict[str, float] = {}  # worker id -> monotonic expiry
+        self._hits: dict[str, int] = {}  # rate key -> hits
+        self._hits_until: dict[str, float] = {}  # rate key -> monotonic expiry
 
     def _check_open(self) -> None:
         if self._closed:
@@ -344,6 +347,19 @@ class MemoryBroker(Broker):
         for gone in self._worker_models.keys() - self._worker_models_until.keys():
             del self._worker_models[gone]
         return dict(self._worker_models)
+
+    # Rate limits ---------------------------------------------------------------------------
+
+    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
+        self._check_open()
+        window, left = rate_window(window_s)
+        key = keys.rate_key(bucket, window)
+        now = _drop_expired(self._hits_until)
+        for gone in self._hits.keys() - self._hits_until.keys():
+            del self._hits[gone]
+        self._hits[key] = self._hits.get(key, 0) + 1
+        self._hits_until.setdefault(key, now + left)
+        return self._hits[key], left
 
     # Stats and housekeeping ---------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from cluster.broker import (
     job_entry_fields,
     next_id,
     parse_id,
+    rate_window,
 )
 from core.errors import ConfigError
 from core.redact import redact_url
@@ -397,6 +398,17 @@ class RedisBroker(Broker):
                 continue
             out[name.removeprefix(keys.WORKER_MODELS_PREFIX)] = frozenset(map(str, models))
         return out
+
+    # Rate limits ---------------------------------------------------------------------------
+
+    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
+        window, left = rate_window(window_s)
+        key = keys.rate_key(bucket, window)
+        async with self._errors("counting a request"), self._redis.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.pexpire(key, max(1, int(left * 1000)) + 1000, nx=True)
+            hits, _ = await pipe.execute()
+        return int(hits), left
 
     # Stats and housekeeping ---------------------------------------------------------------
 

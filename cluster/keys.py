@@ -46,6 +46,11 @@ REDELIVER_PREFIX = f"{PREFIX}:redeliver:"
 WORKER_MODELS_PREFIX = f"{PREFIX}:worker-models:"
 WORKER_MODELS_TTL_S = 60.0
 
+# Request counters for rate limits (per API key, per client address), one per fixed window.
+# Retention: a TTL of the window, set by the first hit.
+RATE_PREFIX = f"{PREFIX}:rate:"
+RATE_BUCKET_RE = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,128}$")
+
 FRONTEND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # Job ids are made by the store (uuid/ulid/integer), never by a person; still checked, since they
 # end up in key names.
@@ -98,6 +103,13 @@ def redeliver_key(job_id: str) -> str:
     """``atelier:redeliver:{job_id}``: present (with a TTL) while one dispatcher's
     re-announcement of the job stands for all."""
     return REDELIVER_PREFIX + check_job_id(job_id)
+
+
+def rate_key(bucket: str, window: int) -> str:
+    """``atelier:rate:{bucket}:{window}``: hits on ``bucket`` in fixed window number ``window``."""
+    if not RATE_BUCKET_RE.fullmatch(bucket):
+        raise ValueError(f"invalid rate bucket {bucket!r}")
+    return f"{RATE_PREFIX}{bucket}:{window}"
 
 
 def worker_models_key(worker_id: str) -> str:

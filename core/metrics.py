@@ -74,6 +74,10 @@ AUTOSCALE_WANTED = Gauge(
     "autoscaler, by device class", ["device_class"],
 )
 # Front ends.
+WEB_RATE_LIMITED = Counter(
+    "atelier_web_rate_limited_total", "Web requests refused with 429, by what was over its limit",
+    ["by"],
+)
 BOT_RATE_LIMITED = Counter(
     "atelier_bot_rate_limited_total", "429 (retry after) answers from a chat platform",
     ["platform"],

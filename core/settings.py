@@ -92,6 +92,18 @@ class Dispatch(BaseModel):
         return self
 
 
+class WebRate(BaseModel):
+    """Requests the web app takes per window (``ATELIER_WEB_RATE__PER_KEY=120``), counted in
+    the broker so every web process shares them; 0 turns a limit off."""
+
+    # Per API key: every /api/v1 and /sdapi/v1 call made with it.
+    per_key: int = Field(default=120, ge=0)
+    # Per client address (behind a proxy, the one uvicorn's proxy headers give): every request
+    # but /healthz, /readyz, /metrics and static files. A gallery page loads its thumbnails.
+    per_ip: int = Field(default=1200, ge=0)
+    window_s: float = Field(default=60.0, gt=0, le=3600)
+
+
 class Metrics(BaseModel):
     """The HTTP endpoint each long-running process serves: /metrics (Prometheus), /healthz
     and /readyz (``ATELIER_METRICS__PORT=9464``; no port: not served)."""
@@ -181,6 +193,7 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
     # Where `atelier up` / `atelier web` serve the web app: HOST:PORT ([::1]:8000 for IPv6).
     web_listen: str = "127.0.0.1:8000"
+    web_rate: WebRate = Field(default_factory=WebRate)
 
     default_tier: str = "free"
     tiers: dict[str, Tier] = Field(default_factory=_default_tiers)

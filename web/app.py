@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 
 from web.context import WebContext
+from web.ratelimit import PerAddressLimit, RateLimiter
 
 
 def get_ctx(request: Request) -> WebContext:
@@ -18,6 +19,8 @@ def create_app(ctx: WebContext) -> FastAPI:
     """The whole web app over ``ctx`` (stored as ``app.state.ctx``)."""
     app = FastAPI(title="Atelier", version="1", docs_url="/docs", redoc_url=None)
     app.state.ctx = ctx
+    app.state.limiter = RateLimiter(ctx.client.broker, ctx.settings.web_rate)
+    app.add_middleware(PerAddressLimit, limiter=app.state.limiter)
     _include_routers(app)
     return app
 

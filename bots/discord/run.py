@@ -17,12 +17,37 @@ from bots.common.state import BotState, make_state
 from bots.discord.bot import AtelierBot, use_endpoints
 from cluster.broker import Broker
 from cluster.client import Client
+from core import metrics
 from core.errors import ConfigError
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
+
+
+# discord.py waits out 429s inside its HTTP clients (REST and interaction webhooks) and says so
+# only in a warning of these loggers, worded thus.
+_RATE_LIMIT_LOGGERS = ("discord.http", "discord.webhook.async_")
+_RATE_LIMIT_WORDS = ("responded with 429", "is rate limited")
+
+
+class _CountRateLimits(logging.Filter):
+    """Counts discord.py's 429 warnings: ``atelier_bot_rate_limited_total{platform="discord"}``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.levelno >= logging.WARNING and any(w in message for w in _RATE_LIMIT_WORDS):
+            metrics.BOT_RATE_LIMITED.labels("discord").inc()
+        return True
+
+
+def count_rate_limits() -> None:
+    """Install the 429 counter on discord.py's HTTP loggers (once per process)."""
+    for name in _RATE_LIMIT_LOGGERS:
+        http_log = logging.getLogger(name)
+        if not any(isinstance(f, _CountRateLimits) for f in http_log.filters):
+            http_log.addFilter(_CountRateLimits())
 
 
 class RunningBot:
@@ -66,6 +91,7 @@ async def start_bot(
         raise ConfigError("ATELIER_DISCORD_TOKEN is required to run the Discord bot")
     token = settings.discord_token.get_secret_value()
     hide_in_logs(token)
+    count_rate_limits()
     use_endpoints(settings)
     own_state: BotState | None = None
     if state is None:

@@ -12,6 +12,7 @@ import time
 from bots.common.state import DELIVERED
 from bots.discord.fake import payloads as p
 from cluster.events import terminal_event
+from core import metrics
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import ALICE, TINY, images_of, imagine, png, result_of
 
@@ -155,11 +156,14 @@ async def test_429_with_retry_after_is_waited_out_and_posted_once(
     discord_stack: DiscordStack,
 ) -> None:
     fake = discord_stack.fake
+    counted = metrics.BOT_RATE_LIMITED.labels("discord")
+    before = counted._value.get()
     fake.fail(2, retry_after=1.0, route="POST /webhooks/")
     started = time.monotonic()
     inter, _ = await imagine(discord_stack)
     assert time.monotonic() - started >= 2.0
     assert len([c for c in fake.calls if c.status == 429]) == 2
+    assert counted._value.get() - before == 2  # atelier_bot_rate_limited_total{discord}
     await asyncio.sleep(1.0)
     assert len(images_of(fake, inter.token)) == 1
 

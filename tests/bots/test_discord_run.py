@@ -5,11 +5,13 @@ settings."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -20,6 +22,7 @@ from bots.discord.fake import payloads as p
 from bots.discord.fake.server import TOKEN
 from tests.bots.discord_conftest import DiscordStack, discord_settings_for
 from tests.bots.discord_helpers import TINY, images_of
+from tests.conftest import free_port
 
 
 def _env(stack: DiscordStack) -> dict[str, str]:
@@ -36,7 +39,9 @@ def _env(stack: DiscordStack) -> dict[str, str]:
     }
 
 
-async def _bot_process(stack: DiscordStack, *args: str) -> asyncio.subprocess.Process:
+async def _bot_process(
+    stack: DiscordStack, *args: str, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     """`atelier bot discord ARGS` as a process of its own."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -46,7 +51,7 @@ async def _bot_process(stack: DiscordStack, *args: str) -> asyncio.subprocess.Pr
         "discord",
         *args,
         cwd=stack.settings.data_dir,
-        env=_env(stack),
+        env=_env(stack) | (env or {}),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -56,11 +61,23 @@ async def test_atelier_bot_discord_syncs_to_a_server_then_runs_until_interrupted
     discord_backend: DiscordStack,
 ) -> None:
     fake = discord_backend.fake
-    proc = await _bot_process(discord_backend, "--sync", "--guild", str(p.GUILD_ID))
+    port = free_port()
+    proc = await _bot_process(discord_backend, "--sync", "--guild", str(p.GUILD_ID),
+                              env={"ATELIER_METRICS__PORT": str(port)})
     try:
         await fake.wait_for(lambda: fake.identifies, 90, "the bot on the gateway")
         help_ = await fake.slash(42, "help")
         await fake.wait_for(lambda: help_.callback, what="the /help answer")
+        # The bot process serves /metrics and /readyz (store and broker) like every other.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(100):  # served once the bot is ready
+                with contextlib.suppress(httpx.ConnectError):
+                    scraped = await http.get("/metrics")
+                    break
+                await asyncio.sleep(0.1)
+            ready = await http.get("/readyz")
+        assert scraped.status_code == 200 and b"atelier_bot_rate_limited_total" in scraped.content
+        assert ready.status_code == 200, ready.text
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = await asyncio.wait_for(proc.communicate(), 60)

@@ -16,6 +16,7 @@ from cluster.broker import (
     BrokerUnavailable,
     JobEntry,
     connect_broker,
+    rate_window,
 )
 from cluster.broker_memory import MemoryBroker
 from cluster.broker_redis import RedisBroker
@@ -305,6 +306,26 @@ async def test_a_redelivery_claim_goes_to_one_caller_per_period(broker: Broker) 
     assert await broker.claim_redelivery("job-1", ttl_s=0.3) is True  # the period is over
     with pytest.raises(InvalidRequest, match="job id must match"):
         await broker.claim_redelivery("bad id", ttl_s=1)
+
+
+async def test_hits_are_counted_per_bucket_and_window(broker: Broker) -> None:
+    window_s = 2.0
+    # Start just after a window boundary, so all hits below fall in one window.
+    _, left = rate_window(window_s)
+    if left < 1.2:
+        await asyncio.sleep(left + 0.05)
+    counts = [(await broker.count_hit("key:1", window_s))[0] for _ in range(3)]
+    assert counts == [1, 2, 3]
+    hits, left = await broker.count_hit("ip:127.0.0.1", window_s)
+    assert hits == 1 and 0 < left <= window_s  # per bucket
+    await asyncio.sleep(left + 0.05)
+    assert (await broker.count_hit("key:1", window_s))[0] == 1  # a new window
+    with pytest.raises(ValueError, match="invalid rate bucket"):
+        await broker.count_hit("bad bucket\n", window_s)
+    if isinstance(broker, RedisBroker):  # the old window's counter goes by itself
+        ttls = [await broker._redis.pttl(k) async for k in broker._redis.scan_iter(
+            match=keys.RATE_PREFIX + "*")]
+        assert ttls and all(0 < t <= 3000 + 1000 for t in ttls)
 
 
 async def test_own_pending_jobs_are_what_a_consumer_left_unacked(broker: Broker) -> None:

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from cluster.devices import device_class_name, nominal_gb
 from cluster.worker import device_resource
 from core.settings import Settings, load_settings
+from tests.conftest import service_missing
 from tests.deploy.manifests import (
     DEPLOY,
     MODEL_OF_KIND,
@@ -182,6 +183,17 @@ def test_the_images_carry_the_tested_ray_and_pinned_deps() -> None:
         assert line.startswith("#") or re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+", line), line
 
 
+def _compose_command() -> list[str] | None:
+    """Compose v2 (`docker compose`), else v1 (`docker-compose`, Debian's package)."""
+    if shutil.which("docker") and subprocess.run(
+        ["docker", "compose", "version"], capture_output=True
+    ).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
 def test_compose_file(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
@@ -190,14 +202,13 @@ def test_compose_file(tmp_path: Path) -> None:
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
     for name in ("redis", "postgres", "head", "gpu-worker", "bot-telegram", "web"):
         assert "healthcheck" in services[name] or "<<" in services[name], name
-    if shutil.which("docker") is None or subprocess.run(
-        ["docker", "compose", "version"], capture_output=True
-    ).returncode != 0:
-        pytest.skip("docker compose is not installed here; the structure was checked above")
+    compose_cli = _compose_command()
+    if compose_cli is None:
+        service_missing("docker compose (or docker-compose); the structure was checked above")
     shutil.copytree(DEPLOY, tmp_path / "deploy")
     shutil.copy(DEPLOY / "atelier.env.example", tmp_path / "deploy" / "atelier.env")
     done = subprocess.run(
-        ["docker", "compose", "-f", str(tmp_path / "deploy" / "compose.yaml"),
+        [*compose_cli, "-p", "atelier", "-f", str(tmp_path / "deploy" / "compose.yaml"),
          "--env-file", str(tmp_path / "deploy" / "atelier.env"), "config", "--quiet"],
         capture_output=True, text=True, timeout=60,
     )

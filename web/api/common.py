@@ -36,6 +36,7 @@ from storage.db import read_only_sessions, transaction
 from web.api.sdapi_models import FieldError
 from web.app import get_ctx
 from web.context import WebContext
+from web.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -192,5 +193,8 @@ async def authenticate(ctx: WebContext, key: str) -> Caller:
 
 
 async def caller(request: Request, ctx: WebContext = Depends(get_ctx)) -> Caller:
-    """FastAPI dependency: the authenticated caller."""
-    return await authenticate(ctx, key_from_headers(request))
+    """FastAPI dependency: the authenticated caller, within its key's rate limit."""
+    found = await authenticate(ctx, key_from_headers(request))
+    limiter: RateLimiter = request.app.state.limiter
+    await limiter.check_key(found.key.id)
+    return found
