@@ -221,6 +221,28 @@ def models_make_tiny(
     )
 
 
+@models_app.command("train-demo")
+def models_train_demo(
+    out: str | None = typer.Option(
+        None, help="where to save the pipeline; default: cluster/data/demo (the shipped one)"
+    ),
+    minutes: float = typer.Option(25.0, help="wall-clock budget for the whole training"),
+    seed: int = typer.Option(0, help="the seed of the scenes and the weights"),
+) -> None:
+    """Train the demo model from scratch on this machine's CPU (shapes in colours, from
+    captions); it is the default model whenever the configured one is not available."""
+    from pathlib import Path
+
+    from cluster.demo.train import Recipe, train_demo
+    from cluster.registry import DEMO_MODEL_DIR
+
+    quiet_ml_libraries()
+    target = Path(out) if out else DEMO_MODEL_DIR
+    record = train_demo(target, Recipe(seed=seed, minutes=minutes), progress=console.print)
+    console.print(f"demo model: {target} ({record['unet_steps']} denoiser steps in "
+                  f"{record['minutes']} min; recipe in {target / 'recipe.json'})")
+
+
 @app.command("devices")
 def devices() -> None:
     """Show the devices this machine has and the profile a worker would use on each."""

@@ -33,6 +33,7 @@ from core.redact import redact_url
 from core.settings import Settings
 
 if TYPE_CHECKING:
+    from cluster.client import Client
     from cluster.registry import ModelRegistry
 
 Stopper = Callable[[], Awaitable[None]]
@@ -173,10 +174,13 @@ async def _up(settings: Settings) -> None:
         con.print("  models:")
         for line in model_lines(stack.client.models):
             con.print(f"    {line}", markup=False)
+        for line in await default_model_lines(stack.client):
+            con.print(f"  {line}", markup=False)
         available = await stack.client.available_models()
+        default = await stack.client.default_model()
         # The hint names a model that runs here when the default does not.
-        pick = "" if stack.client.models.default in available or not available else (
-            f" --model {available[0]}")
+        pick = "" if default in available or not available else f" --model {available[0]}"
+        example = DEMO_EXAMPLE if default == "demo" and not pick else "a red fox --style watercolor"
         bots = await _start_bots(settings, stack)
         con.print(
             "  bots: "
@@ -185,13 +189,32 @@ async def _up(settings: Settings) -> None:
                 or "none (set ATELIER_TELEGRAM_TOKEN or ATELIER_DISCORD_TOKEN to run a bot)"
             )
         )
-        con.print(f'Ctrl-C stops it. Try: atelier imagine "a red fox --style watercolor"{pick}',
-                  markup=False)
+        con.print(f'Ctrl-C stops it. Try: atelier imagine "{example}"{pick}', markup=False)
         try:
             await stop.wait()
         finally:
             for _, stopper in bots:
                 await stopper()
+
+
+DEMO_EXAMPLE = "a red circle to the left of a yellow star on a blue background"
+
+
+async def default_model_lines(client: Client) -> list[str]:
+    """Which model a prompt naming none gets, and why when it is not the configured one."""
+    from cluster.availability import model_availability
+
+    configured, chosen = client.models.default, await client.default_model()
+    if chosen == configured:
+        return [f"default model: {chosen}"]
+    why = model_availability(client.models.get(configured)).why or "no worker can load it"
+    return [
+        f"default model: {chosen}, since the configured default {configured} is not available "
+        f"({why})",
+        f"  {chosen}: {client.models.get(chosen).description}",
+        "  get the configured one (atelier models list says how), or set `default` in your "
+        "models.toml",
+    ]
 
 
 def model_lines(models: ModelRegistry) -> list[str]:
@@ -244,13 +267,15 @@ async def _imagine(
                 "is `atelier up` running with the same ATELIER_REDIS_URL?"
             )
         client = stack.client
+        request = await client.with_default_model(request)
         job = await client.submit(
             request,
             requester,
             DeliveryTarget(frontend="cli"),
             idempotency_key=f"cli:{uuid.uuid4()}",
         )
-        con.print(f"job {job.job_id}: {job.images_out} image(s), {job.cost} credit(s)")
+        con.print(f"job {job.job_id}: {job.images_out} image(s) of model {request.model}, "
+                  f"{job.cost} credit(s)")
         paths: list[Path] = []
         with Progress(
             TextColumn("{task.description}"),

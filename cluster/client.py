@@ -151,7 +151,7 @@ class Client:
         InsufficientCredits; in every case nothing is charged and no job row is left behind.
         """
         # 1. Checks that need no database, then that some worker can load the model.
-        request = self.prepare(request, requester)
+        request = self.prepare(await self.with_default_model(request), requester)
         if not idempotency_key or len(idempotency_key) > 200:
             raise InvalidRequest(
                 f"idempotency key must be 1 to 200 characters, got {len(idempotency_key)}"
@@ -230,7 +230,7 @@ class Client:
         refuses before it posts anything. Raises what ``submit`` raises (ContentBlocked,
         InvalidRequest, ModelUnavailable, RateLimited, InsufficientCredits); ``submit`` still
         checks again."""
-        request = self.prepare(request, requester)
+        request = self.prepare(await self.with_default_model(request), requester)
         await self.check_model_available(request.model)
         now = utcnow()
 
@@ -293,6 +293,29 @@ class Client:
         if published is not None:
             return [n for n in self.models.names() if n in published]
         return await asyncio.to_thread(loadable_models, self.models)
+
+    async def default_model(self) -> str:
+        """The model a request naming none gets: the registry's default, or its fallback (the
+        demo model) when no worker can load the default and some can load the fallback."""
+        default, fallback = self.models.default, self.models.fallback
+        if fallback is None or fallback == default:
+            return default
+        published = await self._published_models()
+        if published is not None:
+            return fallback if default not in published and fallback in published else default
+
+        def here(name: str) -> bool:
+            return model_availability(self.models.get(name)).loadable
+
+        if await asyncio.to_thread(here, default) or not await asyncio.to_thread(here, fallback):
+            return default
+        return fallback
+
+    async def with_default_model(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its model named (``default_model`` when it names none)."""
+        if request.model is not None:
+            return request
+        return request.model_copy(update={"model": await self.default_model()})
 
     async def check_model_available(self, name: str | None) -> None:
         """Raise ModelUnavailable, with one line on how to get it, when no worker can load

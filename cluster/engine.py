@@ -141,7 +141,7 @@ class Engine:
             pipe = with_scheduler(base, scheduler)
 
             # 3. Prompts per style and seeds per image: one slot per output image.
-            slots = self._plan(items, count_tokens=_token_counter(pipe.tokenizer))
+            slots = self._plan(items, count_tokens=token_counter(pipe.tokenizer))
             _check_cancelled(job_ids, cancelled)
 
             # 4.-5. Per-image generators and run, in calls that fit the device's batch budget.
@@ -320,7 +320,7 @@ def _encode(slot: _Slot, image: Image.Image, model: str) -> ImageResult:
     )
 
 
-def _token_counter(tokenizer: Any) -> TokenCounter:
+def token_counter(tokenizer: Any) -> TokenCounter:
     """The real tokenizer's count, without the start/end tokens (what prepare_prompt expects)."""
 
     def count(text: str) -> int:

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 MODELS_FILE_VARIABLE = "ATELIER_MODELS_FILE"
 USER_MODELS_FILE = "models.toml"  # looked for in the data dir when no file is named
+# The package's own data: models.toml and the demo model trained here (cluster/data/demo).
+PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "data"
+DEMO_MODEL_DIR = PACKAGE_DATA_DIR / "demo"
 SOURCE_KEYS = ("repo", "path", "file")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -196,7 +199,7 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
 
 def _raw_entries(doc: dict[str, Any], origin: str) -> dict[str, dict[str, Any]]:
     models = doc.get("models", {})
-    unknown = sorted(set(doc) - {"models", "default"})
+    unknown = sorted(set(doc) - {"models", "default", "fallback"})
     if unknown:
         raise ConfigError(f"{origin}: unknown top-level keys {unknown}; expected [models.NAME]")
     if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
@@ -256,16 +259,27 @@ def _merge(base: dict[str, Any] | None, override: dict[str, Any]) -> dict[str, A
 class ModelRegistry:
     """Named models. ``get`` resolves a request's model name (or the default)."""
 
-    def __init__(self, specs: Iterable[ModelSpec], default: str | None = None) -> None:
+    def __init__(
+        self, specs: Iterable[ModelSpec], default: str | None = None, *,
+        fallback: str | None = None,
+    ) -> None:
         self._specs: dict[str, ModelSpec] = {s.name: s for s in specs}
         if not self._specs:
             raise ConfigError("the model registry is empty")
         self._default = default if default is not None else next(iter(self._specs))
-        if self._default not in self._specs:
-            raise ConfigError(
-                f"default model {self._default!r} is not in the registry; "
-                f"available: {', '.join(self._specs)}"
-            )
+        for what, name in (("default", self._default), ("fallback", fallback)):
+            if name is not None and name not in self._specs:
+                raise ConfigError(
+                    f"{what} model {name!r} is not in the registry; "
+                    f"available: {', '.join(self._specs)}"
+                )
+        self._fallback = fallback
+
+    @property
+    def fallback(self) -> str | None:
+        """The model a request naming none gets when the default is not available (the demo
+        model, trained here, shipped in the package)."""
+        return self._fallback
 
     @classmethod
     def load(
@@ -279,12 +293,14 @@ class ModelRegistry:
         data_dir = Path(settings.data_dir)
         packaged = resources.files("cluster") / "data" / "models.toml"
         doc = tomllib.loads(packaged.read_text("utf-8"))
+        # A relative path in the packaged file is in the package (the shipped demo model).
         raw = {
-            n: _prepare(e, data_dir, data_dir)
+            n: _prepare(e, PACKAGE_DATA_DIR, data_dir)
             for n, e in _raw_entries(doc, "packaged models.toml").items()
         }
         origins = dict.fromkeys(raw, "packaged models.toml")
         default = doc.get("default")
+        fallback = doc.get("fallback")
 
         user_path: Path | None = None
         named = extra_path if extra_path is not None else settings.models_file
@@ -299,9 +315,10 @@ class ModelRegistry:
                 raw[name] = _merge(raw.get(name), _prepare(entry, user_path.parent, data_dir))
                 origins[name] = origin
             default = user_doc.get("default", default)
+            fallback = user_doc.get("fallback", fallback)
 
         specs = [_build_spec(n, e, origins[n]) for n, e in raw.items()]
-        return cls(specs, default)
+        return cls(specs, default, fallback=fallback or None)
 
     @property
     def default(self) -> str:

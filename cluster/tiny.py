@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -87,23 +87,23 @@ _COMMON_WORDS = (
 )
 
 
-def _vocab_words() -> list[str]:
+def _vocab_words(extra: Iterable[str] = ()) -> list[str]:
     from core.prompts import DEFAULT_NEGATIVE, QUALITY_TERMS, SAFE_NEGATIVE
     from core.styles import default_registry
 
     text = " ".join(
-        [_COMMON_WORDS, *QUALITY_TERMS, *DEFAULT_NEGATIVE, *SAFE_NEGATIVE]
+        [_COMMON_WORDS, *QUALITY_TERMS, *DEFAULT_NEGATIVE, *SAFE_NEGATIVE, *extra]
         + [f"{st.prompt} {st.negative}" for st in default_registry().all()]
     )
     words = {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 1}
     return sorted(words, key=lambda w: (-len(w), w))  # long words first: their chains win
 
 
-def _word_merges() -> list[tuple[str, str]]:
+def _word_merges(extra: Iterable[str] = ()) -> list[tuple[str, str]]:
     """Merges that build each vocabulary word left to right (``c a`` -> ``ca``, ``ca t</w>``)."""
     seen: set[tuple[str, str]] = set()
     out: list[tuple[str, str]] = []
-    for word in _vocab_words():
+    for word in _vocab_words(extra):
         pieces = [*word[:-1], word[-1] + "</w>"]
         acc = pieces[0]
         for piece in pieces[1:]:
@@ -115,14 +115,14 @@ def _word_merges() -> list[tuple[str, str]]:
     return out
 
 
-def clip_vocab() -> tuple[dict[str, int], list[str]]:
+def clip_vocab(extra_words: Iterable[str] = ()) -> tuple[dict[str, int], list[str]]:
     """A small CLIP-style vocabulary and its merges.
 
     Layout follows CLIP's: the 256 byte symbols, the same with ``</w>``, the merge results,
     then the start and end tokens last (so the end token has the highest id, which CLIP's
     pooling relies on when it looks for the end of each prompt).
     """
-    merges = [*_word_merges(), *_MERGES]
+    merges = [*_word_merges(extra_words), *_MERGES]
     symbols = list(_bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols]
     for a, b in merges:
@@ -132,21 +132,22 @@ def clip_vocab() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, [f"{a} {b}" for a, b in merges]
 
 
-def write_tokenizer_files(directory: Path) -> Path:
-    """Write the ``vocab.json`` + ``merges.txt`` a CLIPTokenizer loads from into ``directory``."""
-    vocab, merges = clip_vocab()
+def write_tokenizer_files(directory: Path, extra_words: Iterable[str] = ()) -> Path:
+    """Write the ``vocab.json`` + ``merges.txt`` a CLIPTokenizer loads from into ``directory``
+    (``extra_words``: whole-word tokens besides the everyday and style words)."""
+    vocab, merges = clip_vocab(extra_words)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
     return directory
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(extra_words: Iterable[str] = ()) -> CLIPTokenizer:
     """A CLIPTokenizer over :func:`clip_vocab`, padding/truncating to 77 tokens like CLIP's."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_tokenizer_files(Path(tmp))
+        files = write_tokenizer_files(Path(tmp), extra_words)
         return CLIPTokenizer(
             vocab=str(files / "vocab.json"),
             merges=str(files / "merges.txt"),
@@ -154,7 +155,7 @@ def build_tokenizer() -> CLIPTokenizer:
         )
 
 
-def _text_config(
+def text_config(
     tokenizer: CLIPTokenizer,
     *,
     hidden: int,
@@ -236,7 +237,7 @@ def build_tiny_pipeline(family: TinyFamily = "sd15", seed: int = 0) -> Diffusion
             norm_num_groups=8,
         )
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(_text_config(tokenizer, **text_kw))
+        text_encoder = CLIPTextModel(text_config(tokenizer, **text_kw))
         return StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -273,10 +274,10 @@ def build_tiny_pipeline(family: TinyFamily = "sd15", seed: int = 0) -> Diffusion
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(tokenizer, **text_kw))
+    text_encoder = CLIPTextModel(text_config(tokenizer, **text_kw))
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(tokenizer, projection_dim=proj_dim, **text_kw)
+        text_config(tokenizer, projection_dim=proj_dim, **text_kw)
     )
     return StableDiffusionXLPipeline(
         vae=vae,
@@ -384,7 +385,7 @@ def sd15_shaped_components(
     from transformers import CLIPTextModel
 
     tokenizer = build_tokenizer()
-    text_cfg = _text_config(tokenizer, **SD15_TEXT)  # type: ignore[arg-type]
+    text_cfg = text_config(tokenizer, **SD15_TEXT)  # type: ignore[arg-type]
     # The real model's 49408-entry embedding; the small tokenizer's ids (< 600) all fall in it.
     torch.manual_seed(seed)
     if dtype is None:

@@ -15,6 +15,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from atelier.serve import DEMO_EXAMPLE
+from cluster.demo.scenes import Scene, Shape
+from cluster.demo.score import score
 from cluster.tiny import make_tiny_models
 
 ATELIER = [sys.executable, "-c", "from atelier.cli import app; app()"]
@@ -73,8 +76,24 @@ def test_atelier_up_serves_a_job_from_another_process(tmp_path: Path, redis_url:
         assert "tiny: available (folder)" in banner, banner
         assert "sd15: not available (it is not in the Hugging Face cache" in banner, banner
         assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in banner
-        # The default (sd15) is not here: the hint names one that is.
-        assert 'atelier imagine "a red fox --style watercolor" --model tiny' in banner, banner
+        # The default (sd15) is not here: prompts naming no model get the demo model, and
+        # start-up says so and why; the hint is a prompt the demo model draws.
+        assert "default model: demo, since the configured default sd15 is not available" in (
+            banner), banner
+        assert f'atelier imagine "{DEMO_EXAMPLE}"\n' in banner, banner
+        drawn = tmp_path / "drawn"
+        done = subprocess.run(
+            [*ATELIER, "imagine", "a red circle on a blue background --seed 3", "--out",
+             str(drawn), "--via-queue"],
+            env=env, cwd=tmp_path, text=True, capture_output=True, timeout=150,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "of model demo" in done.stdout, done.stdout
+        (png,) = sorted(drawn.glob("*.png"))
+        assert f"{png}  seed 3" in done.stdout
+        with Image.open(png) as im:
+            found = score(im, Scene("blue", (Shape("red", "circle"),)))
+        assert found["background"] and found["colour"], found
         out = tmp_path / "out"
         done = subprocess.run(
             [*ATELIER, "imagine", "a red fox --style watercolor,anime --w 64 --h 64 --steps 2",

@@ -4,13 +4,18 @@ posted as attachments with persistent buttons; refusals for the asker only and f
 
 from __future__ import annotations
 
+import io
 from typing import Any
+
+from PIL import Image
 
 from bots.common.buttons import Action, parse
 from bots.discord.fake import payloads as p
 from bots.discord.fake.server import Call
+from cluster.demo.scenes import Scene, Shape
+from cluster.demo.score import score
 from tests.bots.discord_conftest import DiscordStack
-from tests.bots.discord_helpers import ALICE, TINY, result_of
+from tests.bots.discord_helpers import ALICE, TINY, imagine, result_of
 
 
 def actions_of(call: Call) -> list[tuple[Action, str]]:
@@ -112,3 +117,14 @@ async def test_style_and_model_autocomplete(discord_stack: DiscordStack) -> None
     )
     await fake.wait_for(lambda: inter.callback, what="the model choices")
     assert "tiny" in [c["value"] for c in inter.callback.json["data"]["choices"]]  # type: ignore[union-attr]
+
+
+async def test_a_demo_model_picture_shows_what_the_prompt_asked(
+    discord_stack: DiscordStack,
+) -> None:
+    """The posted attachment itself, read back by the scorer."""
+    inter, message = await imagine(discord_stack, ALICE,
+                                   "a yellow star on a purple background --seed 4", model="demo")
+    with Image.open(io.BytesIO(message.files[0].data)) as image:
+        found = score(image, Scene("purple", (Shape("yellow", "star"),)))
+    assert found["background"] and found["colour"], found

@@ -10,6 +10,8 @@ import zlib
 from PIL import Image
 
 from bots.common.buttons import parse
+from cluster.demo.scenes import Scene, Shape
+from cluster.demo.score import score
 from core.infotext import read_png_infotext
 from tests.bots.conftest import TINY, Stack
 
@@ -248,3 +250,14 @@ def _bomb_png(side: int = 30_000) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
     )
+
+
+async def test_a_demo_model_picture_shows_what_the_prompt_asked(stack: Stack) -> None:
+    """The delivered photo itself, read back by the scorer: the prompt reached the model and
+    the right picture reached its person."""
+    fake, user = stack.fake, 1002
+    await fake.send(user, "/imagine a red circle on a blue background --model demo --seed 3")
+    photo = await fake.wait_call("sendPhoto", chat=user, timeout=120)
+    with Image.open(io.BytesIO(photo.files["photo"])) as image:
+        found = score(image, Scene("blue", (Shape("red", "circle"),)))
+    assert found["background"] and found["colour"], found

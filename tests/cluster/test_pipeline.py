@@ -454,7 +454,7 @@ async def test_a_model_no_worker_can_load_is_refused_at_submit_for_nothing(
     async with asyncio.timeout(10):
         while not await cluster.broker.worker_models():
             await asyncio.sleep(0.05)
-    assert await cluster.client.available_models() == ["tiny", "tiny-xl", "huge"]
+    assert await cluster.client.available_models() == ["demo", "tiny", "tiny-xl", "huge"]
     with pytest.raises(ModelUnavailable, match="'absent' is not available on any worker"):
         await submit(cluster, alice, req(model="absent"))
     # A model this machine has but no worker can load (not in the workers' models.toml).
@@ -470,6 +470,27 @@ async def test_a_model_no_worker_can_load_is_refused_at_submit_for_nothing(
             col(CreditLedger.kind) == CreditKind.reserve)).one() == 0
     ok = await submit(cluster, alice, req())
     assert (await asyncio.wait_for(cluster.client.wait(ok.job_id), 60)).kind is EventKind.done
+
+
+async def test_a_job_naming_no_model_gets_the_demo_model_while_the_default_is_missing(
+    cluster: Cluster,
+) -> None:
+    client = cluster.client
+    assert (client.models.default, client.models.fallback) == ("sd15", "demo")
+    # Before any worker has told: sd15 is not on this machine, the shipped demo model is.
+    assert await client.default_model() == "demo"
+    job = await submit(cluster, who("newcomer"), GenerationRequest(prompt="a red circle on a "
+                                                                   "blue background"))
+    with cluster.session() as s:
+        assert job_repo.get_job(session=s, job_id=job.job_id).request.model == "demo"
+    # Once a worker that can load the default has told, the default is the default again.
+    await cluster.broker.publish_worker_models("big-gpu", ["sd15", "demo"], ttl_s=60)
+    assert await client.default_model() == "sd15"
+    await cluster.broker.publish_worker_models("big-gpu", ["demo"], ttl_s=60)
+    assert await client.default_model() == "demo"
+    # A model named is never swapped.
+    named = await client.with_default_model(GenerationRequest(prompt="x", model="tiny"))
+    assert named.model == "tiny"
 
 
 async def test_the_model_s_defaults_apply_to_what_the_person_left_out(cluster: Cluster) -> None:

@@ -1,0 +1,163 @@
+"""Captioned training scenes for the demo model: one or two flat shapes (circle, square,
+triangle, star) in named colours on a coloured background, placed left/right or above/below,
+drawn plain or in one of three renderings our style names map to (``line-art``: outlines,
+``watercolor``: soft blurred edges and paper grain, ``pixel-art``: big square pixels).
+
+Everything is seeded (``random.Random``), so a scene list is reproducible from its seed; the
+same ``Scene`` gives its caption, its picture and what the scorer should find.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+# Named colours far apart in RGB, so the nearest name of a drawn (or generated) pixel is clear.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 215),
+    "yellow": (240, 215, 50),
+    "purple": (140, 55, 175),
+    "orange": (245, 135, 25),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+# Where the first shape is, relative to the second: the words of the caption.
+RELATIONS: dict[str, str] = {
+    "left": "to the left of",
+    "right": "to the right of",
+    "above": "above",
+    "below": "below",
+}
+# Renderings a style name maps to; any other style (or none) draws plain.
+RENDERINGS: dict[str, str] = {"line-art": "outline", "watercolor": "soft", "pixel-art": "pixels"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    """``shapes[0]`` is ``relation`` of ``shapes[1]`` when there are two (``relation`` None
+    for one shape, drawn near the middle)."""
+
+    background: str
+    shapes: tuple[Shape, ...]
+    relation: str | None = None
+
+    @property
+    def caption(self) -> str:
+        first = f"a {self.shapes[0].colour} {self.shapes[0].kind}"
+        if self.relation is None:
+            return f"{first} on a {self.background} background"
+        second = f"a {self.shapes[1].colour} {self.shapes[1].kind}"
+        return f"{first} {RELATIONS[self.relation]} {second} on a {self.background} background"
+
+
+def random_scene(rng: random.Random, two_shapes: float = 0.5) -> Scene:
+    """A scene whose colours are all different (so the scorer can tell the shapes apart)."""
+    names = rng.sample(list(COLOURS), 3)
+    if rng.random() < two_shapes:
+        shapes = (Shape(names[1], rng.choice(SHAPES)), Shape(names[2], rng.choice(SHAPES)))
+        return Scene(names[0], shapes, rng.choice(list(RELATIONS)))
+    return Scene(names[0], (Shape(names[1], rng.choice(SHAPES)),))
+
+
+_CAPTION = re.compile(
+    r"an? (?P<c1>\w+) (?P<s1>\w+)(?: (?P<rel>to the left of|to the right of|above|below) "
+    r"an? (?P<c2>\w+) (?P<s2>\w+))? on an? (?P<bg>\w+) background"
+)
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a prompt describes (anywhere in the text, so a styled prompt parses too), or
+    None when it describes none of ours."""
+    found = _CAPTION.search(text.lower())
+    if found is None:
+        return None
+    g = found.groupdict()
+    words = [g["c1"], g["bg"]] + ([g["c2"]] if g["c2"] else [])
+    kinds = [g["s1"]] + ([g["s2"]] if g["s2"] else [])
+    if any(w not in COLOURS for w in words) or any(k not in SHAPES for k in kinds):
+        return None
+    shapes = tuple(Shape(c, k) for c, k in zip([g["c1"], g["c2"]], kinds, strict=False))
+    relation = None
+    if g["rel"]:
+        relation = next(key for key, words in RELATIONS.items() if words == g["rel"])
+    return Scene(g["bg"], shapes, relation)
+
+
+# Drawing ----------------------------------------------------------------------------------
+
+
+def _outline(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if kind == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if kind == "triangle":  # pointing up, base at the bottom
+        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    if kind == "star":
+        points = []
+        for i in range(10):
+            radius = r if i % 2 == 0 else r * 0.42
+            angle = -math.pi / 2 + i * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        return points
+    steps = 48  # circle
+    return [(cx + r * math.cos(2 * math.pi * i / steps), cy + r * math.sin(2 * math.pi * i / steps))
+            for i in range(steps)]
+
+
+def _placements(scene: Scene, size: int, rng: random.Random) -> list[tuple[float, float, float]]:
+    """(centre x, centre y, radius) of each shape, in pixels."""
+    u = size / 64
+    if scene.relation is None:
+        r = rng.uniform(11, 17) * u
+        return [(size / 2 + rng.uniform(-6, 6) * u, size / 2 + rng.uniform(-6, 6) * u, r)]
+    r1, r2 = rng.uniform(8, 11) * u, rng.uniform(8, 11) * u
+    near, far = rng.uniform(15, 20) * u, rng.uniform(44, 49) * u
+    across1, across2 = rng.uniform(20, 44) * u, rng.uniform(20, 44) * u
+    first, second = {
+        "left": ((near, across1), (far, across2)),
+        "right": ((far, across1), (near, across2)),
+        "above": ((across1, near), (across2, far)),
+        "below": ((across1, far), (across2, near)),
+    }[scene.relation]
+    return [(*first, r1), (*second, r2)]
+
+
+def render(scene: Scene, size: int = 64, style: str | None = None, seed: int = 0) -> Image.Image:
+    """The scene drawn at ``size`` x ``size``, in the rendering ``style`` maps to."""
+    rng = random.Random(seed)
+    rendering = RENDERINGS.get(style or "", "plain")
+    scale = 4  # drawn large and downsampled: smooth edges
+    canvas = Image.new("RGB", (size * scale, size * scale), COLOURS[scene.background])
+    draw = ImageDraw.Draw(canvas)
+    for shape, (cx, cy, r) in zip(scene.shapes, _placements(scene, size, rng), strict=True):
+        points = [(x * scale, y * scale) for x, y in _outline(shape.kind, cx, cy, r)]
+        colour = COLOURS[shape.colour]
+        if rendering == "outline":
+            draw.line([*points, points[0]], fill=colour, width=int(2.5 * scale * size / 64),
+                      joint="curve")
+        else:
+            draw.polygon(points, fill=colour)
+    image = canvas.resize((size, size), Image.Resampling.LANCZOS)
+    if rendering == "soft":
+        image = image.filter(ImageFilter.GaussianBlur(radius=1.2 * size / 64))
+        grain = np.random.default_rng(seed).normal(0, 9, (size, size, 1))
+        image = Image.fromarray(np.clip(np.asarray(image, np.float32) + grain, 0, 255)
+                                .astype(np.uint8))
+    elif rendering == "pixels":
+        cells = max(1, size // 2)
+        image = image.resize((cells, cells), Image.Resampling.BOX).resize(
+            (size, size), Image.Resampling.NEAREST)
+    return image

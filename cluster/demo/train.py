@@ -1,0 +1,256 @@
+"""Training the demo model from scratch on the CPU (``atelier models train-demo``): a small
+Stable Diffusion 1.5-family pipeline (AutoencoderKL with 4x smaller latents, a CLIP text
+encoder over our own tokenizer, a UNet2DConditionModel with cross-attention) that draws the
+scenes of ``cluster.demo.scenes`` from their captions.
+
+The recipe, in two phases on one pool of seeded scenes:
+1. the autoencoder learns to reconstruct the scenes (MSE, a tiny KL term); its latent scale
+   (``scaling_factor``) is measured on the pool, as SD's was;
+2. the UNet and the text encoder learn to denoise the pool's latents (epsilon prediction on
+   SD's noise schedule, min-SNR loss weights, offset noise so whole-picture colour can move,
+   the caption replaced by a negative prompt or nothing 10% of the time so classifier-free
+   guidance works, an EMA of the weights, which is what is saved).
+The prompts it learns from are what ``core.prompts.prepare_prompt`` makes of each caption (a
+style's template, the quality terms), so what a person types reaches the model as in training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cluster.demo.scenes import COLOURS, RELATIONS, RENDERINGS, SHAPES, random_scene, render
+from cluster.engine import token_counter
+from cluster.tiny import MAX_LENGTH, build_tokenizer, text_config
+from core.prompts import Blocklist, prepare_prompt
+from core.request import GenerationRequest
+from core.styles import default_registry
+
+log = logging.getLogger(__name__)
+
+SIZE = 64
+DEMO_WORDS = (*COLOURS, *SHAPES, *" ".join(RELATIONS.values()).split(), "background")
+# SD 1.5's noise schedule and sampler config, so every scheduler Atelier offers applies.
+SCHEDULER = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    pool: int = 12_000  # scenes rendered once and reused
+    two_shapes: float = 0.5
+    styled: float = 0.4  # share of scenes drawn in one of RENDERINGS' styles
+    vae_steps: int = 900
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_share: float = 0.35  # at most this share of the budget for the autoencoder
+    minutes: float = 25.0  # wall-clock budget of the whole training, both phases
+    max_steps: int = 100_000
+    batch: int = 32
+    lr: float = 4e-4
+    uncond: float = 0.1
+    noise_offset: float = 0.1
+    ema: float = 0.999
+    snr_gamma: float = 5.0
+    threads: int = 2
+    unet_channels: tuple[int, int, int] = (32, 64, 96)
+    text_width: int = 64
+
+
+def build_components(recipe: Recipe) -> dict[str, Any]:
+    """The untrained pipeline parts (the tokenizer knows every scene word as one token)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(recipe.seed)
+    tokenizer = build_tokenizer(DEMO_WORDS)
+    width = recipe.text_width
+    text_encoder = CLIPTextModel(text_config(tokenizer, hidden=width, layers=3, heads=4,
+                                             intermediate=2 * width))
+    # Few channels per normalisation group (4+): with one, GroupNorm would erase each
+    # channel's mean, and a flat background's colour is exactly that mean.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        # No attention in the middle: at 16x16 it would cost more than the rest on a CPU.
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=4,
+        mid_block_add_attention=False,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=recipe.unet_channels,
+        # Cross-attention at 8x8 and 4x4 only: at 16x16 it costs ~7x the step on a CPU.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width, attention_head_dim=8, norm_num_groups=8,
+    )
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet}
+
+
+def make_pool(recipe: Recipe, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], prompt token ids, negative token ids) of ``recipe.pool`` scenes."""
+    rng = random.Random(recipe.seed)
+    styles, blocklist, count = default_registry(), Blocklist(), token_counter(tokenizer)
+    images = np.empty((recipe.pool, SIZE, SIZE, 3), np.uint8)
+    prompts, negatives = [], []
+    for i in range(recipe.pool):
+        scene = random_scene(rng, recipe.two_shapes)
+        style = rng.choice(list(RENDERINGS)) if rng.random() < recipe.styled else None
+        images[i] = np.asarray(render(scene, SIZE, style, seed=rng.randrange(2**31)))
+        request = GenerationRequest(prompt=scene.caption, styles=(style,) if style else (),
+                                    raw=rng.random() < 0.2)
+        ((prompt, negative),) = prepare_prompt(request, styles, blocklist,
+                                               nsfw_allowed=rng.random() < 0.5, count_tokens=count)
+        prompts.append(prompt)
+        negatives.append(negative)
+
+    def ids(texts: list[str]) -> torch.Tensor:
+        return torch.as_tensor(tokenizer(texts, padding="max_length", max_length=MAX_LENGTH,
+                                         truncation=True, return_tensors="np").input_ids)
+
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return pixels, ids(prompts), ids(negatives)
+
+
+def train_vae(vae: Any, pixels: torch.Tensor, recipe: Recipe, deadline: float) -> float:
+    """Autoencoder phase; returns the latent scaling factor (1 / std of the pool's latents)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    vae.train()
+    for step in range(recipe.vae_steps):
+        batch = pixels[torch.randint(len(pixels), (recipe.vae_batch,), generator=gen)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.mode()).sample  # a plain autoencoder: learns ~4x faster
+        loss = F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log.info("vae step %d: loss %.4f", step, loss.item())
+        if time.monotonic() > deadline:
+            break
+    vae.eval()
+    with torch.no_grad():
+        sample = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean
+                            for i in range(0, min(len(pixels), 2048), 256)])
+    return float(1.0 / sample.std())
+
+
+def encode_pool(vae: Any, pixels: torch.Tensor, scale: float) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean * scale
+                          for i in range(0, len(pixels), 256)])
+
+
+def train_unet(parts: dict[str, Any], latents: torch.Tensor, prompt_ids: torch.Tensor,
+               negative_ids: torch.Tensor, recipe: Recipe, deadline: float,
+               progress: Callable[[str], None]) -> tuple[Any, Any, int]:
+    """Denoising phase until ``deadline`` (or ``max_steps``); returns the EMA UNet and text
+    encoder and the steps taken."""
+    from diffusers import DDPMScheduler
+
+    unet, text_encoder = parts["unet"], parts["text_encoder"]
+    noise_sched: Any = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "steps_offset"})
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weights = torch.clamp(snr, max=recipe.snr_gamma) / snr  # min-SNR, epsilon prediction
+    empty = torch.as_tensor(parts["tokenizer"]([""], padding="max_length", max_length=MAX_LENGTH,
+                                               return_tensors="np").input_ids)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    unet.train()
+    text_encoder.train()
+    step, started, losses = 0, time.monotonic(), []
+    while step < recipe.max_steps and time.monotonic() < deadline:
+        idx = torch.randint(len(latents), (recipe.batch,), generator=gen)
+        x0 = latents[idx]
+        ids = prompt_ids[idx].clone()
+        drop = torch.rand(recipe.batch, generator=gen)
+        ids[drop < recipe.uncond / 2] = negative_ids[idx][drop < recipe.uncond / 2]
+        ids[(drop >= recipe.uncond / 2) & (drop < recipe.uncond)] = empty[0]
+        noise = torch.randn(x0.shape, generator=gen)
+        noise += recipe.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1),
+                                                   generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (recipe.batch,),
+                          generator=gen)
+        noisy = noise_sched.add_noise(x0, noise, t)
+        context = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        per_item = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_item * weights[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(recipe.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for model, ema in ((unet, ema_unet), (text_encoder, ema_text)):
+                for p, e in zip(model.parameters(), ema.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        if step % 250 == 0:
+            rate = step / (time.monotonic() - started)
+            progress(f"unet step {step}: loss {np.mean(losses[-250:]):.4f} ({rate:.1f} steps/s)")
+    return ema_unet, ema_text, step
+
+
+def train_demo(out: Path, recipe: Recipe | None = None,
+               progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the demo model into ``out`` (a Diffusers folder with ``recipe.json`` beside the
+    weights); returns what was recorded there."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    recipe = recipe or Recipe()
+    torch.set_num_threads(recipe.threads)
+    started = time.monotonic()
+    deadline = started + recipe.minutes * 60
+    parts = build_components(recipe)
+    progress(f"rendering {recipe.pool} scenes")
+    pixels, prompt_ids, negative_ids = make_pool(recipe, parts["tokenizer"])
+    progress(f"autoencoder: {recipe.vae_steps} steps")
+    scale = train_vae(parts["vae"], pixels, recipe,
+                      started + recipe.minutes * 60 * recipe.vae_share)
+    latents = encode_pool(parts["vae"], pixels, scale)
+    progress(f"latents {tuple(latents.shape)}, scaling factor {scale:.3f}; denoiser until "
+             f"{recipe.minutes:g} min")
+    unet, text_encoder, steps = train_unet(parts, latents, prompt_ids, negative_ids, recipe,
+                                           deadline, progress)
+    parts["vae"].register_to_config(scaling_factor=scale)
+    pipe: Any = StableDiffusionPipeline(
+        vae=parts["vae"], text_encoder=text_encoder, tokenizer=parts["tokenizer"], unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    record = {
+        "recipe": asdict(recipe),
+        "unet_steps": steps,
+        "minutes": round((time.monotonic() - started) / 60, 1),
+        "torch": torch.__version__,
+        "data": "cluster/demo/scenes.py: random_scene + render, seeded by recipe.seed",
+        "parameters": {name: sum(p.numel() for p in parts[name].parameters())
+                       for name in ("unet", "vae")} | {
+                           "text_encoder": sum(p.numel() for p in text_encoder.parameters())},
+    }
+    (out / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+

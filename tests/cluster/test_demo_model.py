@@ -1,0 +1,195 @@
+"""The shipped demo model (cluster/data/demo), run the way people's jobs run: through the
+client, the queue, the dispatcher and a Ray worker actor, its pictures read back by the scorer.
+Eight people's prompts gathered into one batch each come back to their own person; one prompt
+in three styles comes back with each style's rendering in its own image; img2img changes what
+the prompt changes; a reroll still draws the prompt. Also its adherence on held-out captions
+(``bench/demo_quality.py`` prints the full table)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import Engine
+
+from bots.common.requests import reroll
+from cluster.broker_memory import MemoryBroker
+from cluster.client import Client
+from cluster.demo.quality import adherence, held_out
+from cluster.demo.scenes import Scene, Shape, parse_caption, render
+from cluster.demo.score import score
+from cluster.devices import DeviceProfile
+from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
+from cluster.events import EventKind
+from cluster.placement import WorkerPool
+from cluster.registry import DEMO_MODEL_DIR
+from cluster.worker import device_resource, init_local_ray, spawn_worker
+from core.request import GenerationRequest, JobKind
+from core.settings import Settings, Tier, load_settings
+from storage.blobs import BlobStore
+from storage.db import session_factory
+from storage.gallery import list_job_images
+from tests.cluster.helpers import Cluster, submit, who
+
+pytestmark = pytest.mark.pipelines
+
+# What the held-out run must reach (bench/demo_quality.py measures the model against the goals
+# of issue 13; these are the shipped model's own figures less a margin, so a worse model, a
+# broken tokenizer or a scorer that reads nothing fails).
+FLOORS = {"background": 0.9, "colour": 0.45, "kind": 0.12, "position": 0.08}
+
+
+@pytest.fixture(scope="module")
+def demo_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return load_settings(
+        data_dir=tmp_path_factory.mktemp("demo-data"), _env_file=None,
+        tiers={"free": Tier(daily_allowance=100, concurrency=20, max_side=512)},
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_worker(demo_settings: Settings, cpu_profile: DeviceProfile) -> Iterator[Any]:
+    import ray
+
+    init_local_ray(num_cpus=2, resources={device_resource("cpu"): 1}, namespace=RAY_NAMESPACE,
+                   log_to_driver=False)
+    handle = spawn_worker(settings=demo_settings.worker_config(), device_class="cpu",
+                          profile=cpu_profile, name=f"{WORKER_NAME_PREFIX}-demo", timeout_s=120)
+    ray.get(handle.preload.remote("demo"), timeout=120)
+    yield handle
+    ray.kill(handle)
+    ray.shutdown()
+
+
+@pytest.fixture
+async def demo(demo_settings: Settings, db_engine: Engine, demo_worker: Any
+               ) -> AsyncIterator[Cluster]:
+    sessions = session_factory(db_engine)
+    blobs = BlobStore.from_settings(demo_settings)
+    broker = MemoryBroker()
+    client = Client(settings=demo_settings, session_factory=sessions, broker=broker, blobs=blobs,
+                    poll_interval_s=0.2)
+    dispatcher = Dispatcher(
+        # A wide gathering window: the eight submissions below land in one batch.
+        dispatch=demo_settings.dispatch.model_copy(update={
+            "gather_window_ms": 3000, "gather_gap_ms": 1500, "max_batch_items": 8,
+            "job_timeout_s": 600}),
+        sessions=sessions, broker=broker, blobs=blobs,
+        workers=await WorkerPool.from_handles([demo_worker], host_memory_gb=32), name="demo-d",
+        models=client.models,
+        pacing=Pacing(progress_interval_s=0.2, cancel_poll_s=0.1, read_block_ms=100,
+                      drain_timeout_s=20, reconcile_grace_s=0.0),
+    )
+    c = Cluster(demo_settings, sessions, broker, blobs, client, dispatcher)
+    c.start()
+    yield c
+    await c.close()
+    await broker.close()
+
+
+async def _images(c: Cluster, job_id: str) -> list[Image.Image]:
+    end = await c.client.wait(job_id)
+    assert end.kind is EventKind.done, end.reason
+    return [Image.open(io.BytesIO(await c.client.image_bytes(i))).convert("RGB")
+            for i in end.images]
+
+
+def test_the_demo_model_is_shipped_small_with_its_recipe() -> None:
+    files = [p for p in DEMO_MODEL_DIR.rglob("*") if p.is_file()]
+    assert (DEMO_MODEL_DIR / "model_index.json").is_file()
+    assert (DEMO_MODEL_DIR / "recipe.json").is_file()
+    assert sum(p.stat().st_size for p in files) <= 30 * 1024 * 1024
+
+
+def test_held_out_captions_are_drawn_as_asked() -> None:
+    rows = adherence(DEMO_MODEL_DIR, held_out(40, random.Random(2026)), steps=20)
+    for name, floor in FLOORS.items():
+        values = [r.result[name] for r in rows if r.result[name] is not None]
+        share = sum(bool(v) for v in values) / len(values)
+        assert share >= floor, (name, share, floor)
+
+
+# The eight people and their prompts: every background different, so an image handed to the
+# wrong person shows the wrong background.
+EIGHT = [
+    "a red circle on a blue background", "a blue square on a yellow background",
+    "a yellow star on a purple background", "a white triangle on a red background",
+    "a orange circle on a green background", "a green square on a white background",
+    "a purple circle on a orange background", "a yellow square on a black background",
+]
+
+
+async def test_eight_people_in_one_batch_each_get_their_own_picture(demo: Cluster) -> None:
+    people = [who(f"person-{n}") for n in range(len(EIGHT))]
+    jobs = await asyncio.gather(*(
+        submit(demo, person, GenerationRequest(prompt=prompt, seed=100 + n))
+        for n, (person, prompt) in enumerate(zip(people, EIGHT, strict=True))))
+    pictures = {job.job_id: (await _images(demo, job.job_id))[0] for job in jobs}
+    batch = next(b for b in demo.dispatcher.batches if jobs[0].job_id in b.job_ids)
+    assert sorted(batch.job_ids) == sorted(j.job_id for j in jobs)  # one batch of all eight
+    assert batch.model == "demo"
+    for job, prompt in zip(jobs, EIGHT, strict=True):
+        scene = parse_caption(prompt)
+        assert scene is not None
+        assert score(pictures[job.job_id], scene)["background"], prompt
+    if os.environ.get("ATELIER_UPDATE_DOCS") == "1":  # refresh the README's picture on request
+        strip = Image.new("RGB", (128 * len(jobs), 128))
+        for n, job in enumerate(jobs):
+            strip.paste(pictures[job.job_id].resize((128, 128), Image.Resampling.NEAREST),
+                        (128 * n, 0))
+        strip.save(Path(__file__).resolve().parents[2] / "docs" / "demo.png")
+
+
+async def test_one_prompt_in_three_styles_draws_the_prompt_in_each_image(demo: Cluster) -> None:
+    """Each style's image draws the scene from its own styled prompt (the shipped model has not
+    learnt the renderings apart: see issue 13's note), stored with its style, in order."""
+    prompt = "a red circle on a blue background"
+    styles = ("line-art", "watercolor", "pixel-art")
+    job = await submit(demo, who("stylist"), GenerationRequest(prompt=prompt, styles=styles,
+                                                               seed=7))
+    images = await _images(demo, job.job_id)
+    assert len(images) == 3
+    scene = parse_caption(prompt)
+    assert scene is not None
+    for image in images:
+        assert score(image, scene)["background"]
+    # Same seed, three prompts: three different pictures (each style's prompt reached it).
+    pixels = [np.asarray(i, dtype=np.float32) for i in images]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert np.abs(pixels[a] - pixels[b]).mean() > 1.0, (a, b)
+    with demo.session() as s:
+        rows = list_job_images(session=s, job_id=job.job_id)
+    assert [r.styles for r in rows] == [[style] for style in styles]
+
+
+async def test_img2img_changes_what_the_prompt_changes(demo: Cluster) -> None:
+    red = render(Scene("blue", (Shape("red", "circle"),)), 64, None, seed=3)
+    buf = io.BytesIO()
+    red.save(buf, "PNG")
+    job = await submit(demo, who("painter"), GenerationRequest(
+        prompt="a green circle on a blue background", kind=JobKind.img2img,
+        init_image=buf.getvalue(), strength=0.75, seed=11))
+    (image,) = await _images(demo, job.job_id)
+    found = score(image, Scene("blue", (Shape("green", "circle"),)))
+    assert found["background"] and found["colour"], found
+
+
+async def test_a_reroll_draws_the_prompt_again_with_another_seed(demo: Cluster) -> None:
+    first = GenerationRequest(prompt="a yellow square on a purple background", seed=5)
+    job = await submit(demo, who("reroller"), first)
+    await _images(demo, job.job_id)
+    again = await submit(demo, who("reroller"), reroll(first))
+    (image,) = await _images(demo, again.job_id)
+    stored = await demo.client.job(again.job_id)
+    assert stored.request.seed != 5
+    scene = parse_caption(first.prompt)
+    assert scene is not None and score(image, scene)["background"]

@@ -1,0 +1,75 @@
+"""The demo model's scenes and the adherence scorer: captions parse back to their scenes, the
+scorer reads drawn scenes right (in every rendering) and tells a wrong caption from the right
+one, so a test that uses it can fail."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from cluster.demo.scenes import (
+    COLOURS,
+    RENDERINGS,
+    Scene,
+    Shape,
+    parse_caption,
+    random_scene,
+    render,
+)
+from cluster.demo.score import read, rendering_of, score
+
+
+def test_captions_parse_back_to_their_scenes_even_inside_a_styled_prompt() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        scene = random_scene(rng)
+        assert parse_caption(scene.caption) == scene
+        assert parse_caption(f"watercolor painting of {scene.caption}, soft washes") == scene
+    assert parse_caption("a red fox in the snow") is None
+    assert parse_caption("a teal circle on a blue background") is None  # not one of ours
+    assert Scene("blue", (Shape("red", "circle"), Shape("yellow", "star")), "left").caption == (
+        "a red circle to the left of a yellow star on a blue background")
+
+
+@pytest.mark.parametrize("style", [None, *RENDERINGS])
+def test_the_scorer_reads_drawn_scenes(style: str | None) -> None:
+    rng = random.Random(7)
+    right: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for i in range(60):
+        scene = random_scene(rng)
+        for name, value in score(render(scene, 64, style, seed=i), scene).items():
+            if value is not None:
+                total[name] += 1
+                right[name] += int(value)
+    for name in total:
+        assert right[name] / total[name] >= 0.93, (name, right[name], total[name])
+
+
+def test_a_wrong_caption_scores_false_on_what_differs() -> None:
+    scene = Scene("blue", (Shape("red", "circle"), Shape("yellow", "square")), "left")
+    image = render(scene, 64, None, seed=1)
+    assert all(score(image, scene).values())
+    assert score(image, Scene("green", scene.shapes, "left"))["background"] is False
+    assert score(image, Scene("blue", (Shape("red", "star"), scene.shapes[1]), "left"))[
+        "kind"] is False
+    assert score(image, Scene("blue", (Shape("purple", "circle"), scene.shapes[1]), "left"))[
+        "colour"] is False
+    assert score(image, Scene("blue", scene.shapes, "right"))["position"] is False
+    assert score(image, Scene("blue", scene.shapes, "above"))["position"] is False
+
+
+def test_noise_shows_no_scene() -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    scene = Scene("blue", (Shape("red", "circle"),))
+    assert not all(v for v in score(noise, scene).values() if v is not None)
+    assert len(read(noise).shapes) <= len(COLOURS) - 1
+
+
+def test_the_rendering_of_a_picture_is_told_apart() -> None:
+    scene = Scene("blue", (Shape("red", "circle"),))
+    for style, expected in [(None, "plain"), *RENDERINGS.items()]:
+        assert rendering_of(render(scene, 64, style, seed=2)) == expected, style
