@@ -234,8 +234,7 @@ async def campaign(cfg: Config, root: Path) -> Report:
         if nodes is not None:
             nodes.shutdown()
         redis.kill()
-        with contextlib.suppress(Exception):
-            pg.stop("immediate")
+        await asyncio.to_thread(pg.remove)
 
 
 async def _photo(fake: ChaosTelegram) -> bool:

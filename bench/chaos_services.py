@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -100,7 +101,9 @@ class Postgres:
             raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql")
         self.bin = bins[-1].parent
         self.port = free_port()
-        self.dir = root / "pg"
+        # A folder of its own in /tmp: the server runs as "postgres" where we are root, and
+        # may not be able to reach into ``root`` (pytest's tmp_path is private to its user).
+        self.dir = Path(tempfile.mkdtemp(prefix="atelier-chaos-pg-"))
         self.data = self.dir / "data"
         self.database = f"chaos_{uuid.uuid4().hex[:8]}"
         self._as_postgres = os.geteuid() == 0  # initdb refuses to run as root
@@ -113,11 +116,12 @@ class Postgres:
         cmd = [str(self.bin / args[0]), *args[1:]]
         if self._as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr.decode()}")
 
     def init(self) -> None:
-        self.dir.mkdir(parents=True)
-        os.chmod(self.dir.parent, 0o755)
+        os.chmod(self.dir, 0o755)
         if self._as_postgres:
             shutil.chown(self.dir, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
@@ -138,6 +142,12 @@ class Postgres:
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def remove(self) -> None:
+        """Stop the server (if it runs) and delete its files."""
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def crash_restart(self) -> None:
         self.stop("immediate")
