@@ -21,8 +21,8 @@ from bots.telegram.fake_api import Call, FakeTelegram, _error
 TOKEN = "123456789:AAF-chaos-token"
 FIRST_USER = 70_001
 TINY = "--w 64 --h 64 --steps 2"
-# Long enough (about a second on a tiny worker) for a cancel to land mid-run now and then.
-SLOW = "--w 128 --h 128 --steps 12"
+# Long enough (a second or two on a tiny worker) for a cancel to land mid-run now and then.
+SLOW = "--w 256 --h 256 --steps 20"
 STYLES = ("none", "watercolor", "anime", "cinematic", "oil-painting", "photographic")
 WORDS = ("lighthouse", "fox", "harbor", "forest", "castle", "teapot", "dragon", "garden",
          "robot", "meadow", "lantern", "glacier", "owl", "bridge", "violin", "desert")
@@ -140,7 +140,7 @@ class Load:
         sent = Sent(kind, user, int(msg["message_id"]), now)
         self.sent.append(sent)
         if kind == "cancel":
-            self._spawn(self._cancel(sent, self.rng.uniform(0.3, 4.0)))
+            self._spawn(self._cancel(sent, self.rng.uniform(0.0, 1.5)))
 
     async def _again(self, update: dict[str, Any], delay: float) -> None:
         await asyncio.sleep(delay)
@@ -148,27 +148,31 @@ class Load:
 
     async def _cancel(self, sent: Sent, delay: float) -> None:
         """Press Cancel on the job's status message (the bot's reply to the /imagine, which
-        gets its Cancel button in a later edit)."""
-        await asyncio.sleep(delay)
-        deadline = time.monotonic() + 10
+        gets its Cancel button in a later edit) ``delay`` seconds after the button shows."""
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             status = self._status_message(sent)
             markup = (status or {}).get("reply_markup") or {}
             buttons = [b for row in markup.get("inline_keyboard", []) for b in row]
             data = next((b["callback_data"] for b in buttons if _is_cancel(b)), None)
             if status is not None and data is not None:
+                await asyncio.sleep(delay)
                 await self.fake.press(sent.user, dict(status), data)
                 sent.cancel_pressed = True
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
 
     def _status_message(self, sent: Sent) -> dict[str, Any] | None:
-        for call in reversed(self.fake.calls):
-            if call.method != "sendMessage" or call.chat_id != sent.user or not call.ok:
+        """The first status message posted to the user's chat after ``sent`` that shows a
+        Cancel button now (the user's other jobs' may be among them: a cancel all the same)."""
+        for call in list(self.fake.calls):
+            if (call.method != "sendMessage" or call.chat_id != sent.user or call.at < sent.at
+                    or not isinstance(call.result, dict)):
                 continue
-            reply = call.json("reply_parameters") or {}
-            if int(reply.get("message_id", -1)) == sent.message_id and call.result:
-                return self.fake.messages.get((sent.user, int(call.result["message_id"])))
+            message = self.fake.messages.get((sent.user, int(call.result["message_id"])))
+            markup = (message or {}).get("reply_markup") or {}
+            if any(_is_cancel(b) for row in markup.get("inline_keyboard", []) for b in row):
+                return message
         return None
 
     def _spawn(self, coro: Any) -> None:
