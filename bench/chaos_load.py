@@ -165,15 +165,18 @@ class Load:
     def _status_message(self, sent: Sent) -> dict[str, Any] | None:
         """The first status message posted to the user's chat after ``sent`` that shows a
         Cancel button now (the user's other jobs' may be among them: a cancel all the same)."""
-        for call in list(self.fake.calls):
-            if (call.method != "sendMessage" or call.chat_id != sent.user or call.at < sent.at
+        found = None
+        for call in reversed(self.fake.calls):  # newest first, back to ``sent``
+            if call.at < sent.at:
+                break
+            if (call.method != "sendMessage" or call.chat_id != sent.user
                     or not isinstance(call.result, dict)):
                 continue
             message = self.fake.messages.get((sent.user, int(call.result["message_id"])))
             markup = (message or {}).get("reply_markup") or {}
             if any(_is_cancel(b) for row in markup.get("inline_keyboard", []) for b in row):
-                return message
-        return None
+                found = message
+        return found
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
