@@ -39,7 +39,7 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "warning")
 
 from bench.chaos_audit import Report, audit
-from bench.chaos_faults import Injector, run_schedule, schedule
+from bench.chaos_faults import Injector, run_schedule, schedule, supervise
 from bench.chaos_load import TOKEN, ChaosTelegram, Load
 from bench.chaos_services import ROOT, Postgres, Process, RayNodes, Redis
 
@@ -201,6 +201,9 @@ async def campaign(cfg: Config, root: Path) -> Report:
         injector = Injector(redis=redis, pg=pg, nodes=nodes, dispatchers=dispatchers, bot=bot,
                             fake=fake, load=load)
         start = time.monotonic()
+        restarts: dict[str, int] = {}
+        done = asyncio.Event()
+        supervisor = asyncio.create_task(supervise([*dispatchers, bot], injector, done, restarts))
         sampler = asyncio.create_task(_sample_memory(nodes, dispatchers, memory, stop))
         loading = asyncio.create_task(load.run(stop))
         chaos = asyncio.create_task(run_schedule(faults, injector, start, stop))
@@ -216,12 +219,15 @@ async def campaign(cfg: Config, root: Path) -> Report:
         # Past the claim timeout, so any entry still pending is one nobody will take over.
         await asyncio.sleep(CLAIM_MS / 1000 * 2)
         sampler.cancel()
+        done.set()
+        await supervisor
         report = await asyncio.to_thread(
             audit, db_url=pg.url, redis_url=redis.url, claim_ms=CLAIM_MS, sent=load.sent,
             photos=fake.photos, faults=faults, memory=memory,
             seeds={"faults": cfg.seed, "load": cfg.seed}, duration_s=cfg.seconds,
         )
         report.notes.append(f"429 answers in storms: {fake.storm_refusals}")
+        report.notes.append(f"processes that exited by themselves, restarted: {restarts}")
         report.notes.append(f"logs under {logs}")
         return report
     finally:

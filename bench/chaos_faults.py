@@ -5,6 +5,7 @@ uniformly random moments), and the injector that causes each one and then heals 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -194,3 +195,18 @@ async def run_schedule(faults: list[Fault], injector: Injector, start: float,
         tasks.append(asyncio.create_task(injector.inject(f)))
     if tasks:
         await asyncio.gather(*tasks)
+
+
+async def supervise(procs: list[Process], injector: Injector, stop: asyncio.Event,
+                    restarts: dict[str, int]) -> None:
+    """Restart a process that exited by itself, as systemd or Kubernetes would (one that
+    starts while Redis or PostgreSQL is down gives up: it is not retried in-process); those
+    a fault took down are the injector's to bring back."""
+    while not stop.is_set():
+        for p in procs:
+            if p.proc is not None and not p.alive and p.role not in injector.healing:
+                log.warning("%s exited by itself (%s); restarting", p.role, p.proc.returncode)
+                restarts[p.role] = restarts.get(p.role, 0) + 1
+                p.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 2.0)
