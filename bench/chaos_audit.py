@@ -103,7 +103,7 @@ def audit(*, db_url: str, redis_url: str, claim_ms: int, sent: list[Sent],
             if (captured, released) != (1, 0):
                 violations.append(f"job {job_id} succeeded: captured {captured}, released "
                                   f"{released} (want 1, 0)")
-            if posted[job_id] == 2 and killed_between(job_id, photos, bot_kills):
+            if posted[job_id] > 1 and killed_between(job_id, photos, bot_kills):
                 edge_repeats.append(job_id)
             elif posted[job_id] != 1:
                 violations.append(f"job {job_id} succeeded: {posted[job_id]} photos posted")
@@ -144,11 +144,11 @@ def audit(*, db_url: str, redis_url: str, claim_ms: int, sent: list[Sent],
 
 
 def killed_between(job_id: str, photos: list[tuple[float, str]], kills: list[float]) -> bool:
-    """The bot was SIGKILLed between a job's two photos: the first went out and the kill came
-    before the bot recorded it (in Redis, perhaps frozen then), so its next run posted again.
-    At-least-once is all a platform without idempotency keys allows at that edge."""
-    first, second = sorted(t for t, j in photos if j == job_id)[:2]
-    return any(first <= k <= second for k in kills)
+    """The bot was SIGKILLed between each two of a job's photos: one went out and the kill
+    came before the bot recorded it (in Redis, perhaps frozen then), so its next run posted
+    again. At-least-once is all a platform without idempotency keys allows at that edge."""
+    times = sorted(t for t, j in photos if j == job_id)
+    return all(any(a <= k <= b for k in kills) for a, b in zip(times, times[1:], strict=False))
 
 
 def pending_past_claim(redis_url: str, claim_ms: int) -> list[str]:
