@@ -15,7 +15,7 @@ from bots.common.delivery import DeliveryLoop, cancel_and_wait
 from bots.common.port import ChatPort, Who
 from bots.common.prefs import PrefsStore
 from bots.common.progress import ProgressEditor
-from bots.common.state import BotState
+from bots.common.state import BotState, MemoryState
 from cluster.client import Client
 from core.errors import AtelierError
 from core.jobs import Requester
@@ -45,6 +45,9 @@ class ChatCore:
     watchers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # Other tasks of the core (following in-flight jobs again after a start).
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # The result parts this process posted (``Posted.here``): a retry never posts one twice,
+    # even when the state failed to record it.
+    posted_here: MemoryState = field(default_factory=MemoryState)
 
     def __post_init__(self) -> None:
         self.prefs = PrefsStore(self.state, self.platform)

@@ -326,7 +326,7 @@ async def _post_images(
         pictures,
         keyboard,
         as_files=as_files,
-        posted=Posted(core.state, core.platform, job.id),
+        posted=Posted(core.state, core.platform, job.id, here=core.posted_here),
     )
     return job.request.prompt
 

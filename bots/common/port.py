@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bots.common.keyboards import Keyboard
-from bots.common.state import POSTED, POSTED_TTL_S, BotState
+from bots.common.state import POSTED, POSTED_HERE_TTL_S, POSTED_TTL_S, BotState
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,20 +91,31 @@ class Picture:
 class Posted:
     """The parts of a job's result already in the chat, kept in the bot state: a delivery
     retried after flood control or a restart posts only what is missing. Adapters name the
-    parts they post (``"1"``, ``"album0"``, ``"buttons"``...) and check them before posting."""
+    parts they post (``"1"``, ``"album0"``, ``"buttons"``...) and check them before posting.
 
-    def __init__(self, state: BotState, platform: str, job_id: str) -> None:
+    ``here``: the same marks in this process's memory, written first. A part is out once the
+    platform said so; when the state cannot record it then (Redis down, or back empty after a
+    restart without persistence), the retry must still not post it a second time."""
+
+    def __init__(
+        self, state: BotState, platform: str, job_id: str, here: BotState | None = None
+    ) -> None:
         self.state = state
         self.platform = platform
         self.job_id = job_id
+        self.here = here
 
     def _key(self, part: str) -> str:
         return POSTED.format(platform=self.platform, job=self.job_id, part=part)
 
     async def has(self, part: str) -> bool:
+        if self.here is not None and await self.here.get(self._key(part)) is not None:
+            return True
         return await self.state.get(self._key(part)) is not None
 
     async def add(self, part: str) -> None:
+        if self.here is not None:
+            await self.here.set(self._key(part), "1", POSTED_HERE_TTL_S)
         await self.state.set(self._key(part), "1", POSTED_TTL_S)
 
 

@@ -27,6 +27,9 @@ DELIVERED_TTL_S = 7 * 24 * 3600
 # or a restart skips it. TTL POSTED_TTL_S (the delivered marker takes over once all are out).
 POSTED = PREFIX + ":{platform}:posted:{job}:{part}"
 POSTED_TTL_S = 24 * 3600
+# The same marks in the bot process's memory (Posted.here): long enough for a delivery's
+# retries and the re-announcement of a job whose marks the state lost.
+POSTED_HERE_TTL_S = 3600
 # An album of photos was answered (only its captioned photo is used): TTL ALBUM_SEEN_TTL_S,
 # longer than Telegram takes to deliver one album's messages.
 ALBUM_SEEN = PREFIX + ":{platform}:album:{album}"

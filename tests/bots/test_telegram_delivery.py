@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 from bots.common.state import DELIVERED
+from bots.telegram.fake_api import FakeTelegram
 from bots.telegram.ratelimit import FloodLimiter
 from cluster.events import terminal_event
-from tests.bots.conftest import TINY, Stack
+from tests.bots.conftest import TINY, Stack, settings_for
+from tests.cluster.helpers import kill_redis
+from tests.conftest import RedisServer
 
 
 async def test_flood_control_is_waited_out_and_the_photo_sent_once(stack: Stack) -> None:
@@ -134,3 +139,32 @@ async def test_the_same_update_twice_makes_one_job(stack: Stack) -> None:
     assert len(statuses) - len(fake.calls_of("deleteMessage", chat=user)) == 1
     assert len(fake.calls_of("sendPhoto", chat=user)) == 1
     assert len(stack.jobs()) == 1
+
+
+async def test_a_photo_out_when_redis_restarts_empty_is_not_posted_again(
+    private_redis: RedisServer, fake: FakeTelegram, ray_worker: Any, tiny_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Found by the chaos campaign (bench/chaos.py, seed 11): the photo went out, Redis died
+    before the bot recorded it and came back empty (no persistence), and the delivery's retry
+    posted the photo a second time."""
+    s = Stack(settings_for(tmp_path, private_redis.url, fake), fake, ray_worker, tiny_dir)
+    await s.start()
+    try:
+        user = 4010
+        fake.delay("sendPhoto", 1.0)  # the upload is answered a second after it arrives
+        await fake.send(user, f"/imagine a lighthouse in rain {TINY}")
+        await fake.wait_for(lambda: fake.calls_of("sendPhoto", chat=user), what="the upload")
+        kill_redis(private_redis)
+        await asyncio.sleep(1.5)  # answered meanwhile: recording the posted photo fails
+        private_redis.start()  # back, empty, before the delivery's retry
+
+        def delivered() -> bool:
+            jobs = s.jobs()
+            return bool(jobs) and all(j.delivered_at is not None for j in jobs)
+
+        await fake.wait_for(delivered, timeout=60, what="the job marked delivered")
+        await asyncio.sleep(2.0)  # a repeat would come within the retry's back-off
+        assert len(fake.calls_of("sendPhoto", chat=user)) == 1
+    finally:
+        await s.close()
