@@ -34,7 +34,7 @@ async def test_start_help_credits_and_gallery(stack: Stack) -> None:
     help_reply = next(t for t in replies if t.startswith("How to use me"))
     assert "--png" in help_reply
     # Only the models a job can use now (the tiny ones; the hub models are offline here).
-    assert "Models (--model): tiny, tiny-xl." in help_reply
+    assert "Models (--model): demo, tiny, tiny-xl." in help_reply
     assert "Next reset:" in reply("10 of 10 daily credits left")
     assert reply("Your gallery").split()[-1].startswith("https://atelier.example/g/")
     assert "/help" in reply("I do not know that command")

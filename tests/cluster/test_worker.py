@@ -78,8 +78,9 @@ async def test_each_device_class_serves_a_batch_with_progress(workers: dict[str,
         info: WorkerInfo = await handle.info.remote()
         assert info.device_class == device_class and info.profile["device_class"] == device_class
         assert info.max_batch_pixels > 0 and not info.busy and info.node_id
-        # What this node can load (offline: the built tiny models, no hub repo).
-        assert info.loadable_models == ["tiny", "tiny-xl"]
+        # What this node can load (offline: the shipped demo model and the built tiny ones,
+        # no hub repo).
+        assert info.loadable_models == ["demo", "tiny", "tiny-xl"]
         node = next(n for n in ray.nodes() if n["NodeID"] == info.node_id)
         assert node["NodeManagerAddress"] == "127.0.0.1"  # pinned to loopback
 
