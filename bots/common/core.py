@@ -12,6 +12,7 @@ from typing import Any
 
 from bots.common import texts
 from bots.common.delivery import DeliveryLoop, cancel_and_wait
+from bots.common.journal import open_posted_journal
 from bots.common.port import ChatPort, Who
 from bots.common.prefs import PrefsStore
 from bots.common.progress import ProgressEditor
@@ -45,12 +46,15 @@ class ChatCore:
     watchers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # Other tasks of the core (following in-flight jobs again after a start).
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    # The result parts this process posted (``Posted.here``): a retry never posts one twice,
-    # even when the state failed to record it.
-    posted_here: MemoryState = field(default_factory=MemoryState)
+    # The result parts this bot posted (``Posted.here``): a retry never posts one twice, even
+    # when the state failed to record it. Default: the journal under the data folder
+    # (``bots.common.journal``), which a restarted process reads back.
+    posted_here: MemoryState | None = None
 
     def __post_init__(self) -> None:
         self.prefs = PrefsStore(self.state, self.platform)
+        if self.posted_here is None:
+            self.posted_here = open_posted_journal(self.settings.data_dir, self.platform)
 
     @property
     def platform(self) -> str:
@@ -79,6 +83,8 @@ class ChatCore:
             await self.delivery.stop()
         await cancel_and_wait([*self.tasks, *self.watchers.values()])
         await self.editor.close()
+        if self.posted_here is not None:
+            await self.posted_here.close()
 
     def plain_requester(self, user_id: str | int) -> Requester:
         """A requester only to look an account up (balance, history): no channel context."""

@@ -168,3 +168,35 @@ async def test_a_photo_out_when_redis_restarts_empty_is_not_posted_again(
         assert len(fake.calls_of("sendPhoto", chat=user)) == 1
     finally:
         await s.close()
+
+
+async def test_a_photo_out_when_redis_and_the_bot_both_fail_is_not_posted_again(
+    private_redis: RedisServer, fake: FakeTelegram, ray_worker: Any, tiny_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Found by the 30-minute chaos campaign: the photo went out while Redis was down, so the
+    mark that it was posted reached only the bot's memory; then the bot process went too. Its
+    next run got the job again (re-announced, Redis having come back empty) and posted it a
+    second time. The bot's journal on its disk (``bots.common.journal``) keeps the mark."""
+    s = Stack(settings_for(tmp_path, private_redis.url, fake), fake, ray_worker, tiny_dir)
+    await s.start()
+    try:
+        user = 4011
+        fake.delay("sendPhoto", 1.0)
+        await fake.send(user, f"/imagine a windmill at dusk {TINY}")
+        await fake.wait_for(lambda: fake.calls_of("sendPhoto", chat=user), what="the upload")
+        kill_redis(private_redis)
+        await asyncio.sleep(1.5)  # answered meanwhile: recording the posted photo fails
+        await s.stop_bot()  # this process, and its memory, are gone
+        private_redis.start()  # back, empty
+        await s.start_bot()  # a new process on the same box
+
+        def delivered() -> bool:
+            jobs = s.jobs()
+            return bool(jobs) and all(j.delivered_at is not None for j in jobs)
+
+        await fake.wait_for(delivered, timeout=90, what="the job marked delivered")
+        await asyncio.sleep(2.0)
+        assert len(fake.calls_of("sendPhoto", chat=user)) == 1
+    finally:
+        await s.close()

@@ -1,0 +1,135 @@
+"""``JournalState``: the bot's own record of the result parts it posted, on its local disk.
+
+A photo is out once the platform answered; the bot then marks it (``Posted.add``) in the shared
+state (Redis) and here. Redis can miss that mark: frozen or restarting at that moment, or back
+empty after a restart without persistence. If the bot process is then killed too, its next
+run would post the photo again. The journal closes that gap on one box: each mark is one
+``write`` to an append-only file (fsync'd, so a machine crash keeps it too) before ``add``
+returns, and a new process reads the file back at start.
+
+Lines are ``key<TAB>value<TAB>expiry`` (wall-clock seconds, empty for none); the last line of
+a key wins, and expired lines are dropped when the file is rewritten (at start, and whenever
+it has grown to several times what is live). Bot processes on one box may share a file: each
+line goes out in one ``O_APPEND`` write, and rewriting takes an exclusive ``flock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import heapq
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from bots.common.state import MemoryState
+
+log = logging.getLogger(__name__)
+
+COMPACT_FLOOR = 4096  # lines appended before a rewrite is considered
+
+
+def posted_journal_path(data_dir: Path, platform: str) -> Path:
+    return data_dir / "bot" / f"posted-{platform}.journal"
+
+
+class JournalState(MemoryState):
+    """A ``MemoryState`` (wall clock) whose writes also go to ``path`` and are read back when
+    a process opens it again."""
+
+    def __init__(
+        self, path: Path, *, fsync: bool = True, clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__(clock=clock)
+        self.path = path
+        self._fsync = fsync
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with self._locked(fcntl.LOCK_EX):
+            self._load()
+            self._rewrite()
+
+    @contextlib.contextmanager
+    def _locked(self, how: int) -> Iterator[None]:
+        fcntl.flock(self._fd, how)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _load(self) -> None:
+        now = self._clock()
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return
+        for line in text.splitlines():
+            parts = line.split("\t")
+            if len(parts) != 3:
+                continue  # a line cut short by a crash mid-write
+            key, value, expiry = parts
+            try:
+                expires = float(expiry) if expiry else None
+            except ValueError:
+                continue
+            if expires is None or expires > now:
+                self._put(key, value, expires)
+            else:
+                self._data.pop(key, None)
+
+    def _put(self, key: str, value: str, expires: float | None) -> None:
+        self._data[key] = (value, expires)
+        if expires is not None:
+            heapq.heappush(self._expiries, (expires, key))
+
+    def _rewrite(self) -> None:
+        """The file again with only the live keys (caller holds the exclusive lock)."""
+        now = self._clock()
+        live = [
+            f"{k}\t{v}\t{'' if e is None else repr(e)}\n"
+            for k, (v, e) in self._data.items()
+            if e is None or e > now
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(live)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._appended = 0
+
+    async def set(self, key: str, value: str, ttl_s: int | None = None) -> None:
+        if any(c in key or c in value for c in "\t\n"):
+            raise ValueError(f"journal keys and values hold no tabs or newlines: {key!r}")
+        await super().set(key, value, ttl_s)
+        expires = self._data[key][1]
+        line = f"{key}\t{value}\t{'' if expires is None else repr(expires)}\n".encode()
+        os.write(self._fd, line)  # in the file (the kernel's) before this returns
+        if self._fsync:
+            await asyncio.to_thread(os.fsync, self._fd)
+        self._appended += 1
+        if self._appended > max(COMPACT_FLOOR, 4 * len(self._data)):
+            with self._locked(fcntl.LOCK_EX):
+                self._load()  # what other processes on this file appended meanwhile
+                self._rewrite()
+
+    async def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def open_posted_journal(data_dir: Path, platform: str) -> MemoryState:
+    """The journal for ``platform`` under ``data_dir``; a plain ``MemoryState`` (with a
+    warning) when the folder cannot be written."""
+    path = posted_journal_path(data_dir, platform)
+    try:
+        return JournalState(path)
+    except OSError as exc:
+        log.warning("cannot keep the posted-parts journal at %s (%s): keeping it in memory; "
+                    "a photo may be posted twice if the bot and Redis fail together", path, exc)
+        return MemoryState()

@@ -1,0 +1,95 @@
+"""The posted-parts journal (``bots.common.journal``): marks outlive the process that wrote
+them, expire, and survive the file being rewritten or cut short by a crash."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from bots.common.journal import COMPACT_FLOOR, JournalState, posted_journal_path
+
+
+async def test_marks_are_read_back_by_the_next_process(tmp_path: Path) -> None:
+    path = posted_journal_path(tmp_path, "telegram")
+    first = JournalState(path)
+    await first.set("atelier:bot:telegram:posted:j1:1", "1", 3600)
+    await first.set("atelier:bot:telegram:posted:j2:1", "1", 3600)
+    # No close: the next process finds what a killed one wrote.
+    again = JournalState(path)
+    assert await again.get("atelier:bot:telegram:posted:j1:1") == "1"
+    assert await again.get("atelier:bot:telegram:posted:j2:1") == "1"
+    assert await again.get("atelier:bot:telegram:posted:j3:1") is None
+
+
+async def test_a_sigkilled_writer_loses_no_mark(tmp_path: Path) -> None:
+    path = posted_journal_path(tmp_path, "telegram")
+    code = textwrap.dedent(f"""
+        import asyncio, os, signal, sys
+        from pathlib import Path
+        from bots.common.journal import JournalState
+        async def main():
+            j = JournalState(Path({str(path)!r}), fsync=False)
+            for i in range(200):
+                await j.set(f"posted:job{{i}}:1", "1", 3600)
+            print("written", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert "written" in done.stdout
+    reread = JournalState(path)
+    assert all([await reread.get(f"posted:job{i}:1") == "1" for i in range(200)])
+
+
+async def test_expired_marks_are_dropped_and_the_file_rewritten(tmp_path: Path) -> None:
+    now = [1000.0]
+    path = tmp_path / "j.journal"
+    journal = JournalState(path, fsync=False, clock=lambda: now[0])
+    await journal.set("short", "1", 10)
+    await journal.set("long", "1", 1000)
+    now[0] += 60
+    assert await journal.get("short") is None
+    reopened = JournalState(path, fsync=False, clock=lambda: now[0])
+    assert await reopened.get("short") is None
+    assert await reopened.get("long") == "1"
+    assert "short" not in path.read_text()  # rewritten at start with the live keys only
+
+
+async def test_the_file_is_compacted_as_it_grows(tmp_path: Path) -> None:
+    path = tmp_path / "j.journal"
+    journal = JournalState(path, fsync=False)
+    for i in range(COMPACT_FLOOR + 10):
+        await journal.set("same-key", str(i), 3600)
+    assert len(path.read_text().splitlines()) < 100
+    assert await JournalState(path).get("same-key") == str(COMPACT_FLOOR + 9)
+
+
+async def test_a_line_cut_short_by_a_crash_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "j.journal"
+    journal = JournalState(path, fsync=False)
+    await journal.set("whole", "1", 3600)
+    with open(path, "a") as f:
+        f.write("cut-off\t1")  # no expiry field, no newline
+    reopened = JournalState(path)
+    assert await reopened.get("whole") == "1"
+    assert await reopened.get("cut-off") is None
+    await reopened.set("after", "1", 3600)
+    assert await JournalState(path).get("after") == "1"
+
+
+async def test_a_data_folder_that_cannot_be_written_falls_back_to_memory(
+    tmp_path: Path,
+) -> None:
+    from bots.common.journal import open_posted_journal
+
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("a file where the data folder should be")
+    state = open_posted_journal(not_a_folder, "telegram")
+    assert not isinstance(state, JournalState)
+    await state.set("k", "1", 60)
+    assert await state.get("k") == "1"
