@@ -31,6 +31,8 @@ else is retried a few times by the delivery loop.
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,6 +90,11 @@ class Picture:
     caption: str
 
 
+# Tells this bot process's "sending" notes from those of earlier processes (Posted.sending).
+PROCESS_MARK = f"{os.getpid()}-{secrets.token_hex(4)}"
+NOT_SENT = "refused"
+
+
 class Posted:
     """The parts of a job's result already in the chat, kept in the bot state: a delivery
     retried after flood control or a restart posts only what is missing. Adapters name the
@@ -117,6 +124,29 @@ class Posted:
         if self.here is not None:
             await self.here.set(self._key(part), "1", POSTED_HERE_TTL_S)
         await self.state.set(self._key(part), "1", POSTED_TTL_S)
+
+    async def in_doubt(self, part: str) -> bool:
+        """An earlier bot process began uploading ``part`` (``sending``) and was never heard
+        from again: it may have died between the platform taking the upload and the answer
+        being recorded, so ``part`` may be in the chat already, and posting it again could
+        show it twice (Telegram has no idempotency key). The adapter then says where to find
+        it instead."""
+        if self.here is None:
+            return False
+        earlier = await self.here.get(self._key(part) + ":sending")
+        return earlier not in (None, PROCESS_MARK, NOT_SENT)
+
+    async def sending(self, part: str) -> None:
+        """Note (in ``here``, the bot's journal) that ``part`` goes out now: called at the last
+        moment before the upload, after any wait for its turn."""
+        if self.here is not None:
+            await self.here.set(self._key(part) + ":sending", PROCESS_MARK, POSTED_HERE_TTL_S)
+
+    async def not_sent(self, part: str) -> None:
+        """The platform answered that ``part`` was refused (flood control, a bad request): a
+        later process may post it without doubt."""
+        if self.here is not None:
+            await self.here.set(self._key(part) + ":sending", NOT_SENT, POSTED_HERE_TTL_S)
 
 
 class ChatPort(Protocol):

@@ -206,6 +206,14 @@ def caption(request: GenerationRequest, seed: int, style: str | None) -> str:
     return text[:CAPTION_LIMIT]
 
 
+def maybe_posted(numbers: list[int]) -> str:
+    """Said instead of an image whose earlier upload may have arrived: the bot restarted
+    between sending it and hearing back, and posting it again could show it twice."""
+    which = "Your image" if numbers == [1] else "Images " + ", ".join(map(str, numbers))
+    return (f"{which}: I restarted while sending, so it may be just above. If it is not, "
+            "open it from your gallery (/gallery): it is saved there.")
+
+
 def album_buttons_note(images: int) -> str:
     return f"Your {images} images: V = variation, U = upscale (numbered left to right)."
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bots.common import texts
 from bots.common.delivery import RetryLater, Undeliverable
 from bots.common.keyboards import Keyboard
 from bots.common.port import Picture, Posted
@@ -232,6 +233,10 @@ class DiscordPort:
             for i, f in fitted
         ]
         view = view_for(keyboard)
+        if await posted.in_doubt("1"):  # an earlier process may have posted them
+            content, files = _content(texts.maybe_posted(list(range(1, len(pictures) + 1)))), []
+        else:
+            await posted.sending("1")
         try:
             if hook is not None and await self._followup(hook, content, files, view):
                 await posted.add("1")
@@ -240,8 +245,10 @@ class DiscordPort:
                 chat_id, owner, content, files, view, job.delivery.message_id
             )
         except discord.RateLimited as exc:
+            await posted.not_sent("1")
             raise RetryLater(exc.retry_after) from exc
         except discord.HTTPException as exc:
+            await posted.not_sent("1")  # Discord answered: nothing was posted
             if exc.status == 429:  # discord.py gave up waiting: the delivery loop waits on
                 raise RetryLater(_retry_after(exc)) from exc
             raise

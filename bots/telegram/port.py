@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from telegram import Bot, InputMediaDocument, InputMediaPhoto, ReplyParameters
+from telegram import InputMediaDocument, InputMediaPhoto, ReplyParameters
 from telegram.constants import ChatAction, ChatMemberStatus
-from telegram.error import BadRequest, ChatMigrated, Forbidden, RetryAfter, TelegramError
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Forbidden,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+    TimedOut,
+)
+from telegram.ext import ExtBot
 
 from bots.common import texts
 from bots.common.delivery import RetryLater, Undeliverable
 from bots.common.keyboards import Keyboard
 from bots.common.port import Picture, Posted
 from bots.telegram.keyboards import markup
-from bots.telegram.ratelimit import Stopping, retry_seconds
+from bots.telegram.ratelimit import BEFORE_SEND, REFUSED, Stopping, retry_seconds
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,7 @@ class TelegramPort:
 
     platform = PLATFORM
 
-    def __init__(self, bot: Bot, *, photo_max_bytes: int = PHOTO_MAX_BYTES) -> None:
+    def __init__(self, bot: ExtBot[Any], *, photo_max_bytes: int = PHOTO_MAX_BYTES) -> None:
         self.bot = bot
         self.photo_max_bytes = photo_max_bytes
 
@@ -135,7 +144,13 @@ class TelegramPort:
             return
         if len(pictures) == 1:
             if not await posted.has("1"):
-                await self._send_one(chat, pictures[0], keyboard, as_files)
+                if await posted.in_doubt("1"):
+                    await self.bot.send_message(
+                        chat, texts.maybe_posted([1]), reply_markup=markup(keyboard)
+                    )
+                else:
+                    async with _answered(posted, "1"):
+                        await self._send_one(chat, pictures[0], keyboard, as_files, posted, "1")
                 await posted.add("1")
             return
         for start in range(0, len(pictures), ALBUM_MAX):
@@ -143,8 +158,12 @@ class TelegramPort:
             if await posted.has(part):
                 continue
             chunk = pictures[start : start + ALBUM_MAX]
-            if len(chunk) == 1:  # an album needs two items
-                await self._send_one(chat, chunk[0], None, as_files)
+            if await posted.in_doubt(part):
+                numbers = list(range(start + 1, start + len(chunk) + 1))
+                await self.bot.send_message(chat, texts.maybe_posted(numbers))
+            elif len(chunk) == 1:  # an album needs two items
+                async with _answered(posted, part):
+                    await self._send_one(chat, chunk[0], None, as_files, posted, part)
             else:
                 media: list[Any] = [
                     InputMediaDocument(p.png, caption=p.caption, filename=p.filename)
@@ -152,7 +171,10 @@ class TelegramPort:
                     else InputMediaPhoto(p.png, caption=p.caption, filename=p.filename)
                     for p in chunk
                 ]
-                await self.bot.send_media_group(chat, media)
+                async with _answered(posted, part):
+                    await self.bot.send_media_group(
+                        chat, media, rate_limit_args=_marking(posted, part)
+                    )
             await posted.add(part)
         if not await posted.has("buttons"):
             await self.bot.send_message(
@@ -161,7 +183,13 @@ class TelegramPort:
             await posted.add("buttons")
 
     async def _send_one(
-        self, chat: int, picture: Picture, keyboard: Keyboard | None, as_file: bool
+        self,
+        chat: int,
+        picture: Picture,
+        keyboard: Keyboard | None,
+        as_file: bool,
+        posted: Posted,
+        part: str,
     ) -> None:
         send = self.bot.send_document if as_file else self.bot.send_photo
         await send(
@@ -170,4 +198,24 @@ class TelegramPort:
             caption=picture.caption,
             filename=picture.filename,
             reply_markup=markup(keyboard),
+            rate_limit_args=_marking(posted, part),
         )
+
+
+def _marking(posted: Posted, part: str) -> dict[str, Any]:
+    """For the rate limiter (``FloodLimiter.process_request``): note ``part`` as going out
+    once its turn has come, just before the upload, and as not sent when Telegram answers 429
+    (a kill while it waits for its turn leaves no doubt)."""
+    return {BEFORE_SEND: lambda: posted.sending(part), REFUSED: lambda: posted.not_sent(part)}
+
+
+@contextlib.asynccontextmanager
+async def _answered(posted: Posted, part: str) -> AsyncIterator[None]:
+    """Telegram refused the upload (an answer, not a lost connection): ``part`` is surely not
+    in the chat, and a later process may post it (``Posted.not_sent``)."""
+    try:
+        yield
+    except TelegramError as exc:
+        if not (isinstance(exc, TimedOut) or type(exc) is NetworkError):
+            await posted.not_sent(part)
+        raise

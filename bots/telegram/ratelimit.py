@@ -31,6 +31,14 @@ _NOT_MESSAGES = frozenset({"sendChatAction"})
 _MAX_BUCKETS = 10_000
 
 
+# ``rate_limit_args`` key: a coroutine function awaited when a call's turn has come, just
+# before it is sent (``bots.telegram.port`` notes there that a photo goes out).
+BEFORE_SEND = "before_send"
+# ``rate_limit_args`` key: a coroutine function awaited when Telegram refused the call (429):
+# it was surely not carried out.
+REFUSED = "refused"
+
+
 class Stopping(NetworkError):
     """The bot is stopping: a call waiting for its turn was not sent."""
 
@@ -157,7 +165,7 @@ async def _first_of(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-class FloodLimiter(BaseRateLimiter[None]):
+class FloodLimiter(BaseRateLimiter[dict[str, Any]]):
     """PTB rate limiter (``ApplicationBuilder().rate_limiter(FloodLimiter())``)."""
 
     def __init__(
@@ -218,7 +226,7 @@ class FloodLimiter(BaseRateLimiter[None]):
         kwargs: dict[str, Any],
         endpoint: str,
         data: dict[str, Any],
-        rate_limit_args: None,
+        rate_limit_args: dict[str, Any] | None,
     ) -> bool | dict[str, Any] | list[dict[str, Any]]:
         chat_id = data.get("chat_id")
         counted = (
@@ -232,9 +240,13 @@ class FloodLimiter(BaseRateLimiter[None]):
             if chat is not None:
                 await chat.take(self._closing, messages, lane)
                 await self.overall.take(self._closing, messages, lane)
+            if rate_limit_args and BEFORE_SEND in rate_limit_args:
+                await rate_limit_args[BEFORE_SEND]()
             try:
                 return await callback(*args, **kwargs)
             except RetryAfter as exc:
+                if rate_limit_args and REFUSED in rate_limit_args:
+                    await rate_limit_args[REFUSED]()
                 metrics.BOT_RATE_LIMITED.labels("telegram").inc()
                 attempt += 1
                 wait = retry_seconds(exc)

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -244,3 +245,88 @@ async def test_atelier_bot_telegram_runs_until_interrupted(backend: Stack) -> No
     assert proc.returncode == 0, output
     assert "long polling" in output and TOKEN not in output
     assert len(backend.jobs()) == 1
+
+
+async def _bot_process(backend: Stack) -> asyncio.subprocess.Process:
+    """``atelier bot telegram`` in a process of its own (SIGKILL it to stand for a crash)."""
+    settings, fake = backend.settings, backend.fake
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")},
+        "ATELIER_DATA_DIR": str(settings.data_dir),
+        "ATELIER_DATABASE_URL": settings.db_url,
+        "ATELIER_REDIS_URL": str(settings.redis_url),
+        "ATELIER_TELEGRAM_TOKEN": TOKEN,
+        "ATELIER_TELEGRAM_API_BASE_URL": fake.base_url,
+        "ATELIER_TELEGRAM_FILE_BASE_URL": fake.base_file_url,
+        "ATELIER_SIGNING_KEY": "k" * 40,
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from atelier.cli import app; app(['bot', 'telegram'])",
+        cwd=settings.data_dir, env=env, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def _crash_then_restart(backend: Stack, user: int, prompt: str, hold: str) -> None:
+    """The first bot process is SIGKILLed once its upload of ``user``'s photo is held
+    (``hold``: Telegram took it and never answered, or answered 429 with a long pause); a
+    second one finishes the delivery."""
+    fake = backend.fake
+    first = await _bot_process(backend)
+    try:
+        await fake.wait_call("deleteWebhook", timeout=90)
+        if hold == "taken":
+            fake.delay("sendPhoto", 60)
+        else:
+            fake.fail(1, retry_after=60, method="sendPhoto")
+        await fake.send(user, prompt)
+        await fake.wait_for(lambda: fake.calls_of("sendPhoto", chat=user, ok=hold == "taken"),
+                            timeout=120, what="the upload")
+        await asyncio.sleep(0.5)  # the 429 answer read, the flood pause begun
+    finally:
+        first.kill()
+        await first.wait()
+    fake.delay("sendPhoto", 0)
+    second = await _bot_process(backend)
+    try:
+        def delivered() -> bool:
+            jobs = backend.jobs()
+            return bool(jobs) and all(j.delivered_at is not None for j in jobs)
+
+        await fake.wait_for(delivered, timeout=120, what="the job marked delivered")
+        await asyncio.sleep(1.0)
+    finally:
+        second.send_signal(signal.SIGINT)
+        await asyncio.wait_for(second.wait(), 60)
+
+
+def _doubt_notes(fake: Any, user: int) -> int:
+    return sum("restarted while sending" in str(c.params.get("text", ""))
+               for c in fake.calls_of("sendMessage", chat=user))
+
+
+async def test_a_bot_killed_while_telegram_takes_the_photo_does_not_post_it_twice(
+    backend: Stack,
+) -> None:
+    """Found by the 30-minute chaos campaign: the bot process was SIGKILLed after Telegram had
+    the photo and before the bot heard back. Its next run posted the photo again. Now it
+    knows (its journal says the upload was under way) and says where the picture is instead:
+    a second photo, never; a lost one, never either (it is in the gallery)."""
+    fake, user = backend.fake, 5005
+    await _crash_then_restart(backend, user, f"/imagine a kite over dunes {TINY}", "taken")
+    assert len(fake.calls_of("sendPhoto", chat=user)) == 1
+    assert _doubt_notes(fake, user) == 1
+    (job,) = backend.jobs()
+    assert job.status == "succeeded"
+    assert len(backend.images(job.id)) == 1  # in the gallery
+
+
+async def test_a_bot_killed_during_a_flood_pause_posts_the_photo_on_its_next_run(
+    backend: Stack,
+) -> None:
+    """Telegram answered 429: the photo is surely not in the chat, so the next process posts
+    it (no note of doubt)."""
+    fake, user = backend.fake, 5006
+    await _crash_then_restart(backend, user, f"/imagine a heron in reeds {TINY}", "refused")
+    assert len(fake.calls_of("sendPhoto", chat=user)) == 1
+    assert _doubt_notes(fake, user) == 0
