@@ -30,10 +30,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     cases = held_out(args.n, random.Random(args.seed))
     started = time.monotonic()
-    rows = adherence(args.model, cases, steps=args.steps, guidance=args.guidance)
+    rows = adherence(args.model, cases, steps=args.steps, guidance=args.guidance,
+                     device=args.device, batch=8 if args.device == "cpu" else 50)
     took = time.monotonic() - started
     print(f"demo model {args.model}: {len(cases)} held-out captions (seed {args.seed}), "
           f"{args.steps} steps, {took:.0f} s")

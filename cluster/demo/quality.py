@@ -42,21 +42,21 @@ def held_out(n: int, rng: random.Random) -> list[Case]:
             for i in range(n)]
 
 
-def load(model: Path) -> Any:
+def load(model: Path, device: str = "cpu") -> Any:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device)
 
 
 def adherence(model: Path, cases: list[Case], *, steps: int = 20,
-              guidance: float | None = None, batch: int = 8) -> list[Row]:
+              guidance: float | None = None, batch: int = 8, device: str = "cpu") -> list[Row]:
     """Each case drawn as Atelier would (its prompt through ``prepare_prompt``) and scored."""
     import torch
 
-    pipe = load(model)
+    pipe = load(model, device)
     guidance = guidance if guidance is not None else 5.0
     styles, blocklist = default_registry(), Blocklist()
     count = token_counter(pipe.tokenizer)
