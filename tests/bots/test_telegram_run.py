@@ -212,10 +212,10 @@ def test_bot_telegram_command_names_what_is_missing(
     assert named in result.output and "Traceback" not in result.output
 
 
-async def test_atelier_bot_telegram_runs_until_interrupted(backend: Stack) -> None:
-    """The real command in a process of its own: it makes an image, then exits on SIGINT."""
-    settings, fake, user = backend.settings, backend.fake, 5004
-    env = {
+def _bot_env(backend: Stack) -> dict[str, str]:
+    """The environment of an ``atelier bot telegram`` process over ``backend``."""
+    settings, fake = backend.settings, backend.fake
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")},
         "ATELIER_DATA_DIR": str(settings.data_dir),
         "ATELIER_DATABASE_URL": settings.db_url,
@@ -225,6 +225,12 @@ async def test_atelier_bot_telegram_runs_until_interrupted(backend: Stack) -> No
         "ATELIER_TELEGRAM_FILE_BASE_URL": fake.base_file_url,
         "ATELIER_SIGNING_KEY": "k" * 40,
     }
+
+
+async def test_atelier_bot_telegram_runs_until_interrupted(backend: Stack) -> None:
+    """The real command in a process of its own: it makes an image, then exits on SIGINT."""
+    settings, fake, user = backend.settings, backend.fake, 5004
+    env = _bot_env(backend)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -249,20 +255,9 @@ async def test_atelier_bot_telegram_runs_until_interrupted(backend: Stack) -> No
 
 async def _bot_process(backend: Stack) -> asyncio.subprocess.Process:
     """``atelier bot telegram`` in a process of its own (SIGKILL it to stand for a crash)."""
-    settings, fake = backend.settings, backend.fake
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")},
-        "ATELIER_DATA_DIR": str(settings.data_dir),
-        "ATELIER_DATABASE_URL": settings.db_url,
-        "ATELIER_REDIS_URL": str(settings.redis_url),
-        "ATELIER_TELEGRAM_TOKEN": TOKEN,
-        "ATELIER_TELEGRAM_API_BASE_URL": fake.base_url,
-        "ATELIER_TELEGRAM_FILE_BASE_URL": fake.base_file_url,
-        "ATELIER_SIGNING_KEY": "k" * 40,
-    }
     return await asyncio.create_subprocess_exec(
         sys.executable, "-c", "from atelier.cli import app; app(['bot', 'telegram'])",
-        cwd=settings.data_dir, env=env, stdout=asyncio.subprocess.DEVNULL,
+        cwd=backend.settings.data_dir, env=_bot_env(backend), stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
 
