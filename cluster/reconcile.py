@@ -144,11 +144,14 @@ class Reconciler:
                 # that announcement): look again one step later.
                 self._remember(job.id, times, clock + step)
                 continue
-            images: list[ImageRead] = []
-            if job.status is JobStatus.succeeded:
-                images = await self._db(
-                    functools.partial(_job_images, job_id=job.id), read_only=True
-                )
+            # Read again now: a front end may have marked it delivered since the pass began
+            # (a pass slowed by a busy store, or held up by a broker restart, would otherwise
+            # re-announce a job its person already has).
+            current, images = await self._db(
+                functools.partial(_job_and_images, job_id=job.id), read_only=True
+            )
+            if current.delivered_at is not None:
+                continue
             # No retry loop: a broker that is down now fails the pass, and the next one (or
             # the restart's) brings the job back.
             await self.broker.publish_delivery(
@@ -168,5 +171,8 @@ class Reconciler:
             self._redelivered.popitem(last=False)
 
 
-def _job_images(session: Session, *, job_id: str) -> list[ImageRead]:
-    return gallery.list_job_images(session=session, job_id=job_id)
+def _job_and_images(session: Session, *, job_id: str) -> tuple[job_repo.JobRead, list[ImageRead]]:
+    job = job_repo.get_job(session=session, job_id=job_id)
+    images = (gallery.list_job_images(session=session, job_id=job_id)
+              if job.status is JobStatus.succeeded else [])
+    return job, images
