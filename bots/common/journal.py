@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import heapq
 import logging
 import os
 import time
@@ -54,7 +53,15 @@ class JournalState(MemoryState):
 
     @contextlib.contextmanager
     def _locked(self, how: int) -> Iterator[None]:
-        fcntl.flock(self._fd, how)
+        """``flock`` the file now at ``path``: another process may have rewritten it (a new
+        file) since this one opened it, and a lock on the old one would keep out no one."""
+        while True:
+            fcntl.flock(self._fd, how)
+            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                break
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             yield
         finally:
@@ -76,23 +83,14 @@ class JournalState(MemoryState):
             except ValueError:
                 continue
             if expires is None or expires > now:
-                self._put(key, value, expires)
+                self._store(key, value, expires)
             else:
                 self._data.pop(key, None)
-
-    def _put(self, key: str, value: str, expires: float | None) -> None:
-        self._data[key] = (value, expires)
-        if expires is not None:
-            heapq.heappush(self._expiries, (expires, key))
 
     def _rewrite(self) -> None:
         """The file again with only the live keys (caller holds the exclusive lock)."""
         now = self._clock()
-        live = [
-            f"{k}\t{v}\t{'' if e is None else repr(e)}\n"
-            for k, (v, e) in self._data.items()
-            if e is None or e > now
-        ]
+        live = [_line(k, v, e) for k, (v, e) in self._data.items() if e is None or e > now]
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(live)
@@ -107,9 +105,7 @@ class JournalState(MemoryState):
         if any(c in key or c in value for c in "\t\n"):
             raise ValueError(f"journal keys and values hold no tabs or newlines: {key!r}")
         await super().set(key, value, ttl_s)
-        expires = self._data[key][1]
-        line = f"{key}\t{value}\t{'' if expires is None else repr(expires)}\n".encode()
-        os.write(self._fd, line)  # in the file (the kernel's) before this returns
+        self._append(_line(key, value, self._data[key][1]).encode())
         if self._fsync:
             await asyncio.to_thread(os.fsync, self._fd)
         self._appended += 1
@@ -118,9 +114,19 @@ class JournalState(MemoryState):
                 self._load()  # what other processes on this file appended meanwhile
                 self._rewrite()
 
+    def _append(self, line: bytes) -> None:
+        """One write to the end of the file, in the kernel before this returns (a shared lock:
+        no rewrite drops it)."""
+        with self._locked(fcntl.LOCK_SH):
+            os.write(self._fd, line)
+
     async def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def _line(key: str, value: str, expires: float | None) -> str:
+    return f"{key}\t{value}\t{'' if expires is None else repr(expires)}\n"
 
 
 def open_posted_journal(data_dir: Path, platform: str) -> MemoryState:

@@ -104,7 +104,10 @@ class MemoryState(BotState):
 
     async def set(self, key: str, value: str, ttl_s: int | None = None) -> None:
         self._sweep()
-        expires = None if ttl_s is None else self._clock() + ttl_s
+        self._store(key, value, None if ttl_s is None else self._clock() + ttl_s)
+
+    def _store(self, key: str, value: str, expires: float | None) -> None:
+        """Hold ``key`` until ``expires`` (on this state's clock; None: no expiry)."""
         self._data[key] = (value, expires)
         if expires is not None:
             heapq.heappush(self._expiries, (expires, key))

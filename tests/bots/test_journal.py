@@ -93,3 +93,17 @@ async def test_a_data_folder_that_cannot_be_written_falls_back_to_memory(
     assert not isinstance(state, JournalState)
     await state.set("k", "1", 60)
     assert await state.get("k") == "1"
+
+
+async def test_two_processes_on_one_file_lose_no_mark_when_one_rewrites_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.journal"
+    first, second = JournalState(path, fsync=False), JournalState(path, fsync=False)
+    await second.set("before", "1", 3600)
+    for i in range(COMPACT_FLOOR + 10):  # the first rewrites the file (a new one) meanwhile
+        await first.set("busy", str(i), 3600)
+    await second.set("after", "1", 3600)  # to the new file, not the one it opened
+    reread = JournalState(path)
+    assert await reread.get("before") == "1"
+    assert await reread.get("after") == "1"
