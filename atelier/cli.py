@@ -232,9 +232,15 @@ def models_train_demo(
         "auto", help="cpu, cuda (the shipped model: an H200, 5.8 min) or auto (cuda if present)"
     ),
     steps: int | None = typer.Option(None, help="stop after this many denoiser steps"),
+    init_from: str | None = typer.Option(
+        None, "--from", help="a demo model folder to go on training instead of starting afresh"
+    ),
+    overrides: list[str] | None = typer.Option(
+        None, "--set", help="a recipe field, e.g. --set lr=5e-4 --set sided=0.6 (see Recipe)"
+    ),
 ) -> None:
-    """Train the demo model from scratch (shapes in colours, from captions); it is the default
-    model whenever the configured one is not available."""
+    """Train the demo model from scratch (shapes in colours, from captions), or go on training
+    one (--from); it is the default model whenever the configured one is not available."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -247,9 +253,14 @@ def models_train_demo(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     target = Path(out) if out else DEMO_MODEL_DIR
-    recipe = Recipe(seed=seed, minutes=minutes, device=device)
+    recipe = Recipe(seed=seed, minutes=minutes, device=device,
+                    init_from=init_from)
     if steps is not None:
         recipe = replace(recipe, max_steps=steps)
+    try:
+        recipe = recipe.with_overrides(overrides or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
     record = train_demo(target, recipe, progress=console.print)
     console.print(f"demo model: {target} ({record['unet_steps']} denoiser steps in "
                   f"{record['minutes']} min on {device}; recipe in {target / 'recipe.json'})")

@@ -1,7 +1,8 @@
 """Adherence of the demo model (a script, not a test): held-out captions (a seed the training
 never used), each drawn through the real Diffusers pipeline loaded from the model folder, read
 back by the scorer (``cluster.demo.score``); a table per attribute and per rendering.
-Goals: background >= 95%, shape colour >= 90%, shape kind >= 80%, position >= 80%.
+Goals: background >= 95%, shape colour >= 90%, shape kind >= 80%, position >= 80%; ``axis``
+(not a goal) says how many two-shape pictures have their shapes along the asked axis.
 
 ``.venv/bin/python -m bench.demo_quality [--model cluster/data/demo] [--n 200] [--steps 20]``
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.demo.quality import GOALS, adherence, held_out
+from cluster.demo.quality import GOALS, adherence, at_sides, held_out
+from cluster.demo.score import AXIS
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "cluster" / "data" / "demo"
 
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sides", type=int, default=40,
+                        help="plus this many lone shapes at a named side (seed + 1)")
     args = parser.parse_args()
     cases = held_out(args.n, random.Random(args.seed))
     started = time.monotonic()
@@ -50,13 +54,28 @@ def main() -> None:
                         ok[name] += int(value)
         cells = "  ".join(
             f"{name} {100 * ok[name] / total[name]:5.1f}% ({ok[name]}/{total[name]})"
-            for name in GOALS if total[name])
+            for name in [*GOALS, AXIS] if total[name])
         print(f"  {group:<10} {cells}")
     for name, goal in GOALS.items():
         total_n = sum(r.result[name] is not None for r in rows)
         share = sum(bool(r.result[name]) for r in rows) / max(total_n, 1)
         verdict = "ok" if share >= goal else "MISSED"
         print(f"  goal {name:<10} >= {goal:.0%}: {share:.1%} {verdict}")
+    # Position split in two: the shapes along the asked axis (either way round), and of those,
+    # the ones the right way round (50% is a coin toss: the words are read, not their order).
+    along = [r for r in rows if r.result[AXIS]]
+    right = sum(bool(r.result["position"]) for r in along)
+    print(f"  position, split: along the asked axis {len(along)}/"
+          f"{sum(r.result[AXIS] is not None for r in rows)}; of those, the asked way round "
+          f"{right}/{len(along)} ({100 * right / max(len(along), 1):.1f}%)")
+    if args.sides:
+        lone = adherence(args.model, at_sides(args.sides, random.Random(args.seed + 1)),
+                         steps=args.steps, guidance=args.guidance, device=args.device)
+        placed, colour, kind = (sum(bool(r.result[k]) for r in lone)
+                                for k in ("position", "colour", "kind"))
+        print(f"  a lone shape at the named side (left/right/top/bottom): {placed}/{len(lone)} "
+              f"({100 * placed / len(lone):.1f}%); its colour {colour}/{len(lone)}, kind "
+              f"{kind}/{len(lone)}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,12 @@ def held_out(n: int, rng: random.Random) -> list[Case]:
             for i in range(n)]
 
 
+def at_sides(n: int, rng: random.Random) -> list[Case]:
+    """``n`` plain cases of one shape at a named side ("a red circle on the left on ...")."""
+    return [Case(random_scene(rng, two_shapes=0.0, sided=1.0), None, rng.randrange(2**31))
+            for _ in range(n)]
+
+
 def load(model: Path, device: str = "cpu") -> Any:
     from diffusers import StableDiffusionPipeline
 

@@ -36,6 +36,13 @@ RELATIONS: dict[str, str] = {
     "above": "above",
     "below": "below",
 }
+# Where a lone shape is, when the caption says (otherwise near the middle): the caption's words.
+SIDES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+}
 # Renderings a style name maps to; any other style (or none) draws plain.
 RENDERINGS: dict[str, str] = {"line-art": "outline", "watercolor": "soft", "pixel-art": "pixels"}
 
@@ -49,33 +56,41 @@ class Shape:
 @dataclass(frozen=True)
 class Scene:
     """``shapes[0]`` is ``relation`` of ``shapes[1]`` when there are two (``relation`` None
-    for one shape, drawn near the middle)."""
+    for one shape, drawn at ``side`` of the picture, or near the middle when that is None)."""
 
     background: str
     shapes: tuple[Shape, ...]
     relation: str | None = None
+    side: str | None = None
 
     @property
     def caption(self) -> str:
         first = f"a {self.shapes[0].colour} {self.shapes[0].kind}"
+        if self.side is not None:
+            return f"{first} {SIDES[self.side]} on a {self.background} background"
         if self.relation is None:
             return f"{first} on a {self.background} background"
         second = f"a {self.shapes[1].colour} {self.shapes[1].kind}"
         return f"{first} {RELATIONS[self.relation]} {second} on a {self.background} background"
 
 
-def random_scene(rng: random.Random, two_shapes: float = 0.5) -> Scene:
-    """A scene whose colours are all different (so the scorer can tell the shapes apart)."""
+def random_scene(rng: random.Random, two_shapes: float = 0.5, sided: float = 0.0) -> Scene:
+    """A scene whose colours are all different (so the scorer can tell the shapes apart);
+    ``sided``: the share of one-shape scenes placed at a side their caption names."""
     names = rng.sample(list(COLOURS), 3)
     if rng.random() < two_shapes:
         shapes = (Shape(names[1], rng.choice(SHAPES)), Shape(names[2], rng.choice(SHAPES)))
         return Scene(names[0], shapes, rng.choice(list(RELATIONS)))
-    return Scene(names[0], (Shape(names[1], rng.choice(SHAPES)),))
+    shape = Shape(names[1], rng.choice(SHAPES))
+    if sided and rng.random() < sided:
+        return Scene(names[0], (shape,), side=rng.choice(list(SIDES)))
+    return Scene(names[0], (shape,))
 
 
 _CAPTION = re.compile(
     r"an? (?P<c1>\w+) (?P<s1>\w+)(?: (?P<rel>to the left of|to the right of|above|below) "
-    r"an? (?P<c2>\w+) (?P<s2>\w+))? on an? (?P<bg>\w+) background"
+    r"an? (?P<c2>\w+) (?P<s2>\w+)| (?P<side>on the left|on the right|at the top|at the bottom))?"
+    r" on an? (?P<bg>\w+) background"
 )
 
 
@@ -94,7 +109,8 @@ def parse_caption(text: str) -> Scene | None:
     relation = None
     if g["rel"]:
         relation = next(key for key, words in RELATIONS.items() if words == g["rel"])
-    return Scene(g["bg"], shapes, relation)
+    side = next((key for key, words in SIDES.items() if words == g["side"]), None)
+    return Scene(g["bg"], shapes, relation, side)
 
 
 # Drawing ----------------------------------------------------------------------------------
@@ -120,6 +136,10 @@ def _outline(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
 def _placements(scene: Scene, size: int, rng: random.Random) -> list[tuple[float, float, float]]:
     """(centre x, centre y, radius) of each shape, in pixels."""
     u = size / 64
+    if scene.side is not None:  # as the first of two shapes would be, a little larger
+        r, near, across = rng.uniform(10, 13) * u, rng.uniform(16, 20) * u, rng.uniform(22, 42) * u
+        return [{"left": (near, across, r), "right": (size - near, across, r),
+                 "top": (across, near, r), "bottom": (across, size - near, r)}[scene.side]]
     if scene.relation is None:
         r = rng.uniform(11, 17) * u
         return [(size / 2 + rng.uniform(-6, 6) * u, size / 2 + rng.uniform(-6, 6) * u, r)]

@@ -22,6 +22,10 @@ _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
 MIN_AREA_FRACTION = 0.01  # smaller patches are specks, not shapes
 ATTRIBUTES = ("background", "colour", "kind", "position")
+# Not a goal, a diagnosis: whether the two shapes lie along the asked axis (side by side for
+# left/right, one over the other for above/below), whichever way round they are. Position
+# is this and the right order.
+AXIS = "axis"
 
 
 @dataclass(frozen=True)
@@ -152,24 +156,34 @@ def read(image: Image.Image | np.ndarray) -> Reading:
 
 def score(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, bool | None]:
     """Per attribute, whether the picture shows what ``scene`` asks for (None where the scene
-    has no such attribute: position with one shape). ``colour``: every asked shape's colour is
-    there; ``kind``: each of those patches has the asked kind; ``position``: the two centroids
-    are in the asked relation."""
+    has no such attribute: position with one shape in the middle). ``colour``: every asked
+    shape's colour is there; ``kind``: each of those patches has the asked kind;
+    ``position``: the two centroids are in the asked relation (one shape: its centroid is on
+    the asked side); ``axis``: they lie along the relation's axis (either order)."""
     reading = read(image)
     patches = [reading.shape(s.colour) for s in scene.shapes]
     kinds = [p is not None and p.kind == s.kind for p, s in zip(patches, scene.shapes,
                                                                 strict=True)]
     position: bool | None = None
+    axis: bool | None = None
     if scene.relation is not None:
         a, b = patches
         position = a is not None and b is not None and bool({
             "left": a.x < b.x, "right": a.x > b.x, "above": a.y < b.y, "below": a.y > b.y,
         }[scene.relation])
+        axis = a is not None and b is not None and bool(
+            (abs(a.x - b.x) > abs(a.y - b.y)) == (scene.relation in ("left", "right")))
+    elif scene.side is not None:
+        (a,) = patches
+        position = a is not None and bool({
+            "left": a.x < 0.5, "right": a.x > 0.5, "top": a.y < 0.5, "bottom": a.y > 0.5,
+        }[scene.side])
     return {
         "background": bool(reading.background == scene.background),
         "colour": all(p is not None for p in patches),
         "kind": all(kinds),
         "position": position,
+        AXIS: axis,
     }
 
 

@@ -25,7 +25,7 @@ from cluster.demo.score import read, rendering_of, score
 def test_captions_parse_back_to_their_scenes_even_inside_a_styled_prompt() -> None:
     rng = random.Random(3)
     for _ in range(200):
-        scene = random_scene(rng)
+        scene = random_scene(rng, sided=0.5)
         assert parse_caption(scene.caption) == scene
         assert parse_caption(f"watercolor painting of {scene.caption}, soft washes") == scene
     assert parse_caption("a red fox in the snow") is None
@@ -40,7 +40,7 @@ def test_the_scorer_reads_drawn_scenes(style: str | None) -> None:
     right: Counter[str] = Counter()
     total: Counter[str] = Counter()
     for i in range(60):
-        scene = random_scene(rng)
+        scene = random_scene(rng, sided=0.5)
         for name, value in score(render(scene, 64, style, seed=i), scene).items():
             if value is not None:
                 total[name] += 1
@@ -60,6 +60,31 @@ def test_a_wrong_caption_scores_false_on_what_differs() -> None:
         "colour"] is False
     assert score(image, Scene("blue", scene.shapes, "right"))["position"] is False
     assert score(image, Scene("blue", scene.shapes, "above"))["position"] is False
+    assert score(image, scene)["axis"] is True
+    assert score(image, Scene("blue", scene.shapes, "right"))["axis"] is True  # same axis
+    assert score(image, Scene("blue", scene.shapes, "below"))["axis"] is False
+
+
+def test_a_lone_shape_at_a_named_side() -> None:
+    scene = Scene("green", (Shape("white", "star"),), side="left")
+    assert scene.caption == "a white star on the left on a green background"
+    assert parse_caption(f"pixel art of {scene.caption}") == scene
+    image = render(scene, 64, None, seed=4)
+    assert all(v for v in score(image, scene).values() if v is not None)
+    assert score(image, scene)["position"] is True
+    opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+    for side, other in opposite.items():
+        drawn = render(Scene("green", scene.shapes, side=side), 64, None, seed=4)
+        assert score(drawn, Scene("green", scene.shapes, side=side))["position"] is True, side
+        assert score(drawn, Scene("green", scene.shapes, side=other))["position"] is False, side
+    middle = Scene("green", scene.shapes)
+    assert score(render(middle, 64, None, seed=4), middle)["position"] is None
+    # The share asked for, and none when not asked (held-out captions stay as they were).
+    rng = random.Random(5)
+    sided = [random_scene(rng, two_shapes=0.0, sided=0.5).side for _ in range(400)]
+    assert 150 < sum(s is not None for s in sided) < 250
+    assert {s for s in sided if s} == {"left", "right", "top", "bottom"}
+    assert all(random_scene(rng).side is None for _ in range(200))
 
 
 def test_noise_shows_no_scene() -> None:
