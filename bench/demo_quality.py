@@ -37,9 +37,12 @@ def main() -> None:
                         help="plus this many lone shapes at a named side (seed + 1)")
     args = parser.parse_args()
     cases = held_out(args.n, random.Random(args.seed))
+    # The lone shapes at a side in the same run: one pipeline load for both.
+    sides = at_sides(args.sides, random.Random(args.seed + 1))
     started = time.monotonic()
-    rows = adherence(args.model, cases, steps=args.steps, guidance=args.guidance,
-                     device=args.device, batch=8 if args.device == "cpu" else 50)
+    drawn = adherence(args.model, cases + sides, steps=args.steps, guidance=args.guidance,
+                      device=args.device, batch=8 if args.device == "cpu" else 50)
+    rows, lone = drawn[:len(cases)], drawn[len(cases):]
     took = time.monotonic() - started
     print(f"demo model {args.model}: {len(cases)} held-out captions (seed {args.seed}), "
           f"{args.steps} steps, {took:.0f} s")
@@ -68,9 +71,7 @@ def main() -> None:
     print(f"  position, split: along the asked axis {len(along)}/"
           f"{sum(r.result[AXIS] is not None for r in rows)}; of those, the asked way round "
           f"{right}/{len(along)} ({100 * right / max(len(along), 1):.1f}%)")
-    if args.sides:
-        lone = adherence(args.model, at_sides(args.sides, random.Random(args.seed + 1)),
-                         steps=args.steps, guidance=args.guidance, device=args.device)
+    if lone:
         placed, colour, kind = (sum(bool(r.result[k]) for r in lone)
                                 for k in ("position", "colour", "kind"))
         print(f"  a lone shape at the named side (left/right/top/bottom): {placed}/{len(lone)} "

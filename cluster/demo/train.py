@@ -128,7 +128,8 @@ class Recipe:
 
 
 def build_components(recipe: Recipe) -> dict[str, Any]:
-    """The untrained pipeline parts (the tokenizer knows every scene word as one token)."""
+    """The untrained pipeline parts (the tokenizer's vocabulary holds the scene words, though
+    its merges still split some of them, e.g. "purple" into three pieces)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
