@@ -143,8 +143,10 @@ async def test_the_gallery_in_a_browser(live: Live, browser: Any, artifacts: Pat
     await page.reload()
     cards = page.locator("figure.card")
     assert await cards.first.get_attribute("data-id") == str(live.ids[-1])  # newest first
+    # Predicates as functions, not expressions: Playwright (1.65+) evaluates an expression
+    # string with eval in the page, which the gallery's CSP (script-src 'self') refuses.
     await page.wait_for_function(
-        "[...document.querySelectorAll('figure.card img')].slice(0, 8)"
+        "() => [...document.querySelectorAll('figure.card img')].slice(0, 8)"
         ".every(i => i.complete && i.naturalWidth > 0)")
     await page.screenshot(path=str(artifacts / "grid.png"))
     if os.environ.get("ATELIER_UPDATE_DOCS") == "1":  # refresh the README's screenshot on request
@@ -163,7 +165,8 @@ async def test_the_gallery_in_a_browser(live: Live, browser: Any, artifacts: Pat
 
     # Infinite scroll: the older images join the page without leaving it.
     await page.mouse.wheel(0, 20_000)
-    await page.wait_for_function("document.querySelectorAll('figure.card').length === 30")
+    await page.wait_for_function(
+        "() => document.querySelectorAll('figure.card').length === 30")
     assert page.url == f"{live.url}/gallery" and await page.locator("#more").count() == 0
 
     # Search by prompt words, then filter by style.
