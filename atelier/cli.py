@@ -68,6 +68,27 @@ def db_upgrade() -> None:
     )
 
 
+@db_app.command("check")
+def db_check() -> None:
+    """Exit 0 when the database is at this code's revision, else 1 saying why (what a
+    deployment's init container waits on before starting a process)."""
+    from atelier.wiring import err_console
+    from storage.db import check_migrated, make_engine
+
+    settings = _settings()
+    engine = make_engine(settings.db_url)
+    try:
+        check_migrated(engine)
+    except AtelierError as exc:
+        raise _fail(exc) from None
+    except Exception as exc:  # not reachable yet: the caller tries again
+        err_console.print(f"[red]error:[/red] database not reachable: {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    console.print(f"database at {redact_url(settings.db_url)} is migrated")
+
+
 @app.command("styles")
 def styles() -> None:
     """List the curated styles."""

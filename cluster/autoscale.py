@@ -4,8 +4,18 @@ expected run time against a latency target), asked of Ray's autoscaler as resour
 started on each node that appears with a free device slot, and the workers this dispatcher
 started stopped once idle, so their nodes go idle and the autoscaler removes them.
 
-Which class a job needs: the configured class with the least memory that still fits its model
-(``min_vram_gb``), so small models do not wake the big cards."""
+One demand for the cluster: Ray's autoscaler keeps only the last ``request_resources`` call, so
+each dispatcher publishes what it sees (queued jobs, busy workers, seconds of queued work per
+class) to the broker with a TTL, and asks for what the sum of every dispatcher's record needs:
+all dispatchers ask for the same thing, and none erases another's jobs. The seconds a job takes
+are measured per model and class (a moving average of real batches), the class's ``run_s``
+standing in until a batch of that model ran there.
+
+Which class a job needs: the accelerator class with the least memory that still fits its model
+(``min_vram_gb``), so small models do not wake the big cards; a host class (cpu, mps) only when
+no accelerator class fits, as the fallback the operator chose by configuring it. An accelerator
+class's memory is the size in its name (the device table: cluster/devices.py), and a configured
+``memory_gb`` above it is refused."""
 
 from __future__ import annotations
 
@@ -17,10 +27,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cluster import keys
+from cluster.broker import Broker
+from cluster.devices import class_memory_gb
 from cluster.placement import WorkerPool
 from cluster.registry import ModelSpec
 from cluster.worker import HOST_CLASSES, device_resource
 from core import metrics
+from core.errors import ConfigError
 from core.settings import Autoscale, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -30,9 +44,27 @@ UNPLACED = "unplaced"  # the metrics' class for a job no known class fits
 
 
 def class_for(min_vram_gb: float, memory_gb: Mapping[str, float]) -> str | None:
-    """The class with the least memory of at least ``min_vram_gb`` (ties: by name)."""
-    fitting = [(mem, name) for name, mem in memory_gb.items() if mem >= min_vram_gb]
-    return min(fitting)[1] if fitting else None
+    """The accelerator class with the least memory of at least ``min_vram_gb`` (ties: by
+    name); a host class (cpu, mps: the fallback) only when no accelerator class fits."""
+    fitting = [(name in HOST_CLASSES, mem, name) for name, mem in memory_gb.items()
+               if mem >= min_vram_gb]
+    return min(fitting)[2] if fitting else None
+
+
+def class_memory(config: Autoscale) -> dict[str, float]:
+    """Each class's memory for placement: the configured ``memory_gb``, checked against the
+    card size the class's name carries (a class is never credited more than its card)."""
+    out: dict[str, float] = {}
+    for name, cls in config.classes.items():
+        card = class_memory_gb(name)
+        if card is not None and cls.memory_gb > card:
+            raise ConfigError(
+                f"ATELIER_AUTOSCALE__CLASSES: class {name!r} has memory_gb {cls.memory_gb:g}, "
+                f"but its card has {card} GB (the size in its name); models needing more "
+                "would be placed on it"
+            )
+        out[name] = cls.memory_gb
+    return out
 
 
 def workers_needed(queued: int, busy: int, *, run_s: float, target_s: float,
@@ -49,15 +81,54 @@ def workers_needed(queued: int, busy: int, *, run_s: float, target_s: float,
     return min(busy + for_queue, max_workers)
 
 
-def plan(queued: Mapping[str, int], busy: Mapping[str, int], config: Autoscale) -> dict[str, int]:
-    """Workers wanted per configured class."""
+def plan(queued: Mapping[str, int], busy: Mapping[str, int], config: Autoscale,
+         run_s: Mapping[str, float] | None = None) -> dict[str, int]:
+    """Workers wanted per configured class (``run_s``: measured seconds per queued job of a
+    class, else the class's configured ``run_s``)."""
+    measured = run_s or {}
     return {
         name: workers_needed(
-            queued.get(name, 0), busy.get(name, 0), run_s=cls.run_s,
+            queued.get(name, 0), busy.get(name, 0), run_s=measured.get(name, cls.run_s),
             target_s=config.latency_target_s, max_workers=cls.max_workers,
         )
         for name, cls in sorted(config.classes.items())
     }
+
+
+class RunTimes:
+    """Seconds a job of a model takes on a class: an exponential moving average of the
+    batches that ran (a batch's time over its jobs), by (model, class)."""
+
+    def __init__(self, weight: float = 0.3) -> None:
+        if not 0 < weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {weight}")
+        self.weight = weight
+        self.seconds: dict[tuple[str, str], float] = {}
+
+    def observe(self, model: str, device_class: str, seconds_per_job: float) -> None:
+        if seconds_per_job < 0:
+            raise ValueError(f"seconds_per_job must be >= 0, got {seconds_per_job}")
+        key = (model, device_class)
+        old = self.seconds.get(key)
+        self.seconds[key] = seconds_per_job if old is None else (
+            old + self.weight * (seconds_per_job - old))
+
+    def estimate(self, model: str, device_class: str, default: float) -> float:
+        return self.seconds.get((model, device_class), default)
+
+
+Demand = dict[str, dict[str, float]]  # class -> {"queued", "busy", "work_s"}
+
+
+def total_demand(records: Mapping[str, Mapping[str, Mapping[str, float]]]) -> Demand:
+    """Every dispatcher's demand added up per class."""
+    out: Demand = {}
+    for record in records.values():
+        for cls, d in record.items():
+            mine = out.setdefault(cls, {"queued": 0.0, "busy": 0.0, "work_s": 0.0})
+            for k in mine:
+                mine[k] += float(d.get(k, 0.0))
+    return out
 
 
 def bundles(wanted: Mapping[str, int], config: Autoscale) -> list[Bundle]:
@@ -105,13 +176,54 @@ class Autoscaler:
         self._free_slots = free_slots
         self._profile_for = profile_for
         self.spawn_timeout_s = spawn_timeout_s
-        self.memory_gb = {name: c.memory_gb for name, c in config.classes.items()}
+        self.memory_gb = class_memory(config)
         self.wanted: dict[str, int] | None = None  # as last requested
         self.started: dict[str, Any] = {}  # worker id -> handle, workers this dispatcher started
         self._idle_since: dict[str, float] = {}
+        self.run_times = RunTimes()
+        # Where the dispatchers' demand meets (bind()); None: this dispatcher's alone.
+        self.broker: Broker | None = None
+        self.name = prefix
+        self.total: Demand = {}  # the cluster-wide demand as last planned
         # Starting workers waits for Ray (seconds, or minutes for a new node's actor): in a
         # task of its own, so the dispatcher keeps placing jobs on the workers it has.
         self._starting: asyncio.Task[None] | None = None
+
+    def bind(self, broker: Broker, name: str) -> None:
+        """Share demand through ``broker`` as dispatcher ``name``."""
+        keys.check_consumer(name)
+        self.broker = broker
+        self.name = name
+
+    @property
+    def demand_ttl_s(self) -> float:
+        return max(keys.DEMAND_TTL_S, 3 * self.config.interval_s)
+
+    def local_demand(self, queued: Mapping[str, int], pool: WorkerPool,
+                     models: Mapping[str, Mapping[str, int]] | None) -> Demand:
+        """What this dispatcher sees per class: queued jobs, its busy workers, and the
+        seconds of queued work (measured per model where a batch ran, else ``run_s``)."""
+        busy: dict[str, int] = {}
+        for slot in pool.live():
+            if slot.batches > 0:
+                busy[slot.info.device_class] = busy.get(slot.info.device_class, 0) + 1
+        out: Demand = {}
+        for name, cls in self.config.classes.items():
+            n = queued.get(name, 0)
+            if models is not None and name in models:
+                work = sum(count * self.run_times.estimate(model, name, cls.run_s)
+                           for model, count in models[name].items())
+            else:
+                work = n * cls.run_s
+            out[name] = {"queued": float(n), "busy": float(busy.get(name, 0)),
+                         "work_s": float(work)}
+        return out
+
+    def plan_total(self, total: Mapping[str, Mapping[str, float]]) -> dict[str, int]:
+        queued = {c: int(d["queued"]) for c, d in total.items()}
+        busy = {c: int(d["busy"]) for c, d in total.items()}
+        run_s = {c: d["work_s"] / d["queued"] for c, d in total.items() if d["queued"] > 0}
+        return plan(queued, busy, self.config, run_s)
 
     def class_of(self, spec: ModelSpec) -> str | None:
         return class_for(spec.min_vram_gb, self.memory_gb)
@@ -124,22 +236,31 @@ class Autoscaler:
         return (f"model {spec.name} needs a device with at least {spec.min_vram_gb:g} GB of "
                 f"memory; the largest device class here has {biggest:g} GB")
 
-    async def tick(self, queued: Mapping[str, int], pool: WorkerPool) -> dict[str, int]:
-        """Ask for what the queue needs, start workers on new slots, stop idle ones."""
-        busy: dict[str, int] = {}
-        for slot in pool.live():
-            if slot.batches > 0:
-                busy[slot.info.device_class] = busy.get(slot.info.device_class, 0) + 1
-        wanted = plan(queued, busy, self.config)
+    async def tick(self, queued: Mapping[str, int], pool: WorkerPool,
+                   models: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, int]:
+        """Ask for what the cluster's queue needs (every dispatcher's, when bound to a
+        broker), start workers on new slots, stop idle ones. ``models``: the queued jobs per
+        class and model, for the measured run times."""
+        local = self.local_demand(queued, pool, models)
+        if self.broker is not None:
+            await self.broker.publish_demand(self.name, local, self.demand_ttl_s)
+            records = await self.broker.demand()
+            records[self.name] = local  # ours as of now, whatever the read raced with
+            self.total = total_demand(records)
+        else:
+            self.total = total_demand({self.name: local})
+        wanted = self.plan_total(self.total)
+        all_queued = {c: int(d["queued"]) for c, d in self.total.items()}
         if wanted != self.wanted:
-            log.info("autoscale: asking for workers %s (queued %s)", wanted, dict(queued))
+            log.info("autoscale: asking for workers %s (queued %s, here %s)", wanted,
+                     all_queued, dict(queued))
             await asyncio.to_thread(self._request, bundles(wanted, self.config))
             self.wanted = wanted
             for name, n in wanted.items():
                 metrics.AUTOSCALE_WANTED.labels(name).set(n)
         if self._starting is None or self._starting.done():
             self._starting = asyncio.create_task(self._start_workers_logged(wanted, pool))
-        await self._stop_idle(queued, pool)
+        await self._stop_idle(all_queued, pool)  # nothing queued for the class anywhere
         return wanted
 
     async def _start_workers_logged(self, wanted: Mapping[str, int], pool: WorkerPool) -> None:
@@ -208,7 +329,16 @@ class Autoscaler:
             self._starting.cancel()
             await asyncio.wait({self._starting}, timeout=5)
         if self.wanted is not None:
-            await asyncio.to_thread(self._request, [])
+            # What the other dispatchers still need stays asked for.
+            others: Mapping[str, Mapping[str, Mapping[str, float]]] = {}
+            if self.broker is not None:
+                try:
+                    await self.broker.withdraw_demand(self.name)
+                    others = await self.broker.demand()
+                except Exception as exc:  # their next tick asks again
+                    log.warning("autoscale: demand not withdrawn: %s", exc)
+            rest = self.plan_total(total_demand(others))
+            await asyncio.to_thread(self._request, bundles(rest, self.config))
         for handle in self.started.values():
             try:
                 await asyncio.to_thread(ray.kill, handle)

@@ -87,6 +87,8 @@ class BatchRunner:
         self.cancel_poll_s = cancel_poll_s
         self.batches: deque[BatchRecord] = deque(maxlen=BATCH_HISTORY)
         self.sending: set[asyncio.Task[None]] = set()  # progress ticks in flight
+        # Told (model, device class, seconds per job) after each batch that ran to its end.
+        self.on_ran: Callable[[str, str, float], None] | None = None
 
     async def run(self, slot: WorkerSlot, held: list[Held]) -> None:
         """Start ``held`` on ``slot`` (the jobs another dispatcher won or that were cancelled
@@ -114,6 +116,8 @@ class BatchRunner:
                 await self._execute(slot, started)
             finally:
                 metrics.WORKER_BUSY.labels(slot.worker_id, cls).inc(time.monotonic() - began)
+            if self.on_ran is not None:
+                self.on_ran(model, cls, (time.monotonic() - began) / len(started))
         except asyncio.CancelledError:
             raise
         except BrokerUnavailable as exc:

@@ -192,6 +192,23 @@ class Broker(ABC):
     async def worker_models(self) -> dict[str, frozenset[str]]:
         """What was published for each worker whose record has not lapsed, by worker id."""
 
+    # Autoscaling demand, shared by the dispatchers ---------------------------------------------
+
+    @abstractmethod
+    async def publish_demand(
+        self, dispatcher: str, demand: Mapping[str, Mapping[str, float]], ttl_s: float
+    ) -> None:
+        """Record for ``ttl_s`` seconds what ``dispatcher`` sees queued per device class
+        (``{class: {"queued": n, "busy": n, "work_s": s}}``), replacing its earlier record."""
+
+    @abstractmethod
+    async def withdraw_demand(self, dispatcher: str) -> None:
+        """Drop ``dispatcher``'s record (it stops)."""
+
+    @abstractmethod
+    async def demand(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Every dispatcher's record that has not lapsed, by dispatcher name."""
+
     # Rate limits ---------------------------------------------------------------------------
 
     @abstractmethod

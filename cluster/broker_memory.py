@@ -163,6 +163,8 @@ class MemoryBroker(Broker):
         self._redeliveries: dict[str, float] = {}  # job id -> monotonic expiry of the claim
         self._worker_models: dict[str, frozenset[str]] = {}
         self._worker_models_until: dict[str, float] = {}  # worker id -> monotonic expiry
+        self._demand: dict[str, dict[str, dict[str, float]]] = {}
+        self._demand_until: dict[str, float] = {}  # dispatcher -> monotonic expiry
         self._hits: dict[str, int] = {}  # rate key -> hits
         self._hits_until: dict[str, float] = {}  # rate key -> monotonic expiry
 
@@ -347,6 +349,31 @@ class MemoryBroker(Broker):
         for gone in self._worker_models.keys() - self._worker_models_until.keys():
             del self._worker_models[gone]
         return dict(self._worker_models)
+
+    # Autoscaling demand ----------------------------------------------------------------------
+
+    async def publish_demand(
+        self, dispatcher: str, demand: Mapping[str, Mapping[str, float]], ttl_s: float
+    ) -> None:
+        keys.demand_key(dispatcher)
+        self._check_open()
+        now = _drop_expired(self._demand_until)
+        self._demand_until[dispatcher] = now + max(ttl_s, 0.001)
+        self._demand[dispatcher] = {c: {k: float(v) for k, v in d.items()}
+                                    for c, d in demand.items()}
+
+    async def withdraw_demand(self, dispatcher: str) -> None:
+        keys.demand_key(dispatcher)
+        self._check_open()
+        self._demand.pop(dispatcher, None)
+        self._demand_until.pop(dispatcher, None)
+
+    async def demand(self) -> dict[str, dict[str, dict[str, float]]]:
+        self._check_open()
+        _drop_expired(self._demand_until)
+        for gone in self._demand.keys() - self._demand_until.keys():
+            del self._demand[gone]
+        return {n: {c: dict(d) for c, d in v.items()} for n, v in self._demand.items()}
 
     # Rate limits ---------------------------------------------------------------------------
 

@@ -399,6 +399,39 @@ class RedisBroker(Broker):
             out[name.removeprefix(keys.WORKER_MODELS_PREFIX)] = frozenset(map(str, models))
         return out
 
+    # Autoscaling demand ----------------------------------------------------------------------
+
+    async def publish_demand(
+        self, dispatcher: str, demand: Mapping[str, Mapping[str, float]], ttl_s: float
+    ) -> None:
+        key = keys.demand_key(dispatcher)
+        value = json.dumps({c: {k: float(v) for k, v in d.items()} for c, d in demand.items()})
+        async with self._errors("publishing the queue's demand"):
+            await self._redis.set(key, value, px=max(1, int(ttl_s * 1000)))
+
+    async def withdraw_demand(self, dispatcher: str) -> None:
+        key = keys.demand_key(dispatcher)
+        async with self._errors("withdrawing the queue's demand"):
+            await self._redis.delete(key)
+
+    async def demand(self) -> dict[str, dict[str, dict[str, float]]]:
+        async with self._errors("reading the queue's demand"):
+            found = [k async for k in self._redis.scan_iter(
+                match=keys.DEMAND_PREFIX + "*", count=100)]
+            values = await self._redis.mget(found) if found else []
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for key, value in zip(found, values, strict=True):
+            if value is None:  # lapsed between the scan and the read
+                continue
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            try:
+                record = json.loads(value)
+                out[name.removeprefix(keys.DEMAND_PREFIX)] = {
+                    str(c): {str(k): float(v) for k, v in d.items()} for c, d in record.items()}
+            except (ValueError, AttributeError, TypeError):
+                log.warning("ignoring %s: not a demand record", name)
+        return out
+
     # Rate limits ---------------------------------------------------------------------------
 
     async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:

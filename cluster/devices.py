@@ -262,6 +262,13 @@ def device_class_name(kind: DeviceKind, name: str, vram_gb: int | None) -> str:
     return f"{slug}-{vram_gb}gb" if vram_gb else slug
 
 
+def class_memory_gb(device_class: str) -> int | None:
+    """The memory a device class's card is sold with, as device_class_name wrote it into the
+    name ("l4-24gb": 24); None for host classes ("cpu", "mps") and names without a size."""
+    match = re.fullmatch(r"[a-z0-9]+-(\d+)gb", device_class)
+    return int(match.group(1)) if match else None
+
+
 def _offload_for(vram: int, xl: bool) -> tuple[Offload, str]:
     # SDXL in half precision: UNet 5.1 GB + text encoders 1.6 GB + activations; SD1.5: ~2.2 GB.
     seq_below, model_below = (6, 10) if xl else (4, 6)

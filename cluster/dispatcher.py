@@ -146,6 +146,9 @@ class Dispatcher:
             lease_s=self.lease_s, progress_interval_s=pacing.progress_interval_s,
             cancel_poll_s=pacing.cancel_poll_s, owner=name,
         )
+        if autoscaler is not None:  # one demand for all dispatchers, run times measured
+            autoscaler.bind(broker, name)
+            self.runner.on_ran = autoscaler.run_times.observe
 
     @property
     def workers(self) -> WorkerPool:
@@ -287,7 +290,8 @@ class Dispatcher:
             "autoscale", self.autoscaler.config.interval_s
         ):
             try:
-                await self.autoscaler.tick(self.queued_by_class(), self.workers)
+                await self.autoscaler.tick(self.queued_by_class(), self.workers,
+                                           self.queued_models())
             except Exception:
                 log.exception("dispatcher %s: autoscaling failed; trying again", self.name)
         if self._every("metrics", METRICS_INTERVAL_S):
@@ -317,6 +321,16 @@ class Dispatcher:
             cls = class_for(held.model.min_vram_gb, memory) or UNPLACED
             counts[cls] = counts.get(cls, 0) + 1
         return counts
+
+    def queued_models(self) -> dict[str, dict[str, int]]:
+        """Jobs waiting for a worker, by device class (as queued_by_class) and model."""
+        memory = self.autoscaler.memory_gb if self.autoscaler is not None else {}
+        out: dict[str, dict[str, int]] = {}
+        for held in self._held.values():
+            cls = class_for(held.model.min_vram_gb, memory) or UNPLACED
+            per = out.setdefault(cls, {})
+            per[held.model.name] = per.get(held.model.name, 0) + 1
+        return out
 
     async def _observe(self) -> None:
         """Refresh the gauges (the counters and histograms move where things happen)."""

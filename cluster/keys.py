@@ -46,6 +46,13 @@ REDELIVER_PREFIX = f"{PREFIX}:redeliver:"
 WORKER_MODELS_PREFIX = f"{PREFIX}:worker-models:"
 WORKER_MODELS_TTL_S = 60.0
 
+# Each dispatcher's view of the queue per device class (queued jobs, busy workers, seconds of
+# queued work), summed by every dispatcher into the one request it makes of Ray's autoscaler
+# (which keeps only the last request made). Retention: a TTL of a few autoscale intervals
+# (DEMAND_TTL_S at least), so a gone dispatcher's demand lapses; deleted on a clean stop.
+DEMAND_PREFIX = f"{PREFIX}:demand:"
+DEMAND_TTL_S = 30.0
+
 # Request counters for rate limits (per API key, per client address), one per fixed window.
 # Retention: a TTL of the window, set by the first hit.
 RATE_PREFIX = f"{PREFIX}:rate:"
@@ -110,6 +117,11 @@ def rate_key(bucket: str, window: int) -> str:
     if not RATE_BUCKET_RE.fullmatch(bucket):
         raise ValueError(f"invalid rate bucket {bucket!r}")
     return f"{RATE_PREFIX}{bucket}:{window}"
+
+
+def demand_key(dispatcher: str) -> str:
+    """``atelier:demand:{dispatcher}``: one dispatcher's queue demand (JSON), with a TTL."""
+    return DEMAND_PREFIX + check_consumer(dispatcher)
 
 
 def worker_models_key(worker_id: str) -> str:

@@ -24,6 +24,15 @@ def test_unmigrated_database_is_refused(env: Path) -> None:
     assert "not migrated" in result.output and "atelier db upgrade" in result.output
 
 
+def test_db_check_says_whether_the_database_is_migrated(env: Path) -> None:
+    # What a deployment's init container waits on (deploy/kubernetes/base: wait-migrated).
+    before = runner.invoke(app, ["db", "check"])
+    assert before.exit_code == 1 and "not migrated" in before.output, before.output
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    after = runner.invoke(app, ["db", "check"])
+    assert after.exit_code == 0 and "is migrated" in after.output, after.output
+
+
 def test_upgrade_grant_show(env: Path) -> None:
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
     res = runner.invoke(app, ["credits", "grant", "telegram:42", "25", "--key", "pay-1"])

@@ -7,7 +7,11 @@ from typing import Any
 
 import pytest
 
-from cluster.autoscale import Autoscaler, bundles, class_for, plan, workers_needed
+from cluster.autoscale import Autoscaler, RunTimes, bundles, class_for, plan, workers_needed
+from cluster.broker import Broker
+from cluster.broker_memory import MemoryBroker
+from cluster.broker_redis import RedisBroker
+from cluster.devices import class_memory_gb
 from cluster.placement import WorkerPool
 from cluster.registry import ModelSpec
 from core.errors import ConfigError
@@ -56,9 +60,22 @@ def test_a_job_goes_to_the_smallest_class_its_model_fits() -> None:
     memory = {"rtx4090-24gb": 24.0, "a100-80gb": 80.0, "cpu": 32.0}
     assert class_for(0, memory) == "rtx4090-24gb"
     assert class_for(24, memory) == "rtx4090-24gb"
-    assert class_for(30, memory) == "cpu"
+    # 25-32 GB: the A100, not the CPU class because its host memory is 32 GB.
+    assert class_for(30, memory) == "a100-80gb"
     assert class_for(40, memory) == "a100-80gb"
     assert class_for(81, memory) is None
+    # The CPU class is the fallback the operator chose: only when no accelerator fits.
+    assert class_for(30, {"rtx4090-24gb": 24.0, "cpu": 64.0}) == "cpu"
+    assert class_for(0, {"cpu": 64.0}) == "cpu"
+
+
+def test_a_class_is_never_credited_more_memory_than_its_card(tmp_path: Any) -> None:
+    assert class_memory_gb("l4-24gb") == 24 and class_memory_gb("a100-80gb") == 80
+    assert class_memory_gb("cpu") is None and class_memory_gb("mps") is None
+    cfg = config(classes={"rtx4090-24gb": {"memory_gb": 32}, "cpu": {"memory_gb": 512}})
+    with pytest.raises(ConfigError, match=r"'rtx4090-24gb' has memory_gb 32.*24 GB"):
+        Autoscaler(cfg, worker_config=WorkerConfig(data_dir=tmp_path), prefix="w",
+                   request=list, free_slots=dict)
 
 
 def test_plan_and_bundles() -> None:
@@ -110,3 +127,69 @@ async def test_tick_asks_when_the_queue_changes_and_clears_when_it_drains(
     await scaler.tick({"a100-80gb": 2}, pool)  # unchanged: not asked again
     await scaler.tick({}, pool)
     assert asked == [[{"device:a100-80gb": 1.0, "CPU": 1.0, "GPU": 1.0}], []]
+
+
+def _scaler(tmp_path: Any, asked: list[list[dict[str, float]]], **over: Any) -> Autoscaler:
+    return Autoscaler(config(**over), worker_config=WorkerConfig(data_dir=tmp_path),
+                      prefix="w", request=asked.append, free_slots=dict)
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def broker(request: pytest.FixtureRequest) -> Any:
+    b: Broker
+    if request.param == "redis":
+        b = RedisBroker(request.getfixturevalue("redis_url"), claim_idle_ms=1000,
+                        max_deliveries=3)
+    else:
+        b = MemoryBroker()
+    yield b
+    await b.close()
+
+
+async def test_two_dispatchers_ask_for_the_union_of_their_queues(
+    tmp_path: Any, broker: Broker,
+) -> None:
+    """Ray's autoscaler keeps the last request only: each dispatcher asks for what every
+    dispatcher's queue needs, so neither erases the other's jobs."""
+    asked_a: list[list[dict[str, float]]] = []
+    asked_b: list[list[dict[str, float]]] = []
+    a, b = _scaler(tmp_path, asked_a), _scaler(tmp_path, asked_b)
+    a.bind(broker, "d-a")
+    b.bind(broker, "d-b")
+    pool = WorkerPool()
+    await a.tick({"a100-80gb": 2}, pool)
+    await b.tick({"rtx4090-24gb": 1}, pool)
+    union = [{"device:a100-80gb": 1.0, "CPU": 1.0, "GPU": 1.0},
+             {"device:rtx4090-24gb": 1.0, "CPU": 1.0, "GPU": 1.0}]
+    assert asked_b[-1] == union  # the last writer's request holds both classes
+    await a.tick({"a100-80gb": 2}, pool)  # a sees b's demand now and asks the same
+    assert asked_a[-1] == union
+    # b stops: its demand goes, what a still needs stays asked for.
+    await b.close()
+    assert asked_b[-1] == [{"device:a100-80gb": 1.0, "CPU": 1.0, "GPU": 1.0}]
+    assert set(await broker.demand()) == {"d-a"}
+    # Jobs queued for a class on another dispatcher keep a's idle check from releasing it.
+    await broker.publish_demand("d-c", {"rtx4090-24gb": {"queued": 5}}, 30)
+    await a.tick({}, pool)
+    assert a.total["rtx4090-24gb"]["queued"] == 5
+
+
+async def test_run_time_is_measured_per_model_and_class(tmp_path: Any) -> None:
+    times = RunTimes(weight=0.5)
+    assert times.estimate("sdxl", "a100-80gb", 4.0) == 4.0  # not measured: the setting
+    times.observe("sdxl", "a100-80gb", 40.0)
+    times.observe("sdxl", "a100-80gb", 20.0)
+    assert times.estimate("sdxl", "a100-80gb", 4.0) == 30.0
+    assert times.estimate("sdxl", "rtx4090-24gb", 6.0) == 6.0
+    with pytest.raises(ValueError, match="-1"):
+        times.observe("sdxl", "a100-80gb", -1)
+    asked: list[list[dict[str, float]]] = []
+    scaler = _scaler(tmp_path, asked)
+    pool = WorkerPool()
+    # 3 jobs x 4 s (the class's run_s) fit one A100 within 30 s...
+    assert (await scaler.tick({"a100-80gb": 3}, pool, {"a100-80gb": {"sdxl": 3}}))[
+        "a100-80gb"] == 1
+    # ...but measured at 30 s a job they need three, capped at the class's max_workers (2).
+    scaler.run_times = times
+    assert (await scaler.tick({"a100-80gb": 3}, pool, {"a100-80gb": {"sdxl": 3}}))[
+        "a100-80gb"] == 2

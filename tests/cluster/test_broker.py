@@ -348,6 +348,25 @@ async def test_own_pending_jobs_are_what_a_consumer_left_unacked(broker: Broker)
     assert await broker.own_pending_jobs("d1") == []
 
 
+async def test_demand_is_published_per_dispatcher_with_a_ttl(broker: Broker) -> None:
+    assert keys.demand_key("d-1") == "atelier:demand:d-1"
+    assert await broker.demand() == {}
+    await broker.publish_demand("d-1", {"l4-24gb": {"queued": 3, "busy": 1, "work_s": 24}},
+                                ttl_s=0.3)
+    await broker.publish_demand("d-2", {"a100-80gb": {"queued": 1, "busy": 0, "work_s": 4}},
+                                ttl_s=30)
+    assert await broker.demand() == {
+        "d-1": {"l4-24gb": {"queued": 3.0, "busy": 1.0, "work_s": 24.0}},
+        "d-2": {"a100-80gb": {"queued": 1.0, "busy": 0.0, "work_s": 4.0}},
+    }
+    await asyncio.sleep(0.5)  # d-1's record lapsed (a dispatcher that died)
+    assert set(await broker.demand()) == {"d-2"}
+    await broker.withdraw_demand("d-2")  # a clean stop
+    assert await broker.demand() == {}
+    with pytest.raises(InvalidRequest):
+        await broker.publish_demand("bad name", {}, ttl_s=1)
+
+
 async def test_worker_models_are_published_per_worker_with_a_ttl(broker: Broker) -> None:
     assert await broker.worker_models() == {}
     await broker.publish_worker_models("atelier-worker-cpu-0", ["tiny", "sd15"], ttl_s=0.3)

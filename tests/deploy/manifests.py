@@ -16,31 +16,83 @@ from kubernetes.client import ApiClient
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "kubernetes" / "base"
+OVERLAY = DEPLOY / "kubernetes" / "overlays" / "example"
 MODEL_OF_KIND = {
     "Namespace": "V1Namespace", "ConfigMap": "V1ConfigMap", "Deployment": "V1Deployment",
     "Service": "V1Service", "PersistentVolumeClaim": "V1PersistentVolumeClaim",
+    "Job": "V1Job", "PodDisruptionBudget": "V1PodDisruptionBudget",
 }
 
 
-def render_base() -> list[dict[str, Any]]:
-    """The base as kustomize renders it (``kubectl kustomize`` where kubectl exists, else
-    the listed resources with the namespace and image set, which is all the base uses)."""
+def render(folder: Path = BASE) -> list[dict[str, Any]]:
+    """A kustomization as kustomize renders it: ``kubectl kustomize`` where kubectl exists,
+    else :func:`render_like_kustomize`."""
     if shutil.which("kubectl"):
-        out = subprocess.run(["kubectl", "kustomize", str(BASE)], check=True,
+        out = subprocess.run(["kubectl", "kustomize", str(folder)], check=True,
                              capture_output=True, text=True, timeout=60).stdout
         return [d for d in yaml.safe_load_all(out) if d]
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    image = kustomization["images"][0]
+    return render_like_kustomize(folder)
+
+
+def render_base() -> list[dict[str, Any]]:
+    return render(BASE)
+
+
+def pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod specs inside an object (Deployment, Job, RayCluster head and groups)."""
+    spec = doc.get("spec", {})
+    if doc["kind"] == "RayCluster":
+        return [spec["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    if "template" in spec:
+        return [spec["template"]["spec"]]
+    return []
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(pod.get("initContainers", [])) + list(pod["containers"])
+
+
+def render_like_kustomize(folder: Path) -> list[dict[str, Any]]:
+    """What kustomize does with the features deploy/kubernetes uses (resources, namespace,
+    labels, images on containers and init containers, JSON-patch ``replace`` by kind/name)."""
+    k = yaml.safe_load((folder / "kustomization.yaml").read_text())
     docs: list[dict[str, Any]] = []
-    for name in kustomization["resources"]:
-        for doc in yaml.safe_load_all((BASE / name).read_text()):
-            if doc["kind"] != "Namespace":
-                doc["metadata"]["namespace"] = kustomization["namespace"]
-            docs.append(doc)
-    text = yaml.safe_dump_all(docs).replace(
-        "image: atelier\n", f"image: {image['newName']}:{image['newTag']}\n"
-    )
-    return list(yaml.safe_load_all(text))
+    for res in k.get("resources", []):
+        path = folder / res
+        if path.is_dir():
+            docs += render_like_kustomize(path)
+        else:
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for doc in docs:
+        if "namespace" in k and doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = k["namespace"]
+        for pair in k.get("labels", []):
+            doc["metadata"].setdefault("labels", {}).update(pair["pairs"])
+    for image in k.get("images", []):
+        for doc in docs:
+            for pod in pod_specs(doc):
+                for c in containers(pod):
+                    name, _, tag = c["image"].partition(":")
+                    if name == image["name"]:
+                        c["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+    for patch in k.get("patches", []):
+        target = patch["target"]
+        for doc in docs:
+            if doc["kind"] != target["kind"] or target.get("name", doc["metadata"]["name"]) != (
+                    doc["metadata"]["name"]):
+                continue
+            for op in yaml.safe_load(patch["patch"]):
+                if op["op"] != "replace":
+                    raise ValueError(f"only replace patches are modelled, got {op}")
+                *parents, last = op["path"].strip("/").split("/")
+                node = doc
+                for part in parents:
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                if last not in node:
+                    raise ValueError(f"replace of a missing path {op['path']}")
+                node[last] = op["value"]
+    return docs
 
 
 def check_model(data: Any, type_name: str, path: str = "") -> list[str]:

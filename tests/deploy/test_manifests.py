@@ -23,13 +23,19 @@ from cluster.devices import device_class_name, nominal_gb
 from cluster.worker import device_resource
 from core.settings import Settings, load_settings
 from tests.conftest import service_missing
+from tests.deploy.kuberay import head_pod, token_source, worker_pod
 from tests.deploy.manifests import (
     DEPLOY,
     MODEL_OF_KIND,
+    OVERLAY,
     build_model,
     check_model,
+    containers,
+    pod_specs,
     ray_resources,
+    render,
     render_base,
+    render_like_kustomize,
 )
 
 SCHEMA = json.loads((Path(__file__).with_name("raycluster.schema.json")).read_text())
@@ -111,7 +117,8 @@ def test_worker_groups_offer_the_device_resource_their_workers_advertise(
     assert set(groups) == {"gpu-24g", "gpu-80g", "cpu"}
     classes = {}
     for name, group in groups.items():
-        assert group["minReplicas"] == 0 and group["replicas"] == 0, name
+        # No `replicas`: the autoscaler owns the count (a set one is reset at every apply).
+        assert group["minReplicas"] == 0 and "replicas" not in group, name
         cls = _worker_class(group["template"])
         classes[name] = cls
         assert ray_resources(group["rayStartParams"]["resources"]) == {device_resource(cls): 1}
@@ -231,3 +238,113 @@ def test_the_dashboard_shows_metrics_the_processes_export() -> None:
                              family.name + "_sum", family.name + "_count"}
     assert used and used <= exported, sorted(used - exported)
     assert len(used) >= 15  # every family core/metrics.py defines has a panel
+
+
+RAY_TOKEN = {"secretKeyRef": {"name": "atelier-ray-token", "key": "auth_token"}}
+
+
+def test_ray_token_reaches_every_ray_process(rendered: list[dict[str, Any]]) -> None:
+    """A head in token mode refuses `ray health-check`, `ray start` and the autoscaler without
+    the token: each gets it in its `env` as KubeRay builds the pods (tests/deploy/kuberay.py)."""
+    rc = _raycluster(rendered)
+    assert rc["spec"]["authOptions"] == {"mode": "token", "secretName": "atelier-ray-token"}
+    head = head_pod(rc)
+    for container in head["containers"]:  # ray-head and the autoscaler sidecar
+        assert token_source(container) == ("token", RAY_TOKEN), container["name"]
+    for group in rc["spec"]["workerGroupSpecs"]:
+        pod = worker_pod(rc, group)
+        (init,) = [c for c in pod["initContainers"] if c["name"] == "wait-gcs-ready"]
+        assert token_source(init) == ("token", RAY_TOKEN), group["groupName"]
+        assert token_source(pod["containers"][0]) == ("token", RAY_TOKEN)
+        # Workers get no Atelier secrets at all (bot tokens, database, signing key).
+        refs = [e for c in containers(pod) for e in c.get("envFrom", [])]
+        assert all("secretRef" not in e for e in refs), group["groupName"]
+    # The dispatchers join the cluster with `ray start` outside KubeRay: their own env.
+    (dispatcher,) = [d for d in rendered if d["metadata"]["name"] == "atelier-dispatcher"]
+    (main,) = dispatcher["spec"]["template"]["spec"]["containers"]
+    assert token_source(main) == ("token", RAY_TOKEN)
+
+
+def test_the_token_model_sees_what_envfrom_misses(rendered: list[dict[str, Any]]) -> None:
+    """The model of KubeRay's pod builder tells the manifests of before apart: a token only in
+    the Ray container's envFrom never reaches the init container or the autoscaler."""
+    rc = json.loads(json.dumps(_raycluster(rendered)))
+    del rc["spec"]["authOptions"]
+    group = rc["spec"]["workerGroupSpecs"][0]
+    group["template"]["spec"]["containers"][0]["envFrom"].append(
+        {"secretRef": {"name": "atelier-secrets"}})
+    (init,) = worker_pod(rc, group)["initContainers"]
+    assert token_source(init) == (None, None)
+    assert token_source(head_pod(rc)["containers"][1]) == (None, None)
+
+
+def test_cluster_operations(rendered: list[dict[str, Any]]) -> None:
+    rc = _raycluster(rendered)
+    spec = rc["spec"]
+    assert spec["upgradeStrategy"] == {"type": "Recreate"}
+    assert spec["gcsFaultToleranceOptions"]["redisAddress"]
+    (pdb,) = [d for d in rendered if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"] == {
+        "ray.io/cluster": rc["metadata"]["name"], "ray.io/node-type": "head"}
+    assert pdb["spec"]["maxUnavailable"] == 0
+    claims = {d["metadata"]["name"] for d in rendered if d["kind"] == "PersistentVolumeClaim"}
+    assert all(d["spec"]["storageClassName"] for d in rendered
+               if d["kind"] == "PersistentVolumeClaim")
+    config = next(d for d in rendered if d["kind"] == "ConfigMap")["data"]
+    check_timeout_s = float(config["ATELIER_METRICS__CHECK_TIMEOUT_S"])
+    for doc in rendered:
+        for pod in pod_specs(doc):
+            writes = {v["name"] for v in pod.get("volumes", [])
+                      if v.get("persistentVolumeClaim", {}).get("claimName") in claims}
+            mounted_rw = {m["name"] for c in containers(pod) for m in c.get("volumeMounts", [])
+                          if m["name"] in writes and not m.get("readOnly")}
+            if mounted_rw:  # the image's user (uid 1000, group 100) must write the volume
+                assert pod.get("securityContext", {}).get("fsGroup") == 100, doc["metadata"]
+            for c in pod["containers"]:
+                for probe in ("livenessProbe", "readinessProbe"):
+                    if probe in c:  # the default timeout, 1 s, is below the checks' own
+                        assert c[probe]["timeoutSeconds"] > check_timeout_s, (doc["kind"], probe)
+
+
+def test_migration_runs_before_the_processes_start(rendered: list[dict[str, Any]]) -> None:
+    (job,) = [d for d in rendered if d["kind"] == "Job"]
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    assert migrate["command"] == ["atelier", "db", "upgrade"]
+    deployments = [d for d in rendered if d["kind"] == "Deployment"]
+    assert len(deployments) == 4
+    for dep in deployments:
+        pod = dep["spec"]["template"]["spec"]
+        (wait,) = pod["initContainers"]
+        assert "until atelier db check" in " ".join(wait["command"]), dep["metadata"]["name"]
+        # The same database settings as the Job, so it waits for the database the Job migrates.
+        assert wait["envFrom"] == migrate["envFrom"] == pod["containers"][0]["envFrom"]
+
+
+@pytest.mark.parametrize("renderer", ["kustomize", "model"])
+def test_the_example_overlay_sets_every_image(renderer: str) -> None:
+    """deploy/README.md's overlay, rendered: every container of every pod (init containers and
+    the RayCluster's groups too) runs the site's image, the CUDA one only on GPU workers."""
+    if renderer == "kustomize" and shutil.which("kubectl") is None:
+        pytest.skip("kubectl not installed; the model renderer covers the overlay")
+    docs = render(OVERLAY) if renderer == "kustomize" else render_like_kustomize(OVERLAY)
+    images: dict[str, set[str]] = {}
+    for doc in docs:
+        for i, pod in enumerate(pod_specs(doc)):
+            where = f"{doc['kind']}/{doc['metadata']['name']}/{i}"
+            images[where] = {c["image"] for c in containers(pod)}
+    assert len(images) == 4 + 1 + 4  # deployments, the Job, the head and three groups
+    rc = _raycluster(docs)
+    gpu_groups = {i + 1 for i, g in enumerate(rc["spec"]["workerGroupSpecs"])
+                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"][
+                      "limits"]}
+    assert len(gpu_groups) == 2
+    for where, used in images.items():
+        cuda = where.startswith("RayCluster/") and int(where.rsplit("/", 1)[1]) in gpu_groups
+        want = "registry.example.org/atelier:0.1.0-" + ("cuda" if cuda else "cpu")
+        assert used == {want}, where
+    assert {d["spec"]["storageClassName"] for d in docs
+            if d["kind"] == "PersistentVolumeClaim"} == {"nfs-client"}
+    assert rc["spec"]["gcsFaultToleranceOptions"]["redisAddress"] == (
+        "redis-master.databases.svc:6379")
+    readme = (DEPLOY / "README.md").read_text()
+    assert "deploy/kubernetes/overlays/example" in readme
