@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 
-from atelier.service import Stack, shared_stack, stop_on_signals
+from atelier.service import Stack, serve_metrics, shared_stack, stop_on_signals
 from atelier.wiring import console, fail, settings_or_exit
 from cluster.health import Probe, broker_check, store_check, with_probe
 from core.errors import AtelierError, ConfigError
@@ -70,13 +70,16 @@ async def serve_web(stack: Stack) -> AsyncIterator[str]:
     from web.gallery.deliveries import settle_deliveries
 
     app = create_app(web_context(stack))
-    # /metrics and /readyz (store and broker reachable) on the web app's own port; /healthz
-    # is the app's own.
+    # /metrics and /readyz (store and broker reachable) on the web app's own port unless the
+    # metrics port serves them (ATELIER_METRICS__ON_WEB_PORT); /healthz is the app's own.
     checks = {"store": store_check(stack.sessions), "broker": broker_check(stack.broker)}
     probe = Probe(checks, timeout_s=stack.settings.metrics.check_timeout_s)
     sock = _bind(stack.settings)
+    paths = frozenset({"/metrics", "/readyz"})
+    if not stack.settings.metrics.probes_on_web_port:
+        paths = frozenset()
     config = uvicorn.Config(
-        with_probe(app, probe, frozenset({"/metrics", "/readyz"})), log_level="warning",
+        with_probe(app, probe, paths), log_level="warning",
         lifespan="off", proxy_headers=True, access_log=False,
     )
     server = _InLoopServer(config)
@@ -123,7 +126,10 @@ def web() -> None:
 async def _web(settings: Settings) -> None:
     stop = stop_on_signals()
     # The shared Redis: jobs made from the gallery go to the dispatchers running elsewhere.
-    async with shared_stack(settings) as stack, serve_web(stack) as url:
+    async with (
+        shared_stack(settings) as stack, serve_web(stack) as url,
+        serve_metrics(settings, stack, with_ray=False),  # ATELIER_METRICS__PORT, if set
+    ):
         console.print("[bold]Atelier web is up[/bold]")
         for line in web_lines(settings, url):
             console.print(f"  {line}")

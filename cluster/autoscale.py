@@ -314,12 +314,24 @@ class Autoscaler:
                 continue
             if now - self._idle_since.get(worker_id, now) < self.config.idle_release_s:
                 continue
+            if await self._busy_elsewhere(handle):  # another dispatcher's batch runs on it
+                self._idle_since[worker_id] = now
+                continue
             log.info("autoscale: stopping idle worker %s (%s)", worker_id,
                      slot.info.device_class)
             pool.remove(worker_id)
             self.started.pop(worker_id, None)
             self._idle_since.pop(worker_id, None)
             await asyncio.to_thread(ray.kill, handle)
+
+    @staticmethod
+    async def _busy_elsewhere(handle: Any) -> bool:
+        """Whether the worker runs a batch now (slot.batches counts this dispatcher's only)."""
+        try:
+            info = await asyncio.wait_for(handle.info.remote(), 5)
+        except Exception:  # gone or unreachable: nothing of anyone's runs there
+            return False
+        return bool(info.busy)
 
     async def close(self) -> None:
         """Withdraw the request and stop the workers started here."""

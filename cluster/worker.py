@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from cluster.engine import (
 )
 from cluster.registry import ModelRegistry
 from core.errors import AtelierError, ConfigError, ModelUnavailable
+from core.logs import set_job, setup_logging
 from core.prompts import Blocklist
 from core.settings import Settings, WorkerConfig
 
@@ -161,6 +163,8 @@ class WorkerActor:
     ) -> None:
         if not isinstance(config, WorkerConfig):  # a whole Settings would carry its secrets
             raise ConfigError(f"a worker takes a WorkerConfig, got {type(config).__name__}")
+        # The dispatcher's log format here too: JSON lines naming the batch's jobs.
+        setup_logging(config.log_format, config.log_level)
         self._config = config
         self._info: DeviceInfo | None = None
         if profile is None:
@@ -245,6 +249,7 @@ class WorkerActor:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         job_ids = [item.job_id for item in items]
+        set_job(job_ids)  # this call's task (and the thread below) log with its job ids
         batch_id = batch_id or uuid.uuid4().hex
         self._track(job_ids, batch_id, lease_s)
 
@@ -371,10 +376,13 @@ def _final_event(work: asyncio.Future[list[ImageResult]]) -> dict[str, Any]:
         return {"type": "error", "code": exc.code, "message": exc.message, "job_id": None}
     except AtelierError as exc:
         return {"type": "error", "code": exc.code, "message": exc.message, "job_id": None}
-    except Exception:
+    except Exception as exc:
         log.exception("generation failed on worker")
         message = "image generation failed on the worker because of an internal error"
-        return {"type": "error", "code": "internal", "message": message, "job_id": None}
+        # The operator's detail travels too: the worker's own log may go with its pod.
+        detail = "".join(traceback.format_exception(exc))[-4000:]
+        return {"type": "error", "code": "internal", "message": message, "job_id": None,
+                "detail": detail}
 
 
 # Caller side ----------------------------------------------------------------------------------
@@ -487,6 +495,8 @@ async def run_batch(
             elif kind == "lease_lapsed":  # our renewals did not get through in time
                 raise WorkerLost(str(event["message"]), reason="lease")
             elif kind == "error":
+                if event.get("detail"):  # into the caller's log, with its jobs' ids
+                    log.error("the worker failed the batch: %s", event["detail"])
                 raise WorkerFailed(str(event["message"]), str(event["code"]), event.get("job_id"))
             else:
                 raise WorkerFailed(f"the worker sent an unknown event type {kind!r}", "protocol")

@@ -112,6 +112,14 @@ class Metrics(BaseModel):
     port: int | None = Field(default=None, ge=0, le=65535)
     # Each readiness check (store, broker, Ray) must answer within this.
     check_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    # Whether the web app's own (public) port answers /metrics and /readyz too. Default: only
+    # when no port is set here; with one, they stay on it (unpublished) and the public port
+    # serves the app alone.
+    on_web_port: bool | None = None
+
+    @property
+    def probes_on_web_port(self) -> bool:
+        return self.port is None if self.on_web_port is None else self.on_web_port
 
 
 class AutoscaleClass(BaseModel):
@@ -154,6 +162,9 @@ class WorkerConfig(BaseModel):
     data_dir: Path
     models_file: Path | None = None
     blocklist_file: Path | None = None
+    # How the actor logs (its process is Ray's, which reads no ATELIER_* variables).
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class Settings(BaseSettings):
@@ -210,6 +221,15 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics: Metrics = Field(default_factory=Metrics)
     autoscale: Autoscale = Field(default_factory=Autoscale)
+
+    @field_validator(
+        "signing_key", "telegram_token", "discord_token", "telegram_webhook_secret",
+        "database_url", "models_file", "blocklist_file", mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        # `ATELIER_TELEGRAM_TOKEN=` in an env file (compose's, a Secret's) means "not set".
+        return None if isinstance(v, str) and v.strip() == "" else v
 
     @field_validator("data_dir")
     @classmethod
@@ -308,7 +328,8 @@ class Settings(BaseSettings):
         """The part of these settings a worker actor receives."""
         return WorkerConfig(
             data_dir=self.data_dir, models_file=self.models_file,
-            blocklist_file=self.blocklist_file,
+            blocklist_file=self.blocklist_file, log_format=self.log_format,
+            log_level=self.log_level,
         )
 
     def tier(self, name: str) -> Tier:

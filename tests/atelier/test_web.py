@@ -85,3 +85,40 @@ def test_without_the_shared_redis_it_says_so(tmp_path: Path) -> None:
     done = subprocess.run([*ATELIER, "web"], env=env, text=True, capture_output=True,
                           timeout=60)
     assert done.returncode == 1 and "ATELIER_REDIS_URL" in done.stderr
+
+
+def test_probe_paths_on_the_metrics_port_not_the_public_one(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """With ATELIER_METRICS__PORT set, /metrics and /readyz answer there (unpublished in
+    deploy/compose.yaml) and the public port serves the app only (/healthz is the app's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    env = _env(tmp_path / "data", "127.0.0.1:0", redis_url) | {
+        "ATELIER_METRICS__PORT": str(metrics_port)}
+    subprocess.run([*ATELIER, "db", "upgrade"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([*ATELIER, "web"], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        match = re.search(r"web: (http://127\.0\.0\.1:\d+)", "".join(lines))
+        assert match, "".join(lines)
+        public = match.group(1)
+        assert httpx.get(f"{public}/healthz", timeout=10).status_code == 200
+        assert httpx.get(f"{public}/metrics", timeout=10).status_code == 404
+        assert httpx.get(f"{public}/readyz", timeout=10).status_code == 404
+        private = f"http://127.0.0.1:{metrics_port}"
+        assert "atelier_" in httpx.get(f"{private}/metrics", timeout=10).text
+        ready = httpx.get(f"{private}/readyz", timeout=10)
+        assert ready.status_code == 200 and "broker: ok" in ready.text, ready.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -142,5 +143,105 @@ async def test_queued_jobs_scale_their_class_from_zero_and_back(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+        await broker.close()
+        engine.dispose()
+
+
+def _requested() -> list[dict[str, float]]:
+    """The request Ray's (v1) autoscaler acts on: one KV entry, the last call's bundles."""
+    import json
+
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SCALE_UP_S + 120)
+async def test_two_dispatchers_scale_both_classes_with_one_demand(
+    fake_cluster: FakeAutoscalingCluster, tiny_models: TinyModels, tmp_path: Path,
+    cpu_profile: DeviceProfile,
+) -> None:
+    """d-small holds the jobs of the small model (its read-ahead window is full), d-big those
+    of a model only the big class fits. Each asks Ray for the sum of both demands, so both
+    node types come up and every job runs on its class: not only the last asker's."""
+    models_file = tmp_path / "models.toml"
+    models_file.write_text(
+        "[models.tiny-big]\n"
+        f'path = "{tiny_models.sd15}"\n'
+        'family = "sd15"\n'
+        "min_vram_gb = 40\n"
+        "max_steps = 50\n"
+        'scheduler = "Euler"\n'
+    )
+    db_url = f"sqlite:///{tmp_path / 'atelier.db'}"
+    upgrade(db_url)
+    settings = load_settings(
+        data_dir=tiny_models.data_dir, database_url=db_url, models_file=models_file,
+        _env_file=None,
+        autoscale={
+            "enabled": True, "latency_target_s": 30, "interval_s": 1, "idle_release_s": 2,
+            "classes": {SMALL: {"memory_gb": 16, "run_s": 5, "max_workers": 2},
+                        BIG: {"memory_gb": 80, "run_s": 5, "max_workers": 2}},
+        },
+    )
+
+    def profile_for(device_class: str) -> DeviceProfile:
+        vram = {SMALL: 16, BIG: 80}[device_class]
+        return dataclasses.replace(cpu_profile, device_class=device_class, threads=1,
+                                   vram_gb=vram)
+
+    engine = make_engine(db_url)
+    broker = MemoryBroker()
+    sessions = session_factory(engine)
+    client = make_client(settings, sessions, broker)
+
+    async def submit(model: str, n: int) -> list[str]:
+        request = GenerationRequest(prompt="a fox", model=model, width=64, height=64,
+                                    steps=2, scheduler="Euler")
+        return [(await client.submit(request, Requester(platform="web",
+                                                        platform_user_id=f"{model}{i}"),
+                                     DeliveryTarget(frontend="web"), uuid.uuid4().hex)).job_id
+                for i in range(n)]
+
+    def dispatcher(name: str, window: int) -> Any:
+        pool = WorkerPool(discover=ray_discovery(WORKER_NAME_PREFIX), info_timeout_s=30)
+        return make_dispatcher(
+            settings, sessions, broker, pool, name=name, profile_for=profile_for,
+            pacing=Pacing(refresh_interval_s=1, heartbeat_s=5, window=window),
+        )
+
+    small, big = dispatcher("d-small", 2), dispatcher("d-big", 8)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(small.run(stop))]
+    try:
+        small_jobs = await submit("tiny", 2)
+        while small.queued_by_class().get(SMALL, 0) < 2:  # d-small holds both, window full
+            await asyncio.sleep(0.2)
+        tasks.append(asyncio.create_task(big.run(stop)))
+        big_jobs = await submit("tiny-big", 2)
+        seen_union = False
+        waiting = asyncio.gather(*(client.wait(j) for j in small_jobs + big_jobs))
+        began = time.monotonic()
+        while not waiting.done():
+            asked = {k for b in _requested() for k in b if k.startswith("device:")}
+            seen_union |= asked == {f"device:{SMALL}", f"device:{BIG}"}
+            if time.monotonic() - began > SCALE_UP_S:
+                waiting.cancel()
+                pytest.fail(f"not done in {SCALE_UP_S}s; nodes {device_nodes()}, "
+                            f"asked {_requested()}")
+            await asyncio.sleep(0.5)
+        events = waiting.result()
+        assert [e.kind for e in events] == ["done"] * 4, events
+        assert seen_union  # the one request Ray keeps held both classes at once
+        ran = {b.model: {b.worker_id.split("-")[2] for b in d.batches}
+               for d in (small, big) for b in d.batches}
+        assert ran == {"tiny": {"t4"}, "tiny-big": {"a100"}}, ran
+        print(f"both classes up and 4 jobs done in {time.monotonic() - began:.0f}s")  # noqa: T201
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
         await broker.close()
         engine.dispose()

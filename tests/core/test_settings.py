@@ -83,3 +83,30 @@ def test_worker_config_carries_no_secret(tmp_path: Path) -> None:
     assert config == WorkerConfig(data_dir=tmp_path)
     assert not any(isinstance(v, SecretStr) for v in config.model_dump().values())
     assert "SECRET" not in config.model_dump_json()
+
+
+def test_empty_optional_secrets_count_as_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compose env file or Secret with `ATELIER_TELEGRAM_TOKEN=` on a Discord-only site: no
+    Telegram bot (not one that crash-loops on an empty token); an empty signing key is missing
+    in production, not too short."""
+    env = tmp_path / "atelier.env"
+    env.write_text("ATELIER_TELEGRAM_TOKEN=\nATELIER_DISCORD_TOKEN=abc\nATELIER_SIGNING_KEY= \n"
+                   "ATELIER_TELEGRAM_WEBHOOK_SECRET=\nATELIER_MODELS_FILE=\n")
+    s = load_settings(data_dir=tmp_path, _env_file=env)
+    assert s.telegram_token is None and s.signing_key is None
+    assert s.telegram_webhook_secret is None and s.models_file is None
+    assert s.discord_token is not None and s.discord_token.get_secret_value() == "abc"
+    monkeypatch.setenv("ATELIER_DATABASE_URL", "")
+    with pytest.raises(ConfigError, match="ATELIER_SIGNING_KEY is required"):
+        load_settings(mode="production", data_dir=tmp_path, _env_file=env)
+
+
+def test_probe_paths_leave_the_web_port_when_a_metrics_port_is_set(tmp_path: Path) -> None:
+    assert load_settings(data_dir=tmp_path, _env_file=None).metrics.probes_on_web_port
+    s = load_settings(data_dir=tmp_path, _env_file=None, metrics={"port": 9464})
+    assert not s.metrics.probes_on_web_port
+    s = load_settings(data_dir=tmp_path, _env_file=None,
+                      metrics={"port": 9464, "on_web_port": True})
+    assert s.metrics.probes_on_web_port

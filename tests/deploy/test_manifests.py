@@ -28,6 +28,7 @@ from tests.deploy.manifests import (
     DEPLOY,
     MODEL_OF_KIND,
     OVERLAY,
+    ROOT,
     build_model,
     check_model,
     containers,
@@ -155,12 +156,13 @@ def _settings_field(name: str) -> bool:
 
 
 def _atelier_names(text: str) -> set[str]:
-    return set(re.findall(r"\b(ATELIER_[A-Z0-9_]+)\b", text)) - {"ATELIER_IMAGE"}
+    return set(re.findall(r"\b(ATELIER_[A-Z0-9_]+)\b", text)) - {
+        "ATELIER_IMAGE", "ATELIER_CUDA_IMAGE"}
 
 
 def test_every_atelier_variable_is_a_setting(rendered: list[dict[str, Any]]) -> None:
-    texts = [yaml.safe_dump_all(rendered), (DEPLOY / "compose.yaml").read_text(),
-             (DEPLOY / "atelier.env.example").read_text()]
+    texts = [yaml.safe_dump_all(rendered), (DEPLOY / "compose.yaml").read_text()] + [
+        p.read_text() for p in (DEPLOY / "env").glob("*.env.example")]
     names = set().union(*(_atelier_names(t) for t in texts))
     assert {"ATELIER_METRICS__PORT", "ATELIER_AUTOSCALE__CLASSES", "ATELIER_REDIS_URL"} <= names
     unknown = sorted(n for n in names if not _settings_field(n))
@@ -182,8 +184,24 @@ def test_every_atelier_variable_is_a_setting(rendered: list[dict[str, Any]]) -> 
 def test_the_images_carry_the_tested_ray_and_pinned_deps() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert f"ARG RAY_VERSION={ray.__version__}\n" in dockerfile
-    assert "rayproject/ray:${RAY_VERSION}-py311 AS cpu" in dockerfile
-    assert "rayproject/ray:${RAY_VERSION}-py311-gpu AS cuda" in dockerfile
+    # No CUDA in the image of web, bots and dispatchers; Ray's GPU image for the GPU workers.
+    assert "FROM python:3.11-slim-bookworm AS cpu\n" in dockerfile
+    assert "FROM rayproject/ray:${RAY_VERSION}-py311-gpu AS cuda\n" in dockerfile
+    stages = dockerfile.split("\nFROM ")[1:]
+    assert len(stages) == 2
+    for stage in stages:
+        lines = stage.splitlines()
+        deps = next(i for i, line in enumerate(lines) if "install.sh deps" in line)
+        source = [i for i, line in enumerate(lines) if re.match(r"COPY .* (core|atelier) ", line)]
+        app = next(i for i, line in enumerate(lines) if "install.sh app" in line)
+        # Dependencies first: a code change leaves their (multi-GB) layer cached.
+        assert len(source) == 2 and deps < min(source) and max(source) < app, lines[0]
+        copied = next(line for line in lines[:deps] if "deploy/install.sh" in line)
+        assert "core" not in copied and "pyproject.toml" in copied
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    for pattern in (".git", ".venv", "**/__pycache__", "**/.pytest_cache", "**/.mypy_cache",
+                    "**/.ruff_cache", "tests", "**/*.env", "*.egg-info"):
+        assert pattern in ignored, pattern
     pins = (DEPLOY / "constraints.txt").read_text()
     assert f"\nray=={ray.__version__}\n" in pins
     for line in pins.splitlines():
@@ -201,25 +219,92 @@ def _compose_command() -> list[str] | None:
     return None
 
 
+def _env_names(service: dict[str, Any]) -> set[str]:
+    """The variables a compose service's env files give it (from the shipped examples)."""
+    names: set[str] = set()
+    for path in service.get("env_file", []):
+        text = (DEPLOY / f"{path}.example").read_text()
+        names |= {line.split("=", 1)[0] for line in text.splitlines()
+                  if line and not line.startswith("#")}
+    return names
+
+
 def test_compose_file(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     assert services["redis"]["command"][:3] == ["redis-server", "--appendonly", "yes"]
     gpu = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
-    for name in ("redis", "postgres", "head", "gpu-worker", "bot-telegram", "web"):
-        assert "healthcheck" in services[name] or "<<" in services[name], name
+    for name, service in services.items():
+        assert "healthcheck" in service or name == "migrate", name
+        assert service["logging"]["options"]["max-size"], name  # rotated logs
     compose_cli = _compose_command()
     if compose_cli is None:
         service_missing("docker compose (or docker-compose); the structure was checked above")
     shutil.copytree(DEPLOY, tmp_path / "deploy")
-    shutil.copy(DEPLOY / "atelier.env.example", tmp_path / "deploy" / "atelier.env")
+    for example in (tmp_path / "deploy" / "env").glob("*.env.example"):
+        shutil.copy(example, example.with_suffix(""))
     done = subprocess.run(
         [*compose_cli, "-p", "atelier", "-f", str(tmp_path / "deploy" / "compose.yaml"),
-         "--env-file", str(tmp_path / "deploy" / "atelier.env"), "config", "--quiet"],
+         "--profile", "telegram", "--profile", "discord", "config", "--quiet"],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_compose_processes_block_and_heal() -> None:
+    """The head and the GPU worker keep their node as the container's process (it ends with
+    the node, and the restart re-joins); the worker's health check asks its own node; the
+    dispatcher is a service of its own."""
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    head = services["head"]
+    assert head["command"][:4] == ["ray", "start", "--head", "--block"]
+    assert "127.0.0.1:6379" in head["healthcheck"]["test"]
+    worker = services["gpu-worker"]
+    script = worker["command"][-1]
+    first, _, then = script.partition(" && ")
+    assert first.startswith("atelier worker --address head:6379")
+    # Nothing after the watch loop: the container exits when the raylet does.
+    assert then.startswith("exec python -c ") and "raylet" in then and "sleep infinity" not in then
+    check = " ".join(worker["healthcheck"]["test"])
+    assert "raylet" in check and "head" not in check  # this node, not the head
+    assert worker["restart"] == "unless-stopped"
+    dispatcher = services["dispatcher"]
+    assert "exec atelier dispatcher" in dispatcher["command"][-1]
+    assert "dispatcher" not in " ".join(head["command"])
+
+
+def test_compose_services_get_only_their_secrets() -> None:
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    got = {name: _env_names(s) for name, s in services.items()}
+    assert got["gpu-worker"] == got["head"] == {"RAY_AUTH_TOKEN"}
+    assert got["dispatcher"] == {"RAY_AUTH_TOKEN", "ATELIER_DATABASE_URL",
+                                 "ATELIER_SIGNING_KEY", "ATELIER_PUBLIC_BASE_URL"}
+    assert got["bot-telegram"] - got["web"] == {"ATELIER_TELEGRAM_TOKEN"}
+    assert got["bot-discord"] - got["web"] == {"ATELIER_DISCORD_TOKEN"}
+    assert got["postgres"] == {"POSTGRES_PASSWORD"}
+    for name, names in got.items():
+        if name not in ("head", "gpu-worker", "dispatcher"):
+            assert "RAY_AUTH_TOKEN" not in names, name
+    # The GPU worker is not in production mode (which would want the database and key).
+    assert "ATELIER_MODE" not in services["gpu-worker"]["environment"]
+    # Bots start only when asked for (a site may run one platform): no crash loop on the other.
+    assert services["bot-telegram"]["profiles"] == ["telegram"]
+    assert services["bot-discord"]["profiles"] == ["discord"]
+
+
+def test_compose_publishes_the_app_not_the_probes() -> None:
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    web = services["web"]
+    assert web["ports"] == ["8000:8000"]
+    env = web["environment"]
+    assert env["ATELIER_METRICS__PORT"] == "9464" and "ATELIER_METRICS__ON_WEB_PORT" not in env
+    settings = load_settings(_env_file=None, metrics={"port": 9464})
+    assert not settings.metrics.probes_on_web_port  # so /metrics, /readyz leave port 8000
+    assert "9464" in " ".join(web["healthcheck"]["test"])
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert "9464" not in str(port), name
 
 
 def test_the_dashboard_shows_metrics_the_processes_export() -> None:
