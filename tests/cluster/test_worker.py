@@ -129,6 +129,7 @@ async def test_a_worker_receives_no_secrets(
         health = await handle.health.remote()
         assert health["config"] == {
             "data_dir": str(settings.data_dir), "models_file": None, "blocklist_file": None,
+            "log_format": "text", "log_level": "INFO",
         }
         assert "SECRET" not in repr(health)
     finally:
