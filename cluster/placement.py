@@ -11,7 +11,7 @@ from typing import Any
 
 from cluster.broker import Broker
 from cluster.registry import ModelSpec
-from cluster.worker import WorkerInfo, WorkerLost
+from cluster.worker import HOST_CLASSES, WorkerInfo, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,11 @@ class WorkerPool:
         if not candidates:
             return None
 
-        def rank(slot: WorkerSlot) -> tuple[int, int, int, float, str]:
+        def rank(slot: WorkerSlot) -> tuple[int, int, int, int, float, str]:
             return (
+                # A host (CPU) worker only when no accelerator fits: its host memory is no
+                # reason to send it a model a GPU could run.
+                1 if slot.info.device_class in HOST_CLASSES else 0,
                 0 if spec.name in slot.loaded else 1,
                 1 if slot.info.busy else 0,  # busy with another dispatcher's batch
                 slot.batches,

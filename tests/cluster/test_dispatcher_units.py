@@ -147,6 +147,18 @@ def test_placement_prefers_loaded_model_then_fit_then_least_busy() -> None:
     assert "huge" in chosen.loaded
 
 
+def test_a_cpu_worker_is_the_fallback_not_the_smaller_fit() -> None:
+    """A 25-32 GB model with an idle 32 GB-host CPU worker and an idle 80 GB card: the card,
+    though the CPU's host memory is the smaller fit (and even when the CPU has it loaded)."""
+    pool = WorkerPool([(object(), info("a100", 80)), (object(), info("cpu", None, ["big"]))],
+                      host_memory_gb=32)
+    chosen = pool.choose(spec("big", 30))
+    assert chosen is not None and chosen.worker_id == "a100"
+    pool.started(chosen)
+    fallback = pool.choose(spec("big", 30))  # the card is taken: the CPU may run it
+    assert fallback is not None and fallback.worker_id == "cpu"
+
+
 def test_placement_keeps_a_model_to_the_workers_that_can_load_it() -> None:
     has = dataclasses.replace(info("has", 24), loadable_models=["sd15"])
     lacks = dataclasses.replace(info("lacks", 8), loadable_models=[])
