@@ -7,13 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
 
-from cluster.worker import _final_event
+from cluster.devices import DeviceProfile
+from cluster.engine import BatchItem
+from cluster.worker import _final_event, init_local_ray, run_batch, spawn_worker
 from core.logs import JobFilter, JsonFormatter, job_context
+from core.request import GenerationRequest
 from core.settings import load_settings
+from tests.cluster.conftest import TinyModels
 
 
 def test_the_worker_config_carries_the_log_format(tmp_path: Path) -> None:
@@ -40,3 +47,42 @@ async def test_an_internal_error_carries_its_traceback(caplog: pytest.LogCapture
         JobFilter().filter(record)
     line = json.loads(JsonFormatter().format(record))
     assert line["job_id"] == "job-1,job-2" and "RuntimeError" in line["exc"]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    init_local_ray(num_cpus=1, resources={"device:cpu": 1},
+                   object_store_memory=200 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+def _actor_lines(marker: str) -> list[dict[str, object]]:
+    """The JSON lines containing ``marker`` in this Ray's worker logs (what a pod keeps)."""
+    node = ray._private.worker._global_node  # type: ignore[attr-defined]
+    lines = []
+    for path in Path(node.get_logs_dir_path()).glob("worker-*"):
+        for line in path.read_text(errors="replace").splitlines():
+            if marker in line and line.startswith("{"):
+                lines.append(json.loads(line))
+    return lines
+
+
+@pytest.mark.timeout(240)
+async def test_a_worker_actor_logs_json_lines_with_its_jobs(
+    local_ray: None, tiny_models: TinyModels, cpu_profile: DeviceProfile
+) -> None:
+    settings = tiny_models.settings.model_copy(update={"log_format": "json"})
+    handle = spawn_worker(settings=settings.worker_config(), device_class="cpu",
+                          profile=cpu_profile, name="test-json-logs", timeout_s=120)
+    try:
+        request = GenerationRequest(prompt="a fox", model="tiny", width=64, height=64,
+                                    steps=2, seed=1)
+        await run_batch(handle, [BatchItem("job-json-1", request)], timeout_s=120)
+        deadline = time.monotonic() + 30  # Ray flushes the worker's stderr to its file
+        while not (lines := _actor_lines("loading model")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+    finally:
+        ray.kill(handle)
+    assert lines, "no JSON line about loading the model in the worker's log"
+    assert lines[0]["job_id"] == "job-json-1" and lines[0]["level"] == "INFO"
