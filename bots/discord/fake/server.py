@@ -65,6 +65,7 @@ class FakeDiscord(DiscordRest):
         self.commands: dict[str, list[dict[str, Any]]] = {}  # "global" / guild id -> commands
         self.identifies = 0
         self._failures: list[tuple[str | None, float]] = []
+        self._holds: list[tuple[str, asyncio.Event]] = []
         self._sockets: set[web.WebSocketResponse] = set()
         self._seq = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -108,6 +109,13 @@ class FakeDiscord(DiscordRest):
     def fail(self, times: int, *, retry_after: float = 0.5, route: str | None = None) -> None:
         """Answer the next ``times`` REST calls (whose route contains ``route``) with a 429."""
         self._failures.extend([(route, retry_after)] * times)
+
+    def hold(self, route: str) -> asyncio.Event:
+        """Keep the REST calls whose route contains ``route`` unanswered (received and
+        recorded) until the event returned is set: lines up what the bot does meanwhile."""
+        gate = asyncio.Event()
+        self._holds.append((route, gate))
+        return gate
 
     def add_attachment(self, data: bytes, filename: str = "photo.png") -> dict[str, Any]:
         """An attachment (as in ``data.resolved``) the bot can download."""
@@ -327,6 +335,10 @@ class FakeDiscord(DiscordRest):
             return _error(call, 404, 0, call.route)
         route, handler, match = found
         call.route = route
+        gate = next((g for r, g in self._holds if r in route and not g.is_set()), None)
+        if gate is not None:
+            await self.notify()
+            await gate.wait()
         if request.headers.get("Authorization") not in (f"Bot {self.token}", None):
             return _error(call, 401, 0, "401: Unauthorized")
         failure = next((f for f in self._failures if f[0] is None or f[0] in route), None)
