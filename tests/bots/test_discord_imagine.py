@@ -15,7 +15,7 @@ from bots.discord.fake.server import Call, FakeDiscord
 from cluster.demo.scenes import Scene, Shape
 from cluster.demo.score import score
 from tests.bots.discord_conftest import DiscordStack
-from tests.bots.discord_helpers import ALICE, TINY, imagine, result_of
+from tests.bots.discord_helpers import ALICE, TINY, imagine, png, result_of
 
 
 def actions_of(call: Call) -> list[tuple[Action, str]]:
@@ -109,6 +109,34 @@ async def test_a_refused_prompt_is_for_the_asker_only_and_costs_nothing(
     assert not shown_publicly(fake, "no-such")
     assert not discord_stack.jobs()
     assert await discord_stack.balance(ALICE) == before
+
+
+async def test_a_slow_check_defers_in_time_and_a_refusal_then_replaces_it_privately(
+    discord_stack: DiscordStack,
+) -> None:
+    """An image slow to fetch makes the check outlast what Discord waits for: the bot defers
+    publicly in time; the refusal then removes the "thinking" message (before the followup,
+    which Discord would otherwise make an edit of it) and goes to the asker alone."""
+    fake = discord_stack.fake
+    gate = fake.hold("GET /attachments")
+    attachment = fake.add_attachment(png())
+    options = [p.option("prompt", f"a cat {TINY}"), p.option("style", "no-such"),
+               p.option("image", attachment["id"], 11)]
+    inter = await fake.slash(ALICE, "imagine", options, attachments=[attachment])
+    callback = await fake.wait_for(lambda: inter.callback, 30, "the deferral")
+    assert callback.json["type"] == 5 and callback.at - inter.sent_at < 3.0
+    gate.set()
+    answer: Call = await fake.wait_for(
+        lambda: next((c for c in fake.calls_to("POST /webhooks/") if inter.token in c.path), None),
+        30,
+        "the refusal",
+    )
+    assert answer.json["flags"] & 64 and "no-such" in answer.json["content"]
+    assert inter.original is not None and int(inter.original["id"]) not in fake.messages
+    (deleted,) = fake.calls_to("DELETE /webhooks/")
+    assert fake.calls.index(deleted) < fake.calls.index(answer)
+    assert not shown_publicly(fake, "no-such")
+    assert not discord_stack.jobs()
 
 
 async def test_over_the_tiers_concurrency_the_reason_is_private_from_the_start(

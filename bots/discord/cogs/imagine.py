@@ -159,7 +159,10 @@ class Imagine(commands.Cog):
         """A refusal is for the asker only: the first answer where nothing was shown yet,
         else an ephemeral followup once the public "thinking" message is gone."""
         if not interaction.response.is_done():
-            await interaction.response.send_message(text, ephemeral=True)
+            try:
+                await interaction.response.send_message(text, ephemeral=True)
+            except discord.HTTPException as exc:  # too late: Discord dropped the interaction
+                log.info("could not refuse interaction %s: %s", interaction.id, exc)
             return
         if self.bot.port.still_thinking(interaction):
             await self._drop_thinking(interaction)

@@ -372,7 +372,11 @@ class DiscordRest:
         message["edited_timestamp"] = p.iso(self.clock.now())
         return message
 
+    async def _wait_if_held(self, route: str) -> None:
+        raise NotImplementedError
+
     async def _attachment(self, request: web.Request) -> web.Response:
+        await self._wait_if_held("GET /attachments/{key}/{name}")
         data = self.attachments.get(request.match_info["key"])
         if data is None:
             return web.Response(status=404)

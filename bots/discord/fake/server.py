@@ -111,11 +111,18 @@ class FakeDiscord(DiscordRest):
         self._failures.extend([(route, retry_after)] * times)
 
     def hold(self, route: str) -> asyncio.Event:
-        """Keep the REST calls whose route contains ``route`` unanswered (received and
-        recorded) until the event returned is set: lines up what the bot does meanwhile."""
+        """Keep the REST calls whose route contains ``route`` (``GET /attachments`` for
+        downloads) unanswered, though received and recorded, until the event returned is
+        set: lines up what the bot does meanwhile."""
         gate = asyncio.Event()
         self._holds.append((route, gate))
         return gate
+
+    async def _wait_if_held(self, route: str) -> None:
+        gate = next((g for r, g in self._holds if r in route and not g.is_set()), None)
+        if gate is not None:
+            await self.notify()
+            await gate.wait()
 
     def add_attachment(self, data: bytes, filename: str = "photo.png") -> dict[str, Any]:
         """An attachment (as in ``data.resolved``) the bot can download."""
@@ -335,10 +342,7 @@ class FakeDiscord(DiscordRest):
             return _error(call, 404, 0, call.route)
         route, handler, match = found
         call.route = route
-        gate = next((g for r, g in self._holds if r in route and not g.is_set()), None)
-        if gate is not None:
-            await self.notify()
-            await gate.wait()
+        await self._wait_if_held(route)
         if request.headers.get("Authorization") not in (f"Bot {self.token}", None):
             return _error(call, 401, 0, "401: Unauthorized")
         failure = next((f for f in self._failures if f[0] is None or f[0] in route), None)
