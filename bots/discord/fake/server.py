@@ -1,7 +1,8 @@
 """A fake Discord (REST v10 + gateway v10 on one 127.0.0.1 port, aiohttp) that the real
 discord.py talks to in tests and benches: it serves one guild, pushes interactions over the gateway,
 enforces the 3-second and 15-minute interaction rules on its own movable clock, parses uploads,
-serves attachments, answers 429s on request and records every REST call."""
+serves attachments, answers 429s or holds calls on request, works out who each message pings
+(from its ``allowed_mentions``) and records every REST call."""
 
 from __future__ import annotations
 
