@@ -16,9 +16,10 @@ from core.jobs import JobStatus
 from core.signing import sign
 
 
-async def welcome(core: ChatCore, who: Who) -> Say:
+async def welcome(core: ChatCore, who: Who, help_: str) -> Say:
+    """Credits and how to start (``help_``: the platform's /help text)."""
     balance = await core.client.balance(core.plain_requester(who.user_id))
-    return Say(texts.welcome(who.name or who.user_id, balance, datetime.now(UTC)))
+    return Say(texts.welcome(who.name or who.user_id, balance, datetime.now(UTC), help_))
 
 
 async def credits(core: ChatCore, who: Who) -> Say:

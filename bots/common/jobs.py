@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from bots.common import keyboards, texts
 from bots.common.core import ChatCore
@@ -16,7 +17,7 @@ from bots.common.keyboards import Keyboard
 from bots.common.port import Picture, Posted, Who
 from bots.common.requests import img2img, parse_prompt, upscaled_size
 from bots.common.state import DRAFT, DRAFT_TTL_S
-from cluster.client import SubmittedJob
+from cluster.client import Quote, SubmittedJob
 from cluster.events import EventKind, ImageRef, JobEvent
 from core.errors import AtelierError, NotFound
 from core.images import validate_image
@@ -55,6 +56,29 @@ async def resume(core: ChatCore) -> None:
         log.info("following %d jobs in flight again", followed)
 
 
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A prompt checked and priced for its asker (``check``): what ``start_checked`` posts and
+    submits, without preparing it again."""
+
+    quote: Quote
+    requester: Requester
+    idempotency_key: str
+    original: bool = False  # PNG files asked for
+
+
+async def check(
+    core: ChatCore, who: Who, text: str, *, idempotency_key: str, photo: bytes | None = None
+) -> Checked:
+    """Everything a prompt (and a photo to redraw) can be refused for before anything is
+    posted: the request with the person's defaults, validated and priced. Raises the refusal;
+    a platform that must choose where to answer before answering (Discord) calls it first."""
+    requester = await core.requester(who)
+    request, original = await _request_from(core, who, text, photo)
+    quote = await core.client.quote(request, requester, idempotency_key)
+    return Checked(quote, requester, idempotency_key, original)
+
+
 async def imagine(
     core: ChatCore,
     who: Who,
@@ -66,16 +90,8 @@ async def imagine(
     """Make images from a prompt with flags (and a photo to redraw). Everything is checked
     and priced before anything is posted: a refusal is one line, never a status first."""
     try:
-        requester = await core.requester(who)
-        request, original = await _request_from(core, who, text, photo)
-        return await start_job(
-            core,
-            who,
-            request=request,
-            requester=requester,
-            idempotency_key=idempotency_key,
-            original=original,
-        )
+        checked = await check(core, who, text, idempotency_key=idempotency_key, photo=photo)
+        return await start_checked(core, who, checked)
     except AtelierError as exc:
         await core.port.send(
             who.chat_id, await core.error_text(who.user_id, exc), reply_to=who.message_id
@@ -121,17 +137,8 @@ async def imagine_draft(
     )
     if text is None:
         raise NotFound("this preview has expired; send the text again")
-    requester = await core.requester(who)
-    request, original = await _request_from(core, who, text, None)
-    job = await start_job(
-        core,
-        who,
-        request=request,
-        requester=requester,
-        idempotency_key=draft_key(core, who, draft_id),
-        original=original,
-        reply_to=reply_to,
-    )
+    checked = await check(core, who, text, idempotency_key=draft_key(core, who, draft_id))
+    job = await start_checked(core, who, checked, reply_to=reply_to)
     return job.cost if job is not None else None
 
 
@@ -164,16 +171,25 @@ async def start_job(
     original: bool = False,
     reply_to: str | None = None,
 ) -> SubmittedJob | None:
-    """Check and price the request, then post a status message and submit behind it: the
-    delivery event names that message, so the result finds its way back even after a
-    restart. A refusal before anything is posted raises (the caller says it in one line);
-    a later one (credits spent meanwhile) ends up in the status message itself."""
-    chat = who.chat_id
+    """Check and price ``request``, then ``start_checked``. Raises a refusal."""
     quote = await core.client.quote(request, requester, idempotency_key)
+    checked = Checked(quote, requester, idempotency_key, original)
+    return await start_checked(core, who, checked, reply_to=reply_to)
+
+
+async def start_checked(
+    core: ChatCore, who: Who, checked: Checked, *, reply_to: str | None = None
+) -> SubmittedJob | None:
+    """Post a status message and submit the checked request behind it: the delivery event
+    names that message, so the result finds its way back even after a restart. A refusal
+    raises with nothing left posted (the caller says it in one line, where the platform
+    shows refusals): one that only submit sees (credits spent, or the tier's slots taken,
+    since the check) removes the status first."""
+    chat, quote, requester = who.chat_id, checked.quote, checked.requester
     if quote.repeat_of is not None:
         # The same update again (a webhook retry, a redelivery): the first status message
         # already follows that job; say nothing more.
-        log.info("job %s: repeated update %s", quote.repeat_of, idempotency_key)
+        log.info("job %s: repeated update %s", quote.repeat_of, checked.idempotency_key)
         return None
     request = quote.request
     status = await core.port.send(
@@ -183,16 +199,19 @@ async def start_job(
         frontend=core.platform,
         chat_id=chat,
         message_id=status,
-        extra={"owner": requester.platform_user_id, "original": "1" if original else ""},
+        extra={
+            "owner": requester.platform_user_id,
+            "original": "1" if checked.original else "",
+        },
     )
     try:
-        job = await core.client.submit(request, requester, delivery, idempotency_key)
-    except AtelierError as exc:
-        await core.port.edit(chat, status, await core.error_text(requester.platform_user_id, exc))
-        return None
+        job = await core.client.submit(request, requester, delivery, checked.idempotency_key)
+    except AtelierError:
+        await core.port.delete(chat, status)  # never a "Queued" status for no job
+        raise
     if not job.created:
         # A twin of this update got in between the check and now: that one's status follows.
-        log.info("job %s: repeated update %s", job.job_id, idempotency_key)
+        log.info("job %s: repeated update %s", job.job_id, checked.idempotency_key)
         await core.port.delete(chat, status)
         return None
     owner = requester.platform_user_id

@@ -18,7 +18,9 @@ handler is ``bots.common.jobs.deliver``; call ``bots.common.jobs.start(core)`` o
 (it delivers, and follows the jobs in flight again after a restart), and on shutdown
 ``core.stop_reading()`` then ``await core.stop()``.
 
-Use-cases an adapter calls: ``jobs.imagine`` (a prompt, optionally with a photo's bytes),
+Use-cases an adapter calls: ``jobs.imagine`` (a prompt, optionally with a photo's bytes;
+or its two halves, ``jobs.check`` then ``jobs.start_checked``, where the platform must choose
+before answering whether the answer is public: a refusal then goes to the asker alone),
 ``jobs.preview`` (plain text: a priced preview with an Imagine button), ``actions.on_press``
 (any button), and ``account.*`` (credits, gallery, history, cancel, link, styles, settings).
 Everything is checked and priced before anything is posted: a refusal is one line.

@@ -29,19 +29,10 @@ CAPTION_LIMIT = 1024  # Telegram's caption limit; Discord's message limit is lar
 PROMPT_PREVIEW = 200
 
 HELP = (
-    "How to use me:\n"
-    "/imagine <prompt> [flags] - make images, e.g. /imagine a lighthouse at dusk --ar 16:9\n"
-    "Send a photo with a caption to redraw it (add --strength 0.5 to keep more of it).\n"
-    "/styles - pick your default style\n"
-    "/settings - default size, steps, raw mode, original PNG files\n"
-    "/credits - what you can still spend today\n"
-    "/gallery - a private link to all your images\n"
-    "/history - your last jobs, to run them again\n"
-    "/cancel - stop your running job\n"
-    "/link - connect your account on another platform\n\n"
     "Flags: {flags}; --png sends the original PNG file.\n"
     "Under each result: reroll, V1-V4 variations, U1-U4 upscales, another style."
 )
+PHOTO_TIP = "Send a photo with a caption to redraw it (add --strength 0.5 to keep more of it)."
 UNSUPPORTED = (
     "I make images from text: send /imagine <prompt>, or a photo with a caption describing "
     "what to make of it. {what} is not something I can use."
@@ -75,9 +66,14 @@ _HINTS: tuple[tuple[type[AtelierError], str], ...] = (
 )
 
 
-def help_text(models: Sequence[str] = ()) -> str:
-    """The help, listing ``models`` (the ones available now: ``Client.available_models``)."""
-    text = HELP.format(flags=flags_help())
+def help_text(
+    commands: Sequence[tuple[str, str]], models: Sequence[str] = (), *, tips: Sequence[str] = ()
+) -> str:
+    """The help: every command of the platform's menu as registered there (name, what it
+    does), so /help cannot leave one out; the platform's ``tips``; ``models`` (the ones
+    available now: ``Client.available_models``)."""
+    lines = ["How to use me:", *(f"/{name} - {what}" for name, what in commands), *tips]
+    text = "\n".join(lines) + "\n\n" + HELP.format(flags=flags_help())
     return text + (f"\nModels (--model): {', '.join(models)}." if models else "")
 
 
@@ -86,10 +82,11 @@ def steps_setting(steps: int | None, model_default: int) -> str:
     return str(steps) if steps is not None else f"{model_default} (model default)"
 
 
-def welcome(name: str, balance: Balance, now: datetime) -> str:
+def welcome(name: str, balance: Balance, now: datetime, help_: str) -> str:
+    """The first words to a person: their credits, then ``help_`` (the platform's /help)."""
     return (
         f"Hi {name}! I turn your words into images.\n"
-        f"You have {describe_balance(balance, now)}.\n\n" + help_text()
+        f"You have {describe_balance(balance, now)}.\n\n" + help_
     )
 
 

@@ -84,6 +84,9 @@ class AtelierBot(commands.Bot):
             intents=intents,
             help_command=None,
             tree_cls=AtelierTree,
+            # Prompts are echoed in statuses, captions and refusals: nothing a person typed
+            # may ping anyone. A message that means to ping the asker says so itself.
+            allowed_mentions=discord.AllowedMentions.none(),
             **options,
         )
         self.settings = settings

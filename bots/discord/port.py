@@ -73,21 +73,17 @@ class DiscordPort:
         self.gallery_text: Callable[[str], Awaitable[str]] | None = None
         # Interactions whose deferred "thinking" response is still to be replaced.
         self._thinking: set[int] = set()
-        # What replaced it (message id, text), until the interaction is done with.
-        self._first: dict[int, tuple[str, str]] = {}
 
     def thinking(self, interaction: discord.Interaction[Any]) -> None:
         """``interaction`` was deferred with a "thinking" message: the first reply replaces it."""
         self._thinking.add(interaction.id)
 
-    def first_reply(self, interaction: discord.Interaction[Any]) -> str | None:
-        """The text that replaced the "thinking" message, if it is still there."""
-        first = self._first.get(interaction.id)
-        return None if first is None else first[1]
+    def still_thinking(self, interaction: discord.Interaction[Any]) -> bool:
+        """Its "thinking" message is still there: no reply has replaced it."""
+        return interaction.id in self._thinking
 
     def done_with(self, interaction: discord.Interaction[Any]) -> None:
         self._thinking.discard(interaction.id)
-        self._first.pop(interaction.id, None)
 
     def _webhook(self, hook: Hook) -> discord.Webhook:
         assert self.bot.application_id is not None
@@ -118,7 +114,6 @@ class DiscordPort:
             if inter.id in self._thinking:
                 self._thinking.discard(inter.id)
                 message = await inter.edit_original_response(content=content, view=view)
-                self._first[inter.id] = (str(message.id), content)
             elif not inter.response.is_done():
                 await inter.response.send_message(content, view=view or discord.utils.MISSING)
                 message = await inter.original_response()
@@ -171,9 +166,6 @@ class DiscordPort:
             raise Undeliverable(f"channel {chat_id}: {exc.text}") from exc
 
     async def delete(self, chat_id: str, message_id: str) -> None:
-        for key, (first, _) in list(self._first.items()):
-            if first == message_id:
-                del self._first[key]
         with contextlib.suppress(discord.HTTPException):
             hook = await self.hooks.get(message_id)
             if hook is not None:
@@ -282,9 +274,17 @@ class DiscordPort:
         channel = self.bot.get_channel(int(chat_id))
         missing = _missing_permissions(channel, bool(files))
         if not missing:
+            # The asker no longer watches the interaction: ping them, and them only.
+            mention, pings = "", discord.AllowedMentions.none()
+            if owner:
+                mention = f"<@{owner}> "
+                pings = discord.AllowedMentions(users=[discord.Object(id=int(owner))])
             try:
                 await self._channel(chat_id).send(
-                    content, files=files, view=view or discord.utils.MISSING
+                    _content(mention + content),
+                    files=files,
+                    view=view or discord.utils.MISSING,
+                    allowed_mentions=pings,
                 )
                 return
             except discord.Forbidden as exc:

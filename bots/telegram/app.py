@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from telegram import BotCommand
 from telegram.error import TelegramError
 from telegram.ext import (
     Application,
@@ -25,6 +24,7 @@ from bots.common.logs import hide_in_logs
 from bots.common.progress import DEFAULT_INTERVAL_S, ProgressEditor
 from bots.common.state import BotState
 from bots.telegram.handlers import buttons, commands, errors, imagine
+from bots.telegram.menu import COMMANDS
 from bots.telegram.port import PHOTO_MAX_BYTES, PLATFORM, TelegramPort
 from bots.telegram.ratelimit import FloodLimiter
 from bots.telegram.services import KEY
@@ -37,18 +37,6 @@ from core.styles import StyleRegistry
 
 log = logging.getLogger(__name__)
 
-COMMANDS = (
-    BotCommand("imagine", "Make images: /imagine a lighthouse at dusk --ar 16:9"),
-    BotCommand("styles", "Pick your default style"),
-    BotCommand("settings", "Default size, steps, raw mode, PNG files"),
-    BotCommand("credits", "Credits left today and in packs"),
-    BotCommand("gallery", "A private link to your images"),
-    BotCommand("apikey", "A key for the REST and A1111 APIs"),
-    BotCommand("history", "Your last jobs, to run again"),
-    BotCommand("cancel", "Stop your running job"),
-    BotCommand("link", "Connect your account on another platform"),
-    BotCommand("help", "How to use the bot"),
-)
 _UNSUPPORTED = (
     filters.Sticker.ALL
     | filters.VOICE

@@ -47,6 +47,8 @@ class MemoryPort:
     private: list[tuple[str, str]] = field(default_factory=list)
     admins: set[str] = field(default_factory=set)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # While set and not yet open, a message is posted but its id comes back only once open.
+    gate: asyncio.Event | None = None
 
     async def send(
         self,
@@ -58,6 +60,8 @@ class MemoryPort:
     ) -> str:
         message_id = str(next(self.ids))
         self.messages[message_id] = Message(chat_id, text, keyboard)
+        if self.gate is not None:
+            await self.gate.wait()
         return message_id
 
     async def edit(
@@ -166,6 +170,32 @@ async def test_a_job_behind_one_status_then_images_with_buttons_once(
     event = await backend.client.wait(job.job_id)
     await jobs.deliver(core, event)
     assert len(port.uploads) == 1
+
+
+async def test_a_refusal_only_submit_sees_leaves_no_status_behind(
+    chat: tuple[ChatCore, MemoryPort], backend: Stack
+) -> None:
+    """Three prompts at once on a tier allowing two jobs at a time: all three pass the price
+    check, the third is refused at submit. Its status goes; the refusal is one line."""
+    core, port = chat
+    await backend.stop_dispatcher()  # the jobs stay queued, holding the tier's two slots
+    who = Who(user_id="502", chat_id="502", private=True)
+    await backend.client.balance(core.plain_requester("502"))  # the account, before the race
+    port.gate = asyncio.Event()
+    runs = [
+        asyncio.create_task(
+            jobs.imagine(core, who, f"a kite {n} {TINY}", idempotency_key=f"mem:race{n}")
+        )
+        for n in range(3)
+    ]
+    await wait_for(lambda: len(port.messages) == 3, "three statuses, each checked")
+    port.gate.set()
+    made = [job for job in await asyncio.gather(*runs) if job is not None]
+    assert len(made) == 2 and len(backend.jobs()) == 2
+    left = [m.text for m in port.messages.values()]
+    assert sorted(t[0] for t in left) == ["⏳", "⏳", "⚠"]
+    assert "2 jobs queued or running" in next(t for t in left if t.startswith("⚠"))
+    assert not [e for m in port.messages.values() for e, _ in m.edits if e.startswith("⚠")]
 
 
 async def test_presses_check_the_owner_and_run_the_right_job(

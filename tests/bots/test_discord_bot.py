@@ -4,6 +4,8 @@ token masked when Discord refuses it."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bots.discord import guilds
@@ -42,7 +44,9 @@ async def test_commands_are_synced_only_when_asked(discord_backend: DiscordStack
     assert [c["value"] for c in options["aspect"]["choices"]][:2] == ["1:1", "3:2"]
 
 
-async def test_help_answers_the_asker_only(discord_stack: DiscordStack) -> None:
+async def test_help_answers_the_asker_only_listing_every_command(
+    discord_stack: DiscordStack,
+) -> None:
     fake = discord_stack.fake
     inter = await fake.slash(ALICE, "help")
     await fake.wait_for(lambda: inter.callback, what="the /help answer")
@@ -50,7 +54,9 @@ async def test_help_answers_the_asker_only(discord_stack: DiscordStack) -> None:
     body = inter.callback.json
     assert body["type"] == 4
     assert body["data"]["flags"] & 64  # ephemeral
-    assert "/imagine" in body["data"]["content"]
+    listed = re.findall(r"^/([\w-]+)", body["data"]["content"], re.MULTILINE)
+    registered = [c.name for c in discord_stack.discord.tree.get_commands()]
+    assert sorted(listed) == sorted(registered)  # /apikey and /server-settings included
 
 
 async def test_server_settings_are_for_admins_and_survive_a_restart(

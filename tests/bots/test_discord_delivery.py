@@ -14,7 +14,7 @@ from bots.discord.fake import payloads as p
 from cluster.events import terminal_event
 from core import metrics
 from tests.bots.discord_conftest import DiscordStack
-from tests.bots.discord_helpers import ALICE, TINY, images_of, imagine, png, result_of
+from tests.bots.discord_helpers import ALICE, BOB, TINY, images_of, imagine, png, result_of
 
 CHANNEL_POSTS = "POST /channels/{channel}/messages"
 
@@ -23,11 +23,11 @@ def posts_in(fake: object, channel: int) -> list:  # type: ignore[type-arg]
     return [c for c in fake.calls_to(CHANNEL_POSTS) if c.path == f"/channels/{channel}/messages"]
 
 
-async def _expired_job(stack: DiscordStack, channel: int) -> object:
+async def _expired_job(stack: DiscordStack, channel: int, prompt: str = "a comet") -> object:
     """/imagine in ``channel`` while no dispatcher runs, then 16 minutes pass."""
     fake = stack.fake
     await stack.stop_dispatcher()
-    inter = await fake.slash(ALICE, "imagine", [p.option("prompt", f"a comet {TINY}")],
+    inter = await fake.slash(ALICE, "imagine", [p.option("prompt", f"{prompt} {TINY}")],
                              channel=channel)
     await fake.wait_for(lambda: fake.calls_to("PATCH /webhooks/"), 30, "the status")
     fake.clock.advance(16 * 60)
@@ -39,9 +39,13 @@ async def test_a_job_outliving_its_token_is_posted_in_the_channel(
     discord_stack: DiscordStack,
 ) -> None:
     fake = discord_stack.fake
-    inter = await _expired_job(discord_stack, p.PLAIN_CHANNEL)
+    typed = f"a comet @everyone <@{BOB}>"
+    inter = await _expired_job(discord_stack, p.PLAIN_CHANNEL, typed)
     post = await fake.wait_for(lambda: posts_in(fake, p.PLAIN_CHANNEL), 90, "channel.send")
     assert post[0].files and post[0].custom_ids()
+    # It pings the asker, who is no longer looking at the interaction, and nobody else.
+    assert f"<@{ALICE}>" in post[0].json["content"]
+    assert post[0].pings == {f"<@{ALICE}>"}
     assert not images_of(fake, inter.token)  # the stale token was not used for the result
     # The status message is finished through the channel, too.
     await fake.wait_for(
@@ -51,6 +55,7 @@ async def test_a_job_outliving_its_token_is_posted_in_the_channel(
         "the status edited through the channel",
     )
     assert not fake.calls_to("/webhooks/", ok=False)
+    assert [(c.route, c.pings) for c in fake.calls if c.pings and c is not post[0]] == []
 
 
 async def test_where_the_bot_may_not_post_the_results_go_by_dm_with_the_reason(
@@ -122,12 +127,9 @@ async def test_nsfw_refused_in_a_plain_channel_free_and_allowed_in_an_age_restri
     before = await discord_stack.balance(ALICE)
     prompt = f"a nude statue in a museum {TINY}"
     refused = await fake.slash(ALICE, "imagine", [p.option("prompt", prompt)])
-    line = await fake.wait_for(
-        lambda: [c for c in fake.calls_to("POST /webhooks/") if refused.token in c.path],
-        30,
-        "the refusal",
-    )
-    assert line[0].json["flags"] & 64 and "not allowed here" in line[0].json["content"]
+    callback = await fake.wait_for(lambda: refused.callback, 30, "the refusal")
+    line = callback.json["data"]  # the first answer, ephemeral
+    assert line["flags"] & 64 and "not allowed here" in line["content"]
     assert not discord_stack.jobs() and await discord_stack.balance(ALICE) == before
 
     await imagine(discord_stack, prompt=prompt, channel=p.NSFW_CHANNEL)

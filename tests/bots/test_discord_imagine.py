@@ -11,11 +11,11 @@ from PIL import Image
 
 from bots.common.buttons import Action, parse
 from bots.discord.fake import payloads as p
-from bots.discord.fake.server import Call
+from bots.discord.fake.server import Call, FakeDiscord
 from cluster.demo.scenes import Scene, Shape
 from cluster.demo.score import score
 from tests.bots.discord_conftest import DiscordStack
-from tests.bots.discord_helpers import ALICE, TINY, imagine, result_of
+from tests.bots.discord_helpers import ALICE, TINY, imagine, png, result_of
 
 
 def actions_of(call: Call) -> list[tuple[Action, str]]:
@@ -74,26 +74,126 @@ async def test_imagine_with_options_defers_then_edits_then_posts_images_with_but
     assert await discord_stack.balance(ALICE) == before - job.cost
 
 
+def shown_publicly(fake: FakeDiscord, text: str) -> list[Call]:
+    """Calls that put ``text`` in a message everyone in the channel sees (not ephemeral)."""
+    out = []
+    for call in fake.calls:
+        callback = call.route.endswith("/callback")
+        body = ((call.json or {}).get("data") if callback else call.json) or {}
+        if not call.ok or text not in (body.get("content") or ""):
+            continue
+        message = (call.result or {}).get("resource", {}).get("message") if callback else (
+            call.result
+        )
+        if not int((message or {}).get("flags") or 0) & 64:
+            out.append(call)
+    return out
+
+
 async def test_a_refused_prompt_is_for_the_asker_only_and_costs_nothing(
     discord_stack: DiscordStack,
 ) -> None:
+    """A refusal known before answering (the quote) is the first answer, ephemeral: never
+    a public "thinking" message first."""
     fake = discord_stack.fake
     before = await discord_stack.balance(ALICE)
     inter = await fake.slash(
         ALICE, "imagine", [p.option("prompt", f"a cat {TINY}"), p.option("style", "no-such")]
     )
-    refusal: Call = await fake.wait_for(
-        lambda: next(
-            (c for c in fake.calls_to("POST /webhooks/") if inter.token in c.path), None
-        ),
+    await fake.wait_for(lambda: inter.callback, 30, "the refusal")
+    assert inter.callback is not None
+    assert inter.callback.json["type"] == 4  # a message, not a deferral
+    assert inter.callback.json["data"]["flags"] & 64  # ephemeral
+    assert "no-such" in inter.callback.json["data"]["content"]
+    assert inter.callback.at - inter.sent_at < 3.0
+    assert not shown_publicly(fake, "no-such")
+    assert not discord_stack.jobs()
+    assert await discord_stack.balance(ALICE) == before
+
+
+async def test_a_slow_check_defers_in_time_and_a_refusal_then_replaces_it_privately(
+    discord_stack: DiscordStack,
+) -> None:
+    """An image slow to fetch makes the check outlast what Discord waits for: the bot defers
+    publicly in time; the refusal then removes the "thinking" message (before the followup,
+    which Discord would otherwise make an edit of it) and goes to the asker alone."""
+    fake = discord_stack.fake
+    gate = fake.hold("GET /attachments")
+    attachment = fake.add_attachment(png())
+    options = [p.option("prompt", f"a cat {TINY}"), p.option("style", "no-such"),
+               p.option("image", attachment["id"], 11)]
+    inter = await fake.slash(ALICE, "imagine", options, attachments=[attachment])
+    callback = await fake.wait_for(lambda: inter.callback, 30, "the deferral")
+    assert callback.json["type"] == 5 and callback.at - inter.sent_at < 3.0
+    gate.set()
+    answer: Call = await fake.wait_for(
+        lambda: next((c for c in fake.calls_to("POST /webhooks/") if inter.token in c.path), None),
         30,
         "the refusal",
     )
-    assert refusal.json["flags"] & 64  # ephemeral
-    assert "no-such" in refusal.json["content"]
-    assert fake.calls_to("DELETE /webhooks/")  # the public "thinking" message is gone
+    assert answer.json["flags"] & 64 and "no-such" in answer.json["content"]
+    assert inter.original is not None and int(inter.original["id"]) not in fake.messages
+    (deleted,) = fake.calls_to("DELETE /webhooks/")
+    assert fake.calls.index(deleted) < fake.calls.index(answer)
+    assert not shown_publicly(fake, "no-such")
     assert not discord_stack.jobs()
-    assert await discord_stack.balance(ALICE) == before
+
+
+async def test_over_the_tiers_concurrency_the_reason_is_private_from_the_start(
+    discord_stack: DiscordStack,
+) -> None:
+    fake = discord_stack.fake
+    await discord_stack.stop_dispatcher()  # two jobs stay queued: the free tier's cap
+    for n in (1, 2):
+        await fake.slash(ALICE, "imagine", [p.option("prompt", f"a cat {n} {TINY}")])
+        await fake.wait_for(lambda n=n: len(discord_stack.jobs()) == n, 30, f"job {n}")
+    third = await fake.slash(ALICE, "imagine", [p.option("prompt", f"a dog {TINY}")])
+    await fake.wait_for(lambda: third.callback, 30, "the refusal")
+    assert third.callback is not None and third.callback.json["type"] == 4
+    data = third.callback.json["data"]
+    assert data["flags"] & 64 and "2 jobs queued or running" in data["content"]
+    assert not shown_publicly(fake, "queued or running")
+    assert len(discord_stack.jobs()) == 2
+
+
+async def test_refused_at_submit_the_person_gets_the_real_reason_privately(
+    discord_stack: DiscordStack,
+) -> None:
+    """Three /imagine at once on a tier allowing two: all three pass the quote, the third is
+    refused at submit. Its "Queued" status goes away and it learns why, privately."""
+    fake = discord_stack.fake
+    await discord_stack.balance(ALICE)  # the account exists before the three race
+    await discord_stack.stop_dispatcher()
+    gate = fake.hold("PATCH /webhooks/")  # every status waits until all three are checked
+    inters = [
+        await fake.slash(ALICE, "imagine", [p.option("prompt", f"a cat {n} {TINY}")])
+        for n in range(3)
+    ]
+    await fake.wait_for(
+        lambda: len([c for c in fake.calls if c.route.startswith("PATCH /webhooks/")]) >= 3,
+        30,
+        "three statuses",
+    )
+    gate.set()
+    answer: Call = await fake.wait_for(
+        lambda: next(
+            (
+                c
+                for c in fake.calls_to("POST /webhooks/")
+                if "queued or running" in (c.json or {}).get("content", "")
+            ),
+            None,
+        ),
+        30,
+        "the reason",
+    )
+    assert answer.json["flags"] & 64  # ephemeral
+    assert "Queued" not in answer.json["content"]
+    refused = next(i for i in inters if i.token in answer.path)
+    assert refused.original is not None
+    assert int(refused.original["id"]) not in fake.messages  # no stale "Queued" left
+    assert not shown_publicly(fake, "queued or running")
+    assert len(discord_stack.jobs()) == 2
 
 
 async def test_style_and_model_autocomplete(discord_stack: DiscordStack) -> None:

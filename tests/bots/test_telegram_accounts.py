@@ -5,9 +5,11 @@ never the token."""
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from telegram.ext import CommandHandler
 
 from core.jobs import Requester
 from storage import ledger
@@ -40,6 +42,24 @@ async def test_start_help_credits_and_gallery(stack: Stack) -> None:
     assert "/help" in reply("I do not know that command")
     commands = fake.calls_of("setMyCommands")[0].json("commands")
     assert {"imagine", "styles", "link", "settings"} <= {c["command"] for c in commands}
+
+
+async def test_help_lists_every_command_of_the_menu(stack: Stack) -> None:
+    """/help, the menu (setMyCommands) and the command handlers name the same commands."""
+    fake, user = stack.fake, 3009
+    await fake.send(user, "/help")
+    text = (await fake.wait_call("sendMessage", chat=user)).params["text"]
+    listed = re.findall(r"^/(\w+)", text, re.MULTILINE)
+    menu = [c["command"] for c in fake.calls_of("setMyCommands")[0].json("commands")]
+    assert stack.app is not None
+    handled = {
+        name
+        for handler in stack.app.handlers[0]
+        if isinstance(handler, CommandHandler)
+        for name in handler.commands
+    }
+    assert sorted(listed) == sorted(menu)  # /apikey and /help included
+    assert handled - {"start"} == set(menu)  # /start: Telegram's own, kept off the menu
 
 
 async def test_credits_lists_packs_with_their_expiry(stack: Stack) -> None:

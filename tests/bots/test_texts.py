@@ -26,4 +26,4 @@ def test_describe_balance_names_the_reset_and_the_packs() -> None:
     assert texts.describe_balance(both, evening) == (
         "2 left today (resets in 5 h 12 min) and 4 in packs"
     )
-    assert texts.describe_balance(both, evening) in texts.welcome("Ada", both, evening)
+    assert texts.describe_balance(both, evening) in texts.welcome("Ada", both, evening, "")

@@ -1,4 +1,5 @@
-"""``/help``: what the bot does and how to ask for images."""
+"""``/help``: what the bot does and how to ask for images, listing every command of the
+command tree (so it cannot leave one out)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from bots.common import texts
 if TYPE_CHECKING:
     from bots.discord.bot import AtelierBot
 
-DISCORD_NOTE = (
-    "\n\nOn Discord, /imagine also takes its settings as options (style, aspect, n, seed, "
-    "steps, cfg, negative, model, image, strength). Server admins: /server-settings."
+DISCORD_TIPS = (
+    "The flags of /imagine are also its options (style, aspect, n, seed, steps, cfg, "
+    "negative, model, image, strength).",
+    "Every command answers you alone, except /imagine: its images are posted in the channel.",
 )
 
 
@@ -26,4 +28,7 @@ class Help(commands.Cog):
     @app_commands.command(name="help", description="How to use the bot")
     async def help(self, interaction: discord.Interaction[Any]) -> None:
         """The help text, for the asker only."""
-        await interaction.response.send_message(texts.help_text() + DISCORD_NOTE, ephemeral=True)
+        slash = self.bot.tree.get_commands(type=discord.AppCommandType.chat_input)
+        listed = [(c.name, c.description) for c in slash]
+        text = texts.help_text(listed, tips=DISCORD_TIPS)
+        await interaction.response.send_message(text, ephemeral=True)

@@ -1,8 +1,10 @@
 """``/imagine`` (typed options, style and model autocomplete, an image to redraw) and
-``/cancel``: deferred at once, then the chat core runs the job behind the deferred message."""
+``/cancel``. ``/imagine`` is checked and priced before Discord gets an answer, so a refusal is
+that answer, for the asker alone; an accepted job runs behind a public deferred message."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from functools import partial
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 _STEPS_FLAG = re.compile(r"(?<!\S)(?:--|[\u2014\u2013])steps[\s=]+(\d+)", re.IGNORECASE)
 _MODEL_FLAG = re.compile(r"(?<!\S)(?:--|[\u2014\u2013])model(?=[\s=]|$)", re.IGNORECASE)
+# Discord wants an answer within 3 s: a check slower than this (an image to fetch, a busy
+# store) answers with a public deferral first, and a refusal then follows privately.
+CHECK_WITHIN_S = 2.0
 
 
 def server_defaults(text: str, prefs: guilds.GuildPrefs) -> str:
@@ -82,33 +87,61 @@ class Imagine(commands.Cog):
         image: discord.Attachment | None = None,
         strength: app_commands.Range[float, 0.01, 1.0] | None = None,
     ) -> None:
-        """Defer within Discord's 3 s, then make the images behind the deferred message."""
-        bot = self.bot
-        if not await acknowledge(interaction, thinking=True):
-            return
-        bot.port.thinking(interaction)
+        """Check and price first, so a refusal is the first answer and the asker's alone;
+        then defer publicly and make the images behind the deferred message."""
+        options = Options(style, aspect, n, seed, steps, cfg, negative, model, strength)
+        checking = asyncio.create_task(self._check(interaction, prompt, options, image))
         try:
-            options = Options(style, aspect, n, seed, steps, cfg, negative, model, strength)
-            text = command_text(prompt, options)
-            text = server_defaults(text, await guilds.load(bot.state, interaction.guild_id))
-            photo = await self._read(image)
-        except AtelierError as exc:
-            await self._refuse(interaction, await bot.core.error_text(interaction.user.id, exc))
-            return
-        try:
+            if not await self._in_time(interaction, checking):
+                return
+            checked = await checking
+            if checked.quote.repeat_of is not None:
+                return  # the same interaction again: its first delivery answered it
+            if not interaction.response.is_done() and not await self._defer(interaction):
+                return
             with answering(interaction):
-                job = await jobs.imagine(
-                    bot.core,
-                    who(interaction),
-                    text,
-                    idempotency_key=f"discord:{interaction.id}",
-                    photo=photo,
-                )
-            refusal = bot.port.first_reply(interaction)
-            if job is None and refusal is not None:
-                await self._refuse(interaction, refusal)
+                await jobs.start_checked(self.bot.core, who(interaction), checked)
+        except AtelierError as exc:
+            text = await self.bot.core.error_text(interaction.user.id, exc)
+            await self._refuse(interaction, text)
         finally:
-            bot.port.done_with(interaction)
+            checking.cancel()
+            if self.bot.port.still_thinking(interaction):  # failed before any status
+                await self._drop_thinking(interaction)
+            self.bot.port.done_with(interaction)
+
+    async def _check(
+        self,
+        interaction: discord.Interaction[Any],
+        prompt: str,
+        options: Options,
+        image: discord.Attachment | None,
+    ) -> jobs.Checked:
+        """What the command asks for with the server's defaults, checked and priced."""
+        text = command_text(prompt, options)
+        text = server_defaults(text, await guilds.load(self.bot.state, interaction.guild_id))
+        return await jobs.check(
+            self.bot.core,
+            who(interaction),
+            text,
+            idempotency_key=f"discord:{interaction.id}",
+            photo=await self._read(image),
+        )
+
+    async def _in_time(
+        self, interaction: discord.Interaction[Any], checking: asyncio.Task[jobs.Checked]
+    ) -> bool:
+        """Wait for the check, deferring first if it runs past ``CHECK_WITHIN_S`` (Discord
+        wants an answer within 3 s); False when the interaction was answered already."""
+        done, _ = await asyncio.wait({checking}, timeout=CHECK_WITHIN_S)
+        return bool(done) or await self._defer(interaction)
+
+    async def _defer(self, interaction: discord.Interaction[Any]) -> bool:
+        """Defer publicly: a "thinking" message that the job's status replaces."""
+        if not await acknowledge(interaction, thinking=True):
+            return False
+        self.bot.port.thinking(interaction)
+        return True
 
     async def _read(self, image: discord.Attachment | None) -> bytes | None:
         if image is None:
@@ -123,12 +156,25 @@ class Imagine(commands.Cog):
         return await image.read()
 
     async def _refuse(self, interaction: discord.Interaction[Any], text: str) -> None:
-        """A refusal is for the asker only: the public "thinking" message goes away."""
+        """A refusal is for the asker only: the first answer where nothing was shown yet,
+        else an ephemeral followup once the public "thinking" message is gone."""
+        if not interaction.response.is_done():
+            try:
+                await interaction.response.send_message(text, ephemeral=True)
+            except discord.HTTPException as exc:  # too late: Discord dropped the interaction
+                log.info("could not refuse interaction %s: %s", interaction.id, exc)
+            return
+        if self.bot.port.still_thinking(interaction):
+            await self._drop_thinking(interaction)
+        await interaction.followup.send(text, ephemeral=True)
+
+    async def _drop_thinking(self, interaction: discord.Interaction[Any]) -> None:
+        """Remove the public "thinking" message (never edited to say something private)."""
+        self.bot.port.done_with(interaction)
         try:
             await interaction.delete_original_response()
         except discord.HTTPException as exc:
             log.info("could not remove the deferred message of %s: %s", interaction.id, exc)
-        await interaction.followup.send(text, ephemeral=True)
 
     @imagine.autocomplete("style")
     async def _style(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,6 +258,36 @@ def message(
     if webhook_id is not None:
         msg["webhook_id"] = str(webhook_id)
     return msg
+
+
+_USER_MENTION = re.compile(r"<@!?(\d+)>")
+_ROLE_MENTION = re.compile(r"<@&(\d+)>")
+_MASS_MENTION = re.compile(r"@(?:everyone|here)\b")
+
+
+def mentions(content: str, allowed: dict[str, Any] | None) -> dict[str, Any]:
+    """The mentions Discord makes of ``content`` (who it pings) under a request's
+    ``allowed_mentions``: without one, everything typed pings; with one, only the kinds in
+    its ``parse`` and the ids in its ``users`` / ``roles``."""
+    parse = {"everyone", "users", "roles"} if allowed is None else set(allowed.get("parse") or ())
+    listed_users = {int(u) for u in (allowed or {}).get("users") or ()}
+    listed_roles = {int(r) for r in (allowed or {}).get("roles") or ()}
+    users = {int(u) for u in _USER_MENTION.findall(content)}
+    roles = {int(r) for r in _ROLE_MENTION.findall(content)}
+    return {
+        "mention_everyone": "everyone" in parse and bool(_MASS_MENTION.search(content)),
+        "mentions": [user(u) for u in sorted(users if "users" in parse else users & listed_users)],
+        "mention_roles": [
+            str(r) for r in sorted(roles if "roles" in parse else roles & listed_roles)
+        ],
+    }
+
+
+def pinged(message: dict[str, Any]) -> set[str]:
+    """Who a message pings, as typed: ``@everyone``, ``<@user>``, ``<@&role>``."""
+    out = {"@everyone"} if message.get("mention_everyone") else set()
+    out |= {f"<@{u['id']}>" for u in message.get("mentions") or ()}
+    return out | {f"<@&{r}>" for r in message.get("mention_roles") or ()}
 
 
 def option(name: str, value: Any, kind: int | None = None, focused: bool = False) -> dict[str, Any]:

@@ -44,6 +44,9 @@ class Call:
     at: float = field(default_factory=time.monotonic)
     status: int = 200
     result: Any = None
+    # Who the message this call made or edited pinged (``p.pinged``), as Discord worked out
+    # from its content and ``allowed_mentions``.
+    pings: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -348,6 +351,8 @@ class DiscordRest:
             webhook_id=p.APP_ID if interaction is not None else None,
             interaction_id=None if interaction is None else interaction.id,
         )
+        message.update(p.mentions(message["content"], body.get("allowed_mentions")))
+        call.pings = p.pinged(message)
         self.messages[int(message["id"])] = message
         return message
 
@@ -357,6 +362,9 @@ class DiscordRest:
             if key in body:
                 empty: Any = "" if key == "content" else []
                 message[key] = empty if body[key] is None else body[key]
+        if "content" in body:  # Discord works the mentions out again from the new content
+            message.update(p.mentions(message["content"], body.get("allowed_mentions")))
+            call.pings = p.pinged(message)
         if "attachments" in body or call.files:
             kept_ids = {str(a.get("id")) for a in body.get("attachments") or []}
             kept = [a for a in message["attachments"] if a["id"] in kept_ids]
@@ -364,7 +372,11 @@ class DiscordRest:
         message["edited_timestamp"] = p.iso(self.clock.now())
         return message
 
+    async def _wait_if_held(self, route: str) -> None:
+        raise NotImplementedError
+
     async def _attachment(self, request: web.Request) -> web.Response:
+        await self._wait_if_held("GET /attachments/{key}/{name}")
         data = self.attachments.get(request.match_info["key"])
         if data is None:
             return web.Response(status=404)

@@ -1,7 +1,8 @@
 """A fake Discord (REST v10 + gateway v10 on one 127.0.0.1 port, aiohttp) that the real
 discord.py talks to in tests and benches: it serves one guild, pushes interactions over the gateway,
 enforces the 3-second and 15-minute interaction rules on its own movable clock, parses uploads,
-serves attachments, answers 429s on request and records every REST call."""
+serves attachments, answers 429s or holds calls on request, works out who each message pings
+(from its ``allowed_mentions``) and records every REST call."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class FakeDiscord(DiscordRest):
         self.commands: dict[str, list[dict[str, Any]]] = {}  # "global" / guild id -> commands
         self.identifies = 0
         self._failures: list[tuple[str | None, float]] = []
+        self._holds: list[tuple[str, asyncio.Event]] = []
         self._sockets: set[web.WebSocketResponse] = set()
         self._seq = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -108,6 +110,20 @@ class FakeDiscord(DiscordRest):
     def fail(self, times: int, *, retry_after: float = 0.5, route: str | None = None) -> None:
         """Answer the next ``times`` REST calls (whose route contains ``route``) with a 429."""
         self._failures.extend([(route, retry_after)] * times)
+
+    def hold(self, route: str) -> asyncio.Event:
+        """Keep the REST calls whose route contains ``route`` (``GET /attachments`` for
+        downloads) unanswered, though received and recorded, until the event returned is
+        set: lines up what the bot does meanwhile."""
+        gate = asyncio.Event()
+        self._holds.append((route, gate))
+        return gate
+
+    async def _wait_if_held(self, route: str) -> None:
+        gate = next((g for r, g in self._holds if r in route and not g.is_set()), None)
+        if gate is not None:
+            await self.notify()
+            await gate.wait()
 
     def add_attachment(self, data: bytes, filename: str = "photo.png") -> dict[str, Any]:
         """An attachment (as in ``data.resolved``) the bot can download."""
@@ -327,6 +343,7 @@ class FakeDiscord(DiscordRest):
             return _error(call, 404, 0, call.route)
         route, handler, match = found
         call.route = route
+        await self._wait_if_held(route)
         if request.headers.get("Authorization") not in (f"Bot {self.token}", None):
             return _error(call, 401, 0, "401: Unauthorized")
         failure = next((f for f in self._failures if f[0] is None or f[0] in route), None)

@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from telegram import Update
 
-from bots.common import account, texts
+from bots.common import account
 from bots.common.core import ChatCore
 from bots.common.port import Say, Who
+from bots.telegram import menu
 from bots.telegram.keyboards import markup
 from bots.telegram.services import Context, core_of, reply_error, who_of
 from core.errors import AtelierError
@@ -33,14 +35,14 @@ async def _answer(
 
 async def start(update: Update, context: Context) -> None:
     """Welcome the person: credits and how to start."""
-    await _answer(update, context, account.welcome)
+    await _answer(update, context, partial(account.welcome, help_=menu.help_text()))
 
 
 async def help_command(update: Update, context: Context) -> None:
     """List the commands and flags."""
     if update.effective_message is not None:
         models = await core_of(context).client.available_models()
-        await update.effective_message.reply_text(texts.help_text(models))
+        await update.effective_message.reply_text(menu.help_text(models))
 
 
 async def credits(update: Update, context: Context) -> None:
