@@ -1,0 +1,144 @@
+"""PostgreSQL restarted under a running service (a private server, stopped with ``pg_ctl -m
+immediate`` as in a crash, then started again): the dispatcher waits the outage out, says so in
+its log and on /readyz, and jobs submitted before and after complete. Under `atelier up`'s
+assembly (local_stack and the web app) and under a dispatcher process of its own
+(run_dispatcher, what `atelier dispatcher` runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import ray
+
+from atelier.service import device_resources, local_stack, run_dispatcher, shared_stack
+from atelier.webserver import serve_web
+from bench.chaos_services import Postgres
+from cluster.client import Client
+from cluster.devices import DeviceProfile
+from cluster.dispatcher import RAY_NAMESPACE, Pacing
+from cluster.worker import init_local_ray, spawn_worker
+from core.jobs import DeliveryTarget, Requester
+from core.request import GenerationRequest
+from core.settings import load_settings
+from storage.db import upgrade
+from tests.cluster.conftest import TinyModels
+from tests.cluster.scrape import get
+from tests.conftest import forbid_in_fast_tier, free_port, service_missing
+
+pytestmark = pytest.mark.services
+
+# The idle dispatcher asks the store twice a second (its reconcile pass), so it meets the
+# outage at once rather than up to 30 s later, as it would with the default pacing.
+PACING = Pacing(reconcile_interval_s=0.5)
+
+
+@pytest.fixture
+def pg() -> Iterator[Postgres]:
+    """A migrated database on a PostgreSQL server of this test's own."""
+    forbid_in_fast_tier("PostgreSQL")
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")):
+        service_missing("PostgreSQL server binaries (pg_ctl)")
+    server = Postgres(Path("/tmp"))
+    try:
+        server.init()
+        upgrade(server.url)
+        yield server
+    finally:
+        server.remove()
+
+
+async def _job(client: Client, seed: int) -> None:
+    request = GenerationRequest(prompt="a fox", model="tiny", width=64, height=64, steps=2,
+                                scheduler="Euler", seed=seed)
+    job = await client.submit(
+        request, Requester(platform="web", platform_user_id="outage"),
+        DeliveryTarget(frontend="web"), uuid.uuid4().hex,
+    )
+    event = await asyncio.wait_for(client.wait(job.job_id), 45)
+    assert event.kind == "done", event
+
+
+async def _readyz(url: str, wanted: Callable[[int, str], bool], timeout: float = 20) -> str:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            status, body = await get(url)
+            if wanted(status, body):
+                return body
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{url} never answered as wanted; last: {status} {body!r}")
+        await asyncio.sleep(0.2)
+
+
+async def _restart(pg: Postgres, readyz: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Stop PostgreSQL; every /readyz says not ready, naming the store and the dispatcher
+    waiting for it, and the dispatcher's log says so; then start it: ready again."""
+    await asyncio.to_thread(pg.stop, "immediate")
+    for url in readyz:
+        body = await _readyz(
+            url, lambda status, body: status == 503 and "dispatcher: store unavailable" in body
+        )
+        assert "store: OperationalError" in body, body
+    said = [r.getMessage() for r in caplog.records
+            if r.name == "cluster.dispatcher" and r.levelno >= logging.WARNING]
+    assert any("store unavailable (OperationalError" in m for m in said), said
+    await asyncio.to_thread(pg.start)
+    for url in readyz:
+        body = await _readyz(url, lambda status, body: status == 200)
+        assert "dispatcher: ok" in body, body
+
+
+async def test_atelier_up_rides_out_a_postgresql_restart(
+    pg: Postgres, tiny_models: TinyModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(
+        data_dir=tiny_models.data_dir, database_url=pg.url, web_listen="127.0.0.1:0",
+        metrics={"port": 0, "check_timeout_s": 2.0}, _env_file=None,
+    )
+    async with local_stack(settings, pacing=PACING) as stack, serve_web(stack) as web_url:
+        assert stack.metrics is not None
+        readyz = [f"http://127.0.0.1:{stack.metrics.port}/readyz", f"{web_url}/readyz"]
+        await _job(stack.client, 1)
+        await _restart(pg, readyz, caplog)
+        await _job(stack.client, 2)
+
+
+async def test_a_dispatcher_process_rides_out_a_postgresql_restart(
+    pg: Postgres, tiny_models: TinyModels, cpu_profile: DeviceProfile, redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    settings = load_settings(
+        data_dir=tiny_models.data_dir, database_url=pg.url, redis_url=redis_url,
+        metrics={"port": port, "check_timeout_s": 2.0}, _env_file=None,
+    )
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        init_local_ray(resources=device_resources([cpu_profile]), namespace=RAY_NAMESPACE,
+                       log_to_driver=False)
+    prefix = f"outage-{uuid.uuid4().hex[:6]}"
+    worker = spawn_worker(settings=settings.worker_config(), profile=cpu_profile,
+                          name=f"{prefix}-0")
+    stop = asyncio.Event()
+    try:
+        async with shared_stack(settings) as stack:
+            dispatcher = asyncio.create_task(run_dispatcher(
+                settings, name="outage", stop=stop, worker_prefix=prefix, pacing=PACING,
+            ))
+            await _job(stack.client, 1)
+            await _restart(pg, [f"http://127.0.0.1:{port}/readyz"], caplog)
+            await _job(stack.client, 2)
+            assert not dispatcher.done()
+            stop.set()
+            await asyncio.wait_for(dispatcher, 40)
+    finally:
+        stop.set()
+        ray.kill(worker)
+        if started_ray:
+            ray.shutdown()
