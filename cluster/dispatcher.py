@@ -72,6 +72,8 @@ RAY_NAMESPACE = "atelier"
 WORKER_NAME_PREFIX = "atelier-worker"
 # How often the gauges (queue depth per class, workers, deliveries pending) are refreshed.
 METRICS_INTERVAL_S = 1.0
+# What the loop waits out, retrying with backoff: the broker or the store unreachable.
+OUTAGES: tuple[type[Exception], ...] = (BrokerUnavailable, *STORE_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ class Dispatcher:
                     await self._step()
                     backoff = 0.1
                     self.trouble = None
-                except (BrokerUnavailable, *STORE_ERRORS) as exc:
+                except OUTAGES as exc:
                     # An outage of either is waited out the same way; the store's raise
                     # (a PostgreSQL restarting) would otherwise end the loop.
                     what = "broker" if isinstance(exc, BrokerUnavailable) else "store"

@@ -16,6 +16,7 @@ from storage.db import STORE_ERRORS
 log = logging.getLogger(__name__)
 FRONTEND = "web"
 CONSUMER = "web-gallery"  # one name for every web process: any of them may settle any entry
+OUTAGES: tuple[type[Exception], ...] = (BrokerUnavailable, *STORE_ERRORS)
 
 
 async def settle_once(client: Client, *, block_ms: int = 0) -> int:
@@ -40,7 +41,7 @@ async def settle_deliveries(client: Client, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await settle_once(client, block_ms=1000)
-        except (BrokerUnavailable, *STORE_ERRORS) as exc:
+        except OUTAGES as exc:
             what = "broker" if isinstance(exc, BrokerUnavailable) else "store"
             first = (str(exc).splitlines() or [""])[0]
             log.warning("web deliveries: %s unavailable (%s: %s); retrying", what,
