@@ -26,7 +26,7 @@ from cluster.broker import Broker, BrokerUnavailable, JobEntry
 from cluster.placement import WorkerPool, WorkerSlot, publish_loadable
 from cluster.reconcile import REDELIVER_BATCH, REQUEUE_GRACE_S, Reconciler
 from cluster.registry import ModelRegistry
-from cluster.settling import Held, Settler
+from cluster.settling import Held, PatientStore, Settler
 from core import metrics
 from core.errors import AtelierError
 from core.jobs import JobStatus
@@ -143,12 +143,14 @@ class Dispatcher:
             requeue_grace_s=pacing.reconcile_grace_s, redeliver_batch=pacing.redeliver_batch,
             busy=self._busy,
         )
+        # Starting and settling jobs wait out a store outage; the loop's own calls back off.
+        patient = PatientStore(sessions)
         self.settle = Settler(
-            name=name, broker=broker, db=self._db, blobs=blobs,
+            name=name, broker=broker, db=patient, blobs=blobs,
             max_attempts=dispatch.max_attempts, redelivered=self.reconciler.redelivered,
         )
         self.runner = BatchRunner(
-            dispatch=dispatch, broker=broker, workers=workers, settle=self.settle, db=self._db,
+            dispatch=dispatch, broker=broker, workers=workers, settle=self.settle, db=patient,
             lease_s=self.lease_s, progress_interval_s=pacing.progress_interval_s,
             cancel_poll_s=pacing.cancel_poll_s, owner=name,
         )

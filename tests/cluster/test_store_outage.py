@@ -2,12 +2,14 @@
 immediate`` as in a crash, then started again): the dispatcher waits the outage out, says so in
 its log and on /readyz, and jobs submitted before and after complete. Under `atelier up`'s
 assembly (local_stack and the web app) and under a dispatcher process of its own
-(run_dispatcher, what `atelier dispatcher` runs)."""
+(run_dispatcher, what `atelier dispatcher` runs). A batch that ends while the store is down is
+settled once it is back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,18 +17,34 @@ from pathlib import Path
 
 import pytest
 import ray
+from PIL import Image
 
-from atelier.service import device_resources, local_stack, run_dispatcher, shared_stack
+from atelier.service import (
+    device_resources,
+    local_stack,
+    make_client,
+    open_broker,
+    open_db,
+    run_dispatcher,
+    shared_stack,
+)
 from atelier.webserver import serve_web
 from bench.chaos_services import Postgres
+from cluster.broker import JobEntry
 from cluster.client import Client
 from cluster.devices import DeviceProfile
 from cluster.dispatcher import RAY_NAMESPACE, Pacing
+from cluster.engine import ImageResult
+from cluster.settling import Held, PatientStore, Settler
 from cluster.worker import init_local_ray, spawn_worker
-from core.jobs import DeliveryTarget, Requester
+from core.jobs import DeliveryTarget, JobStatus, Requester
 from core.request import GenerationRequest
 from core.settings import load_settings
-from storage.db import upgrade
+from storage import gallery
+from storage import jobs as job_repo
+from storage.blobs import BlobStore
+from storage.db import Store, upgrade
+from storage.models import utcnow
 from tests.cluster.conftest import TinyModels
 from tests.cluster.scrape import get
 from tests.conftest import forbid_in_fast_tier, free_port, service_missing
@@ -142,3 +160,48 @@ async def test_a_dispatcher_process_rides_out_a_postgresql_restart(
         ray.kill(worker)
         if started_ray:
             ray.shutdown()
+
+
+async def test_a_batch_ending_while_postgresql_is_down_is_settled_once_it_is_back(
+    pg: Postgres, tiny_models: TinyModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(data_dir=tiny_models.data_dir, database_url=pg.url, _env_file=None)
+    with open_db(settings) as (_, sessions):
+        broker = await open_broker(settings, shared=False)
+        try:
+            client = make_client(settings, sessions, broker, models=tiny_models.registry)
+            request = GenerationRequest(prompt="a fox", model="tiny", width=64, height=64)
+            submitted = await client.submit(
+                request, Requester(platform="web", platform_user_id="outage"),
+                DeliveryTarget(frontend="web"), uuid.uuid4().hex,
+            )
+            now = utcnow()
+            started = await Store(sessions)(lambda s: job_repo.start_attempts(
+                session=s, job_ids=[submitted.job_id], now=now, stale_before=now, owner="d1",
+            ))
+            job = started[submitted.job_id]
+            png = io.BytesIO()
+            Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+            result = ImageResult(job.id, 0, 7, None, png.getvalue(), 64, 64, "a fox", "", "",
+                                 "tiny")
+            settle = Settler(name="d1", broker=broker, db=PatientStore(sessions),
+                             blobs=BlobStore.from_settings(settings), max_attempts=3)
+            # The worker's images arrive just after PostgreSQL went down.
+            await asyncio.to_thread(pg.stop, "immediate")
+            storing = asyncio.create_task(
+                settle.store_done(Held([JobEntry("1-0", job.id)], job), [result])
+            )
+            deadline = asyncio.get_running_loop().time() + 20
+            while "store unavailable (OperationalError" not in caplog.text:
+                assert not storing.done(), storing
+                assert asyncio.get_running_loop().time() < deadline, caplog.text
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(pg.start)
+            settled = await asyncio.wait_for(storing, 60)
+            assert settled is not None and settled.status is JobStatus.succeeded
+            images = await Store(sessions)(
+                lambda s: gallery.list_job_images(session=s, job_id=job.id)
+            )
+            assert [i.seed for i in images] == [7]
+        finally:
+            await broker.close()
