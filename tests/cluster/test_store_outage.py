@@ -3,7 +3,7 @@ immediate`` as in a crash, then started again): the dispatcher waits the outage 
 its log and on /readyz, and jobs submitted before and after complete. Under `atelier up`'s
 assembly (local_stack and the web app) and under a dispatcher process of its own
 (run_dispatcher, what `atelier dispatcher` runs). A batch that ends while the store is down is
-settled once it is back."""
+settled once it is back; the web app's deliveries loop goes on too."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from cluster.client import Client
 from cluster.devices import DeviceProfile
 from cluster.dispatcher import RAY_NAMESPACE, Pacing
 from cluster.engine import ImageResult
+from cluster.events import terminal_event
 from cluster.settling import Held, PatientStore, Settler
 from cluster.worker import init_local_ray, spawn_worker
 from core.jobs import DeliveryTarget, JobStatus, Requester
@@ -48,6 +49,7 @@ from storage.models import utcnow
 from tests.cluster.conftest import TinyModels
 from tests.cluster.scrape import get
 from tests.conftest import forbid_in_fast_tier, free_port, service_missing
+from web.gallery.deliveries import FRONTEND, settle_deliveries
 
 pytestmark = pytest.mark.services
 
@@ -205,3 +207,42 @@ async def test_a_batch_ending_while_postgresql_is_down_is_settled_once_it_is_bac
             assert [i.seed for i in images] == [7]
         finally:
             await broker.close()
+
+
+async def test_the_web_deliveries_loop_waits_out_a_postgresql_restart(
+    pg: Postgres, tiny_models: TinyModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(data_dir=tiny_models.data_dir, database_url=pg.url, _env_file=None)
+    with open_db(settings) as (_, sessions):
+        broker = await open_broker(settings, shared=False, claim_idle_ms=1000)
+        stop = asyncio.Event()
+        try:
+            client = make_client(settings, sessions, broker, models=tiny_models.registry)
+            submitted = await client.submit(
+                GenerationRequest(prompt="a fox", model="tiny"),
+                Requester(platform="web", platform_user_id="outage"),
+                DeliveryTarget(frontend=FRONTEND), uuid.uuid4().hex,
+            )
+            job = await Store(sessions)(lambda s: job_repo.finish_and_release(
+                session=s, job_id=submitted.job_id, status=JobStatus.cancelled, error="test",
+            ))
+            # Its announcement is read while PostgreSQL is down: confirming it fails.
+            await asyncio.to_thread(pg.stop, "immediate")
+            await broker.publish_delivery(FRONTEND, terminal_event(job, []).to_fields())
+            loop = asyncio.create_task(settle_deliveries(client, stop))
+            deadline = asyncio.get_running_loop().time() + 20
+            while "web deliveries: store unavailable (OperationalError" not in caplog.text:
+                assert not loop.done(), loop
+                assert asyncio.get_running_loop().time() < deadline, caplog.text
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(pg.start)
+            while (await Store(sessions)(
+                lambda s: job_repo.get_job(session=s, job_id=job.id), read_only=True
+            )).delivered_at is None:
+                assert not loop.done(), loop
+                assert asyncio.get_running_loop().time() < deadline + 20, caplog.text
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await broker.close()
+        await asyncio.wait_for(loop, 10)
