@@ -24,6 +24,7 @@ from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pa
 from cluster.health import MetricsServer, Probe, broker_check, ray_check, store_check
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
+from cluster.supervise import supervise
 from core.errors import ConfigError
 from core.settings import Mode, Settings
 
@@ -179,7 +180,7 @@ def stop_on_signals() -> asyncio.Event:
 @contextlib.asynccontextmanager
 async def local_stack(
     settings: Settings, *, dispatcher: bool = True, workers: bool = True,
-    dispatcher_name: str | None = None,
+    dispatcher_name: str | None = None, pacing: Pacing | None = None,
 ) -> AsyncIterator[Stack]:
     """Start the single-box stack: the migrated store, Redis when it answers (else the
     in-process broker), Ray on 127.0.0.1 with one worker actor per local device, a dispatcher
@@ -187,7 +188,8 @@ async def local_stack(
 
     ``dispatcher_name``: its consumer name, unique among the dispatchers sharing the broker.
     A stable one (`atelier up`) lets a restarted service take back its jobs in flight at once;
-    the default (host and pid) suits a one-off run."""
+    the default (host and pid) suits a one-off run. ``pacing``: the dispatcher's (tests).
+    The dispatcher is supervised: an unexpected end is logged and it starts again."""
     import ray
 
     from cluster.worker import init_local_ray, spawn_worker
@@ -233,10 +235,13 @@ async def local_stack(
             if dispatcher and handles:
                 # 4. The dispatcher, in this process, over the workers just started.
                 pool = await WorkerPool.from_handles(handles)
-                stack.dispatcher = make_dispatcher(
-                    settings, sessions, broker, pool, models=models, name=dispatcher_name
+                stack.dispatcher = d = make_dispatcher(
+                    settings, sessions, broker, pool, models=models, name=dispatcher_name,
+                    pacing=pacing,
                 )
-                task = asyncio.create_task(stack.dispatcher.run(stop))
+                task = asyncio.create_task(
+                    supervise("dispatcher", lambda: d.run(stop), stop, trouble=lambda: d.trouble)
+                )
                 stack.notes.append(f"dispatcher: {stack.dispatcher.name}")
             async with serve_metrics(settings, stack, with_ray=workers) as server:
                 if server is not None:
@@ -306,7 +311,10 @@ async def run_dispatcher(
             pacing=pacing,
         )
         async with serve_metrics(settings, stack, with_ray=True):
-            await dispatcher.run(stop)
+            await supervise(
+                "dispatcher", lambda: dispatcher.run(stop), stop,
+                trouble=lambda: dispatcher.trouble,
+            )
 
 
 async def run_telegram_bot(

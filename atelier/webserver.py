@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 
 import uvicorn
 
 from atelier.service import Stack, serve_metrics, shared_stack, stop_on_signals
 from atelier.wiring import console, fail, settings_or_exit
 from cluster.health import Probe, broker_check, store_check, with_probe
+from cluster.supervise import supervise
 from core.errors import AtelierError, ConfigError
 from core.logs import setup_logging
 from core.redact import redact_url
@@ -39,8 +40,10 @@ def web_context(stack: Stack) -> WebContext:
     )
 
 
-def _bind(settings: Settings) -> socket.socket:
-    host, port = parse_listen(settings.web_listen)
+def _bind(settings: Settings, port: int | None = None) -> socket.socket:
+    """A listening socket on ATELIER_WEB_LISTEN (``port``: this one instead of its port)."""
+    host, listen_port = parse_listen(settings.web_listen)
+    port = listen_port if port is None else port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -82,22 +85,34 @@ async def serve_web(stack: Stack) -> AsyncIterator[str]:
         with_probe(app, probe, paths), log_level="warning",
         lifespan="off", proxy_headers=True, access_log=False,
     )
-    server = _InLoopServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    url = listen_url(stack.settings, sock)
+    bound_port = sock.getsockname()[1]
+    servers: list[_InLoopServer] = []
+
+    def serve() -> Awaitable[None]:
+        # uvicorn closes its sockets when it ends: a restart listens again on the same port.
+        listening = sock if not servers else _bind(stack.settings, bound_port)
+        servers.append(_InLoopServer(config))
+        return servers[-1].serve(sockets=[listening])
+
+    # Both supervised: an unexpected end is logged and they start again.
     stop = asyncio.Event()
-    settling = asyncio.create_task(settle_deliveries(stack.client, stop))
+    task = asyncio.create_task(supervise("web server", serve, stop))
+    settling = asyncio.create_task(
+        supervise("web deliveries", lambda: settle_deliveries(stack.client, stop), stop)
+    )
     try:
-        while not server.started:
-            if task.done():
-                await task  # raises what stopped it
+        while not (servers and servers[-1].started):
+            if task.done() or len(servers) > 1:  # it ended before it started (logged)
                 raise ConfigError(f"the web app did not start on {stack.settings.web_listen}")
             await asyncio.sleep(0.02)
-        yield listen_url(stack.settings, sock)
+        yield url
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(settling, timeout=5)
-        server.should_exit = True
+        if servers:
+            servers[-1].should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=10)
         sock.close()

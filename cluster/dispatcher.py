@@ -26,7 +26,7 @@ from cluster.broker import Broker, BrokerUnavailable, JobEntry
 from cluster.placement import WorkerPool, WorkerSlot, publish_loadable
 from cluster.reconcile import REDELIVER_BATCH, REQUEUE_GRACE_S, Reconciler
 from cluster.registry import ModelRegistry
-from cluster.settling import Held, Settler
+from cluster.settling import Held, PatientStore, Settler
 from core import metrics
 from core.errors import AtelierError
 from core.jobs import JobStatus
@@ -35,7 +35,7 @@ from core.recipe import batch_key, item_pixels
 from core.settings import Dispatch
 from storage import jobs as job_repo
 from storage.blobs import BlobStore
-from storage.db import Store
+from storage.db import STORE_ERRORS, Store
 from storage.jobs import JobRead
 from storage.models import utcnow
 
@@ -72,6 +72,8 @@ RAY_NAMESPACE = "atelier"
 WORKER_NAME_PREFIX = "atelier-worker"
 # How often the gauges (queue depth per class, workers, deliveries pending) are refreshed.
 METRICS_INTERVAL_S = 1.0
+# What the loop waits out, retrying with backoff: the broker or the store unreachable.
+OUTAGES: tuple[type[Exception], ...] = (BrokerUnavailable, *STORE_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,10 @@ class Dispatcher:
         self._due: dict[str, float] = {}
         self._worker_classes: set[str] = set()  # seen in the workers gauge, to zero later
         self._db = Store(sessions)
+        # Entries read while the store was down, decided once it answers again.
+        self._unadmitted: dict[str, JobEntry] = {}
+        # Why the loop is waiting instead of dispatching (an outage), for /readyz; None: fine.
+        self.trouble: str | None = None
         # Three rooms, by lifetime: reconciling the store with the broker (periodic passes),
         # settling a job once it ran or cannot run, running one batch on a worker slot.
         self.reconciler = Reconciler(
@@ -137,12 +143,14 @@ class Dispatcher:
             requeue_grace_s=pacing.reconcile_grace_s, redeliver_batch=pacing.redeliver_batch,
             busy=self._busy,
         )
+        # Starting and settling jobs wait out a store outage; the loop's own calls back off.
+        patient = PatientStore(sessions)
         self.settle = Settler(
-            name=name, broker=broker, db=self._db, blobs=blobs,
+            name=name, broker=broker, db=patient, blobs=blobs,
             max_attempts=dispatch.max_attempts, redelivered=self.reconciler.redelivered,
         )
         self.runner = BatchRunner(
-            dispatch=dispatch, broker=broker, workers=workers, settle=self.settle, db=self._db,
+            dispatch=dispatch, broker=broker, workers=workers, settle=self.settle, db=patient,
             lease_s=self.lease_s, progress_interval_s=pacing.progress_interval_s,
             cancel_poll_s=pacing.cancel_poll_s, owner=name,
         )
@@ -183,11 +191,19 @@ class Dispatcher:
                     await self._housekeeping()
                     await self._step()
                     backoff = 0.1
-                except BrokerUnavailable as exc:
-                    log.warning("dispatcher %s: broker unavailable (%s); retrying in %.1f s",
-                                self.name, exc, backoff)
-                    # Jobs read before the outage still go to workers as they free up.
-                    self._dispatch()
+                    self.trouble = None
+                except OUTAGES as exc:
+                    # An outage of either is waited out the same way; the store's raise
+                    # (a PostgreSQL restarting) would otherwise end the loop.
+                    what = "broker" if isinstance(exc, BrokerUnavailable) else "store"
+                    first = (str(exc).splitlines() or [""])[0]
+                    self.trouble = f"{what} unavailable ({type(exc).__name__}: {first})"[:300]
+                    log.warning("dispatcher %s: %s; retrying in %.1f s", self.name,
+                                self.trouble, backoff)
+                    if what == "broker":
+                        # Jobs read before the outage still go to workers as they free up
+                        # (starting one needs the store, so not while the store is down).
+                        self._dispatch()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -199,6 +215,11 @@ class Dispatcher:
             log.info("dispatcher %s stopped", self.name)
 
     async def _step(self) -> None:
+        # 0. What was read while the store was down.
+        if self._unadmitted:
+            entries = list(self._unadmitted.values())
+            self._unadmitted.clear()
+            await self._admit(entries)
         # 1. Read ahead, up to the window; block only when nothing can be placed meanwhile.
         room = self.pacing.window - len(self._queue)
         placeable = self._placeable()
@@ -356,7 +377,7 @@ class Dispatcher:
     async def _touch(self) -> None:
         """Keep our entries from being claimed and our running jobs' leases fresh."""
         held = [*self._held.values(), *self._running.values(), *self.settle.settling.values()]
-        entry_ids = [eid for h in held for eid in h.entry_ids]
+        entry_ids = [eid for h in held for eid in h.entry_ids] + list(self._unadmitted)
         if entry_ids:
             await self.broker.touch_jobs(self.name, entry_ids)
         running = list(self._running)
@@ -388,7 +409,15 @@ class Dispatcher:
 
     async def _admit(self, entries: Sequence[JobEntry]) -> None:
         """Decide about newly read (or claimed) entries: settle what is already settled,
-        refuse what can never run, queue the rest."""
+        refuse what can never run, queue the rest. While the store is down they are kept
+        (and touched) to be decided again: deciding twice is harmless."""
+        try:
+            await self._decide(entries)
+        except STORE_ERRORS:
+            self._unadmitted.update((e.entry_id, e) for e in entries)
+            raise
+
+    async def _decide(self, entries: Sequence[JobEntry]) -> None:
         fresh: list[JobEntry] = []
         for entry in entries:
             mine = (self._held.get(entry.job_id) or self._running.get(entry.job_id)

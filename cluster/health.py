@@ -1,6 +1,7 @@
 """/metrics, /healthz and /readyz for every long-running process: the answers (``Probe``), an
 ASGI app a web server mounts, and a small standalone HTTP server for processes without one
-(dispatchers, bots). Readiness asks the store, the broker and Ray, each within a timeout.
+(dispatchers, bots). Readiness asks the store, the broker and Ray, each within a timeout, and
+names every supervised part of the process that is down (cluster/supervise.py).
 
 Workers have no endpoint of their own: they are Ray actors that may come and go with their
 nodes, and every fact about them (batches, busy time, model loads and their time) passes
@@ -22,6 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from cluster.broker import Broker
+from cluster.supervise import PARTS, Parts
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +63,17 @@ def ray_check() -> Check:
 
 @dataclass
 class Probe:
-    """What the endpoints answer, for one process: its readiness checks by name."""
+    """What the endpoints answer, for one process: its readiness checks by name, and its
+    supervised parts (``parts``), each ready only while it runs."""
 
     checks: dict[str, Check] = field(default_factory=dict)
     timeout_s: float = 2.0
     registry: CollectorRegistry = REGISTRY
+    parts: Parts = field(default_factory=lambda: PARTS)
 
     async def readiness(self) -> dict[str, str]:
-        """"ok" or why not, per check; the checks run side by side, each within the timeout."""
+        """"ok" or why not, per check and then per supervised part; the checks run side by
+        side, each within the timeout."""
 
         async def one(check: Check) -> str:
             try:
@@ -81,7 +86,7 @@ class Probe:
 
         names = list(self.checks)
         results = await asyncio.gather(*(one(self.checks[n]) for n in names))
-        return dict(zip(names, results, strict=True))
+        return dict(zip(names, results, strict=True)) | self.parts.states()
 
     async def respond(self, path: str) -> tuple[int, str, bytes]:
         """(status, content type, body) for a GET of ``path``."""

@@ -8,7 +8,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlmodel import Session
 
@@ -22,7 +22,7 @@ from core.jobs import CANCELLED_BY_OWNER, JobStatus
 from storage import gallery, ledger
 from storage import jobs as job_repo
 from storage.blobs import BlobStore, sha256_of
-from storage.db import Store
+from storage.db import STORE_ERRORS, Store
 from storage.gallery import ImageRead, NewImage
 from storage.jobs import JobRead
 
@@ -33,6 +33,28 @@ log = logging.getLogger(__name__)
 ANNOUNCED_MEMORY = 10_000
 # Waits between attempts to publish a settled job's delivery while the broker is down.
 PUBLISH_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0)
+# Waits between tries of a store call while the store is unreachable (a PostgreSQL
+# restarting): what a worker made is worth waiting for. After the last the error is raised;
+# the job's entry, left pending, brings the job back.
+STORE_RETRY_S = PUBLISH_RETRY_S
+
+T = TypeVar("T")
+
+
+class PatientStore(Store):
+    """A ``Store`` whose calls ride out a store outage (STORE_RETRY_S), for settling and
+    starting jobs; each call is one transaction, so a retry repeats nothing done."""
+
+    async def __call__(self, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
+        for delay in STORE_RETRY_S:
+            try:
+                return await super().__call__(fn, read_only=read_only)
+            except STORE_ERRORS as exc:
+                first = (str(exc).splitlines() or [""])[0]
+                log.warning("store unavailable (%s: %s); retrying in %g s",
+                            type(exc).__name__, first, delay)
+                await asyncio.sleep(delay)
+        return await super().__call__(fn, read_only=read_only)
 
 
 @dataclass

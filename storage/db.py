@@ -11,12 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
@@ -35,6 +37,9 @@ READ_ONLY = "atelier_read_only"
 # other processes still meet the busy handler.
 _SQLITE_WRITERS: dict[str, threading.Lock] = {}
 _SQLITE_WRITERS_GUARD = threading.Lock()
+# What the store raises while it cannot be reached (a PostgreSQL restarting, a SQLite file
+# locked too long): long-running loops wait these out and try again, as broker outages.
+STORE_ERRORS: tuple[type[Exception], ...] = (DBAPIError, psycopg.Error, sqlite3.OperationalError)
 
 
 def normalize_url(url: str | URL) -> URL:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from bots.common.state import DELIVERED, DELIVERED_TTL_S, BotState
 from cluster.broker import Broker, BrokerUnavailable, DeliveryEntry
 from cluster.events import JobEvent
+from cluster.supervise import supervise
 from core.errors import AtelierError
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,11 @@ class DeliveryLoop:
         self._stopping = False
         self._wake = asyncio.Event()
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=f"deliveries:{self.frontend}")
+            # Supervised: a loop that ends unexpectedly is logged and started again.
+            self._task = asyncio.create_task(
+                supervise(f"{self.frontend} deliveries", self._run, self._wake),
+                name=f"deliveries:{self.frontend}",
+            )
 
     def stop_reading(self) -> None:
         """Take no more entries; retry pauses end now (``stop`` then waits for the rest)."""

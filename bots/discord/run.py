@@ -17,6 +17,7 @@ from bots.common.state import BotState, make_state
 from bots.discord.bot import AtelierBot, use_endpoints
 from cluster.broker import Broker
 from cluster.client import Client
+from cluster.supervise import supervise
 from core import metrics
 from core.errors import ConfigError
 from core.settings import Settings
@@ -54,17 +55,20 @@ class RunningBot:
     """A started bot; ``stop()`` ends it (unsent deliveries stay pending for the next start)."""
 
     def __init__(
-        self, bot: AtelierBot, task: asyncio.Task[None], own_state: BotState | None
+        self, bot: AtelierBot, task: asyncio.Task[None], own_state: BotState | None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.bot = bot
         self.task = task
         self._own_state = own_state  # made by start_bot: closed here
+        self._stopping = stopping or asyncio.Event()  # tells the gateway's supervisor
 
     @property
     def username(self) -> str:
         return str(self.bot.user)
 
     async def stop(self) -> None:
+        self._stopping.set()
         await self.bot.close()
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(self.task, 10)
@@ -128,4 +132,12 @@ async def start_bot(
             raise ConfigError(f"Discord refused to start the bot: {mask(str(exc))}") from None
         raise
     log.info("discord bot %s: connected to %d servers", bot.user, len(bot.guilds))
-    return RunningBot(bot, task, own_state)
+    # Supervised from now on: a gateway connection discord.py gave up on is logged (with its
+    # traceback) and made again, never left to end silently.
+    stopping = asyncio.Event()
+    connections = iter([task])
+    gateway = asyncio.create_task(supervise(
+        "discord gateway", lambda: next(connections, None) or bot.connect(reconnect=reconnect),
+        stopping,
+    ), name="discord-gateway-supervised")
+    return RunningBot(bot, gateway, own_state, stopping)

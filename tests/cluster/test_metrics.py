@@ -67,4 +67,4 @@ async def test_a_job_moves_counters_and_histograms(
 
         assert await get(base + "/healthz") == (200, "ok\n")
         status, body = await get(base + "/readyz")
-        assert status == 200 and body == "store: ok\nbroker: ok\nray: ok\n", body
+        assert status == 200 and body == "store: ok\nbroker: ok\nray: ok\ndispatcher: ok\n", body

@@ -11,10 +11,12 @@ import logging
 from cluster.broker import BrokerUnavailable, DeliveryEntry
 from cluster.client import Client
 from core.errors import AtelierError
+from storage.db import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 FRONTEND = "web"
 CONSUMER = "web-gallery"  # one name for every web process: any of them may settle any entry
+OUTAGES: tuple[type[Exception], ...] = (BrokerUnavailable, *STORE_ERRORS)
 
 
 async def settle_once(client: Client, *, block_ms: int = 0) -> int:
@@ -34,11 +36,15 @@ async def settle_once(client: Client, *, block_ms: int = 0) -> int:
 
 
 async def settle_deliveries(client: Client, stop: asyncio.Event) -> None:
-    """Run ``settle_once`` until ``stop`` is set; a broker outage is waited out."""
+    """Run ``settle_once`` until ``stop`` is set; a broker or store outage is waited out
+    (what was read and not acked is claimed again by the next pass)."""
     while not stop.is_set():
         try:
             await settle_once(client, block_ms=1000)
-        except BrokerUnavailable as exc:
-            log.warning("web deliveries: broker unavailable (%s); retrying", exc)
+        except OUTAGES as exc:
+            what = "broker" if isinstance(exc, BrokerUnavailable) else "store"
+            first = (str(exc).splitlines() or [""])[0]
+            log.warning("web deliveries: %s unavailable (%s: %s); retrying", what,
+                        type(exc).__name__, first)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5)
