@@ -46,17 +46,14 @@ _PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
 
 class FieldError(InvalidRequest):
     """A request field that is wrong or cannot be honoured; ``field`` names it and the message
-    starts with it (once: a message that already does is kept as it is)."""
+    starts with it, once: ``FieldError("prompt", "prompt must not be empty")`` says
+    ``prompt: must not be empty``."""
 
     def __init__(self, field: str, message: str) -> None:
-        message = message.removeprefix(f"{field}: ")
-        super().__init__(message if _names(message, field) else f"{field}: {message}")
+        for prefix in (f"{field}: ", f"{field} "):
+            message = message.removeprefix(prefix)
+        super().__init__(f"{field}: {message}")
         self.field = field
-
-
-def _names(message: str, field: str) -> bool:
-    head = message.split(" ", 1)[0].rstrip(":,")
-    return head == field
 
 
 def status_of(exc: AtelierError) -> int:

@@ -21,7 +21,7 @@ from core.images import validate_image, validate_mask
 from core.infotext import Infotext
 from core.request import SCHEDULERS, GenerationRequest, JobKind, canonical_scheduler
 from core.settings import Limits
-from web.errors import FieldError
+from web.errors import FieldError as FieldError  # raised here, and by the API routes
 
 A1111_VERSION = "v1.10.1"  # the API shape we follow
 # Our request's field -> the A1111 field a person wrote (for errors that name the field).
