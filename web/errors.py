@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from core.errors import (
@@ -39,6 +40,30 @@ _HTTP_CODES = {
     400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 409: "conflict", 413: "too_large", 422: "invalid_request",
     429: "rate_limited", 503: "unavailable",
+}
+
+
+class ErrorBody(BaseModel):
+    """Every error's body (for the OpenAPI docs)."""
+
+    error: str
+    detail: str
+    field: str | None = None
+
+
+# The API routers' documented errors (``APIRouter(responses=ERROR_RESPONSES)``).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "unauthorized: no API key, or a wrong or revoked one"},
+    402: {"model": ErrorBody, "description": "insufficient_credits"},
+    404: {"model": ErrorBody, "description": "not_found (another account's job or image too)"},
+    422: {"model": ErrorBody, "description": "invalid_request; field names the bad one"},
+    429: {
+        "model": ErrorBody,
+        "description": "rate_limited (calls per window), or too_many_jobs (the tier's jobs "
+                       "queued or running at a time: see GET /api/v1/account)",
+        "headers": {"Retry-After": {"description": "seconds to wait before trying again",
+                                    "schema": {"type": "integer"}}},
+    },
 }
 # What pydantic puts before a validator's own message.
 _PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")

@@ -39,3 +39,14 @@ async def test_the_tier_s_job_cap_is_a_429_too_many_jobs_with_retry_after(web: W
     busy = (await web.http.get("/api/v1/account", headers=auth)).json()
     assert busy["jobs_in_flight"] == cap and busy["balance"]["total"] == 10 - cap
     assert (await web.http.get("/api/v1/account")).status_code == 401
+
+
+async def test_the_openapi_docs_name_the_refusal_and_the_account(web: Web) -> None:
+    spec = (await web.http.get("/openapi.json")).json()
+    submit = spec["paths"]["/api/v1/jobs"]["post"]["responses"]
+    assert "too_many_jobs" in submit["429"]["description"]
+    assert "Retry-After" in submit["429"]["headers"]
+    assert "ErrorBody" in str(submit["422"])  # the one shape, not FastAPI's own
+    assert set(spec["components"]["schemas"]["ErrorBody"]["properties"]) == {
+        "error", "detail", "field"}
+    assert "200" in spec["paths"]["/api/v1/account"]["get"]["responses"]

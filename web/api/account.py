@@ -15,8 +15,11 @@ from storage.ledger import PackCredits
 from web.api.common import ApiRoute, Caller, caller, db
 from web.app import get_ctx
 from web.context import WebContext
+from web.errors import ERROR_RESPONSES
 
-router = APIRouter(prefix="/api/v1", tags=["api v1"], route_class=ApiRoute)
+router = APIRouter(
+    prefix="/api/v1", tags=["api v1"], route_class=ApiRoute, responses=ERROR_RESPONSES
+)
 
 
 class BalanceOut(BaseModel):
