@@ -10,6 +10,7 @@ from rich.table import Table
 
 from atelier import serve, webserver
 from atelier.apikey_cli import apikey_app
+from atelier.gallery_cli import gallery_app
 from atelier.wiring import (
     console,
     fail,
@@ -32,6 +33,7 @@ app.add_typer(credits_app, name="credits")
 bot_app = typer.Typer(help="Chat bots as processes of their own.", no_args_is_help=True)
 app.add_typer(bot_app, name="bot")
 app.add_typer(apikey_app, name="apikey")
+app.add_typer(gallery_app, name="gallery")
 
 _settings = settings_or_exit
 _fail = fail

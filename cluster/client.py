@@ -28,7 +28,7 @@ from core.errors import (
     InvalidRequest,
     ModelUnavailable,
     NotFound,
-    RateLimited,
+    TooManyJobs,
 )
 from core.jobs import CANCELLED_BY_OWNER, DeliveryTarget, JobStatus, Requester
 from core.prompts import Blocklist, default_blocklist, prepare_prompt
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # How often events() re-reads the job row when no progress message arrives: the fallback that
 # makes a lost pub/sub message (or a broker outage) cost latency, never the terminal event.
 DEFAULT_POLL_INTERVAL_S = 0.5
+# When a job slot may be free again: a hint for clients refused with TooManyJobs (Retry-After);
+# a small job takes seconds, and asking again early costs one cheap refusal.
+BUSY_RETRY_AFTER_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +150,7 @@ class Client:
     ) -> SubmittedJob:
         """Accept a job: validate, charge (reserve) and queue it, exactly once per key.
 
-        Raises ContentBlocked, InvalidRequest, ModelUnavailable, RateLimited or
+        Raises ContentBlocked, InvalidRequest, ModelUnavailable, TooManyJobs (a RateLimited) or
         InsufficientCredits; in every case nothing is charged and no job row is left behind.
         """
         # 1. Checks that need no database, then that some worker can load the model.
@@ -228,7 +231,7 @@ class Client:
     ) -> Quote:
         """Check a request as ``submit`` will and price it, writing nothing: a front end
         refuses before it posts anything. Raises what ``submit`` raises (ContentBlocked,
-        InvalidRequest, ModelUnavailable, RateLimited, InsufficientCredits); ``submit`` still
+        InvalidRequest, ModelUnavailable, TooManyJobs, InsufficientCredits); ``submit`` still
         checks again."""
         request = self.prepare(await self.with_default_model(request), requester)
         await self.check_model_available(request.model)
@@ -566,12 +569,13 @@ class Client:
 
 
 def _check_concurrency(session: Session, account: AccountRead, tier: Tier) -> None:
-    """RateLimited when the account already has as many jobs in flight as its tier allows."""
+    """TooManyJobs when the account already has as many jobs in flight as its tier allows."""
     in_flight = job_repo.running_jobs_count(session=session, account_id=account.id)
     if in_flight >= tier.concurrency:
-        raise RateLimited(
+        raise TooManyJobs(
             f"you already have {in_flight} jobs queued or running; the {account.tier} "
-            f"tier allows {tier.concurrency} at a time, so wait for one to finish"
+            f"tier allows {tier.concurrency} at a time, so wait for one to finish",
+            retry_after=BUSY_RETRY_AFTER_S,
         )
 
 

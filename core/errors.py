@@ -67,6 +67,13 @@ class RateLimited(AtelierError):
         self.retry_after = retry_after
 
 
+class TooManyJobs(RateLimited):
+    """The account already has as many jobs queued or running as its tier allows; one ending
+    frees a slot (``retry_after``: a hint, in seconds)."""
+
+    code = "too_many_jobs"
+
+
 class NotFound(AtelierError):
     code = "not_found"
 

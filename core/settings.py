@@ -217,6 +217,8 @@ class Settings(BaseSettings):
     # Extra/overriding model entries (TOML); default: {data_dir}/models.toml when present.
     models_file: Path | None = None
     link_code_ttl_s: int = Field(default=600, ge=30)
+    # How long a gallery link opens the gallery (the bots' /gallery, `atelier gallery link`).
+    gallery_link_ttl_s: int = Field(default=7 * 86400, ge=60)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics: Metrics = Field(default_factory=Metrics)

@@ -9,8 +9,10 @@ import json
 from datetime import UTC, datetime, timedelta
 
 from core.errors import Forbidden
+from core.settings import Settings
 
 _SEP = "."
+GALLERY_PURPOSE = "gallery"  # what a gallery link is signed for (web/session.py checks it)
 
 
 def _b64(data: bytes) -> str:
@@ -56,3 +58,21 @@ def expires_at(token: str) -> datetime:
     except (ValueError, KeyError, TypeError, json.JSONDecodeError):
         raise Forbidden("this link is malformed; ask the bot for a new one") from None
     return datetime.fromtimestamp(exp, UTC)
+
+
+def gallery_url(settings: Settings, account_id: int, *, now: datetime) -> str:
+    """The signed link that opens an account's gallery, for ``settings.gallery_link_ttl_s``."""
+    token = sign(
+        settings.resolved_signing_key, subject=str(account_id), purpose=GALLERY_PURPOSE,
+        now=now, ttl=timedelta(seconds=settings.gallery_link_ttl_s),
+    )
+    return f"{settings.public_base_url.rstrip('/')}/g/{token}"
+
+
+def duration_text(seconds: int) -> str:
+    """``7 days``, ``12 hours``, ``30 minutes``: how long a link lasts, for people."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} seconds"

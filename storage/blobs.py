@@ -1,10 +1,12 @@
 """Content-addressed blob store on the filesystem: ``ab/cd/<sha256>.png`` under the blob dir,
-written atomically; keys are validated so that no key can reach outside the store."""
+written atomically; keys are validated so that no key can reach outside the store (a read of
+such a key finds nothing, and is logged: a stored row should never hold one)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -16,6 +18,7 @@ from core.settings import Settings
 KEY_RE = re.compile(r"^([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{64})(\.[a-z0-9]{1,8})$")
 SUFFIX_RE = re.compile(r"^\.[a-z0-9]{1,8}$")
 TEMP_PREFIX = ".tmp-"
+log = logging.getLogger(__name__)
 
 
 class BlobStore:
@@ -68,23 +71,34 @@ class BlobStore:
         return self.path(key).read_bytes()
 
     def path(self, key: str) -> Path:
-        """The file of an existing blob (e.g. to stream it); NotFound if it is not stored."""
-        target = self._resolve(key)
+        """The file of an existing blob (e.g. to stream it); NotFound if it is not stored, or
+        if the key is not one or leads outside the store (then a warning is logged)."""
+        target = self._reading(key)
         if not target.is_file():
             raise NotFound(f"blob {key} is not stored")
         return target
 
     def exists(self, key: str) -> bool:
-        return self._resolve(key).is_file()
+        try:
+            return self._reading(key).is_file()
+        except NotFound:
+            return False
 
     def delete(self, key: str) -> bool:
         """Remove a blob; returns whether it was there. Callers check no image still uses it."""
-        target = self._resolve(key)
         try:
-            target.unlink()
-        except FileNotFoundError:
+            self._reading(key).unlink()
+        except (NotFound, FileNotFoundError):
             return False
         return True
+
+    def _reading(self, key: str) -> Path:
+        """``_resolve`` for reads: a key that cannot name a stored blob names none (NotFound)."""
+        try:
+            return self._resolve(key)
+        except InvalidRequest as exc:
+            log.warning("blob store %s: refused %s", self.root, exc.message)
+            raise NotFound(f"blob {key[:100]!r} is not stored") from None
 
     def _resolve(self, key: str) -> Path:
         match = KEY_RE.match(key)

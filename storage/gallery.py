@@ -20,6 +20,9 @@ from core.errors import Forbidden, InvalidRequest, NotFound
 from storage.models import FTS_TABLE, Identity, Image, Job, UTCDateTime, utcnow
 
 MAX_PAGE = 100
+# Image ids are SQL INTEGER (32 bits on PostgreSQL): a larger one names no image, and sending
+# it would be the database's error (a 500 at the web edge), not "does not exist".
+MAX_ID = 2**31 - 1
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 
 
@@ -218,6 +221,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         when = datetime.fromisoformat(ts)
         if when.tzinfo is None:
             raise ValueError("naive")
+        if not 1 <= int(image_id) <= MAX_ID:
+            raise ValueError("id out of range")
         return when, int(image_id)
     except (ValueError, UnicodeDecodeError, binascii.Error):
         raise InvalidRequest(f"invalid gallery cursor {cursor[:40]!r}") from None
@@ -256,6 +261,8 @@ def _like_escape(text: str) -> str:
 
 
 def _owned(session: Session, image_id: int, account_id: int) -> Image:
+    if not 1 <= image_id <= MAX_ID:
+        raise NotFound(f"image {image_id} does not exist")
     image = session.exec(
         select(Image).where(Image.id == image_id).execution_options(populate_existing=True)
     ).first()

@@ -27,6 +27,7 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),
 }
+JOB_ID_MAX = 64  # Job.id's column length
 IN_FLIGHT = (JobStatus.queued, JobStatus.running)
 # The statuses a front end gets a delivery for (the terminal event).
 FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
@@ -294,6 +295,9 @@ def _by_key(session: Session, idempotency_key: str) -> Job | None:
 
 
 def _load(session: Session, job_id: str) -> Job:
+    # Longer than the column or with a NUL (PostgreSQL refuses it in any text): no job's id.
+    if len(job_id) > JOB_ID_MAX or "\x00" in job_id:
+        raise NotFound(f"job {job_id[:JOB_ID_MAX]!r} does not exist")
     job = session.exec(
         select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
     ).first()

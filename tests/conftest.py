@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import inspect
 import os
 import shutil
 import signal
@@ -39,6 +40,11 @@ SERVICE_PARAMS = {"db_url": "postgresql", "broker": "redis"}
 # Fixtures that build tiny Diffusers pipelines (seconds each on a CPU): marked `pipelines`,
 # also left out of the fast tier.
 PIPELINE_FIXTURES = frozenset({"tiny_models"})
+# Calls that start Ray (a service) or build tiny pipelines: a fixture whose own body makes one
+# marks every test with that fixture anywhere in its closure (tests/web's browser tests reach
+# Ray through `live` -> `web_ray_worker`, a fixture no name list knew).
+RAY_CALLS = ("init_local_ray(", "ray.init(", "spawn_worker(")
+PIPELINE_CALLS = ("make_tiny_models(",)
 # Modules all of whose tests start Ray or run pipelines: not even collected in the fast tier
 # (importing torch, Diffusers and Ray alone would take much of its minute).
 HEAVY_MODULES = frozenset({
@@ -90,20 +96,50 @@ def pytest_ignore_collect(collection_path: Path) -> bool | None:
     return None
 
 
+def _calls(func: object) -> frozenset[str]:
+    """Which of RAY_CALLS and PIPELINE_CALLS a fixture's (or test's) own body makes."""
+    try:
+        source = inspect.getsource(func)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(c for c in RAY_CALLS + PIPELINE_CALLS if c in source)
+
+
+def _fixture_calls(item: pytest.Item, cache: dict[object, frozenset[str]]) -> set[str]:
+    """What the fixtures of ``item`` (its whole closure: those its fixtures use too, wherever
+    they are defined) and the test itself call, of RAY_CALLS and PIPELINE_CALLS."""
+    info = getattr(item, "_fixtureinfo", None)
+    defs = getattr(info, "name2fixturedefs", {})
+    funcs: list[object] = [getattr(item, "function", None)]
+    for name in getattr(item, "fixturenames", ()):
+        funcs.extend(d.func for d in defs.get(name, ()))
+    found: set[str] = set()
+    for func in funcs:
+        if func is not None:
+            if func not in cache:
+                cache[func] = _calls(func)
+            found |= cache[func]
+    return found
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that needs Redis or PostgreSQL (by its fixtures) `services`, every one
-    that builds pipelines `pipelines`. A test that starts Ray itself is in a HEAVY_MODULES
-    module, marked `services` here; should one elsewhere call ray.init, the fast tier fails it."""
+    """Mark every test that needs Redis or PostgreSQL (by its fixtures) or starts Ray (a
+    fixture in its closure, or the test itself, calls one of RAY_CALLS; or it is in a
+    HEAVY_MODULES module) `services`, every one that builds pipelines `pipelines`. Should one
+    still call ray.init unmarked, the fast tier fails it."""
+    cache: dict[object, frozenset[str]] = {}
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
+        calls = _fixture_calls(item, cache)
         if (
             fixtures & SERVICE_FIXTURES
             or any(params.get(name) == value for name, value in SERVICE_PARAMS.items())
             or item.path.name in HEAVY_MODULES
+            or calls & set(RAY_CALLS)
         ):
             item.add_marker(pytest.mark.services)
-        if fixtures & PIPELINE_FIXTURES:
+        if fixtures & PIPELINE_FIXTURES or calls & set(PIPELINE_CALLS):
             item.add_marker(pytest.mark.pipelines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 
 from web.context import WebContext
+from web.errors import install as install_error_handlers
 from web.ratelimit import PerAddressLimit, RateLimiter
 
 
@@ -21,12 +22,14 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.state.ctx = ctx
     app.state.limiter = RateLimiter(ctx.client.broker, ctx.settings.web_rate)
     app.add_middleware(PerAddressLimit, limiter=app.state.limiter)
+    install_error_handlers(app)
     _include_routers(app)
     return app
 
 
 def _include_routers(app: FastAPI) -> None:
     # Each front of the web app adds its router here (one line each, so merges stay easy).
+    from web.api.account import router as api_account_router
     from web.api.sdapi import router as sdapi_router
     from web.api.v1 import router as api_v1_router
     from web.gallery.routes import install as install_gallery
@@ -34,5 +37,6 @@ def _include_routers(app: FastAPI) -> None:
 
     app.include_router(health_router)
     app.include_router(api_v1_router)
+    app.include_router(api_account_router)
     app.include_router(sdapi_router)
     install_gallery(app)

@@ -9,13 +9,13 @@ import logging
 import math
 import re
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.broker import Broker, BrokerUnavailable
 from core import metrics
 from core.errors import RateLimited
 from core.settings import WebRate
+from web.errors import error_response
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ class PerAddressLimit:
         try:
             await self.limiter.check_address(client[0] if client else "unknown")
         except RateLimited as exc:
-            response = JSONResponse(
-                {"error": exc.code, "detail": exc.message}, status_code=429,
-                headers={"Retry-After": str(int(exc.retry_after or 1))},
-            )
-            await response(scope, receive, send)
+            await error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)

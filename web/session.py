@@ -10,12 +10,12 @@ from datetime import timedelta
 from fastapi import Depends, Request, Response
 
 from core.errors import Forbidden
-from core.signing import expires_at, sign, verify
+from core.signing import GALLERY_PURPOSE, expires_at, sign, verify
 from web.app import get_ctx
 from web.context import WebContext
 
 COOKIE = "atelier_session"
-LINK_PURPOSE = "gallery"  # what the bots sign (bots/telegram/handlers/commands.py)
+LINK_PURPOSE = GALLERY_PURPOSE  # what a gallery link is signed for (core.signing.gallery_url)
 SESSION_PURPOSE = "gallery-session"  # a link token is not a cookie, and the reverse
 # A session lasts at most this long, and never beyond the link it came from.
 SESSION_TTL = timedelta(hours=12)
@@ -50,7 +50,10 @@ def session_account(ctx: WebContext, request: Request) -> int:
     """The signed-in account, or NotSignedIn."""
     value = request.cookies.get(COOKIE)
     if not value:
-        raise NotSignedIn("open the gallery link the bot sent you (/gallery) to sign in")
+        raise NotSignedIn(
+            "open the gallery link the bot sent you (/gallery) to sign in; no chat bot? "
+            "see / for how to get one"
+        )
     try:
         subject = verify(ctx.signing_key, value, purpose=SESSION_PURPOSE, now=ctx.now())
     except Forbidden:

@@ -13,7 +13,7 @@ from bots.common.prefs import GroupPrefs, UserPrefs
 from cluster.registry import ModelSpec
 from core.errors import Conflict
 from core.jobs import JobStatus
-from core.signing import sign
+from core.signing import duration_text, gallery_url
 
 
 async def welcome(core: ChatCore, who: Who, help_: str) -> Say:
@@ -32,15 +32,8 @@ async def gallery_link_text(core: ChatCore, user_id: str) -> str:
     """A signed, expiring link to the person's gallery (of their account, so linked identities
     share it)."""
     owner = await core.client.account(core.plain_requester(user_id))
-    token = sign(
-        core.settings.resolved_signing_key,
-        subject=str(owner.id),
-        purpose="gallery",
-        now=datetime.now(UTC),
-        ttl=core.gallery_ttl,
-    )
-    url = f"{core.settings.public_base_url.rstrip('/')}/g/{token}"
-    return texts.gallery_text(url, core.gallery_ttl.days)
+    url = gallery_url(core.settings, owner.id, now=datetime.now(UTC))
+    return texts.gallery_text(url, duration_text(core.settings.gallery_link_ttl_s))
 
 
 async def gallery(core: ChatCore, who: Who) -> Say | None:

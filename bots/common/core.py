@@ -7,7 +7,6 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from bots.common import texts
@@ -25,8 +24,6 @@ from core.styles import StyleRegistry
 
 log = logging.getLogger(__name__)
 
-GALLERY_TTL = timedelta(days=7)
-
 
 @dataclass
 class ChatCore:
@@ -39,7 +36,6 @@ class ChatCore:
     editor: ProgressEditor
     styles: StyleRegistry
     prefs: PrefsStore = field(init=False)
-    gallery_ttl: timedelta = GALLERY_TTL
     # Consumes this platform's delivery stream with ``bots.common.jobs.deliver``.
     delivery: DeliveryLoop | None = None
     # Per job: the task following its progress.

@@ -233,8 +233,8 @@ def credits_text(balance: Balance, now: datetime) -> str:
     return "\n".join(lines)
 
 
-def gallery_text(url: str, days: int) -> str:
-    return f"🖼 Your gallery (a private link, valid {days} days; do not share it):\n{url}"
+def gallery_text(url: str, valid_for: str) -> str:
+    return f"🖼 Your gallery (a private link, valid {valid_for}; do not share it):\n{url}"
 
 
 _STATUS_ICON = {

@@ -185,3 +185,19 @@ def test_add_images_is_idempotent_by_job_and_index(
         with pytest.raises(NotFound):
             gallery.add_images(session=s, job_id="nope", images=again)
     assert len(_page(tx, acct.id).items) == 2
+
+
+@pytest.mark.parametrize("image_id", [0, -1, 2**31, 2**63, 10**30])
+def test_ids_no_image_can_have_are_not_found(
+    tx: Tx, new_account: Callable[..., AccountRead], image_id: int, now: datetime
+) -> None:
+    # Larger than the column (32 bits on PostgreSQL, 64 on SQLite): "does not exist", never
+    # the database's overflow error.
+    acct = new_account()
+    with tx() as s:
+        with pytest.raises(NotFound):
+            gallery.get_image(session=s, image_id=image_id, account_id=acct.id)
+        with pytest.raises(NotFound):
+            gallery.delete_image(session=s, image_id=image_id, account_id=acct.id)
+    with pytest.raises(InvalidRequest, match="cursor"):
+        _page(tx, acct.id, before=gallery.encode_cursor(now, image_id))

@@ -234,3 +234,9 @@ def _balance(tx: Tx, acct: AccountRead, now: datetime, tiers: dict[str, Tier]) -
 
     with tx() as s:
         return ledger.balance(session=s, account_id=acct.id, now=now, tiers=tiers).total
+
+
+@pytest.mark.parametrize("job_id", ["x" * 65, "a\x00b"])
+def test_job_ids_no_job_can_have_are_not_found(tx: Tx, job_id: str) -> None:
+    with tx() as s, pytest.raises(NotFound):
+        jobs.get_job(session=s, job_id=job_id)

@@ -4,9 +4,11 @@ download with its infotext, streamed ZIPs, delete (CSRF, blobs), make again (cha
 from __future__ import annotations
 
 import io
+import os
 import re
 import zipfile
 from datetime import timedelta
+from pathlib import Path
 
 from PIL import Image as PILImage
 
@@ -15,7 +17,7 @@ from storage import ledger
 from storage.models import Job
 from tests.web.conftest import Web
 from tests.web.helpers import NOW, add_job, gallery_link, link_identity, make_person
-from web.gallery.files import stream_zip, thumb_key, thumb_store
+from web.gallery.files import SKIPPED_NAME, download_name, stream_zip, thumb_key, thumb_store
 from web.gallery.pages import PAGE_SIZE
 
 IDS = re.compile(r'<figure class="card" data-id="(\d+)"')
@@ -162,6 +164,30 @@ async def test_zip_of_a_selection_and_of_everything(web: Web) -> None:
     biggest = max(len(web.blobs.get(i.blob_key)) for i in images)
     assert max(len(p) for p in pieces[:-1]) < 2 * biggest
     assert b"".join(pieces)[:2] == b"PK"  # the last piece: the directory of names
+
+
+async def test_a_zip_leaves_out_what_cannot_be_read_and_says_so(
+    web: Web, tmp_path: Path
+) -> None:
+    me = make_person(web.sessions)
+    images = [add_job(web.sessions, web.blobs, me, f"bird {n}", seed=n + 1,
+                      when=NOW + timedelta(seconds=n))[0] for n in range(3)]
+    (web.blobs.root / images[0].blob_key).unlink()  # missing
+    refused = web.blobs.root / images[2].blob_key  # leads outside the store
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(refused.read_bytes())
+    refused.unlink()
+    os.symlink(outside, refused)
+    await _signed_in(web, me.account_id)
+    for url in ("/gallery/zip?all=1", "/gallery/zip?" + "&".join(f"ids={i.id}" for i in images)):
+        reply = await web.http.get(url)
+        assert reply.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(reply.content)) as zf:
+            assert zf.testzip() is None
+            assert zf.namelist() == [download_name(images[1]), SKIPPED_NAME]
+            listed = zf.read(SKIPPED_NAME).decode()
+        assert download_name(images[0]) in listed and download_name(images[2]) in listed
+        assert str(tmp_path) not in listed  # names the pictures, never a server path
 
 
 async def test_delete_needs_the_csrf_token_and_removes_the_files(web: Web) -> None:

@@ -145,3 +145,15 @@ async def test_ids_in_paths_cannot_reach_files(web: Web) -> None:
         reply = await web.http.get(path)
         assert reply.status_code in (404, 422), path
         assert web.key.decode() not in reply.text
+
+
+async def test_the_home_page_says_how_to_get_a_link(web: Web) -> None:
+    home = await web.http.get("/")
+    assert home.status_code == 200, home.text
+    assert "/gallery" in home.text and "atelier gallery link" in home.text
+    assert "valid 7 days" in home.text  # ATELIER_GALLERY_LINK_TTL_S, in words
+    assert "see / for how to get one" in (await web.http.get("/gallery")).text
+    me = make_person(web.sessions)
+    await web.http.get(gallery_link(web.key, me.account_id, now=web.clock(), ttl=DAY))
+    signed_in = await web.http.get("/")
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/gallery"

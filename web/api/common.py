@@ -1,5 +1,6 @@
 """What both APIs share: the API-key caller (Bearer or HTTP Basic), database calls off the event
-loop, and a route class that turns our errors into JSON naming the bad field."""
+loop, and a route class that turns our errors into JSON naming the bad field (through the one
+map, ``web.errors``)."""
 
 from __future__ import annotations
 
@@ -18,39 +19,19 @@ from fastapi.routing import APIRoute
 from sqlmodel import Session
 
 from cluster.broker import BrokerUnavailable
-from core.errors import (
-    AtelierError,
-    Conflict,
-    ContentBlocked,
-    Forbidden,
-    InsufficientCredits,
-    InvalidRequest,
-    NotFound,
-    RateLimited,
-    Unauthorized,
-)
+from core.errors import AtelierError, Unauthorized
 from core.jobs import Requester
 from storage import apikeys
 from storage.apikeys import ApiKeyRead
 from storage.db import read_only_sessions, transaction
-from web.api.sdapi_models import FieldError
 from web.app import get_ctx
 from web.context import WebContext
+from web.errors import error_response, validation_error
 from web.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STATUS: list[tuple[type[AtelierError], int]] = [
-    (Unauthorized, 401),
-    (InsufficientCredits, 402),
-    (Forbidden, 403),
-    (NotFound, 404),
-    (Conflict, 409),
-    (ContentBlocked, 422),
-    (InvalidRequest, 422),
-    (RateLimited, 429),
-]
 NO_KEY = (
     "no API key: send 'Authorization: Bearer atk_...' or HTTP Basic auth with the key as the "
     "password (make one with `atelier apikey create PLATFORM:USER`)"
@@ -63,57 +44,6 @@ class Caller:
 
     key: ApiKeyRead
     requester: Requester
-
-
-# For errors raised past the translation (the client's model, style and prompt checks), whose
-# message names the value but not the field: the first word that names one.
-_FIELD_WORDS = (
-    ("steps", "steps"), ("width", "width"), ("height", "height"), ("style", "styles"),
-    ("model", "model"), ("prompt", "prompt"), ("token", "prompt"), ("strength", "strength"),
-    ("count", "count"),
-)
-
-
-def _guessed_field(message: str) -> str | None:
-    words = set(message.lower().replace(",", " ").replace(";", " ").split())
-    for word, field in _FIELD_WORDS:
-        if word in words or word + "s" in words:
-            return field
-    return None
-
-
-def error_body(exc: AtelierError, names: dict[str, str] | None = None) -> dict[str, Any]:
-    """``{"error", "detail", "field"}``; ``names`` maps our field names to the API's."""
-    body: dict[str, Any] = {"error": exc.code, "detail": exc.message}
-    field = getattr(exc, "field", None)
-    if field is None and isinstance(exc, InvalidRequest):
-        head = exc.message.split(": ", 1)[0] if ": " in exc.message else ""
-        if head and head.replace(".", "").replace("_", "").isalnum():
-            field = head
-        else:
-            guessed = _guessed_field(exc.message)
-            field = (names or {}).get(guessed, guessed) if guessed else None
-    if field is not None:
-        body["field"] = field
-    return body
-
-
-def error_response(
-    exc: AtelierError, *, basic_realm: bool = False, names: dict[str, str] | None = None
-) -> JSONResponse:
-    status = next((code for cls, code in STATUS if isinstance(exc, cls)), 400)
-    headers: dict[str, str] = {}
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Basic realm="atelier"' if basic_realm else "Bearer"
-    if isinstance(exc, RateLimited) and exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    return JSONResponse(error_body(exc, names), status_code=status, headers=headers)
-
-
-def _validation_error(exc: RequestValidationError) -> AtelierError:
-    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header", "path")]
-    return FieldError(".".join(loc) or "body", str(err.get("msg", "invalid")))
 
 
 class ApiRoute(APIRoute):
@@ -130,7 +60,7 @@ class ApiRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                return error_response(_validation_error(exc), basic_realm=realm)
+                return error_response(validation_error(exc), basic_realm=realm)
             except AtelierError as exc:
                 return error_response(exc, basic_realm=realm, names=names)
             except BrokerUnavailable as exc:

@@ -21,6 +21,7 @@ from core.images import validate_image, validate_mask
 from core.infotext import Infotext
 from core.request import SCHEDULERS, GenerationRequest, JobKind, canonical_scheduler
 from core.settings import Limits
+from web.errors import FieldError as FieldError  # raised here, and by the API routes
 
 A1111_VERSION = "v1.10.1"  # the API shape we follow
 # Our request's field -> the A1111 field a person wrote (for errors that name the field).
@@ -42,14 +43,6 @@ _A1111_NAME = {
 }
 # A1111's separate "scheduler" (v1.9+): these leave the sampler's own schedule as it is.
 _PLAIN_SCHEDULES = {"", "automatic", "normal", "default"}
-
-
-class FieldError(InvalidRequest):
-    """A request field that is wrong or that Atelier cannot honour; ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 class Txt2ImgPayload(BaseModel):

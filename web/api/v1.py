@@ -30,8 +30,11 @@ from web.api.common import ApiRoute, Caller, caller, db
 from web.api.sdapi_models import FieldError
 from web.app import get_ctx
 from web.context import WebContext
+from web.errors import ERROR_RESPONSES
 
-router = APIRouter(prefix="/api/v1", tags=["api v1"], route_class=ApiRoute)
+router = APIRouter(
+    prefix="/api/v1", tags=["api v1"], route_class=ApiRoute, responses=ERROR_RESPONSES
+)
 WEB = "web"
 
 

@@ -4,6 +4,7 @@ own (named by the source image's hash), and ZIPs streamed one image at a time.""
 from __future__ import annotations
 
 import io
+import logging
 import re
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
+from core.errors import NotFound
 from storage.blobs import BlobStore, sha256_of
 from storage.gallery import ImageRead
 
@@ -19,6 +21,10 @@ THUMB_QUALITY = 80
 THUMB_DIR = "thumbs"
 _CHUNK = 64 * 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# In a ZIP that had to leave images out: which, and why.
+SKIPPED_NAME = "NOT-INCLUDED.txt"
+SKIPPED_TEXT = "These images' files could not be read, so they are not in this ZIP:\n"
+log = logging.getLogger(__name__)
 
 
 def thumb_store(blobs: BlobStore) -> BlobStore:
@@ -86,22 +92,33 @@ class _Pipe(io.RawIOBase):
 
 def stream_zip(blobs: BlobStore, images: Iterable[ImageRead]) -> Iterator[bytes]:
     """A ZIP of ``images`` (PNGs with their infotext, stored uncompressed: PNG is already
-    compressed), produced as it is sent: memory holds one chunk, not the archive."""
+    compressed), produced as it is sent: memory holds one chunk, not the archive. An image
+    whose file cannot be read is left out and named in ``SKIPPED_NAME`` inside the ZIP (the
+    200 went out with the first bytes: failing then would cut the download off)."""
     pipe = _Pipe()
     names: set[str] = set()
+    skipped: list[str] = []
     with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
         for image in images:
             name = download_name(image)
             if name in names:  # a repeated id in a selection: once is enough
                 continue
             names.add(name)
+            try:
+                src = blobs.path(image.blob_key).open("rb")
+            except (NotFound, OSError) as exc:
+                log.warning("zip: image %d left out: %s", image.id, exc)
+                skipped.append(name)
+                continue
             info = zipfile.ZipInfo(name, date_time=image.created_at.timetuple()[:6])
             info.compress_type = zipfile.ZIP_STORED
-            with blobs.path(image.blob_key).open("rb") as src, zf.open(info, "w") as dst:
+            with src, zf.open(info, "w") as dst:
                 while chunk := src.read(_CHUNK):
                     dst.write(chunk)
                     if out := pipe.take():
                         yield out
             if out := pipe.take():
                 yield out
+        if skipped:
+            zf.writestr(SKIPPED_NAME, SKIPPED_TEXT + "".join(f"{n}\n" for n in skipped))
     yield pipe.take()  # the central directory, written as the archive closes

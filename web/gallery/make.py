@@ -15,14 +15,7 @@ from sqlmodel import Session
 
 from cluster.client import Client
 from cluster.events import NSFW_EXTRA_KEY, EventKind, JobEvent
-from core.errors import (
-    AtelierError,
-    ContentBlocked,
-    Forbidden,
-    InsufficientCredits,
-    NotFound,
-    RateLimited,
-)
+from core.errors import AtelierError, Forbidden, NotFound
 from core.jobs import DeliveryTarget, Requester
 from core.request import GenerationRequest, JobKind
 from storage import accounts
@@ -31,6 +24,7 @@ from storage.gallery import ImageRead
 from storage.jobs import JobRead
 from web.app import get_ctx
 from web.context import WebContext
+from web.errors import status_of
 from web.gallery.common import PageError, db, own_image, page, secured
 from web.gallery.deliveries import FRONTEND
 from web.session import check_csrf, current_account
@@ -93,7 +87,7 @@ async def make(
             wanted, requester, DeliveryTarget(frontend=FRONTEND), idempotency_key=key
         )
     except AtelierError as exc:
-        raise PageError(_status(exc), exc.message) from None
+        raise PageError(status_of(exc), exc.message) from None
     return secured(RedirectResponse(f"/gallery/job/{submitted.job_id}", status_code=303))
 
 
@@ -165,12 +159,3 @@ def _requester(session: Session, job: JobRead) -> Requester:
         nsfw_allowed=job.delivery.extra.get(NSFW_EXTRA_KEY) == "1",
     )
 
-
-def _status(exc: AtelierError) -> int:
-    if isinstance(exc, InsufficientCredits):
-        return 402
-    if isinstance(exc, RateLimited):
-        return 429
-    if isinstance(exc, ContentBlocked):
-        return 422
-    return 400

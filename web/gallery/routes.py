@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from core.signing import duration_text
+from web.app import get_ctx
+from web.context import WebContext
 from web.gallery import actions, make, pages
-from web.gallery.common import WEB_DIR, PageError, error_page, secured
-from web.session import HOME, NotSignedIn
+from web.gallery.common import WEB_DIR, PageError, error_page, page, secured
+from web.session import HOME, NotSignedIn, session_account
+
+Ctx = Annotated[WebContext, Depends(get_ctx)]
 
 
 def install(app: FastAPI) -> None:
@@ -26,5 +33,11 @@ def install(app: FastAPI) -> None:
         return error_page(request, PageError(401, exc.message))
 
     @app.get("/", include_in_schema=False)
-    async def _home() -> Response:
+    async def _home(request: Request, ctx: Ctx) -> Response:
+        """Signed in: the gallery. Else: how to get a gallery link."""
+        try:
+            session_account(ctx, request)
+        except NotSignedIn:
+            return page(request, ctx, "home.html",
+                        valid_for=duration_text(ctx.settings.gallery_link_ttl_s))
         return secured(RedirectResponse(HOME, status_code=303))

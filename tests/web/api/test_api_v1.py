@@ -32,11 +32,14 @@ def _auth(key: str) -> dict[str, str]:
 
 
 async def _finished(http: httpx.AsyncClient, key: str, job_id: str) -> dict[str, Any]:
-    for _ in range(600):
-        job: dict[str, Any] = (await http.get(f"/api/v1/jobs/{job_id}", headers=_auth(key))).json()
+    # Twice a second: within the key's rate limit (120 a minute), however slow the job.
+    for _ in range(120):
+        reply = await http.get(f"/api/v1/jobs/{job_id}", headers=_auth(key))
+        assert reply.status_code == 200, reply.text
+        job: dict[str, Any] = reply.json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
     raise AssertionError(f"job {job_id} did not finish")
 
 
