@@ -82,7 +82,8 @@ began = time.monotonic()
 try:
     load_pipeline(spec, torch_dtype=torch.float32)
 except ModelUnavailable as exc:
-    print(json.dumps({"type": "unavailable", "message": exc.message, "s": time.monotonic() - began}))
+    took = time.monotonic() - began
+    print(json.dumps({"type": "unavailable", "message": exc.message, "s": took}))
 except Exception as exc:
     print(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
 """
