@@ -64,8 +64,7 @@ async def _generate(
     # The model it runs on (the current one, /options, when none is named) bounds the size.
     request = await ctx.client.with_default_model(request)
     spec = ctx.client.models.get(request.model)
-    request = fit_to_model(request, max_width=spec.max_width, max_height=spec.max_height,
-                           max_steps=spec.max_steps)
+    request = fit_to_model(request, max_width=spec.max_width, max_height=spec.max_height)
     delivery = DeliveryTarget(frontend=WEB, extra={"via": "sdapi", "key": who.key.prefix})
     submitted = await ctx.client.submit(
         request, who.requester, delivery, f"sdapi:{who.key.identity_id}:{uuid.uuid4()}"

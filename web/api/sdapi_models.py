@@ -299,26 +299,21 @@ def parameters_echo(payload: Txt2ImgPayload) -> dict[str, Any]:
     return out
 
 
-def fit_to_model(
-    request: GenerationRequest, *, max_width: int, max_height: int, max_steps: int
-) -> GenerationRequest:
-    """``request`` within what its model draws: A1111 clients send their own size and steps
-    (webuiapi always 512x512) and cannot ask a model's limits, so a larger size is scaled
-    down, keeping its shape, and more steps become the most the model runs; ``info`` then
-    reports what was used."""
-    update: dict[str, int] = {}
-    if request.width is not None and request.height is not None:
-        fitted = fit_size(request.width, request.height, max_width, max_height)
-        if fitted != (request.width, request.height):
-            update["width"], update["height"] = fitted
+def fit_to_model(request: GenerationRequest, *, max_width: int, max_height: int,
+                 ) -> GenerationRequest:
+    """``request`` at a size its model draws: A1111 clients send their own size (webuiapi
+    always 512x512) and cannot ask a model's limits, so a larger one is scaled down, keeping
+    its shape; ``info`` then reports what was used. (Steps past the model's are refused: a
+    client sends those only when asked to.)"""
+    width, height = request.width, request.height
+    if width is None or height is None:  # one side given: the other is the model's default
+        fitted = (min(width, max_width) if width is not None else None,
+                  min(height, max_height) if height is not None else None)
     else:
-        for side, top in (("width", max_width), ("height", max_height)):
-            value = getattr(request, side)
-            if value is not None and value > top:
-                update[side] = top
-    if request.steps is not None and request.steps > max_steps:
-        update["steps"] = max_steps
-    return request.model_copy(update=update) if update else request
+        fitted = fit_size(width, height, max_width, max_height)
+    if fitted == (width, height):
+        return request
+    return request.model_copy(update={"width": fitted[0], "height": fitted[1]})
 
 
 def info_json(

@@ -188,12 +188,14 @@ def test_what_a_payload_leaves_out_is_left_to_the_model() -> None:
 
 def test_a_size_past_the_models_is_scaled_down_keeping_its_shape() -> None:
     req = to_generation_request(_txt(prompt="x", width=512, height=512, steps=20), limits=LIMITS)
-    fitted = fit_to_model(req, max_width=128, max_height=128, max_steps=50)
+    fitted = fit_to_model(req, max_width=128, max_height=128)
     assert (fitted.width, fitted.height, fitted.steps) == (128, 128, 20)
-    wide = req.model_copy(update={"width": 768, "height": 512, "steps": 30})
-    fitted = fit_to_model(wide, max_width=128, max_height=128, max_steps=4)
-    assert (fitted.width, fitted.height, fitted.steps) == (128, 80, 4)
-    assert fit_to_model(req, max_width=1024, max_height=1024, max_steps=60) is req
+    wide = req.model_copy(update={"width": 768, "height": 512})
+    assert (fit_to_model(wide, max_width=128, max_height=128).width,
+            fit_to_model(wide, max_width=128, max_height=128).height) == (128, 80)
+    one = req.model_copy(update={"height": None})
+    assert fit_to_model(one, max_width=128, max_height=128).width == 128
+    assert fit_to_model(req, max_width=1024, max_height=1024) is req
 
 
 def test_info_reports_the_prompts_the_images_were_made_with() -> None:
