@@ -105,6 +105,7 @@ def _load_in_a_process(endpoint: str) -> dict[str, object]:
 
 
 @pytest.mark.slow
+@pytest.mark.pipelines  # Diffusers and torch, in a process of their own
 def test_a_load_that_cannot_download_fails_for_good_at_once() -> None:
     # No hub here: refused before any download is tried.
     result = _load_in_a_process(closed_port_url())
