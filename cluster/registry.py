@@ -570,7 +570,8 @@ def hub_refusal(exc: BaseException) -> str | None:
         if isinstance(cause, hub.OfflineModeIsEnabled | hub.LocalEntryNotFoundError):
             return UNREACHABLE
         if isinstance(cause, hub.EntryNotFoundError):
-            return "its Hugging Face repo has no model_index.json: it is not a Diffusers pipeline"
+            return ("its Hugging Face repo lacks a file a Diffusers pipeline needs "
+                    "(model_index.json or the weights of its variant)")
         status = getattr(getattr(cause, "response", None), "status_code", None)
         if isinstance(cause, hub.HfHubHTTPError) and status in (401, 403):
             return ("the Hugging Face hub refused it without a token that may read it "
