@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -152,14 +153,14 @@ def test_secrets_are_masked_in_log_messages_and_tracebacks() -> None:
                                                ((1280, 960), "as a watercolor"),
                                                ((300, 1200), "a tall one")])
 def test_a_photo_is_redrawn_at_a_size_its_model_draws(
-    photo: tuple[int, int], prompt: str, tmp_path: object
+    photo: tuple[int, int], prompt: str, tmp_path: Path
 ) -> None:
     # The shipped demo model draws 64x64 by default and at most 128 a side: a chat photo
     # (280x210 is a Telegram thumbnail) is redrawn within that, in about its shape.
     from cluster.registry import ModelRegistry
     from core.settings import load_settings
 
-    demo = ModelRegistry.load(load_settings(data_dir=str(tmp_path), _env_file=None)).get("demo")
+    demo = ModelRegistry.load(load_settings(data_dir=tmp_path, _env_file=None)).get("demo")
     sizes = ModelSizes(demo.default_width, demo.default_height, demo.max_width, demo.max_height)
     parsed = parse_prompt(prompt, UserPrefs())
     request = img2img(parsed, b"png", *photo, sizes)
