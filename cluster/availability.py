@@ -1,6 +1,7 @@
 """Whether each registry model can be loaded here, and how to get the ones that cannot: a local
 folder that looks like a Diffusers pipeline, a single checkpoint file, a repo in the Hugging Face
-cache, or a repo that can be downloaded (online only). Cheap file checks, never a network call."""
+cache, or a repo that can be downloaded (the hub answers here). Cheap file checks; the only
+network call is the hub probe of ``cluster.hub`` (bounded, its answer kept for minutes)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster import registry as _registry
+from cluster.hub import UNREACHABLE, hub_reachable
+from cluster.hub import hub_offline as hub_offline
 from cluster.registry import ModelRegistry, ModelSpec, how_to_get
 
 
@@ -45,13 +48,6 @@ class ModelAvailability:
         if self.loadable:
             return f"{self.name}: available ({self.status.value})"
         return f"{self.name}: not available ({self.why}); {self.how}"
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _folder_problem(folder: Path) -> str | None:
@@ -91,13 +87,15 @@ def model_availability(spec: ModelSpec, *, offline: bool | None = None) -> Model
                                  "not exist", how_to_get(spec))
     if _registry._hub_cached(str(spec.repo)):
         return ModelAvailability(spec.name, Availability.cached)
-    if not (hub_offline() if offline is None else offline):
-        return ModelAvailability(spec.name, Availability.downloadable)
-    return ModelAvailability(
-        spec.name, Availability.missing,
-        "it is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)",
-        how_to_get(spec),
-    )
+    if hub_offline() if offline is None else offline:
+        return ModelAvailability(
+            spec.name, Availability.missing,
+            "it is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)",
+            how_to_get(spec),
+        )
+    if not hub_reachable():
+        return ModelAvailability(spec.name, Availability.missing, UNREACHABLE, how_to_get(spec))
+    return ModelAvailability(spec.name, Availability.downloadable)
 
 
 def registry_availability(

@@ -135,6 +135,7 @@ class ModelCache:
         self._loader = loader
         self._offline = offline
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._last_loaded: list[str] = []  # what loaded() saw last
         self._sizes: dict[str, int] = {}  # measured sizes, remembered across evictions
         # One lock: two jobs must never load the same model twice or evict one in use.
         self._lock = threading.RLock()
@@ -147,9 +148,15 @@ class ModelCache:
     # Queries -----------------------------------------------------------------------------
 
     def loaded(self) -> list[str]:
-        """Names of loaded models, least recently used first."""
-        with self._lock:
-            return list(self._entries)
+        """Names of loaded models, least recently used first. Never waits: while a load (a
+        download, maybe minutes) holds the lock, the names as last seen (the worker's info()
+        must answer meanwhile, or its dispatcher takes it for dead)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._last_loaded = list(self._entries)
+            finally:
+                self._lock.release()
+        return list(self._last_loaded)
 
     @property
     def used_bytes(self) -> int:

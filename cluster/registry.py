@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cluster.hub import UNREACHABLE, hub_endpoint, hub_reachable
 from core.errors import AtelierError, ConfigError, InvalidRequest, ModelUnavailable
 from core.request import JobKind, ModelDefaults, canonical_scheduler
 from core.settings import Settings, WorkerConfig
@@ -528,14 +529,66 @@ def _load_repo(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) -> Diffus
             f"{repo!r} is not in the local Hugging Face cache and there is no network",
             _fix_download(spec),
         )
+    # What no retry mends (no hub here, no such repo, gated, no token) fails at once, in one
+    # line: a bounded probe first, then the pipeline's index alone, before any weights.
+    if not hub_reachable():
+        raise _unavailable(spec, UNREACHABLE, f"{UNREACHABLE} ({hub_endpoint()})",
+                           _fix_download(spec))
     try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(repo, "model_index.json")
         return auto.from_pretrained(repo, **kwargs)
     except Exception as exc:
+        why = hub_refusal(exc)
+        if why is not None:
+            raise _unavailable(spec, why, f"{repo!r}: {why} ({_cause(exc)})",
+                               _fix_download(spec)) from exc
         raise _fail(
             spec,
             f"{repo!r} could not be downloaded from the Hugging Face hub ({_cause(exc)})",
             _fix_download(spec),
         ) from exc
+
+
+def hub_refusal(exc: BaseException) -> str | None:
+    """Why a download failed for good (the repo is not there, gated, refused without a token, or
+    the hub does not answer), read from ``exc`` and the errors it came from (Diffusers wraps the
+    hub's own in an OSError); None for a failure another try may not meet."""
+    from huggingface_hub import errors as hub
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, hub.GatedRepoError):
+            return ("it is gated on the Hugging Face hub: accept its terms there and set "
+                    "HF_TOKEN to a token of that account")
+        if isinstance(cause, hub.RepositoryNotFoundError | hub.RevisionNotFoundError):
+            return ("the Hugging Face hub has no such repo (or it is private: set HF_TOKEN to a "
+                    "token that may read it)")
+        if isinstance(cause, hub.OfflineModeIsEnabled | hub.LocalEntryNotFoundError):
+            return UNREACHABLE
+        if isinstance(cause, hub.EntryNotFoundError):
+            return ("its Hugging Face repo lacks a file a Diffusers pipeline needs "
+                    "(model_index.json or the weights of its variant)")
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(cause, hub.HfHubHTTPError) and status in (401, 403):
+            return ("the Hugging Face hub refused it without a token that may read it "
+                    f"(HTTP {status}): set HF_TOKEN")
+        if isinstance(cause, ConnectionError) or _no_connection(cause):
+            return UNREACHABLE
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _no_connection(exc: BaseException) -> bool:
+    """A network error of httpx, its fork httpx2 (huggingface_hub's) or requests: no answer."""
+    return any(
+        c.__module__.split(".")[0] in ("httpx", "httpx2", "requests")
+        and c.__name__ in ("NetworkError", "TimeoutException", "ConnectionError")
+        for c in type(exc).__mro__
+    )
 
 
 def _load_single_file(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) -> DiffusionPipeline:

@@ -220,6 +220,20 @@ def size_for_aspect(ratio: float, base_side: float = BASE_SIDE) -> tuple[int, in
     return _round8(base_side * root), _round8(base_side / root)
 
 
+def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
+    """``width`` x ``height`` scaled down (never up) to fit ``max_width`` x ``max_height``,
+    keeping its shape as near as multiples of 8 (at least 64) allow: 512x512 in 128x128 ->
+    128x128, 280x210 in 128x128 -> 128x96."""
+    scale = min(1.0, max_width / width, max_height / height)
+    if scale == 1.0:
+        return width, height
+
+    def side(value: int, top: int) -> int:
+        return max(64, min(top, int(value * scale) // 8 * 8))
+
+    return side(width, max_width), side(height, max_height)
+
+
 def _request_default(field: str) -> Any:
     return GenerationRequest.model_fields[field].default
 

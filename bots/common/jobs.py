@@ -15,7 +15,7 @@ from bots.common.core import ChatCore
 from bots.common.delivery import Undeliverable
 from bots.common.keyboards import Keyboard
 from bots.common.port import Picture, Posted, Who
-from bots.common.requests import img2img, parse_prompt, upscaled_size
+from bots.common.requests import ModelSizes, img2img, parse_prompt, upscaled_size
 from bots.common.state import DRAFT, DRAFT_TTL_S
 from cluster.client import Quote, SubmittedJob
 from cluster.events import EventKind, ImageRef, JobEvent
@@ -157,7 +157,11 @@ async def _request_from(
             max_pixels=limits.max_upload_pixels,
             purpose="photo",
         )
-        request = img2img(parsed, image.png, image.width, image.height)
+        # The model it runs on (the default one when it names none) bounds the size.
+        spec = core.client.models.get((await core.client.with_default_model(request)).model)
+        sizes = ModelSizes(spec.default_width, spec.default_height, spec.max_width,
+                           spec.max_height)
+        request = img2img(parsed, image.png, image.width, image.height, sizes)
     return request, parsed.original
 
 

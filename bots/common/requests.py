@@ -10,7 +10,7 @@ from typing import Any
 
 from bots.common.prefs import SIZES, UserPrefs
 from core.errors import InvalidRequest
-from core.flags import BASE_SIDE, MAX_ASPECT, parse_command, size_for_aspect
+from core.flags import BASE_SIDE, MAX_ASPECT, fit_size, parse_command, size_for_aspect
 from core.recipe import UPSCALE_STRENGTH, min_denoising_steps
 from core.request import GenerationRequest, JobKind, build_request
 from core.styles import StyleRegistry
@@ -66,17 +66,34 @@ def parse_prompt(text: str, prefs: UserPrefs, registry: StyleRegistry | None = N
     return Parsed(request, original or prefs.original, bool(_SIZE_FLAG_RE.search(stripped)))
 
 
-def img2img(parsed: Parsed, png: bytes, width: int, height: int) -> GenerationRequest:
-    """Redraw an uploaded photo (already validated, PNG) in its shape, unless a size was given."""
+@dataclass(frozen=True)
+class ModelSizes:
+    """What a model draws: its default size (a request that gives none) and its largest."""
+
+    default_width: int = BASE_SIDE
+    default_height: int = BASE_SIDE
+    max_width: int = 2 * BASE_SIDE
+    max_height: int = 2 * BASE_SIDE
+
+
+def img2img(
+    parsed: Parsed, png: bytes, width: int, height: int, model: ModelSizes | None = None
+) -> GenerationRequest:
+    """Redraw an uploaded photo (already validated, PNG) in its shape, unless a size was given,
+    at a size ``model`` (the model the request runs on) draws."""
     request = parsed.request
+    sizes = model or ModelSizes()
     size: dict[str, int] = {}
     if not parsed.explicit_size:
         # The photo's shape, at its own pixel count: no larger than the person's default size
-        # (no detail to gain by blowing a thumbnail up), no smaller than IMG2IMG_MIN_SIDE².
+        # (no detail to gain by blowing a thumbnail up), no smaller than IMG2IMG_MIN_SIDE², and
+        # within what the model draws.
         ratio = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
-        asked = (request.width or BASE_SIDE) * (request.height or BASE_SIDE)  # None: not given
+        asked = ((request.width or sizes.default_width)  # None: not given
+                 * (request.height or sizes.default_height))
         area = min(asked, max(width * height, IMG2IMG_MIN_SIDE**2))
-        size["width"], size["height"] = size_for_aspect(ratio, math.sqrt(area))
+        w, h = size_for_aspect(ratio, math.sqrt(area))
+        size["width"], size["height"] = fit_size(w, h, sizes.max_width, sizes.max_height)
     return _copy(request, kind=JobKind.img2img, init_image=png, **size)
 
 

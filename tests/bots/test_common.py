@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from bots.common.delivery import DeliveryLoop, RetryLater
 from bots.common.logs import MASK, hide_in_logs
 from bots.common.prefs import UserPrefs
 from bots.common.progress import ProgressEditor
-from bots.common.requests import parse_prompt, reroll, upscale
+from bots.common.requests import ModelSizes, img2img, parse_prompt, reroll, upscale
 from bots.common.state import MemoryState
 from cluster.broker_redis import RedisBroker
 from cluster.events import EventKind, JobEvent
@@ -146,3 +147,26 @@ def test_secrets_are_masked_in_log_messages_and_tracebacks() -> None:
     text = "\n".join(logging.Formatter().format(r) for r in records)
     assert secret not in text
     assert text.count(MASK) == 2 and "RuntimeError: refused <token>" in text
+
+
+@pytest.mark.parametrize(("photo", "prompt"), [((280, 210), "as a watercolor"),
+                                               ((1280, 960), "as a watercolor"),
+                                               ((300, 1200), "a tall one")])
+def test_a_photo_is_redrawn_at_a_size_its_model_draws(
+    photo: tuple[int, int], prompt: str, tmp_path: Path
+) -> None:
+    # The shipped demo model draws 64x64 by default and at most 128 a side: a chat photo
+    # (280x210 is a Telegram thumbnail) is redrawn within that, in about its shape.
+    from cluster.registry import ModelRegistry
+    from core.settings import load_settings
+
+    demo = ModelRegistry.load(load_settings(data_dir=tmp_path, _env_file=None)).get("demo")
+    sizes = ModelSizes(demo.default_width, demo.default_height, demo.max_width, demo.max_height)
+    parsed = parse_prompt(prompt, UserPrefs())
+    request = img2img(parsed, b"png", *photo, sizes)
+    assert request.width is not None and request.height is not None
+    assert request.width <= demo.max_width and request.height <= demo.max_height
+    assert (request.width >= request.height) == (photo[0] >= photo[1])
+    # Without a model's sizes: as before, about the photo's own area up to 512² (SD 1.5).
+    plain = img2img(parsed, b"png", *photo)
+    assert plain.width is not None and plain.width > demo.max_width

@@ -17,7 +17,9 @@ from cluster.availability import (
     model_availability,
     registry_availability,
 )
+from cluster.hub import forget_probes
 from cluster.registry import ModelSpec
+from tests.cluster.fake_hub import FakeHub
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels
@@ -82,7 +84,12 @@ def test_a_repo_offline_online_and_cached(monkeypatch: pytest.MonkeyPatch) -> No
     offline = model_availability(s, offline=True)
     assert offline.status is Availability.missing
     assert offline.how is not None and "huggingface-cli download someone/not-here" in offline.how
-    assert model_availability(s, offline=False).status is Availability.downloadable
+    from huggingface_hub import constants
+
+    with FakeHub() as hub:  # online: the hub answers its probe
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        forget_probes()
+        assert model_availability(s, offline=False).status is Availability.downloadable
     # In the cache (asked through huggingface_hub's cache API): available offline.
     monkeypatch.setattr("cluster.registry._hub_cached", lambda repo: repo == "someone/not-here")
     assert model_availability(s, offline=True).status is Availability.cached

@@ -30,6 +30,7 @@ from web.api.sdapi_models import (
     Txt2ImgPayload,
     checkpoint_name,
     decode_b64_image,
+    fit_to_model,
     info_json,
     infotext_items,
     parameters_echo,
@@ -60,6 +61,10 @@ async def _generate(
         if not payload.override_settings.get("sd_model_checkpoint"):
             field = "sd_model_checkpoint"
         raise FieldError(field, f"unknown model {request.model!r}; see /sdapi/v1/sd-models")
+    # The model it runs on (the current one, /options, when none is named) bounds the size.
+    request = await ctx.client.with_default_model(request)
+    spec = ctx.client.models.get(request.model)
+    request = fit_to_model(request, max_width=spec.max_width, max_height=spec.max_height)
     delivery = DeliveryTarget(frontend=WEB, extra={"via": "sdapi", "key": who.key.prefix})
     submitted = await ctx.client.submit(
         request, who.requester, delivery, f"sdapi:{who.key.identity_id}:{uuid.uuid4()}"
@@ -171,11 +176,13 @@ async def skip(
 async def sd_models(
     who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
 ) -> list[dict[str, Any]]:
-    """The registry's models; ``title`` is what sd_model_checkpoint takes."""
+    """The registry's models some worker can load (what a call may use); ``title`` is what
+    sd_model_checkpoint takes."""
+    here = set(await ctx.client.available_models())
     return [
         {"title": spec.name, "model_name": spec.name, "hash": None, "sha256": None,
          "filename": spec.location, "config": None}
-        for spec in ctx.client.models.all()
+        for spec in ctx.client.models.all() if spec.name in here
     ]
 
 
@@ -217,8 +224,10 @@ async def prompt_styles(
 async def get_options(
     who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
 ) -> dict[str, Any]:
-    """The options Atelier has: the key's checkpoint, PNG output."""
-    model = who.key.model or ctx.client.models.default
+    """The options Atelier has: the checkpoint a call without an override gets (the key's
+    choice, else the default model: the configured one, or the demo model when no worker can
+    load that), PNG output."""
+    model = who.key.model or await ctx.client.default_model()
     return {
         "sd_model_checkpoint": model,
         "sd_checkpoint_hash": None,

@@ -17,8 +17,9 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import InvalidRequest
+from core.flags import fit_size
 from core.images import validate_image, validate_mask
-from core.infotext import Infotext
+from core.infotext import Infotext, parse_infotext
 from core.request import SCHEDULERS, GenerationRequest, JobKind, canonical_scheduler
 from core.settings import Limits
 from web.errors import FieldError as FieldError  # raised here, and by the API routes
@@ -61,10 +62,11 @@ class Txt2ImgPayload(BaseModel):
     scheduler: str | None = None
     batch_size: int = 1
     n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    # Left out (or null): the model's own defaults (models.toml), not A1111's 50 steps at 512².
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
     restore_faces: bool | None = None
     tiling: bool | None = None
     enable_hr: bool = False
@@ -134,11 +136,14 @@ def parse_payload(cls: type[Txt2ImgPayload], body: object) -> Txt2ImgPayload:
         raise FieldError(field, err["msg"]) from None
 
 
-def sampler_of(payload: Txt2ImgPayload) -> str:
-    """Our scheduler name from A1111's sampler_name (+ its separate scheduler since v1.9)."""
+def sampler_of(payload: Txt2ImgPayload) -> str | None:
+    """Our scheduler name from A1111's sampler_name (+ its separate scheduler since v1.9);
+    None when neither names one (the model's default sampler)."""
+    schedule = (payload.scheduler or "").strip().casefold()
+    if not (payload.sampler_name or payload.sampler_index) and schedule in _PLAIN_SCHEDULES:
+        return None
     name = payload.sampler_name or payload.sampler_index or "Euler a"
     field = "sampler_name" if payload.sampler_name else "sampler_index"
-    schedule = (payload.scheduler or "").strip().casefold()
     if schedule not in _PLAIN_SCHEDULES:
         if schedule != "karras":
             raise FieldError(
@@ -287,6 +292,23 @@ def parameters_echo(payload: Txt2ImgPayload) -> dict[str, Any]:
     return out
 
 
+def fit_to_model(request: GenerationRequest, *, max_width: int, max_height: int,
+                 ) -> GenerationRequest:
+    """``request`` at a size its model draws: A1111 clients send their own size (webuiapi
+    always 512x512) and cannot ask a model's limits, so a larger one is scaled down, keeping
+    its shape; ``info`` then reports what was used. (Steps past the model's are refused: a
+    client sends those only when asked to.)"""
+    width, height = request.width, request.height
+    if width is None or height is None:  # one side given: the other is the model's default
+        fitted = (min(width, max_width) if width is not None else None,
+                  min(height, max_height) if height is not None else None)
+    else:
+        fitted = fit_size(width, height, max_width, max_height)
+    if fitted == (width, height):
+        return request
+    return request.model_copy(update={"width": fitted[0], "height": fitted[1]})
+
+
 def info_json(
     request: GenerationRequest,
     *,
@@ -296,14 +318,19 @@ def info_json(
     job_id: str,
     created_at: datetime,
 ) -> str:
-    """A1111's ``info`` string: processing.js() with the keys clients read."""
+    """A1111's ``info`` string: processing.js() with the keys clients read. The prompts and
+    negative prompts are those the images were made with, read from their infotexts
+    (Atelier's safety terms included), else the request's."""
     seed = seeds[0] if seeds else (request.seed or 0)
+    used = [_used_prompts(text, request) for text in infotexts] or [
+        (request.prompt, request.negative)
+    ]
     return json.dumps(
         {
-            "prompt": request.prompt,
-            "all_prompts": [request.prompt] * len(seeds),
-            "negative_prompt": request.negative,
-            "all_negative_prompts": [request.negative] * len(seeds),
+            "prompt": used[0][0],
+            "all_prompts": [p for p, _ in used],
+            "negative_prompt": used[0][1],
+            "all_negative_prompts": [n for _, n in used],
             "seed": seed,
             "all_seeds": list(seeds),
             "subseed": seed,
@@ -337,6 +364,14 @@ def info_json(
             "job_id": job_id,
         }
     )
+
+
+def _used_prompts(infotext: str, request: GenerationRequest) -> tuple[str, str]:
+    try:
+        parsed = parse_infotext(infotext)
+    except InvalidRequest:
+        return request.prompt, request.negative
+    return parsed.prompt, parsed.negative
 
 
 def infotext_items(info: Infotext) -> dict[str, Any]:

@@ -39,18 +39,19 @@ WEB = "web"
 
 
 class JobSubmit(BaseModel):
-    """A generation job. Images are base64 (a ``data:`` URL prefix is fine)."""
+    """A generation job. Images are base64 (a ``data:`` URL prefix is fine). Size, steps,
+    guidance and scheduler left out are the model's defaults (``models.toml``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str
     negative: str = ""
     styles: list[str] = Field(default_factory=list)
-    width: int = 512
-    height: int = 512
-    steps: int = 20
-    guidance: float = 7.0
-    scheduler: str = "Euler a"
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
     seed: int | None = None
     count: int = 1
     model: str | None = None

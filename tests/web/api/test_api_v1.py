@@ -218,3 +218,22 @@ async def test_a_job_nobody_polls_is_delivered_to_the_gallery(
         assert pending["pending"] == 0
     finally:
         await r.aclose()
+
+
+async def test_fields_left_out_are_the_models_defaults(
+    web: WebStack, http: httpx.AsyncClient
+) -> None:
+    # Nothing but a prompt: the default model's size, steps, guidance and sampler (tiny:
+    # 64x64, 4 steps, cfg 7, Euler), not 512x512 / 20 / 7 / "Euler a" of the API's own.
+    key = web.new_key("207")
+    r = await http.post("/api/v1/jobs", json={"prompt": "a lighthouse", "seed": 3},
+                        headers=_auth(key))
+    assert r.status_code == 201, r.text
+    job = await _finished(http, key, r.json()["job_id"])
+    assert job["status"] == "succeeded", job
+    spec = web.client.models.get("tiny")
+    wanted = [spec.default_width, spec.default_height, spec.default_steps, spec.guidance,
+              spec.scheduler]
+    assert [job["request"][f] for f in ("width", "height", "steps", "guidance", "scheduler")
+            ] == wanted
+    assert job["images"][0]["width"] == spec.default_width

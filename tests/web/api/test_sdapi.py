@@ -177,3 +177,35 @@ async def test_wrong_missing_and_revoked_keys_get_401(web: WebStack) -> None:
     for path in ("txt2img", "img2img", "options", "png-info"):
         r = await asyncio.to_thread(requests.post, f"{web.url}/sdapi/v1/{path}", json={})
         assert r.status_code == 401, path
+
+
+async def test_what_a_call_gets_follows_the_model_and_is_reported(web: WebStack) -> None:
+    api = await _api(web, web.new_key("108"))
+    # What the current model is, is what a call without an override gets.
+    current = await asyncio.to_thread(api.util_get_current_model)
+    assert current == await web.client.default_model()
+    # Only what some worker can load is listed (no hub repo here: HF_HUB_OFFLINE in tests).
+    titles = [m["title"] for m in await asyncio.to_thread(api.get_sd_models)]
+    assert current in titles and "sd15" not in titles, titles
+    spec = web.client.models.get(current)
+    # A bare call: the model's own size, steps and sampler.
+    bare = await asyncio.to_thread(
+        requests.post, f"{web.url}/sdapi/v1/txt2img", json={"prompt": "a fox", "seed": 4},
+        auth=api.session.auth, timeout=120,
+    )
+    assert bare.status_code == 200, bare.text
+    info = json.loads(bare.json()["info"])
+    assert (info["width"], info["height"], info["steps"], info["sampler_name"]) == (
+        spec.default_width, spec.default_height, spec.default_steps, spec.scheduler)
+    # A size past what the model draws is scaled down to fit, keeping its shape (A1111 clients
+    # cannot ask a model's limits); info says what was used.
+    big = await asyncio.to_thread(
+        api.txt2img, prompt="a fox", seed=5, steps=2,
+        width=spec.max_width * 2, height=spec.max_width, negative_prompt="blurry",
+    )
+    assert big.images[0].size == (spec.max_width, spec.max_width // 2)
+    assert (big.info["width"], big.info["height"]) == big.images[0].size
+    # The negative prompt reported is the one used: the caller's plus the SFW guard's terms.
+    assert big.info["negative_prompt"] == "blurry, nsfw, nude", big.info["negative_prompt"]
+    assert big.info["all_negative_prompts"] == [big.info["negative_prompt"]]
+    assert f"Negative prompt: {big.info['negative_prompt']}" in big.images[0].info["parameters"]

@@ -19,6 +19,7 @@ from web.api.sdapi_models import (
     Img2ImgPayload,
     Txt2ImgPayload,
     checkpoint_name,
+    fit_to_model,
     info_json,
     parameters_echo,
     parse_payload,
@@ -176,3 +177,33 @@ def test_info_and_parameters_have_a1111_shapes() -> None:
     assert parameters_echo(payload)["seed"] == 7
     img = parse_payload(Img2ImgPayload, {"prompt": "x", "init_images": [_b64_png()]})
     assert parameters_echo(img)["init_images"] is None
+
+
+def test_what_a_payload_leaves_out_is_left_to_the_model() -> None:
+    req = to_generation_request(parse_payload(Txt2ImgPayload, {"prompt": "x"}), limits=LIMITS)
+    assert req.unresolved == ("width", "height", "steps", "guidance", "scheduler")
+    nulls = {"prompt": "x", "steps": None, "width": None, "cfg_scale": None}
+    assert to_generation_request(parse_payload(Txt2ImgPayload, nulls), limits=LIMITS).steps is None
+
+
+def test_a_size_past_the_models_is_scaled_down_keeping_its_shape() -> None:
+    req = to_generation_request(_txt(prompt="x", width=512, height=512, steps=20), limits=LIMITS)
+    fitted = fit_to_model(req, max_width=128, max_height=128)
+    assert (fitted.width, fitted.height, fitted.steps) == (128, 128, 20)
+    wide = req.model_copy(update={"width": 768, "height": 512})
+    assert (fit_to_model(wide, max_width=128, max_height=128).width,
+            fit_to_model(wide, max_width=128, max_height=128).height) == (128, 80)
+    one = req.model_copy(update={"height": None})
+    assert fit_to_model(one, max_width=128, max_height=128).width == 128
+    assert fit_to_model(req, max_width=1024, max_height=1024) is req
+
+
+def test_info_reports_the_prompts_the_images_were_made_with() -> None:
+    req = to_generation_request(_txt(prompt="a fox", negative_prompt="blurry", seed=7),
+                                limits=LIMITS)
+    used = "a fox\nNegative prompt: blurry, nsfw, nude\nSteps: 3, Sampler: Euler, CFG scale: 7, " \
+           "Seed: 7, Size: 64x64"
+    info = json.loads(info_json(req, seeds=[7], infotexts=[used], model="tiny", job_id="j",
+                                created_at=datetime(2026, 1, 2, tzinfo=UTC)))
+    assert (info["prompt"], info["negative_prompt"]) == ("a fox", "blurry, nsfw, nude")
+    assert info["all_negative_prompts"] == ["blurry, nsfw, nude"]
