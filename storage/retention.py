@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import delete, insert, literal, update
+from sqlalchemy import bindparam, delete, insert, update
+from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from core.errors import InvalidRequest
 from core.jobs import JobStatus
+from storage.db import transaction
 from storage.models import (
     BucketKind,
     CreditBucket,
@@ -138,19 +141,13 @@ def _reservations(session: Session, *, before: datetime, now: datetime, batch: i
         if status == ReservationStatus.captured:
             captured[account_id] += amount
     session.exec(delete(Reservation).where(col(Reservation.job_id).in_([r[0] for r in rows])))
-    for account_id, amount in sorted(captured.items()):
-        key = f"{CARRY}{account_id}"
-        result = session.exec(  # type: ignore[call-overload]
-            update(Reservation)
-            .where(col(Reservation.job_id) == key)
-            .values(amount=col(Reservation.amount) + amount, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount == 0:
-            session.exec(insert(Reservation).values(
-                job_id=key, account_id=account_id, amount=amount,
-                status=ReservationStatus.captured, created_at=now, updated_at=now,
-            ))
+    _carry(
+        session, Reservation, col(Reservation.job_id),
+        {f"{CARRY}{a}": (n, {"job_id": f"{CARRY}{a}", "account_id": a, "amount": n,
+                             "status": ReservationStatus.captured, "created_at": now,
+                             "updated_at": now})
+         for a, n in captured.items()},
+    )
     return len(rows)
 
 
@@ -175,38 +172,57 @@ def _ledger(session: Session, *, before: datetime, now: datetime, batch: int) ->
         sums[(account_id, CreditKind(kind))] += amount
     session.exec(delete(CreditLedger).where(col(CreditLedger.id).in_([r[0] for r in rows])))
     # A carry row among the rows just removed is folded into the one written now.
-    for (account_id, kind), amount in sorted(sums.items()):
-        key = f"{CARRY}{account_id}:{kind.value}"
-        result = session.exec(  # type: ignore[call-overload]
-            update(CreditLedger)
-            .where(col(CreditLedger.idempotency_key) == key)
-            .values(amount=col(CreditLedger.amount) + literal(amount))
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount == 0:
-            session.exec(insert(CreditLedger).values(
-                account_id=account_id, kind=kind, bucket="", amount=amount, job_id=None,
-                idempotency_key=key, expires_at=None, created_at=now,
-                note=f"carried forward: {kind.value} rows before {before.date().isoformat()}",
-            ))
+    _carry(
+        session, CreditLedger, col(CreditLedger.idempotency_key),
+        {f"{CARRY}{a}:{k.value}": (n, {
+            "account_id": a, "kind": k, "bucket": "", "amount": n, "job_id": None,
+            "idempotency_key": f"{CARRY}{a}:{k.value}", "expires_at": None, "created_at": now,
+            "note": f"carried forward: {k.value} rows before {before.date().isoformat()}",
+        }) for (a, k), n in sums.items()},
+    )
     return len(rows)
+
+
+def _carry(
+    session: Session, table: Any, key_col: Any, carried: dict[str, tuple[int, dict[str, Any]]]
+) -> None:
+    """Add each amount to the carry row of its key, or insert the row: one statement each."""
+    found = set(session.exec(select(key_col).where(key_col.in_(sorted(carried)))).all())
+    if found:
+        session.connection().execute(
+            update(table)
+            .where(key_col == bindparam("carry_key"))
+            .values(amount=table.amount + bindparam("add")),
+            [{"carry_key": k, "add": carried[k][0]} for k in sorted(found)],
+        )
+    new = [row for k, (_n, row) in sorted(carried.items()) if k not in found]
+    if new:
+        session.connection().execute(insert(table), new)
 
 
 def _daily_buckets(session: Session, *, before: datetime, batch: int) -> int:
     # A bucket a held reservation took from stays: its release gives the credits back there.
-    held_keys = sorted(set(session.exec(
-        select(CreditLedger.bucket)
-        .join(Reservation, col(Reservation.job_id) == col(CreditLedger.job_id))
-        .where(col(Reservation.status) == ReservationStatus.held,
-               col(CreditLedger.kind) == CreditKind.reserve)
-    ).all()))
+    # (The held jobs first, then their rows by job id: the queue is short, the ledger long.)
+    held = session.exec(
+        select(Reservation.job_id).where(col(Reservation.status) == ReservationStatus.held)
+    ).all()
+    held_keys = sorted({
+        key
+        for start in range(0, len(held), 1000)
+        for key in session.exec(
+            select(CreditLedger.bucket).where(
+                col(CreditLedger.job_id).in_(held[start:start + 1000]),
+                col(CreditLedger.kind) == CreditKind.reserve,
+            )
+        ).all()
+    })
     stmt = select(CreditBucket.id).where(
         col(CreditBucket.expired_at).is_not(None), col(CreditBucket.expired_at) < before,
         col(CreditBucket.kind) == BucketKind.daily,
     )
     if held_keys:
         stmt = stmt.where(col(CreditBucket.key).not_in(held_keys))
-    ids = session.exec(stmt.limit(batch)).all()
+    ids = session.exec(stmt.order_by(col(CreditBucket.expired_at)).limit(batch)).all()
     if ids:
         session.exec(delete(CreditBucket).where(col(CreditBucket.id).in_(ids)))
     return len(ids)
@@ -219,3 +235,23 @@ def _link_codes(session: Session, *, before: datetime, batch: int) -> int:
     if codes:
         session.exec(delete(LinkCode).where(col(LinkCode.code).in_(codes)))
     return len(codes)
+
+
+def prune_all(
+    sessions: sessionmaker[Session],
+    *,
+    now: datetime,
+    keep: timedelta,
+    keep_deleted: timedelta,
+    batch: int = 5000,
+) -> PruneReport:
+    """``prune`` in a transaction per batch until a batch removes nothing; the totals."""
+    report = PruneReport()
+    while True:
+        with transaction(sessions) as session:
+            step = prune(
+                session=session, now=now, keep=keep, keep_deleted=keep_deleted, batch=batch
+            )
+        report = report.add(step)
+        if step.total == 0:
+            return report
