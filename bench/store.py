@@ -285,7 +285,7 @@ def hot_paths(sessions: Any, big: int, n_accounts: int, deep: str) -> dict[str, 
         "unfinished jobs": lambda s, r: jobs.unfinished_jobs(session=s),
         "retention batch": lambda s, r: retention.prune(
             session=s, now=NOW, keep=timedelta(days=90), keep_deleted=timedelta(days=30),
-            batch=500),
+            batch=100),
     }
 
 
