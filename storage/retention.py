@@ -17,6 +17,7 @@ prune`` calls it in transactions of their own until nothing is left."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -76,8 +77,10 @@ def prune(
     keep: timedelta,
     keep_deleted: timedelta,
     batch: int = 5000,
+    kinds: Collection[str] | None = None,
 ) -> PruneReport:
-    """One batch of each kind (see the module docstring); call again until ``total`` is 0."""
+    """One batch of each kind (see the module docstring), or of ``kinds`` (names of
+    PruneReport's fields) only; call again until ``total`` is 0."""
     if keep < timedelta(days=2):
         raise InvalidRequest(f"keep must be at least 2 days (deliveries retry for a day), "
                              f"got {keep}")
@@ -85,15 +88,20 @@ def prune(
         raise InvalidRequest(f"keep_deleted must not be negative, got {keep_deleted}")
     if not 1 <= batch <= 100_000:
         raise InvalidRequest(f"batch must be between 1 and 100000, got {batch}")
+    unknown = set(kinds or ()) - set(PruneReport.model_fields)
+    if unknown:
+        raise InvalidRequest(f"unknown kinds to prune {sorted(unknown)}; "
+                             f"known: {list(PruneReport.model_fields)}")
     cutoff = now - keep
-    return PruneReport(
-        images=_deleted_images(session, before=now - keep_deleted, batch=batch),
-        jobs=_unpaid_jobs(session, before=cutoff, batch=batch),
-        reservations=_reservations(session, before=cutoff, now=now, batch=batch),
-        ledger=_ledger(session, before=cutoff, now=now, batch=batch),
-        buckets=_daily_buckets(session, before=cutoff, batch=batch),
-        link_codes=_link_codes(session, before=cutoff, batch=batch),
-    )
+    steps: dict[str, Callable[[], int]] = {
+        "images": lambda: _deleted_images(session, before=now - keep_deleted, batch=batch),
+        "jobs": lambda: _unpaid_jobs(session, before=cutoff, batch=batch),
+        "reservations": lambda: _reservations(session, before=cutoff, now=now, batch=batch),
+        "ledger": lambda: _ledger(session, before=cutoff, now=now, batch=batch),
+        "buckets": lambda: _daily_buckets(session, before=cutoff, batch=batch),
+        "link_codes": lambda: _link_codes(session, before=cutoff, batch=batch),
+    }
+    return PruneReport(**{k: step() for k, step in steps.items() if kinds is None or k in kinds})
 
 
 def _deleted_images(session: Session, *, before: datetime, batch: int) -> int:
@@ -128,12 +136,17 @@ def _unpaid_jobs(session: Session, *, before: datetime, batch: int) -> int:
 
 
 def _reservations(session: Session, *, before: datetime, now: datetime, batch: int) -> int:
-    rows = session.exec(
-        select(Reservation.job_id, Reservation.account_id, Reservation.status,
-               Reservation.amount)
-        .where(col(Reservation.status).in_(SETTLED), col(Reservation.updated_at) < before)
-        .limit(batch)
-    ).all()
+    rows = [  # one status at a time: a range of ix_reservations_status_updated each
+        row
+        for status in SETTLED
+        for row in session.exec(
+            select(Reservation.job_id, Reservation.account_id, Reservation.status,
+                   Reservation.amount)
+            .where(col(Reservation.status) == status, col(Reservation.updated_at) < before)
+            .order_by(col(Reservation.updated_at))
+            .limit(batch)
+        ).all()
+    ]
     if not rows:
         return 0
     captured: dict[int, int] = defaultdict(int)

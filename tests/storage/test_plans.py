@@ -56,8 +56,8 @@ def _paths(engine: Engine) -> dict[str, object]:
         deep = gallery.list_images(session=s, account_id=1, limit=100).items[-1]
     cursor = gallery.encode_cursor(deep.created_at, deep.id)
     paths = hot_paths(sessions, 20_000, 300, cursor)
-    paths.pop("retention batch")  # deletes in IN-lists of a few hundred rows: small here
-    return paths
+    # (Retention deletes by IN-lists of hundreds of ids: at this size a scan is cheaper.)
+    return {k: v for k, v in paths.items() if not k.startswith("retention")}
 
 
 def test_hot_paths_read_no_big_table_whole(seeded: Engine) -> None:
