@@ -10,6 +10,7 @@ from rich.table import Table
 
 from atelier import serve, webserver
 from atelier.apikey_cli import apikey_app
+from atelier.db_cli import db_prune
 from atelier.gallery_cli import gallery_app
 from atelier.wiring import (
     console,
@@ -28,6 +29,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 account_app = typer.Typer(help="Accounts and identities.", no_args_is_help=True)
 credits_app = typer.Typer(help="Credits.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+db_app.command("prune")(db_prune)
 app.add_typer(account_app, name="account")
 app.add_typer(credits_app, name="credits")
 bot_app = typer.Typer(help="Chat bots as processes of their own.", no_args_is_help=True)

@@ -87,6 +87,13 @@ def seed_gallery(sessions: Any, person: Person, n: int, blob_key: str, sha: str)
             s.execute(sa.insert(Job), jobs[start:start + 1000])
         for start in range(0, len(images), 2000):
             s.execute(sa.insert(Image), images[start:start + 2000])
+        # What gallery.add_images also writes: the platform, and a row per style (one here).
+        s.execute(sa.text("UPDATE images SET platform = :p WHERE account_id = :a"),
+                  {"p": person.platform, "a": person.account_id})
+        s.execute(sa.text(
+            "INSERT INTO image_styles (image_id, style, account_id, created_at) "
+            "SELECT id, styles, account_id, created_at FROM images "
+            "WHERE account_id = :a AND styles <> ''"), {"a": person.account_id})
 
 
 def noise_png(side: int) -> bytes:

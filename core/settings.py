@@ -122,6 +122,18 @@ class Metrics(BaseModel):
         return self.port is None if self.on_web_port is None else self.on_web_port
 
 
+class Retention(BaseModel):
+    """What `atelier db prune` keeps (``ATELIER_RETENTION__DAYS=90``): settled jobs, ledger rows,
+    reservations and spent daily buckets for ``days``; soft-deleted images' rows for
+    ``deleted_images_days``. Images live until their owner deletes them. ``every_h``: how often
+    `atelier db prune --repeat` runs (storage/retention.py says what goes)."""
+
+    days: int = Field(default=90, ge=2, le=36500)
+    deleted_images_days: int = Field(default=30, ge=0, le=36500)
+    every_h: float = Field(default=24.0, gt=0, le=24 * 365)
+    batch: int = Field(default=5000, ge=1, le=100_000)
+
+
 class AutoscaleClass(BaseModel):
     """One device class the cluster can add workers of (a KubeRay worker group)."""
 
@@ -223,6 +235,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics: Metrics = Field(default_factory=Metrics)
     autoscale: Autoscale = Field(default_factory=Autoscale)
+    retention: Retention = Field(default_factory=Retention)
 
     @field_validator(
         "signing_key", "telegram_token", "discord_token", "telegram_webhook_secret",

@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from core.errors import Conflict, InvalidRequest, NotFound
 from storage import ledger
-from storage.models import Account, Identity, Image, Job, LinkCode, utcnow
+from storage.models import Account, Identity, Image, ImageStyle, Job, LinkCode, utcnow
 
 # No 0/O or 1/I/L: people read these codes off one screen and type them into another.
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
@@ -223,7 +223,7 @@ def format_code(raw: str) -> str:
 
 def _merge(session: Session, *, source: int, target: int, now: datetime) -> None:
     ledger.merge_credits(session, source_id=source, target_id=target, now=now)
-    for table in (Identity, Job, Image):
+    for table in (Identity, Job, Image, ImageStyle):
         session.exec(
             update(table)
             .where(col(table.account_id) == source)

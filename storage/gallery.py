@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from core.errors import Forbidden, InvalidRequest, NotFound
-from storage.models import FTS_TABLE, Identity, Image, Job, UTCDateTime, utcnow
+from storage.models import FTS_TABLE, Identity, Image, ImageStyle, Job, UTCDateTime, utcnow
 
 MAX_PAGE = 100
 # Image ids are SQL INTEGER (32 bits on PostgreSQL): a larger one names no image, and sending
@@ -86,6 +86,10 @@ def add_images(
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
     now = now or utcnow()
+    platform = ""
+    if job.identity_id is not None:
+        identity = session.get(Identity, job.identity_id)
+        platform = identity.platform if identity is not None else ""
     rows = [
         {
             "job_id": job_id,
@@ -100,6 +104,7 @@ def add_images(
             "negative": img.negative,
             "styles": ",".join(img.styles),
             "model": img.model,
+            "platform": platform,
             "infotext": img.infotext,
             "created_at": now,
         }
@@ -109,9 +114,20 @@ def add_images(
         insert: Any = (
             postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
         )
-        session.exec(
-            insert(Image).values(rows).on_conflict_do_nothing(index_elements=["job_id", "index"])
-        )
+        added = session.exec(
+            insert(Image)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["job_id", "index"])
+            .returning(col(Image.id), col(Image.index))
+        ).all()
+        styles = {img.index: dict.fromkeys(img.styles) for img in images}
+        style_rows = [
+            {"image_id": image_id, "style": style, "account_id": job.account_id, "created_at": now}
+            for image_id, index in added
+            for style in styles[index]
+        ]
+        if style_rows:
+            session.exec(insert(ImageStyle).values(style_rows))
     return list_job_images(session=session, job_id=job_id)
 
 
@@ -142,33 +158,33 @@ def list_images(
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
     stmt = select(Image).where(Image.account_id == account_id, col(Image.deleted_at).is_(None))
+    # The keyset: the image's (created_at, id), or the same values from its style row, so
+    # that a style filter walks ix_image_styles_gallery newest first and stops at a page.
+    created, ident = col(Image.created_at), col(Image.id)
+    if style:
+        stmt = stmt.join(ImageStyle, col(ImageStyle.image_id) == col(Image.id)).where(
+            ImageStyle.account_id == account_id, ImageStyle.style == style.strip().lower()
+        )
+        created, ident = col(ImageStyle.created_at), col(ImageStyle.image_id)
     if before is not None:
         ts, image_id = decode_cursor(before)
         after = sa.tuple_(sa.literal(ts, UTCDateTime()), sa.literal(image_id, sa.Integer()))
-        stmt = stmt.where(sa.tuple_(col(Image.created_at), col(Image.id)) < after)
-    if style:
-        pattern = "%," + _like_escape(style.strip().lower()) + ",%"
-        stmt = stmt.where((sa.literal(",") + col(Image.styles) + ",").like(pattern, escape="\\"))
+        stmt = stmt.where(sa.tuple_(created, ident) < after)
     if model:
         stmt = stmt.where(Image.model == model)
     if platform:
         # The platform the job was asked from (a linked account spans several).
-        from_platform = (
-            select(Job.id)
-            .join(Identity, col(Identity.id) == col(Job.identity_id))
-            .where(Job.account_id == account_id, Identity.platform == platform)
-        )
-        stmt = stmt.where(col(Image.job_id).in_(from_platform))
+        stmt = stmt.where(Image.platform == platform)
     if since is not None:
-        stmt = stmt.where(col(Image.created_at) >= since)
+        stmt = stmt.where(created >= since)
     if until is not None:
-        stmt = stmt.where(col(Image.created_at) < until)
+        stmt = stmt.where(created < until)
     if search is not None and search.strip():
         words = _WORD_RE.findall(search)
         if not words:
             return ImagePage(items=[], next_cursor=None)  # only punctuation: nothing can match
         stmt = stmt.where(_prompt_matches(session, words, account_id))
-    stmt = stmt.order_by(col(Image.created_at).desc(), col(Image.id).desc()).limit(limit + 1)
+    stmt = stmt.order_by(created.desc(), ident.desc()).limit(limit + 1)
     rows = list(session.exec(stmt).all())
     items = [_read(i) for i in rows[:limit]]
     next_cursor = None
@@ -254,10 +270,6 @@ def _prompt_matches(
         sa.text(f"{FTS_TABLE} MATCH :fts_query").bindparams(fts_query=match)
     )
     return col(Image.id).in_(hits)
-
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _owned(session: Session, image_id: int, account_id: int) -> Image:

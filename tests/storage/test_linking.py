@@ -66,6 +66,7 @@ def _job_with_image(tx: Tx, account: accounts.AccountRead, prompt: str, now: dat
                     blob_key="ab/cd/x.png",
                     sha256="0" * 64,
                     prompt=prompt,
+                    styles=("anime",),
                 )
             ],
             now=now,
@@ -128,6 +129,11 @@ def test_link_shares_credits_and_gallery(tx: Tx, tiers: dict[str, Tier], now: da
         moved = jobs.list_jobs(session=s, account_id=a.id)
     assert (bal.daily_left, [p.amount for p in bal.packs]) == (3, [3])  # b's daily is dropped
     assert sorted(i.prompt for i in page.items) == ["a blue lighthouse", "a red lighthouse"]
+    with tx() as s:  # the filters find the moved images too (their style rows moved with them)
+        styled = gallery.list_images(session=s, account_id=a.id, style="anime")
+        from_discord = gallery.list_images(session=s, account_id=a.id, platform="discord")
+    assert sorted(i.prompt for i in styled.items) == ["a blue lighthouse", "a red lighthouse"]
+    assert [i.prompt for i in from_discord.items] == ["a blue lighthouse"]
     assert {i.platform for i in ids} == {"telegram", "discord"}
     assert len(moved) == 2
 

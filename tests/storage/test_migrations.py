@@ -111,3 +111,50 @@ def test_0002_marks_jobs_finished_before_it_delivered(db_url: str) -> None:
         assert {k: bool(v) for k, v in rows.items()} == {"a": True, "b": False}
     finally:
         engine.dispose()
+
+
+def test_0005_backfills_styles_and_platforms(db_url: str) -> None:
+    """Images stored before 0005 get their image_styles rows and platform (from the job's
+    identity; '' without one), so the indexed filters find them as the LIKE scan did."""
+    from storage import gallery
+
+    upgrade(db_url, "0004")
+    engine = make_engine(db_url)
+    t = "2026-11-01 10:00:00"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO accounts (id, tier, created_at) VALUES (1, 'free', :t)"),
+                         {"t": t})
+            conn.execute(text(
+                "INSERT INTO identities (id, platform, platform_user_id, account_id, created_at) "
+                "VALUES (1, 'discord', 'u1', 1, :t)"), {"t": t})
+            for job_id, identity in (("a", 1), ("b", None)):
+                conn.execute(text(
+                    "INSERT INTO jobs (id, idempotency_key, account_id, identity_id, "
+                    "request_json, status, attempts, delivery_json, cost, created_at, updated_at) "
+                    "VALUES (:id, :id, 1, :identity, '{}', 'succeeded', 1, '{}', 1, :t, :t)"
+                ), {"id": job_id, "identity": identity, "t": t})
+            for n, (job_id, styles) in enumerate(
+                (("a", "anime,photo"), ("a", ""), ("b", "photo")), start=1
+            ):
+                conn.execute(text(
+                    'INSERT INTO images (id, job_id, account_id, "index", seed, width, height, '
+                    "blob_key, sha256, prompt, negative, styles, model, infotext, created_at) "
+                    "VALUES (:n, :job, 1, :n, 1, 64, 64, 'k', 's', 'p', '', :styles, 'sd15', '', "
+                    ":t)"), {"n": n, "job": job_id, "styles": styles, "t": t})
+        upgrade(db_url)
+        check_migrated(engine)
+        from sqlmodel import Session
+
+        with Session(engine) as s:
+            def ids(**kw: str) -> set[int]:
+                page = gallery.list_images(session=s, account_id=1, **kw)  # type: ignore[arg-type]
+                return {i.id for i in page.items}
+
+            assert ids(style="photo") == {1, 3}
+            assert ids(style="anime") == {1}
+            assert ids(platform="discord") == {1, 2}
+            assert ids() == {1, 2, 3}
+            s.rollback()
+    finally:
+        engine.dispose()
