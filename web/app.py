@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 
 from web.context import WebContext
+from web.limits import BodyLimit
 from web.ratelimit import PerAddressLimit, RateLimiter
 
 
@@ -21,6 +22,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.state.ctx = ctx
     app.state.limiter = RateLimiter(ctx.client.broker, ctx.settings.web_rate)
     app.add_middleware(PerAddressLimit, limiter=app.state.limiter)
+    app.add_middleware(BodyLimit, max_bytes=ctx.settings.web_max_body_bytes)
     _include_routers(app)
     return app
 
