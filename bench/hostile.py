@@ -43,7 +43,9 @@ TOKEN = "123456789:AAF-hostile-bench-token"
 PROBE = "/imagine a lighthouse at dusk --w 64 --h 64 --steps 2"
 HEALTHZ_EVERY_S = 0.01
 CHAT_EVERY_S = 0.25
-ATTACK_THREADS = 4
+# Each attacking thread waits this long between its requests: requests in flight, not a
+# flood of the loopback's bandwidth (whose kernel work would take the box's CPUs from all).
+ATTACK_PAUSE_S = 0.3
 MB = 1024 * 1024
 WAIT_S = 60.0  # a probe not answered by then counts as this long
 
@@ -88,25 +90,26 @@ def attacks(body_mb: int) -> list[Attack]:
     def js(**fields: Any) -> bytes:
         return json.dumps(fields).encode()
 
+    # Cheap refusals between the costly ones: each thread starts at its own place.
     return [
+        Attack("prompt-1mb-v1", "/api/v1/jobs", js(prompt=prompt_1mb)),
         Attack("body-declared", "/api/v1/jobs", js(prompt=big_prompt)),
-        Attack("body-streamed", "/sdapi/v1/txt2img", js(prompt=big_prompt), streamed=True),
-        Attack("image-10mb-sdapi", "/sdapi/v1/img2img",
-               js(prompt="a fox", init_images=[image_10mb], steps=20)),
         Attack("image-5mb-v1", "/api/v1/jobs",
                js(prompt="a fox", kind="img2img", init_image=image_5mb, steps=1000)),
-        Attack("image-5mb-sdapi", "/sdapi/v1/img2img",
-               js(prompt="a fox", init_images=[image_5mb], steps=1000)),
-        Attack("prompt-1mb-v1", "/api/v1/jobs", js(prompt=prompt_1mb)),
         Attack("prompt-1mb-sdapi", "/sdapi/v1/txt2img",
                js(prompt="a fox", negative_prompt=prompt_1mb)),
+        Attack("body-streamed", "/sdapi/v1/txt2img", js(prompt=big_prompt), streamed=True),
+        Attack("image-5mb-sdapi", "/sdapi/v1/img2img",
+               js(prompt="a fox", init_images=[image_5mb], steps=1000)),
+        Attack("image-10mb-sdapi", "/sdapi/v1/img2img",
+               js(prompt="a fox", init_images=[image_10mb], steps=20)),
     ]
 
 
 def attack(
     plan: list[Attack], url: str, key: str, seconds: float
 ) -> dict[str, Counter[str]]:
-    """Send the attacks round-robin from a few threads for ``seconds``; outcomes by attack
+    """Send the attacks round-robin from a thread each for ``seconds``; outcomes by attack
     (status code, or the error's name when the server cut the connection)."""
     outcomes: dict[str, Counter[str]] = {a.name: Counter() for a in plan}
     lock = threading.Lock()
@@ -126,8 +129,9 @@ def attack(
                     outcome = type(exc).__name__
                 with lock:
                     outcomes[a.name][outcome] += 1
+                time.sleep(ATTACK_PAUSE_S)
 
-    threads = [threading.Thread(target=fire, args=(i,)) for i in range(ATTACK_THREADS)]
+    threads = [threading.Thread(target=fire, args=(i,)) for i in range(len(plan))]
     for t in threads:
         t.start()
     for t in threads:
@@ -158,6 +162,10 @@ class Figures:
         return self._pct(self.healthz_ms, 0.99)
 
     @property
+    def chat_median(self) -> float:
+        return statistics.median(self.chat_ms) if self.chat_ms else float("inf")
+
+    @property
     def chat_max(self) -> float:
         return max(self.chat_ms, default=float("inf"))
 
@@ -166,8 +174,7 @@ class Figures:
         return [
             f"/healthz: {len(h)} probes, p50 {self._pct(h, 0.5):.1f} ms, "
             f"p99 {self.healthz_p99:.1f} ms, max {max(h, default=float('inf')):.1f} ms",
-            f"chat first reply: {len(c)} commands, median "
-            f"{statistics.median(c) if c else float('inf'):.1f} ms, "
+            f"chat first reply: {len(c)} commands, median {self.chat_median:.1f} ms, "
             f"max {self.chat_max:.1f} ms",
             "web attacks: " + "; ".join(
                 f"{name} {dict(sorted(out.items()))}" for name, out in self.web.items()
@@ -267,28 +274,32 @@ def _attack_into(
         into.update(attack(plan, url, key, seconds))
 
 
-def outside(seconds: float, rounds: int, body_mb: int, hostile: bool) -> None:
+def outside(seconds: float, rounds: int, body_mb: int, hostile: bool, baseline: bool) -> None:
     """The world outside the server, in a process of its own (so none of its work competes
     with the server's loop for the GIL): the fake Bot API, the attackers and the probes.
     Protocol on stdin/stdout, one JSON line each: it says where the fake is; it is told the
     web app's URL and an API key; it answers each round's figures; then it waits for its
-    stdin to close before stopping the fake (the bot's shutdown still calls it)."""
+    stdin to close before stopping the fake (the bot's shutdown still calls it).
+    ``baseline``: one more round first, with no attack."""
     plan = attacks(body_mb) if hostile else []
     chat = ChatSide()
     print(json.dumps({"api": chat.fake.base_url, "files": chat.fake.base_file_url}), flush=True)
     told = json.loads(sys.stdin.readline())
     url, key = told["url"], told["key"]
-    for n in range(rounds):
+    for n in range(rounds + baseline):
         if n:
             sys.stdin.readline()  # the server side is ready for the next round
         figures = Figures()
+        attacking = hostile and not (baseline and n == 0)
         stop = threading.Event()
         probe = threading.Thread(target=probe_healthz, args=(url, stop, figures.healthz_ms))
         probe.start()
         web: dict[str, Counter[str]] = {}
-        attacker = threading.Thread(target=_attack_into, args=(web, plan, url, key, seconds))
+        attacker = threading.Thread(
+            target=_attack_into, args=(web, plan if attacking else [], url, key, seconds)
+        )
         attacker.start()
-        chat.run(seconds, hostile, figures)
+        chat.run(seconds, attacking, figures)
         attacker.join()
         stop.set()
         probe.join()
@@ -318,11 +329,11 @@ def _settings(data_dir: Path, api: str, files: str) -> Any:
 
 async def measure(
     data_dir: Path, *, seconds: float = 10.0, rounds: int = 1, body_mb: int = 30,
-    hostile: bool = True,
+    hostile: bool = True, baseline: bool = False,
 ) -> list[Figures]:
     """Serve everything on this loop as `atelier up` does, let the outside process attack it
     for ``rounds`` windows of ``seconds`` and measure meanwhile (``hostile=False``: measure
-    only, the baseline); the figures of each window."""
+    only); the figures of each window, first a window with no attack when ``baseline``."""
     from atelier.service import local_stack
     from atelier.webserver import serve_web
     from bots.telegram.run import start_bot
@@ -330,7 +341,8 @@ async def measure(
 
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "outside", "--seconds", str(seconds),
-         "--rounds", str(rounds), "--body-mb", str(body_mb), *([] if hostile else ["--quiet"])],
+         "--rounds", str(rounds), "--body-mb", str(body_mb), *([] if hostile else ["--quiet"]),
+         *(["--baseline"] if baseline else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     assert proc.stdin is not None and proc.stdout is not None
@@ -351,7 +363,7 @@ async def measure(
                 proc.stdin.write(json.dumps({"url": url, "key": key.key}) + "\n")
                 proc.stdin.flush()
                 found = []
-                for n in range(rounds):
+                for n in range(rounds + baseline):
                     if n:
                         await _cancel_queued(stack.client)
                         proc.stdin.write("next\n")
@@ -393,18 +405,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--body-mb", type=int, default=30)
-    parser.add_argument("--quiet", action="store_true", help="no attack: the baseline")
+    parser.add_argument("--quiet", action="store_true", help="no attack at all")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first a round with no attack, to compare")
     args = parser.parse_args(argv)
     if args.command == "outside":
-        outside(args.seconds, args.rounds, args.body_mb, hostile=not args.quiet)
+        outside(args.seconds, args.rounds, args.body_mb, hostile=not args.quiet,
+                baseline=args.baseline)
         return
     with tempfile.TemporaryDirectory() as tmp:
         found = asyncio.run(measure(
             Path(tmp) / "data", seconds=args.seconds, rounds=args.rounds,
-            body_mb=args.body_mb, hostile=not args.quiet,
+            body_mb=args.body_mb, hostile=not args.quiet, baseline=args.baseline,
         ))
-    for n, figures in enumerate(found, 1):
-        print(f"round {n}{' (no attack)' if args.quiet else ''}:")
+    for n, figures in enumerate(found, 0 if args.baseline else 1):
+        quiet = args.quiet or (args.baseline and n == 0)
+        print(f"round {n}{' (no attack)' if quiet else ''}:")
         for line in figures.lines():
             print(f"  {line}")
 
