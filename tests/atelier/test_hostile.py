@@ -12,6 +12,8 @@ import pytest
 
 from bench.hostile import Figures, measure
 
+# The whole single-box stack (it imports Ray, though it starts no worker): not the fast tier.
+pytestmark = [pytest.mark.services, pytest.mark.slow]
 GOAL_MS = 100.0
 ROUNDS = 3
 
