@@ -33,7 +33,7 @@ from core.errors import (
 from core.jobs import CANCELLED_BY_OWNER, DeliveryTarget, JobStatus, Requester
 from core.prompts import Blocklist, default_blocklist, prepare_prompt
 from core.recipe import effective_strength, min_denoising_steps
-from core.request import GenerationRequest
+from core.request import GenerationRequest, check_text_lengths
 from core.settings import Settings, Tier
 from core.styles import StyleRegistry, default_registry
 from storage import accounts, apikeys, gallery, ledger
@@ -115,7 +115,10 @@ class Client:
         result is what runs and what is priced.
 
         Raises ContentBlocked (nothing is charged) or InvalidRequest naming the bad value.
+        Costs time in proportion to the prompt: ``submit`` and ``quote`` call it off the loop.
         """
+        # 0. The length, before anything reads the text (PromptTooLong naming the limit).
+        check_text_lengths(request.prompt, request.negative, self.settings.limits)
         # 1. The blocklist, first, so a blocked prompt never reaches the store.
         self.blocklist.check(request.prompt, requester.nsfw_allowed)
         # 2. Styles exist and the styled prompts fit the text encoder (estimated tokens).
@@ -141,6 +144,15 @@ class Client:
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
         return request.model_copy(update={"model": spec.name}).with_seed()
 
+    async def _prepared(
+        self, request: GenerationRequest, requester: Requester
+    ) -> GenerationRequest:
+        """``prepare`` with the default model, in a worker thread: the prompt's normalising,
+        blocklist and token estimate keep the event loop waiting otherwise."""
+        check_text_lengths(request.prompt, request.negative, self.settings.limits)
+        request = await self.with_default_model(request)
+        return await asyncio.to_thread(self.prepare, request, requester)
+
     async def submit(
         self,
         request: GenerationRequest,
@@ -154,7 +166,7 @@ class Client:
         InsufficientCredits; in every case nothing is charged and no job row is left behind.
         """
         # 1. Checks that need no database, then that some worker can load the model.
-        request = self.prepare(await self.with_default_model(request), requester)
+        request = await self._prepared(request, requester)
         if not idempotency_key or len(idempotency_key) > 200:
             raise InvalidRequest(
                 f"idempotency key must be 1 to 200 characters, got {len(idempotency_key)}"
@@ -233,7 +245,7 @@ class Client:
         refuses before it posts anything. Raises what ``submit`` raises (ContentBlocked,
         InvalidRequest, ModelUnavailable, TooManyJobs, InsufficientCredits); ``submit`` still
         checks again."""
-        request = self.prepare(await self.with_default_model(request), requester)
+        request = await self._prepared(request, requester)
         await self.check_model_available(request.model)
         now = utcnow()
 

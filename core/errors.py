@@ -23,7 +23,8 @@ class InvalidRequest(AtelierError):
 
 
 class PromptTooLong(InvalidRequest):
-    """The prompt does not fit the text encoder's window (CLIP: 77 tokens)."""
+    """The prompt does not fit the text encoder's window (CLIP: 77 tokens), or has more
+    characters than the deployment takes (``Limits.max_prompt_chars``)."""
 
     code = "prompt_too_long"
 

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from core.errors import InvalidRequest
 from core.prompts import normalize
-from core.request import GenerationRequest, canonical_scheduler
+from core.request import GenerationRequest, canonical_scheduler, check_text_length
+from core.settings import Limits
 from core.styles import StyleRegistry, default_registry, merge_terms, style_key
 
 # field (or "ar") -> the flag names that set it; the first is the one format_request writes.
@@ -72,6 +73,13 @@ _INT_RE = re.compile(r"[0-9]+")
 _FLOAT_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _AR_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*[:x×/]\s*([0-9]+(?:\.[0-9]+)?)")
 _MODEL_RE = re.compile(r"[A-Za-z0-9][\w.:/+-]*")
+# Room for the flags around a prompt and a negative each of the longest length allowed.
+FLAGS_ALLOWANCE = 500
+
+
+def command_limit(limits: Limits) -> int:
+    """The most characters a command may have: checked before anything reads it."""
+    return 2 * limits.max_prompt_chars + FLAGS_ALLOWANCE
 
 
 def flags_help() -> str:
@@ -267,6 +275,7 @@ def parse_command(
     defaults: Mapping[str, Any] | None = None,
     *,
     registry: StyleRegistry | None = None,
+    limits: Limits | None = None,
 ) -> GenerationRequest:
     """Parse ``prompt --flag value ...`` into a request.
 
@@ -275,7 +284,10 @@ def parse_command(
     ``--ar W:H`` keeps the pixel area of the size it would otherwise have (512x512 unless
     defaults say otherwise; see ``size_for_aspect``); with ``--w`` or ``--h`` it sets the other.
     ``--style none``, ``--no none`` and ``--model default`` clear what a default set.
+    A text longer than ``command_limit(limits)`` (default limits when None) is refused first,
+    unread.
     """
+    check_text_length(text, command_limit(limits or Limits()), what="the text")
     registry = registry or default_registry()
     user = _check_defaults(defaults)
     prompt, flags = _split(normalize(text))

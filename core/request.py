@@ -9,7 +9,7 @@ from typing import Annotated, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, PromptTooLong
 from core.settings import Limits
 
 MAX_SEED = 2**32 - 1
@@ -241,10 +241,7 @@ class GenerationRequest(BaseModel):
         """Raise InvalidRequest if the request exceeds the deployment's or tier's limits."""
         side_cap = min(limits.max_side, max_side or limits.max_side)
         width, height, steps = self.size_and_steps()
-        if len(self.prompt) > limits.max_prompt_chars:
-            raise InvalidRequest(
-                f"prompt is {len(self.prompt)} characters; the limit is {limits.max_prompt_chars}"
-            )
+        check_text_lengths(self.prompt, self.negative, limits)
         for name, v in (("width", width), ("height", height)):
             if not limits.min_side <= v <= side_cap:
                 raise InvalidRequest(
@@ -254,6 +251,20 @@ class GenerationRequest(BaseModel):
             raise InvalidRequest(f"steps must be at most {limits.max_steps}, got {steps}")
         if self.count > limits.max_count:
             raise InvalidRequest(f"count must be at most {limits.max_count}, got {self.count}")
+
+
+def check_text_length(text: str, limit: int, *, what: str = "prompt") -> None:
+    """PromptTooLong naming the limit and the length got when ``text`` is longer than
+    ``limit`` characters. Done on the raw text first, where a prompt enters: normalising,
+    the blocklist and token counting cost time in proportion to the length."""
+    if len(text) > limit:
+        raise PromptTooLong(f"{what} is {len(text)} characters; the limit is {limit}")
+
+
+def check_text_lengths(prompt: str, negative: str, limits: Limits) -> None:
+    """``check_text_length`` of a prompt and its negative against ``limits.max_prompt_chars``."""
+    check_text_length(prompt, limits.max_prompt_chars, what="prompt")
+    check_text_length(negative, limits.max_prompt_chars, what="negative prompt")
 
 
 def new_seed() -> int:

@@ -217,6 +217,9 @@ class Settings(BaseSettings):
     # Where `atelier up` / `atelier web` serve the web app: HOST:PORT ([::1]:8000 for IPv6).
     web_listen: str = "127.0.0.1:8000"
     web_rate: WebRate = Field(default_factory=WebRate)
+    # The largest request body the web app reads (413 past it). A1111 clients send images as
+    # base64 in JSON, 4/3 of the file: 8 MiB takes a 6 MB image.
+    web_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
     default_tier: str = "free"
     tiers: dict[str, Tier] = Field(default_factory=_default_tiers)

@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 
 from web.context import WebContext
 from web.errors import install as install_error_handlers
+from web.limits import BodyLimit
 from web.ratelimit import PerAddressLimit, RateLimiter
 
 
@@ -23,6 +24,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.state.limiter = RateLimiter(ctx.client.broker, ctx.settings.web_rate)
     app.add_middleware(PerAddressLimit, limiter=app.state.limiter)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=ctx.settings.web_max_body_bytes)
     _include_routers(app)
     return app
 

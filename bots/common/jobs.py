@@ -22,6 +22,7 @@ from cluster.events import EventKind, ImageRef, JobEvent
 from core.errors import AtelierError, NotFound
 from core.images import validate_image
 from core.jobs import DeliveryTarget, Requester
+from core.offload import run_heavy
 from core.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -147,11 +148,15 @@ async def _request_from(
 ) -> tuple[GenerationRequest, bool]:
     """The request a prompt (and a photo) makes with the person's defaults; and whether
     they asked for PNG files."""
-    parsed = parse_prompt(text, await core.prefs.user(who.user_id), core.styles)
+    limits = core.settings.limits
+    prefs = await core.prefs.user(who.user_id)
+    # Off the event loop, which every bot and the web app share: parsing normalises and
+    # checks the text; a photo is decoded and re-encoded (seconds for a big one).
+    parsed = await asyncio.to_thread(parse_prompt, text, prefs, core.styles, limits)
     request = parsed.request
     if photo is not None:
-        limits = core.settings.limits
-        image = validate_image(
+        image = await run_heavy(
+            validate_image,
             photo,
             max_bytes=limits.max_upload_bytes,
             max_pixels=limits.max_upload_pixels,

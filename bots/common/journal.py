@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +38,9 @@ def posted_journal_path(data_dir: Path, platform: str) -> Path:
 
 class JournalState(MemoryState):
     """A ``MemoryState`` (wall clock) whose writes also go to ``path`` and are read back when
-    a process opens it again."""
+    a process opens it again. The file work of ``set`` (a lock another process may hold while
+    it rewrites, the write, the fsync, a rewrite) runs in worker threads: the event loop is
+    shared by every bot and the web app."""
 
     def __init__(
         self, path: Path, *, fsync: bool = True, clock: Callable[[], float] = time.time
@@ -45,11 +48,17 @@ class JournalState(MemoryState):
         super().__init__(clock=clock)
         self.path = path
         self._fsync = fsync
+        self._appended = 0
+        # One file operation of this process at a time (they run in worker threads).
+        self._io = threading.Lock()
+        # Keys set while a rewrite runs: what the rewrite read back must not undo them.
+        self._set_meanwhile: set[str] | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with self._locked(fcntl.LOCK_EX):
-            self._load()
-            self._rewrite()
+            found = self._read()
+            self._merge(found)
+            self._rewrite(found)
 
     @contextlib.contextmanager
     def _locked(self, how: int) -> Iterator[None]:
@@ -67,30 +76,43 @@ class JournalState(MemoryState):
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _load(self) -> None:
-        now = self._clock()
+    def _read(self) -> dict[str, tuple[str, float | None]]:
+        """Every key in the file with its last line's value and expiry (expired ones too)."""
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
-            return
+            return {}
+        found: dict[str, tuple[str, float | None]] = {}
         for line in text.splitlines():
             parts = line.split("\t")
             if len(parts) != 3:
                 continue  # a line cut short by a crash mid-write
             key, value, expiry = parts
             try:
-                expires = float(expiry) if expiry else None
+                found[key] = (value, float(expiry) if expiry else None)
             except ValueError:
+                continue
+        return found
+
+    def _merge(
+        self, found: dict[str, tuple[str, float | None]], skip: set[str] | None = None
+    ) -> None:
+        """Take what the file holds (what other processes appended too) into memory."""
+        now = self._clock()
+        for key, (value, expires) in found.items():
+            if skip and key in skip:
                 continue
             if expires is None or expires > now:
                 self._store(key, value, expires)
             else:
                 self._data.pop(key, None)
 
-    def _rewrite(self) -> None:
-        """The file again with only the live keys (caller holds the exclusive lock)."""
+    def _rewrite(self, found: dict[str, tuple[str, float | None]]) -> None:
+        """The file again with only its live keys (caller holds the exclusive lock). Every
+        mark this process made is in the file before ``set`` returns, so the file is the
+        whole truth: memory adds nothing."""
         now = self._clock()
-        live = [_line(k, v, e) for k, (v, e) in self._data.items() if e is None or e > now]
+        live = [_line(k, v, e) for k, (v, e) in found.items() if e is None or e > now]
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(live)
@@ -99,29 +121,48 @@ class JournalState(MemoryState):
         os.replace(tmp, self.path)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._appended = 0
+
+    def _compact(self) -> dict[str, tuple[str, float | None]]:
+        """Read the file and rewrite it with its live keys (in a worker thread); returns
+        what it read, for the loop to merge."""
+        with self._io, self._locked(fcntl.LOCK_EX):
+            found = self._read()
+            self._rewrite(found)
+        return found
 
     async def set(self, key: str, value: str, ttl_s: int | None = None) -> None:
         if any(c in key or c in value for c in "\t\n"):
             raise ValueError(f"journal keys and values hold no tabs or newlines: {key!r}")
         await super().set(key, value, ttl_s)
-        self._append(_line(key, value, self._data[key][1]).encode())
-        if self._fsync:
-            await asyncio.to_thread(os.fsync, self._fd)
+        if self._set_meanwhile is not None:
+            self._set_meanwhile.add(key)
+        await asyncio.to_thread(self._write, _line(key, value, self._data[key][1]).encode())
         self._appended += 1
-        if self._appended > max(COMPACT_FLOOR, 4 * len(self._data)):
-            with self._locked(fcntl.LOCK_EX):
-                self._load()  # what other processes on this file appended meanwhile
-                self._rewrite()
+        if self._set_meanwhile is None and self._appended > max(
+            COMPACT_FLOOR, 4 * len(self._data)
+        ):
+            self._set_meanwhile = set()
+            try:
+                found = await asyncio.to_thread(self._compact)
+                self._merge(found, skip=self._set_meanwhile)
+                self._appended = 0
+            finally:
+                self._set_meanwhile = None
 
-    def _append(self, line: bytes) -> None:
+    def _write(self, line: bytes) -> None:
         """One write to the end of the file, in the kernel before this returns (a shared lock:
-        no rewrite drops it)."""
-        with self._locked(fcntl.LOCK_SH):
-            os.write(self._fd, line)
+        no rewrite drops it), then fsync'd when asked."""
+        with self._io:
+            with self._locked(fcntl.LOCK_SH):
+                os.write(self._fd, line)
+            if self._fsync:
+                os.fsync(self._fd)
 
     async def close(self) -> None:
-        with contextlib.suppress(OSError):
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._io, contextlib.suppress(OSError):
             os.close(self._fd)
 
 

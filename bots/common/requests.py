@@ -10,9 +10,17 @@ from typing import Any
 
 from bots.common.prefs import SIZES, UserPrefs
 from core.errors import InvalidRequest
-from core.flags import BASE_SIDE, MAX_ASPECT, fit_size, parse_command, size_for_aspect
+from core.flags import (
+    BASE_SIDE,
+    MAX_ASPECT,
+    command_limit,
+    fit_size,
+    parse_command,
+    size_for_aspect,
+)
 from core.recipe import UPSCALE_STRENGTH, min_denoising_steps
-from core.request import GenerationRequest, JobKind, build_request
+from core.request import GenerationRequest, JobKind, build_request, check_text_length
+from core.settings import Limits
 from core.styles import StyleRegistry
 
 # Bot-only flag (not a generation setting, so core.flags does not know it): send PNG files.
@@ -56,13 +64,18 @@ def defaults_for(prefs: UserPrefs) -> dict[str, Any]:
     return defaults
 
 
-def parse_prompt(text: str, prefs: UserPrefs, registry: StyleRegistry | None = None) -> Parsed:
-    """``a cat --ar 16:9 --png`` -> the request; InvalidRequest naming what is wrong."""
+def parse_prompt(
+    text: str, prefs: UserPrefs, registry: StyleRegistry | None = None,
+    limits: Limits | None = None,
+) -> Parsed:
+    """``a cat --ar 16:9 --png`` -> the request; InvalidRequest naming what is wrong (first a
+    text too long to read: ``core.flags.command_limit``)."""
+    check_text_length(text, command_limit(limits or Limits()), what="the text")
     original = bool(_ORIGINAL_RE.search(text))
     stripped = _ORIGINAL_RE.sub(" ", text).strip()
     if not stripped:
         raise InvalidRequest("the prompt is empty; describe the image, e.g. 'a lighthouse at dusk'")
-    request = parse_command(stripped, defaults_for(prefs), registry=registry)
+    request = parse_command(stripped, defaults_for(prefs), registry=registry, limits=limits)
     return Parsed(request, original or prefs.original, bool(_SIZE_FLAG_RE.search(stripped)))
 
 

@@ -32,6 +32,7 @@ from cluster.broker import Broker
 from cluster.client import Client
 from cluster.events import JobEvent
 from core.errors import ConfigError
+from core.flags import command_limit
 from core.settings import Settings
 from core.styles import StyleRegistry
 
@@ -145,6 +146,9 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     """Every handler, in match order (the first match in a group wins)."""
     new = filters.UpdateType.MESSAGE  # edits of old messages make no new jobs
     private = filters.ChatType.PRIVATE
+    # First of all (group -1): a text too long to be a command, refused unread.
+    limit = command_limit(app.bot_data[KEY].settings.limits)
+    app.add_handler(MessageHandler(imagine.TooLong(limit), imagine.too_long), group=-1)
     for name, callback in (
         ("start", commands.start),
         ("help", commands.help_command),

@@ -21,8 +21,10 @@ from bots.common.requests import ModelSizes, img2img, parse_prompt, reroll, upsc
 from bots.common.state import MemoryState
 from cluster.broker_redis import RedisBroker
 from cluster.events import EventKind, JobEvent
-from core.errors import InsufficientCredits, InvalidRequest
+from core.errors import InsufficientCredits, InvalidRequest, PromptTooLong
+from core.flags import command_limit
 from core.jobs import DeliveryTarget
+from core.settings import Limits
 
 
 def test_button_data_fits_telegram_and_round_trips() -> None:
@@ -63,6 +65,17 @@ def test_prompt_glue_uses_defaults_and_the_png_flag() -> None:
         upscale(req, b"png", 1024, 576, None, 1, max_side=1024)
     with pytest.raises(InvalidRequest, match="--png|empty"):
         parse_prompt("--png", UserPrefs())
+
+
+def test_a_chat_text_too_long_is_refused_before_it_is_parsed() -> None:
+    # "--png" repeated: stripping the bot's own flag would leave a short prompt, but the
+    # raw text is what costs to read, so its length is checked first.
+    text = "a fox" + " --png" * 200_000
+    limits = Limits(max_prompt_chars=100)
+    with pytest.raises(PromptTooLong, match=f"the text is {len(text)} characters; the limit "
+                       f"is {command_limit(limits)}"):
+        parse_prompt(text, UserPrefs(), limits=limits)
+    assert parse_prompt("a fox --png", UserPrefs(), limits=limits).original
 
 
 def test_error_line_says_what_to_do_and_the_credits_left() -> None:

@@ -3,10 +3,13 @@ them, expire, and survive the file being rewritten or cut short by a crash."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from bots.common.journal import COMPACT_FLOOR, JournalState, posted_journal_path
@@ -107,3 +110,24 @@ async def test_two_processes_on_one_file_lose_no_mark_when_one_rewrites_it(
     reread = JournalState(path)
     assert await reread.get("before") == "1"
     assert await reread.get("after") == "1"
+
+
+async def test_a_mark_waits_for_the_file_lock_off_the_event_loop(tmp_path: Path) -> None:
+    # Another process rewriting the file holds its lock; a mark waits for it in a worker
+    # thread, so the loop (shared with every bot and the web app) keeps serving meanwhile.
+    path = tmp_path / "j.journal"
+    journal = JournalState(path, fsync=False)
+    with open(path, "rb") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        # Released in any case, so a loop that blocks on the lock ends the test, failing it.
+        release = threading.Timer(2.0, fcntl.flock, (other, fcntl.LOCK_UN))
+        release.start()
+        try:
+            marking = asyncio.create_task(journal.set("k", "1", 3600))
+            await asyncio.sleep(0.3)
+            assert not marking.done()  # waiting in its thread while this loop went on
+            fcntl.flock(other, fcntl.LOCK_UN)
+            await asyncio.wait_for(marking, 10)
+        finally:
+            release.cancel()
+    assert await JournalState(path).get("k") == "1"

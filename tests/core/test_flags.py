@@ -8,10 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.errors import InvalidRequest
-from core.flags import flags_help, format_request, parse_command, size_for_aspect
+from core.errors import InvalidRequest, PromptTooLong
+from core.flags import (
+    command_limit,
+    flags_help,
+    format_request,
+    parse_command,
+    size_for_aspect,
+)
 from core.prompts import normalize
 from core.request import MAX_SEED, SCHEDULERS, GenerationRequest
+from core.settings import Limits
 from core.styles import StyleRegistry, default_registry
 
 
@@ -279,3 +286,17 @@ _DEFAULTS = st.fixed_dictionaries(
 @given(requests(), _DEFAULTS)
 def test_round_trip_with_user_defaults(req: GenerationRequest, defaults: dict[str, Any]) -> None:
     assert parse_command(format_request(req, defaults), defaults) == req
+
+
+def test_a_text_too_long_is_refused_before_it_is_read() -> None:
+    # A megabyte of zero-width spaces around a short prompt: normalising would leave "a cat",
+    # but the raw length is what costs, so it is refused first, naming limit and length.
+    text = "\u200b" * 1_000_000 + "a cat"
+    limit = command_limit(Limits())
+    assert limit == 2 * Limits().max_prompt_chars + 500
+    with pytest.raises(PromptTooLong, match=f"is {len(text)} characters; the limit is {limit}"):
+        parse_command(text)
+    small = Limits(max_prompt_chars=10)
+    with pytest.raises(PromptTooLong, match=f"the limit is {command_limit(small)}"):
+        parse_command("a cat " * 100, limits=small)
+    assert parse_command("\u200b" * 100 + "a cat").prompt == "a cat"

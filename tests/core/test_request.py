@@ -3,8 +3,15 @@
 import pytest
 
 from core.cost import job_cost
-from core.errors import InvalidRequest
-from core.request import GenerationRequest, JobKind, ModelDefaults, Params, build_request
+from core.errors import InvalidRequest, PromptTooLong
+from core.request import (
+    GenerationRequest,
+    JobKind,
+    ModelDefaults,
+    Params,
+    build_request,
+    check_text_length,
+)
 from core.settings import Limits
 
 
@@ -81,3 +88,15 @@ def test_the_model_s_defaults_fill_only_what_was_not_given() -> None:
     # A stored (JSON) request keeps "not given" apart from a given value.
     again = GenerationRequest.model_validate_json(given.model_dump_json())
     assert again.height is None and again.width == 128
+
+
+def test_texts_longer_than_the_limit_name_the_limit_and_the_length() -> None:
+    limits = Limits(max_prompt_chars=50)
+    GenerationRequest(prompt="p" * 50, negative="n" * 50, width=64, height=64,
+                      steps=2).check_limits(limits)
+    long_negative = GenerationRequest(prompt="a cat", negative="n" * 51, width=64, height=64,
+                                      steps=2)
+    with pytest.raises(PromptTooLong, match="negative prompt is 51 characters; the limit is 50"):
+        long_negative.check_limits(limits)
+    with pytest.raises(PromptTooLong, match="prompt is 51 characters; the limit is 50"):
+        check_text_length("p" * 51, 50)

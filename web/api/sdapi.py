@@ -17,6 +17,7 @@ from cluster.events import EventKind
 from core.errors import AtelierError, InvalidRequest
 from core.infotext import parse_infotext, read_png_infotext
 from core.jobs import DeliveryTarget
+from core.offload import run_heavy
 from core.request import SCHEDULERS
 from storage import apikeys
 from web.api.common import Caller, SdApiRoute, caller, db
@@ -55,7 +56,9 @@ async def _generate(
     payload: Txt2ImgPayload, who: Caller, ctx: WebContext, progress: ProgressBoard
 ) -> JSONResponse:
     # 1. Translate (FieldError names the A1111 field), then submit as any front end does.
-    request = to_generation_request(payload, limits=ctx.settings.limits, model=who.key.model)
+    request = await run_heavy(
+        to_generation_request, payload, limits=ctx.settings.limits, model=who.key.model
+    )
     if request.model is not None and request.model not in ctx.client.models:
         field = "override_settings.sd_model_checkpoint"
         if not payload.override_settings.get("sd_model_checkpoint"):
@@ -99,18 +102,24 @@ async def _generate(
         )
     pngs = [await ctx.client.image_bytes(ref) for ref in final.images]
     job = await ctx.client.job(job.id)
+    infotexts, images = await run_heavy(_encoded, pngs, payload.send_images)
     info = info_json(
         job.request,
         seeds=[ref.seed for ref in final.images],
-        infotexts=[read_png_infotext(p) or "" for p in pngs],
+        infotexts=infotexts,
         model=job.request.model or "",
         job_id=job.id,
         created_at=job.created_at,
     )
-    images = [base64.b64encode(p).decode() for p in pngs] if payload.send_images else []
     body = GenerationResponse(images=images, parameters=parameters_echo(payload), info=info)
     await ctx.client.mark_delivered(job.id)
     return JSONResponse(body.model_dump())
+
+
+def _encoded(pngs: list[bytes], send_images: bool) -> tuple[list[str], list[str]]:
+    """Each PNG's infotext and (``send_images``) its base64: work for a worker thread."""
+    infotexts = [read_png_infotext(p) or "" for p in pngs]
+    return infotexts, [base64.b64encode(p).decode() for p in pngs] if send_images else []
 
 
 @router.post("/txt2img", response_model=GenerationResponse)
@@ -261,15 +270,12 @@ async def set_options(
     return None
 
 
-@router.post("/png-info", response_model=PngInfoResponse)
-async def png_info(
-    body: PngInfoRequest, who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
-) -> PngInfoResponse:
-    """The infotext of a PNG (read from its text chunks; no pixel is decoded)."""
-    data = decode_b64_image(body.image, "image")
-    if len(data) > ctx.settings.limits.max_upload_bytes:
-        raise FieldError("image", f"is {len(data)} bytes; the limit is "
-                         f"{ctx.settings.limits.max_upload_bytes}")
+def _png_info(image: str, max_bytes: int) -> PngInfoResponse:
+    """What /png-info answers for a base64 image (work for a worker thread: megabytes of
+    base64 to decode, a text chunk to parse)."""
+    data = decode_b64_image(image, "image")
+    if len(data) > max_bytes:
+        raise FieldError("image", f"is {len(data)} bytes; the limit is {max_bytes}")
     text = read_png_infotext(data)
     if text is None:
         return PngInfoResponse(info="", items={}, parameters={})
@@ -278,3 +284,11 @@ async def png_info(
     except InvalidRequest:
         parameters = {"Prompt": text}
     return PngInfoResponse(info=text, items={"parameters": text}, parameters=parameters)
+
+
+@router.post("/png-info", response_model=PngInfoResponse)
+async def png_info(
+    body: PngInfoRequest, who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> PngInfoResponse:
+    """The infotext of a PNG (read from its text chunks; no pixel is decoded)."""
+    return await run_heavy(_png_info, body.image, ctx.settings.limits.max_upload_bytes)

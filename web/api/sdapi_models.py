@@ -46,6 +46,13 @@ _A1111_NAME = {
 _PLAIN_SCHEDULES = {"", "automatic", "normal", "default"}
 
 
+def check_length(text: str, field: str, limit: int) -> None:
+    """FieldError naming the limit and the length got for a text over ``limit`` characters:
+    checked before the text (or an image beside it) is read any further."""
+    if len(text) > limit:
+        raise FieldError(field, f"is {len(text)} characters; the limit is {limit}")
+
+
 class Txt2ImgPayload(BaseModel):
     """The fields of A1111's StableDiffusionTxt2ImgProcessingAPI we read; others are ignored."""
 
@@ -213,7 +220,10 @@ def to_generation_request(
     payload: Txt2ImgPayload, *, limits: Limits, model: str | None = None
 ) -> GenerationRequest:
     """Our request for an A1111 payload. ``model``: the key's chosen checkpoint, used when
-    the payload's override_settings names none. Raises FieldError naming the A1111 field."""
+    the payload's override_settings names none. Raises FieldError naming the A1111 field.
+    Decodes and re-encodes images: call it off the event loop."""
+    check_length(payload.prompt, "prompt", limits.max_prompt_chars)
+    check_length(payload.negative_prompt, "negative_prompt", limits.max_prompt_chars)
     _refuse_unsupported(payload)
     if payload.n_iter < 1:
         raise FieldError("n_iter", f"must be at least 1, got {payload.n_iter}")

@@ -21,13 +21,14 @@ from cluster.events import JobEvent, image_ref
 from core.errors import AtelierError, Forbidden, NotFound
 from core.images import validate_image, validate_mask
 from core.jobs import DeliveryTarget, JobStatus
+from core.offload import run_heavy
 from core.request import GenerationRequest, JobKind
 from core.settings import Limits
 from storage import gallery
 from storage.gallery import ImagePage, ImageRead
 from storage.jobs import JobRead
 from web.api.common import ApiRoute, Caller, caller, db
-from web.api.sdapi_models import FieldError
+from web.api.sdapi_models import FieldError, check_length
 from web.app import get_ctx
 from web.context import WebContext
 from web.errors import ERROR_RESPONSES
@@ -120,7 +121,10 @@ def _b64(text: str, field: str) -> bytes:
 
 
 def to_request(body: JobSubmit, limits: Limits) -> GenerationRequest:
-    """Our request from the REST body; uploads pass the bomb-safe checks first."""
+    """Our request from the REST body; the texts' lengths first, then uploads pass the
+    bomb-safe checks (seconds for a big image: call it off the event loop)."""
+    check_length(body.prompt, "prompt", limits.max_prompt_chars)
+    check_length(body.negative, "negative", limits.max_prompt_chars)
     fields = body.model_dump(exclude={"init_image", "mask"})
     for name, check in (("init_image", validate_image), ("mask", validate_mask)):
         raw = getattr(body, name)
@@ -187,7 +191,7 @@ async def submit_job(
 ) -> JobAccepted:
     """Queue a job, charged exactly as a chat job. The same ``Idempotency-Key`` again returns
     the first job (200) and charges nothing more."""
-    request = to_request(body, ctx.settings.limits)
+    request = await run_heavy(to_request, body, ctx.settings.limits)
     # Scoped to the identity, so two callers' keys never meet.
     key = f"api:{who.key.identity_id}:{idempotency_key or uuid.uuid4()}"
     delivery = DeliveryTarget(frontend=WEB, extra={"via": "api", "key": who.key.prefix})

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -80,7 +81,8 @@ async def make(
     if mode == "again":
         wanted = again_request(job, image, keep_seed=keep_seed)
     else:
-        wanted = variation_request(job, image, ctx.blobs.get(image.blob_key))
+        png = await asyncio.to_thread(ctx.blobs.get, image.blob_key)  # megabytes, off the loop
+        wanted = variation_request(job, image, png)
     key = f"web:{account_id}:{image_id}:{nonce or secrets.token_urlsafe(12)}"
     try:
         submitted = await ctx.client.submit(

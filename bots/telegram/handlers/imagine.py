@@ -6,15 +6,45 @@ from __future__ import annotations
 import logging
 
 from telegram import Message, MessageEntity, Update
+from telegram.ext import ApplicationHandlerStop, filters
 
 from bots.common import jobs, texts
 from bots.common.state import ALBUM_SEEN, ALBUM_SEEN_TTL_S
 from bots.telegram.services import PLATFORM, Context, core_of, is_private, reply_error, who_of
-from core.errors import AtelierError, ImageRejected
+from core.errors import AtelierError, ImageRejected, PromptTooLong
+from core.flags import command_limit
+from core.request import check_text_length
 
 log = logging.getLogger(__name__)
 
 DOWNLOAD_MAX_BYTES = 20 * 1024 * 1024
+
+
+class TooLong(filters.MessageFilter):
+    """A message whose text (or caption) has more than ``limit`` characters."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(name=f"TooLong({limit})")
+        self.limit = limit
+
+    def filter(self, message: Message) -> bool:
+        return len(message.text or message.caption or "") > self.limit
+
+
+async def too_long(update: Update, context: Context) -> None:
+    """Refuse a text longer than any command may be (a private one, or a command) before the
+    other handlers read it: each command handler splits the whole text, on the loop that
+    the web app shares."""
+    message = update.effective_message
+    if message is not None:
+        text = message.text or message.caption or ""
+        if is_private(update.effective_chat) or text.startswith("/"):
+            try:
+                check_text_length(text, command_limit(core_of(context).settings.limits),
+                                  what="the text")
+            except PromptTooLong as exc:
+                await reply_error(update, context, exc)
+    raise ApplicationHandlerStop
 
 
 async def imagine(update: Update, context: Context) -> None:
