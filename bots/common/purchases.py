@@ -1,0 +1,102 @@
+"""Buying credits from a chat, for every platform: what is on sale, the order payload a
+payment carries back, the reply after a payment or a refund, and who may refund."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from cluster.purchases import Paid
+from core.errors import InvalidRequest
+from core.settings import Settings
+from core.shop import Pack, Shop
+from storage.purchases import PurchaseRead
+
+NOTHING_FOR_SALE = "Nothing is for sale here yet."
+BUY_HINT = "More credits: /buy"
+
+
+def pack_payload(pack: Pack) -> str:
+    """The order a Stars invoice carries (1-128 bytes): what was sold, so a pack withdrawn
+    between the invoice and the payment is still credited as sold."""
+    lifetime = "" if pack.lifetime_days is None else str(pack.lifetime_days)
+    return f"pack:{pack.name}:{pack.credits}:{lifetime}"
+
+
+def pack_of_payload(payload: str, shop: Shop) -> Pack:
+    """The pack an invoice sold (see ``pack_payload``)."""
+    kind, name, credits, lifetime = (payload.split(":") + ["", "", ""])[:4]
+    if kind != "pack" or not name or not credits.isdigit():
+        raise InvalidRequest(f"not a pack order: {payload[:128]!r}")
+    on_sale = shop.pack(name)
+    return Pack(
+        name=name,
+        title=on_sale.title if on_sale else f"{credits} credits",
+        credits=int(credits),
+        lifetime_days=int(lifetime) if lifetime.isdigit() else None,
+    )
+
+
+def pack_description(pack: Pack) -> str:
+    life = "never expire" if pack.lifetime_days is None else f"last {pack.lifetime_days} days"
+    return f"{pack.credits} Atelier credits for images; they {life}."
+
+
+def subscription_description(shop: Shop, settings: Settings) -> str:
+    sub = shop.subscription
+    if sub is None:
+        return ""
+    tier = settings.tier(sub.tier)
+    return (
+        f"Tier {sub.tier} for 30 days: {tier.daily_allowance} credits a day, "
+        f"{tier.concurrency} jobs at once."
+    )
+
+
+def offer_text(shop: Shop, settings: Settings, *, platform: str) -> str:
+    """The heading of /buy: what each offer gives."""
+    packs = shop.for_stars() if platform == "telegram" else [
+        p for p in shop.packs.values() if p.discord_sku
+    ]
+    sub = shop.subscription
+    sub_here = sub is not None and (sub.stars if platform == "telegram" else sub.discord_sku)
+    if not packs and not sub_here:
+        return NOTHING_FOR_SALE
+    lines = ["Credit packs:"] if packs else []
+    for pack in packs:
+        price = f" for {pack.stars} ⭐" if platform == "telegram" else ""
+        lines.append(f"• {pack.title}{price}: {pack_description(pack)}")
+    if sub is not None and sub_here:
+        price = f" for {sub.stars} ⭐ a month" if platform == "telegram" else ""
+        lines.append(f"Subscription {sub.title}{price}: {subscription_description(shop, settings)}")
+    return "\n".join(lines)
+
+
+def paid_text(paid: Paid) -> str:
+    p = paid.purchase
+    if p.kind == "subscription":
+        until = _date(p.expires_at)
+        what = f"You are on tier {p.tier} until {until}."
+    else:
+        what = f"{p.credits} credits added" + (
+            f" (they expire {_date(p.expires_at)})." if p.expires_at else "."
+        )
+    if not paid.created:
+        what = "That payment was already credited."
+    return f"✅ Thank you! {what} Credits now: {paid.balance.total}."
+
+
+def refund_text(p: PurchaseRead) -> str:
+    if p.kind == "subscription":
+        return f"Refunded {p.key}: the subscription ended."
+    return (
+        f"Refunded {p.key}: took back {p.clawed_back} of {p.credits} credits; "
+        f"{p.owed} already spent (owed)."
+    )
+
+
+def is_operator(settings: Settings, platform: str, user_id: str) -> bool:
+    return f"{platform}:{user_id}" in settings.operators
+
+
+def _date(when: datetime | None) -> str:
+    return "never" if when is None else when.strftime("%Y-%m-%d")
