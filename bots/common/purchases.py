@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from cluster.purchases import Paid
+from cluster.purchases import Paid, PurchaseService
 from core.errors import InvalidRequest
+from core.jobs import Requester
 from core.settings import Settings
-from core.shop import Pack, Shop
+from core.shop import Pack, Shop, Subscription
 from storage.purchases import PurchaseRead
 
 NOTHING_FOR_SALE = "Nothing is for sale here yet."
@@ -100,3 +101,23 @@ def is_operator(settings: Settings, platform: str, user_id: str) -> bool:
 
 def _date(when: datetime | None) -> str:
     return "never" if when is None else when.strftime("%Y-%m-%d")
+
+
+async def entitled(
+    service: PurchaseService,
+    *,
+    platform: str,
+    user_id: str,
+    entitlement_id: str,
+    sku_id: str,
+    ends_at: datetime | None,
+) -> Paid | None:
+    """An entitlement to one of the shop's SKUs (a bought pack, or a subscription until
+    ``ends_at``), credited once by its id. None: not a SKU of this shop (logged by the caller)."""
+    offer = service.shop.by_sku(sku_id)
+    requester = Requester(platform=platform, platform_user_id=user_id)
+    if isinstance(offer, Pack):
+        return await service.pack_paid(requester, entitlement_id, offer)
+    if isinstance(offer, Subscription):
+        return await service.subscription_paid(requester, entitlement_id, period_end=ends_at)
+    return None
