@@ -3,6 +3,8 @@ payment carries back, the reply after a payment or a refund, and who may refund.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime
 
 from cluster.purchases import Paid, PurchaseService
@@ -11,6 +13,8 @@ from core.jobs import Requester
 from core.settings import Settings
 from core.shop import Pack, Shop, Subscription
 from storage.purchases import PurchaseRead
+
+log = logging.getLogger(__name__)
 
 NOTHING_FOR_SALE = "Nothing is for sale here yet."
 BUY_HINT = "More credits: /buy"
@@ -121,3 +125,16 @@ async def entitled(
     if isinstance(offer, Subscription):
         return await service.subscription_paid(requester, entitlement_id, period_end=ends_at)
     return None
+
+
+async def lapse_loop(service: PurchaseService, interval_s: float = 600.0) -> None:
+    """Drop the tier of subscriptions past their period, every ``interval_s`` (each bot runs
+    one; a lapse is idempotent, so two bots at once do no harm)."""
+    while True:
+        try:
+            dropped = await service.lapse()
+            if dropped:
+                log.info("subscriptions lapsed: accounts %s back to the default tier", dropped)
+        except Exception as exc:  # the database away a while: try at the next round
+            log.warning("could not end lapsed subscriptions: %s", exc)
+        await asyncio.sleep(interval_s)

@@ -18,7 +18,7 @@ from telegram.ext import (
     filters,
 )
 
-from bots.common import jobs
+from bots.common import jobs, purchases
 from bots.common.core import ChatCore
 from bots.common.delivery import DeliveryLoop
 from bots.common.logs import hide_in_logs
@@ -71,6 +71,8 @@ class AtelierApplication(Application):  # type: ignore[type-arg]
             limiter.open()
         await super().start()
         jobs.start(self.bot_data[KEY])
+        core: ChatCore = self.bot_data[KEY]
+        core.spawn(purchases.lapse_loop(self.bot_data[buy.PURCHASES]), "subscription-lapse")
 
     async def stop(self) -> None:
         core: ChatCore = self.bot_data[KEY]

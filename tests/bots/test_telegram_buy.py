@@ -4,6 +4,7 @@ a subscription sets the tier and lapses. No dispatcher: nothing here makes image
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -229,3 +230,24 @@ def test_shop_file_errors_name_the_problem(tmp_path: Path, fake: FakeTelegram) -
                                                                        "discord_sku": "9"}}},
             settings,
         )
+
+
+async def test_the_bot_drops_the_tier_of_a_subscription_that_lapsed(shop_stack: Stack) -> None:
+    service, user = _service(shop_stack), 5006
+    month_ago = datetime.now(UTC) - timedelta(days=31)
+    paid = await service.subscription_paid(
+        _requester(user), "sub-old", period_end=month_ago + timedelta(days=30), now=month_ago
+    )
+    account = await shop_stack.client.account(_requester(user))
+    assert paid.purchase.tier == "supporter" and account.tier == "supporter"
+    # Nobody asks for this account: the bot's own round ends the subscription at its start.
+    await shop_stack.stop_bot()
+    await shop_stack.start_bot()
+
+    async def dropped() -> bool:
+        return (await shop_stack.client.account(_requester(user))).tier == "free"
+
+    async with asyncio.timeout(30):
+        while not await dropped():
+            await asyncio.sleep(0.05)
+    assert (await service.get("telegram:sub-old")).status == PurchaseStatus.ended

@@ -25,6 +25,9 @@ class Buy(commands.Cog):
     def __init__(self, bot: AtelierBot) -> None:
         self.bot = bot
 
+    async def cog_load(self) -> None:
+        self.bot.core.spawn(common.lapse_loop(self.bot.purchases), "subscription-lapse")
+
     @app_commands.command(name="buy", description="Buy credit packs or a subscription")
     async def buy(self, interaction: discord.Interaction[Any]) -> None:
         """The offers, with a premium button for each SKU (Discord runs the checkout)."""
