@@ -33,9 +33,7 @@ class Buy(commands.Cog):
         """The offers, with a premium button for each SKU (Discord runs the checkout)."""
         shop = self.bot.purchases.shop
         view = discord.ui.View(timeout=None)
-        skus = [p.discord_sku for p in shop.packs.values() if p.discord_sku]
-        if shop.subscription is not None and shop.subscription.discord_sku:
-            skus.append(shop.subscription.discord_sku)
+        skus = self._skus()
         for sku in skus:
             view.add_item(discord.ui.Button(style=discord.ButtonStyle.premium, sku_id=int(sku)))
         text = common.offer_text(shop, self.bot.settings, platform=PLATFORM)
@@ -46,8 +44,17 @@ class Buy(commands.Cog):
 
     @commands.Cog.listener()
     async def on_ready(self) -> None:
-        """Connected (first start or a reconnect): credit what was bought meanwhile."""
-        await self.reconcile()
+        """Connected (first start or a reconnect): credit what was bought meanwhile, in a task
+        of the core (a stop cancels it; the next connect passes again)."""
+        if self._skus():
+            self.bot.core.spawn(self._reconcile_once(), "entitlements-reconcile")
+
+    async def _reconcile_once(self) -> None:
+        try:
+            await self.reconcile()
+        except (discord.HTTPException, OSError) as exc:
+            log.warning("could not list the Discord entitlements (next connect tries again): %s",
+                        exc)
 
     @commands.Cog.listener()
     async def on_entitlement_create(self, entitlement: discord.Entitlement) -> None:
@@ -68,11 +75,21 @@ class Buy(commands.Cog):
     async def reconcile(self) -> int:
         """Every live entitlement of the application, credited once; returns those seen."""
         seen = 0
-        async for entitlement in self.bot.entitlements(limit=None, exclude_ended=True):
+        skus = [discord.Object(id=int(sku)) for sku in self._skus()]
+        async for entitlement in self.bot.entitlements(
+            limit=None, skus=skus, exclude_ended=True
+        ):
             await self.grant(entitlement)
             seen += 1
         log.info("reconciled %d Discord entitlements", seen)
         return seen
+
+    def _skus(self) -> list[str]:
+        shop = self.bot.purchases.shop
+        skus = [p.discord_sku for p in shop.packs.values() if p.discord_sku]
+        if shop.subscription is not None and shop.subscription.discord_sku:
+            skus.append(shop.subscription.discord_sku)
+        return skus
 
     async def grant(self, entitlement: discord.Entitlement) -> None:
         """Credit one entitlement (once by its id), then consume it if it is a consumable."""

@@ -70,6 +70,9 @@ class Premium:
         rows = sorted(self.entitlements.values(), key=lambda e: int(e["id"]))
         if query.get("exclude_deleted", "1") in ("1", "true"):
             rows = [e for e in rows if not e["deleted"]]
+        if "sku_ids" in query:
+            wanted = set(query["sku_ids"].split(","))
+            rows = [e for e in rows if e["sku_id"] in wanted]
         if "user_id" in query:
             rows = [e for e in rows if e["user_id"] == query["user_id"]]
         if "before" in query:
