@@ -251,3 +251,22 @@ async def test_the_bot_drops_the_tier_of_a_subscription_that_lapsed(shop_stack: 
         while not await dropped():
             await asyncio.sleep(0.05)
     assert (await service.get("telegram:sub-old")).status == PurchaseStatus.ended
+
+
+async def test_linked_accounts_share_a_pack_bought_on_either_platform(shop_stack: Stack) -> None:
+    fake, user = shop_stack.fake, 5007
+    discord = Requester(platform="discord", platform_user_id="77007")
+    code = await shop_stack.client.create_link_code(_requester(user))
+    await shop_stack.client.redeem_link_code(discord, code.code)
+    small = (await _invoices(fake, user))["100 credits"]
+    sent = len(fake.calls_of("sendMessage", chat=user))
+    await _pay(fake, user, small, "charge-linked", sent + 1)
+    # Bought on Telegram, spendable from Discord; a pack bought on Discord adds to the same.
+    on_discord = await shop_stack.client.balance(discord)
+    assert on_discord.total == await shop_stack.balance(user)
+    assert [p.amount for p in on_discord.packs] == [100]
+    service = _service(shop_stack)
+    await service.pack_paid(discord, "ent-linked", service.pack("large"))
+    assert await shop_stack.balance(user) == on_discord.total + 500
+    summary = await service.summary(discord)
+    assert {p.key for p in summary.purchases} == {"telegram:charge-linked", "discord:ent-linked"}
