@@ -180,6 +180,55 @@ def credits_grant(
     )
 
 
+@account_app.command("set-tier")
+def account_set_tier(
+    identity: str = typer.Argument(..., help="PLATFORM:USER, e.g. telegram:12345"),
+    tier: str = typer.Argument(..., help="one of the tiers (ATELIER_TIERS)"),
+) -> None:
+    """Put an identity's account on a tier (its next daily allowance follows it)."""
+    from storage import accounts
+
+    platform, user = _identity(identity)
+    settings = _settings()
+    try:
+        with open_store(settings) as tx, tx.begin() as session:
+            acc = accounts.find_account(session=session, platform=platform, platform_user_id=user)
+            acc = accounts.set_tier(
+                session=session, account_id=acc.id, tier=tier, known_tiers=settings.tiers
+            )
+    except AtelierError as exc:
+        raise _fail(exc) from None
+    console.print(f"account {acc.id} ({platform}:{user}) is now on tier [bold]{acc.tier}[/bold]")
+
+
+@credits_app.command("purchases")
+def credits_purchases(
+    identity: str = typer.Argument(..., help="PLATFORM:USER, e.g. telegram:12345"),
+) -> None:
+    """List what an identity's account bought: packs, subscriptions, refunds."""
+    from storage import accounts, purchases
+
+    platform, user = _identity(identity)
+    settings = _settings()
+    try:
+        with open_store(settings) as tx, tx() as session:
+            acc = accounts.find_account(session=session, platform=platform, platform_user_id=user)
+            bought = purchases.list_purchases(session=session, account_id=acc.id)
+    except AtelierError as exc:
+        raise _fail(exc) from None
+    console.print(f"account {acc.id} (tier {acc.tier}): {len(bought)} purchase(s)")
+    for p in bought:  # one line each: keys are long, a table would wrap them
+        what = f"{p.kind.value} {p.product}" + (f" (tier {p.tier})" if p.tier else "")
+        expires = p.expires_at.isoformat(timespec="minutes") if p.expires_at else "never"
+        line = (
+            f"{p.key}  {what}  {p.credits} credits  {p.status.value}  "
+            f"bought {p.created_at.isoformat(timespec='minutes')}  expires {expires}"
+        )
+        if p.status.value == "refunded":
+            line += f"  taken back {p.clawed_back}, owed {p.owed}"
+        console.print(line, soft_wrap=True, highlight=False)
+
+
 models_app = typer.Typer(help="The model registry and offline tiny models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 

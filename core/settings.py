@@ -231,6 +231,10 @@ class Settings(BaseSettings):
     blocklist_file: Path | None = None
     # Extra/overriding model entries (TOML); default: {data_dir}/models.toml when present.
     models_file: Path | None = None
+    # The shop's catalogue (TOML, core/shop.py); default: {data_dir}/shop.toml when present.
+    shop_file: Path | None = None
+    # Identities (``telegram:123``, ``discord:456``) that may refund payments from the chat.
+    operators: list[str] = Field(default_factory=list)
     link_code_ttl_s: int = Field(default=600, ge=30)
     # How long a gallery link opens the gallery (the bots' /gallery, `atelier gallery link`).
     gallery_link_ttl_s: int = Field(default=7 * 86400, ge=60)
@@ -242,7 +246,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "signing_key", "telegram_token", "discord_token", "telegram_webhook_secret",
-        "database_url", "models_file", "blocklist_file", mode="before",
+        "database_url", "models_file", "blocklist_file", "shop_file", mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:

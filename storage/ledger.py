@@ -85,6 +85,7 @@ class Audit(BaseModel):
     captured: int
     released: int
     expired: int
+    refunded: int = 0  # what refunds took back from bought packs
 
     @property
     def balanced(self) -> bool:
@@ -93,7 +94,9 @@ class Audit(BaseModel):
     @property
     def conserved(self) -> bool:
         """Nothing made or lost: every granted credit is spendable, held, spent or expired."""
-        return self.granted == self.bucket_total + self.held + self.captured + self.expired
+        return self.granted == (
+            self.bucket_total + self.held + self.captured + self.expired + self.refunded
+        )
 
 
 # Public operations ----------------------------------------------------------------------------
@@ -423,6 +426,7 @@ def audit(*, session: Session, account_id: int) -> Audit:
         captured=holds.get(ReservationStatus.captured, 0),
         released=by_kind.get(CreditKind.release, 0),
         expired=-by_kind.get(CreditKind.expire, 0),
+        refunded=-by_kind.get(CreditKind.refund, 0),
     )
 
 

@@ -79,6 +79,7 @@ class CreditKind(StrEnum):
     purchase = "purchase"
     expire = "expire"
     admin = "admin"  # grants by an operator, and pack transfers when accounts merge
+    refund = "refund"  # what was left of a refunded pack, taken back (storage.purchases)
 
 
 class BucketKind(StrEnum):
@@ -311,3 +312,39 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = Field(sa_type=UTCDateTime)
     last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class PurchaseKind(StrEnum):
+    pack = "pack"
+    subscription = "subscription"
+
+
+class PurchaseStatus(StrEnum):
+    paid = "paid"
+    refunded = "refunded"  # a refunded charge or a deleted entitlement
+    ended = "ended"  # a subscription past its period
+
+
+class Purchase(SQLModel, table=True):
+    """A payment seen from a platform, once: ``key`` is its charge or entitlement id. Kept
+    whole (never rolled up by a prune), so a refund always finds its pack."""
+
+    __tablename__ = "purchases"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=200, unique=True)  # "telegram:{charge id}", "discord:{ent. id}"
+    account_id: int = Field(foreign_key="accounts.id", index=True)  # who bought it first
+    platform: str = Field(max_length=16)
+    platform_user_id: str = Field(max_length=64)
+    kind: PurchaseKind = Field(sa_column=_enum(PurchaseKind, "kind"))
+    product: str = Field(max_length=32)
+    credits: int = 0
+    bucket: str = Field(default="", max_length=200)  # the pack's credit bucket
+    tier: str | None = Field(default=None, max_length=32)  # a subscription's tier
+    status: PurchaseStatus = Field(sa_column=_enum(PurchaseStatus, "status"))
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+    refunded_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    clawed_back: int = 0  # credits taken back at the refund
+    owed: int = 0  # credits already spent when it was refunded

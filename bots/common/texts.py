@@ -58,7 +58,7 @@ _HINTS: tuple[tuple[type[AtelierError], str], ...] = (
     (ImageRejected, "send a smaller PNG, JPEG or WebP photo"),
     (InvalidRequest, "fix that and send it again (/help lists the flags)"),
     (ContentBlocked, "rephrase the prompt; nothing was charged"),
-    (InsufficientCredits, "wait for the daily reset or add a pack (/credits)"),
+    (InsufficientCredits, "wait for the daily reset or buy a pack (/buy)"),
     (RateLimited, "wait a moment and try again"),
     (Forbidden, "only the person who asked can do that"),
     (NotFound, "it may have been deleted; check /history"),

@@ -26,7 +26,9 @@ from bots.discord.port import PLATFORM, DiscordPort, answering
 from cluster.broker import Broker
 from cluster.client import Client
 from cluster.events import JobEvent
+from cluster.purchases import PurchaseService
 from core.settings import Settings
+from core.shop import load_shop
 from core.styles import StyleRegistry
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class AtelierBot(commands.Bot):
         self.styles = styles or client.styles
         self.clock = clock
         self.port = DiscordPort(self, Hooks(state, clock))
+        self.purchases = PurchaseService(settings, client.sessions, load_shop(settings))
         self.core = DiscordCore(
             settings=settings,
             client=client,

@@ -14,16 +14,17 @@ from telegram.ext import (
     CallbackQueryHandler,
     CommandHandler,
     MessageHandler,
+    PreCheckoutQueryHandler,
     filters,
 )
 
-from bots.common import jobs
+from bots.common import jobs, purchases
 from bots.common.core import ChatCore
 from bots.common.delivery import DeliveryLoop
 from bots.common.logs import hide_in_logs
 from bots.common.progress import DEFAULT_INTERVAL_S, ProgressEditor
 from bots.common.state import BotState
-from bots.telegram.handlers import buttons, commands, errors, imagine
+from bots.telegram.handlers import buttons, buy, commands, errors, imagine
 from bots.telegram.menu import COMMANDS
 from bots.telegram.port import PHOTO_MAX_BYTES, PLATFORM, TelegramPort
 from bots.telegram.ratelimit import FloodLimiter
@@ -31,9 +32,11 @@ from bots.telegram.services import KEY
 from cluster.broker import Broker
 from cluster.client import Client
 from cluster.events import JobEvent
+from cluster.purchases import PurchaseService
 from core.errors import ConfigError
 from core.flags import command_limit
 from core.settings import Settings
+from core.shop import load_shop
 from core.styles import StyleRegistry
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,8 @@ class AtelierApplication(Application):  # type: ignore[type-arg]
             limiter.open()
         await super().start()
         jobs.start(self.bot_data[KEY])
+        core: ChatCore = self.bot_data[KEY]
+        core.spawn(purchases.lapse_loop(self.bot_data[buy.PURCHASES]), "subscription-lapse")
 
     async def stop(self) -> None:
         core: ChatCore = self.bot_data[KEY]
@@ -138,6 +143,7 @@ def build_application(
         mark_delivered=client.mark_delivered,
     )
     app.bot_data[KEY] = core
+    app.bot_data[buy.PURCHASES] = PurchaseService(settings, client.sessions, load_shop(settings))
     register_handlers(app)
     return app
 
@@ -161,9 +167,13 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
         ("cancel", commands.cancel),
         ("link", commands.link),
         ("settings", commands.settings),
+        ("buy", buy.buy),
+        ("refund", buy.refund),
     ):
         app.add_handler(CommandHandler(name, callback, filters=new))
     app.add_handler(CallbackQueryHandler(buttons.on_button))
+    app.add_handler(PreCheckoutQueryHandler(buy.pre_checkout))
+    app.add_handler(MessageHandler(filters.SUCCESSFUL_PAYMENT, buy.paid))
     app.add_handler(MessageHandler(new & (filters.PHOTO | filters.Document.IMAGE), imagine.photo))
     app.add_handler(MessageHandler(new & private & filters.COMMAND, commands.unknown))
     app.add_handler(MessageHandler(new & private & filters.TEXT, imagine.prompt_text))

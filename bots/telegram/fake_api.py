@@ -76,6 +76,7 @@ class FakeTelegram:
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(1000)
         self._file_ids = itertools.count(1)
+        self.refunded: set[str] = set()  # charge ids refundStarPayment refunded
         self._changed = asyncio.Condition()
         self._stopping = False
         self._runner: web.AppRunner | None = None
@@ -193,6 +194,47 @@ class FakeTelegram:
             what=f"an answer to {query_id}",
         )
         return call
+
+    async def pre_checkout(self, user: int, invoice: Call, *, stars: int | None = None) -> Call:
+        """The person confirms an invoice the bot sent: a pre_checkout_query; returns the bot's
+        answerPreCheckoutQuery (``ok``, ``error_message``)."""
+        query_id = f"pcq{next(self._update_ids)}"
+        prices = invoice.json("prices")
+        query = {
+            "id": query_id,
+            "from": _user(user),
+            "currency": invoice.params["currency"],
+            "total_amount": stars if stars is not None else int(prices[0]["amount"]),
+            "invoice_payload": invoice.params["payload"],
+        }
+        await self.push({"pre_checkout_query": query})
+        call: Call = await self.wait_for(
+            lambda: next(
+                (
+                    c
+                    for c in self.calls_of("answerPreCheckoutQuery")
+                    if c.params.get("pre_checkout_query_id") == query_id
+                ),
+                None,
+            ),
+            what=f"an answer to {query_id}",
+        )
+        return call
+
+    def payment(
+        self, user: int, invoice: Call, charge_id: str, **extra: Any
+    ) -> dict[str, Any]:
+        """The successful_payment service message of ``invoice`` paid by ``user``."""
+        prices = invoice.json("prices")
+        payment = {
+            "currency": invoice.params["currency"],
+            "total_amount": int(prices[0]["amount"]),
+            "invoice_payload": invoice.params["payload"],
+            "telegram_payment_charge_id": charge_id,
+            "provider_payment_charge_id": "",
+            **extra,
+        }
+        return self.message(user, successful_payment=payment)
 
     def calls_of(self, *methods: str, chat: int | None = None, ok: bool = True) -> list[Call]:
         """Calls of ``methods`` (to ``chat``) that succeeded (``ok=False``: that failed)."""
@@ -399,6 +441,39 @@ class FakeTelegram:
         return True
 
     async def _m_answerCallbackQuery(self, call: Call) -> Any:
+        return True
+
+    async def _m_sendInvoice(self, call: Call) -> Any:
+        prices = call.json("prices")
+        if call.params.get("currency") == "XTR":
+            if call.params.get("provider_token"):
+                raise _ApiError("Bad Request: a Stars invoice takes an empty provider_token")
+            if len(prices) != 1:
+                raise _ApiError("Bad Request: a Stars invoice must have exactly one price")
+        if not 1 <= len(str(call.params.get("payload", "")).encode()) <= 128:
+            raise _ApiError("Bad Request: invoice payload must be 1-128 bytes")
+        invoice = {
+            "title": call.params["title"],
+            "description": call.params["description"],
+            "start_parameter": "",
+            "currency": call.params["currency"],
+            "total_amount": sum(int(p["amount"]) for p in prices),
+        }
+        return self._sent(call, invoice=invoice)
+
+    async def _m_createInvoiceLink(self, call: Call) -> Any:
+        if call.params.get("subscription_period") not in (None, 2592000, "2592000"):
+            raise _ApiError("Bad Request: SUBSCRIPTION_PERIOD_INVALID")
+        return f"https://t.me/$fake{next(self._message_ids)}"
+
+    async def _m_answerPreCheckoutQuery(self, call: Call) -> Any:
+        return True
+
+    async def _m_refundStarPayment(self, call: Call) -> Any:
+        charge = str(call.params["telegram_payment_charge_id"])
+        if charge in self.refunded:
+            raise _ApiError("Bad Request: CHARGE_ALREADY_REFUNDED")
+        self.refunded.add(charge)
         return True
 
     async def _m_setMyCommands(self, call: Call) -> Any:

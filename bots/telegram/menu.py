@@ -15,6 +15,7 @@ COMMANDS = (
     BotCommand("styles", "Pick your default style"),
     BotCommand("settings", "Default size, steps, raw mode, PNG files"),
     BotCommand("credits", "Credits left today and in packs"),
+    BotCommand("buy", "Buy credit packs or a subscription with Stars"),
     BotCommand("gallery", "A private link to your images"),
     BotCommand("apikey", "A key for the REST and A1111 APIs"),
     BotCommand("history", "Your last jobs, to run again"),
@@ -22,6 +23,9 @@ COMMANDS = (
     BotCommand("link", "Connect your account on another platform"),
     BotCommand("help", "How to use the bot"),
 )
+
+# Handled, but kept off the menu: for the operators named in ATELIER_OPERATORS.
+OPERATOR_COMMANDS = ("refund",)
 
 
 def help_text(models: Sequence[str] = ()) -> str:

@@ -1,5 +1,6 @@
 """``GET /api/v1/account``: what an API key's owner may do now: the balance, the tier and its
-limits (daily allowance, jobs at a time, largest side) and the jobs in flight."""
+limits (daily allowance, jobs at a time, largest side), the jobs in flight, and what the
+account bought (packs and subscriptions, with their expiry)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from storage import accounts, ledger
+from storage import accounts, ledger, purchases
 from storage import jobs as job_repo
 from storage.ledger import PackCredits
 from web.api.common import ApiRoute, Caller, caller, db
@@ -39,12 +40,28 @@ class LimitsOut(BaseModel):
     max_count: int = Field(description="images in one job")
 
 
+class PurchaseOut(BaseModel):
+    kind: str = Field(description="pack or subscription")
+    product: str
+    platform: str = Field(description="where it was paid: telegram (Stars) or discord (SKU)")
+    credits: int
+    status: str = Field(description="paid, refunded or ended (a subscription past its period)")
+    bought_at: datetime
+    expires_at: datetime | None = Field(description="a pack's expiry or a subscription's "
+                                                    "period end; null: never")
+    taken_back: int = Field(description="credits a refund took back")
+    owed: int = Field(description="credits already spent when it was refunded")
+
+
 class AccountOut(BaseModel):
     account_id: int
     tier: str
+    tier_until: datetime | None = Field(
+        default=None, description="when the paid subscription's tier ends; null: not paid for")
     balance: BalanceOut
     limits: LimitsOut
     jobs_in_flight: int = Field(description="the account's jobs queued or running now")
+    purchases: list[PurchaseOut] = Field(default_factory=list, description="newest first")
 
 
 @router.get("/account", response_model=AccountOut)
@@ -58,9 +75,20 @@ async def account(who: Caller = Depends(caller), ctx: WebContext = Depends(get_c
         bal = ledger.peek_balance(
             session=session, account_id=found.id, now=now, tiers=settings.tiers
         )
+        sub = purchases.active_subscription(session=session, account_id=found.id, now=now)
+        bought = purchases.list_purchases(session=session, account_id=found.id)
         return AccountOut(
             account_id=found.id,
             tier=found.tier,
+            tier_until=None if sub is None else sub.expires_at,
+            purchases=[
+                PurchaseOut(
+                    kind=p.kind.value, product=p.product, platform=p.platform,
+                    credits=p.credits, status=p.status.value, bought_at=p.created_at,
+                    expires_at=p.expires_at, taken_back=p.clawed_back, owed=p.owed,
+                )
+                for p in bought
+            ],
             balance=BalanceOut(total=bal.total, daily_left=bal.daily_left, packs=bal.packs,
                                next_reset=bal.next_reset),
             limits=LimitsOut(

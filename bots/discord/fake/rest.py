@@ -140,6 +140,10 @@ class DiscordRest:
         r("DELETE", "/channels/{channel}/messages/{message}")(self._channel_delete)
         r("POST", "/users/@me/channels")(self._open_dm)
         r("POST", "/channels/{channel}/typing")(self._typing)
+        premium: Any = self  # the Premium mixin's routes (bots/discord/fake/premium.py)
+        r("GET", "/applications/{app}/skus")(premium._list_skus)
+        r("GET", "/applications/{app}/entitlements")(premium._list_entitlements)
+        r("POST", "/applications/{app}/entitlements/{entitlement}/consume")(premium._consume)
 
     async def _me(self, call: Call, m: re.Match[str]) -> Any:
         return p.user(p.BOT_ID, bot=True) | {"verified": True, "mfa_enabled": False, "flags": 0}

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from bots.discord.fake import payloads as p
+from bots.discord.fake.premium import Premium
 from bots.discord.fake.rest import (
     JSON,
     Call,
@@ -46,7 +47,7 @@ TOKEN = "ODk0NTY3ODkwMTIzNDU2Nzg5.fake.discord-bot-token-for-tests"
 DEFAULT_SIZE_LIMIT = 10 * 1024 * 1024
 
 
-class FakeDiscord(DiscordRest):
+class FakeDiscord(DiscordRest, Premium):
     """One application, one guild; ``start()``, then point discord.py at ``api_base`` and
     ``gateway_url``."""
 
@@ -65,6 +66,8 @@ class FakeDiscord(DiscordRest):
         self.attachment_size_limit = DEFAULT_SIZE_LIMIT
         self.commands: dict[str, list[dict[str, Any]]] = {}  # "global" / guild id -> commands
         self.identifies = 0
+        self.skus: dict[int, dict[str, Any]] = {}
+        self.entitlements: dict[int, dict[str, Any]] = {}
         self._failures: list[tuple[str | None, float]] = []
         self._holds: list[tuple[str, asyncio.Event]] = []
         self._sockets: set[web.WebSocketResponse] = set()
