@@ -7,7 +7,6 @@ Create Date: 2026-12-06
 One row per platform charge or entitlement (``key`` unique: a payment delivered twice credits
 once), linked to the pack bucket it granted; refunds record what they took back and what was
 already spent. Credit ledger kinds gain ``refund`` (a VARCHAR: no schema change).
-(Issue 26. Revises 0004 on this branch; re-point at 0005_indexed_filters once both are on main.)
 """
 
 from collections.abc import Sequence
