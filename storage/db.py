@@ -24,7 +24,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
 from core.errors import ConfigError, DatabaseNotMigrated
-from storage.models import FTS_TABLE, PG_PROMPT_INDEX
+from storage.models import FTS_TABLE, PG_PROMPT_INDEX, PG_SEARCH_INDEX
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # How long a SQLite writer waits for the write lock before "database is locked".
@@ -187,7 +187,7 @@ def include_object(
     """Autogenerate filter: leave out the dialect-specific search objects the migration made."""
     if name is None:
         return True
-    return not (name.startswith(FTS_TABLE) or name == PG_PROMPT_INDEX)
+    return not (name.startswith(FTS_TABLE) or name in (PG_PROMPT_INDEX, PG_SEARCH_INDEX))
 
 
 def schema_diff(engine: Engine) -> list[Any]:

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from core.errors import Forbidden, InvalidRequest, NotFound
@@ -183,7 +184,9 @@ def list_images(
         words = _WORD_RE.findall(search)
         if not words:
             return ImagePage(items=[], next_cursor=None)  # only punctuation: nothing can match
-        stmt = stmt.where(_prompt_matches(session, words, account_id))
+        stmt = stmt.where(_prompt_matches(session, words))
+        if session.get_bind().dialect.name == "postgresql":
+            stmt, created, ident = _fenced(stmt)
     stmt = stmt.order_by(created.desc(), ident.desc()).limit(limit + 1)
     rows = list(session.exec(stmt).all())
     items = [_read(i) for i in rows[:limit]]
@@ -244,25 +247,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise InvalidRequest(f"invalid gallery cursor {cursor[:40]!r}") from None
 
 
-def _prompt_matches(
-    session: Session, words: list[str], account_id: int
-) -> sa.ColumnElement[bool]:
+def _prompt_matches(session: Session, words: list[str]) -> sa.ColumnElement[bool]:
     if session.get_bind().dialect.name == "postgresql":
-        # Literal 'simple' (not a bind parameter) so the planner matches the GIN index expression.
+        # Literal 'simple' (not a bind parameter) so the planner matches the index expression.
         simple: sa.ColumnElement[str] = sa.literal_column("'simple'")
         vector = sa.func.to_tsvector(simple, col(Image.prompt))
         query = sa.func.plainto_tsquery(simple, " ".join(words))
-        # ``id = ANY(ARRAY(matches))``: the matches come from the GIN index first (an init
-        # plan run once), then their rows by primary key. With ``IN`` the planner walks the
-        # gallery index newest first computing to_tsvector on every row until it has a page,
-        # or hash-joins a scan of the whole gallery (EXPLAIN ANALYZE at 10,000 images: 19-33 ms
-        # with IN, 2.6 ms so).
-        found = (
-            sa.select(col(Image.id))
-            .where(col(Image.account_id) == account_id, vector.bool_op("@@")(query))
-            .scalar_subquery()
-        )
-        return col(Image.id) == sa.any_(sa.func.array(found))
+        return vector.bool_op("@@")(query)
     # Each word as an FTS5 string: user text never reaches the MATCH syntax (no operators).
     match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
     fts = sa.table(FTS_TABLE, sa.column("rowid"))
@@ -270,6 +261,17 @@ def _prompt_matches(
         sa.text(f"{FTS_TABLE} MATCH :fts_query").bindparams(fts_query=match)
     )
     return col(Image.id).in_(hits)
+
+
+def _fenced(stmt: Any) -> tuple[Any, Any, Any]:
+    """A PostgreSQL search as ``SELECT * FROM (matches OFFSET 0) ORDER BY ... LIMIT``: the
+    fence makes the planner find the matches first, through ``ix_images_search`` (the
+    account's entries of the words), then sort them for the page. Without it, it walks the
+    gallery newest first computing to_tsvector on every row until it has a page: 25 ms for two
+    words in 1.7% of prompts, seconds over a large gallery where a word is rare (its
+    statistics are of all accounts, so one person's rare word can look common)."""
+    found = stmt.offset(0).subquery("found")
+    return select(aliased(Image, found)), found.c.created_at, found.c.id
 
 
 def _owned(session: Session, image_id: int, account_id: int) -> Image:

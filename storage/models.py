@@ -49,6 +49,8 @@ SQLModel.metadata.naming_convention = {
 # Created by the migrations only (dialect specific): skipped when comparing models to the schema.
 FTS_TABLE = "images_fts"
 PG_PROMPT_INDEX = "ix_images_prompt_fts"
+# Since 0006 (with btree_gin): prompt words keyed by account; PG_PROMPT_INDEX where absent.
+PG_SEARCH_INDEX = "ix_images_search"
 
 
 def utcnow() -> datetime:

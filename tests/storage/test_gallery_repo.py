@@ -139,6 +139,41 @@ def test_prompt_search(tx: Tx, new_account: Callable[..., AccountRead], now: dat
     assert found("dusk NOT") == set()  # "not" is a word that no prompt has
 
 
+def test_search_pages_newest_first_with_filters(
+    tx: Tx, new_account: Callable[..., AccountRead], now: datetime
+) -> None:
+    """A search pages by cursor, newest first, and combines with the style and model filters
+    and with deletions (PostgreSQL runs it as a sort of the matches, not a gallery walk)."""
+    acct = new_account()
+    fox = [
+        _add(tx, acct, [f"red fox {n}", f"grey fox {n}"], now + timedelta(minutes=n),
+             styles=("anime",) if n % 2 else (), model="sdxl" if n % 3 else "sd15")
+        for n in range(5)
+    ]
+    _add(tx, acct, ["an owl"], now + timedelta(hours=1))
+    newest_first = [i.id for job in reversed(fox) for i in reversed(job)]
+    with tx() as s:
+        gallery.soft_delete(session=s, image_id=newest_first[1], account_id=acct.id)
+    live = [newest_first[0], *newest_first[2:]]
+    seen: list[int] = []
+    cursor = None
+    while True:
+        page = _page(tx, acct.id, search="fox", limit=3, before=cursor)
+        seen += [i.id for i in page.items]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == live
+    anime = [i.id for n in (3, 1) for i in reversed(fox[n])]
+    first = _page(tx, acct.id, search="fox", style="anime", limit=3)
+    assert [i.id for i in first.items] == anime[:3]
+    rest = _page(tx, acct.id, search="fox", style="anime", before=first.next_cursor)
+    assert [i.id for i in rest.items] == anime[3:]
+    assert {i.id for i in _page(tx, acct.id, search="grey fox", model="sd15").items} == {
+        fox[0][1].id, fox[3][1].id
+    }
+
+
 def test_soft_delete_and_ownership(
     tx: Tx, new_account: Callable[..., AccountRead], now: datetime
 ) -> None:

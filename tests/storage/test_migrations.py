@@ -158,3 +158,106 @@ def test_0005_backfills_styles_and_platforms(db_url: str) -> None:
             s.rollback()
     finally:
         engine.dispose()
+
+
+def _one_image(db_url: str, prompt: str) -> None:
+    """Account 1 with one job and one image, inserted in SQL (at whichever revision)."""
+    engine = make_engine(db_url)
+    t = "2026-11-01 10:00:00"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO accounts (id, tier, created_at) VALUES (1, 'free', :t)"),
+                         {"t": t})
+            conn.execute(text(
+                "INSERT INTO jobs (id, idempotency_key, account_id, request_json, status, "
+                "attempts, delivery_json, cost, created_at, updated_at) "
+                "VALUES ('a', 'a', 1, '{}', 'succeeded', 1, '{}', 1, :t, :t)"), {"t": t})
+            conn.execute(text(
+                'INSERT INTO images (id, job_id, account_id, "index", seed, width, height, '
+                "blob_key, sha256, prompt, negative, styles, model, infotext, created_at) "
+                "VALUES (1, 'a', 1, 0, 1, 64, 64, 'k', 's', :p, '', '', 'sd15', '', :t)"),
+                {"p": prompt, "t": t})
+    finally:
+        engine.dispose()
+
+
+def _search_state(db_url: str, q: str) -> tuple[set[int], set[str]]:
+    """The images of account 1 that ``q`` finds, and the PostgreSQL prompt indexes there."""
+    from sqlmodel import Session
+
+    from storage import gallery
+
+    engine = make_engine(db_url)
+    try:
+        with Session(engine) as s:
+            found = {i.id for i in gallery.list_images(session=s, account_id=1, search=q).items}
+            s.rollback()
+        indexes: set[str] = set()
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as conn:
+                indexes = set(conn.execute(text(
+                    "SELECT indexname FROM pg_indexes WHERE tablename = 'images' "
+                    "AND indexname IN ('ix_images_search', 'ix_images_prompt_fts')"
+                )).scalars())
+                conn.rollback()
+        return found, indexes
+    finally:
+        engine.dispose()
+
+
+def test_0006_keys_prompt_search_by_account(db_url: str) -> None:
+    """0006 replaces the all-accounts words index with one keyed by account (PostgreSQL);
+    images from before it are found, and a downgrade brings the old index back."""
+    upgrade(db_url, "0005")
+    _one_image(db_url, "a red fox at dusk")
+    upgrade(db_url)
+    pg = db_url.startswith("postgresql")
+    assert _search_state(db_url, "fox dusk") == ({1}, {"ix_images_search"} if pg else set())
+    engine = make_engine(db_url)
+    try:
+        check_migrated(engine)
+        with engine.begin() as conn:
+            cfg = alembic_config(db_url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0005")
+    finally:
+        engine.dispose()
+    assert _search_state(db_url, "fox dusk") == ({1}, {"ix_images_prompt_fts"} if pg else set())
+
+
+def test_0006_without_btree_gin_keeps_the_old_index(
+    pg_admin: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role that may not create extensions (no CREATE on its database) still upgrades:
+    search keeps the all-accounts index, and the upgrade says why."""
+    import uuid
+
+    import psycopg
+
+    if pg_admin is None:
+        pytest.skip("PostgreSQL is unreachable")
+    name = f"atelier_noext_{uuid.uuid4().hex[:10]}"
+    base = pg_admin.rsplit("/", 1)[0]
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{name}" LOGIN')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(f"{base}/{name}", autocommit=True) as conn:
+            conn.execute(f'GRANT CREATE ON SCHEMA public TO "{name}"')
+            conn.execute(f'REVOKE CREATE ON DATABASE "{name}" FROM PUBLIC, "{name}"')
+        url = f"postgresql://{name}@" + base.split("@", 1)[1] + f"/{name}"
+        with caplog.at_level("WARNING", logger="alembic.runtime.migration"):
+            upgrade(url)
+        assert "btree_gin is not available" in caplog.text
+        assert "keeping ix_images_prompt_fts" in caplog.text
+        _one_image(url, "a red fox at dusk")
+        assert _search_state(url, "fox dusk") == ({1}, {"ix_images_prompt_fts"})
+        engine = make_engine(url)
+        try:
+            check_migrated(engine)
+        finally:
+            engine.dispose()
+    finally:
+        with psycopg.connect(pg_admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'DROP ROLE IF EXISTS "{name}"')

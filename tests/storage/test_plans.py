@@ -22,7 +22,7 @@ INDEXES = {
     "gallery style deep": "ix_image_styles_gallery",
     "gallery model": "ix_images_model",
     "gallery platform": "ix_images_platform",
-    "gallery search": "ix_images_prompt_fts",
+    "gallery search": "ix_images_search",
 }
 
 
