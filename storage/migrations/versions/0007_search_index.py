@@ -1,7 +1,7 @@
 """Prompt search through one person's own words: a GIN index on (account, prompt words).
 
-Revision ID: 0006_search
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-06
 
 PostgreSQL only (SQLite's FTS5 table stays as it is). The search's index,
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0006_search"
-down_revision: str | Sequence[str] | None = "0005"
+revision: str = "0007"
+down_revision: str | Sequence[str] | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
