@@ -225,7 +225,9 @@ def _adapters_table(registry: ModelRegistry) -> None:
 
     rows = adapter_table_rows(registry)
     if not rows:
-        console.print("No LoRAs or embeddings: add [loras.NAME] to your models.toml.")
+        console.print(
+            "No LoRAs or embeddings: add [loras.NAME] to your models.toml.", markup=False
+        )
         return
     table = Table("adapter", "kind", "family", "weight", "triggers", "here", "source")
     table.columns[-1].overflow = "fold"
