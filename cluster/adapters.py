@@ -44,6 +44,9 @@ class AdapterSpec(BaseModel):
     def _token(self) -> AdapterSpec:
         if self.kind == "lora" and self.token is not None:
             raise ValueError("token is for embeddings; a LoRA is named by <lora:NAME:weight>")
+        if self.kind == "embedding" and (self.repo is not None or "xl" in self.family):
+            # SDXL embeddings hold a vector set per text encoder; hub files: not yet.
+            raise ValueError("embeddings are local files for sd15 or sd-turbo models")
         return self
 
     @property

@@ -142,8 +142,11 @@ class Engine:
             p = first.params()
             scheduler = self._schedulers.get(spec.name, p.scheduler, base.scheduler.config)
             pipe = with_scheduler(base, scheduler)
-            # 2b. This batch's LoRAs at their weights (LoRAs off for a batch without any).
+            # 2b. This batch's LoRAs at their weights (LoRAs off for a batch without any), and
+            #     the embeddings whose tokens its prompts use.
             self.adapters.apply(base, first.adapters)
+            texts = [t for item in items for t in (item.request.prompt, item.request.negative)]
+            self.adapters.embed(base, spec.family.value, texts)
 
             # 3. Prompts per style and seeds per image: one slot per output image.
             slots = self._plan(items, count_tokens=token_counter(pipe.tokenizer))

@@ -1,6 +1,7 @@
-"""LoRAs loaded into a worker's pipelines: each is read from disk once and kept, least recently
-used first out, beside the model it was loaded into; a batch then only switches which adapters
-are active and at what weights (Diffusers/PEFT ``set_adapters``), which costs milliseconds."""
+"""LoRAs and embeddings loaded into a worker's pipelines: each LoRA is read from disk once and
+kept, least recently used first out, beside the model it was loaded into; a batch then only
+switches which are active and at what weights (Diffusers/PEFT ``set_adapters``), which costs
+milliseconds. An embedding is loaded the first time its token is in a prompt, and kept."""
 
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class AdapterCache:
         self._held: weakref.WeakKeyDictionary[Any, OrderedDict[str, None]] = (
             weakref.WeakKeyDictionary()
         )
+        self._embedded: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.loads = 0
         self.hits = 0
@@ -85,6 +87,28 @@ class AdapterCache:
             ]
             pipe.enable_lora()
             pipe.set_adapters([peft_name(r.name) for r in refs], adapter_weights=weights)
+
+    def embed(self, pipe: DiffusionPipeline, family: str, texts: list[str]) -> list[str]:
+        """Load every embedding for ``family`` whose token appears in ``texts`` (prompts and
+        negatives) into ``pipe``'s text encoder, once; the names of those now in use. An
+        embedding is a few new token vectors, kept for the life of the model."""
+        with self._lock:
+            held = self._embedded.setdefault(pipe.text_encoder, set())
+            used = []
+            for spec in self.adapters.values():
+                if spec.kind != "embedding" or not spec.fits(family):
+                    continue
+                token = re.compile(rf"(?<![\w-]){re.escape(spec.prompt_token)}(?![\w-])")
+                if not any(token.search(t) for t in texts):
+                    continue
+                if spec.name not in held:
+                    began = time.monotonic()
+                    _load_embedding(pipe, spec)
+                    self.loads += 1
+                    self.load_times.append((spec.name, time.monotonic() - began))
+                    held.add(spec.name)
+                used.append(spec.name)
+            return used
 
     def unload(self, pipe: DiffusionPipeline, name: str) -> bool:
         """Remove LoRA ``name`` from ``pipe``; False if it was not loaded."""
@@ -123,16 +147,35 @@ class AdapterCache:
         self.evictions += 1
 
 
+def _missing(spec: AdapterSpec) -> ModelUnavailable:
+    kind = "LoRA" if spec.kind == "lora" else "embedding"
+    return ModelUnavailable(
+        f"{kind} '{spec.name}' is not available: its file does not exist. "
+        f"To get it: {spec.how_to_get()}", detail=f"file {spec.file} does not exist",
+    )
+
+
+def _load_embedding(pipe: DiffusionPipeline, spec: AdapterSpec) -> None:
+    """Add embedding ``spec`` (a local file) as its token; ModelUnavailable on failure."""
+    if spec.source != "file" or not Path(spec.file).is_file():
+        raise _missing(spec)
+    try:
+        pipe.load_textual_inversion(spec.file, token=spec.prompt_token)
+    except Exception as exc:  # any library error becomes one clear message
+        raise ModelUnavailable(
+            f"embedding '{spec.name}' could not be loaded: its file is not a {spec.family} "
+            f"embedding that Diffusers can read. To get a good copy: {spec.how_to_get()}",
+            detail=f"embedding {spec.name!r} ({spec.location}): {exc}",
+        ) from exc
+
+
 def _load(pipe: DiffusionPipeline, spec: AdapterSpec, offline: bool | None) -> None:
     """Read ``spec`` into ``pipe``; ModelUnavailable naming it and how to get it on failure."""
     kwargs: dict[str, Any]
     if spec.source == "file":
         path = Path(spec.file)
         if not path.is_file():
-            raise ModelUnavailable(
-                f"LoRA '{spec.name}' is not available: its file does not exist. "
-                f"To get it: {spec.how_to_get()}", detail=f"file {path} does not exist",
-            )
+            raise _missing(spec)
         where, kwargs = str(path.parent), {"weight_name": path.name}
     else:
         where = str(spec.repo)

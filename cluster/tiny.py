@@ -471,3 +471,20 @@ def make_tiny_lora(
         directory, unet_lora_layers=state, weight_name=TINY_LORA_FILE, safe_serialization=True
     )
     return directory / TINY_LORA_FILE
+
+
+def make_tiny_embedding(
+    model_dir: Path | str, path: Path | str, *, seed: int = 0, vectors: int = 2
+) -> Path:
+    """A random textual-inversion embedding for the text encoder of ``model_dir`` (a tiny
+    model), saved as A1111 saves one (``emb_params`` in a .safetensors file)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(model_dir) / "text_encoder" / "config.json").read_text("utf-8"))
+    generator = torch.Generator("cpu").manual_seed(seed)
+    weights = torch.randn((vectors, int(config["hidden_size"])), generator=generator)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": weights}, str(path))
+    return path

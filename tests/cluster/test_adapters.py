@@ -107,6 +107,8 @@ def test_resolve_refusals(registry: ModelRegistry, name: str, model: str, messag
         ('[loras.x]\nfile = "x.safetensors"\nfamily = "sd15"\ndefault_weight = 9\n',
          "default_weight: Input should be less than or equal to 4"),
         ('[loras.x]\nfamily = "sd15"\n', "lora 'x': file: Field required"),
+        ('[embeddings.x]\nfile = "x.safetensors"\nfamily = "sdxl"\n',
+         "embeddings are local files for sd15 or sd-turbo models"),
     ],
 )
 def test_bad_entries_are_config_errors(settings: Settings, entry: str, message: str) -> None:

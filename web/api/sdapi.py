@@ -192,6 +192,19 @@ async def loras(
     ]
 
 
+@router.get("/embeddings")
+async def embeddings(
+    who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> dict[str, Any]:
+    """The embeddings, by the token that applies one in a prompt (A1111's shape)."""
+    loaded = {
+        a.prompt_token: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": a.family,
+                         "shape": None, "vectors": None}
+        for a in ctx.client.models.adapters.values() if a.kind == "embedding"
+    }
+    return {"loaded": loaded, "skipped": {}}
+
+
 @router.get("/samplers")
 async def samplers(who: Caller = Depends(caller)) -> list[dict[str, Any]]:
     return [{"name": name, "aliases": [], "options": {}} for name in SCHEDULERS]

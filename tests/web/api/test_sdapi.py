@@ -125,6 +125,16 @@ async def test_lora_in_the_prompt_is_listed_applied_and_reported(web: WebStack) 
         json={"prompt": "a red fox <lora:inc:1>", "steps": 2, "width": 64, "height": 64},
     )
     assert bad.status_code == 422 and "unknown LoRA 'inc' (did you mean 'ink'?)" in bad.text
+    # An embedding is listed by its token and applies where the token is used.
+    listed = await asyncio.to_thread(
+        requests.get, f"{web.url}/sdapi/v1/embeddings", auth=api.session.auth
+    )
+    assert list(listed.json()["loaded"]) == ["easyneg"]
+    embedded = await asyncio.to_thread(
+        api.txt2img, prompt="a red fox", negative_prompt="easyneg", **same
+    )
+    assert embedded.images[0].tobytes() != plain.images[0].tobytes()
+    assert "Negative prompt: easyneg" in embedded.images[0].info["parameters"]
 
 
 async def _poll_progress(api: webuiapi.WebUIApi, until: Any, timeout: float = 60) -> Any:
