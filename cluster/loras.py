@@ -141,8 +141,11 @@ class AdapterCache:
         held[name] = None
 
     def _evict(self, pipe: DiffusionPipeline, held: OrderedDict[str, None], name: str) -> None:
-        log.info("unloading LoRA %r (least recently used)", name)
-        pipe.delete_adapters([peft_name(name)])
+        log.info("unloading LoRA %r", name)
+        with warnings.catch_warnings():
+            # PEFT warns when the active adapter goes; every batch sets its own (``apply``).
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            pipe.delete_adapters([peft_name(name)])
         del held[name]
         self.evictions += 1
 

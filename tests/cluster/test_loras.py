@@ -130,6 +130,11 @@ def test_two_loras_and_lru(registry: ModelRegistry, cpu_profile: DeviceProfile) 
     (both,) = run(engine, req(prompt="x <lora:ink:1> <lora:neon:0.5>"))
     assert not np.array_equal(both, inked) and not np.array_equal(both, neon)
     assert sorted(engine.adapters.loaded(pipe)) == ["ink", "neon"]
+    # Unloading the active LoRA beside another is quiet (PEFT warns; each batch sets its own).
+    run(engine, req(prompt="x <lora:neon>"))
+    assert engine.adapters.unload(pipe, "neon") is True
+    (alone,) = run(engine, req(prompt="x <lora:ink:1>"))
+    assert np.array_equal(alone, inked)
 
 
 def test_sdxl_lora_and_missing_file(engine: Engine) -> None:
