@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -21,6 +22,9 @@ from atelier.wiring import (
 )
 from core.errors import AtelierError
 from core.redact import redact_url
+
+if TYPE_CHECKING:
+    from cluster.registry import ModelRegistry
 
 app = typer.Typer(
     help="Atelier: a self-hosted image studio for chat communities.", no_args_is_help=True
@@ -261,6 +265,31 @@ def models_list() -> None:
         )
     console.print(table)
     for row in registry_table_rows(registry):
+        if not row["available"]:
+            console.print(f"{row['name']}: {row['how']}", markup=False)
+    _adapters_table(registry)
+
+
+def _adapters_table(registry: ModelRegistry) -> None:
+    """The LoRAs and embeddings of ``registry`` with their availability here."""
+    from cluster.availability import adapter_table_rows
+
+    rows = adapter_table_rows(registry)
+    if not rows:
+        console.print(
+            "No LoRAs or embeddings: add [loras.NAME] to your models.toml.", markup=False
+        )
+        return
+    table = Table("adapter", "kind", "family", "weight", "triggers", "here", "source")
+    table.columns[-1].overflow = "fold"
+    for row in rows:
+        table.add_row(
+            str(row["name"]), str(row["kind"]), str(row["family"]),
+            f"{row['default_weight']:g}", str(row["triggers"]),
+            str(row["availability"]) if row["available"] else "no", str(row["source"]),
+        )
+    console.print(table)
+    for row in rows:
         if not row["available"]:
             console.print(f"{row['name']}: {row['how']}", markup=False)
 

@@ -1,9 +1,10 @@
 """Engine benchmarks on this machine's CPU (a script, not a test): the chosen profile vs naive fp32
 on an SD1.5-shaped UNet, one batched engine call vs separate calls, and fast mode (step caching)
-vs normal. Prints a table.
+vs normal, and LoRA adapters (switch cost cached vs first load; 8 jobs in 2 adapter sets batched
+vs one at a time). Prints a table.
 
-Run from the repository root: ``.venv/bin/python -m bench.engine [--quick]`` (about 3-4 minutes
-on 2 cores; ``--quick`` about half).
+Run from the repository root: ``.venv/bin/python -m bench.engine [--quick] [--loras-only]``
+(about 3-4 minutes on 2 cores; ``--quick`` about half; ``--loras-only`` under a minute).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from cluster.cache import ModelCache
 from cluster.devices import DeviceProfile, best_device, choose_profile, describe_profile
 from cluster.engine import BatchItem, Engine
 from cluster.registry import FAMILY_DEFAULTS, Family, ModelRegistry, ModelSpec
-from cluster.tiny import SD15_UNET, build_sd15_shaped_pipeline, make_tiny_models
+from cluster.tiny import SD15_UNET, build_sd15_shaped_pipeline, make_tiny_lora, make_tiny_models
 from core.request import GenerationRequest
 from core.settings import load_settings
 
@@ -151,6 +152,56 @@ def bench_fast(normal: Engine, fast: Engine, side: int, steps: int, reps: int) -
     ]
 
 
+# (d) LoRA adapters: switching a cached one vs loading it; batches per adapter set ---------------
+
+
+def bench_loras(engine: Engine, data_dir: Path, reps: int) -> list[Row]:
+    from cluster.adapters import AdapterSpec
+    from core.adapters import AdapterRef
+
+    models = data_dir / "models" / "tiny-sd15"
+    specs = [
+        AdapterSpec(name=n, file=str(make_tiny_lora(models, data_dir / n, seed=i)), family="sd15")
+        for i, n in enumerate(("ink", "neon"))
+    ]
+    engine.adapters.adapters = {s.name: s for s in specs}
+    pipe = engine.cache.get("tiny")
+    ink, neon = (AdapterRef(name=s.name, weight=1.0) for s in specs)
+    first = cached = float("inf")
+    for _ in range(max(3, reps)):
+        engine.adapters.unload(pipe, "ink")
+        start = time.perf_counter()
+        engine.adapters.apply(pipe, (ink,))  # read from disk, inject, activate
+        first = min(first, time.perf_counter() - start)
+        engine.adapters.apply(pipe, (neon,))
+        start = time.perf_counter()
+        engine.adapters.apply(pipe, (ink,))  # both loaded: only set_adapters
+        cached = min(cached, time.perf_counter() - start)
+    engine.adapters.apply(pipe, ())
+
+    def job(i: int) -> BatchItem:
+        lora = "<lora:ink:1>" if i % 2 else "<lora:neon:1>"
+        request = GenerationRequest(prompt=f"{PROMPTS[i % 4]} {lora}", model="tiny", width=64,
+                                    height=64, steps=4, seed=2000 + i, scheduler="Euler")
+        return BatchItem(f"lora-{i}", request)
+
+    jobs = [job(i) for i in range(8)]
+    sets = [jobs[1::2], jobs[0::2]]  # the ink jobs, the neon jobs
+    singles, batched = timed_pair(
+        lambda: [engine.generate([j]) for j in jobs], lambda: [engine.generate(s) for s in sets],
+        reps,
+    )
+    what = "tiny 64² LoRA (UNet attention, rank 4)"
+    return [
+        (what, "switch: first load", first, "load_lora_weights + set_adapters"),
+        (what, "switch: cached", cached, f"set_adapters only, {first / cached:.0f}x cheaper"),
+        (what + ", 8 jobs", "8 calls of 1 (sets alternate)", singles,
+         f"{8 / singles:.2f} img/s"),
+        (what + ", 8 jobs", "2 calls of 4 (one per set)", batched,
+         f"{8 / batched:.2f} img/s, {singles / batched:.2f}x"),
+    ]
+
+
 def mean_abs_diff(a: bytes, b: bytes) -> float:
     import io
 
@@ -195,6 +246,7 @@ def print_table(rows: list[Row]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~half the time)")
+    parser.add_argument("--loras-only", action="store_true", help="only the LoRA benchmarks")
     args = parser.parse_args(argv)
     reps_unet, reps_tiny, reps_sd = (1, 3, 1) if args.quick else (3, 5, 2)
 
@@ -204,9 +256,16 @@ def main(argv: list[str] | None = None) -> None:
     profile = choose_profile(best_device(), "sd15")
     print(describe_profile(profile))
     started = time.perf_counter()
+    if args.loras_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench_loras(tiny_engine(profile, Path(tmp)), Path(tmp), reps_tiny)
+        print_table(rows)
+        return
     rows = bench_dtype(profile, reps_unet)
     with tempfile.TemporaryDirectory() as tmp:
-        rows += bench_batching(tiny_engine(profile, Path(tmp)), "tiny", 64, 4, reps_tiny)
+        tiny = tiny_engine(profile, Path(tmp))
+        rows += bench_batching(tiny, "tiny", 64, 4, reps_tiny)
+        rows += bench_loras(tiny, Path(tmp), reps_tiny)
         sd15 = sd15_shaped_engine(profile, Path(tmp))
         rows += bench_batching(sd15, "sd15-shaped", 256, 2, reps_sd)
         rows += bench_fast(sd15, sd15_shaped_engine(profile, Path(tmp), fast=True), 256, 10,

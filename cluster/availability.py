@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import registry as _registry
+from cluster.adapters import AdapterSpec
 from cluster.hub import UNREACHABLE, hub_reachable
 from cluster.hub import hub_offline as hub_offline
 from cluster.registry import ModelRegistry, ModelSpec, how_to_get
@@ -133,3 +134,37 @@ def registry_table_rows(
         }
         for s in registry
     ]
+
+
+def adapter_availability(spec: AdapterSpec, *, offline: bool | None = None) -> ModelAvailability:
+    """Whether adapter ``spec`` can be loaded here: its file, or its file in a cached hub repo."""
+    if spec.repo is None:
+        if Path(spec.file).is_file():
+            return ModelAvailability(spec.name, Availability.file)
+        return ModelAvailability(spec.name, Availability.missing, "its file does not exist",
+                                 spec.how_to_get())
+    if _registry._hub_cached(spec.repo, spec.file):
+        return ModelAvailability(spec.name, Availability.cached)
+    if not (hub_offline() if offline is None else offline):
+        return ModelAvailability(spec.name, Availability.downloadable)
+    return ModelAvailability(
+        spec.name, Availability.missing,
+        "it is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)",
+        spec.how_to_get(),
+    )
+
+
+def adapter_table_rows(
+    registry: ModelRegistry, *, offline: bool | None = None
+) -> list[dict[str, Any]]:
+    """One row per LoRA or embedding for ``atelier models list``."""
+    rows = []
+    for a in registry.adapters.values():
+        here = adapter_availability(a, offline=offline)
+        rows.append({
+            "name": a.name, "kind": a.kind, "family": a.family,
+            "source": f"{a.source}:{a.location}", "default_weight": a.default_weight,
+            "triggers": ", ".join(a.triggers), "available": here.loadable,
+            "availability": here.status.value, "how": here.how, "description": a.description,
+        })
+    return rows

@@ -19,6 +19,7 @@ from cluster.availability import loadable_models, model_availability
 from cluster.broker import Broker, BrokerUnavailable
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
 from cluster.registry import ModelRegistry, how_to_get
+from core.adapters import AdapterRef, check_adapters
 from core.cost import job_cost_for
 from core.errors import (
     AtelierError,
@@ -141,6 +142,9 @@ class Client:
                 f"{p.steps} steps at strength {strength:g} leave no denoising step; "
                 f"use at least {least} steps"
             )
+        # 3b. LoRAs: the styles' own, then the request's (its weight wins for a name both
+        #     give); each must be in the catalogue and fit the model's family.
+        request = request.model_copy(update={"adapters": self._adapters(request, spec.name)})
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
         return request.model_copy(update={"model": spec.name}).with_seed()
 
@@ -152,6 +156,15 @@ class Client:
         check_text_lengths(request.prompt, request.negative, self.settings.limits)
         request = await self.with_default_model(request)
         return await asyncio.to_thread(self.prepare, request, requester)
+
+    def _adapters(self, request: GenerationRequest, model: str) -> tuple[AdapterRef, ...]:
+        given = {ref.name for ref in request.adapters}
+        styled = [
+            ref for name in request.styles for ref in self.styles.get(name).adapters()
+            if ref.name not in given
+        ]
+        refs = check_adapters((*styled, *request.adapters))
+        return self.models.resolve_adapters(refs, model)
 
     async def submit(
         self,

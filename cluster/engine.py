@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.cache import ModelCache
 from cluster.devices import DeviceProfile
+from cluster.loras import AdapterCache, slots_for
 from cluster.schedulers import SchedulerCache, with_scheduler
 from cluster.stepcache import reset_step_cache
 from core.errors import AtelierError, InvalidRequest
@@ -114,6 +115,8 @@ class Engine:
         self.styles = styles if styles is not None else default_registry()
         self.blocklist = blocklist if blocklist is not None else default_blocklist()
         self._schedulers = SchedulerCache()
+        # LoRAs kept beside the cached models, switched per batch.
+        self.adapters = AdapterCache(cache.registry.adapters, capacity=slots_for(profile.device))
         # Cached schedulers and the VAE tiling switch are per-call state: one batch at a time.
         self._lock = threading.Lock()
         if profile.threads:
@@ -139,6 +142,11 @@ class Engine:
             p = first.params()
             scheduler = self._schedulers.get(spec.name, p.scheduler, base.scheduler.config)
             pipe = with_scheduler(base, scheduler)
+            # 2b. This batch's LoRAs at their weights (LoRAs off for a batch without any), and
+            #     the embeddings whose tokens its prompts use.
+            self.adapters.apply(base, first.adapters)
+            texts = [t for item in items for t in (item.request.prompt, item.request.negative)]
+            self.adapters.embed(base, spec.family.value, texts)
 
             # 3. Prompts per style and seeds per image: one slot per output image.
             slots = self._plan(items, count_tokens=token_counter(pipe.tokenizer))

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cluster.adapters import (
+    ADAPTER_TABLES,
+    AdapterSpec,
+    build_adapter,
+    parse_adapter_tables,
+    resolve_adapters,
+)
 from cluster.hub import UNREACHABLE, hub_endpoint, hub_reachable
+from core.adapters import AdapterRef
 from core.errors import AtelierError, ConfigError, InvalidRequest, ModelUnavailable
 from core.request import JobKind, ModelDefaults, canonical_scheduler
 from core.settings import Settings, WorkerConfig
@@ -200,7 +208,7 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
 
 def _raw_entries(doc: dict[str, Any], origin: str) -> dict[str, dict[str, Any]]:
     models = doc.get("models", {})
-    unknown = sorted(set(doc) - {"models", "default", "fallback"})
+    unknown = sorted(set(doc) - {"models", "default", "fallback", *ADAPTER_TABLES})
     if unknown:
         raise ConfigError(f"{origin}: unknown top-level keys {unknown}; expected [models.NAME]")
     if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
@@ -262,9 +270,10 @@ class ModelRegistry:
 
     def __init__(
         self, specs: Iterable[ModelSpec], default: str | None = None, *,
-        fallback: str | None = None,
+        fallback: str | None = None, adapters: Iterable[AdapterSpec] = (),
     ) -> None:
         self._specs: dict[str, ModelSpec] = {s.name: s for s in specs}
+        self.adapters: dict[str, AdapterSpec] = {a.name: a for a in adapters}
         if not self._specs:
             raise ConfigError("the model registry is empty")
         self._default = default if default is not None else next(iter(self._specs))
@@ -300,6 +309,10 @@ class ModelRegistry:
             for n, e in _raw_entries(doc, "packaged models.toml").items()
         }
         origins = dict.fromkeys(raw, "packaged models.toml")
+        families = tuple(f.value for f in Family)
+        adapters = parse_adapter_tables(
+            doc, "packaged models.toml", PACKAGE_DATA_DIR, data_dir, families
+        )
         default = doc.get("default")
         fallback = doc.get("fallback")
 
@@ -315,11 +328,15 @@ class ModelRegistry:
             for name, entry in _raw_entries(user_doc, origin).items():
                 raw[name] = _merge(raw.get(name), _prepare(entry, user_path.parent, data_dir))
                 origins[name] = origin
+            adapters |= parse_adapter_tables(
+                user_doc, origin, user_path.parent, data_dir, families
+            )
             default = user_doc.get("default", default)
             fallback = user_doc.get("fallback", fallback)
 
         specs = [_build_spec(n, e, origins[n]) for n, e in raw.items()]
-        return cls(specs, default, fallback=fallback or None)
+        built = [build_adapter(n, e) for n, e in adapters.items()]
+        return cls(specs, default, fallback=fallback or None, adapters=built)
 
     @property
     def default(self) -> str:
@@ -337,6 +354,14 @@ class ModelRegistry:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise InvalidRequest(f"unknown model {name!r}{hint}; available: {available}")
 
+    def resolve_adapters(
+        self, refs: tuple[AdapterRef, ...], model: str | None = None
+    ) -> tuple[AdapterRef, ...]:
+        """``refs`` checked against the adapter catalogue for ``model`` (names known, family
+        fits) with default weights filled in; InvalidRequest naming the first problem."""
+        spec = self.get(model)
+        return resolve_adapters(refs, self.adapters, model=spec.name, family=spec.family.value)
+
     def all(self) -> list[ModelSpec]:
         return list(self._specs.values())
 
@@ -346,7 +371,17 @@ class ModelRegistry:
     def with_models(self, *specs: ModelSpec, default: str | None = None) -> ModelRegistry:
         """A copy with ``specs`` added or replaced by name (handy in tests and tools)."""
         merged = self._specs | {s.name: s for s in specs}
-        return ModelRegistry(merged.values(), default or self._default)
+        return ModelRegistry(
+            merged.values(), default or self._default, adapters=self.adapters.values()
+        )
+
+    def with_adapters(self, *adapters: AdapterSpec) -> ModelRegistry:
+        """A copy with ``adapters`` added or replaced by name (tests and tools)."""
+        merged = self.adapters | {a.name: a for a in adapters}
+        return ModelRegistry(
+            self._specs.values(), self._default, fallback=self._fallback,
+            adapters=merged.values(),
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._specs

@@ -435,3 +435,56 @@ def make_sd15_shaped(directory: Path | str, seed: int = 0,
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+# A LoRA's weights file name in the folder ``make_tiny_lora`` writes.
+TINY_LORA_FILE = "tiny-lora.safetensors"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def make_tiny_lora(
+    model_dir: Path | str, directory: Path | str, *, seed: int = 0, rank: int = 4,
+    scale: float = 0.5,
+) -> Path:
+    """A random LoRA on the UNet attention of the Diffusers folder ``model_dir`` (a tiny model),
+    saved as ``directory/tiny-lora.safetensors`` as Diffusers saves a trained one. Its weights
+    are random but non-zero (a fresh LoRA's are zero: it would change nothing)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet", local_files_only=True)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)))
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    xl = unet.config.get("addition_embed_type") == "text_time"
+    saver = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    saver.save_lora_weights(
+        directory, unet_lora_layers=state, weight_name=TINY_LORA_FILE, safe_serialization=True
+    )
+    return directory / TINY_LORA_FILE
+
+
+def make_tiny_embedding(
+    model_dir: Path | str, path: Path | str, *, seed: int = 0, vectors: int = 2
+) -> Path:
+    """A random textual-inversion embedding for the text encoder of ``model_dir`` (a tiny
+    model), saved as A1111 saves one (``emb_params`` in a .safetensors file)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(model_dir) / "text_encoder" / "config.json").read_text("utf-8"))
+    generator = torch.Generator("cpu").manual_seed(seed)
+    weights = torch.randn((vectors, int(config["hidden_size"])), generator=generator)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": weights}, str(path))
+    return path

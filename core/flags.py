@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core.adapters import AdapterRef, parse_adapter
 from core.errors import InvalidRequest
 from core.prompts import normalize
 from core.request import GenerationRequest, canonical_scheduler, check_text_length
@@ -35,6 +36,7 @@ FLAG_NAMES: dict[str, tuple[str, ...]] = {
     "scheduler": ("sampler", "scheduler"),
     "model": ("model",),
     "strength": ("strength",),
+    "adapters": ("lora",),
 }
 _ALIASES: dict[str, str] = {alias: field for field, names in FLAG_NAMES.items() for alias in names}
 _EXAMPLES: dict[str, str] = {
@@ -50,9 +52,10 @@ _EXAMPLES: dict[str, str] = {
     "scheduler": "DPM++ 2M Karras",
     "model": "sdxl",
     "strength": "0.6",
+    "adapters": "ink:0.8",
 }
 # Flags whose value is free text and may repeat (their values are merged).
-_REPEATABLE = frozenset({"styles", "negative"})
+_REPEATABLE = frozenset({"styles", "negative", "adapters"})
 # User settings that ``parse_command(defaults=...)`` accepts.
 DEFAULT_KEYS = frozenset(
     {"negative", "styles", "width", "height", "steps", "guidance", "scheduler", "count"}
@@ -299,6 +302,7 @@ def parse_command(
     given: dict[str, _Flag] = {}
     negatives: list[str] = []
     style_values: list[str] = []
+    lora_values: list[AdapterRef] = []
     for flag in flags:
         if flag.field in given and flag.field not in _REPEATABLE:
             raise InvalidRequest(f"{flag.typed} is given twice ({given[flag.field].typed} too)")
@@ -307,6 +311,8 @@ def parse_command(
             negatives.append(_need(flag))
         elif flag.field == "styles":
             style_values.append(_need(flag))
+        elif flag.field == "adapters":
+            lora_values.append(parse_adapter(_need(flag), flag.typed))
 
     if style_values:
         styles = _styles(",".join(style_values), registry, given["styles"].typed)
@@ -332,6 +338,8 @@ def parse_command(
             fields[field] = _scheduler(flag)
         elif field == "model":
             fields[field] = _model(flag)
+        elif field == "adapters":
+            fields[field] = tuple(lora_values)
 
     if "ar" in given:
         ratio = _ratio(given["ar"])
@@ -412,4 +420,5 @@ def format_request(
         parts.append(f"--strength {_number(req.strength)}")
     if differs("raw"):
         parts.append("--raw" if req.raw else "--raw off")
+    parts.extend(f"--lora {ref.flag_value()}" for ref in req.adapters)
     return " ".join(parts)

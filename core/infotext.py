@@ -14,6 +14,7 @@ from typing import Final
 
 from PIL import Image
 
+from core.adapters import adapters_tags
 from core.errors import InvalidRequest
 from core.request import GenerationRequest, JobKind
 
@@ -180,8 +181,11 @@ def infotext_for(
     """The infotext of one image of ``request``, made with the final ``prompt`` and ``seed``.
 
     Only generation settings go in: the image may be shared, so nothing about who asked.
+    LoRAs are written into the prompt as A1111 does (``<lora:name:w>``), after its text.
     """
     p = request.params()
+    if request.adapters:
+        prompt = f"{prompt} {adapters_tags(request.adapters)}"
     return Infotext(
         prompt=clean_prompt_text(prompt),
         negative=clean_prompt_text(negative),

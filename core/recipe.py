@@ -17,7 +17,9 @@ UPSCALE_STRENGTH = 0.3
 # images used seed .. seed + count - 1 (count <= 4), so none of them comes back as a "variation".
 VARIATION_SEED_OFFSET = 4
 # The fields of ``batch_key``, in order (named in the engine's error for a mixed batch).
-KEY_FIELDS = ("model", "kind", "width", "height", "steps", "scheduler", "guidance", "strength")
+KEY_FIELDS = (
+    "model", "kind", "width", "height", "steps", "scheduler", "guidance", "strength", "adapters",
+)
 
 
 def pipeline_kind(request: GenerationRequest) -> JobKind:
@@ -43,11 +45,13 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...]:
     """Jobs with equal keys may share one pipeline call (fields named by ``KEY_FIELDS``).
 
     The kind is the pipeline kind, so a txt2img job and a variation without an image batch
-    together; strength is part of the key only where an input image is denoised.
+    together; strength is part of the key only where an input image is denoised. A pipeline
+    call runs one set of LoRAs at one set of weights, so the adapters (in name order) are too.
     """
     r = request
     kind, strength = pipeline_kind(r).value, effective_strength(r)
-    return (r.model, kind, r.width, r.height, r.steps, r.scheduler, r.guidance, strength)
+    adapters = tuple(sorted((a.name, a.weight) for a in r.adapters))
+    return (r.model, kind, r.width, r.height, r.steps, r.scheduler, r.guidance, strength, adapters)
 
 
 def item_pixels(request: GenerationRequest) -> int:

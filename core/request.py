@@ -9,6 +9,7 @@ from typing import Annotated, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.adapters import AdapterRef, check_adapters, extract_prompt_adapters
 from core.errors import InvalidRequest, PromptTooLong
 from core.settings import Limits
 
@@ -94,6 +95,30 @@ class GenerationRequest(BaseModel):
     mask: Annotated[bytes | None, Field(repr=False)] = None
     strength: float = 0.75
     raw: bool = False
+    # LoRAs by registry name and weight; ``<lora:name:w>`` tags in the prompt land here too.
+    adapters: tuple[AdapterRef, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_adapters(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        prompt = data.get("prompt")
+        if not isinstance(prompt, str) or "<lora:" not in prompt.lower():
+            return data
+        try:
+            prompt, refs = extract_prompt_adapters(prompt)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+        return {**data, "prompt": prompt, "adapters": (*(data.get("adapters") or ()), *refs)}
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, v: tuple[AdapterRef, ...]) -> tuple[AdapterRef, ...]:
+        try:
+            return check_adapters(v)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("prompt")
     @classmethod

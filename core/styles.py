@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.adapters import AdapterRef
 from core.errors import ConfigError, InvalidRequest
 
 PROMPT_SLOT = "{prompt}"
@@ -67,6 +68,8 @@ class Style(BaseModel):
     guidance: float | None = Field(default=None, ge=0.0, le=30.0)
     width: int | None = None
     height: int | None = None
+    # LoRAs the style applies, registry name -> weight (checked against the registry at admission).
+    loras: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -94,6 +97,20 @@ class Style(BaseModel):
         # str.replace rather than format(): the user's text may contain braces.
         styled = self.prompt.replace(PROMPT_SLOT, prompt.strip())
         return styled, merge_terms(self.negative, negative)
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, weight in v.items():
+            try:
+                AdapterRef(name=name, weight=weight)
+            except ValidationError as exc:
+                raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return v
+
+    def adapters(self) -> tuple[AdapterRef, ...]:
+        """The LoRAs this style applies, in the order the styles file lists them."""
+        return tuple(AdapterRef(name=n, weight=w) for n, w in self.loras.items())
 
     def params(self) -> dict[str, Any]:
         """The request fields this style sets by default (only those it defines)."""

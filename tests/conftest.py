@@ -51,6 +51,7 @@ HEAVY_MODULES = frozenset({
     "test_metrics.py", "test_autoscaling.py",
     "test_engine.py", "test_tiny.py", "test_cache.py", "test_stepcache.py", "test_pipeline.py",
     "test_worker.py", "test_faults.py", "test_chaos.py", "test_worker_loading.py",
+    "test_loras.py",
 })
 
 

@@ -76,6 +76,25 @@ def test_models_list_shows_availability_and_how_to_get(env: Path) -> None:
     assert "tiny-xl: build it with `atelier models make-tiny`" in res.output
     assert "sdxl: run `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0`" in (
         res.output)
+def test_models_list_shows_loras_with_availability(env: Path) -> None:
+    res = runner.invoke(app, ["models", "list"], terminal_width=250)
+    assert "No LoRAs or embeddings: add [loras.NAME] to your models.toml." in res.output
+    (env / "loras").mkdir()
+    (env / "loras" / "ink.safetensors").write_bytes(b"x")
+    (env / "models.toml").write_text(
+        '[loras.ink]\nfile = "loras/ink.safetensors"\nfamily = "sd15"\ndefault_weight = 0.8\n'
+        'triggers = ["ink drawing"]\n'
+        '[loras.neon]\nrepo = "someone/neon"\nfile = "neon.safetensors"\nfamily = "sdxl"\n',
+        "utf-8",
+    )
+    res = runner.invoke(app, ["models", "list"], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[1]: line for line in res.output.splitlines() if line.startswith("│")}
+    assert all(w in rows["ink"] for w in ("lora", "sd15", "0.8", "ink drawing", "file"))
+    assert " no " in rows["neon"]
+    assert "neon: run `huggingface-cli download someone/neon neon.safetensors`" in res.output
+
+
 def test_cli_never_prints_a_password_given_as_a_query_parameter(env: Path) -> None:
     # Nothing listens on the port: the CLI names the Redis it tried, without its password.
     from tests.conftest import free_port

@@ -195,6 +195,32 @@ async def sd_models(
     ]
 
 
+@router.get("/loras")
+async def loras(
+    who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> list[dict[str, Any]]:
+    """The LoRA catalogue; ``<lora:NAME:0.8>`` in a prompt applies one (A1111's shape)."""
+    return [
+        {"name": a.name, "alias": a.name, "path": a.location,
+         "metadata": {"family": a.family, "default_weight": a.default_weight,
+                      "triggers": list(a.triggers), "description": a.description}}
+        for a in ctx.client.models.adapters.values() if a.kind == "lora"
+    ]
+
+
+@router.get("/embeddings")
+async def embeddings(
+    who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> dict[str, Any]:
+    """The embeddings, by the token that applies one in a prompt (A1111's shape)."""
+    loaded = {
+        a.prompt_token: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": a.family,
+                         "shape": None, "vectors": None}
+        for a in ctx.client.models.adapters.values() if a.kind == "embedding"
+    }
+    return {"loaded": loaded, "skipped": {}}
+
+
 @router.get("/samplers")
 async def samplers(who: Caller = Depends(caller)) -> list[dict[str, Any]]:
     return [{"name": name, "aliases": [], "options": {}} for name in SCHEDULERS]

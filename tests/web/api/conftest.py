@@ -22,7 +22,7 @@ from cluster.client import Client
 from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_tiny_models
+from cluster.tiny import make_tiny_embedding, make_tiny_lora, make_tiny_models
 from core.jobs import Requester
 from core.settings import Settings, load_settings
 from storage import accounts, apikeys
@@ -38,6 +38,13 @@ from web.gallery.deliveries import settle_deliveries
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("web-tiny")
     make_tiny_models(data_dir / "models", seed=0)
+    # A tiny random LoRA in the operator's models file, seen by the worker and the web app.
+    make_tiny_lora(data_dir / "models" / "tiny-sd15", data_dir / "loras", seed=1)
+    make_tiny_embedding(data_dir / "models" / "tiny-sd15", data_dir / "easyneg.safetensors")
+    (data_dir / "models.toml").write_text(
+        '[loras.ink]\nfile = "loras/tiny-lora.safetensors"\nfamily = "sd15"\n'
+        '[embeddings.easyneg]\nfile = "easyneg.safetensors"\nfamily = "sd15"\n', "utf-8"
+    )
     return data_dir
 
 

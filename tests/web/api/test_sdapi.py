@@ -109,6 +109,34 @@ async def test_models_options_and_lists(web: WebStack) -> None:
     assert "Styles: watercolor" in styled.images[0].info["parameters"]
 
 
+async def test_lora_in_the_prompt_is_listed_applied_and_reported(web: WebStack) -> None:
+    api = await _api(web, web.new_key("106"))
+    listed = await asyncio.to_thread(
+        requests.get, f"{web.url}/sdapi/v1/loras", auth=api.session.auth
+    )
+    assert [(x["name"], x["metadata"]["family"]) for x in listed.json()] == [("ink", "sd15")]
+    same = {"steps": 2, "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler"}
+    plain = await asyncio.to_thread(api.txt2img, prompt="a red fox", **same)
+    inked = await asyncio.to_thread(api.txt2img, prompt="a red fox <lora:ink:0.8>", **same)
+    assert inked.images[0].info["parameters"].startswith("a red fox <lora:ink:0.8>\n")
+    assert inked.images[0].tobytes() != plain.images[0].tobytes()
+    bad = await asyncio.to_thread(
+        requests.post, f"{web.url}/sdapi/v1/txt2img", auth=api.session.auth,
+        json={"prompt": "a red fox <lora:inc:1>", "steps": 2, "width": 64, "height": 64},
+    )
+    assert bad.status_code == 422 and "unknown LoRA 'inc' (did you mean 'ink'?)" in bad.text
+    # An embedding is listed by its token and applies where the token is used.
+    listed = await asyncio.to_thread(
+        requests.get, f"{web.url}/sdapi/v1/embeddings", auth=api.session.auth
+    )
+    assert list(listed.json()["loaded"]) == ["easyneg"]
+    embedded = await asyncio.to_thread(
+        api.txt2img, prompt="a red fox", negative_prompt="easyneg", **same
+    )
+    assert embedded.images[0].tobytes() != plain.images[0].tobytes()
+    assert "Negative prompt: easyneg" in embedded.images[0].info["parameters"]
+
+
 async def _poll_progress(api: webuiapi.WebUIApi, until: Any, timeout: float = 60) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

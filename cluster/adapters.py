@@ -1,0 +1,140 @@
+"""The adapter catalogue beside the model registry: named LoRAs and textual-inversion embeddings
+(``[loras.NAME]`` / ``[embeddings.NAME]`` in models.toml), the model family each fits, and the
+admission check that turns a request's adapter names into resolved, fitting ones."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.adapters import MAX_WEIGHT, MIN_WEIGHT, AdapterRef
+from core.errors import ConfigError, InvalidRequest
+
+AdapterKind = Literal["lora", "embedding"]
+ADAPTER_TABLES: dict[str, AdapterKind] = {"loras": "lora", "embeddings": "embedding"}
+ADAPTER_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+class AdapterSpec(BaseModel):
+    """One adapter: ``file`` alone is a local file; with ``repo``, the file in that hub repo."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=64)
+    kind: AdapterKind = "lora"
+    description: str = ""
+    repo: str | None = None
+    file: str
+    family: str
+    default_weight: float = Field(default=1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT)
+    triggers: tuple[str, ...] = ()  # words the adapter was trained on; shown, not added
+    token: str | None = None  # an embedding's prompt token (its name when unset)
+
+    @field_validator("file")
+    @classmethod
+    def _suffix(cls, v: str) -> str:
+        if not v.endswith(ADAPTER_SUFFIXES):
+            raise ValueError(f"must end in {', '.join(ADAPTER_SUFFIXES)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _token(self) -> AdapterSpec:
+        if self.kind == "lora" and self.token is not None:
+            raise ValueError("token is for embeddings; a LoRA is named by <lora:NAME:weight>")
+        if self.kind == "embedding" and (self.repo is not None or "xl" in self.family):
+            # SDXL embeddings hold a vector set per text encoder; hub files: not yet.
+            raise ValueError("embeddings are local files for sd15 or sd-turbo models")
+        return self
+
+    @property
+    def source(self) -> Literal["repo", "file"]:
+        return "repo" if self.repo is not None else "file"
+
+    @property
+    def location(self) -> str:
+        return f"{self.repo}/{self.file}" if self.repo else self.file
+
+    @property
+    def prompt_token(self) -> str:
+        return self.token or self.name
+
+    def fits(self, family: str) -> bool:
+        """Whether a model of ``family`` can take this adapter (turbo XL is SDXL-shaped)."""
+        xl = {"sdxl", "sdxl-turbo"}
+        return family == self.family or (family in xl and self.family in xl)
+
+    def how_to_get(self) -> str:
+        where = f"under [{self.kind}s.{self.name}] in your models.toml (ATELIER_MODELS_FILE)"
+        if self.repo:
+            return (f"run `huggingface-cli download {self.repo} {self.file}` on a box with "
+                    f"network and copy its Hugging Face cache here, or set file {where} to a "
+                    "downloaded copy (and drop repo)")
+        return f"set file {where} to a .safetensors file that exists"
+
+
+def parse_adapter_tables(
+    doc: dict[str, Any], origin: str, base_dir: Path, data_dir: Path,
+    families: tuple[str, ...],
+) -> dict[str, dict[str, Any]]:
+    """Raw adapter entries of one TOML doc by name, with local file paths resolved."""
+    out: dict[str, dict[str, Any]] = {}
+    for table, kind in ADAPTER_TABLES.items():
+        entries = doc.get(table, {})
+        if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+            raise ConfigError(f"{origin}: {table} must be tables, e.g. [{table}.NAME]")
+        for name, entry in entries.items():
+            raw = dict(entry) | {"kind": kind, "_origin": origin}
+            if raw.get("family") not in families:
+                raise ConfigError(
+                    f"{origin}: {kind} {name!r}: family must be one of {', '.join(families)}, "
+                    f"got {raw.get('family')!r}"
+                )
+            file = raw.get("file")
+            if isinstance(file, str) and "repo" not in raw:
+                p = Path(file.replace("{data_dir}", str(data_dir))).expanduser()
+                raw["file"] = str(p if p.is_absolute() else base_dir / p)
+            out[str(name)] = raw
+    return out
+
+
+def build_adapter(name: str, raw: dict[str, Any]) -> AdapterSpec:
+    fields = {k: v for k, v in raw.items() if k != "_origin"}
+    try:
+        return AdapterSpec(**(fields | {"name": name}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"{raw.get('_origin')}: {raw.get('kind')} {name!r}: {problems}") from None
+
+
+def unknown_adapter(name: str, known: list[str]) -> InvalidRequest:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    available = ", ".join(known) or "none are installed"
+    return InvalidRequest(f"unknown LoRA {name!r}{hint}; available: {available}")
+
+
+def resolve_adapters(
+    refs: tuple[AdapterRef, ...], adapters: dict[str, AdapterSpec], *, model: str, family: str,
+) -> tuple[AdapterRef, ...]:
+    """``refs`` with every weight set (the entry's default where none was given), after checking
+    each names a LoRA that fits a ``family`` model; InvalidRequest naming the first misfit."""
+    loras = [a.name for a in adapters.values() if a.kind == "lora"]
+    out: list[AdapterRef] = []
+    for ref in refs:
+        spec = adapters.get(ref.name)
+        if spec is None or spec.kind != "lora":
+            raise unknown_adapter(ref.name, loras)
+        if not spec.fits(family):
+            raise InvalidRequest(
+                f"LoRA {ref.name!r} is for {spec.family} models; model {model!r} is {family}"
+            )
+        weight = spec.default_weight if ref.weight is None else ref.weight
+        out.append(AdapterRef(name=ref.name, weight=weight))
+    return tuple(out)
