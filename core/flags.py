@@ -228,7 +228,11 @@ def size_for_aspect(ratio: float, base_side: float = BASE_SIDE) -> tuple[int, in
     (at least 64): 16:9 at 512 -> 680x384, 1:1 -> 512x512, 2:3 -> 416x624.
     """
     root = math.sqrt(ratio)
-    return _round8(base_side * root), _round8(base_side / root)
+    width, height = base_side * root, base_side / root
+    # A small area (a small model's default) keeps the shape: the short side grows to 64
+    # rather than being floored alone, which would square the picture up.
+    grow = max(1.0, 64 / min(width, height))
+    return _round8(width * grow), _round8(height * grow)
 
 
 def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
