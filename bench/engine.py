@@ -1,6 +1,7 @@
 """Engine benchmarks on this machine's CPU (a script, not a test): the chosen profile vs naive fp32
 on an SD1.5-shaped UNet, one batched engine call vs separate calls, and fast mode (step caching)
-vs normal. Prints a table.
+vs normal; quantization and compile per variant (``--quant``: only those, see bench/quant.py).
+Prints a table.
 
 Run from the repository root: ``.venv/bin/python -m bench.engine [--quick]`` (about 3-4 minutes
 on 2 cores; ``--quick`` about half).
@@ -24,6 +25,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 import torch
 
 from cluster.cache import ModelCache
+from cluster.calibrate import Calibration
 from cluster.devices import DeviceProfile, best_device, choose_profile, describe_profile
 from cluster.engine import BatchItem, Engine
 from cluster.registry import FAMILY_DEFAULTS, Family, ModelRegistry, ModelSpec
@@ -195,6 +197,9 @@ def print_table(rows: list[Row]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~half the time)")
+    parser.add_argument("--quant", action="store_true",
+                        help="only the quantization/compile variants (UNet and demo model)")
+    parser.add_argument("--demo-n", type=int, default=48, help="--quant: demo captions (x8)")
     args = parser.parse_args(argv)
     reps_unet, reps_tiny, reps_sd = (1, 3, 1) if args.quick else (3, 5, 2)
 
@@ -204,6 +209,20 @@ def main(argv: list[str] | None = None) -> None:
     profile = choose_profile(best_device(), "sd15")
     print(describe_profile(profile))
     started = time.perf_counter()
+    if args.quant:
+        from bench.quant import bench_demo_variants, bench_unet_variants, print_measurement
+
+        rows, measured = bench_unet_variants(profile, 256, 2 if args.quick else 3)
+        print_measurement(measured)
+        calibrated = choose_profile(best_device(), "sd15", compile=True, quantize="int8",
+                                    calibration=Calibration((measured,)))
+        print("profile from this measurement (model opted into compile and int8):")
+        print("\n".join(f"  - {r}" for r in calibrated.reasons if r.split()[0] in
+                        ("dtype", "quantize", "compile")))
+        rows += bench_demo_variants(profile, args.demo_n, 20)
+        print_table(rows)
+        print(f"\ntotal {time.perf_counter() - started:.0f}s")
+        return
     rows = bench_dtype(profile, reps_unet)
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_batching(tiny_engine(profile, Path(tmp)), "tiny", 64, 4, reps_tiny)
