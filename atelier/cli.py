@@ -294,6 +294,7 @@ def devices(
     family: str = typer.Option("sd15", help="Model family the profile (and --measure) is for."),
     side: int = typer.Option(256, help="--measure: image side in pixels."),
     tiny: bool = typer.Option(False, help="--measure with the tests' tiny UNet (seconds)."),
+    compile: bool = typer.Option(True, help="--measure: also time torch.compile (minutes)."),
 ) -> None:
     """Show the devices this machine has and the profile a worker would use on each; with
     --measure, first calibrate the first device (stored beside the data dir)."""
@@ -306,9 +307,10 @@ def devices(
         if measure:
             from atelier.measure import measure_first_device
 
-            calibration = measure_first_device(path, calibration, family, side, tiny)
+            calibration = measure_first_device(path, calibration, family, side, tiny,
+                                               compile=compile)
     except AtelierError as exc:
-        _fail(str(exc))
+        raise _fail(exc) from None
     for info in detect_devices():
         profile = choose_profile(info, family, compile=True, quantize="int8",
                                  calibration=calibration)

@@ -16,7 +16,8 @@ from cluster.devices import best_device, choose_profile
 
 
 def measure_first_device(
-    path: Path, calibration: Calibration | None, family: str, side: int, tiny: bool
+    path: Path, calibration: Calibration | None, family: str, side: int, tiny: bool,
+    *, compile: bool = True,
 ) -> Calibration:
     """Measure every variant on the first device, print each as it lands, save, return."""
     import torch
@@ -38,7 +39,7 @@ def measure_first_device(
     measured = measure_unet(
         profile.device, profile.device_class, family=family, side=side, tiny=tiny,
         quant="torchao" in info.quant_backends, dtypes=plain_dtypes(info.kind, info.bf16),
-        progress=show,
+        compile=compile, steps=1 if tiny else 3, progress=show,
     )
     updated = (calibration or Calibration()).with_measurement(measured)
     save_calibration(updated, path)

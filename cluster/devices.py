@@ -75,6 +75,7 @@ class DeviceProfile:
     fast: bool
     vram_gb: int | None  # nominal size, as the card is sold
     reasons: list[str] = field(default_factory=list)
+    compile_backend: str = "inductor"  # torch.compile's; tests use "eager" (no C++ build)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -567,7 +568,7 @@ def apply_profile(pipe: DiffusionPipeline, profile: DeviceProfile) -> DiffusionP
         install_step_cache(pipe.unet)  # shared by the from_pipe siblings, like the UNet
     if profile.compile:
         # In place, so the img2img/inpaint siblings made by from_pipe share the compiled UNet.
-        pipe.unet.compile()
+        pipe.unet.compile(backend=profile.compile_backend)
     return pipe
 
 
