@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.calibrate import Measurement, describe_measurement, measure_unet
+from cluster.calibrate import (
+    Measurement,
+    Variant,
+    describe_measurement,
+    measure_unet,
+    measure_variant,
+    unet_case,
+)
 from cluster.demo.quality import GOALS, Case, held_out, load
 from cluster.demo.score import score
 from cluster.devices import DeviceProfile, apply_profile
@@ -26,13 +33,8 @@ DEMO_MODEL = Path(__file__).resolve().parents[1] / "cluster" / "data" / "demo"
 Row = tuple[str, str, float, str]
 
 
-def bench_unet_variants(profile: DeviceProfile, side: int, steps: int) -> tuple[list[Row],
-                                                                                  Measurement]:
-    """Every calibration variant of the SD1.5-shaped UNet at ``side``², one after another in
-    this process (time per step is the best of ``steps`` after a warm-up)."""
-    m = measure_unet(profile.device, profile.device_class, side=side, steps=steps,
-                     progress=lambda v: print(f"  measured {v.name}", flush=True))
-    what = f"sd15-shaped UNet CFG x2 {side}²"
+def unet_rows(m: Measurement) -> list[Row]:
+    what = m.shape.replace(" (random weights)", "")
     ref = m.variant("bfloat16")
     rows: list[Row] = []
     for v in m.variants:
@@ -44,7 +46,31 @@ def bench_unet_variants(profile: DeviceProfile, side: int, steps: int) -> tuple[
         once = f", compile {v.compile_seconds:.0f} s once" if v.compile_seconds else ""
         rows.append((what, v.name, v.seconds_per_step or 0.0,
                      f"{ratio}peak RSS {v.peak_mb:,.0f} MB{once}"))
-    return rows, m
+    return rows
+
+
+def measure_unet_variants(profile: DeviceProfile, side: int, steps: int) -> Measurement:
+    """The calibration's plain and int8 variants of the SD1.5-shaped UNet at ``side``², one
+    after another in this process (time per step: the best of ``steps`` after a warm-up)."""
+    return measure_unet(profile.device, profile.device_class, side=side, steps=steps,
+                        compile=False, progress=lambda v: print(f"  {_line(v)}", flush=True))
+
+
+def add_compiled(m: Measurement, side: int, steps: int) -> Measurement:
+    """``m`` plus the compiled UNet on the fastest plain dtype (inductor: minutes on CPU)."""
+    base = m.fastest(lambda v: not v.quantize and not v.compile)
+    _, build, inputs = unet_case(side)
+    v = measure_variant(build, inputs, Variant(base.dtype if base else "bfloat16", compile=True),
+                        steps=steps)
+    print(f"  {_line(v)}", flush=True)
+    return dataclasses.replace(m, variants=(*m.variants, v))
+
+
+def _line(v: Variant) -> str:
+    if not v.ok:
+        return f"{v.name}: failed: {v.error}"
+    once = f", compile {v.compile_seconds:.0f} s once" if v.compile_seconds else ""
+    return f"{v.name}: {v.seconds_per_step:.3f} s/step, peak {v.peak_mb:,.0f} MB{once}"
 
 
 def _draw(pipe: Any, cases: list[Case], steps: int, batch: int = 8) -> list[np.ndarray]:
@@ -77,19 +103,22 @@ def _adherence(cases: list[Case], images: list[np.ndarray]) -> dict[str, float]:
     return {name: 100 * ok[name] / max(total[name], 1) for name in GOALS}
 
 
-def bench_demo_variants(profile: DeviceProfile, n: int, steps: int) -> list[Row]:
-    """The demo model drawn per variant (bf16 first, the reference), ``n`` held-out captions."""
+def bench_demo_variants(
+    profile: DeviceProfile, n: int, steps: int, *, plain: bool = True, compile: bool = True
+) -> list[Row]:
+    """The demo model drawn per variant (bf16 first, the reference), ``n`` held-out captions:
+    the plain and int8 ones (``plain``), then the compiled one (``compile``)."""
     cases = held_out(n, random.Random(12345))
     bf16 = dataclasses.replace(profile, dtype="bfloat16", quantize=None, compile=False,
                                quantize_backend=None)
-    variants = [
-        ("bfloat16", bf16),
+    variants = [("bfloat16", bf16)]
+    variants += [
         ("float32", dataclasses.replace(bf16, dtype="float32")),
         ("bfloat16+int8", dataclasses.replace(bf16, quantize="int8", quantize_backend="torchao")),
         ("bfloat16+int8-dynamic",
          dataclasses.replace(bf16, quantize="int8-dynamic", quantize_backend="torchao")),
-        ("bfloat16+compile", dataclasses.replace(bf16, compile=True)),
-    ]
+    ] if plain else []
+    variants += [("bfloat16+compile", dataclasses.replace(bf16, compile=True))] if compile else []
     what = f"demo model {n} captions {steps} steps"
     ref: list[np.ndarray] | None = None  # bf16's images
     ref_score: dict[str, float] = {}
@@ -110,9 +139,10 @@ def bench_demo_variants(profile: DeviceProfile, n: int, steps: int) -> list[Row]
             worst = max(abs(got[k] - ref_score[k]) for k in GOALS)
             cells += f"; vs bf16: |pixel diff| {diff:.2f}/255, adherence moved {worst:.1f} pt"
         rows.append((what, name, took, cells))
+        print(f"  {name}: {took:.1f} s, {cells}", flush=True)
         del pipe
     return rows
 
 
 def print_measurement(m: Measurement) -> None:
-    print(describe_measurement(m))
+    print(describe_measurement(m), flush=True)

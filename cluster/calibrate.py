@@ -42,7 +42,7 @@ class Variant:
     quantize: str | None = None
     compile: bool = False
     seconds_per_step: float | None = None
-    peak_mb: float | None = None  # peak RSS (cpu) or peak allocated (cuda) while it ran
+    peak_mb: float | None = None  # peak RSS (cpu) / allocated (cuda) while running, weights in
     compile_seconds: float | None = None  # the first call's extra time (compile only)
     error: str | None = None
 
@@ -193,6 +193,7 @@ def _peak_reset(device: str) -> Callable[[], float | None]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return lambda: torch.cuda.max_memory_allocated() / 2**20
+    _trim_heap()
     status = Path("/proc/self/status")
     try:  # "5" resets the process's peak RSS (VmHWM) on Linux
         Path("/proc/self/clear_refs").write_text("5")
@@ -206,6 +207,21 @@ def _peak_reset(device: str) -> Callable[[], float | None]:
         return None
 
     return read
+
+
+def _trim_heap() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise, and RSS would count the
+    previous variant's weights, or the fp32 copy a quantized one was made from)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def measure_variant(
@@ -223,14 +239,16 @@ def measure_variant(
     dtype = getattr(torch, variant.dtype)
     model = None
     try:
-        gc.collect()
-        peak = _peak_reset(device)
         model = build(dtype).to(device).eval()
         if variant.quantize:
             quantize_module(model, variant.quantize)
         if variant.compile:
             model.compile()
         kwargs = {k: v.to(device) for k, v in inputs(dtype).items()}
+        gc.collect()
+        # From here: what serving holds (the weights as they run) plus the passes' activations,
+        # not the transient copies of building and quantizing.
+        peak = _peak_reset(device)
         with torch.inference_mode():
             start = time.perf_counter()
             model(**kwargs)
@@ -304,15 +322,11 @@ def calibrate(
     )
 
 
-def measure_unet(
-    device: str, device_class: str, *, family: str = "sd15", side: int = 256, steps: int = 3,
-    tiny: bool = False, quant: bool = True, compile: bool = True,
-    dtypes: Sequence[str] = PLAIN_DTYPES, progress: Callable[[Variant], None] | None = None,
-    fp8: bool = False,
-) -> Measurement:
-    """Calibrate with a UNet of ``family``'s shape (random weights): SD1.5's (860M parameters)
-    at ``side``² with CFG batch 2, or with ``tiny`` the tests' tiny UNet. Only SD1.5 shapes are
-    built here; an SDXL-family measurement reuses them (on CPU an SDXL UNet is out of reach)."""
+def unet_case(side: int, tiny: bool = False) -> tuple[
+    str, Callable[[torch.dtype], Any], Callable[[torch.dtype], dict[str, Any]]
+]:
+    """What to measure: a description, a UNet builder (random weights, made in the dtype) and
+    its inputs (CFG batch 2 at ``side``²): SD1.5's shape (860M parameters), or the tiny one."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -328,7 +342,12 @@ def measure_unet(
 
     def build(dtype: torch.dtype) -> Any:
         torch.manual_seed(0)
-        return UNet2DConditionModel.from_config(config).to(dtype)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype if dtype.is_floating_point else old)
+        try:  # made in the dtype: no fp32 copy first
+            return UNet2DConditionModel.from_config(config).to(dtype)
+        finally:
+            torch.set_default_dtype(old)
 
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, side // 8, side // 8, generator=gen)
@@ -338,5 +357,17 @@ def measure_unet(
         return {"sample": latents.to(dtype), "timestep": torch.tensor(500),
                 "encoder_hidden_states": text.to(dtype)}
 
+    return what, build, inputs
+
+
+def measure_unet(
+    device: str, device_class: str, *, family: str = "sd15", side: int = 256, steps: int = 3,
+    tiny: bool = False, quant: bool = True, compile: bool = True,
+    dtypes: Sequence[str] = PLAIN_DTYPES, progress: Callable[[Variant], None] | None = None,
+    fp8: bool = False,
+) -> Measurement:
+    """Calibrate with the UNet of ``unet_case``. Only SD1.5 shapes are built here; an
+    SDXL-family measurement reuses them (on CPU an SDXL UNet is out of reach)."""
+    what, build, inputs = unet_case(side, tiny)
     return calibrate(device_class, family, what, build, inputs, device=device, steps=steps,
                      quant=quant, compile=compile, dtypes=dtypes, progress=progress, fp8=fp8)
