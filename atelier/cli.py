@@ -370,12 +370,39 @@ def models_train_demo(
 
 
 @app.command("devices")
-def devices() -> None:
-    """Show the devices this machine has and the profile a worker would use on each."""
+def devices(
+    measure: bool = typer.Option(False, "--measure", help="Calibrate: time fp32/bf16/int8/"
+                                 "compiled UNet variants here and store the figures."),
+    family: str = typer.Option("sd15", help="Model family the profile (and --measure) is for."),
+    side: int = typer.Option(256, help="--measure: image side in pixels."),
+    tiny: bool = typer.Option(False, help="--measure with the tests' tiny UNet (seconds)."),
+    compile: bool = typer.Option(True, help="--measure: also time torch.compile (minutes)."),
+) -> None:
+    """Show the devices this machine has and the profile a worker would use on each; with
+    --measure, first calibrate the first device (stored beside the data dir)."""
+    from cluster.calibrate import calibration_path, load_calibration
     from cluster.devices import choose_profile, describe_profile, detect_devices
 
+    path = calibration_path(_settings().data_dir)
+    try:
+        calibration = load_calibration(path)
+        if measure:
+            from atelier.measure import measure_first_device
+
+            calibration = measure_first_device(path, calibration, family, side, tiny,
+                                               compile=compile)
+    except AtelierError as exc:
+        raise _fail(exc) from None
     for info in detect_devices():
-        console.print(describe_profile(choose_profile(info)))
+        profile = choose_profile(info, family, compile=True, quantize="int8",
+                                 calibration=calibration)
+        console.print(describe_profile(profile), markup=False)
+        found = calibration.find(profile.device_class, family) if calibration else None
+        if found is not None:
+            from cluster.calibrate import describe_measurement
+
+            console.print(describe_measurement(found), markup=False)
+        console.print(f"(a model that opts into compile and int8; calibration: {path})")
         console.print()
 
 

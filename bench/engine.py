@@ -1,7 +1,8 @@
 """Engine benchmarks on this machine's CPU (a script, not a test): the chosen profile vs naive fp32
 on an SD1.5-shaped UNet, one batched engine call vs separate calls, and fast mode (step caching)
-vs normal, and LoRA adapters (switch cost cached vs first load; 8 jobs in 2 adapter sets batched
-vs one at a time). Prints a table.
+vs normal, LoRA adapters (switch cost cached vs first load; 8 jobs in 2 adapter sets batched
+vs one at a time), and quantization and compile per variant (``--quant``: only those, see
+bench/quant.py). Prints a table.
 
 Run from the repository root: ``.venv/bin/python -m bench.engine [--quick] [--loras-only]``
 (about 3-4 minutes on 2 cores; ``--quick`` about half; ``--loras-only`` under a minute).
@@ -25,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 import torch
 
 from cluster.cache import ModelCache
+from cluster.calibrate import Calibration
 from cluster.devices import DeviceProfile, best_device, choose_profile, describe_profile
 from cluster.engine import BatchItem, Engine
 from cluster.registry import FAMILY_DEFAULTS, Family, ModelRegistry, ModelSpec
@@ -243,10 +245,50 @@ def print_table(rows: list[Row]) -> None:
         print(f"{what:<{widths[0]}}  {variant:<{widths[1]}}  {seconds:>8.3f}  {note}")
 
 
+def quant_main(profile: DeviceProfile, args: argparse.Namespace) -> None:
+    """Side by side in this run: UNet variants, demo variants, then the compiled ones (slowest
+    to build, so last: what finished before a deadline is already printed)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    from bench.quant import (
+        add_compiled,
+        bench_demo_variants,
+        measure_unet_variants,
+        print_measurement,
+        unet_rows,
+    )
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    steps = 2 if args.quick else 3
+    print(f"UNet variants at {args.side}²", flush=True)
+    measured = measure_unet_variants(profile, args.side, steps)
+    print("demo model variants", flush=True)
+    demo = bench_demo_variants(profile, args.demo_n, args.demo_steps, compile=False)
+    if not args.no_compile:
+        print("compiled (inductor)", flush=True)
+        measured = add_compiled(measured, args.side, steps)
+        demo += bench_demo_variants(profile, args.demo_n, args.demo_steps, plain=False)
+    print_measurement(measured)
+    calibrated = choose_profile(best_device(), "sd15", compile=True, quantize="int8",
+                                calibration=Calibration((measured,)))
+    print("profile from this measurement (a model opted into compile and int8):")
+    print("\n".join(f"  - {r}" for r in calibrated.reasons
+                    if r.split()[0] in ("dtype", "quantize", "compile")))
+    print_table(unet_rows(measured) + demo)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~half the time)")
     parser.add_argument("--loras-only", action="store_true", help="only the LoRA benchmarks")
+    parser.add_argument("--quant", action="store_true",
+                        help="only the quantization/compile variants (UNet and demo model)")
+    parser.add_argument("--demo-n", type=int, default=48, help="--quant: demo captions (x8)")
+    parser.add_argument("--demo-steps", type=int, default=20, help="--quant: demo steps")
+    parser.add_argument("--side", type=int, default=256, help="--quant: UNet image side")
+    parser.add_argument("--no-compile", action="store_true", help="--quant: skip compile")
     args = parser.parse_args(argv)
     reps_unet, reps_tiny, reps_sd = (1, 3, 1) if args.quick else (3, 5, 2)
 
@@ -260,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows = bench_loras(tiny_engine(profile, Path(tmp)), Path(tmp), reps_tiny)
         print_table(rows)
+        return
+    if args.quant:
+        quant_main(profile, args)
+        print(f"\ntotal {time.perf_counter() - started:.0f}s")
         return
     rows = bench_dtype(profile, reps_unet)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# GPU check (a few minutes): the device profile Atelier picks for this CUDA GPU and the denoising
-# speed of an SD1.5-shaped model at 512², batch 1 and batch 4. Run from anywhere:
+# GPU check (a few minutes): the device profile Atelier picks for this CUDA GPU, the denoising
+# speed of an SD1.5-shaped model at 512², batch 1 and batch 4, then the calibration variants of
+# its UNet (fp16/bf16, torchao int8 weight-only and dynamic, fp8 on sm89+, torch.compile) with
+# time per step and peak GPU memory, and the profile that calibration makes. Run from anywhere:
 #   bash bench/gpu_check.sh            (PYTHON=/path/to/python to choose the interpreter)
+# The variants need torchao (pip install -e '.[quant]'); without it they are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +25,7 @@ if [[ -z "$PY" ]]; then
     # is reused), then the project. PyPI's Linux torch wheels are CUDA builds.
     echo "gpu_check: making .venv-gpu (pip install -e .)" >&2
     python3 -m venv --system-site-packages .venv-gpu
-    .venv-gpu/bin/pip install -q -e .
+    .venv-gpu/bin/pip install -q -e '.[quant]'
     PY=.venv-gpu/bin/python
     if ! has_cuda "$PY"; then
         echo "gpu_check: torch in .venv-gpu does not see a CUDA device (driver/toolkit mismatch?)" >&2
@@ -80,4 +83,28 @@ for batch in (1, 4):
     rate = denoise_rate(batch)
     print(f"{batch:>5}  {rate:>7.2f}  {rate * batch / STEPS:>22.2f}", flush=True)
 print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+# Calibration variants of the UNet alone (CFG batch 2 at 512²), then the profile they make.
+import importlib.util
+
+from cluster.calibrate import Calibration, describe_measurement, measure_unet, plain_dtypes
+
+del pipe
+torch.cuda.empty_cache()
+quant = importlib.util.find_spec("torchao") is not None
+if not quant:
+    print("\ntorchao is not installed: int8/fp8 variants skipped (pip install -e '.[quant]')")
+fp8 = quant and (info.capability or (0, 0)) >= (8, 9)
+print(f"\ncalibrating {profile.device_class}: UNet variants at 512² "
+      f"(fp8 {'on' if fp8 else 'off: needs sm89+'})", flush=True)
+m = measure_unet(profile.device, profile.device_class, side=512, steps=5, quant=quant, fp8=fp8,
+                 dtypes=plain_dtypes(info.kind, info.bf16),
+                 progress=lambda v: print(f"  done {v.name}", flush=True))
+print(describe_measurement(m))
+chosen = choose_profile(info, "sd15", compile=True, quantize="int8",
+                        calibration=Calibration((m,)))
+print("profile from it (a model opted into compile and int8):")
+for reason in chosen.reasons:
+    if reason.split()[0] in ("dtype", "quantize", "compile"):
+        print(f"  - {reason}")
 EOF

@@ -16,6 +16,7 @@ from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster.calibrate import Calibration
 from cluster.devices import DeviceInfo, DeviceProfile, apply_profile, choose_profile
 from cluster.registry import ModelRegistry, ModelSpec, derive_pipeline, load_pipeline
 from core.request import JobKind
@@ -127,8 +128,10 @@ class ModelCache:
         device_info: DeviceInfo | None = None,
         loader: Loader = load_pipeline,
         offline: bool | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         self.registry = registry
+        self.calibration = calibration  # measured variants choose dtype/quantize/compile
         self.profile = profile
         self.budget_bytes = budget_bytes
         self._info = device_info
@@ -177,7 +180,7 @@ class ModelCache:
             return self.profile
         return choose_profile(
             self._info, spec.family.value, compile=spec.compile, quantize=spec.quantize,
-            fast=spec.fast,
+            fast=spec.fast, calibration=self.calibration,
         )
 
     # Use ---------------------------------------------------------------------------------

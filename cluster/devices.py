@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import torch
 
+    from cluster.calibrate import Calibration, Measurement, Variant
     from cluster.pipelines import Pipeline as DiffusionPipeline
 
 DeviceKind = Literal["cuda", "rocm", "mps", "xpu", "cpu"]
@@ -74,6 +75,7 @@ class DeviceProfile:
     fast: bool
     vram_gb: int | None  # nominal size, as the card is sold
     reasons: list[str] = field(default_factory=list)
+    compile_backend: str = "inductor"  # torch.compile's; tests use "eager" (no C++ build)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -307,16 +309,21 @@ def choose_profile(
     compile: bool = False,
     quantize: str | None = None,
     fast: bool = False,
+    calibration: Calibration | None = None,
 ) -> DeviceProfile:
     """Decide how to run on ``info`` (pure: same input, same profile; nothing is touched).
 
     ``model_family`` (sd15, sdxl, ...) sets the offload thresholds; None assumes SDXL, the
     larger. ``compile``/``quantize``/``fast`` are the model's opt-ins from the registry.
+    With a ``calibration`` that measured this device class and family, the dtype, and the
+    quantization and compile the model opted into, are the fastest measured combination.
     """
     family = (model_family or "sdxl").lower()
     xl = family in XL_FAMILIES
     reasons: list[str] = []
     vram = nominal_gb(info.total_memory) if info.total_memory and info.kind != "cpu" else None
+    device_class = device_class_name(info.kind, info.name, vram)
+    measured = calibration.find(device_class, family) if calibration is not None else None
 
     # dtype
     dtype: DType
@@ -395,26 +402,45 @@ def choose_profile(
             max_pixels, why = _batch_pixels_for(gb)
             reasons.append(why)
 
-    # Per-model opt-ins
+    # Per-model opt-ins, and with a calibration the fastest measured combination
+    backend = info.quant_backends[0] if info.quant_backends else None
+    can_compile = compile and offload != "sequential"
+    winner = (
+        measured.fastest(lambda v: _permitted(v, quantize, backend, can_compile))
+        if measured is not None else None
+    )
+    if measured is not None and winner is not None:
+        dtype = winner.dtype  # type: ignore[assignment]
+        reasons[0] = _measured_dtype_reason(measured, winner)
     do_compile = False
     if compile:
-        if info.kind in ("cpu", "mps"):
-            reasons.append(f"compile skipped: no gain on {info.kind} (measured nothing on CPU)")
-        elif offload == "sequential":
+        if offload == "sequential":
             reasons.append("compile skipped: does not combine with sequential offload")
+        elif measured is not None and winner is not None:
+            do_compile = winner.compile
+            reasons.append(_measured_reason(measured, winner, "compile", winner.compile))
+        elif info.kind in ("cpu", "mps"):
+            reasons.append(
+                f"compile skipped: not measured on {info.kind}; compile only where "
+                "`atelier devices --measure` found it faster"
+            )
         else:
             do_compile = True
             reasons.append("compile on (model opt-in): the first job pays the compile time")
     q: str | None = None
-    backend: str | None = None
     if quantize:
-        if info.quant_backends:
-            q, backend = quantize, info.quant_backends[0]
-            reasons.append(f"quantize {quantize} with {backend} (model opt-in)")
-        else:
+        if backend is None:
             reasons.append(
                 f"quantize {quantize} skipped: neither torchao nor optimum-quanto is installed"
             )
+        elif measured is not None and winner is not None:
+            q = winner.quantize
+            reasons.append(_measured_reason(measured, winner, "quantize", winner.quantize))
+        else:
+            q = quantize
+            reasons.append(f"quantize {quantize} with {backend} (model opt-in, not measured)")
+    if q is None:
+        backend = None
     if fast:
         reasons.append(
             "fast mode on (model opt-in): deep UNet features reused for 2 of every 3 steps"
@@ -427,7 +453,7 @@ def choose_profile(
     return DeviceProfile(
         device=device,
         device_name=info.name,
-        device_class=device_class_name(info.kind, info.name, vram),
+        device_class=device_class,
         dtype=dtype,
         sdpa=sdpa,
         channels_last=channels_last,
@@ -446,6 +472,41 @@ def choose_profile(
     )
 
 
+def _permitted(v: Variant, quantize: str | None, backend: str | None, compile: bool) -> bool:
+    """Whether a measured variant is one the model's opt-ins and this install allow."""
+    if v.quantize and not (quantize and backend == "torchao" and v.quantize.startswith(quantize)):
+        return False
+    return compile or not v.compile
+
+
+def _figures(v: Variant) -> str:
+    mem = f", peak {v.peak_mb:,.0f} MB" if v.peak_mb is not None else ""
+    return f"{v.name} {v.seconds_per_step:.3f} s/step{mem}"
+
+
+def _measured_dtype_reason(m: Measurement, winner: Variant) -> str:
+    plain = [v for v in m.variants if v.ok and not v.quantize and not v.compile]
+    others = "; ".join(_figures(v) for v in plain if v.dtype != winner.dtype)
+    return (f"dtype {winner.dtype}: fastest measured ({_figures(winner)}"
+            f"{'; vs ' + others if others else ''}; {m.shape})")
+
+
+def _measured_reason(m: Measurement, winner: Variant, what: str, chosen: object) -> str:
+    if what == "compile":
+        rivals = [v for v in m.variants if v.ok and v.compile != winner.compile]
+    else:
+        rivals = [v for v in m.variants if v.ok and bool(v.quantize) != bool(winner.quantize)]
+    best = min(rivals, key=lambda v: v.seconds_per_step or 0.0) if rivals else None
+    vs = f" vs {_figures(best)}" if best is not None else ""
+    failed = [v.name for v in m.variants if not v.ok and (v.compile if what == "compile"
+                                                          else v.quantize)]
+    fails = f"; failed here: {', '.join(failed)}" if failed else ""
+    if chosen:
+        label = f"quantize {chosen} with torchao" if what == "quantize" else "compile on"
+        return f"{label}: measured fastest ({_figures(winner)}{vs}){fails}"
+    return f"{what} off (model opt-in): measured slower ({_figures(winner)}{vs}){fails}"
+
+
 def describe_profile(profile: DeviceProfile) -> str:
     """Human-readable profile for ``atelier devices``."""
     mem = f", {profile.vram_gb} GB" if profile.vram_gb else ""
@@ -459,6 +520,7 @@ def describe_profile(profile: DeviceProfile) -> str:
         f"vae          slicing {'on' if profile.vae_slicing else 'off'}, "
         f"tiling {'on' if profile.vae_tiling else 'off'}",
         f"threads      {profile.threads if profile.threads else 'default'}",
+        f"quantize     {profile.quantize or 'none'}, compile {'on' if profile.compile else 'off'}",
         "why:",
         *(f"  - {r}" for r in profile.reasons),
     ]
@@ -499,33 +561,31 @@ def apply_profile(pipe: DiffusionPipeline, profile: DeviceProfile) -> DiffusionP
     else:
         pipe.vae.disable_tiling()
     if profile.quantize and profile.quantize_backend:
-        _quantize_unet(pipe, profile.quantize_backend)
+        _quantize(pipe, profile.quantize, profile.quantize_backend)
     if profile.fast:
         from cluster.stepcache import install_step_cache
 
         install_step_cache(pipe.unet)  # shared by the from_pipe siblings, like the UNet
     if profile.compile:
         # In place, so the img2img/inpaint siblings made by from_pipe share the compiled UNet.
-        pipe.unet.compile()
+        pipe.unet.compile(backend=profile.compile_backend)
     return pipe
 
 
-def _quantize_unet(pipe: DiffusionPipeline, backend: str) -> None:
-    """int8 weight-only quantization of the UNet (where nearly all the weights are)."""
+def _quantize(pipe: DiffusionPipeline, mode: str, backend: str) -> None:
+    """int8 quantization of the UNet (where nearly all the weights are) and the text encoders:
+    weights only ("int8"), or with dynamic int8 activations too ("int8-dynamic", torchao)."""
+    parts = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")]
     if backend == "torchao":
-        from torchao.quantization import quantize_
+        from cluster.calibrate import quantize_module
 
-        try:
-            from torchao.quantization import Int8WeightOnlyConfig
-
-            config: Any = Int8WeightOnlyConfig()
-        except ImportError:  # older torchao
-            from torchao.quantization import int8_weight_only
-
-            config = int8_weight_only()
-        quantize_(pipe.unet, config)
+        for part in parts:
+            if part is not None:
+                quantize_module(part, mode)
     else:
         from optimum.quanto import freeze, qint8, quantize
 
-        quantize(pipe.unet, weights=qint8)
-        freeze(pipe.unet)
+        for part in parts:
+            if part is not None:
+                quantize(part, weights=qint8)
+                freeze(part)

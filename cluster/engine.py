@@ -4,7 +4,9 @@ call with per-image prompts and seeds; images come back as PNGs carrying A1111 i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from cluster.pipelines import Pipeline as DiffusionPipeline
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 CancelledFn = Callable[[], Collection[str]]
@@ -119,6 +123,7 @@ class Engine:
         self.adapters = AdapterCache(cache.registry.adapters, capacity=slots_for(profile.device))
         # Cached schedulers and the VAE tiling switch are per-call state: one batch at a time.
         self._lock = threading.Lock()
+        self.compile_seconds: dict[str, float] = {}  # model -> its first compiled call's time
         if profile.threads:
             torch.set_num_threads(profile.threads)  # process-wide, so once, here
 
@@ -163,7 +168,10 @@ class Engine:
                     gone = _cancelled_now(cancelled)
                     live = [s for s in chunk if s.job_id not in gone]
                     if live:
+                        started = time.perf_counter()
                         images = self._run(pipe, first, live, progress.callback)
+                        if profile.compile and spec.name not in self.compile_seconds:
+                            self._report_compile(spec.name, time.perf_counter() - started)
                         outputs.extend(zip(live, images, strict=True))
 
         # 6. Encode PNGs with the A1111 infotext (generation settings only, nobody's identity).
@@ -174,6 +182,12 @@ class Engine:
         ]
 
     # Steps ------------------------------------------------------------------------------
+
+    def _report_compile(self, model: str, seconds: float) -> None:
+        """Once per model: its first compiled call, which includes torch.compile's work
+        (less when inductor's on-disk cache already holds the kernels)."""
+        self.compile_seconds[model] = seconds
+        log.info("compiled UNet of %s: first call took %.1f s, compile included", model, seconds)
 
     def _with_defaults(self, item: BatchItem) -> BatchItem:
         if not item.request.unresolved:

@@ -21,6 +21,7 @@ from ray._private import ray_constants
 
 from cluster.availability import loadable_models
 from cluster.cache import ModelCache, default_budget_bytes, describe_cache
+from cluster.calibrate import calibration_path, load_calibration
 from cluster.devices import DeviceInfo, DeviceProfile, best_device, choose_profile, detect_devices
 from cluster.engine import (
     BatchItem,
@@ -303,7 +304,9 @@ class WorkerActor:
                 config, info = self._config, self._info
                 budget = default_budget_bytes(info) if info is not None else 8 * 2**30
                 registry = ModelRegistry.load(config)
-                cache = ModelCache(registry, self._profile, budget, device_info=info)
+                calibration = load_calibration(calibration_path(config.data_dir))
+                cache = ModelCache(registry, self._profile, budget, device_info=info,
+                                   calibration=calibration)
                 path = config.blocklist_file
                 blocklist = Blocklist.load(path) if path is not None else None
                 self._engine = Engine(cache, profile=self._profile, blocklist=blocklist)
