@@ -126,7 +126,7 @@ async def test_atelier_up_rides_out_a_postgresql_restart(
 ) -> None:
     settings = load_settings(
         data_dir=tiny_models.data_dir, database_url=pg.url, web_listen="127.0.0.1:0",
-        metrics={"port": 0, "check_timeout_s": 2.0}, _env_file=None,
+        metrics={"port": 0, "check_timeout_s": 2.0, "on_web_port": True}, _env_file=None,
     )
     async with local_stack(settings, pacing=PACING) as stack, serve_web(stack) as web_url:
         assert stack.metrics is not None
