@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import select
 import shlex
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from PIL import Image
 
 from cluster.hub import UNREACHABLE
+from tests.atelier.helpers import wait_for_line
 from tests.cluster.fake_hub import closed_port_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,24 +69,6 @@ def _new_user_env(data_dir: Path, hf_home: Path) -> dict[str, str]:
         "ATELIER_WEB_LISTEN": "127.0.0.1:0",  # any free port: tests run side by side
     }
     return env
-
-
-def _wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> str:
-    assert proc.stdout is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            seen.append(line)
-            if needle in line:
-                return "".join(seen)
-        elif proc.poll() is not None:
-            break
-    pytest.fail(f"`atelier up` never printed {needle!r} in {timeout}s; output:\n{''.join(seen)}")
 
 
 def _made_images(done: subprocess.CompletedProcess[str], want: int, cwd: Path) -> list[Path]:
@@ -154,7 +136,7 @@ def test_a_new_user_without_the_hub_gets_pictures(tmp_path: Path) -> None:
     out_dir = tmp_path / "demo"
     prompts = [_start(_argv(command, out_dir), env, tmp_path) for command in demo[1:]]
     try:
-        banner = _wait_for_line(up, "Ctrl-C stops it", timeout=UP_TIMEOUT_S)
+        banner = "".join(wait_for_line(up, "Ctrl-C stops it", timeout=UP_TIMEOUT_S))
         # Hub models are missing, and why; the default falls back to the demo model, saying so.
         assert f"sd15: not available ({UNREACHABLE}); " in banner, banner
         assert f"sdxl: not available ({UNREACHABLE}); " in banner, banner

@@ -4,11 +4,9 @@ service command, over a private Redis, a SQLite store, a local Ray and the tiny 
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +17,7 @@ from atelier.serve import DEMO_EXAMPLE
 from cluster.demo.scenes import Scene, Shape
 from cluster.demo.score import score
 from cluster.tiny import make_tiny_models
+from tests.atelier.helpers import wait_for_line
 
 ATELIER = [sys.executable, "-c", "from atelier.cli import app; app()"]
 
@@ -38,24 +37,6 @@ def _env(data_dir: Path, redis_url: str) -> dict[str, str]:
     return env
 
 
-def _wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> list[str]:
-    assert proc.stdout is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            seen.append(line)
-            if needle in line:
-                return seen
-        elif proc.poll() is not None:
-            break
-    pytest.fail(f"`atelier up` never printed {needle!r}; output:\n{''.join(seen)}")
-
-
 @pytest.mark.slow
 def test_atelier_up_serves_a_job_from_another_process(tmp_path: Path, redis_url: str) -> None:
     data_dir = tmp_path / "data"
@@ -68,7 +49,7 @@ def test_atelier_up_serves_a_job_from_another_process(tmp_path: Path, redis_url:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        banner = "".join(_wait_for_line(up, "Ctrl-C stops it", timeout=150))
+        banner = "".join(wait_for_line(up, "Ctrl-C stops it", timeout=150))
         assert "broker: redis" in banner and "workers: cpu" in banner, banner
         web_url = next(w for w in banner.split() if w.startswith("http://127.0.0.1:"))
         assert httpx.get(f"{web_url}/healthz", timeout=10).json() == {"status": "ok"}
