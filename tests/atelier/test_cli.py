@@ -2,20 +2,11 @@
 
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from atelier.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("ATELIER_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("ATELIER_DATABASE_URL", raising=False)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    return tmp_path
 
 
 def test_unmigrated_database_is_refused(env: Path) -> None:

@@ -14,14 +14,6 @@ from storage.models import CreditLedger
 runner = CliRunner()
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("ATELIER_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("ATELIER_DATABASE_URL", raising=False)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    return tmp_path
-
-
 def test_prune_removes_old_rows_and_keeps_the_balance(env: Path) -> None:
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
     engine = make_engine(f"sqlite:///{env / 'atelier.db'}")

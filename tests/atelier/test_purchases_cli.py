@@ -3,7 +3,6 @@
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from atelier.cli import app
@@ -12,14 +11,6 @@ from storage import accounts, purchases
 from storage.db import make_engine, session_factory, transaction
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("ATELIER_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("ATELIER_DATABASE_URL", raising=False)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    return tmp_path
 
 
 def test_set_tier_and_list_purchases(env: Path) -> None:
