@@ -305,7 +305,7 @@ def models_make_tiny(
     """Build tiny random-weight pipelines offline (for tests and trying Atelier without a GPU)."""
     from pathlib import Path
 
-    from cluster.tiny import TINY_MODEL_DIRS, make_tiny, make_tiny_models
+    from engine.tiny import TINY_MODEL_DIRS, make_tiny, make_tiny_models
 
     settings = _settings()
     quiet_ml_libraries()
@@ -349,8 +349,8 @@ def models_train_demo(
 
     import torch
 
-    from cluster.demo.train import Recipe, train_demo
     from cluster.registry import DEMO_MODEL_DIR
+    from engine.demo.train import Recipe, train_demo
 
     quiet_ml_libraries()
     if device == "auto":
@@ -380,8 +380,8 @@ def devices(
 ) -> None:
     """Show the devices this machine has and the profile a worker would use on each; with
     --measure, first calibrate the first device (stored beside the data dir)."""
-    from cluster.calibrate import calibration_path, load_calibration
-    from cluster.devices import choose_profile, describe_profile, detect_devices
+    from engine.calibrate import calibration_path, load_calibration
+    from engine.devices import choose_profile, describe_profile, detect_devices
 
     path = calibration_path(_settings().data_dir)
     try:
@@ -399,7 +399,7 @@ def devices(
         console.print(describe_profile(profile), markup=False)
         found = calibration.find(profile.device_class, family) if calibration else None
         if found is not None:
-            from cluster.calibrate import describe_measurement
+            from engine.calibrate import describe_measurement
 
             console.print(describe_measurement(found), markup=False)
         console.print(f"(a model that opts into compile and int8; calibration: {path})")

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from atelier.wiring import console, quiet_ml_libraries
-from cluster.calibrate import (
+from engine.calibrate import (
     Calibration,
     Variant,
     measure_unet,
     plain_dtypes,
     save_calibration,
 )
-from cluster.devices import best_device, choose_profile
+from engine.devices import best_device, choose_profile
 
 
 def measure_first_device(

@@ -344,7 +344,7 @@ def _worker(settings: Settings, address: str, node_ip: str | None) -> None:
 
     from atelier.service import device_resources
     from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX
-    from cluster.worker import spawn_worker
+    from engine.actor import spawn_worker
 
     con: Console = console  # type: ignore[assignment]
     profiles = local_profiles()

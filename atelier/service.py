@@ -102,13 +102,14 @@ def make_dispatcher(
     """A dispatcher over ``workers`` with the settings' batching and retries, and autoscaling
     when ``ATELIER_AUTOSCALE__ENABLED`` (``profile_for``: fake devices for its workers, tests)."""
     from cluster.autoscale import Autoscaler
+    from engine.actor import spawn_worker
     from storage.blobs import BlobStore
 
     autoscaler = None
     if settings.autoscale.enabled:
         autoscaler = Autoscaler(
             settings.autoscale, worker_config=settings.worker_config(),
-            prefix=WORKER_NAME_PREFIX, profile_for=profile_for,
+            prefix=WORKER_NAME_PREFIX, profile_for=profile_for, spawn=spawn_worker,
         )
     return Dispatcher(
         dispatch=settings.dispatch, sessions=sessions, broker=broker,
@@ -146,7 +147,7 @@ def default_name() -> str:
 
 def local_profiles() -> list[Any]:
     """One DeviceProfile per local device: each GPU, or the CPU when there is none."""
-    from cluster.devices import choose_profile, detect_devices
+    from engine.devices import choose_profile, detect_devices
 
     infos = detect_devices()
     accelerators = [i for i in infos if i.kind != "cpu"]
@@ -155,7 +156,7 @@ def local_profiles() -> list[Any]:
 
 def device_resources(profiles: list[Any]) -> dict[str, float]:
     """The ``device:<class>`` Ray resources a node offers for ``profiles``: one slot each."""
-    from cluster.worker import device_resource
+    from cluster.contract import device_resource
 
     resources: dict[str, float] = {}
     for p in profiles:
@@ -192,7 +193,8 @@ async def local_stack(
     The dispatcher is supervised: an unexpected end is logged and it starts again."""
     import ray
 
-    from cluster.worker import init_local_ray, spawn_worker
+    from cluster.contract import init_local_ray
+    from engine.actor import spawn_worker
 
     # 1. Store: refuse an un-migrated database (the message says to run `atelier db upgrade`).
     with open_db(settings) as (db, sessions):

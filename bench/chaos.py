@@ -67,7 +67,7 @@ class Config:
 def _models(data: Path) -> Path:
     """The tiny models, and a models file that adds "tiny-broken" (corrupt UNet weights: every
     worker fails to load it, so its jobs are poison) and makes "tiny" the default."""
-    from cluster.tiny import make_tiny_models
+    from engine.tiny import make_tiny_models
 
     paths = make_tiny_models(data / "models", seed=0)
     broken = data / "tiny-broken"
@@ -83,7 +83,7 @@ def _models(data: Path) -> Path:
 
 
 def _profile() -> Any:
-    from cluster.devices import DeviceInfo, choose_profile
+    from engine.devices import DeviceInfo, choose_profile
 
     info = DeviceInfo(kind="cpu", name="chaos CPU", total_memory=16 * 2**30, cores=1,
                       logical_cpus=1)

@@ -199,7 +199,7 @@ class RayNodes:
         return str(self.cluster.address)
 
     def add_node(self, i: int) -> None:
-        from cluster.worker import device_resource
+        from cluster.contract import device_resource
 
         self.nodes[i] = self.cluster.add_node(
             node_ip_address=LOOPBACK, num_cpus=1,
@@ -222,8 +222,9 @@ class RayNodes:
     def spawn(self, i: int) -> Worker:
         import ray
 
+        from cluster.contract import device_resource
         from cluster.dispatcher import WORKER_NAME_PREFIX
-        from cluster.worker import device_resource, spawn_worker
+        from engine.actor import spawn_worker
 
         with self.lock:
             self.generation += 1

@@ -1,6 +1,6 @@
 """Adherence of the demo model (a script, not a test): held-out captions (a seed the training
 never used), each drawn through the real Diffusers pipeline loaded from the model folder, read
-back by the scorer (``cluster.demo.score``); a table per attribute and per rendering.
+back by the scorer (``engine.demo.score``); a table per attribute and per rendering.
 Goals: background >= 95%, shape colour >= 90%, shape kind >= 80%, position >= 80%; ``axis``
 (not a goal) says how many two-shape pictures have their shapes along the asked axis.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.demo.quality import GOALS, adherence, at_sides, held_out
-from cluster.demo.score import AXIS
+from engine.demo.quality import GOALS, adherence, at_sides, held_out
+from engine.demo.score import AXIS
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "cluster" / "data" / "demo"
 

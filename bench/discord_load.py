@@ -44,11 +44,12 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     from bots.discord.fake.server import TOKEN, FakeDiscord, Interaction
     from bots.discord.run import start_bot
     from cluster.broker_redis import RedisBroker
+    from cluster.contract import init_local_ray
     from cluster.placement import WorkerPool
     from cluster.registry import ModelRegistry
-    from cluster.tiny import make_tiny_models
-    from cluster.worker import init_local_ray, spawn_worker
     from core.settings import load_settings
+    from engine.actor import spawn_worker
+    from engine.tiny import make_tiny_models
     from storage.db import upgrade
 
     # 1. The stack: tiny models, Ray worker(s), store, broker, dispatcher, fake Discord, bot.

@@ -25,14 +25,15 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 
 import torch
 
-from cluster.cache import ModelCache
-from cluster.calibrate import Calibration
-from cluster.devices import DeviceProfile, best_device, choose_profile, describe_profile
-from cluster.engine import BatchItem, Engine
+from cluster.contract import BatchItem
 from cluster.registry import FAMILY_DEFAULTS, Family, ModelRegistry, ModelSpec
-from cluster.tiny import SD15_UNET, build_sd15_shaped_pipeline, make_tiny_lora, make_tiny_models
 from core.request import GenerationRequest
 from core.settings import load_settings
+from engine.cache import ModelCache
+from engine.calibrate import Calibration
+from engine.devices import DeviceProfile, best_device, choose_profile, describe_profile
+from engine.engine import Engine
+from engine.tiny import SD15_UNET, build_sd15_shaped_pipeline, make_tiny_lora, make_tiny_models
 
 PROMPTS = ("a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a castle on a hill")
 Row = tuple[str, str, float, str]  # benchmark, variant, seconds, note

@@ -44,8 +44,14 @@ if not torch.cuda.is_available():
 
 from diffusers.utils import logging as diffusers_logging
 
-from cluster.devices import apply_profile, best_device, choose_profile, describe_profile, detect_devices
-from cluster.tiny import build_sd15_shaped_pipeline
+from engine.devices import (
+    apply_profile,
+    best_device,
+    choose_profile,
+    describe_profile,
+    detect_devices,
+)
+from engine.tiny import build_sd15_shaped_pipeline
 
 diffusers_logging.set_verbosity_error()
 info = best_device(detect_devices())
@@ -87,7 +93,7 @@ print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 # Calibration variants of the UNet alone (CFG batch 2 at 512²), then the profile they make.
 import importlib.util
 
-from cluster.calibrate import Calibration, describe_measurement, measure_unet, plain_dtypes
+from engine.calibrate import Calibration, describe_measurement, measure_unet, plain_dtypes
 
 del pipe
 torch.cuda.empty_cache()

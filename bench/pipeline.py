@@ -42,21 +42,21 @@ from atelier.service import make_client, make_dispatcher, open_db
 from cluster import keys
 from cluster.broker import connect_broker
 from cluster.broker_redis import RedisBroker
-from cluster.cache import ModelCache
 from cluster.client import Client
-from cluster.devices import DeviceProfile, best_device, choose_profile, detect_devices
+from cluster.contract import BatchItem, device_resource, init_local_ray, run_batch
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher
-from cluster.engine import BatchItem
 from cluster.events import EventKind
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_sd15_shaped, make_tiny_models
-from cluster.worker import WORKER_ENV, device_resource, init_local_ray, run_batch, spawn_worker
 from core.jobs import DeliveryTarget, Requester
 from core.prompts import default_blocklist, prepare_prompt
 from core.request import GenerationRequest
 from core.settings import Settings, Tier, load_settings
 from core.styles import default_registry
+from engine.actor import WORKER_ENV, spawn_worker
+from engine.cache import ModelCache
+from engine.devices import DeviceProfile, best_device, choose_profile, detect_devices
+from engine.tiny import make_sd15_shaped, make_tiny_models
 from storage.db import upgrade
 
 STEPS = 4

@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.calibrate import (
+from core.prompts import Blocklist, prepare_prompt
+from core.request import GenerationRequest
+from core.styles import default_registry
+from engine.calibrate import (
     Measurement,
     Variant,
     describe_measurement,
@@ -21,13 +24,10 @@ from cluster.calibrate import (
     measure_variant,
     unet_case,
 )
-from cluster.demo.quality import GOALS, Case, held_out, load
-from cluster.demo.score import score
-from cluster.devices import DeviceProfile, apply_profile
-from cluster.engine import token_counter
-from core.prompts import Blocklist, prepare_prompt
-from core.request import GenerationRequest
-from core.styles import default_registry
+from engine.demo.quality import GOALS, Case, held_out, load
+from engine.demo.score import score
+from engine.devices import DeviceProfile, apply_profile
+from engine.engine import token_counter
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "cluster" / "data" / "demo"
 Row = tuple[str, str, float, str]

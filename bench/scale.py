@@ -33,15 +33,15 @@ from ray.cluster_utils import Cluster
 
 from atelier.service import make_client, make_dispatcher, open_db
 from cluster.broker_memory import MemoryBroker
-from cluster.devices import DeviceInfo, choose_profile
 from cluster.dispatcher import RAY_NAMESPACE, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_tiny_models
-from cluster.worker import spawn_worker
 from core.jobs import DeliveryTarget, Requester
 from core.request import GenerationRequest
 from core.settings import Tier, load_settings
+from engine.actor import spawn_worker
+from engine.devices import DeviceInfo, choose_profile
+from engine.tiny import make_tiny_models
 from storage.db import upgrade
 
 

@@ -26,8 +26,8 @@ from bench.pipeline import TINY, TINY_SIDE, delivery, request, requester
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_tiny_models
 from core.settings import Tier, load_settings
+from engine.tiny import make_tiny_models
 from storage.db import upgrade
 
 

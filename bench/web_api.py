@@ -32,14 +32,15 @@ import uvicorn
 
 from cluster.broker import connect_broker
 from cluster.client import Client
+from cluster.contract import init_local_ray
 from cluster.dispatcher import Dispatcher
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_tiny_models
-from cluster.worker import init_local_ray, spawn_worker
 from core.jobs import DeliveryTarget, Requester
 from core.request import GenerationRequest
 from core.settings import Tier, load_settings
+from engine.actor import spawn_worker
+from engine.tiny import make_tiny_models
 from storage import accounts, apikeys
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, transaction, upgrade

@@ -1,4 +1,3 @@
-"""Everything that runs jobs: broker, client, dispatcher, workers, engine, devices, models.
-
-Kept import-light on purpose: front ends import the client and broker without torch.
-"""
+"""The job flow: broker, client, dispatcher, batch run, placement, settling, reconcile, autoscale,
+events, keys, and the vocabulary it shares with the engine (the model catalogue and availability,
+device classes, the worker contract). Never imports torch, Diffusers or the ``engine`` package."""

@@ -29,10 +29,10 @@ from typing import Any
 
 from cluster import keys
 from cluster.broker import Broker
-from cluster.devices import class_memory_gb
+from cluster.contract import HOST_CLASSES, device_resource
+from cluster.device_classes import class_memory_gb
 from cluster.placement import WorkerPool
 from cluster.registry import ModelSpec
-from cluster.worker import HOST_CLASSES, device_resource
 from core import metrics
 from core.errors import ConfigError
 from core.settings import Autoscale, WorkerConfig
@@ -166,9 +166,13 @@ class Autoscaler:
         free_slots: Callable[[], Mapping[str, float]] = _free_slots,
         profile_for: Callable[[str], Any] | None = None,
         spawn_timeout_s: float = 120.0,
+        spawn: Callable[..., Any] | None = None,
     ) -> None:
         """``profile_for(device_class)``: a DeviceProfile for workers started here (tests
-        describe fake devices); None lets each worker detect its own device."""
+        describe fake devices); None lets each worker detect its own device. ``spawn``: how a
+        worker is started (``engine.actor.spawn_worker``, passed in by the composition root so
+        that the job side never imports the engine); None: this autoscaler only asks Ray for
+        nodes and starts no worker itself."""
         self.config = config
         self.worker_config = worker_config
         self.prefix = prefix
@@ -176,6 +180,7 @@ class Autoscaler:
         self._free_slots = free_slots
         self._profile_for = profile_for
         self.spawn_timeout_s = spawn_timeout_s
+        self._spawn_worker = spawn
         self.memory_gb = class_memory(config)
         self.wanted: dict[str, int] | None = None  # as last requested
         self.started: dict[str, Any] = {}  # worker id -> handle, workers this dispatcher started
@@ -286,8 +291,10 @@ class Autoscaler:
                     self._idle_since[joined.worker_id] = time.monotonic()
 
     def _spawn(self, device_class: str) -> Any:
-        from cluster.worker import spawn_worker
-
+        spawn_worker = self._spawn_worker
+        if spawn_worker is None:
+            log.warning("autoscale: no way to start a %s worker was given", device_class)
+            return None
         profile = self._profile_for(device_class) if self._profile_for is not None else None
         name = f"{self.prefix}-{device_class}-{uuid.uuid4().hex[:8]}"
         try:

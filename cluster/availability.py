@@ -86,7 +86,7 @@ def model_availability(spec: ModelSpec, *, offline: bool | None = None) -> Model
             return ModelAvailability(spec.name, Availability.file)
         return ModelAvailability(spec.name, Availability.missing, "its checkpoint file does "
                                  "not exist", how_to_get(spec))
-    if _registry._hub_cached(str(spec.repo)):
+    if _registry.hub_cached(str(spec.repo)):
         return ModelAvailability(spec.name, Availability.cached)
     if hub_offline() if offline is None else offline:
         return ModelAvailability(
@@ -143,7 +143,7 @@ def adapter_availability(spec: AdapterSpec, *, offline: bool | None = None) -> M
             return ModelAvailability(spec.name, Availability.file)
         return ModelAvailability(spec.name, Availability.missing, "its file does not exist",
                                  spec.how_to_get())
-    if _registry._hub_cached(spec.repo, spec.file):
+    if _registry.hub_cached(spec.repo, spec.file):
         return ModelAvailability(spec.name, Availability.cached)
     if not (hub_offline() if offline is None else offline):
         return ModelAvailability(spec.name, Availability.downloadable)

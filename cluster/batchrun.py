@@ -18,12 +18,11 @@ from typing import Any
 from sqlmodel import Session
 
 from cluster.broker import Broker, BrokerUnavailable
-from cluster.engine import GenerationCancelled, ImageResult
+from cluster.contract import GenerationCancelled, ImageResult, WorkerFailed, WorkerLost, run_batch
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool, WorkerSlot
 from cluster.registry import ModelLoadError
 from cluster.settling import Held, Settler
-from cluster.worker import WorkerFailed, WorkerLost, run_batch
 from core import metrics
 from core.errors import (
     ContentBlocked,

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cluster.broker import Broker
+from cluster.contract import HOST_CLASSES, WorkerInfo, WorkerLost
 from cluster.registry import ModelSpec
-from cluster.worker import HOST_CLASSES, WorkerInfo, WorkerLost
 
 log = logging.getLogger(__name__)
 

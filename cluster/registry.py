@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,16 +21,10 @@ from cluster.adapters import (
     parse_adapter_tables,
     resolve_adapters,
 )
-from cluster.hub import UNREACHABLE, hub_endpoint, hub_reachable
 from core.adapters import AdapterRef
 from core.errors import AtelierError, ConfigError, InvalidRequest, ModelUnavailable
-from core.request import JobKind, ModelDefaults, canonical_scheduler
+from core.request import ModelDefaults, canonical_scheduler
 from core.settings import Settings, WorkerConfig
-
-if TYPE_CHECKING:
-    import torch
-
-    from cluster.pipelines import Pipeline as DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +390,7 @@ class ModelRegistry:
 # The hub cache (what cluster/availability.py asks too) -----------------------------------------
 
 
-def _hub_cached(repo: str, filename: str = "model_index.json") -> bool:
+def hub_cached(repo: str, filename: str = "model_index.json") -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo, filename), str)
@@ -405,34 +399,34 @@ def _hub_cached(repo: str, filename: str = "model_index.json") -> bool:
 # Loading -------------------------------------------------------------------------------------
 
 
-def _cause(exc: BaseException, limit: int = 240) -> str:
+def cause_of(exc: BaseException, limit: int = 240) -> str:
     text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _where(spec: ModelSpec) -> str:
+def where_to_set(spec: ModelSpec) -> str:
     return f"under [models.{spec.name}] in your models.toml ({MODELS_FILE_VARIABLE})"
 
 
-def _fix_download(spec: ModelSpec) -> str:
-    return f'Download it elsewhere and set path = "/models/{spec.name}" {_where(spec)}'
+def fix_download(spec: ModelSpec) -> str:
+    return f'Download it elsewhere and set path = "/models/{spec.name}" {where_to_set(spec)}'
 
 
-def _fix_location(spec: ModelSpec) -> str:
+def fix_location(spec: ModelSpec) -> str:
     return (
         "Point path (a Diffusers folder) or file (a .safetensors/.ckpt checkpoint) "
-        f"{_where(spec)} at a copy that exists"
+        f"{where_to_set(spec)} at a copy that exists"
     )
 
 
-def _fix_broken(spec: ModelSpec) -> str:
+def fix_broken(spec: ModelSpec) -> str:
     return (
         "The files may be incomplete or corrupt: fetch them again, or point path "
-        f"{_where(spec)} at a good copy"
+        f"{where_to_set(spec)} at a good copy"
     )
 
 
-def _settable(spec: ModelSpec, what: str) -> str:
+def settable(spec: ModelSpec, what: str) -> str:
     return f"set {what} under [models.{spec.name}] in your models.toml ({MODELS_FILE_VARIABLE})"
 
 
@@ -440,236 +434,32 @@ def how_to_get(spec: ModelSpec) -> str:
     """One line on how to make ``spec`` available (no server path: a person may read it)."""
     if spec.source == "repo":
         fix = (f"run `huggingface-cli download {spec.repo}` on a box with network and copy its "
-               f"Hugging Face cache here, or {_settable(spec, 'path to a downloaded copy')}")
+               f"Hugging Face cache here, or {settable(spec, 'path to a downloaded copy')}")
     elif spec.source == "path":
-        fix = _settable(spec, "path to a Diffusers folder that exists")
+        fix = settable(spec, "path to a Diffusers folder that exists")
     else:
-        fix = _settable(spec, "file to a .safetensors/.ckpt checkpoint that exists")
+        fix = settable(spec, "file to a .safetensors/.ckpt checkpoint that exists")
     if spec.hint:  # a model's own remedy (how the tiny models are built) comes first
         fix = f"{spec.hint}, or {fix}"
     return fix
 
 
-def _unavailable(
+def unavailable(
     spec: ModelSpec, why: str, operator_why: str, fix: str, how: str | None = None
 ) -> ModelUnavailable:
     """A load failure no retry can mend: the person's line (``why``, how to get it) and the
     operator's (``operator_why`` with paths, and the fix) as its detail."""
     return ModelUnavailable(
         f"model '{spec.name}' is not available: {why}. To get it: {how or how_to_get(spec)}",
-        detail=_fail(spec, operator_why, fix).message, model=spec.name,
+        detail=load_failure(spec, operator_why, fix).message, model=spec.name,
     )
 
 
-def _lower_first(text: str) -> str:
+def lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _fail(spec: ModelSpec, why: str, fix: str) -> ModelLoadError:
+def load_failure(spec: ModelSpec, why: str, fix: str) -> ModelLoadError:
     if spec.hint:  # a model's own remedy (e.g. how the tiny models are built) comes first
-        fix = f"{spec.hint[0].upper()}{spec.hint[1:]}, or {_lower_first(fix)}"
+        fix = f"{spec.hint[0].upper()}{spec.hint[1:]}, or {lower_first(fix)}"
     return ModelLoadError(spec.name, f"model '{spec.name}' could not be loaded: {why}. {fix}")
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def load_pipeline(
-    spec: ModelSpec,
-    *,
-    torch_dtype: torch.dtype,
-    device: str | torch.device | None = None,
-    offline: bool | None = None,
-) -> DiffusionPipeline:
-    """Load ``spec`` as its text-to-image pipeline in ``torch_dtype`` (on ``device`` if given).
-
-    ``offline`` defaults to HF_HUB_OFFLINE. A repo already in the local hub cache never touches
-    the network. A failure no retry can mend (missing files, not cached offline, wrong family,
-    not a pipeline) is a ModelUnavailable; any other is a ModelLoadError (naming the model, the
-    cause and the fix), which another try or another worker may not meet.
-    """
-    offline = _hub_offline() if offline is None else offline
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if spec.variant:
-        kwargs["variant"] = spec.variant
-    if not spec.family.is_xl and not spec.safety_checker:
-        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
-
-    if spec.source == "file":
-        pipe = _load_single_file(spec, kwargs, offline)
-    elif spec.source == "path":
-        pipe = _load_folder(spec, kwargs)
-    else:
-        pipe = _load_repo(spec, kwargs, offline)
-
-    expected = spec.family.pipeline_class
-    if type(pipe).__name__ != expected:
-        why = (f"it is a {type(pipe).__name__}, but its family {spec.family.value!r} expects a "
-               f"{expected}")
-        raise _unavailable(spec, why, why, f"Set family to the right one {_where(spec)}",
-                           how=_settable(spec, "family to the right one"))
-    if device is not None:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _load_folder(spec: ModelSpec, kwargs: dict[str, Any]) -> DiffusionPipeline:
-    import diffusers
-
-    folder = Path(str(spec.path))
-    if not folder.is_dir():
-        raise _unavailable(spec, "its folder does not exist", f"folder {folder} does not exist",
-                           _fix_location(spec))
-    if not (folder / "model_index.json").is_file():
-        raise _unavailable(
-            spec,
-            "its folder has no model_index.json, so it is not a Diffusers pipeline",
-            f"folder {folder} has no model_index.json, so it is not a Diffusers pipeline folder",
-            f"For a single .safetensors/.ckpt checkpoint set file = ... {_where(spec)}",
-        )
-    try:
-        return diffusers.AutoPipelineForText2Image.from_pretrained(
-            str(folder), local_files_only=True, **kwargs
-        )
-    except Exception as exc:  # any library error becomes one clear message
-        raise _fail(spec, _cause(exc), _fix_broken(spec)) from exc
-
-
-def _load_repo(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) -> DiffusionPipeline:
-    import diffusers
-
-    repo = str(spec.repo)
-    auto = diffusers.AutoPipelineForText2Image
-    if _hub_cached(repo):
-        try:
-            return auto.from_pretrained(repo, local_files_only=True, **kwargs)
-        except Exception as exc:
-            if offline:
-                raise _unavailable(
-                    spec,
-                    "it is only partly in the Hugging Face cache and the hub is offline",
-                    f"{repo!r} is only partly in the local Hugging Face cache and there is no "
-                    f"network ({_cause(exc)})",
-                    _fix_download(spec),
-                ) from exc
-            log.info("model %r: cached copy incomplete (%s); downloading", spec.name, exc)
-    elif offline:
-        raise _unavailable(
-            spec,
-            "it is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)",
-            f"{repo!r} is not in the local Hugging Face cache and there is no network",
-            _fix_download(spec),
-        )
-    # What no retry mends (no hub here, no such repo, gated, no token) fails at once, in one
-    # line: a bounded probe first, then the pipeline's index alone, before any weights.
-    if not hub_reachable():
-        raise _unavailable(spec, UNREACHABLE, f"{UNREACHABLE} ({hub_endpoint()})",
-                           _fix_download(spec))
-    try:
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(repo, "model_index.json")
-        return auto.from_pretrained(repo, **kwargs)
-    except Exception as exc:
-        why = hub_refusal(exc)
-        if why is not None:
-            raise _unavailable(spec, why, f"{repo!r}: {why} ({_cause(exc)})",
-                               _fix_download(spec)) from exc
-        raise _fail(
-            spec,
-            f"{repo!r} could not be downloaded from the Hugging Face hub ({_cause(exc)})",
-            _fix_download(spec),
-        ) from exc
-
-
-def hub_refusal(exc: BaseException) -> str | None:
-    """Why a download failed for good (the repo is not there, gated, refused without a token, or
-    the hub does not answer), read from ``exc`` and the errors it came from (Diffusers wraps the
-    hub's own in an OSError); None for a failure another try may not meet."""
-    from huggingface_hub import errors as hub
-
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, hub.GatedRepoError):
-            return ("it is gated on the Hugging Face hub: accept its terms there and set "
-                    "HF_TOKEN to a token of that account")
-        if isinstance(cause, hub.RepositoryNotFoundError | hub.RevisionNotFoundError):
-            return ("the Hugging Face hub has no such repo (or it is private: set HF_TOKEN to a "
-                    "token that may read it)")
-        if isinstance(cause, hub.OfflineModeIsEnabled | hub.LocalEntryNotFoundError):
-            return UNREACHABLE
-        if isinstance(cause, hub.EntryNotFoundError):
-            return ("its Hugging Face repo lacks a file a Diffusers pipeline needs "
-                    "(model_index.json or the weights of its variant)")
-        status = getattr(getattr(cause, "response", None), "status_code", None)
-        if isinstance(cause, hub.HfHubHTTPError) and status in (401, 403):
-            return ("the Hugging Face hub refused it without a token that may read it "
-                    f"(HTTP {status}): set HF_TOKEN")
-        if isinstance(cause, ConnectionError) or _no_connection(cause):
-            return UNREACHABLE
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
-def _no_connection(exc: BaseException) -> bool:
-    """A network error of httpx, its fork httpx2 (huggingface_hub's) or requests: no answer."""
-    return any(
-        c.__module__.split(".")[0] in ("httpx", "httpx2", "requests")
-        and c.__name__ in ("NetworkError", "TimeoutException", "ConnectionError")
-        for c in type(exc).__mro__
-    )
-
-
-def _load_single_file(spec: ModelSpec, kwargs: dict[str, Any], offline: bool) -> DiffusionPipeline:
-    import diffusers
-
-    path = Path(str(spec.file))
-    if not path.is_file():
-        raise _unavailable(spec, "its checkpoint file does not exist",
-                           f"file {path} does not exist", _fix_location(spec))
-    cls = (
-        diffusers.StableDiffusionXLPipeline
-        if spec.family.is_xl
-        else diffusers.StableDiffusionPipeline
-    )
-    extra = {"config": spec.config} if spec.config else {}
-    # A single file has no variants; the file is what it is.
-    kwargs = {k: v for k, v in kwargs.items() if k != "variant"}
-    try:
-        return cls.from_single_file(str(path), local_files_only=offline, **extra, **kwargs)
-    except Exception as exc:
-        fix = _fix_broken(spec)
-        if offline and not spec.config and "config" in str(exc).lower():
-            # Offline, Diffusers cannot fetch the component configs a checkpoint lacks.
-            fix = (
-                "Offline, a single-file checkpoint also needs its component configs: set "
-                f"config = a Diffusers folder of the same family {_where(spec)}, "
-                f"or {_lower_first(fix)}"
-            )
-        raise _fail(spec, f"{path.name}: {_cause(exc)}", fix) from exc
-
-
-def derive_pipeline(t2i: DiffusionPipeline, kind: JobKind) -> DiffusionPipeline:
-    """The pipeline for ``kind`` sharing ``t2i``'s weights (no copy, no reload).
-
-    txt2img returns ``t2i`` itself; img2img, variation and upscale (both img2img on a given
-    image) get the image-to-image sibling; inpaint gets the inpainting one.
-    """
-    import diffusers
-
-    if kind is JobKind.txt2img:
-        return t2i
-    if kind in (JobKind.img2img, JobKind.variation, JobKind.upscale):
-        sibling = diffusers.AutoPipelineForImage2Image.from_pipe(t2i)
-    elif kind is JobKind.inpaint:
-        sibling = diffusers.AutoPipelineForInpainting.from_pipe(t2i)
-    else:
-        raise InvalidRequest(f"no pipeline for job kind {kind!r}")
-    sibling.set_progress_bar_config(disable=True)
-    return sibling

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sqlmodel import Session
 
 from cluster.broker import Broker, BrokerUnavailable, JobEntry
-from cluster.engine import BatchItem, ImageResult
+from cluster.contract import BatchItem, ImageResult
 from cluster.events import JobEvent, nsfw_allowed, terminal_event
 from cluster.registry import ModelSpec
 from core import metrics

@@ -55,7 +55,7 @@ def test_styles_lists_at_least_20(env: Path) -> None:
 
 
 def test_models_list_shows_availability_and_how_to_get(env: Path) -> None:
-    from cluster.tiny import make_tiny
+    from engine.tiny import make_tiny
 
     make_tiny(env / "models" / "tiny-sd15", "sd15", 0)
     res = runner.invoke(app, ["models", "list"], terminal_width=250)

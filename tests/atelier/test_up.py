@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from atelier.serve import DEMO_EXAMPLE
-from cluster.demo.scenes import Scene, Shape
-from cluster.demo.score import score
-from cluster.tiny import make_tiny_models
+from engine.demo.scenes import Scene, Shape
+from engine.demo.score import score
+from engine.tiny import make_tiny_models
 from tests.atelier.helpers import wait_for_line
 
 ATELIER = [sys.executable, "-c", "from atelier.cli import app; app()"]

@@ -24,9 +24,9 @@ from cluster.client import Client
 from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_tiny_models
 from core.request import GenerationRequest
 from core.settings import Settings, load_settings
+from engine.tiny import make_tiny_models
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, upgrade
 from storage.models import Image, Job
@@ -79,7 +79,8 @@ def ray_worker(tiny_dir: Path) -> Iterator[Any]:
     """
     import ray
 
-    from cluster.worker import init_local_ray, spawn_worker
+    from cluster.contract import init_local_ray
+    from engine.actor import spawn_worker
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     started = not ray.is_initialized()

@@ -12,8 +12,8 @@ from PIL import Image
 from bots.common.buttons import Action, parse
 from bots.discord.fake import payloads as p
 from bots.discord.fake.server import Call, FakeDiscord
-from cluster.demo.scenes import Scene, Shape
-from cluster.demo.score import score
+from engine.demo.scenes import Scene, Shape
+from engine.demo.score import score
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import ALICE, TINY, imagine, png, result_of
 

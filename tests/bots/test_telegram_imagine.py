@@ -10,9 +10,9 @@ import zlib
 from PIL import Image
 
 from bots.common.buttons import parse
-from cluster.demo.scenes import Scene, Shape
-from cluster.demo.score import score
 from core.infotext import read_png_infotext
+from engine.demo.scenes import Scene, Shape
+from engine.demo.score import score
 from tests.bots.conftest import TINY, Stack
 
 

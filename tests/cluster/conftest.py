@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from sqlalchemy import Engine
 
-from cluster.devices import DeviceInfo, DeviceProfile, choose_profile
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_tiny_models
 from core.settings import Settings, load_settings
+from engine.devices import DeviceInfo, DeviceProfile, choose_profile
+from engine.tiny import make_tiny_models
 from storage.db import make_engine, upgrade
 from tests.cluster.helpers import PG_ADMIN_URL
 from tests.conftest import forbid_in_fast_tier, service_missing

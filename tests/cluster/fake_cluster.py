@@ -75,7 +75,7 @@ class FakeAutoscalingCluster:
         env = os.environ | {
             "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
-            # Every node on loopback (see cluster.worker.init_local_ray).
+            # Every node on loopback (see cluster.contract.init_local_ray).
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             # Ray 2.5x turns token auth on for a new head; a private loopback cluster needs none.
             "RAY_AUTH_MODE": "disabled",

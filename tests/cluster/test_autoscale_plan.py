@@ -11,7 +11,7 @@ from cluster.autoscale import Autoscaler, RunTimes, bundles, class_for, plan, wo
 from cluster.broker import Broker
 from cluster.broker_memory import MemoryBroker
 from cluster.broker_redis import RedisBroker
-from cluster.devices import class_memory_gb
+from cluster.device_classes import class_memory_gb
 from cluster.placement import WorkerPool
 from cluster.registry import ModelSpec
 from core.errors import ConfigError

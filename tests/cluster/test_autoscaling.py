@@ -21,12 +21,12 @@ from ray._private import ray_constants
 
 from atelier.service import make_client, make_dispatcher
 from cluster.broker_memory import MemoryBroker
-from cluster.devices import DeviceProfile
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Pacing
 from cluster.placement import WorkerPool, ray_discovery
 from core.jobs import DeliveryTarget, Requester
 from core.request import GenerationRequest
 from core.settings import load_settings
+from engine.devices import DeviceProfile
 from storage.db import make_engine, session_factory, upgrade
 from tests.cluster.conftest import TinyModels
 from tests.cluster.fake_cluster import FakeAutoscalingCluster
@@ -52,7 +52,7 @@ def fake_cluster(
     cluster.start()
     try:
         cluster.wait_for_head()
-        # This driver on loopback too, as the nodes (see cluster.worker.init_local_ray).
+        # This driver on loopback too, as the nodes (see cluster.contract.init_local_ray).
         monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head (fake_cluster.py)
         monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)

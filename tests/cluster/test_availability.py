@@ -91,7 +91,7 @@ def test_a_repo_offline_online_and_cached(monkeypatch: pytest.MonkeyPatch) -> No
         forget_probes()
         assert model_availability(s, offline=False).status is Availability.downloadable
     # In the cache (asked through huggingface_hub's cache API): available offline.
-    monkeypatch.setattr("cluster.registry._hub_cached", lambda repo: repo == "someone/not-here")
+    monkeypatch.setattr("cluster.registry.hub_cached", lambda repo: repo == "someone/not-here")
     assert model_availability(s, offline=True).status is Availability.cached
 
 

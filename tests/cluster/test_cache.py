@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 import diffusers
 import pytest
 
-from cluster.cache import ModelCache, describe_cache, estimate_params, pipeline_bytes
-from cluster.devices import DeviceInfo, DeviceProfile
 from core.errors import InvalidRequest, ModelUnavailable
 from core.request import JobKind
+from engine.cache import ModelCache, describe_cache, estimate_params, pipeline_bytes
+from engine.devices import DeviceInfo, DeviceProfile
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.calibrate import (
+from engine.calibrate import (
     Calibration,
     CalibrationError,
     Measurement,
@@ -19,7 +19,7 @@ from cluster.calibrate import (
     load_calibration,
     save_calibration,
 )
-from cluster.devices import DeviceInfo, choose_profile
+from engine.devices import DeviceInfo, choose_profile
 
 CPU = DeviceInfo(
     kind="cpu", name="AMD EPYC", total_memory=32 * 2**30, bf16=True, cpu_bf16=True,

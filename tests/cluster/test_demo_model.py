@@ -23,17 +23,18 @@ from sqlalchemy import Engine
 from bots.common.requests import reroll
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
-from cluster.demo.quality import adherence, held_out
-from cluster.demo.scenes import Scene, Shape, parse_caption, render
-from cluster.demo.score import score
-from cluster.devices import DeviceProfile
+from cluster.contract import device_resource, init_local_ray
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
 from cluster.events import EventKind
 from cluster.placement import WorkerPool
 from cluster.registry import DEMO_MODEL_DIR
-from cluster.worker import device_resource, init_local_ray, spawn_worker
 from core.request import GenerationRequest, JobKind
 from core.settings import Settings, Tier, load_settings
+from engine.actor import spawn_worker
+from engine.demo.quality import adherence, held_out
+from engine.demo.scenes import Scene, Shape, parse_caption, render
+from engine.demo.score import score
+from engine.devices import DeviceProfile
 from storage.blobs import BlobStore
 from storage.db import session_factory
 from storage.gallery import list_job_images
@@ -205,7 +206,7 @@ def test_training_saves_a_pipeline_that_loads_with_its_recipe(tmp_path: Path) ->
     import json
     from dataclasses import replace
 
-    from cluster.demo.train import Recipe, train_demo
+    from engine.demo.train import Recipe, train_demo
 
     recipe = replace(Recipe(), pool=64, vae_steps=4, vae_batch=4, max_steps=3, batch=4)
     record = train_demo(tmp_path / "demo", recipe, progress=lambda _: None)
@@ -227,7 +228,7 @@ def test_training_goes_on_from_a_saved_model_with_the_recipe_changes_asked(
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from cluster.demo.train import Recipe, train_demo
+    from engine.demo.train import Recipe, train_demo
 
     small = replace(Recipe(), pool=64, vae_steps=4, vae_batch=4, max_steps=2, batch=4)
     train_demo(tmp_path / "first", small, progress=lambda _: None)

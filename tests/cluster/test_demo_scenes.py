@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cluster.demo.scenes import (
+from engine.demo.scenes import (
     COLOURS,
     RENDERINGS,
     Scene,
@@ -19,7 +19,7 @@ from cluster.demo.scenes import (
     random_scene,
     render,
 )
-from cluster.demo.score import read, rendering_of, score
+from engine.demo.score import read, rendering_of, score
 
 
 def test_captions_parse_back_to_their_scenes_even_inside_a_styled_prompt() -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.devices import (
+from cluster.device_classes import device_class_name, nominal_gb
+from engine.devices import (
     MP,
     SD_TILE,
     DeviceInfo,
@@ -14,10 +15,8 @@ from cluster.devices import (
     choose_profile,
     describe_profile,
     detect_devices,
-    device_class_name,
-    nominal_gb,
 )
-from cluster.tiny import build_tiny_pipeline
+from engine.tiny import build_tiny_pipeline
 
 
 def cuda(name: str, capability: tuple[int, int], total_memory: int, **kw: object) -> DeviceInfo:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from cluster.batching import FairQueue, Waiting
+from cluster.contract import WorkerInfo
 from cluster.events import (
     EventKind,
     ImageRef,
@@ -18,7 +19,6 @@ from cluster.events import (
 )
 from cluster.placement import WorkerPool
 from cluster.registry import ModelSpec
-from cluster.worker import WorkerInfo
 from core.errors import InvalidRequest
 from core.jobs import DeliveryTarget
 

@@ -11,20 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.cache import ModelCache
-from cluster.devices import DeviceProfile
-from cluster.engine import (
-    BatchItem,
-    Engine,
-    GenerationCancelled,
-    ImageResult,
-    JobRejected,
-)
-from cluster.schedulers import SCHEDULER_CLASSES, make_scheduler, with_scheduler
+from cluster.contract import BatchItem, GenerationCancelled, ImageResult, JobRejected
 from core.errors import InvalidRequest
 from core.infotext import parse_infotext, read_png_infotext
 from core.recipe import UPSCALE_STRENGTH, VARIATION_SEED_OFFSET, pipeline_steps
 from core.request import SCHEDULERS, GenerationRequest, JobKind
+from engine.cache import ModelCache
+from engine.devices import DeviceProfile
+from engine.engine import Engine
+from engine.schedulers import SCHEDULER_CLASSES, make_scheduler, with_scheduler
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels

@@ -39,14 +39,15 @@ from cluster import keys
 from cluster.broker import Broker
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client, SubmittedJob
-from cluster.devices import DeviceProfile
+from cluster.contract import device_resource
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool, ray_discovery
 from cluster.registry import ModelRegistry
-from cluster.worker import device_resource, spawn_worker
 from core.jobs import JobStatus
 from core.settings import Settings, Tier, WorkerConfig, load_settings
+from engine.actor import spawn_worker
+from engine.devices import DeviceProfile
 from storage import jobs as job_repo
 from storage.blobs import BlobStore
 from storage.db import session_factory

@@ -75,7 +75,8 @@ def test_what_a_worker_publishes_uses_the_probe(
 _LOAD = """
 import json, sys, time
 import diffusers, torch  # imported first, as in a worker: the bound is on the failure itself
-from cluster.registry import ModelSpec, load_pipeline
+from cluster.registry import ModelSpec
+from engine.loading import load_pipeline
 from core.errors import ModelUnavailable
 spec = ModelSpec(**json.loads(sys.argv[1]))
 began = time.monotonic()

@@ -13,15 +13,16 @@ import pytest
 from PIL import Image
 
 from cluster.adapters import AdapterSpec
-from cluster.cache import ModelCache
-from cluster.devices import DeviceProfile
-from cluster.engine import BatchItem, Engine, ImageResult
+from cluster.contract import BatchItem, ImageResult
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_tiny_embedding, make_tiny_lora
 from core.errors import InvalidRequest, ModelUnavailable
 from core.infotext import parse_infotext
 from core.recipe import batch_key
 from core.request import GenerationRequest
+from engine.cache import ModelCache
+from engine.devices import DeviceProfile
+from engine.engine import Engine
+from engine.tiny import make_tiny_embedding, make_tiny_lora
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels

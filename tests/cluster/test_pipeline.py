@@ -23,12 +23,11 @@ from cluster.broker import Broker, BrokerUnavailable
 from cluster.broker_memory import MemoryBroker
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client
-from cluster.devices import DeviceProfile
+from cluster.contract import device_resource, init_local_ray
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
 from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
-from cluster.worker import device_resource, init_local_ray, spawn_worker
 from core.errors import (
     Conflict,
     ContentBlocked,
@@ -41,6 +40,8 @@ from core.errors import (
 from core.jobs import JobStatus, Requester
 from core.request import GenerationRequest, JobKind
 from core.settings import Settings, Tier, load_settings
+from engine.actor import spawn_worker
+from engine.devices import DeviceProfile
 from storage import jobs as job_repo
 from storage.blobs import BlobStore
 from storage.db import session_factory

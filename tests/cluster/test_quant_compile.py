@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.cache import ModelCache
-from cluster.calibrate import Calibration, Measurement, Variant
-from cluster.devices import DeviceInfo, apply_profile, choose_profile
-from cluster.engine import BatchItem, Engine
+from cluster.contract import BatchItem
 from cluster.registry import ModelRegistry
-from cluster.tiny import build_tiny_pipeline
 from core.request import GenerationRequest
+from engine.cache import ModelCache
+from engine.calibrate import Calibration, Measurement, Variant
+from engine.devices import DeviceInfo, apply_profile, choose_profile
+from engine.engine import Engine
+from engine.tiny import build_tiny_pipeline
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels
@@ -104,7 +105,7 @@ def test_engine_reports_the_first_compiled_call_once(
                     profile=profile)
     item = BatchItem("job-1", GenerationRequest(prompt="a fox", model="tiny", width=64,
                                                 height=64, steps=2, seed=7))
-    with caplog.at_level(logging.INFO, logger="cluster.engine"):
+    with caplog.at_level(logging.INFO, logger="engine.engine"):
         engine.generate([item])
         first = dict(engine.compile_seconds)
         engine.generate([dataclasses.replace(item, job_id="job-2")])

@@ -12,18 +12,11 @@ import torch
 from PIL import Image
 
 from cluster.availability import registry_table_rows
-from cluster.registry import (
-    Family,
-    ModelLoadError,
-    ModelRegistry,
-    ModelSpec,
-    derive_pipeline,
-    how_to_get,
-    load_pipeline,
-)
+from cluster.registry import Family, ModelLoadError, ModelRegistry, ModelSpec, how_to_get
 from core.errors import ConfigError, InvalidRequest, ModelUnavailable
 from core.request import JobKind
 from core.settings import Settings
+from engine.loading import derive_pipeline, load_pipeline
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels
@@ -143,7 +136,7 @@ def test_missing_user_file_is_a_config_error(settings: Settings, tmp_path: Path)
 
 def test_table_rows(tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch) -> None:
     # As on a machine whose Hugging Face cache is empty, whatever this one holds.
-    monkeypatch.setattr("cluster.registry._hub_cached", lambda repo: False)
+    monkeypatch.setattr("cluster.registry.hub_cached", lambda repo: False)
     rows = {r["name"]: r for r in registry_table_rows(tiny_models.registry, offline=True)}
     assert rows["tiny"]["available"] is True
     assert rows["tiny-xl"]["available"] is True

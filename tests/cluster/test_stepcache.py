@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.cache import ModelCache
-from cluster.devices import DeviceProfile
-from cluster.engine import BatchItem, Engine, ImageResult
-from cluster.stepcache import StepCache, install_step_cache
+from cluster.contract import BatchItem, ImageResult
 from core.request import GenerationRequest
+from engine.cache import ModelCache
+from engine.devices import DeviceProfile
+from engine.engine import Engine
+from engine.stepcache import StepCache, install_step_cache
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels

@@ -32,15 +32,15 @@ from atelier.webserver import serve_web
 from bench.chaos_services import Postgres
 from cluster.broker import JobEntry
 from cluster.client import Client
-from cluster.devices import DeviceProfile
+from cluster.contract import ImageResult, init_local_ray
 from cluster.dispatcher import RAY_NAMESPACE, Pacing
-from cluster.engine import ImageResult
 from cluster.events import terminal_event
 from cluster.settling import Held, PatientStore, Settler
-from cluster.worker import init_local_ray, spawn_worker
 from core.jobs import DeliveryTarget, JobStatus, Requester
 from core.request import GenerationRequest
 from core.settings import load_settings
+from engine.actor import spawn_worker
+from engine.devices import DeviceProfile
 from storage import gallery
 from storage import jobs as job_repo
 from storage.blobs import BlobStore

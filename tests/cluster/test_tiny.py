@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from cluster.registry import load_pipeline
-from cluster.tiny import (
+from engine.loading import load_pipeline
+from engine.tiny import (
     BOS,
     EOS,
     MAX_LENGTH,

@@ -16,19 +16,19 @@ import pytest
 import ray
 import ray.exceptions as rex
 
-from cluster.devices import DeviceProfile
-from cluster.engine import BatchItem, GenerationCancelled
-from cluster.worker import (
-    WORKER_ENV,
+from cluster.contract import (
+    BatchItem,
+    GenerationCancelled,
     NoWorkerForClass,
     WorkerFailed,
     WorkerInfo,
     WorkerLost,
     init_local_ray,
     run_batch,
-    spawn_worker,
 )
 from core.request import GenerationRequest
+from engine.actor import WORKER_ENV, spawn_worker
+from engine.devices import DeviceProfile
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.devices import DeviceProfile
-from cluster.engine import BatchItem
+from cluster.contract import BatchItem, WorkerFailed, init_local_ray, run_batch
 from cluster.placement import WorkerPool
-from cluster.worker import WorkerFailed, init_local_ray, run_batch, spawn_worker
 from core.request import GenerationRequest
 from core.settings import WorkerConfig
+from engine.actor import spawn_worker
+from engine.devices import DeviceProfile
 from tests.cluster.fake_hub import FakeHub
 
 INFO_TIMEOUT_S = 2.0

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.devices import DeviceProfile
-from cluster.engine import BatchItem
-from cluster.worker import _final_event, init_local_ray, run_batch, spawn_worker
+from cluster.contract import BatchItem, init_local_ray, run_batch
 from core.logs import JobFilter, JsonFormatter, job_context
 from core.request import GenerationRequest
 from core.settings import load_settings
+from engine.actor import _final_event, spawn_worker
+from engine.devices import DeviceProfile
 from tests.cluster.conftest import TinyModels
 
 

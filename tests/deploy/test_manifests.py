@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import ray
 import yaml
 from pydantic import BaseModel
 
-from cluster.devices import device_class_name, nominal_gb
-from cluster.worker import device_resource
+from cluster.contract import device_resource
+from cluster.device_classes import device_class_name, nominal_gb
 from core.settings import Settings, load_settings
 from tests.conftest import service_missing
 from tests.deploy.kuberay import head_pod, token_source, worker_pod
@@ -198,6 +199,10 @@ def test_the_images_carry_the_tested_ray_and_pinned_deps() -> None:
         assert len(source) == 2 and deps < min(source) and max(source) < app, lines[0]
         copied = next(line for line in lines[:deps] if "deploy/install.sh" in line)
         assert "core" not in copied and "pyproject.toml" in copied
+        # Every package the wheel ships is in the image (a new top-level package, e.g. engine/,
+        # left out would only show when a worker first imports it in the cluster).
+        for package in _shipped_packages():
+            assert f"COPY --chown=ray:users {package} ./{package}" in lines, (lines[0], package)
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     for pattern in (".git", ".venv", "**/__pycache__", "**/.pytest_cache", "**/.mypy_cache",
                     "**/.ruff_cache", "tests", "**/*.env", "*.egg-info"):
@@ -206,6 +211,12 @@ def test_the_images_carry_the_tested_ray_and_pinned_deps() -> None:
     assert f"\nray=={ray.__version__}\n" in pins
     for line in pins.splitlines():
         assert line.startswith("#") or re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+", line), line
+
+
+def _shipped_packages() -> list[str]:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    return [pattern.rstrip("*") for pattern in include]
 
 
 def _compose_command() -> list[str] | None:

@@ -82,7 +82,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def web_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cluster.tiny import make_tiny_models
+    from engine.tiny import make_tiny_models
 
     data_dir = tmp_path_factory.mktemp("web-tiny")
     make_tiny_models(data_dir / "models", seed=0)
@@ -97,7 +97,8 @@ def web_ray_worker(web_tiny_dir: Path) -> Iterator[Any]:
 
     import ray
 
-    from cluster.worker import init_local_ray, spawn_worker
+    from cluster.contract import init_local_ray
+    from engine.actor import spawn_worker
 
     started = not ray.is_initialized()
     # The same resources as tests/bots asks for: whichever starts Ray first, both fit.

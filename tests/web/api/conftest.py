@@ -22,9 +22,9 @@ from cluster.client import Client
 from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
-from cluster.tiny import make_tiny_embedding, make_tiny_lora, make_tiny_models
 from core.jobs import Requester
 from core.settings import Settings, load_settings
+from engine.tiny import make_tiny_embedding, make_tiny_lora, make_tiny_models
 from storage import accounts, apikeys
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, transaction, upgrade
@@ -54,7 +54,8 @@ def ray_worker(tiny_dir: Path) -> Iterator[Any]:
     it asks for no CPU or device resource of its own)."""
     import ray
 
-    from cluster.worker import init_local_ray, spawn_worker
+    from cluster.contract import init_local_ray
+    from engine.actor import spawn_worker
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     started = not ray.is_initialized()

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    from cluster.pipelines import Pipeline as DiffusionPipeline
+    from engine.pipelines import Pipeline as DiffusionPipeline
 
 TinyFamily = Literal["sd15", "sdxl"]
 TINY_FAMILIES: tuple[str, ...] = ("sd15", "sdxl")

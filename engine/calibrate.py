@@ -330,7 +330,7 @@ def unet_case(side: int, tiny: bool = False) -> tuple[
     import torch
     from diffusers import UNet2DConditionModel
 
-    from cluster.tiny import SD15_UNET, build_tiny_pipeline
+    from engine.tiny import SD15_UNET, build_tiny_pipeline
 
     if tiny:
         unet = build_tiny_pipeline("sd15").unet

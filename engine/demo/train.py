@@ -1,7 +1,7 @@
 """Training the demo model from scratch on the CPU (``atelier models train-demo``): a small
 Stable Diffusion 1.5-family pipeline (AutoencoderKL with 4x smaller latents, a CLIP text
 encoder over our own tokenizer, a UNet2DConditionModel with cross-attention) that draws the
-scenes of ``cluster.demo.scenes`` from their captions.
+scenes of ``engine.demo.scenes`` from their captions.
 
 The recipe, in two phases on one pool of seeded scenes:
 1. the autoencoder learns to reconstruct the scenes (MSE, a tiny KL term); its latent scale
@@ -38,7 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cluster.demo.scenes import (
+from core.prompts import Blocklist, prepare_prompt
+from core.request import GenerationRequest
+from core.styles import default_registry
+from engine.demo.scenes import (
     COLOURS,
     RELATIONS,
     RENDERINGS,
@@ -47,11 +50,8 @@ from cluster.demo.scenes import (
     random_scene,
     render,
 )
-from cluster.engine import token_counter
-from cluster.tiny import MAX_LENGTH, build_tokenizer, text_config
-from core.prompts import Blocklist, prepare_prompt
-from core.request import GenerationRequest
-from core.styles import default_registry
+from engine.engine import token_counter
+from engine.tiny import MAX_LENGTH, build_tokenizer, text_config
 
 log = logging.getLogger(__name__)
 

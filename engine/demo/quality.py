@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.demo.scenes import RENDERINGS, Scene, random_scene
-from cluster.demo.score import score
-from cluster.engine import token_counter
 from core.prompts import Blocklist, prepare_prompt
 from core.request import GenerationRequest
 from core.styles import default_registry
+from engine.demo.scenes import RENDERINGS, Scene, random_scene
+from engine.demo.score import score
+from engine.engine import token_counter
 
 GOALS = {"background": 0.95, "colour": 0.90, "kind": 0.80, "position": 0.80}
 

@@ -12,11 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cluster.cache import ModelCache
-from cluster.devices import DeviceProfile
-from cluster.loras import AdapterCache, slots_for
-from cluster.schedulers import SchedulerCache, with_scheduler
-from cluster.stepcache import reset_step_cache
+from cluster.contract import BatchItem, GenerationCancelled, ImageResult, JobRejected
 from core.errors import AtelierError, InvalidRequest
 from core.images import decode_png_mask, decode_png_rgb
 from core.infotext import format_infotext, infotext_for, png_with_infotext
@@ -32,62 +28,21 @@ from core.recipe import (
 )
 from core.request import GenerationRequest, JobKind
 from core.styles import StyleRegistry, default_registry
+from engine.cache import ModelCache
+from engine.devices import DeviceProfile
+from engine.loras import AdapterCache, slots_for
+from engine.schedulers import SchedulerCache, with_scheduler
+from engine.stepcache import reset_step_cache
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from cluster.pipelines import Pipeline as DiffusionPipeline
+    from engine.pipelines import Pipeline as DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 CancelledFn = Callable[[], Collection[str]]
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    """One job's request inside a batch."""
-
-    job_id: str
-    request: GenerationRequest  # seed already resolved (not None)
-    nsfw_allowed: bool = False
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """One generated image. ``index`` is its position within its job, style-major."""
-
-    job_id: str
-    index: int
-    seed: int
-    style: str | None
-    png: bytes
-    width: int
-    height: int
-    prompt: str
-    negative: str
-    infotext: str
-    model: str
-
-
-class GenerationCancelled(AtelierError):
-    """Every job of the batch was cancelled; the pipeline call was stopped."""
-
-    code = "cancelled"
-
-
-class JobRejected(AtelierError):
-    """One job of a batch cannot run (blocked or too-long prompt, unreadable image); the other
-    jobs can. ``code`` is the underlying error's, ``message`` fit to show its owner."""
-
-    def __init__(self, job_id: str, message: str, code: str = InvalidRequest.code) -> None:
-        super().__init__(message)
-        self.job_id = job_id
-        self.code = code
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Crosses process boundaries (Ray): rebuild with all three arguments, not just args.
-        return (type(self), (self.job_id, self.message, self.code))
 
 
 @dataclass(frozen=True)

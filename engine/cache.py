@@ -16,13 +16,14 @@ from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.calibrate import Calibration
-from cluster.devices import DeviceInfo, DeviceProfile, apply_profile, choose_profile
-from cluster.registry import ModelRegistry, ModelSpec, derive_pipeline, load_pipeline
+from cluster.registry import ModelRegistry, ModelSpec
 from core.request import JobKind
+from engine.calibrate import Calibration
+from engine.devices import DeviceInfo, DeviceProfile, apply_profile, choose_profile
+from engine.loading import derive_pipeline, load_pipeline
 
 if TYPE_CHECKING:
-    from cluster.pipelines import Pipeline as DiffusionPipeline
+    from engine.pipelines import Pipeline as DiffusionPipeline
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from core.adapters import AdapterRef
 from core.errors import ModelUnavailable
 
 if TYPE_CHECKING:
-    from cluster.pipelines import Pipeline as DiffusionPipeline
+    from engine.pipelines import Pipeline as DiffusionPipeline
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from core.request import SCHEDULERS, canonical_scheduler
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    from cluster.pipelines import Pipeline as DiffusionPipeline
+    from engine.pipelines import Pipeline as DiffusionPipeline
 
 # A1111 name -> (Diffusers class, config overrides). "DPM++ 2M" is DPMSolverMultistep's default
 # (dpmsolver++, second order); A1111's "Karras" variants only change the sigma spacing.
@@ -27,7 +27,7 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "LCM": ("LCMScheduler", {}),
 }
 if set(SCHEDULER_CLASSES) != set(SCHEDULERS):  # a new name in core must get a mapping here
-    raise RuntimeError("cluster.schedulers and core.request.SCHEDULERS list different names")
+    raise RuntimeError("engine.schedulers and core.request.SCHEDULERS list different names")
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any]) -> SchedulerMixin:
