@@ -84,7 +84,6 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     import ray
 
     from atelier.service import make_client, make_dispatcher, open_db
-    from bots.telegram.fake_api import FakeTelegram
     from bots.telegram.ratelimit import FloodLimiter
     from bots.telegram.run import start_bot
     from cluster.broker_redis import RedisBroker
@@ -94,6 +93,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     from cluster.worker import init_local_ray, spawn_worker
     from core.settings import load_settings
     from storage.db import upgrade
+    from testing.telegram import FakeTelegram
 
     # 1. The stack: tiny models, Ray worker(s), store, broker, dispatcher, fake API, bot.
     make_tiny_models(tmp / "models", seed=0)

@@ -19,7 +19,7 @@ from cluster.placement import WorkerPool
 from cluster.worker import WorkerFailed, init_local_ray, run_batch, spawn_worker
 from core.request import GenerationRequest
 from core.settings import WorkerConfig
-from tests.cluster.fake_hub import FakeHub
+from testing.hub import FakeHub
 
 INFO_TIMEOUT_S = 2.0
 HUB_DELAY_S = 7.0  # each answer about the repo: the load takes longer than the info timeout
