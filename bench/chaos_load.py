@@ -16,7 +16,7 @@ from aiohttp import web
 from PIL import Image
 
 from bots.common.buttons import Action, BadButton, parse
-from bots.telegram.fake_api import Call, FakeTelegram, _error
+from testing.telegram import Call, FakeTelegram, _error
 
 TOKEN = "123456789:AAF-chaos-token"
 FIRST_USER = 70_001

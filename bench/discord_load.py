@@ -1,5 +1,5 @@
 """Load benchmark of the Discord front end: N people run /imagine at the same moment through the
-fake Discord (bots/discord/fake: REST + gateway) into the real discord.py bot, Redis
+fake Discord (testing/discord: REST + gateway) into the real discord.py bot, Redis
 broker, SQLite store, dispatcher and a local Ray worker with the tiny pipeline. Prints the time
 from each interaction to its defer (Discord wants one within 3 s; goal p99 <= 300 ms) and to its
 images, p50/p99/max.
@@ -40,8 +40,6 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     import ray
 
     from atelier.service import make_client, make_dispatcher, open_db
-    from bots.discord.fake import payloads as p
-    from bots.discord.fake.server import TOKEN, FakeDiscord, Interaction
     from bots.discord.run import start_bot
     from cluster.broker_redis import RedisBroker
     from cluster.contract import init_local_ray
@@ -51,6 +49,8 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     from engine.actor import spawn_worker
     from engine.tiny import make_tiny_models
     from storage.db import upgrade
+    from testing.discord import payloads as p
+    from testing.discord.server import TOKEN, FakeDiscord, Interaction
 
     # 1. The stack: tiny models, Ray worker(s), store, broker, dispatcher, fake Discord, bot.
     make_tiny_models(tmp / "models", seed=0)

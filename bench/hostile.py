@@ -210,7 +210,7 @@ class ChatSide:
     timed to the first message back) and hostile updates (1 MB prompts, 10 MB photos)."""
 
     def __init__(self) -> None:
-        from bots.telegram.fake_api import FakeTelegram
+        from testing.telegram import FakeTelegram
 
         self.fake = FakeTelegram(TOKEN)
         self.loop = asyncio.new_event_loop()

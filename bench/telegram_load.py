@@ -84,7 +84,6 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     import ray
 
     from atelier.service import make_client, make_dispatcher, open_db
-    from bots.telegram.fake_api import FakeTelegram
     from bots.telegram.ratelimit import FloodLimiter
     from bots.telegram.run import start_bot
     from cluster.broker_redis import RedisBroker
@@ -95,6 +94,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     from engine.actor import spawn_worker
     from engine.tiny import make_tiny_models
     from storage.db import upgrade
+    from testing.telegram import FakeTelegram
 
     # 1. The stack: tiny models, Ray worker(s), store, broker, dispatcher, fake API, bot.
     make_tiny_models(tmp / "models", seed=0)

@@ -19,6 +19,7 @@ from types import ModuleType
 import pytest
 
 from core.settings import Settings, load_settings
+from testing.net import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -149,12 +150,6 @@ def service_missing(what: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{what} is required (ATELIER_REQUIRE_SERVICES=1) but not available")
     pytest.skip(f"{what} not available")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

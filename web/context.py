@@ -1,6 +1,6 @@
 """What every web route needs, built once by the process that serves the app (``atelier``):
-settings, the SQL session factory, the blob store and the cluster Client. ``web`` never
-imports ``atelier`` or ``bots``; it receives this instead."""
+settings, the SQL session factory (and ``store``, its off-loop runner), the blob store and the
+cluster Client. ``web`` never imports ``atelier`` or ``bots``; it receives this instead."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sqlmodel import Session
 from cluster.client import Client
 from core.settings import Settings
 from storage.blobs import BlobStore
+from storage.db import Store
 
 
 def _utcnow() -> datetime:
@@ -30,6 +31,15 @@ class WebContext:
     blobs: BlobStore
     client: Client
     now: Callable[[], datetime] = field(default=_utcnow)
+    _store: Store | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def store(self) -> Store:
+        """``sessions`` as the one off-loop runner (``storage.db.Store``): every route's SQL
+        runs through it, each call one transaction on a worker thread."""
+        if self._store is None or self._store.sessions is not self.sessions:
+            self._store = Store(self.sessions)
+        return self._store
 
     @property
     def signing_key(self) -> bytes:

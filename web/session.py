@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from fastapi import Depends, Request, Response
 
-from core.errors import Forbidden
+from core.errors import Forbidden, Unauthorized
 from core.signing import GALLERY_PURPOSE, expires_at, sign, verify
 from web.app import get_ctx
 from web.context import WebContext
@@ -22,7 +22,7 @@ SESSION_TTL = timedelta(hours=12)
 HOME = "/gallery"
 
 
-class NotSignedIn(Forbidden):
+class NotSignedIn(Unauthorized):
     """No valid session cookie: the page says to open the bot's link again."""
 
 

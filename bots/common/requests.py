@@ -22,14 +22,13 @@ from core.recipe import UPSCALE_STRENGTH, min_denoising_steps
 from core.request import GenerationRequest, JobKind, build_request, check_text_length
 from core.settings import Limits
 from core.styles import StyleRegistry
+from core.variations import variation as variation_of
 
 # Bot-only flag (not a generation setting, so core.flags does not know it): send PNG files.
 _ORIGINAL_RE = re.compile(r"(?<!\S)(?:--|[\u2014\u2013])(?:png|original)(?!\S)", re.IGNORECASE)
 _SIZE_FLAG_RE = re.compile(
     r"(?<!\S)(?:--|[\u2014\u2013])(?:w|h|width|height|ar)(?=[\s=]|$)", re.IGNORECASE
 )
-# A variation repaints this much of the chosen image: recognisably the same picture, changed.
-VARIATION_STRENGTH = 0.6
 UPSCALE_FACTOR = 2
 IMG2IMG_MIN_SIDE = 256
 
@@ -123,18 +122,8 @@ def restyle(request: GenerationRequest, style: str) -> GenerationRequest:
 def variation(
     request: GenerationRequest, png: bytes, width: int, height: int, style: str | None
 ) -> GenerationRequest:
-    """New takes on one image of a job: its picture repainted with the job's prompt."""
-    return _copy(
-        request,
-        kind=JobKind.variation,
-        init_image=png,
-        mask=None,
-        width=width,
-        height=height,
-        styles=(style,) if style else (),
-        strength=VARIATION_STRENGTH,
-        seed=None,
-    )
+    """New takes on one image of a job (``core.variations``), as many as the job made."""
+    return variation_of(request, png, width, height, (style,) if style else ())
 
 
 def upscaled_size(width: int, height: int, max_side: int) -> tuple[int, int] | None:

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from cluster.hub import UNREACHABLE
+from testing.hub import closed_port_url
 from tests.atelier.helpers import wait_for_line
-from tests.cluster.fake_hub import closed_port_url
 
 REPO = Path(__file__).resolve().parents[2]
 # Bounds for a loaded CI box; on two idle cores the whole first run takes well under two minutes.

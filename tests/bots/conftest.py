@@ -16,7 +16,6 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, select
 
 from bots.common.state import RedisState
-from bots.telegram.fake_api import FakeTelegram
 from bots.telegram.ratelimit import FloodLimiter
 from bots.telegram.run import RunningBot, start_bot
 from cluster.broker_redis import RedisBroker
@@ -30,6 +29,7 @@ from engine.tiny import make_tiny_models
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, upgrade
 from storage.models import Image, Job
+from testing.telegram import FakeTelegram
 
 TOKEN = "123456789:AAF-test-token-for-the-fake-server"
 WATCHED_LOGGERS = ("telegram", "discord", "bots")

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from bots.discord.bot import AtelierBot
-from bots.discord.fake.server import TOKEN, FakeDiscord
 from bots.discord.run import RunningBot, start_bot
 from core.jobs import Requester
 from core.settings import Settings, load_settings
+from testing.discord.server import TOKEN, FakeDiscord
 from tests.bots.conftest import Stack
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from PIL import Image
 
 from bots.common.buttons import Action, parse
-from bots.discord.fake import payloads as p
-from bots.discord.fake.server import Call, Interaction
+from testing.discord import payloads as p
+from testing.discord.server import Call, Interaction
 from tests.bots.discord_conftest import DiscordStack
 
 ALICE = 100_000_000_000_000_001

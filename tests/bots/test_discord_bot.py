@@ -9,10 +9,10 @@ import re
 import pytest
 
 from bots.discord import guilds
-from bots.discord.fake import payloads as p
-from bots.discord.fake.server import FakeDiscord
 from bots.discord.run import start_bot
 from core.errors import ConfigError
+from testing.discord import payloads as p
+from testing.discord.server import FakeDiscord
 from tests.bots.discord_conftest import DiscordStack, discord_settings_for
 
 ALICE = 100_000_000_000_000_001

@@ -9,9 +9,9 @@ import asyncio
 from bots.common import texts
 from bots.common.buttons import Action
 from bots.discord import guilds
-from bots.discord.fake import payloads as p
 from core.jobs import JobStatus
 from core.request import JobKind
+from testing.discord import payloads as p
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import (
     ALICE,

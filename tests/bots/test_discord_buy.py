@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bots.discord.fake.premium import SUBSCRIPTION_SKU
-from bots.discord.fake.server import FakeDiscord
 from cluster.purchases import PurchaseService
 from core.jobs import Requester
 from storage import ledger
 from storage.models import PurchaseStatus
+from testing.discord.premium import SUBSCRIPTION_SKU
+from testing.discord.server import FakeDiscord
 from tests.bots.discord_conftest import DiscordStack, discord_settings_for
 
 PACK_SKU, SUB_SKU = 1_100_000_000_000_000_001, 1_100_000_000_000_000_002

@@ -10,9 +10,9 @@ import asyncio
 import time
 
 from bots.common.state import DELIVERED
-from bots.discord.fake import payloads as p
 from cluster.events import terminal_event
 from core import metrics
+from testing.discord import payloads as p
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import ALICE, BOB, TINY, images_of, imagine, png, result_of
 

@@ -10,10 +10,10 @@ from typing import Any
 from PIL import Image
 
 from bots.common.buttons import Action, parse
-from bots.discord.fake import payloads as p
-from bots.discord.fake.server import Call, FakeDiscord
 from engine.demo.scenes import Scene, Shape
 from engine.demo.score import score
+from testing.discord import payloads as p
+from testing.discord.server import Call, FakeDiscord
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import ALICE, TINY, imagine, png, result_of
 

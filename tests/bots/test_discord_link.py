@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from bots.discord.fake import payloads as p
-from bots.discord.fake.server import TOKEN, FakeDiscord
 from bots.discord.run import RunningBot, start_bot
-from bots.telegram.fake_api import FakeTelegram
 from core.jobs import Requester
 from core.signing import verify
+from testing.discord import payloads as p
+from testing.discord.server import TOKEN, FakeDiscord
+from testing.telegram import FakeTelegram
 from tests.bots.conftest import TINY, Stack, settings_for
 from tests.bots.discord_helpers import ALICE, images_of
 

@@ -4,7 +4,7 @@ the asker, on a result posted in the channel after the token expired, pings them
 
 from __future__ import annotations
 
-from bots.discord.fake import payloads as p
+from testing.discord import payloads as p
 from tests.bots.discord_conftest import DiscordStack
 from tests.bots.discord_helpers import ALICE, BOB, TINY, imagine
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from atelier.cli import app as cli
 from atelier.serve import _start_bots
 from atelier.service import local_stack
-from bots.discord.fake import payloads as p
-from bots.discord.fake.server import TOKEN
+from testing.discord import payloads as p
+from testing.discord.server import TOKEN
 from tests.bots.discord_conftest import DiscordStack, discord_settings_for
 from tests.bots.discord_helpers import TINY, images_of
 from tests.conftest import free_port

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bots.common.requests import parse_prompt
-from bots.telegram.fake_api import BOT_USERNAME, Call
 from core.jobs import Requester
 from core.request import JobKind
 from core.signing import verify
+from testing.telegram import BOT_USERNAME, Call
 from tests.bots.conftest import TINY, Stack
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from bots.telegram.fake_api import Call, FakeTelegram
 from bots.telegram.handlers.buy import PURCHASES
 from cluster.purchases import PurchaseService
 from core.jobs import Requester
 from core.shop import Shop, parse_shop
 from storage import ledger
 from storage.models import PurchaseStatus
+from testing.telegram import Call, FakeTelegram
 from tests.bots.conftest import Stack, settings_for
 
 OPERATOR = 4242

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from bots.common.state import DELIVERED
-from bots.telegram.fake_api import FakeTelegram
 from bots.telegram.ratelimit import FloodLimiter
 from cluster.events import terminal_event
+from testing.telegram import FakeTelegram
 from tests.bots.conftest import TINY, Stack, settings_for
 from tests.cluster.helpers import kill_redis
 from tests.conftest import RedisServer

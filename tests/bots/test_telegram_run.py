@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from atelier.cli import app as cli
 from atelier.serve import _start_bots
 from atelier.service import local_stack, run_telegram_bot
-from bots.telegram.fake_api import free_port
 from bots.telegram.run import start_bot
 from bots.telegram.webhook import SECRET_HEADER
 from cluster.dispatcher import Dispatcher, Pacing
@@ -26,6 +25,7 @@ from cluster.placement import WorkerPool
 from core.errors import ConfigError
 from storage.blobs import BlobStore
 from storage.db import upgrade
+from testing.net import free_port
 from tests.bots.conftest import TINY, TOKEN, Stack, settings_for
 
 

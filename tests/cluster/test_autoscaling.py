@@ -28,8 +28,8 @@ from core.request import GenerationRequest
 from core.settings import load_settings
 from engine.devices import DeviceProfile
 from storage.db import make_engine, session_factory, upgrade
+from testing.ray_cluster import FakeAutoscalingCluster
 from tests.cluster.conftest import TinyModels
-from tests.cluster.fake_cluster import FakeAutoscalingCluster
 
 SMALL, BIG = "t4-16gb", "a100-80gb"
 NODE_TYPES = {
@@ -54,7 +54,7 @@ def fake_cluster(
         cluster.wait_for_head()
         # This driver on loopback too, as the nodes (see cluster.contract.init_local_ray).
         monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head (fake_cluster.py)
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head (testing/ray_cluster.py)
         monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         ray.init(address=cluster.address, namespace=RAY_NAMESPACE, log_to_driver=False,
                  _node_ip_address="127.0.0.1")

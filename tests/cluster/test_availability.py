@@ -19,7 +19,7 @@ from cluster.availability import (
 )
 from cluster.hub import forget_probes
 from cluster.registry import ModelSpec
-from tests.cluster.fake_hub import FakeHub
+from testing.hub import FakeHub
 
 if TYPE_CHECKING:
     from tests.cluster.conftest import TinyModels

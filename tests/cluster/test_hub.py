@@ -17,7 +17,7 @@ from cluster.availability import Availability, loadable_models, model_availabili
 from cluster.hub import UNREACHABLE, forget_probes, hub_reachable
 from cluster.registry import ModelRegistry, ModelSpec
 from core.settings import load_settings
-from tests.cluster.fake_hub import FakeHub, closed_port_url
+from testing.hub import FakeHub, closed_port_url
 
 REPO_SPEC = {
     "name": "ghost", "repo": "nobody/ghost", "family": "sd15", "min_vram_gb": 0,

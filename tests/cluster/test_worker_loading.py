@@ -19,7 +19,7 @@ from core.request import GenerationRequest
 from core.settings import WorkerConfig
 from engine.actor import spawn_worker
 from engine.devices import DeviceProfile
-from tests.cluster.fake_hub import FakeHub
+from testing.hub import FakeHub
 
 INFO_TIMEOUT_S = 2.0
 HUB_DELAY_S = 7.0  # each answer about the repo: the load takes longer than the info timeout

@@ -93,9 +93,9 @@ async def test_search_and_filters(web: Web) -> None:
     for option in ("anime", "watercolor", "tiny-xl", "discord", "telegram"):
         assert f"<option>{option}</option>" in page.text
     bad = await web.http.get("/gallery?since=yesterday")
-    assert bad.status_code == 400 and "since must be a date" in bad.text
+    assert bad.status_code == 422 and "since must be a date" in bad.text
     bad = await web.http.get("/gallery?before=not-a-cursor")
-    assert bad.status_code == 400 and "cursor" in bad.text
+    assert bad.status_code == 422 and "cursor" in bad.text
 
 
 async def test_prompts_are_shown_as_text(web: Web) -> None:
@@ -156,7 +156,7 @@ async def test_zip_of_a_selection_and_of_everything(web: Web) -> None:
     with zipfile.ZipFile(io.BytesIO(body)) as zf:
         assert len(zf.namelist()) == 130  # more than one store page (100)
         assert zf.testzip() is None
-    assert (await web.http.get("/gallery/zip")).status_code == 400
+    assert (await web.http.get("/gallery/zip")).status_code == 422
     # Written as it goes: a piece per image, each piece no bigger than one image's data
     # (httpx's ASGI transport gathers the body, so the generator itself is looked at here).
     pieces = list(stream_zip(web.blobs, images))

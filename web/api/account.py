@@ -13,7 +13,7 @@ from sqlmodel import Session
 from storage import accounts, ledger, purchases
 from storage import jobs as job_repo
 from storage.ledger import PackCredits
-from web.api.common import ApiRoute, Caller, caller, db
+from web.api.common import ApiRoute, Caller, caller
 from web.app import get_ctx
 from web.context import WebContext
 from web.errors import ERROR_RESPONSES
@@ -99,4 +99,4 @@ async def account(who: Caller = Depends(caller), ctx: WebContext = Depends(get_c
             jobs_in_flight=job_repo.running_jobs_count(session=session, account_id=found.id),
         )
 
-    return await db(ctx, read, read_only=True)
+    return await ctx.store(read, read_only=True)

@@ -1,36 +1,32 @@
-"""What both APIs share: the API-key caller (Bearer or HTTP Basic), database calls off the event
-loop, and a route class that turns our errors into JSON naming the bad field (through the one
-map, ``web.errors``)."""
+"""What both APIs share: the API-key caller (Bearer or HTTP Basic) and a route class that turns
+our errors into JSON naming the bad field (through the one map, ``web.errors``). Database calls
+go off the event loop through ``ctx.store`` (``storage.db.Store``)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from sqlmodel import Session
 
 from cluster.broker import BrokerUnavailable
 from core.errors import AtelierError, Unauthorized
 from core.jobs import Requester
 from storage import apikeys
 from storage.apikeys import ApiKeyRead
-from storage.db import read_only_sessions, transaction
 from web.app import get_ctx
 from web.context import WebContext
 from web.errors import error_response, validation_error
 from web.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 NO_KEY = (
     "no API key: send 'Authorization: Bearer atk_...' or HTTP Basic auth with the key as the "
@@ -82,17 +78,6 @@ class SdApiRoute(ApiRoute):
     }
 
 
-async def db(ctx: WebContext, fn: Callable[[Session], T], *, read_only: bool = False) -> T:
-    """Run ``fn`` in one transaction on a worker thread."""
-    factory = read_only_sessions(ctx.sessions) if read_only else ctx.sessions
-
-    def work() -> T:
-        with transaction(factory) as session:
-            return fn(session)
-
-    return await asyncio.to_thread(work)
-
-
 def key_from_headers(request: Request) -> str:
     """The API key of a request: Bearer token, or HTTP Basic (the password; the user name when
     the password is empty, for clients that only have one field)."""
@@ -112,10 +97,10 @@ def key_from_headers(request: Request) -> str:
 
 async def authenticate(ctx: WebContext, key: str) -> Caller:
     """The live key ``key`` is (Unauthorized otherwise), its last use recorded."""
-    found = await db(ctx, lambda s: apikeys.verify_api_key(session=s, key=key), read_only=True)
+    found = await ctx.store(lambda s: apikeys.verify_api_key(session=s, key=key), read_only=True)
     now = ctx.now()
     if apikeys.needs_touch(found, now):
-        await db(ctx, lambda s: apikeys.touch_api_key(session=s, key_id=found.id, now=now))
+        await ctx.store(lambda s: apikeys.touch_api_key(session=s, key_id=found.id, now=now))
     return Caller(
         key=found,
         requester=Requester(platform=found.platform, platform_user_id=found.platform_user_id),

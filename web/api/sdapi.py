@@ -20,7 +20,7 @@ from core.jobs import DeliveryTarget
 from core.offload import run_heavy
 from core.request import SCHEDULERS
 from storage import apikeys
-from web.api.common import Caller, SdApiRoute, caller, db
+from web.api.common import Caller, SdApiRoute, caller
 from web.api.sdapi_models import (
     FieldError,
     GenerationResponse,
@@ -292,7 +292,7 @@ async def set_options(
             f"{', '.join(ctx.client.models.names())}"
         )
     spec = ctx.client.models.get(name)
-    await db(ctx, lambda s: apikeys.set_key_model(session=s, key_id=who.key.id, model=spec.name))
+    await ctx.store(lambda s: apikeys.set_key_model(session=s, key_id=who.key.id, model=spec.name))
     return None
 
 

@@ -27,7 +27,7 @@ from core.settings import Limits
 from storage import gallery
 from storage.gallery import ImagePage, ImageRead
 from storage.jobs import JobRead
-from web.api.common import ApiRoute, Caller, caller, db
+from web.api.common import ApiRoute, Caller, caller
 from web.api.sdapi_models import FieldError, check_length
 from web.app import get_ctx
 from web.context import WebContext
@@ -158,8 +158,8 @@ async def _own_job(ctx: WebContext, who: Caller, job_id: str) -> JobRead:
 async def _job_out(ctx: WebContext, job: JobRead) -> JobOut:
     images: list[ImageRead] = []
     if job.status is JobStatus.succeeded:
-        images = await db(
-            ctx, lambda s: gallery.list_job_images(session=s, job_id=job.id), read_only=True
+        images = await ctx.store(
+            lambda s: gallery.list_job_images(session=s, job_id=job.id), read_only=True
         )
     return JobOut(
         id=job.id,
@@ -263,8 +263,7 @@ async def list_images(
     ctx: WebContext = Depends(get_ctx),
 ) -> ImageList:
     """The caller's gallery, newest first; pass ``next_cursor`` as ``before`` for the next page."""
-    page: ImagePage = await db(
-        ctx,
+    page: ImagePage = await ctx.store(
         lambda s: gallery.list_images(
             session=s, account_id=who.key.account_id, before=before, limit=limit, style=style,
             model=model, search=q,
@@ -281,7 +280,7 @@ async def _own_image(ctx: WebContext, who: Caller, image_id: int) -> ImageRead:
         except (Forbidden, NotFound):  # the same answer for both, revealing nothing
             raise NotFound(f"image {image_id} does not exist") from None
 
-    return await db(ctx, read, read_only=True)
+    return await ctx.store(read, read_only=True)
 
 
 @router.get("/images/{image_id}", response_model=ImageOut)

@@ -12,10 +12,10 @@ from sqlmodel import Session
 from storage import accounts, ledger, purchases
 from web.app import get_ctx
 from web.context import WebContext
-from web.gallery.common import db, page
+from web.gallery.common import PageRoute, page
 from web.session import current_account
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, route_class=PageRoute)
 Ctx = Annotated[WebContext, Depends(get_ctx)]
 Account = Annotated[int, Depends(current_account)]
 
@@ -38,4 +38,4 @@ async def account_page(request: Request, ctx: Ctx, account_id: Account) -> Respo
             "purchases": purchases.list_purchases(session=s, account_id=account_id),
         }
 
-    return page(request, ctx, "account.html", **await db(ctx, read))
+    return page(request, ctx, "account.html", **await ctx.store(read, read_only=True))

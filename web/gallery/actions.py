@@ -11,16 +11,16 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from sqlmodel import Session
 
-from core.errors import Forbidden, NotFound
+from core.errors import Forbidden, InvalidRequest, NotFound
 from storage import gallery as store
 from storage.gallery import MAX_PAGE, ImageRead
 from web.app import get_ctx
 from web.context import WebContext
-from web.gallery.common import PageError, db, own_image, secured
+from web.gallery.common import PageRoute, own_image, secured
 from web.gallery.files import delete_blobs, download_name, stream_zip, thumbnail
 from web.session import HOME, check_csrf, current_account
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, route_class=PageRoute)
 Ctx = Annotated[WebContext, Depends(get_ctx)]
 Account = Annotated[int, Depends(current_account)]
 MAX_SELECTION = 1000
@@ -34,7 +34,7 @@ async def thumb(image_id: int, ctx: Ctx, account_id: Account) -> Response:
     try:
         path = await asyncio.to_thread(thumbnail, ctx.blobs, image)
     except NotFound:
-        raise PageError(404, "this image's file is missing") from None
+        raise NotFound("this image's file is missing") from None
     response = FileResponse(path, media_type="image/webp")
     response.headers["Cache-Control"] = PRIVATE_CACHE
     return secured(response)
@@ -49,7 +49,7 @@ async def download(
     try:
         path = ctx.blobs.path(image.blob_key)
     except NotFound:
-        raise PageError(404, "this image's file is missing") from None
+        raise NotFound("this image's file is missing") from None
     response = FileResponse(
         path, media_type="image/png", filename=download_name(image),
         content_disposition_type="inline" if inline else "attachment",
@@ -67,13 +67,13 @@ async def download_zip(
 ) -> Response:
     """A ZIP of the chosen images, or of the whole gallery, streamed as it is written."""
     if not all and not ids:
-        raise PageError(400, "choose some images first, or download everything")
+        raise InvalidRequest("choose some images first, or download everything")
     if len(ids) > MAX_SELECTION:
-        raise PageError(400, f"choose at most {MAX_SELECTION} images, got {len(ids)}")
+        raise InvalidRequest(f"choose at most {MAX_SELECTION} images, got {len(ids)}")
     if all:
         images = _everything(ctx, account_id)
     else:
-        chosen = await db(ctx, lambda s: _chosen(s, account_id, ids))
+        chosen = await ctx.store(lambda s: _chosen(s, account_id, ids), read_only=True)
         images = iter(chosen)
     stamp = ctx.now().strftime("%Y%m%d-%H%M")
     response = StreamingResponse(
@@ -90,7 +90,7 @@ def _chosen(session: Session, account_id: int, ids: list[int]) -> list[ImageRead
         try:
             out.append(store.get_image(session=session, image_id=image_id, account_id=account_id))
         except (NotFound, Forbidden):
-            raise PageError(404, "there is no such image in your gallery") from None
+            raise NotFound("there is no such image in your gallery") from None
     return out
 
 
@@ -117,13 +117,10 @@ async def delete(
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
     """Remove an image from the gallery; its files go too unless another image shares them."""
-    try:
-        check_csrf(ctx, request, csrf)
-    except Forbidden as exc:
-        raise PageError(403, exc.message) from None
+    check_csrf(ctx, request, csrf)
     await own_image(ctx, account_id, image_id)
     now: datetime = ctx.now()
-    gone = await db(ctx, lambda s: store.delete_image(
-        session=s, image_id=image_id, account_id=account_id, now=now), write=True)
+    gone = await ctx.store(lambda s: store.delete_image(
+        session=s, image_id=image_id, account_id=account_id, now=now))
     await asyncio.to_thread(delete_blobs, ctx.blobs, gone)
     return secured(RedirectResponse(HOME, status_code=303))

@@ -1,27 +1,26 @@
-"""What the gallery's routes share: templates, the page-error type, security headers, and
-reading one's own images (another account's image is "not found", never "forbidden")."""
+"""What the gallery's routes share: templates, the route class that shows our errors as a page
+(with the status of the one map, ``web.errors``), security headers, and reading one's own images
+(another account's image is "not found", never "forbidden")."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
-from sqlmodel import Session
 
-from core.errors import Forbidden, InvalidRequest, NotFound
+from core.errors import AtelierError, Forbidden, InvalidRequest, NotFound
 from storage import gallery as store
-from storage.db import transaction
 from storage.gallery import ImageRead
 from web.context import WebContext
+from web.errors import status_of
 from web.session import csrf_token
 
-T = TypeVar("T")
 WEB_DIR = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=str(WEB_DIR / "templates"))
 
@@ -41,13 +40,21 @@ SECURITY_HEADERS = {
 }
 
 
-class PageError(Exception):
-    """Shown to the person as a plain page with this status and one line."""
+class PageRoute(APIRoute):
+    """A gallery route: a project error it raises (its dependencies' too: ``NotSignedIn``) is
+    shown as the error page, with the status ``web.errors.status_of`` gives it. A request that
+    does not parse is left to the app's JSON handler, as before."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except AtelierError as exc:
+                return error_page(request, exc)
+
+        return run
 
 
 def secured(response: Response) -> Response:
@@ -64,35 +71,24 @@ def page(
     return secured(response)
 
 
-def error_page(request: Request, exc: PageError) -> Response:
+def error_page(request: Request, exc: AtelierError) -> Response:
+    """The plain page that shows one error's line, with its status from the one map."""
+    status = status_of(exc)
     response = templates.TemplateResponse(
-        request, "error.html", {"message": exc.message, "status": exc.status},
-        status_code=exc.status,
+        request, "error.html", {"message": exc.message, "status": status}, status_code=status,
     )
     return secured(response)
-
-
-async def db(ctx: WebContext, fn: Callable[[Session], T], *, write: bool = False) -> T:
-    """Run ``fn`` in a session off the event loop (a committed transaction when ``write``)."""
-
-    def work() -> T:
-        if write:
-            with transaction(ctx.sessions) as session:
-                return fn(session)
-        with ctx.sessions() as session:
-            return fn(session)
-
-    return await asyncio.to_thread(work)
 
 
 async def own_image(ctx: WebContext, account_id: int, image_id: int) -> ImageRead:
     """The account's image; a missing, deleted or someone else's image is the same 404."""
     try:
-        return await db(
-            ctx, lambda s: store.get_image(session=s, image_id=image_id, account_id=account_id)
+        return await ctx.store(
+            lambda s: store.get_image(session=s, image_id=image_id, account_id=account_id),
+            read_only=True,
         )
     except (NotFound, Forbidden):
-        raise PageError(404, "there is no such image in your gallery") from None
+        raise NotFound("there is no such image in your gallery") from None
 
 
 def parse_day(text: str | None, name: str, *, end: bool = False) -> datetime | None:

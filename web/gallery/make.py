@@ -16,25 +16,23 @@ from sqlmodel import Session
 
 from cluster.client import Client
 from cluster.events import NSFW_EXTRA_KEY, EventKind, JobEvent
-from core.errors import AtelierError, Forbidden, NotFound
+from core.errors import AtelierError, Conflict, InvalidRequest, NotFound
 from core.jobs import DeliveryTarget, Requester
-from core.request import GenerationRequest, JobKind
+from core.request import GenerationRequest
+from core.variations import variation
 from storage import accounts
 from storage import jobs as job_repo
 from storage.gallery import ImageRead
 from storage.jobs import JobRead
 from web.app import get_ctx
 from web.context import WebContext
-from web.errors import status_of
-from web.gallery.common import PageError, db, own_image, page, secured
+from web.gallery.common import PageRoute, own_image, page, secured
 from web.gallery.deliveries import FRONTEND
 from web.session import check_csrf, current_account
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, route_class=PageRoute)
 Ctx = Annotated[WebContext, Depends(get_ctx)]
 Account = Annotated[int, Depends(current_account)]
-# As the chat bots' V buttons: recognisably the same picture, changed.
-VARIATION_STRENGTH = 0.6
 
 
 def new_nonce() -> str:
@@ -50,12 +48,8 @@ def again_request(job: JobRead, image: ImageRead, *, keep_seed: bool) -> Generat
 
 
 def variation_request(job: JobRead, image: ImageRead, png: bytes) -> GenerationRequest:
-    """New takes on the image: its picture repainted with the job's prompt."""
-    return job.request.model_copy(update={
-        "kind": JobKind.variation, "init_image": png, "mask": None, "width": image.width,
-        "height": image.height, "styles": tuple(image.styles), "strength": VARIATION_STRENGTH,
-        "seed": None, "count": 1,
-    })
+    """New takes on the image, one at a time (``core.variations``, as the chat's V buttons)."""
+    return variation(job.request, png, image.width, image.height, tuple(image.styles), count=1)
 
 
 @router.post("/gallery/image/{image_id:int}/make")
@@ -69,27 +63,23 @@ async def make(
     mode: Annotated[str, Form()] = "again",
     keep_seed: Annotated[bool, Form()] = False,
 ) -> Response:
-    try:
-        check_csrf(ctx, request, csrf)
-    except Forbidden as exc:
-        raise PageError(403, exc.message) from None
+    check_csrf(ctx, request, csrf)
     if mode not in ("again", "variations"):
-        raise PageError(400, f"mode must be again or variations, got {mode[:20]!r}")
+        raise InvalidRequest(f"mode must be again or variations, got {mode[:20]!r}")
     image = await own_image(ctx, account_id, image_id)
-    job = await db(ctx, lambda s: job_repo.get_job(session=s, job_id=image.job_id))
-    requester = await db(ctx, lambda s: _requester(s, job))
+    job = await ctx.store(
+        lambda s: job_repo.get_job(session=s, job_id=image.job_id), read_only=True
+    )
+    requester = await ctx.store(lambda s: _requester(s, job), read_only=True)
     if mode == "again":
         wanted = again_request(job, image, keep_seed=keep_seed)
     else:
         png = await asyncio.to_thread(ctx.blobs.get, image.blob_key)  # megabytes, off the loop
         wanted = variation_request(job, image, png)
     key = f"web:{account_id}:{image_id}:{nonce or secrets.token_urlsafe(12)}"
-    try:
-        submitted = await ctx.client.submit(
-            wanted, requester, DeliveryTarget(frontend=FRONTEND), idempotency_key=key
-        )
-    except AtelierError as exc:
-        raise PageError(status_of(exc), exc.message) from None
+    submitted = await ctx.client.submit(
+        wanted, requester, DeliveryTarget(frontend=FRONTEND), idempotency_key=key
+    )
     return secured(RedirectResponse(f"/gallery/job/{submitted.job_id}", status_code=303))
 
 
@@ -141,11 +131,13 @@ def _event_data(event: JobEvent) -> dict[str, object]:
 
 async def _own_job(ctx: WebContext, account_id: int, job_id: str) -> JobRead:
     try:
-        job = await db(ctx, lambda s: job_repo.get_job(session=s, job_id=job_id))
+        job = await ctx.store(
+            lambda s: job_repo.get_job(session=s, job_id=job_id), read_only=True
+        )
     except NotFound:
         job = None
     if job is None or job.account_id != account_id:
-        raise PageError(404, "there is no such job of yours")
+        raise NotFound("there is no such job of yours")
     return job
 
 
@@ -154,7 +146,7 @@ def _requester(session: Session, job: JobRead) -> Requester:
     account pays and the same NSFW choice holds), else any identity of the account."""
     found = accounts.list_identities(session=session, account_id=job.account_id)
     if not found:
-        raise PageError(409, "this account has no chat identity to charge the job to")
+        raise Conflict("this account has no chat identity to charge the job to")
     identity = next((i for i in found if i.id == job.identity_id), found[0])
     return Requester(
         platform=identity.platform, platform_user_id=identity.platform_user_id,

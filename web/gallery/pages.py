@@ -11,18 +11,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlmodel import Session
 
-from core.errors import Forbidden, InvalidRequest
+from core.errors import InvalidRequest
 from core.infotext import parse_infotext
 from storage import accounts
 from storage import gallery as store
 from storage import jobs as job_repo
 from web.app import get_ctx
 from web.context import WebContext
-from web.gallery.common import PageError, db, own_image, page, parse_day, secured
+from web.gallery.common import PageRoute, own_image, page, parse_day, secured
 from web.gallery.make import new_nonce
 from web.session import HOME, current_account, open_link
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, route_class=PageRoute)
 PAGE_SIZE = 24
 Ctx = Annotated[WebContext, Depends(get_ctx)]
 Account = Annotated[int, Depends(current_account)]
@@ -33,10 +33,7 @@ async def sign_in(token: str, ctx: Ctx) -> Response:
     """A link from the bot: check it, set the session cookie, go to the short gallery URL.
     The target is fixed: no parameter of the request can send the browser elsewhere."""
     response = RedirectResponse(HOME, status_code=303)
-    try:
-        open_link(ctx, token, response)
-    except Forbidden as exc:
-        raise PageError(403, exc.message) from None
+    open_link(ctx, token, response)
     response.headers["Cache-Control"] = "no-store"
     secured(response)
     response.headers["Referrer-Policy"] = "no-referrer"  # this URL carries the token
@@ -61,24 +58,21 @@ async def grid(
     infinite scroll), the same page otherwise."""
     filters = {"q": q, "style": style, "model": model, "platform": platform,
                "since": since, "until": until}
-    try:
-        start = parse_day(since, "since")
-        end = parse_day(until, "until", end=True)
+    start = parse_day(since, "since")
+    end = parse_day(until, "until", end=True)
 
-        def read(s: Session) -> tuple[store.ImagePage, list[str]]:
-            # One trip to the database thread: the page, and (for a whole page) the
-            # platforms of the account's identities for the filter menu.
-            found = store.list_images(
-                session=s, account_id=account_id, before=before or None, limit=PAGE_SIZE,
-                style=style or None, model=model or None, platform=platform or None,
-                since=start, until=end, search=q or None,
-            )
-            ids = [] if partial else accounts.list_identities(session=s, account_id=account_id)
-            return found, sorted({i.platform for i in ids})
+    def read(s: Session) -> tuple[store.ImagePage, list[str]]:
+        # One trip to the database thread: the page, and (for a whole page) the
+        # platforms of the account's identities for the filter menu.
+        found = store.list_images(
+            session=s, account_id=account_id, before=before or None, limit=PAGE_SIZE,
+            style=style or None, model=model or None, platform=platform or None,
+            since=start, until=end, search=q or None,
+        )
+        ids = [] if partial else accounts.list_identities(session=s, account_id=account_id)
+        return found, sorted({i.platform for i in ids})
 
-        result, platforms = await db(ctx, read)
-    except InvalidRequest as exc:
-        raise PageError(400, exc.message) from None
+    result, platforms = await ctx.store(read, read_only=True)
     kept = {k: v for k, v in filters.items() if v}
     next_url = None
     if result.next_cursor:
@@ -106,7 +100,9 @@ class Facets:
 @router.get("/gallery/image/{image_id:int}")
 async def image_page(request: Request, image_id: int, ctx: Ctx, account_id: Account) -> Response:
     image = await own_image(ctx, account_id, image_id)
-    job = await db(ctx, lambda s: job_repo.get_job(session=s, job_id=image.job_id))
+    job = await ctx.store(
+        lambda s: job_repo.get_job(session=s, job_id=image.job_id), read_only=True
+    )
     try:
         info = parse_infotext(image.infotext) if image.infotext else None
     except InvalidRequest:

@@ -1,4 +1,5 @@
-"""Mounting the gallery on the app: its routers, static files and its error page."""
+"""Mounting the gallery on the app: its routers (whose errors are pages: ``PageRoute``), static
+files and the home page."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from core.signing import duration_text
 from web.app import get_ctx
 from web.context import WebContext
 from web.gallery import account, actions, make, pages
-from web.gallery.common import WEB_DIR, PageError, error_page, page, secured
+from web.gallery.common import WEB_DIR, page, secured
 from web.session import HOME, NotSignedIn, session_account
 
 Ctx = Annotated[WebContext, Depends(get_ctx)]
@@ -24,14 +25,6 @@ def install(app: FastAPI) -> None:
     app.include_router(make.router)
     app.include_router(account.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
-
-    @app.exception_handler(PageError)
-    async def _page_error(request: Request, exc: PageError) -> Response:
-        return error_page(request, exc)
-
-    @app.exception_handler(NotSignedIn)
-    async def _not_signed_in(request: Request, exc: NotSignedIn) -> Response:
-        return error_page(request, PageError(401, exc.message))
 
     @app.get("/", include_in_schema=False)
     async def _home(request: Request, ctx: Ctx) -> Response:

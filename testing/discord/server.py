@@ -19,9 +19,9 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from bots.discord.fake import payloads as p
-from bots.discord.fake.premium import Premium
-from bots.discord.fake.rest import (
+from testing.discord import payloads as p
+from testing.discord.premium import Premium
+from testing.discord.rest import (
     JSON,
     Call,
     DiscordError,

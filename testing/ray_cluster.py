@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from tests.conftest import free_port
+from testing.net import free_port
 
 
 def fake_cluster_config(

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from bots.discord.fake import payloads as p
+from testing.discord import payloads as p
 
 JSON = "application/json"  # exactly: discord.py does not decode "...; charset=utf-8"
 RESPOND_WITHIN_S = 3.0
@@ -140,7 +140,7 @@ class DiscordRest:
         r("DELETE", "/channels/{channel}/messages/{message}")(self._channel_delete)
         r("POST", "/users/@me/channels")(self._open_dm)
         r("POST", "/channels/{channel}/typing")(self._typing)
-        premium: Any = self  # the Premium mixin's routes (bots/discord/fake/premium.py)
+        premium: Any = self  # the Premium mixin's routes (testing/discord/premium.py)
         r("GET", "/applications/{app}/skus")(premium._list_skus)
         r("GET", "/applications/{app}/entitlements")(premium._list_entitlements)
         r("POST", "/applications/{app}/entitlements/{entitlement}/consume")(premium._consume)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from bots.discord.fake import payloads as p
+from testing.discord import payloads as p
 
 SUBSCRIPTION_SKU = 5  # SKU types: 2 durable, 3 consumable, 5 subscription
 CONSUMABLE_SKU = 3

@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import itertools
 import json
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+
+from testing.net import free_port
 
 BOT_ID = 900_000_001
 BOT_USERNAME = "atelier_test_bot"
@@ -519,12 +520,6 @@ class FakeTelegram:
             }
             for u in sorted(self.admins.get(chat_id, set()))
         ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _ApiError(Exception):
