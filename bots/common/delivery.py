@@ -44,6 +44,11 @@ class Undeliverable(Exception):
     """It can never be delivered (the chat is gone, the bot was blocked): ack and move on."""
 
 
+class NotSent(Exception):
+    """The platform answered that it refused a message (a bad request, a server error): it is
+    surely not in the chat. Retried like any failure, without doubt about what is out."""
+
+
 class DeliveryLoop:
     """Consumes ``atelier:deliveries:{frontend}`` in the front end's own consumer group.
 
