@@ -36,8 +36,11 @@ Error contract for ``edit`` and ``send_part`` (the delivery path): raise
 ``bots.common.delivery.RetryLater`` when the platform says "too many requests" (nothing was
 sent), ``Undeliverable`` when the chat is gone or the bot may no longer write there,
 ``NotSent`` when the platform answered that it refused the message for another reason (it is
-surely not in the chat). Anything else (a lost connection: the part may be out) is retried a
-few times by the delivery loop, and a later process says where to find it instead.
+surely not in the chat), ``NotAllowed`` (an ``Undeliverable``) where the bot may not post in
+the chat: the chat core then sends the part to the asker one to one (``Destination.private``),
+else says why on the job's status. Anything else (a lost connection: the part may be out)
+is retried a few times by the delivery loop, and a later process says where to find it
+instead.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class Destination:
     status_id: str | None = None
     # The asker's gallery link (a line of text), for images the platform cannot take.
     gallery: Callable[[], Awaitable[str]] | None = None
+    # To the asker one to one (their DMs) instead of the chat (where the bot may not post).
+    private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,7 @@ class Part:
     text: str = ""
     as_files: bool = False
     first: int = 1
+    intro: str = ""  # a line before the rest (why it comes here and not to the chat)
 
 
 class Outgoing(Protocol):

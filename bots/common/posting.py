@@ -5,15 +5,19 @@ posted (``post_result``). The port only sends one part at a time and says what h
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Sequence
+from dataclasses import replace
 
 from bots.common import texts
-from bots.common.delivery import NotSent, RetryLater, Undeliverable
+from bots.common.delivery import NotAllowed, NotSent, RetryLater, Undeliverable
 from bots.common.keyboards import Keyboard
-from bots.common.port import ChatPort, Destination, Part, Picture
+from bots.common.port import ChatPort, Destination, Outgoing, Part, Picture
 from bots.common.state import POSTED, POSTED_HERE_TTL_S, POSTED_TTL_S, BotState
+
+log = logging.getLogger(__name__)
 
 # Tells this bot process's "sending" notes from those of earlier processes (Posted.sending).
 PROCESS_MARK = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -135,15 +139,39 @@ async def post_result(
         if await posted.has(part.name):
             continue
         if not part.pictures:
-            await port.send_part(to, part, _Quiet())
+            await _send(port, to, part, _Quiet())
         elif await posted.in_doubt(part.name):
             numbers = list(range(part.first, part.first + len(part.pictures)))
             note = Part(part.name, (), part.keyboard, texts.maybe_posted(numbers))
-            await port.send_part(to, note, _Quiet())
+            await _send(port, to, note, _Quiet())
         else:
             try:
-                await port.send_part(to, part, _Marking(posted, part.name))
+                await _send(port, to, part, _Marking(posted, part.name))
             except (NotSent, RetryLater, Undeliverable):
                 await posted.not_sent(part.name)  # the platform answered: it is not out
                 raise
         await posted.add(part.name)
+
+
+async def _send(port: ChatPort, to: Destination, part: Part, outgoing: Outgoing) -> str:
+    """``part`` to the chat; where the bot may not post there, to the asker one to one with
+    the reason, else the reason on the job's status (then Undeliverable: nowhere to post)."""
+    try:
+        return await port.send_part(to, part, outgoing)
+    except NotAllowed as exc:
+        link = await to.gallery() if to.gallery is not None else "/gallery"
+        why = texts.no_post_here(exc.place, exc.missing, link)
+        if to.owner:
+            try:
+                return await port.send_part(
+                    replace(to, private=True), replace(part, intro=why), outgoing
+                )
+            except (NotSent, RetryLater, Undeliverable) as dm:
+                log.info("cannot send %s:%s the results privately (%s)", port.platform,
+                         to.owner, dm)
+        if to.status_id is not None:  # editing the bot's own message needs no permission
+            try:
+                await port.edit(to.chat_id, to.status_id, why, None)
+            except Exception as failed:  # best effort: the result is undeliverable anyway
+                log.info("could not say why on the status %s (%s)", to.status_id, failed)
+        raise Undeliverable(f"{exc} and no private message to the person") from exc

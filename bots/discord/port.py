@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bots.common.delivery import NotSent, RetryLater, Undeliverable
+from bots.common.delivery import NotAllowed, NotSent, RetryLater, Undeliverable
 from bots.common.keyboards import Keyboard
 from bots.common.port import Destination, Outgoing, Part
 from bots.discord.components import view_for
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 MESSAGE_LIMIT = 2000  # characters in a message's content
-NO_POST_HERE = (
-    "I could not post your images in <#{channel}>: I lack {missing} there. "
-    "Ask a server admin to allow it; meanwhile your images are in your gallery: {link}"
-)
 
 ALBUM_MAX = 10  # attachments in one message
 
@@ -228,7 +224,8 @@ class DiscordPort:
     async def send_part(self, to: Destination, part: Part, outgoing: Outgoing) -> str:
         """The pictures as attachments of one message (their captions as its lines) with the
         keyboard, or a text: a followup while the job's interaction token lives, else in the
-        channel, else by DM to the asker."""
+        channel (NotAllowed without Send Messages / Attach Files there); ``to.private``: by
+        DM to the asker."""
         hook = await self.hooks.get(to.status_id)
         files: list[discord.File] = []
         text = part.text
@@ -246,9 +243,15 @@ class DiscordPort:
                 )
                 for i, f in fitted
             ]
+        if part.intro:
+            text = part.intro + "\n" + text
         content, view = _content(text), view_for(part.keyboard)
         await outgoing.sending()
         try:
+            if to.private:
+                dm = await self.bot.create_dm(discord.Object(id=int(to.owner)))
+                dm_sent = await dm.send(content, files=files, view=view or discord.utils.MISSING)
+                return str(dm_sent.id)
             if hook is not None:
                 sent = await self._followup(hook, content, files, view)
                 if sent is not None:
@@ -284,46 +287,28 @@ class DiscordPort:
         files: list[discord.File],
         view: discord.ui.View | None,
     ) -> str:
-        chat_id, owner, status = to.chat_id, to.owner, to.status_id
-        channel = self.bot.get_channel(int(chat_id))
-        missing = _missing_permissions(channel, bool(files))
-        if not missing:
-            # The asker no longer watches the interaction: ping them, and them only.
-            mention, pings = "", discord.AllowedMentions.none()
-            if owner:
-                mention = f"<@{owner}> "
-                pings = discord.AllowedMentions(users=[discord.Object(id=int(owner))])
-            try:
-                sent = await self._channel(chat_id).send(
-                    _content(mention + content),
-                    files=files,
-                    view=view or discord.utils.MISSING,
-                    allowed_mentions=pings,
-                )
-                return str(sent.id)
-            except discord.Forbidden as exc:
-                missing = [exc.text or "permission"]
-            except discord.NotFound as exc:
-                raise Undeliverable(f"channel {chat_id} is gone") from exc
-        # Not allowed here: to the person directly, and say why where they asked.
-        for f in files:
-            f.reset()
-        link = await to.gallery() if to.gallery is not None else "/gallery"
-        why = NO_POST_HERE.format(channel=chat_id, missing=" and ".join(missing), link=link)
+        chat_id, owner = to.chat_id, to.owner
+        place = f"<#{chat_id}>"
+        missing = _missing_permissions(self.bot.get_channel(int(chat_id)), bool(files))
+        if missing:
+            raise NotAllowed(place, missing)  # never tried where it is not allowed
+        # The asker no longer watches the interaction: ping them, and them only.
+        mention, pings = "", discord.AllowedMentions.none()
         if owner:
-            try:
-                dm = await self.bot.create_dm(discord.Object(id=int(owner)))
-                dm_sent = await dm.send(
-                    _content(why + "\n" + content), files=files, view=view or discord.utils.MISSING
-                )
-                return str(dm_sent.id)
-            except discord.HTTPException as exc:
-                log.info("cannot DM discord:%s the results (%s)", owner, exc)
-        if status is not None:  # editing its own message needs no Send Messages
-            with contextlib.suppress(Undeliverable, RetryLater, discord.HTTPException):
-                await self._edit(chat_id, status, None, content=_content(why), view=None)
-        raise Undeliverable(f"channel {chat_id}: no permission to post ({', '.join(missing)}) "
-                            "and no DM to the person")
+            mention = f"<@{owner}> "
+            pings = discord.AllowedMentions(users=[discord.Object(id=int(owner))])
+        try:
+            sent = await self._channel(chat_id).send(
+                _content(mention + content),
+                files=files,
+                view=view or discord.utils.MISSING,
+                allowed_mentions=pings,
+            )
+        except discord.Forbidden as exc:
+            raise NotAllowed(place, [exc.text or "permission"]) from exc
+        except discord.NotFound as exc:
+            raise Undeliverable(f"channel {chat_id} is gone") from exc
+        return str(sent.id)
 
     def _size_limit(self, chat_id: str) -> int:
         channel = self.bot.get_channel(int(chat_id))
