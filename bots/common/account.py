@@ -104,7 +104,7 @@ async def settings(core: ChatCore, who: Who) -> Say:
     if who.private:
         prefs = await core.prefs.user(who.user_id)
         return settings_view(prefs, who.user_id, private=True, model=core.client.models.get())
-    if not await core.port.is_admin(who.chat_id, who.user_id):
+    if not await core.port.is_admin(who.chat_id, who.user_id, via=who.via):
         return Say(
             texts.ADMINS_ONLY + " Your personal defaults are in /settings in a private chat."
         )

@@ -116,9 +116,13 @@ async def _pick_style(core: ChatCore, press: Press, pressed: Button) -> str | No
     page = pressed.index if pressed.arg else 0
     markup = keyboards.styles(core.styles, page, pressed.owner, job_id=pressed.job_id)
     if pressed.arg and press.message_id is not None:
-        await core.port.edit_keyboard(press.who.chat_id, press.message_id, markup)  # a page turn
+        await core.port.edit_keyboard(  # a page turn
+            press.who.chat_id, press.message_id, markup, via=press.who.via
+        )
     else:
-        await core.port.send(press.who.chat_id, texts.restyle_picker_text(), markup)
+        await core.port.send(
+            press.who.chat_id, texts.restyle_picker_text(), markup, via=press.who.via
+        )
     return None
 
 
@@ -132,7 +136,7 @@ async def _gallery(core: ChatCore, press: Press, pressed: Button) -> str | None:
     who = press.who
     text = await account.gallery_link_text(core, who.user_id)
     if who.private:
-        await core.port.send(who.chat_id, text)
+        await core.port.send(who.chat_id, text, via=who.via)
         return None
     if not await core.port.send_private(who.user_id, text):
         return texts.PRIVATE_ONLY.format(command="/gallery")
@@ -148,7 +152,10 @@ async def _cancel(core: ChatCore, press: Press, pressed: Button) -> str | None:
         # Cancelled before it started: say so now, whatever the delivery stream does.
         stop_watching(core, pressed.job_id)
         credits = await core.credits_left(who.user_id)
-        show_status(core, who.chat_id, press.message_id, texts.cancelled(credits), None, final=True)
+        show_status(
+            core, who.chat_id, press.message_id, texts.cancelled(credits), None, final=True,
+            via=who.via,
+        )
     return texts.cancel_asked(status)
 
 
@@ -156,7 +163,7 @@ async def _styles_page(core: ChatCore, press: Press, pressed: Button) -> str | N
     if press.message_id is None or pressed.owner is None:
         return None
     markup = keyboards.styles(core.styles, pressed.index, pressed.owner)
-    await core.port.edit_keyboard(press.who.chat_id, press.message_id, markup)
+    await core.port.edit_keyboard(press.who.chat_id, press.message_id, markup, via=press.who.via)
     return None
 
 
@@ -167,7 +174,9 @@ async def _set_style(core: ChatCore, press: Press, pressed: Button) -> str | Non
     prefs = await core.prefs.user(user)
     await core.prefs.set_user(user, prefs.model_copy(update={"style": style}))
     if press.message_id is not None:
-        await core.port.edit(press.who.chat_id, press.message_id, texts.style_set_text(style))
+        await core.port.edit(
+            press.who.chat_id, press.message_id, texts.style_set_text(style), via=press.who.via
+        )
     return texts.style_set_text(style)
 
 
@@ -194,7 +203,9 @@ async def _setting(core: ChatCore, press: Press, pressed: Button) -> str | None:
         view = account.settings_view(
             prefs, who.user_id, private=who.private, model=core.client.models.get()
         )
-        await core.port.edit(who.chat_id, press.message_id, view.text, view.keyboard)
+        await core.port.edit(
+            who.chat_id, press.message_id, view.text, view.keyboard, via=who.via
+        )
     return "Saved."
 
 
@@ -202,7 +213,7 @@ async def _group_setting(core: ChatCore, press: Press, pressed: Button) -> str |
     who = press.who
     if who.private:
         return None
-    if not await core.port.is_admin(who.chat_id, who.user_id):
+    if not await core.port.is_admin(who.chat_id, who.user_id, via=who.via):
         return texts.ADMINS_ONLY
     group = await core.prefs.group(who.chat_id)
     key, _, value = pressed.arg.partition("=")
@@ -216,7 +227,9 @@ async def _group_setting(core: ChatCore, press: Press, pressed: Button) -> str |
     log.info("group %s: settings changed by admin %s: %s", who.chat_id, who.user_id, pressed.arg)
     if press.message_id is not None:
         view = account.group_settings_view(group)
-        await core.port.edit(who.chat_id, press.message_id, view.text, view.keyboard)
+        await core.port.edit(
+            who.chat_id, press.message_id, view.text, view.keyboard, via=who.via
+        )
     return "Saved."
 
 

@@ -44,6 +44,22 @@ class Undeliverable(Exception):
     """It can never be delivered (the chat is gone, the bot was blocked): ack and move on."""
 
 
+class NotAllowed(Undeliverable):
+    """The bot may not post in the chat: ``place`` (as the platform writes it, for the person
+    to read) and what it lacks there, as the platform names it (``missing``). The chat core
+    then posts to the person one to one, else says why on the job's status."""
+
+    def __init__(self, place: str, missing: list[str]) -> None:
+        super().__init__(f"no permission to post in {place} ({', '.join(missing)})")
+        self.place = place
+        self.missing = missing
+
+
+class NotSent(Exception):
+    """The platform answered that it refused a message (a bad request, a server error): it is
+    surely not in the chat. Retried like any failure, without doubt about what is out."""
+
+
 class DeliveryLoop:
     """Consumes ``atelier:deliveries:{frontend}`` in the front end's own consumer group.
 

@@ -8,13 +8,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from bots.common import keyboards, texts
+from bots.common import account, keyboards, texts
 from bots.common.core import ChatCore
 from bots.common.delivery import Undeliverable
 from bots.common.keyboards import Keyboard
-from bots.common.port import Picture, Posted, Who
+from bots.common.port import Destination, Picture, Who
+from bots.common.posting import Posted, post_result
 from bots.common.requests import ModelSizes, img2img, parse_prompt, upscaled_size
 from bots.common.state import DRAFT, DRAFT_TTL_S
 from cluster.client import Quote, SubmittedJob
@@ -94,10 +96,18 @@ async def imagine(
         checked = await check(core, who, text, idempotency_key=idempotency_key, photo=photo)
         return await start_checked(core, who, checked)
     except AtelierError as exc:
-        await core.port.send(
-            who.chat_id, await core.error_text(who.user_id, exc), reply_to=who.message_id
-        )
+        await refuse(core, who, exc)
         return None
+
+
+async def refuse(core: ChatCore, who: Who, exc: AtelierError) -> None:
+    """Say why a prompt was refused, in one line, where refusals go: to the asker alone where
+    the platform can (a Discord ephemeral answer, which replaces nothing public), else as a
+    reply to their message."""
+    text = await core.error_text(who.user_id, exc)
+    await core.port.send(
+        who.chat_id, text, reply_to=who.message_id, via=who.via, private=True
+    )
 
 
 async def preview(core: ChatCore, who: Who, text: str, *, draft_id: str) -> None:
@@ -108,9 +118,7 @@ async def preview(core: ChatCore, who: Who, text: str, *, draft_id: str) -> None
         request, _ = await _request_from(core, who, text, None)
         quote = await core.client.quote(request, requester, draft_key(core, who, draft_id))
     except AtelierError as exc:
-        await core.port.send(
-            who.chat_id, await core.error_text(who.user_id, exc), reply_to=who.message_id
-        )
+        await refuse(core, who, exc)
         return
     if quote.repeat_of is not None:
         return  # the same message again, already imagined
@@ -121,6 +129,7 @@ async def preview(core: ChatCore, who: Who, text: str, *, draft_id: str) -> None
         texts.preview(quote.request, quote.cost, quote.credits),
         keyboards.imagine(who.user_id, draft_id),
         reply_to=who.message_id,
+        via=who.via,
     )
 
 
@@ -202,8 +211,11 @@ async def start_checked(
         return None
     request = quote.request
     status = await core.port.send(
-        chat, texts.queued(request.prompt, None), reply_to=reply_to or who.message_id
+        chat, texts.queued(request.prompt, None), reply_to=reply_to or who.message_id,
+        via=who.via,
     )
+    if status is None:
+        raise RuntimeError(f"the {core.platform} port gave no id for the status in {chat}")
     delivery = DeliveryTarget(
         frontend=core.platform,
         chat_id=chat,
@@ -243,11 +255,13 @@ def show_status(
     keyboard: Keyboard | None,
     *,
     final: bool = False,
+    via: object = None,
 ) -> None:
-    """Show ``text`` on a job's status message soon (edits are throttled per chat)."""
+    """Show ``text`` on a job's status message soon (edits are throttled per chat). ``via``:
+    the event being answered (``Who.via``), when a press on that message asks for it."""
 
     async def send(payload: tuple[str, Keyboard | None]) -> None:
-        await core.port.edit(chat_id, message_id, payload[0], payload[1])
+        await core.port.edit(chat_id, message_id, payload[0], payload[1], via=via)
 
     core.editor.update(chat_id, message_id, (text, keyboard), send, final=final)
 
@@ -317,7 +331,8 @@ async def deliver(core: ChatCore, event: JobEvent) -> None:
     chat_id = target.chat_id
     owner = target.extra.get("owner", "")
     if event.kind is EventKind.done:
-        prompt = await _post_images(core, event, chat_id, owner, bool(target.extra.get("original")))
+        to = Destination(chat_id, owner, target.message_id or None, _gallery(core, owner))
+        prompt = await _post_images(core, event, to, bool(target.extra.get("original")))
         final = texts.finished(prompt, len(event.images))
     elif event.kind is EventKind.failed:
         final = texts.failed(event.reason, await core.credits_left(owner) if owner else None)
@@ -327,9 +342,18 @@ async def deliver(core: ChatCore, event: JobEvent) -> None:
         show_status(core, chat_id, target.message_id, final, None, final=True)
 
 
-async def _post_images(
-    core: ChatCore, event: JobEvent, chat_id: str, owner: str, original: bool
-) -> str:
+def _gallery(core: ChatCore, owner: str) -> Callable[[], Awaitable[str]] | None:
+    """The asker's gallery link, made only when a result needs it."""
+    if not owner:
+        return None
+
+    async def text() -> str:
+        return await account.gallery_link_text(core, owner)
+
+    return text
+
+
+async def _post_images(core: ChatCore, event: JobEvent, to: Destination, original: bool) -> str:
     """Post the images (each part once); returns the job's prompt."""
     job = await core.client.job(event.job_id)
     refs = sorted(event.images, key=lambda r: r.index)
@@ -346,11 +370,13 @@ async def _post_images(
     ]
     as_files = original or any(len(png) > core.port.photo_max_bytes for png in pngs)
     # U buttons only on images an upscale can grow (the owner's tier and the model cap it).
+    owner = to.owner
     cap = await core.upscale_cap(owner, job.request.model) if owner else 0
     fits = [n for n, ref in enumerate(refs, 1) if upscaled_size(ref.width, ref.height, cap)]
     keyboard = keyboards.results(job.id, owner, len(refs), upscale=fits)
-    await core.port.post_images(
-        chat_id,
+    await post_result(
+        core.port,
+        to,
         pictures,
         keyboard,
         as_files=as_files,

@@ -8,10 +8,16 @@ An adapter's whole job is two-way translation:
   (``Say``, ``Answer``); the adapter shows it natively (a reply, a toast or an ephemeral
   message). A button press is answered by the adapter with the returned ``Answer``, since only
   it holds the platform's press object (Telegram's callback query, Discord's interaction).
-- "show this status / post these images with these buttons" -> platform calls: the
-  ``ChatPort`` methods below, called by the use-cases. Ids (chats, messages, users) are
-  strings; keyboards are ``bots.common.keyboards.Keyboard`` (rows of label + button data),
-  rendered natively by the adapter (split a row longer than the platform allows).
+  Where a platform answers an event through the event itself (Discord's interaction), the
+  adapter puts its handle in ``Who.via``; the use-cases hand it back to every port call made
+  for that person (``via=``), so the port needs no memory of "the event being handled".
+- "send / edit / delete this one message" -> platform calls: the ``ChatPort`` methods below,
+  called by the use-cases. Ids (chats, messages, users) are strings; keyboards are
+  ``bots.common.keyboards.Keyboard`` (rows of label + button data), rendered natively by the
+  adapter (split a row longer than the platform allows). A result is posted part by part
+  (``send_part``): which parts a result has, which are out already (so a restart mid-delivery
+  posts each once), and the job's owner, status message and captions are the chat core's
+  (``bots.common.posting``, ``bots.common.jobs.deliver``), never the adapter's.
 
 Lifecycle: build a ``bots.common.core.ChatCore`` with the port and a ``DeliveryLoop`` whose
 handler is ``bots.common.jobs.deliver``; call ``bots.common.jobs.start(core)`` once connected
@@ -20,27 +26,30 @@ handler is ``bots.common.jobs.deliver``; call ``bots.common.jobs.start(core)`` o
 
 Use-cases an adapter calls: ``jobs.imagine`` (a prompt, optionally with a photo's bytes;
 or its two halves, ``jobs.check`` then ``jobs.start_checked``, where the platform must choose
-before answering whether the answer is public: a refusal then goes to the asker alone),
-``jobs.preview`` (plain text: a priced preview with an Imagine button), ``actions.on_press``
-(any button), and ``account.*`` (credits, gallery, history, cancel, link, styles, settings).
-Everything is checked and priced before anything is posted: a refusal is one line.
+before answering whether the answer is public; ``jobs.refuse`` then says a refusal where
+refusals go), ``jobs.preview`` (plain text: a priced preview with an Imagine button),
+``actions.on_press`` (any button), and ``account.*`` (credits, gallery, history, cancel, link,
+styles, settings). Everything is checked and priced before anything is posted: a refusal is
+one line.
 
-Error contract for ``edit`` and ``post_images`` (the delivery path): raise
+Error contract for ``edit`` and ``send_part`` (the delivery path): raise
 ``bots.common.delivery.RetryLater`` when the platform says "too many requests" (nothing was
-sent), ``Undeliverable`` when the chat is gone or the bot may no longer write there. Anything
-else is retried a few times by the delivery loop.
+sent), ``Undeliverable`` when the chat is gone or the bot may no longer write there,
+``NotSent`` when the platform answered that it refused the message for another reason (it is
+surely not in the chat), ``NotAllowed`` (an ``Undeliverable``) where the bot may not post in
+the chat: the chat core then sends the part to the asker one to one (``Destination.private``),
+else says why on the job's status. Anything else (a lost connection: the part may be out)
+is retried a few times by the delivery loop, and a later process says where to find it
+instead.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from bots.common.keyboards import Keyboard
-from bots.common.state import POSTED, POSTED_HERE_TTL_S, POSTED_TTL_S, BotState
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,10 @@ class Who:
     # The person's message being answered: the status of a job quotes it where the platform
     # does that (Telegram groups); None for none.
     message_id: str | None = None
+    # The adapter's handle on the event being answered (Discord: the interaction, with
+    # whether its deferred "thinking" message is still up), passed back to the port as
+    # ``via``; None where the platform answers in the chat (Telegram).
+    via: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,63 +105,48 @@ class Picture:
     caption: str
 
 
-# Tells this bot process's "sending" notes from those of earlier processes (Posted.sending).
-PROCESS_MARK = f"{os.getpid()}-{secrets.token_hex(4)}"
-NOT_SENT = "refused"
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a finished job's result goes, as its delivery event says (the port never reads
+    the job back): the chat, the asker, the job's status message (on Discord it names the
+    interaction whose webhook may still post there)."""
+
+    chat_id: str
+    owner: str = ""  # the asker's platform user id; "" when unknown
+    status_id: str | None = None
+    # The asker's gallery link (a line of text), for images the platform cannot take.
+    gallery: Callable[[], Awaitable[str]] | None = None
+    # To the asker one to one (their DMs) instead of the chat (where the bot may not post).
+    private: bool = False
 
 
-class Posted:
-    """The parts of a job's result already in the chat, kept in the bot state: a delivery
-    retried after flood control or a restart posts only what is missing. Adapters name the
-    parts they post (``"1"``, ``"album0"``, ``"buttons"``...) and check them before posting.
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One message of a result (``bots.common.posting`` plans them): up to
+    ``ChatPort.album_max`` pictures with their captions, or none and ``text``; the keyboard
+    under it (None: none). ``as_files``: the pictures go as files (PNG with its infotext),
+    not compressed photos. ``first``: the number (1-based) of its first picture in the
+    whole result."""
 
-    ``here``: the same marks in this process's memory, written first. A part is out once the
-    platform said so; when the state cannot record it then (Redis down, or back empty after a
-    restart without persistence), the retry must still not post it a second time."""
+    name: str
+    pictures: tuple[Picture, ...] = ()
+    keyboard: Keyboard | None = None
+    text: str = ""
+    as_files: bool = False
+    first: int = 1
+    intro: str = ""  # a line before the rest (why it comes here and not to the chat)
 
-    def __init__(
-        self, state: BotState, platform: str, job_id: str, here: BotState | None = None
-    ) -> None:
-        self.state = state
-        self.platform = platform
-        self.job_id = job_id
-        self.here = here
 
-    def _key(self, part: str) -> str:
-        return POSTED.format(platform=self.platform, job=self.job_id, part=part)
+class Outgoing(Protocol):
+    """What a port tells while a part goes out, for the posted-parts journal."""
 
-    async def has(self, part: str) -> bool:
-        if self.here is not None and await self.here.get(self._key(part)) is not None:
-            return True
-        return await self.state.get(self._key(part)) is not None
+    async def sending(self) -> None:
+        """The upload starts now (after any wait for its turn)."""
+        ...
 
-    async def add(self, part: str) -> None:
-        if self.here is not None:
-            await self.here.set(self._key(part), "1", POSTED_HERE_TTL_S)
-        await self.state.set(self._key(part), "1", POSTED_TTL_S)
-
-    async def in_doubt(self, part: str) -> bool:
-        """An earlier bot process began uploading ``part`` (``sending``) and was never heard
-        from again: it may have died between the platform taking the upload and the answer
-        being recorded, so ``part`` may be in the chat already, and posting it again could
-        show it twice (Telegram has no idempotency key). The adapter then says where to find
-        it instead."""
-        if self.here is None:
-            return False
-        earlier = await self.here.get(self._key(part) + ":sending")
-        return earlier not in (None, PROCESS_MARK, NOT_SENT)
-
-    async def sending(self, part: str) -> None:
-        """Note (in ``here``, the bot's journal) that ``part`` goes out now: called at the last
-        moment before the upload, after any wait for its turn."""
-        if self.here is not None:
-            await self.here.set(self._key(part) + ":sending", PROCESS_MARK, POSTED_HERE_TTL_S)
-
-    async def not_sent(self, part: str) -> None:
-        """The platform answered that ``part`` was refused (flood control, a bad request): a
-        later process may post it without doubt."""
-        if self.here is not None:
-            await self.here.set(self._key(part) + ":sending", NOT_SENT, POSTED_HERE_TTL_S)
+    async def refused(self) -> None:
+        """The platform answered "not now" to a try the port makes again itself."""
+        ...
 
 
 class ChatPort(Protocol):
@@ -165,6 +163,17 @@ class ChatPort(Protocol):
         """Images larger than this are sent as files (or as the platform allows)."""
         ...
 
+    @property
+    def album_max(self) -> int:
+        """The most pictures one message carries."""
+        ...
+
+    @property
+    def keyboard_on_album(self) -> bool:
+        """A message of several pictures can carry a keyboard (Discord); else the keyboard of
+        a result of several pictures goes in a message of its own (Telegram)."""
+        ...
+
     async def send(
         self,
         chat_id: str,
@@ -172,18 +181,30 @@ class ChatPort(Protocol):
         keyboard: Keyboard | None = None,
         *,
         reply_to: str | None = None,
-    ) -> str:
-        """Post a message (a status, a refusal, a picker); return its message id."""
+        via: object = None,
+        private: bool = False,
+    ) -> str | None:
+        """Post a message (a status, a refusal, a picker); return its message id. ``via``:
+        the event being answered (``Who.via``). ``private``: for the person alone where
+        the platform can (Discord's ephemeral answer; its id is not needed: None)."""
         ...
 
     async def edit(
-        self, chat_id: str, message_id: str, text: str, keyboard: Keyboard | None = None
+        self,
+        chat_id: str,
+        message_id: str,
+        text: str,
+        keyboard: Keyboard | None = None,
+        *,
+        via: object = None,
     ) -> None:
         """Replace a message's text and keyboard (``None``: no keyboard). An edit that changes
         nothing is not an error. Raise RetryLater under flood control."""
         ...
 
-    async def edit_keyboard(self, chat_id: str, message_id: str, keyboard: Keyboard) -> None:
+    async def edit_keyboard(
+        self, chat_id: str, message_id: str, keyboard: Keyboard, *, via: object = None
+    ) -> None:
         """Replace only a message's keyboard (turning a page of a picker)."""
         ...
 
@@ -195,7 +216,7 @@ class ChatPort(Protocol):
         """Message the person one to one; False when the platform does not let the bot."""
         ...
 
-    async def is_admin(self, chat_id: str, user_id: str) -> bool:
+    async def is_admin(self, chat_id: str, user_id: str, *, via: object = None) -> bool:
         """True when the person may change the chat's (group's, server's) settings."""
         ...
 
@@ -204,16 +225,8 @@ class ChatPort(Protocol):
         best effort, called every few seconds. May do nothing."""
         ...
 
-    async def post_images(
-        self,
-        chat_id: str,
-        pictures: Sequence[Picture],
-        keyboard: Keyboard,
-        *,
-        as_files: bool,
-        posted: Posted,
-    ) -> None:
-        """Post a finished job's images with the result keyboard, each part once (skip parts
-        ``posted`` has, ``posted.add`` each right after it is out). ``as_files``: as files
-        (PNG with its infotext), not compressed photos."""
+    async def send_part(self, to: Destination, part: Part, outgoing: Outgoing) -> str:
+        """Post one part of a result to ``to``; return its (first) message id. Call
+        ``outgoing.sending`` at the last moment before an upload and ``outgoing.refused``
+        when the platform refuses a try the port repeats itself. Errors: see above."""
         ...

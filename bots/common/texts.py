@@ -211,6 +211,13 @@ def maybe_posted(numbers: list[int]) -> str:
             "open it from your gallery (/gallery): it is saved there.")
 
 
+def no_post_here(place: str, missing: list[str], link: str) -> str:
+    """Why the results went by private message (or nowhere): the bot may not post in
+    ``place`` (as the platform writes it, e.g. ``<#123>``), lacking ``missing``."""
+    return (f"I could not post your images in {place}: I lack {' and '.join(missing)} there. "
+            f"Ask a server admin to allow it; meanwhile your images are in your gallery: {link}")
+
+
 def album_buttons_note(images: int) -> str:
     return f"Your {images} images: V = variation, U = upscale (numbered left to right)."
 

@@ -14,7 +14,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bots.common import account, actions, jobs, texts
+from bots.common import actions, jobs, texts
 from bots.common.delivery import DeliveryLoop
 from bots.common.port import Press
 from bots.common.progress import DEFAULT_INTERVAL_S, ProgressEditor
@@ -22,7 +22,7 @@ from bots.common.state import BotState
 from bots.discord.chat import DiscordCore, ServerPrefs, who
 from bots.discord.components import ChatButton
 from bots.discord.hooks import Hooks
-from bots.discord.port import PLATFORM, DiscordPort, answering
+from bots.discord.port import PLATFORM, DiscordPort
 from cluster.broker import Broker
 from cluster.client import Client
 from cluster.events import JobEvent
@@ -110,13 +110,9 @@ class AtelierBot(commands.Bot):
         )
         self.core.prefs = ServerPrefs(state, self)
 
-        async def gallery_text(user_id: str) -> str:
-            return await account.gallery_link_text(self.core, user_id)
-
         async def handle(event: JobEvent) -> None:
             await jobs.deliver(self.core, event)
 
-        self.port.gallery_text = gallery_text
         self.core.delivery = DeliveryLoop(
             broker,
             PLATFORM,
@@ -152,8 +148,7 @@ class AtelierBot(commands.Bot):
             return
         message_id = str(interaction.message.id) if interaction.message is not None else None
         press = Press(who(interaction), data, str(interaction.id), message_id)
-        with answering(interaction):
-            answer = await actions.on_press(self.core, press)
+        answer = await actions.on_press(self.core, press)
         if answer.text:
             await say(interaction, answer.text)
 

@@ -15,22 +15,29 @@ from bots.common.port import Who
 from bots.common.prefs import GroupPrefs, PrefsStore
 from bots.common.state import BotState
 from bots.discord import guilds
-from bots.discord.port import PLATFORM, reply_key
+from bots.discord.port import PLATFORM, Reply, reply_key
 from core.jobs import Requester
 
 if TYPE_CHECKING:
     from bots.discord.bot import AtelierBot
 
 
-def who(interaction: discord.Interaction[Any], *, private: bool | None = None) -> Who:
-    """The person and channel of ``interaction``; a reply to it answers the interaction.
-    ``private``: the answer is for the person only (an ephemeral reply), whatever the place."""
+def who(
+    interaction: discord.Interaction[Any],
+    *,
+    private: bool | None = None,
+    via: Reply | None = None,
+) -> Who:
+    """The person and channel of ``interaction``; a reply to it answers the interaction
+    (through ``via``, a new ``Reply`` unless given). ``private``: the answer is for the person
+    only (an ephemeral reply), whatever the place."""
     return Who(
         user_id=str(interaction.user.id),
         chat_id=str(interaction.channel_id),
         private=interaction.guild_id is None if private is None else private,
         name=interaction.user.display_name,
         message_id=reply_key(interaction),
+        via=via if via is not None else Reply(interaction),
     )
 
 

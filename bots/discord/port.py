@@ -1,24 +1,23 @@
 """``DiscordPort``: the chat core's port (``bots.common.port.ChatPort``) over discord.py.
-A reply to the interaction being handled goes through it (its deferred response first, then
-followups); later edits and results go through the interaction's webhook while its token lives,
-then through the channel (Send Messages / Attach Files checked), then by DM. Images are
-attachments within the place's upload limit; what does not fit goes as a gallery link."""
+A reply to the interaction being answered (a ``Reply``, handed in as ``via``) goes through it
+(its deferred response first, then followups; a private one as an ephemeral answer); later
+edits and results go through the interaction's webhook while its token lives, then through the
+channel (Send Messages / Attach Files checked), then by DM. Images are attachments within the
+place's upload limit; what does not fit goes as a gallery link."""
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import io
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bots.common import texts
-from bots.common.delivery import RetryLater, Undeliverable
+from bots.common.delivery import NotAllowed, NotSent, RetryLater, Undeliverable
 from bots.common.keyboards import Keyboard
-from bots.common.port import Picture, Posted
+from bots.common.port import Destination, Outgoing, Part
 from bots.discord.components import view_for
 from bots.discord.files import fit_all
 from bots.discord.hooks import DEFAULT_SIZE_LIMIT, Hook, Hooks, hook_of
@@ -30,30 +29,27 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 MESSAGE_LIMIT = 2000  # characters in a message's content
-NO_POST_HERE = (
-    "I could not post your images in <#{channel}>: I lack {missing} there. "
-    "Ask a server admin to allow it; meanwhile your images are in your gallery: {link}"
-)
 
-# The interaction being handled in this task: a reply to it answers through it.
-_current: contextvars.ContextVar[discord.Interaction[Any] | None] = contextvars.ContextVar(
-    "discord_interaction", default=None
-)
+ALBUM_MAX = 10  # attachments in one message
+
+
+@dataclass(eq=False)
+class Reply:
+    """The interaction being answered, as ``Who.via``: replies to its asker go through it.
+    ``thinking``: it was deferred with a public "thinking" message, which the first reply
+    replaces (or which goes, never edited to say something private)."""
+
+    interaction: discord.Interaction[Any]
+    thinking: bool = False
+
+
+def interaction_of(via: object) -> discord.Interaction[Any] | None:
+    return via.interaction if isinstance(via, Reply) else None
 
 
 def reply_key(interaction: discord.Interaction[Any]) -> str:
     """What a ``Who.message_id`` holds for an interaction: replies to it answer through it."""
     return f"i{interaction.id}"
-
-
-@contextlib.contextmanager
-def answering(interaction: discord.Interaction[Any]) -> Iterator[None]:
-    """Within this block, the port answers ``interaction`` itself where it can."""
-    token = _current.set(interaction)
-    try:
-        yield
-    finally:
-        _current.reset(token)
 
 
 def _content(text: str) -> str:
@@ -65,25 +61,12 @@ class DiscordPort:
 
     platform = PLATFORM
     photo_max_bytes = DEFAULT_SIZE_LIMIT  # Discord sends every image as a file anyway
+    album_max = ALBUM_MAX
+    keyboard_on_album = True
 
     def __init__(self, bot: AtelierBot, hooks: Hooks) -> None:
         self.bot = bot
         self.hooks = hooks
-        # The gallery link of a person, for results that cannot be attached (set by the bot).
-        self.gallery_text: Callable[[str], Awaitable[str]] | None = None
-        # Interactions whose deferred "thinking" response is still to be replaced.
-        self._thinking: set[int] = set()
-
-    def thinking(self, interaction: discord.Interaction[Any]) -> None:
-        """``interaction`` was deferred with a "thinking" message: the first reply replaces it."""
-        self._thinking.add(interaction.id)
-
-    def still_thinking(self, interaction: discord.Interaction[Any]) -> bool:
-        """Its "thinking" message is still there: no reply has replaced it."""
-        return interaction.id in self._thinking
-
-    def done_with(self, interaction: discord.Interaction[Any]) -> None:
-        self._thinking.discard(interaction.id)
 
     def _webhook(self, hook: Hook) -> discord.Webhook:
         assert self.bot.application_id is not None
@@ -104,19 +87,35 @@ class DiscordPort:
         keyboard: Keyboard | None = None,
         *,
         reply_to: str | None = None,
-    ) -> str:
+        via: object = None,
+        private: bool = False,
+    ) -> str | None:
         view = view_for(keyboard)
         content = _content(text)
-        inter = _current.get()
-        if inter is not None and str(inter.channel_id) == chat_id and not inter.is_expired():
+        if private and isinstance(via, Reply):
+            await self._private(via, content, view)
+            return None
+        inter = interaction_of(via)
+        if (
+            isinstance(via, Reply)
+            and inter is not None  # for mypy: a Reply has one
+            and str(inter.channel_id) == chat_id
+            and not inter.is_expired()
+        ):
             hook = hook_of(inter)
             message: discord.Message
-            if inter.id in self._thinking:
-                self._thinking.discard(inter.id)
+            if via.thinking:
+                via.thinking = False
                 message = await inter.edit_original_response(content=content, view=view)
             elif not inter.response.is_done():
-                await inter.response.send_message(content, view=view or discord.utils.MISSING)
-                message = await inter.original_response()
+                answered = await inter.response.send_message(
+                    content, view=view or discord.utils.MISSING
+                )
+                # Discord returns the message it made; read it back only where it did not.
+                made = answered.resource
+                message = (
+                    made if isinstance(made, discord.Message) else await inter.original_response()
+                )
             else:
                 message = await inter.followup.send(
                     content, view=view or discord.utils.MISSING, wait=True
@@ -126,18 +125,43 @@ class DiscordPort:
         sent = await self._channel(chat_id).send(content, view=view or discord.utils.MISSING)
         return str(sent.id)
 
+    async def _private(self, reply: Reply, content: str, view: discord.ui.View | None) -> None:
+        """For the asker alone: the first answer where nothing was shown yet, else an
+        ephemeral followup once the public "thinking" message is gone."""
+        inter = reply.interaction
+        extra: dict[str, Any] = {"view": view} if view is not None else {}
+        if not inter.response.is_done():
+            try:
+                await inter.response.send_message(content, ephemeral=True, **extra)
+            except discord.HTTPException as exc:  # too late: Discord dropped the interaction
+                log.info("could not answer interaction %s: %s", inter.id, exc)
+            return
+        if reply.thinking:
+            await drop_thinking(reply)
+        await inter.followup.send(content, ephemeral=True, **extra)
+
     async def edit(
-        self, chat_id: str, message_id: str, text: str, keyboard: Keyboard | None = None
+        self,
+        chat_id: str,
+        message_id: str,
+        text: str,
+        keyboard: Keyboard | None = None,
+        *,
+        via: object = None,
     ) -> None:
-        await self._edit(chat_id, message_id, content=_content(text), view=view_for(keyboard))
+        await self._edit(
+            chat_id, message_id, via, content=_content(text), view=view_for(keyboard)
+        )
 
-    async def edit_keyboard(self, chat_id: str, message_id: str, keyboard: Keyboard) -> None:
-        await self._edit(chat_id, message_id, view=view_for(keyboard))
+    async def edit_keyboard(
+        self, chat_id: str, message_id: str, keyboard: Keyboard, *, via: object = None
+    ) -> None:
+        await self._edit(chat_id, message_id, via, view=view_for(keyboard))
 
-    async def _edit(self, chat_id: str, message_id: str, **fields: Any) -> None:
-        """Through the press being handled (its message, ephemeral ones too), else the
+    async def _edit(self, chat_id: str, message_id: str, via: object, **fields: Any) -> None:
+        """Through the press being answered (its message, ephemeral ones too), else the
         message's live webhook, else the channel."""
-        inter = _current.get()
+        inter = interaction_of(via)
         try:
             if (
                 inter is not None
@@ -184,10 +208,10 @@ class DiscordPort:
             return False
         return True
 
-    async def is_admin(self, chat_id: str, user_id: str) -> bool:
-        """Manage Server, as the interaction being handled says (Discord sends the member's
+    async def is_admin(self, chat_id: str, user_id: str, *, via: object = None) -> bool:
+        """Manage Server, as the interaction being answered says (Discord sends the member's
         permissions with each interaction; the bot keeps no member list)."""
-        inter = _current.get()
+        inter = interaction_of(via)
         if inter is None or str(inter.user.id) != user_id:
             return False
         return inter.permissions.manage_guild
@@ -197,61 +221,55 @@ class DiscordPort:
 
     # Results -------------------------------------------------------------------------------
 
-    async def post_images(
-        self,
-        chat_id: str,
-        pictures: Sequence[Picture],
-        keyboard: Keyboard,
-        *,
-        as_files: bool,
-        posted: Posted,
-    ) -> None:
-        """The images as attachments of one message with the buttons: a followup while the
-        job's interaction token lives, else in the channel, else by DM to the asker."""
-        if not pictures or await posted.has("1"):
-            return
-        job = await self.bot.client.job(posted.job_id)
-        owner = job.delivery.extra.get("owner", "")
-        hook = await self.hooks.get(job.delivery.message_id)
-        limit = hook.size_limit if hook is not None else self._size_limit(chat_id)
-        fitted, left_out = fit_all([(p.png, p.filename) for p in pictures], limit)
-        lines = [f"{i + 1}. {p.caption}" for i, p in enumerate(pictures)]
-        if left_out and owner and self.gallery_text is not None:
-            numbers = ", ".join(str(i + 1) for i in left_out)
-            lines.append(f"Too large to attach here ({numbers}): {await self.gallery_text(owner)}")
-        content = _content("\n".join(lines))
-        files = [
-            discord.File(io.BytesIO(f.data), f.filename, description=pictures[i].caption[:1000])
-            for i, f in fitted
-        ]
-        view = view_for(keyboard)
-        if await posted.in_doubt("1"):  # an earlier process may have posted them
-            content, files = _content(texts.maybe_posted(list(range(1, len(pictures) + 1)))), []
-        else:
-            await posted.sending("1")
+    async def send_part(self, to: Destination, part: Part, outgoing: Outgoing) -> str:
+        """The pictures as attachments of one message (their captions as its lines) with the
+        keyboard, or a text: a followup while the job's interaction token lives, else in the
+        channel (NotAllowed without Send Messages / Attach Files there); ``to.private``: by
+        DM to the asker."""
+        hook = await self.hooks.get(to.status_id)
+        files: list[discord.File] = []
+        text = part.text
+        if part.pictures:
+            limit = hook.size_limit if hook is not None else self._size_limit(to.chat_id)
+            fitted, left_out = fit_all([(p.png, p.filename) for p in part.pictures], limit)
+            lines = [f"{part.first + i}. {p.caption}" for i, p in enumerate(part.pictures)]
+            if left_out and to.gallery is not None:
+                numbers = ", ".join(str(part.first + i) for i in left_out)
+                lines.append(f"Too large to attach here ({numbers}): {await to.gallery()}")
+            text = "\n".join(lines)
+            files = [
+                discord.File(
+                    io.BytesIO(f.data), f.filename, description=part.pictures[i].caption[:1000]
+                )
+                for i, f in fitted
+            ]
+        if part.intro:
+            text = part.intro + "\n" + text
+        content, view = _content(text), view_for(part.keyboard)
+        await outgoing.sending()
         try:
-            if hook is not None and await self._followup(hook, content, files, view):
-                await posted.add("1")
-                return
-            await self._post_in_channel(
-                chat_id, owner, content, files, view, job.delivery.message_id
-            )
+            if to.private:
+                dm = await self.bot.create_dm(discord.Object(id=int(to.owner)))
+                dm_sent = await dm.send(content, files=files, view=view or discord.utils.MISSING)
+                return str(dm_sent.id)
+            if hook is not None:
+                sent = await self._followup(hook, content, files, view)
+                if sent is not None:
+                    return sent
+            return await self._post_in_channel(to, content, files, view)
         except discord.RateLimited as exc:
-            await posted.not_sent("1")
             raise RetryLater(exc.retry_after) from exc
         except discord.HTTPException as exc:
-            await posted.not_sent("1")  # Discord answered: nothing was posted
             if exc.status == 429:  # discord.py gave up waiting: the delivery loop waits on
                 raise RetryLater(_retry_after(exc)) from exc
-            raise
-        await posted.add("1")
+            raise NotSent(f"channel {to.chat_id}: {exc.status} {exc.text}") from exc
 
     async def _followup(
         self, hook: Hook, content: str, files: list[discord.File], view: discord.ui.View | None
-    ) -> bool:
-        """Post through the interaction's webhook; False if Discord says the token is gone."""
+    ) -> str | None:
+        """Post through the interaction's webhook; None if Discord says the token is gone."""
         try:
-            await self._webhook(hook).send(
+            sent = await self._webhook(hook).send(
                 content, files=files, view=view or discord.utils.MISSING, wait=True
             )
         except discord.HTTPException as exc:
@@ -259,57 +277,38 @@ class DiscordPort:
                 raise
             for f in files:
                 f.reset()
-            return False
-        return True
+            return None
+        return str(sent.id)
 
     async def _post_in_channel(
         self,
-        chat_id: str,
-        owner: str,
+        to: Destination,
         content: str,
         files: list[discord.File],
         view: discord.ui.View | None,
-        status: str | None,
-    ) -> None:
-        channel = self.bot.get_channel(int(chat_id))
-        missing = _missing_permissions(channel, bool(files))
-        if not missing:
-            # The asker no longer watches the interaction: ping them, and them only.
-            mention, pings = "", discord.AllowedMentions.none()
-            if owner:
-                mention = f"<@{owner}> "
-                pings = discord.AllowedMentions(users=[discord.Object(id=int(owner))])
-            try:
-                await self._channel(chat_id).send(
-                    _content(mention + content),
-                    files=files,
-                    view=view or discord.utils.MISSING,
-                    allowed_mentions=pings,
-                )
-                return
-            except discord.Forbidden as exc:
-                missing = [exc.text or "permission"]
-            except discord.NotFound as exc:
-                raise Undeliverable(f"channel {chat_id} is gone") from exc
-        # Not allowed here: to the person directly, and say why where they asked.
-        for f in files:
-            f.reset()
-        link = await self.gallery_text(owner) if owner and self.gallery_text else "/gallery"
-        why = NO_POST_HERE.format(channel=chat_id, missing=" and ".join(missing), link=link)
+    ) -> str:
+        chat_id, owner = to.chat_id, to.owner
+        place = f"<#{chat_id}>"
+        missing = _missing_permissions(self.bot.get_channel(int(chat_id)), bool(files))
+        if missing:
+            raise NotAllowed(place, missing)  # never tried where it is not allowed
+        # The asker no longer watches the interaction: ping them, and them only.
+        mention, pings = "", discord.AllowedMentions.none()
         if owner:
-            try:
-                dm = await self.bot.create_dm(discord.Object(id=int(owner)))
-                await dm.send(
-                    _content(why + "\n" + content), files=files, view=view or discord.utils.MISSING
-                )
-                return
-            except discord.HTTPException as exc:
-                log.info("cannot DM discord:%s the results (%s)", owner, exc)
-        if status is not None:  # editing its own message needs no Send Messages
-            with contextlib.suppress(Undeliverable, RetryLater, discord.HTTPException):
-                await self._edit(chat_id, status, content=_content(why), view=None)
-        raise Undeliverable(f"channel {chat_id}: no permission to post ({', '.join(missing)}) "
-                            "and no DM to the person")
+            mention = f"<@{owner}> "
+            pings = discord.AllowedMentions(users=[discord.Object(id=int(owner))])
+        try:
+            sent = await self._channel(chat_id).send(
+                _content(mention + content),
+                files=files,
+                view=view or discord.utils.MISSING,
+                allowed_mentions=pings,
+            )
+        except discord.Forbidden as exc:
+            raise NotAllowed(place, [exc.text or "permission"]) from exc
+        except discord.NotFound as exc:
+            raise Undeliverable(f"channel {chat_id} is gone") from exc
+        return str(sent.id)
 
     def _size_limit(self, chat_id: str) -> int:
         channel = self.bot.get_channel(int(chat_id))
@@ -333,3 +332,13 @@ def _missing_permissions(channel: object, files: bool) -> list[str]:
     if files:
         needed.append(("Attach Files", perms.attach_files))
     return [name for name, ok in needed if not ok]
+
+
+async def drop_thinking(reply: Reply) -> None:
+    """Remove the public "thinking" message of ``reply`` (never edited to say something
+    private)."""
+    reply.thinking = False
+    try:
+        await reply.interaction.delete_original_response()
+    except discord.HTTPException as exc:
+        log.info("could not remove the deferred message of %s: %s", reply.interaction.id, exc)

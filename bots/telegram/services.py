@@ -8,6 +8,7 @@ import logging
 from telegram import Chat, Update, User
 from telegram.ext import ContextTypes
 
+from bots.common import jobs
 from bots.common.core import ChatCore
 from bots.common.port import Who
 from bots.telegram.port import PHOTO_MAX_BYTES, PLATFORM
@@ -51,8 +52,9 @@ def who_of(update: Update) -> Who | None:
 
 
 async def reply_error(update: Update, context: Context, exc: AtelierError) -> None:
-    """Answer the person with one line: what is wrong, what to do, credits left."""
-    user, message = update.effective_user, update.effective_message
-    if user is None or message is None:
+    """Answer the person with one line: what is wrong, what to do, credits left (where the
+    chat core puts refusals: ``jobs.refuse``)."""
+    who = who_of(update)
+    if who is None or update.effective_message is None:
         return
-    await message.reply_text(await core_of(context).error_text(user.id, exc))
+    await jobs.refuse(core_of(context), who, exc)

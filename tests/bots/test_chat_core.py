@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,7 +16,7 @@ from bots.common.buttons import Action, button, parse
 from bots.common.core import ChatCore
 from bots.common.delivery import DeliveryLoop
 from bots.common.keyboards import Keyboard
-from bots.common.port import Picture, Posted, Press, Who
+from bots.common.port import Destination, Outgoing, Part, Picture, Press, Who
 from bots.common.prefs import UserPrefs
 from bots.common.progress import ProgressEditor
 from bots.common.requests import parse_prompt
@@ -42,6 +42,8 @@ class MemoryPort:
 
     platform: str = PLATFORM
     photo_max_bytes: int = 10 * 2**20
+    album_max: int = 10
+    keyboard_on_album: bool = True
     messages: dict[str, Message] = field(default_factory=dict)
     uploads: list[tuple[str, list[Picture], Keyboard]] = field(default_factory=list)
     private: list[tuple[str, str]] = field(default_factory=list)
@@ -57,6 +59,8 @@ class MemoryPort:
         keyboard: Keyboard | None = None,
         *,
         reply_to: str | None = None,
+        via: object = None,
+        private: bool = False,
     ) -> str:
         message_id = str(next(self.ids))
         self.messages[message_id] = Message(chat_id, text, keyboard)
@@ -65,13 +69,21 @@ class MemoryPort:
         return message_id
 
     async def edit(
-        self, chat_id: str, message_id: str, text: str, keyboard: Keyboard | None = None
+        self,
+        chat_id: str,
+        message_id: str,
+        text: str,
+        keyboard: Keyboard | None = None,
+        *,
+        via: object = None,
     ) -> None:
         message = self.messages[message_id]
         message.text, message.keyboard = text, keyboard
         message.edits.append((text, keyboard))
 
-    async def edit_keyboard(self, chat_id: str, message_id: str, keyboard: Keyboard) -> None:
+    async def edit_keyboard(
+        self, chat_id: str, message_id: str, keyboard: Keyboard, *, via: object = None
+    ) -> None:
         self.messages[message_id].keyboard = keyboard
 
     async def delete(self, chat_id: str, message_id: str) -> None:
@@ -81,25 +93,17 @@ class MemoryPort:
         self.private.append((user_id, text))
         return True
 
-    async def is_admin(self, chat_id: str, user_id: str) -> bool:
+    async def is_admin(self, chat_id: str, user_id: str, *, via: object = None) -> bool:
         return user_id in self.admins
 
     async def show_working(self, chat_id: str) -> None:
         return None
 
-    async def post_images(
-        self,
-        chat_id: str,
-        pictures: Sequence[Picture],
-        keyboard: Keyboard,
-        *,
-        as_files: bool,
-        posted: Posted,
-    ) -> None:
-        if await posted.has("all"):
-            return
-        self.uploads.append((chat_id, list(pictures), keyboard))
-        await posted.add("all")
+    async def send_part(self, to: Destination, part: Part, outgoing: Outgoing) -> str:
+        await outgoing.sending()
+        assert part.keyboard is not None
+        self.uploads.append((to.chat_id, list(part.pictures), part.keyboard))
+        return str(next(self.ids))
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bots.common import account, jobs
+from bots.common.port import Who
 from bots.common.prefs import ASPECTS
 from bots.discord import guilds
 from bots.discord.autocomplete import model_choices, style_choices
@@ -22,7 +23,7 @@ from bots.discord.bot import acknowledge
 from bots.discord.chat import who
 from bots.discord.cogs.replies import ephemeral
 from bots.discord.options import Options, command_text
-from bots.discord.port import answering
+from bots.discord.port import Reply, drop_thinking
 from core.errors import AtelierError, InvalidRequest
 from core.request import MAX_SEED
 
@@ -90,29 +91,29 @@ class Imagine(commands.Cog):
         """Check and price first, so a refusal is the first answer and the asker's alone;
         then defer publicly and make the images behind the deferred message."""
         options = Options(style, aspect, n, seed, steps, cfg, negative, model, strength)
-        checking = asyncio.create_task(self._check(interaction, prompt, options, image))
+        reply = Reply(interaction)
+        asker = who(interaction, via=reply)
+        checking = asyncio.create_task(self._check(interaction, asker, prompt, options, image))
         try:
-            if not await self._in_time(interaction, checking):
+            if not await self._in_time(reply, checking):
                 return
             checked = await checking
             if checked.quote.repeat_of is not None:
                 return  # the same interaction again: its first delivery answered it
-            if not interaction.response.is_done() and not await self._defer(interaction):
+            if not interaction.response.is_done() and not await self._defer(reply):
                 return
-            with answering(interaction):
-                await jobs.start_checked(self.bot.core, who(interaction), checked)
+            await jobs.start_checked(self.bot.core, asker, checked)
         except AtelierError as exc:
-            text = await self.bot.core.error_text(interaction.user.id, exc)
-            await self._refuse(interaction, text)
+            await jobs.refuse(self.bot.core, asker, exc)
         finally:
             checking.cancel()
-            if self.bot.port.still_thinking(interaction):  # failed before any status
-                await self._drop_thinking(interaction)
-            self.bot.port.done_with(interaction)
+            if reply.thinking:  # failed before any status
+                await drop_thinking(reply)
 
     async def _check(
         self,
         interaction: discord.Interaction[Any],
+        asker: Who,
         prompt: str,
         options: Options,
         image: discord.Attachment | None,
@@ -122,25 +123,23 @@ class Imagine(commands.Cog):
         text = server_defaults(text, await guilds.load(self.bot.state, interaction.guild_id))
         return await jobs.check(
             self.bot.core,
-            who(interaction),
+            asker,
             text,
             idempotency_key=f"discord:{interaction.id}",
             photo=await self._read(image),
         )
 
-    async def _in_time(
-        self, interaction: discord.Interaction[Any], checking: asyncio.Task[jobs.Checked]
-    ) -> bool:
+    async def _in_time(self, reply: Reply, checking: asyncio.Task[jobs.Checked]) -> bool:
         """Wait for the check, deferring first if it runs past ``CHECK_WITHIN_S`` (Discord
         wants an answer within 3 s); False when the interaction was answered already."""
         done, _ = await asyncio.wait({checking}, timeout=CHECK_WITHIN_S)
-        return bool(done) or await self._defer(interaction)
+        return bool(done) or await self._defer(reply)
 
-    async def _defer(self, interaction: discord.Interaction[Any]) -> bool:
+    async def _defer(self, reply: Reply) -> bool:
         """Defer publicly: a "thinking" message that the job's status replaces."""
-        if not await acknowledge(interaction, thinking=True):
+        if not await acknowledge(reply.interaction, thinking=True):
             return False
-        self.bot.port.thinking(interaction)
+        reply.thinking = True
         return True
 
     async def _read(self, image: discord.Attachment | None) -> bytes | None:
@@ -154,27 +153,6 @@ class Imagine(commands.Cog):
         if image.content_type is not None and not image.content_type.startswith("image/"):
             raise InvalidRequest(f"the attachment is {image.content_type}, not an image")
         return await image.read()
-
-    async def _refuse(self, interaction: discord.Interaction[Any], text: str) -> None:
-        """A refusal is for the asker only: the first answer where nothing was shown yet,
-        else an ephemeral followup once the public "thinking" message is gone."""
-        if not interaction.response.is_done():
-            try:
-                await interaction.response.send_message(text, ephemeral=True)
-            except discord.HTTPException as exc:  # too late: Discord dropped the interaction
-                log.info("could not refuse interaction %s: %s", interaction.id, exc)
-            return
-        if self.bot.port.still_thinking(interaction):
-            await self._drop_thinking(interaction)
-        await interaction.followup.send(text, ephemeral=True)
-
-    async def _drop_thinking(self, interaction: discord.Interaction[Any]) -> None:
-        """Remove the public "thinking" message (never edited to say something private)."""
-        self.bot.port.done_with(interaction)
-        try:
-            await interaction.delete_original_response()
-        except discord.HTTPException as exc:
-            log.info("could not remove the deferred message of %s: %s", interaction.id, exc)
 
     @imagine.autocomplete("style")
     async def _style(

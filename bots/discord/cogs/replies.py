@@ -11,7 +11,6 @@ from bots.common.port import Say, Who
 from bots.discord.bot import acknowledge
 from bots.discord.chat import who
 from bots.discord.components import view_for
-from bots.discord.port import answering
 from core.errors import AtelierError
 
 if TYPE_CHECKING:
@@ -33,8 +32,7 @@ async def ephemeral(
     if not await acknowledge(interaction, ephemeral=True, thinking=True):
         return
     try:
-        with answering(interaction):
-            said = await use_case(who(interaction, private=private))
+        said = await use_case(who(interaction, private=private))
     except AtelierError as exc:
         said = Say(await bot.core.error_text(interaction.user.id, exc))
     text = said.text if said is not None else DONE
