@@ -16,6 +16,7 @@ import argparse
 import io
 import os
 import random
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -263,6 +264,7 @@ def hot_paths(sessions: Any, big: int, n_accounts: int, deep: str) -> dict[str, 
     return {
         "gallery first page": page(),
         "gallery search": page(search="fox castle"),
+        "gallery search 1 word": page(search="red"),  # in 16% of prompts
         "gallery style": page(style="watercolor"),
         "gallery model": page(model="sdxl"),
         "gallery platform": page(platform="discord"),
@@ -277,6 +279,9 @@ def hot_paths(sessions: Any, big: int, n_accounts: int, deep: str) -> dict[str, 
         "daily grant": lambda s, r: ledger.balance(
             session=s, account_id=2 + r % (n_accounts - 2), now=NOW + timedelta(days=1),
             tiers=TIERS),
+        # A reconciler pass with the broker in step counts the queue and stops; one that
+        # finds the broker short reads the queue (up to its limit).
+        "reconcile pass": lambda s, r: jobs.in_flight_count(session=s),
         "reconcile in flight": lambda s, r: jobs.in_flight_jobs(session=s, limit=10_000),
         "reconcile undelivered": lambda s, r: jobs.undelivered_jobs(
             session=s, finished_before=NOW - timedelta(minutes=1), window=timedelta(days=1)),
@@ -329,29 +334,60 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=365)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    ap.add_argument("--cache", action="store_true",
+                    help="keep a seeded copy (PostgreSQL: a template database, SQLite: a file "
+                         "in the temp dir) and start from it when one of this size exists, so "
+                         "two versions of the code are measured on the same rows")
     args = ap.parse_args()
     big = min(args.big, args.images)
     tmp = tempfile.mkdtemp(prefix="atelier-store-")
+    size = f"{args.images}_{args.accounts}_{big}_{args.days}"
     if args.db == "sqlite":
         url = f"sqlite:///{tmp}/store.db"
+        cached = Path(tempfile.gettempdir()) / f"atelier-store-seed-{size}.db"
+        reuse = args.cache and cached.exists()
     else:
         name = "atelier_store_bench"
+        seed_name = f"atelier_store_seed_{size}"
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
+            reuse = args.cache and conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (seed_name,)).fetchone() is not None
+            template = f' TEMPLATE "{seed_name}"' if reuse else ""
+            conn.execute(f'CREATE DATABASE "{name}"{template}')
         url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
     try:
-        upgrade(url)
         start = time.perf_counter()
-        rows = generate(args.images, args.accounts, big, args.days)
-        if args.db == "sqlite":
-            seed_sqlite(f"{tmp}/store.db", rows)
+        if reuse:
+            if args.db == "sqlite":
+                shutil.copyfile(cached, f"{tmp}/store.db")
+            upgrade(url)  # a copy seeded by older code gets this code's migrations
+            analyze = make_engine(url)
+            with analyze.connect() as conn:
+                conn.execute(text("ANALYZE"))
+                conn.commit()
+            analyze.dispose()
+            print(f"{args.db}: started from the cached seed of {args.images:,} images over "
+                  f"{args.accounts:,} accounts (account 1: {big:,}), {args.days} days, in "
+                  f"{time.perf_counter() - start:.0f} s")
         else:
-            seed_postgresql(url, rows)
-        took = time.perf_counter() - start
-        print(f"{args.db}: seeded {args.images:,} images over {args.accounts:,} accounts "
-              f"(account 1: {big:,}), {args.days} days, in {took:.0f} s "
-              f"({args.images / took:,.0f} images/s with their jobs and ledger)")
+            upgrade(url)
+            rows = generate(args.images, args.accounts, big, args.days)
+            if args.db == "sqlite":
+                seed_sqlite(f"{tmp}/store.db", rows)
+            else:
+                seed_postgresql(url, rows)
+            took = time.perf_counter() - start
+            print(f"{args.db}: seeded {args.images:,} images over {args.accounts:,} accounts "
+                  f"(account 1: {big:,}), {args.days} days, in {took:.0f} s "
+                  f"({args.images / took:,.0f} images/s with their jobs and ledger)")
+            if args.cache and args.db == "sqlite":
+                shutil.copyfile(f"{tmp}/store.db", cached)
+            elif args.cache:
+                with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{seed_name}"')
+                    conn.execute(f'CREATE DATABASE "{seed_name}" TEMPLATE "{name}"')
+        sys.stdout.flush()
         engine = make_engine(url)
         try:
             with engine.connect() as conn:
@@ -363,6 +399,8 @@ def main() -> None:
         finally:
             engine.dispose()
     finally:
+        if args.db == "sqlite" and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
         if args.db == "postgresql" and not args.keep:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute('DROP DATABASE IF EXISTS "atelier_store_bench" WITH (FORCE)')

@@ -180,15 +180,20 @@ def list_images(
         stmt = stmt.where(created >= since)
     if until is not None:
         stmt = stmt.where(created < until)
+    rows: list[Image] | None = None
     if search is not None and search.strip():
         words = _WORD_RE.findall(search)
         if not words:
             return ImagePage(items=[], next_cursor=None)  # only punctuation: nothing can match
-        stmt = stmt.where(_prompt_matches(session, words))
         if session.get_bind().dialect.name == "postgresql":
-            stmt, created, ident = _fenced(stmt)
-    stmt = stmt.order_by(created.desc(), ident.desc()).limit(limit + 1)
-    rows = list(session.exec(stmt).all())
+            rows = _recent_matches(session, stmt, created, ident, words, limit + 1)
+            if rows is None:
+                stmt, created, ident = _fenced(stmt.where(_prompt_matches(session, words)))
+        else:
+            stmt = stmt.where(_prompt_matches(session, words))
+    if rows is None:
+        stmt = stmt.order_by(created.desc(), ident.desc()).limit(limit + 1)
+        rows = list(session.exec(stmt).all())
     items = [_read(i) for i in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
@@ -261,6 +266,33 @@ def _prompt_matches(session: Session, words: list[str]) -> sa.ColumnElement[bool
         sa.text(f"{FTS_TABLE} MATCH :fts_query").bindparams(fts_query=match)
     )
     return col(Image.id).in_(hits)
+
+
+# How many of the newest images (of the page's filters) a PostgreSQL search reads first.
+SEARCH_PROBE = 400
+
+
+def _recent_matches(
+    session: Session, stmt: Any, created: Any, ident: Any, words: list[str], want: int
+) -> list[Image] | None:
+    """A search for common words, answered from the newest SEARCH_PROBE images: walk the
+    gallery's keyset index newest first, matching each prompt, and stop at ``want`` matches.
+    A word in a tenth of a person's prompts fills a page within a few hundred images, where
+    the index of the words would hand over all of its thousands of matches to be sorted
+    (55 ms for one word in 16% of 100,000 prompts). None when the probe did not fill the
+    page: rarer words, which the words' index finds cheaply."""
+    recent = stmt.order_by(created.desc(), ident.desc()).limit(SEARCH_PROBE).subquery("recent")
+    found = aliased(Image, recent)
+    simple: sa.ColumnElement[str] = sa.literal_column("'simple'")
+    matches = sa.func.to_tsvector(simple, recent.c.prompt).bool_op("@@")(
+        sa.func.plainto_tsquery(simple, " ".join(words))
+    )
+    rows = list(session.exec(
+        select(found).where(matches)
+        .order_by(recent.c.created_at.desc(), recent.c.id.desc())
+        .limit(want)
+    ).all())
+    return rows if len(rows) == want else None
 
 
 def _fenced(stmt: Any) -> tuple[Any, Any, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
-from sqlalchemy import and_, func, literal, or_, update
+from sqlalchemy import and_, func, literal, literal_column, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -29,6 +29,9 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 JOB_ID_MAX = 64  # Job.id's column length
 IN_FLIGHT = (JobStatus.queued, JobStatus.running)
+# The queue as SQL with literal statuses, so that both databases match it against the partial
+# index ix_jobs_in_flight (neither proves a partial index's predicate from bound parameters).
+IN_FLIGHT_SQL = col(Job.status).in_([literal_column(f"'{s.value}'") for s in IN_FLIGHT])
 # The statuses a front end gets a delivery for (the terminal event).
 FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
@@ -264,12 +267,13 @@ def undelivered_count(*, session: Session, since: datetime) -> int:
 
 
 def unfinished_jobs(*, session: Session, limit: int = 1000) -> list[JobRead]:
-    """Queued and running jobs, oldest first (a restarted front end follows its own again)."""
+    """Queued and running jobs, oldest first (a restarted front end follows its own again):
+    a walk of ix_jobs_in_flight that stops at ``limit``."""
     if not 1 <= limit <= 10_000:
         raise InvalidRequest(f"limit must be between 1 and 10000, got {limit}")
     stmt = (
         select(Job)
-        .where(col(Job.status).in_((JobStatus.queued, JobStatus.running)))
+        .where(IN_FLIGHT_SQL)
         .order_by(col(Job.created_at), col(Job.id))
         .limit(limit)
     )
@@ -377,11 +381,18 @@ def refresh_leases(*, session: Session, job_ids: Sequence[str], now: datetime) -
 def in_flight_jobs(
     *, session: Session, limit: int
 ) -> list[tuple[str, int, JobStatus, datetime]]:
-    """(id, account, status, updated_at) of queued and running jobs, oldest first."""
+    """(id, account, status, updated_at) of queued and running jobs, oldest first: a walk of
+    ix_jobs_in_flight that stops at ``limit``."""
     rows = session.exec(
         select(Job.id, Job.account_id, Job.status, Job.updated_at)
-        .where(col(Job.status).in_(IN_FLIGHT))
-        .order_by(col(Job.created_at))
+        .where(IN_FLIGHT_SQL)
+        .order_by(col(Job.created_at), col(Job.id))
         .limit(limit)
     ).all()
     return [(r[0], r[1], JobStatus(r[2]), r[3]) for r in rows]
+
+
+def in_flight_count(*, session: Session) -> int:
+    """How many jobs are queued or running (from ix_jobs_in_flight, the queue's own index):
+    the reconciler compares it with the broker's entries before reading any job."""
+    return int(session.exec(select(func.count()).select_from(Job).where(IN_FLIGHT_SQL)).one())

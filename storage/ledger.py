@@ -105,12 +105,27 @@ class Audit(BaseModel):
 def balance(
     *, session: Session, account_id: int, now: datetime, tiers: Mapping[str, Tier]
 ) -> Balance:
-    """Bring the account up to date (expire due buckets, grant today's allowance) and report it."""
+    """Bring the account up to date (expire due buckets, grant today's allowance) and report it.
+
+    Most calls have nothing to bring up to date: they read the account and its live buckets
+    without locking anything (no row lock is written, so a PostgreSQL commit has no WAL to
+    flush). Only when a bucket is due or today's allowance is not granted yet does it take the
+    account's and buckets' locks and write, as ``reserve`` does."""
     now = _utc(now)
-    account = _lock_account(session, account_id, buckets=True)
-    _expire_due(session, account_id=account_id, now=now)
-    _ensure_daily(session, account=account, now=now, tiers=tiers)
-    return _balance_of(session, account=account, now=now, tiers=tiers)
+    account = session.exec(
+        select(Account).where(Account.id == account_id).execution_options(populate_existing=True)
+    ).first()
+    if account is None:
+        raise NotFound(f"account {account_id} does not exist")
+    buckets = _unexpired(session, account_id=account_id, lock=False)
+    if not _needs_update(account, buckets, now=now, tiers=tiers):
+        return _balance_from(account, buckets, now=now, tiers=tiers)
+    account = _lock_account(session, account_id)
+    live = _bring_up_to_date(
+        session, account=account, buckets=_unexpired(session, account_id=account_id, lock=True),
+        now=now, tiers=tiers,
+    )
+    return _balance_from(account, live, now=now, tiers=tiers)
 
 
 def peek_balance(
@@ -149,7 +164,7 @@ def reserve(
         raise InvalidRequest(f"a reservation must be at least 1 credit, got {amount}")
     _check_job_id(job_id)
     now = _utc(now)
-    account = _lock_account(session, account_id, buckets=True)
+    account = _lock_account(session, account_id)
     existing = _get_reservation(session, job_id)
     if existing is not None:
         if existing.amount != amount:
@@ -162,9 +177,12 @@ def reserve(
         raise Conflict(
             f"account {account_id} was merged into account {account.merged_into_id}; use that one"
         )
-    _expire_due(session, account_id=account_id, now=now)
-    _ensure_daily(session, account=account, now=now, tiers=tiers)
-    buckets = _spend_order(_live_buckets(session, account_id=account_id, now=now, lock=True))
+    # One pass over the buckets: lock the live ones (in id order), expire the due among them,
+    # add today's allowance if it is not there yet, and spend from the rest.
+    buckets = _spend_order(_bring_up_to_date(
+        session, account=account, buckets=_unexpired(session, account_id=account_id, lock=True),
+        now=now, tiers=tiers,
+    ))
     available = sum(b.remaining for b in buckets)
     if available < amount:
         raise InsufficientCredits(
@@ -606,10 +624,11 @@ def _debit(session: Session, *, bucket: CreditBucket, amount: int) -> None:
 
 def _ensure_daily(
     session: Session, *, account: Account, now: datetime, tiers: Mapping[str, Tier]
-) -> None:
-    """Grant today's allowance on the first action of the UTC day (yesterday's has expired)."""
+) -> CreditBucket | None:
+    """Grant today's allowance on the first action of the UTC day (yesterday's has expired);
+    returns the bucket it made, None when there was nothing to grant."""
     if account.merged_into_id is not None:
-        return
+        return None
     allowance = _tier(tiers, account.tier).daily_allowance
     account_id = _id(account.id)
     key = day_key(account_id, now.date())
@@ -617,19 +636,18 @@ def _ensure_daily(
         allowance == 0
         or session.exec(select(CreditBucket.id).where(CreditBucket.key == key)).first()
     ):
-        return
+        return None
     expires_at = next_reset(now)
-    session.add(
-        CreditBucket(
-            account_id=account_id,
-            kind=BucketKind.daily,
-            key=key,
-            granted=allowance,
-            remaining=allowance,
-            expires_at=expires_at,
-            created_at=now,
-        )
+    bucket = CreditBucket(
+        account_id=account_id,
+        kind=BucketKind.daily,
+        key=key,
+        granted=allowance,
+        remaining=allowance,
+        expires_at=expires_at,
+        created_at=now,
     )
+    session.add(bucket)
     _write(
         session,
         account_id=account_id,
@@ -642,6 +660,7 @@ def _ensure_daily(
         note=f"daily allowance of tier {account.tier}",
     )
     session.flush()
+    return bucket
 
 
 def _expire_due(session: Session, *, account_id: int, now: datetime) -> int:
@@ -678,14 +697,81 @@ def _expire_due(session: Session, *, account_id: int, now: datetime) -> int:
     return total
 
 
-def _balance_of(
-    session: Session, *, account: Account, now: datetime, tiers: Mapping[str, Tier]
+def _unexpired(session: Session, *, account_id: int, lock: bool) -> list[CreditBucket]:
+    """The account's buckets not yet marked expired (some may be due), in id order: a range of
+    ``ix_credit_buckets_live``. ``lock``: row locks, in id order like every bucket lock."""
+    stmt = (
+        select(CreditBucket)
+        .where(CreditBucket.account_id == account_id, col(CreditBucket.expired_at).is_(None))
+        .order_by(col(CreditBucket.id))
+        .execution_options(populate_existing=True)
+    )
+    if lock:
+        stmt = stmt.with_for_update()
+    return list(session.exec(stmt).all())
+
+
+def _due(bucket: CreditBucket, now: datetime) -> bool:
+    return bucket.expires_at is not None and bucket.expires_at <= now
+
+
+def _needs_update(
+    account: Account, buckets: Sequence[CreditBucket], *, now: datetime,
+    tiers: Mapping[str, Tier],
+) -> bool:
+    """Whether a bucket is due to expire or today's allowance is still to be granted."""
+    if any(_due(b, now) for b in buckets):
+        return True
+    if account.merged_into_id is not None or _tier(tiers, account.tier).daily_allowance == 0:
+        return False
+    key = day_key(_id(account.id), now.date())
+    return all(b.key != key for b in buckets)
+
+
+def _bring_up_to_date(
+    session: Session, *, account: Account, buckets: Sequence[CreditBucket], now: datetime,
+    tiers: Mapping[str, Tier],
+) -> list[CreditBucket]:
+    """Given the account's locked unexpired buckets: expire the due ones, grant today's
+    allowance if due; returns the live buckets (today's new one included)."""
+    account_id = _id(account.id)
+    live: list[CreditBucket] = []
+    for bucket in buckets:
+        if not _due(bucket, now):
+            live.append(bucket)
+            continue
+        if bucket.remaining:
+            _write(
+                session,
+                account_id=account_id,
+                kind=CreditKind.expire,
+                bucket=bucket.key,
+                amount=-bucket.remaining,
+                key=f"expire:{bucket.key}",
+                expires_at=bucket.expires_at,
+                now=now,
+            )
+        bucket.remaining = 0
+        bucket.expired_at = now
+        session.add(bucket)
+    key = day_key(account_id, now.date())
+    if all(b.key != key for b in live):
+        made = _ensure_daily(session, account=account, now=now, tiers=tiers)
+        if made is not None:
+            live.append(made)
+    session.flush()
+    return live
+
+
+def _balance_from(
+    account: Account, buckets: Sequence[CreditBucket], *, now: datetime,
+    tiers: Mapping[str, Tier],
 ) -> Balance:
-    buckets = _spend_order(_live_buckets(session, account_id=_id(account.id), now=now, lock=False))
-    daily = sum(b.remaining for b in buckets if b.kind == BucketKind.daily)
+    spendable = _spend_order([b for b in buckets if b.expired_at is None and not _due(b, now)])
+    daily = sum(b.remaining for b in spendable if b.kind == BucketKind.daily)
     packs = [
         PackCredits(amount=b.remaining, expires_at=b.expires_at)
-        for b in buckets
+        for b in spendable
         if b.kind == BucketKind.pack and b.remaining > 0
     ]
     merged = account.merged_into_id is not None
@@ -696,6 +782,13 @@ def _balance_of(
         total=daily + sum(p.amount for p in packs),
         next_reset=next_reset(now),
     )
+
+
+def _balance_of(
+    session: Session, *, account: Account, now: datetime, tiers: Mapping[str, Tier]
+) -> Balance:
+    live = _live_buckets(session, account_id=_id(account.id), now=now, lock=False)
+    return _balance_from(account, live, now=now, tiers=tiers)
 
 
 def _settle(

@@ -7,7 +7,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy import DateTime as SADateTime
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.engine import Dialect
@@ -272,6 +281,23 @@ Index(
     sqlite_where=_EXPIRED,
 )
 Index("ix_credit_ledger_created", col(CreditLedger.created_at))
+# Since 0009. An account's live buckets (two or three), not every bucket it ever had: what a
+# balance, a reserve and the daily grant read and lock.
+_LIVE = col(CreditBucket.expired_at).is_(None)
+Index(
+    "ix_credit_buckets_live",
+    col(CreditBucket.account_id),
+    col(CreditBucket.id),
+    postgresql_where=_LIVE,
+    sqlite_where=_LIVE,
+)
+# The queue (queued and running jobs) oldest first, whatever the size of the jobs table: the
+# reconciler's and a restarted front end's walks stop at their limit. Queries must spell the
+# statuses as literals (storage.jobs.IN_FLIGHT_SQL): neither database matches a partial index
+# against bound parameters.
+_QUEUE = text("status IN ('queued', 'running')")
+Index("ix_jobs_in_flight", col(Job.created_at), col(Job.id), postgresql_where=_QUEUE,
+      sqlite_where=_QUEUE)
 
 
 class ImageStyle(SQLModel, table=True):

@@ -216,8 +216,14 @@ def _carry(
 def _daily_buckets(session: Session, *, before: datetime, batch: int) -> int:
     # A bucket a held reservation took from stays: its release gives the credits back there.
     # (The held jobs first, then their rows by job id: the queue is short, the ledger long.)
+    # Only holds made before ``before`` can have taken from a bucket that expired before it,
+    # and a held reservation's updated_at is its created_at (only settling changes it): so a
+    # range of ix_reservations_status_updated, nearly always empty, not the whole queue.
     held = session.exec(
-        select(Reservation.job_id).where(col(Reservation.status) == ReservationStatus.held)
+        select(Reservation.job_id).where(
+            col(Reservation.status) == ReservationStatus.held,
+            col(Reservation.updated_at) < before,
+        )
     ).all()
     held_keys = sorted({
         key
