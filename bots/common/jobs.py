@@ -50,6 +50,8 @@ async def resume(core: ChatCore) -> None:
         target = job.delivery
         if not target.chat_id or not target.message_id or job.id in core.watchers:
             continue
+        if target.extra.get("grid"):
+            continue  # a grid's status counts cells as their deliveries come
         owner = target.extra.get("owner", "")
         follow(core, job.id, target.chat_id, target.message_id, job.request.prompt, owner)
         followed += 1
@@ -313,6 +315,12 @@ async def deliver(core: ChatCore, event: JobEvent) -> None:
     target = event.delivery
     if target is None or target.frontend != core.platform or not target.chat_id:
         raise Undeliverable(f"job {event.job_id} has no {core.platform} chat to deliver to")
+    if target.extra.get("grid"):
+        # Imported here: bots.common.grid builds on this module.
+        from bots.common import grid
+
+        await grid.deliver_cell(core, event)
+        return
     stop_watching(core, event.job_id)
     chat_id = target.chat_id
     owner = target.extra.get("owner", "")

@@ -1,0 +1,87 @@
+"""``/grid``: an X/Y/Z grid (``prompt`` with flags, and the ``x``, ``y``, ``z`` axes as
+``cfg=3,7,11``). Like ``/imagine``: checked and priced before Discord gets an answer, so a
+refusal is the asker's alone; an accepted grid runs behind a public deferred message and ends
+with one labelled contact sheet."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bots.common import grid as grid_uc
+from bots.discord import guilds
+from bots.discord.chat import who
+from bots.discord.cogs.imagine import CHECK_WITHIN_S, Imagine, server_defaults
+from bots.discord.port import answering
+from core.errors import AtelierError
+
+if TYPE_CHECKING:
+    from bots.discord.bot import AtelierBot
+
+log = logging.getLogger(__name__)
+
+
+def grid_text(prompt: str, x: str, y: str | None, z: str | None) -> str:
+    """The chat command's text for the slash command's options."""
+    parts = [prompt.strip(), f"--x {x.strip()}"]
+    if y:
+        parts.append(f"--y {y.strip()}")
+    if z:
+        parts.append(f"--z {z.strip()}")
+    return " ".join(parts)
+
+
+class Grid(commands.Cog):
+    def __init__(self, bot: AtelierBot) -> None:
+        self.bot = bot
+        # The refusal and "thinking" handling of /imagine, shared.
+        self._imagine = Imagine(bot)
+
+    @app_commands.command(name="grid", description="Compare settings side by side (X/Y/Z grid)")
+    @app_commands.describe(
+        prompt="What to draw; flags work too, e.g. 'a fox --seed 7'",
+        x="First axis, e.g. cfg=3,7,11 (seed, steps, cfg, sampler, size, style, model, "
+        "lora:NAME, sr)",
+        y="Second axis, e.g. steps=10,20",
+        z="Third axis, e.g. style=none,watercolor",
+    )
+    async def grid(
+        self,
+        interaction: discord.Interaction[Any],
+        prompt: app_commands.Range[str, 1, 1500],
+        x: app_commands.Range[str, 1, 300],
+        y: app_commands.Range[str, 1, 300] | None = None,
+        z: app_commands.Range[str, 1, 300] | None = None,
+    ) -> None:
+        checking = asyncio.create_task(self._check(interaction, grid_text(prompt, x, y, z)))
+        imagine = self._imagine
+        try:
+            done, _ = await asyncio.wait({checking}, timeout=CHECK_WITHIN_S)
+            if not done and not await imagine._defer(interaction):
+                return
+            checked = await checking
+            if not interaction.response.is_done() and not await imagine._defer(interaction):
+                return
+            with answering(interaction):
+                await grid_uc.start_checked(self.bot.core, who(interaction), checked)
+        except AtelierError as exc:
+            text = await self.bot.core.error_text(interaction.user.id, exc)
+            await imagine._refuse(interaction, text)
+        finally:
+            checking.cancel()
+            if self.bot.port.still_thinking(interaction):
+                await imagine._drop_thinking(interaction)
+            self.bot.port.done_with(interaction)
+
+    async def _check(
+        self, interaction: discord.Interaction[Any], text: str
+    ) -> grid_uc.CheckedGrid:
+        text = server_defaults(text, await guilds.load(self.bot.state, interaction.guild_id))
+        return await grid_uc.check(
+            self.bot.core, who(interaction), text, idempotency_key=f"discord:{interaction.id}"
+        )
