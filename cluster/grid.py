@@ -23,8 +23,8 @@ from core.infotext import read_png_infotext
 from core.jobs import DeliveryTarget, JobStatus, Requester
 from core.offload import run_heavy
 from core.request import GenerationRequest
-from storage import ledger
 from storage import jobs as job_repo
+from storage import ledger
 from storage.accounts import AccountRead
 from storage.db import Store
 from storage.models import utcnow

@@ -15,7 +15,7 @@ from typing import Any
 
 from core.adapters import AdapterRef, check_adapters, parse_adapter
 from core.errors import InvalidRequest
-from core.request import MAX_SEED, GenerationRequest, build_request, canonical_scheduler, new_seed
+from core.request import MAX_SEED, GenerationRequest, build_request, canonical_scheduler
 from core.styles import StyleRegistry, style_key
 
 MAX_AXES = 3
@@ -58,7 +58,8 @@ AXIS_HELP = (
 )
 
 # A1111's ranges: "10-30" (step 1), "10-30 (+5)" (step), "1-9 [5]" (that many, evenly spaced).
-_RANGE = re.compile(r"\s*(-?\d+(?:\.\d*)?)\s*-\s*(-?\d+(?:\.\d*)?)\s*(?:\(\s*\+?(\d+(?:\.\d*)?)\s*\))?\s*")
+_NUM = r"(-?\d+(?:\.\d*)?)"
+_RANGE = re.compile(rf"\s*{_NUM}\s*-\s*{_NUM}\s*(?:\(\s*\+?(\d+(?:\.\d*)?)\s*\))?\s*")
 _RANGE_COUNT = re.compile(r"\s*(-?\d+(?:\.\d*)?)\s*-\s*(-?\d+(?:\.\d*)?)\s*\[\s*(\d+)\s*\]\s*")
 _SIZE = re.compile(r"\s*(\d+)\s*[x×*]\s*(\d+)\s*")
 _FLAG = re.compile(r"(?<!\S)(?:--|[\u2014\u2013])(?=[A-Za-z])(\S+)")

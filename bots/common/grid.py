@@ -58,7 +58,9 @@ async def check(core: ChatCore, who: Who, text: str, *, idempotency_key: str) ->
     return CheckedGrid(quote, requester, given, idempotency_key)
 
 
-async def grid(core: ChatCore, who: Who, text: str, *, idempotency_key: str) -> SubmittedGrid | None:
+async def grid(
+    core: ChatCore, who: Who, text: str, *, idempotency_key: str
+) -> SubmittedGrid | None:
     """Make an X/Y/Z grid; a refusal is one line, never a status first."""
     try:
         checked = await check(core, who, text, idempotency_key=idempotency_key)

@@ -21,6 +21,7 @@ from core.offload import run_heavy
 from core.request import SCHEDULERS
 from storage import apikeys
 from web.api.common import Caller, SdApiRoute, caller, db
+from web.api.sdapi_grid import generate_grid
 from web.api.sdapi_models import (
     FieldError,
     GenerationResponse,
@@ -38,7 +39,6 @@ from web.api.sdapi_models import (
     parameters_echo,
     to_generation_request,
 )
-from web.api.sdapi_grid import generate_grid
 from web.api.sdapi_progress import ProgressBoard, Running
 from web.app import get_ctx
 from web.context import WebContext

@@ -191,7 +191,8 @@ def _refuse_unsupported(payload: Txt2ImgPayload) -> None:
         is_xyz_script(payload.script_name) and not isinstance(payload, Img2ImgPayload)
     ):
         raise FieldError(
-            "script_name", f"only \"x/y/z plot\" (txt2img) is supported, got {payload.script_name!r}"
+            "script_name",
+            f"only \"x/y/z plot\" (txt2img) is supported, got {payload.script_name!r}",
         )
     for name, script in payload.alwayson_scripts.items():
         args = script.get("args") if isinstance(script, dict) else script
