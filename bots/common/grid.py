@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 GRID = "grid"  # the grid's idempotency key: finds every cell's job
 CELLS = "cells"
 AXES = "axes"  # the --x/--y/--z values (JSON): the sheet's labels, rebuilt at delivery
-SHEET_PART = "sheet"
 
 # One sheet at a time per grid in this process: two cells finishing together both see the
 # grid complete; the second then finds the sheet posted (``Posted``) and says nothing.
@@ -129,34 +128,25 @@ async def deliver_cell(core: ChatCore, event: JobEvent) -> None:
         return
     lock = _sheet_locks.setdefault(key, asyncio.Lock())
     async with lock:
-        posted = Posted(core.state, core.platform, f"grid:{key}", here=core.posted_here)
-        if not await posted.has(SHEET_PART):
+        # Recorded as the first cell's result (a cell posts nothing of its own; the port reads
+        # that job's delivery for the owner and the status message). A lone picture's part is
+        # "1": a sheet already out is not drawn again.
+        posted = Posted(core.state, core.platform, ids[0], here=core.posted_here)
+        if not await posted.has("1"):
             png = await sheet_png(core.client, axes, ids)
             caption = texts.prompt_preview(f"{prompt} ({shape})", 900)
             await core.port.post_images(
                 target.chat_id,
                 [Picture(png, f"atelier-grid-{ids[0][:8]}.png", caption)],
                 (),
-                as_files=False,
-                posted=_SheetPosted(posted),
+                as_files=len(png) > core.port.photo_max_bytes,
+                posted=posted,
             )
         missing = sum(1 for s in statuses if s is not JobStatus.succeeded)
         if target.message_id:
             show_status(core, target.chat_id, target.message_id,
                         texts.grid_finished(prompt, shape, cells, missing), None, final=True)
     _sheet_locks.pop(key, None)
-
-
-class _SheetPosted(Posted):
-    """The port names parts by image number ("1"); the sheet is recorded under one name."""
-
-    def __init__(self, inner: Posted) -> None:
-        super().__init__(inner.state, inner.platform, inner.job_id, inner.here)
-        self.inner = inner
-
-    async def add(self, part: str) -> None:
-        await super().add(part)
-        await self.inner.add(SHEET_PART)
 
 
 def _axes(core: ChatCore, text: str) -> tuple[Axis, ...]:
