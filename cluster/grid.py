@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from PIL import Image
 from sqlmodel import Session
 
 from cluster.client import BUSY_RETRY_AFTER_S, Client, new_job_id
@@ -198,7 +199,7 @@ async def grid_job_ids(client: Client, idempotency_key: str, cells: int) -> tupl
 async def sheet_png(client: Client, axes: tuple[Axis, ...], job_ids: tuple[str, ...]) -> bytes:
     """The contact sheet of finished cells (a grey box for a cell without an image), with the
     first cell's infotext and the axes (A1111's ``Script: X/Y/Z plot, X Type: ...``)."""
-    images = []
+    images: list[Image.Image | None] = []
     infotext = None
     for job_id in job_ids:
         job = await client.job(job_id)

@@ -358,8 +358,9 @@ def expand(base: GenerationRequest, axes: tuple[Axis, ...], *, max_cells: int) -
             f"(--x style={','.join(base.styles)})"
         )
     for axis in axes:
-        if axis.kind is AxisKind.prompt and axis.search not in base.prompt \
-                and axis.search not in base.negative:
+        search = axis.search or ""
+        if axis.kind is AxisKind.prompt and search not in base.prompt \
+                and search not in base.negative:
             raise InvalidRequest(
                 f"prompt S/R: {axis.search!r} is not in the prompt; the first value is the "
                 "words to replace"

@@ -17,6 +17,7 @@ from core.errors import AtelierError, Forbidden
 from core.grid import expand, ordered_axes
 from core.jobs import DeliveryTarget
 from storage import jobs as job_repo
+from storage.jobs import JobRead
 from web.app import get_ctx
 from web.context import WebContext
 from web.errors import status_of
@@ -63,7 +64,9 @@ async def make_grid(
     return secured(RedirectResponse(f"/gallery/grid/{submitted.job_ids[0]}", status_code=303))
 
 
-async def _cells(ctx: WebContext, account_id: int, job_id: str) -> tuple[dict[str, str], list]:
+async def _cells(
+    ctx: WebContext, account_id: int, job_id: str
+) -> tuple[dict[str, str], list[JobRead]]:
     first = await _own_job(ctx, account_id, job_id)
     extra = first.delivery.extra
     if not extra.get("grid"):
