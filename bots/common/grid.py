@@ -116,10 +116,10 @@ async def deliver_cell(core: ChatCore, event: JobEvent) -> None:
     key, cells = target.extra[GRID], int(target.extra.get(CELLS, "0") or 0)
     axes = _axes(core, target.extra.get(AXES, "{}"))
     shape = describe_axes(axes)
-    job = await core.client.job(event.job_id)
-    prompt = job.request.prompt
     ids = await grid_job_ids(core.client, key, cells)
-    statuses = [(await core.client.job(i)).status for i in ids]
+    jobs = [await core.client.job(i) for i in ids]
+    statuses = [j.status for j in jobs]
+    prompt = jobs[0].request.prompt  # the first cell's: a prompt S/R axis changes the others
     done = sum(1 for s in statuses if s.finished)
     if done < cells:
         if target.message_id and event.kind is EventKind.done:

@@ -18,7 +18,8 @@ from bots.discord import guilds
 from bots.discord.chat import who
 from bots.discord.cogs.imagine import CHECK_WITHIN_S, Imagine, server_defaults
 from bots.discord.port import answering
-from core.errors import AtelierError
+from core.errors import AtelierError, InvalidRequest
+from core.grid import AxisKind, ordered_axes, split_axes
 
 if TYPE_CHECKING:
     from bots.discord.bot import AtelierBot
@@ -81,7 +82,15 @@ class Grid(commands.Cog):
     async def _check(
         self, interaction: discord.Interaction[Any], text: str
     ) -> grid_uc.CheckedGrid:
-        text = server_defaults(text, await guilds.load(self.bot.state, interaction.guild_id))
+        prefs = await guilds.load(self.bot.state, interaction.guild_id)
+        text = server_defaults(text, prefs)
+        cap = prefs.steps_cap
+        if cap is not None:  # the server's cap holds along a steps axis too
+            for axis in ordered_axes(split_axes(text)[1], self.bot.styles):
+                if axis.kind is AxisKind.steps and max(axis.values) > cap:
+                    raise InvalidRequest(
+                        f"this server allows at most {cap} steps, got {max(axis.values)}"
+                    )
         return await grid_uc.check(
             self.bot.core, who(interaction), text, idempotency_key=f"discord:{interaction.id}"
         )
