@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from bots.common import texts
+from bots.common import keyboards, texts
 from bots.common.core import ChatCore
 from bots.common.jobs import show_status
 from bots.common.port import Picture, Posted, Who
@@ -138,7 +138,7 @@ async def deliver_cell(core: ChatCore, event: JobEvent) -> None:
             await core.port.post_images(
                 target.chat_id,
                 [Picture(png, f"atelier-grid-{ids[0][:8]}.png", caption)],
-                (),
+                keyboards.grid_sheet(target.extra.get("owner", "")),
                 as_files=len(png) > core.port.photo_max_bytes,
                 posted=posted,
             )

@@ -26,6 +26,7 @@ async def test_telegram_grid_posts_one_labelled_sheet_and_charges_the_sum(stack:
     sheet = Image.open(io.BytesIO(photo.files["photo"]))
     assert sheet.width > 2 * 64 and sheet.height > 2 * 64  # the cells and the label bands
     assert "Script: X/Y/Z plot, X Type: CFG Scale" in sheet.info["parameters"]
+    assert [b["text"] for b in photo.buttons()] == ["🖼 Gallery"]
 
     jobs = await stack.finished(4)
     assert len(jobs) == 4
@@ -49,7 +50,7 @@ async def test_telegram_grid_refusals_are_one_line_and_free(stack: Stack) -> Non
     fake, user = stack.fake, 2002
     await fake.send(user, f"/grid a fox {TINY} --x colour=1,2")
     refusal = await fake.wait_call("sendMessage", chat=user)
-    assert "unknown axis 'colour'" in refusal.params["text"]
+    assert "unknown axis 'colour'" in refusal.params["text"].lower()
     await fake.send(user, "/grid")
     usage = await fake.wait_call("sendMessage", chat=user, n=2)
     assert "--x cfg=3,7,11" in usage.params["text"]
