@@ -30,7 +30,9 @@ class AdapterSpec(BaseModel):
     file: str
     family: str
     default_weight: float = Field(default=1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT)
-    triggers: tuple[str, ...] = ()  # words the adapter was trained on; shown, not added
+    # Words the adapter was trained on: added to the prompt of a request using it (each one
+    # the prompt lacks), as people using A1111 type them by hand.
+    triggers: tuple[str, ...] = ()
     token: str | None = None  # an embedding's prompt token (its name when unset)
 
     @field_validator("file")
@@ -138,3 +140,20 @@ def resolve_adapters(
         weight = spec.default_weight if ref.weight is None else ref.weight
         out.append(AdapterRef(name=ref.name, weight=weight))
     return tuple(out)
+
+
+def add_triggers(
+    prompt: str, refs: tuple[AdapterRef, ...], adapters: dict[str, AdapterSpec]
+) -> str:
+    """``prompt`` with the trigger words of the LoRAs in ``refs`` it does not contain yet
+    (compared case-insensitively), appended comma-separated in ``refs`` order."""
+    missing: list[str] = []
+    lowered = prompt.casefold()
+    for ref in refs:
+        spec = adapters.get(ref.name)
+        for word in spec.triggers if spec is not None else ():
+            key = word.strip().casefold()
+            if key and key not in lowered and word.strip() not in missing:
+                missing.append(word.strip())
+                lowered += f" {key}"
+    return ", ".join([prompt.rstrip(", "), *missing]) if missing else prompt

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, func, select
 
+from cluster.adapters import add_triggers
 from cluster.availability import loadable_models, model_availability
 from cluster.broker import Broker, BrokerUnavailable
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
@@ -143,8 +144,11 @@ class Client:
                 f"use at least {least} steps"
             )
         # 3b. LoRAs: the styles' own, then the request's (its weight wins for a name both
-        #     give); each must be in the catalogue and fit the model's family.
-        request = request.model_copy(update={"adapters": self._adapters(request, spec.name)})
+        #     give); each must be in the catalogue and fit the model's family. Their trigger
+        #     words join the prompt where it lacks them.
+        adapters = self._adapters(request, spec.name)
+        prompt = add_triggers(request.prompt, adapters, self.models.adapters)
+        request = request.model_copy(update={"adapters": adapters, "prompt": prompt})
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
         return request.model_copy(update={"model": spec.name}).with_seed()
 

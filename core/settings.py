@@ -61,6 +61,14 @@ class Limits(BaseModel):
     max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
 
 
+class GridLimits(BaseModel):
+    """X/Y/Z grids (``/grid``, the A1111 "x/y/z plot" script): how big one may be. A grid is
+    priced as the sum of its cells; one over either cap is refused before anything is charged."""
+
+    max_cells: int = Field(default=64, ge=1)
+    max_credits: int = Field(default=48, ge=1)
+
+
 class Dispatch(BaseModel):
     """How dispatchers batch and retry (``ATELIER_DISPATCH__GATHER_WINDOW_MS=80`` and so on)."""
 
@@ -228,6 +236,7 @@ class Settings(BaseSettings):
     cost_base_steps: int = Field(default=30, ge=1)
     limits: Limits = Field(default_factory=Limits)
     dispatch: Dispatch = Field(default_factory=Dispatch)
+    grid: GridLimits = Field(default_factory=GridLimits)
     blocklist_file: Path | None = None
     # Extra/overriding model entries (TOML); default: {data_dir}/models.toml when present.
     models_file: Path | None = None

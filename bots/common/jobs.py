@@ -52,6 +52,8 @@ async def resume(core: ChatCore) -> None:
         target = job.delivery
         if not target.chat_id or not target.message_id or job.id in core.watchers:
             continue
+        if target.extra.get("grid"):
+            continue  # a grid's status counts cells as their deliveries come
         owner = target.extra.get("owner", "")
         follow(core, job.id, target.chat_id, target.message_id, job.request.prompt, owner)
         followed += 1
@@ -327,11 +329,17 @@ async def deliver(core: ChatCore, event: JobEvent) -> None:
     target = event.delivery
     if target is None or target.frontend != core.platform or not target.chat_id:
         raise Undeliverable(f"job {event.job_id} has no {core.platform} chat to deliver to")
+    if target.extra.get("grid"):
+        # Imported here: bots.common.grid builds on this module.
+        from bots.common import grid
+
+        await grid.deliver_cell(core, event)
+        return
     stop_watching(core, event.job_id)
     chat_id = target.chat_id
     owner = target.extra.get("owner", "")
     if event.kind is EventKind.done:
-        to = Destination(chat_id, owner, target.message_id or None, _gallery(core, owner))
+        to = Destination(chat_id, owner, target.message_id or None, gallery_text(core, owner))
         prompt = await _post_images(core, event, to, bool(target.extra.get("original")))
         final = texts.finished(prompt, len(event.images))
     elif event.kind is EventKind.failed:
@@ -342,7 +350,7 @@ async def deliver(core: ChatCore, event: JobEvent) -> None:
         show_status(core, chat_id, target.message_id, final, None, final=True)
 
 
-def _gallery(core: ChatCore, owner: str) -> Callable[[], Awaitable[str]] | None:
+def gallery_text(core: ChatCore, owner: str) -> Callable[[], Awaitable[str]] | None:
     """The asker's gallery link, made only when a result needs it."""
     if not owner:
         return None

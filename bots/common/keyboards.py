@@ -53,6 +53,12 @@ def results(
     return tuple(rows)
 
 
+def grid_sheet(owner: str) -> Keyboard:
+    """Under a grid's contact sheet: the gallery, where every cell is (each with its own
+    buttons there: make again, variations)."""
+    return ((Key("🖼 Gallery", button(Action.gallery, owner)),),)
+
+
 def cancel(job_id: str, owner: str) -> Keyboard:
     return ((Key("✖ Cancel", button(Action.cancel, owner, job_id)),),)
 

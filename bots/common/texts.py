@@ -52,6 +52,12 @@ ADMINS_ONLY = "Only the group's admins can change its settings."
 PRIVATE_ONLY = "For your privacy, use {command} in a private chat with me."
 NOTHING_TO_CANCEL = "You have no queued or running job to cancel."
 IMAGINE_USAGE = "Tell me what to make, e.g. /imagine a lighthouse at dusk --ar 16:9"
+GRID_USAGE = (
+    "Compare settings side by side, e.g. /grid a lighthouse --x cfg=3,7,11 --y steps=10,20 "
+    "--z style=none,watercolor. Axes: seed, steps, cfg, sampler, size (512x768), style, "
+    "model, lora:NAME (weights), sr (prompt search/replace: the first value is the word "
+    "to replace). Up to 3 axes; the price is the sum of the cells."
+)
 
 _HINTS: tuple[tuple[type[AtelierError], str], ...] = (
     (UnreadableImage, "that file is not a readable image; send a PNG, JPEG or WebP photo"),
@@ -144,6 +150,22 @@ def prompt_preview(prompt: str, limit: int = PROMPT_PREVIEW) -> str:
 def queued(prompt: str, position: int | None) -> str:
     where = f"position {position} in the queue" if position else "in the queue"
     return f"⏳ {prompt_preview(prompt)}\nQueued, {where}."
+
+
+def grid_queued(prompt: str, shape: str, cells: int, cost: int) -> str:
+    plural = "credit" if cost == 1 else "credits"
+    return f"⏳ {prompt_preview(prompt)}\n{shape}: {cells} cells queued ({cost} {plural})."
+
+
+def grid_progress(prompt: str, shape: str, done: int, cells: int) -> str:
+    return f"🎨 {prompt_preview(prompt)}\n{shape}: {done}/{cells} cells done…"
+
+
+def grid_finished(prompt: str, shape: str, cells: int, missing: int) -> str:
+    line = f"✅ {prompt_preview(prompt)}\n{shape}: {cells} cells, every one in your /gallery."
+    if missing:
+        line += f" {missing} failed or were cancelled (grey on the sheet; refunded)."
+    return line
 
 
 def rendering(prompt: str, step: int | None = None, total: int | None = None) -> str:

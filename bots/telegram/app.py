@@ -159,6 +159,7 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
         ("start", commands.start),
         ("help", commands.help_command),
         ("imagine", imagine.imagine),
+        ("grid", imagine.grid),
         ("styles", commands.styles),
         ("credits", commands.credits),
         ("gallery", commands.gallery),

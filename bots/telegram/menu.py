@@ -12,6 +12,7 @@ from bots.common import texts
 
 COMMANDS = (
     BotCommand("imagine", "Make images: /imagine a lighthouse at dusk --ar 16:9"),
+    BotCommand("grid", "Compare settings: /grid a fox --x cfg=3,7,11 --y steps=10,20"),
     BotCommand("styles", "Pick your default style"),
     BotCommand("settings", "Default size, steps, raw mode, PNG files"),
     BotCommand("credits", "Credits left today and in packs"),

@@ -148,6 +148,18 @@ def test_admission_resolves_loras(client: Client) -> None:
     assert own.adapters == (AdapterRef(name="ink", weight=1.5),)
 
 
+def test_admission_adds_trigger_words_the_prompt_lacks(client: Client) -> None:
+    ready = client.prepare(GenerationRequest(prompt="a cat <lora:ink>", model="tiny"), WHO)
+    assert ready.prompt == "a cat, ink drawing"
+    # Already there (any case): not added twice; preparing again changes nothing.
+    typed = client.prepare(GenerationRequest(prompt="an Ink Drawing of a cat --", model="tiny",
+                                             adapters=(AdapterRef(name="ink"),)), WHO)
+    assert typed.prompt == "an Ink Drawing of a cat --"
+    assert client.prepare(ready, WHO).prompt == ready.prompt
+    # No LoRA, no trigger words.
+    assert client.prepare(GenerationRequest(prompt="a cat", model="tiny"), WHO).prompt == "a cat"
+
+
 @pytest.mark.parametrize(
     ("request_", "message"),
     [

@@ -279,3 +279,36 @@ async def test_web_deliveries_are_confirmed_and_acked(web: Web) -> None:
     assert await settle_once(web.client) == 1
     assert (await web.client.job(job_id)).delivered_at is not None
     assert await settle_once(web.client) == 0  # acked: not read again
+
+
+async def test_grid_form_submits_every_cell_charged_as_their_sum(web: Web) -> None:
+    me = make_person(web.sessions)
+    image = add_job(web.sessions, web.blobs, me, "a red castle", seed=77)[0]
+    csrf = await _signed_in(web, me.account_id)
+    page = await web.http.get(f"/gallery/image/{image.id}")
+    assert 'id="make-grid"' in page.text
+    form = {"csrf": csrf, "nonce": "g1", "x": "cfg=3,9", "y": "sr=red,blue"}
+    url = f"/gallery/image/{image.id}/grid"
+    first = await web.http.post(url, data=form)
+    again = await web.http.post(url, data=form)  # a double click: the same grid
+    assert first.status_code == again.status_code == 303
+    assert first.headers["location"] == again.headers["location"]
+    first_id = first.headers["location"].rsplit("/", 1)[1]
+    with web.sessions() as s:
+        from sqlmodel import select
+
+        jobs = list(s.exec(select(Job).where(Job.account_id == me.account_id)).all())
+    requests = [(await web.client.job(j.id)).request for j in jobs
+                if j.idempotency_key.startswith(f"web:{me.account_id}:{image.id}:g1:grid#")]
+    assert sorted((r.guidance, r.prompt) for r in requests) == [
+        (3.0, "a blue castle"), (3.0, "a red castle"), (9.0, "a blue castle"),
+        (9.0, "a red castle"),
+    ]
+    assert {r.seed for r in requests} == {77}  # the image's own seed, in every cell
+    grid_page = await web.http.get(f"/gallery/grid/{first_id}")
+    assert grid_page.status_code == 200
+    assert "0/4 cells done" in grid_page.text and 'http-equiv="refresh"' in grid_page.text
+    assert (await web.http.get(f"/gallery/grid/{first_id}/sheet.png")).status_code == 409
+    bad = await web.http.post(url, data={**form, "nonce": "g2", "x": "colour=1"})
+    assert bad.status_code == 422 and "unknown axis" in bad.text
+    assert (await web.http.post(url, data={**form, "csrf": ""})).status_code == 403

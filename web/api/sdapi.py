@@ -21,6 +21,7 @@ from core.offload import run_heavy
 from core.request import SCHEDULERS
 from storage import apikeys
 from web.api.common import Caller, SdApiRoute, caller
+from web.api.sdapi_grid import generate_grid
 from web.api.sdapi_models import (
     FieldError,
     GenerationResponse,
@@ -34,6 +35,7 @@ from web.api.sdapi_models import (
     fit_to_model,
     info_json,
     infotext_items,
+    is_xyz_script,
     parameters_echo,
     to_generation_request,
 )
@@ -68,6 +70,8 @@ async def _generate(
     request = await ctx.client.with_default_model(request)
     spec = ctx.client.models.get(request.model)
     request = fit_to_model(request, max_width=spec.max_width, max_height=spec.max_height)
+    if is_xyz_script(payload.script_name):
+        return await generate_grid(payload, request, who, ctx, progress)
     delivery = DeliveryTarget(frontend=WEB, extra={"via": "sdapi", "key": who.key.prefix})
     submitted = await ctx.client.submit(
         request, who.requester, delivery, f"sdapi:{who.key.identity_id}:{uuid.uuid4()}"

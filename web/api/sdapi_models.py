@@ -80,6 +80,7 @@ class Txt2ImgPayload(BaseModel):
     denoising_strength: float | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
 
@@ -186,8 +187,13 @@ def _refuse_unsupported(payload: Txt2ImgPayload) -> None:
         raise FieldError("tiling", "tiling is not supported")
     if payload.subseed_strength:
         raise FieldError("subseed_strength", "variation seeds are not supported; use 0")
-    if payload.script_name:
-        raise FieldError("script_name", f"scripts are not supported, got {payload.script_name!r}")
+    if payload.script_name and not (
+        is_xyz_script(payload.script_name) and not isinstance(payload, Img2ImgPayload)
+    ):
+        raise FieldError(
+            "script_name",
+            f"only \"x/y/z plot\" (txt2img) is supported, got {payload.script_name!r}",
+        )
     for name, script in payload.alwayson_scripts.items():
         args = script.get("args") if isinstance(script, dict) else script
         # Clients send disabled extensions as {"args": []} or {"args": [False]}: harmless.
@@ -197,6 +203,14 @@ def _refuse_unsupported(payload: Txt2ImgPayload) -> None:
         raise FieldError(
             "resize_mode", f"only 0 (just resize) is supported, got {payload.resize_mode}"
         )
+
+
+def is_xyz_script(name: str | None) -> bool:
+    """Whether ``script_name`` names A1111's X/Y/Z plot (as clients spell it)."""
+    return bool(name) and " ".join(str(name).split()).casefold() in XYZ_SCRIPT_NAMES
+
+
+XYZ_SCRIPT_NAMES = frozenset({"x/y/z plot", "xyz plot", "xyz_grid", "x/y/z grid"})
 
 
 def decode_b64_image(text: str, field: str) -> bytes:

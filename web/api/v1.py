@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session
 
 from cluster.events import JobEvent, image_ref
+from core.adapters import AdapterRef
 from core.errors import AtelierError, Forbidden, NotFound
 from core.images import validate_image, validate_mask
 from core.jobs import DeliveryTarget, JobStatus
@@ -61,6 +62,9 @@ class JobSubmit(BaseModel):
     mask: str | None = None
     strength: float = 0.75
     raw: bool = False
+    # LoRAs by catalogue name (/sdapi/v1/loras) and weight (null: the catalogue's default);
+    # ``<lora:name:w>`` tags in the prompt work too.
+    loras: list[AdapterRef] = Field(default_factory=list)
 
 
 class JobAccepted(BaseModel):
@@ -97,6 +101,7 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     images: list[ImageOut]
+    loras: list[AdapterRef]  # as resolved: each LoRA's weight, the default filled in
 
 
 class ImageList(BaseModel):
@@ -125,7 +130,8 @@ def to_request(body: JobSubmit, limits: Limits) -> GenerationRequest:
     bomb-safe checks (seconds for a big image: call it off the event loop)."""
     check_length(body.prompt, "prompt", limits.max_prompt_chars)
     check_length(body.negative, "negative", limits.max_prompt_chars)
-    fields = body.model_dump(exclude={"init_image", "mask"})
+    fields = body.model_dump(exclude={"init_image", "mask", "loras"})
+    fields["adapters"] = tuple(body.loras)
     for name, check in (("init_image", validate_image), ("mask", validate_mask)):
         raw = getattr(body, name)
         if raw is not None:
@@ -167,6 +173,7 @@ async def _job_out(ctx: WebContext, job: JobRead) -> JobOut:
         cost=job.cost,
         error=job.error,
         request=job.request.model_dump(mode="json", exclude={"init_image", "mask"}),
+        loras=list(job.request.adapters),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

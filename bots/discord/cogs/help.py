@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 DISCORD_TIPS = (
     "The flags of /imagine are also its options (style, aspect, n, seed, steps, cfg, "
     "negative, model, image, strength).",
-    "Every command answers you alone, except /imagine: its images are posted in the channel.",
+    "Every command answers you alone, except /imagine and /grid: their images are posted in "
+    "the channel.",
 )
 
 

@@ -8,6 +8,7 @@ import logging
 from telegram import Message, MessageEntity, Update
 from telegram.ext import ApplicationHandlerStop, filters
 
+from bots.common import grid as grid_uc
 from bots.common import jobs, texts
 from bots.common.state import ALBUM_SEEN, ALBUM_SEEN_TTL_S
 from bots.telegram.services import PLATFORM, Context, core_of, is_private, reply_error, who_of
@@ -57,6 +58,22 @@ async def imagine(update: Update, context: Context) -> None:
         await message.reply_text(texts.IMAGINE_USAGE)
         return
     await _make(update, context, text)
+
+
+async def grid(update: Update, context: Context) -> None:
+    """An X/Y/Z grid from /grid <prompt> [flags] --x cfg=3,7,11 [--y ...] [--z ...]."""
+    message, who = update.effective_message, who_of(update)
+    if message is None or message.text is None or who is None:
+        return
+    text = _after_command(message)
+    if not text:
+        await message.reply_text(texts.GRID_USAGE)
+        return
+    await grid_uc.grid(
+        core_of(context), who, text,
+        # The same update delivered twice makes one grid.
+        idempotency_key=f"telegram:{who.chat_id}:{message.message_id}",
+    )
 
 
 async def prompt_text(update: Update, context: Context) -> None:

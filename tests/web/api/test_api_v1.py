@@ -237,3 +237,25 @@ async def test_fields_left_out_are_the_models_defaults(
     assert [job["request"][f] for f in ("width", "height", "steps", "guidance", "scheduler")
             ] == wanted
     assert job["images"][0]["width"] == spec.default_width
+
+
+async def test_loras_field_is_taken_resolved_and_reported(
+    web: WebStack, http: httpx.AsyncClient
+) -> None:
+    key = web.new_key("231")
+    body = {"prompt": "a lighthouse", "seed": 5, "loras": [{"name": "ink", "weight": 0.5}], **TINY}
+    reply = await http.post("/api/v1/jobs", json=body, headers=_auth(key))
+    assert reply.status_code == 201, reply.text
+    job = await _finished(http, key, reply.json()["job_id"])
+    assert job["status"] == "succeeded"
+    assert job["loras"] == [{"name": "ink", "weight": 0.5}]
+    assert "<lora:ink:0.5>" in job["images"][0]["infotext"]
+    # Left without a weight: the catalogue's default, reported as resolved.
+    plain = await http.post("/api/v1/jobs", json={**body, "loras": [{"name": "ink"}]},
+                            headers=_auth(key))
+    assert (await _finished(http, key, plain.json()["job_id"]))["loras"] == [
+        {"name": "ink", "weight": 1.0}
+    ]
+    bad = await http.post("/api/v1/jobs", json={**body, "loras": [{"name": "inc"}]},
+                          headers=_auth(key))
+    assert bad.status_code == 422 and "unknown LoRA 'inc'" in bad.json()["detail"]

@@ -237,3 +237,38 @@ async def test_what_a_call_gets_follows_the_model_and_is_reported(web: WebStack)
     assert big.info["negative_prompt"] == "blurry, nsfw, nude", big.info["negative_prompt"]
     assert big.info["all_negative_prompts"] == [big.info["negative_prompt"]]
     assert f"Negative prompt: {big.info['negative_prompt']}" in big.images[0].info["parameters"]
+
+
+async def test_xyz_plot_script_returns_the_grid_then_the_cells(web: WebStack) -> None:
+    api = await _api(web, web.new_key("131"))
+    before = await web.balance("131")
+    # A1111 1.6+: [x_type, x_values, x_dropdown, y_type, ...]; 7 = Prompt S/R, 1 = Seed.
+    args = [7, "fox,cat", [], 1, "11,12", [], 0, "", [], True, True, False, False, 0, False]
+    result = await asyncio.to_thread(
+        api.txt2img, prompt="a red fox", steps=2, width=64, height=64,
+        script_name="x/y/z plot", script_args=args,
+    )
+    assert len(result.images) == 1 + 4  # the grid, then each cell (include_lone_images)
+    sheet = result.images[0]
+    assert sheet.width > 2 * 64 and sheet.height > 2 * 64
+    assert "Script: X/Y/Z plot, X Type: Prompt S/R" in sheet.info["parameters"]
+    assert [im.size for im in result.images[1:]] == [(64, 64)] * 4
+    assert result.info["all_seeds"] == [11, 11, 12, 12]
+    cells = [im.info["parameters"].split("\n")[0] for im in result.images[1:]]
+    assert cells == ["a red fox", "a red cat", "a red fox", "a red cat"]
+    jobs = web.jobs()
+    assert len(jobs) == 4 and all(j.status is JobStatus.succeeded for j in jobs)
+    assert await web.balance("131") == before - sum(j.cost for j in jobs)
+    # An axis Atelier cannot vary is refused by name, for nothing.
+    for bad, words in (([5, "1,2"], "'Hires steps' is not supported"),
+                       ([7, "dog,cat"], "'dog' is not in the prompt")):
+        try:
+            await asyncio.to_thread(api.txt2img, prompt="a red fox", steps=2,
+                                    script_name="x/y/z plot", script_args=bad)
+        except RuntimeError as exc:
+            status, body = exc.args
+            assert status == 422 and json.loads(body)["field"] == "script_args"
+            assert words in json.loads(body)["detail"]
+        else:
+            raise AssertionError(f"{bad} was accepted")
+    assert len(web.jobs()) == 4

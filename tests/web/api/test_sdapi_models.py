@@ -88,7 +88,7 @@ def test_override_checkpoint_wins_over_the_keys_model() -> None:
         ({"restore_faces": True}, "restore_faces"),
         ({"tiling": True}, "tiling"),
         ({"subseed_strength": 0.3}, "subseed_strength"),
-        ({"script_name": "x/y/z plot"}, "script_name"),
+        ({"script_name": "prompt matrix"}, "script_name"),  # only the X/Y/Z plot runs
         ({"alwayson_scripts": {"ControlNet": {"args": [{"image": "x"}]}}},
          "alwayson_scripts.ControlNet"),
         ({"sampler_name": "Heun"}, "sampler_name"),
