@@ -11,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from core.signing import duration_text
 from web.app import get_ctx
 from web.context import WebContext
-from web.gallery import account, actions, make, pages
+from web.gallery import account, actions, make, pages, vary
 from web.gallery.common import WEB_DIR, PageError, error_page, page, secured
 from web.session import HOME, NotSignedIn, session_account
 
@@ -23,6 +23,7 @@ def install(app: FastAPI) -> None:
     app.include_router(actions.router)
     app.include_router(make.router)
     app.include_router(account.router)
+    app.include_router(vary.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
 
     @app.exception_handler(PageError)
