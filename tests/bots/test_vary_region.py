@@ -27,6 +27,7 @@ from core.infotext import parse_infotext, read_png_infotext
 from core.request import Edit, JobKind
 from tests.bots.conftest import TINY, Stack, settings_for
 from tests.conftest import service_missing
+from tests.web.helpers import Person, add_job, png
 from web.app import create_app
 from web.context import WebContext
 
@@ -183,7 +184,6 @@ async def test_vary_region_from_the_chat_to_the_chat(
     assert 0 < painted < one
     await page.click("#tool-brush")
     await page.fill("#vary-prompt", "a yellow star")
-    await page.screenshot(path=str(tmp_path / "vary-region-desktop.png"))
 
     await page.click("#vary-submit")
     await page.wait_for_url(f"{url}/gallery/job/*")
@@ -224,6 +224,17 @@ async def test_vary_region_from_the_chat_to_the_chat(
     await page.click("a.new-image")
     await page.wait_for_selector("#params")
     assert "Vary (Region)" in await page.inner_text("#infotext")
+
+    # For the screenshots, a picture one can see (the tiny model draws noise) of the account.
+    person = Person(first.account_id, first.identity_id or 0, "telegram", str(user))
+    (picture,) = add_job(stack.sessions, stack.blobs, person, "a harbour at dusk",
+                         data=png((200, 120, 60), 512))
+    await page.goto(f"{url}/gallery/image/{picture.id}/vary")
+    await page.wait_for_selector("#vary[data-ready='1']")
+    box = await page.locator("#mask").bounding_box()
+    assert box is not None
+    await _drag(page, box, [(0.3, 0.42), (0.45, 0.45), (0.6, 0.52)])
+    await page.screenshot(path=str(tmp_path / "vary-region-desktop.png"))
     assert errors == []
     cookies = await context.cookies()
     await context.close()
@@ -234,7 +245,7 @@ async def test_vary_region_from_the_chat_to_the_chat(
     await phone.add_cookies(cookies)
     page = await phone.new_page()
     errors = _watch_errors(page)
-    await page.goto(f"{url}/gallery/image/{original.id}/vary")
+    await page.goto(f"{url}/gallery/image/{picture.id}/vary")
     await page.wait_for_selector("#vary[data-ready='1']")
     box = await page.locator("#mask").bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
@@ -244,6 +255,7 @@ async def test_vary_region_from_the_chat_to_the_chat(
         "() => getComputedStyle(document.getElementById('mask')).touchAction") == "none"
     await page.touchscreen.tap(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.4)
     assert await page.evaluate(PAINTED) > 0
+    await _drag(page, box, [(0.3, 0.42), (0.45, 0.45), (0.6, 0.52)])
     await page.screenshot(path=str(tmp_path / "vary-region-phone.png"))
     assert errors == []
     await phone.close()
