@@ -16,20 +16,27 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
 from PIL import Image as PILImage
 
+from bots.common import texts
+from bots.common.buttons import Action
 from bots.common.keyboards import VARY_REGION
+from bots.discord.fake import payloads as p
 from bots.telegram.fake_api import FakeTelegram
 from core.infotext import parse_infotext, read_png_infotext
 from core.request import Edit, JobKind
 from tests.bots.conftest import TINY, Stack, settings_for
+from tests.bots.discord_conftest import DiscordStack
+from tests.bots.discord_helpers import ALICE, BOB, answer_of, imagine, press
 from tests.conftest import service_missing
 from tests.web.helpers import Person, add_job, png
 from web.app import create_app
 from web.context import WebContext
+from web.session import csrf_token
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -262,3 +269,62 @@ async def test_vary_region_from_the_chat_to_the_chat(
     if os.environ.get("ATELIER_UPDATE_DOCS") == "1":  # refresh the docs' screenshots on request
         for name in ("vary-region-desktop.png", "vary-region-phone.png"):
             shutil.copy(tmp_path / name, DOCS / name)
+
+
+async def test_vary_region_from_discord_goes_back_to_its_channel(
+    discord_stack: DiscordStack,
+) -> None:
+    """The Discord button: its owner only, the link by DM; the job made on the web is posted
+    in the channel the image was asked in (its interaction is not needed), once."""
+    stack, fake = discord_stack, discord_stack.fake
+    _, result = await imagine(stack, seed=5)
+    (first,) = await stack.finished(1)
+    (image,) = stack.images(first.id)
+    refused = await press(stack, BOB, result, Action.vary_region, "1")
+    assert (await answer_of(stack, refused)).json["content"] == texts.NOT_YOURS
+    pressed = await press(stack, ALICE, result, Action.vary_region, "1")
+    assert "private" in (await answer_of(stack, pressed)).json["content"]
+    dm = await fake.wait_for(
+        lambda: next((c for c in fake.calls_to("POST /channels/{channel}/messages")
+                      if "/v/" in (c.json or {}).get("content", "")), None),
+        30,
+        "the DM with the link",
+    )
+    assert int(dm.path.split("/")[2]) in fake.dm_channels
+    base = stack.settings.public_base_url
+    link = dm.json["content"].split()[-1]
+    assert link.startswith(f"{base}/v/")
+
+    # The web app over the same store and client, as `atelier up` serves it.
+    ctx = WebContext(settings=stack.settings, sessions=stack.sessions, blobs=stack.blobs,
+                     client=stack.client)
+    transport = httpx.ASGITransport(app=create_app(ctx))
+    async with httpx.AsyncClient(transport=transport, base_url=base) as http:
+        opened = await http.get(link.removeprefix(base))
+        assert opened.headers["location"] == f"/gallery/image/{image.id}/vary"
+
+        class _Req:
+            cookies = dict(http.cookies)
+
+        painted = PILImage.new("L", (64, 64), 0)
+        painted.paste(255, (16, 16, 48, 48))
+        mask = io.BytesIO()
+        painted.save(mask, "PNG")
+        posted = await http.post(
+            f"/gallery/image/{image.id}/vary",
+            data={"csrf": csrf_token(ctx, _Req()), "nonce": "d1", "prompt": "a green circle"},
+            files={"mask": ("mask.png", mask.getvalue(), "image/png")},
+        )
+        assert posted.status_code == 200, posted.text
+    jobs = await stack.finished(2)
+    assert stack.request_of(jobs[-1]).edit is Edit.vary_region
+    channel_route = "POST /channels/{channel}/messages"
+    post = await fake.wait_for(
+        lambda: next((c for c in fake.calls_to(channel_route)
+                      if c.files and c.path.split("/")[2] == str(p.PLAIN_CHANNEL)), None),
+        90,
+        "the result in the channel",
+    )
+    assert str(ALICE) in post.json["content"]  # the asker is pinged: the result is theirs
+    await asyncio.sleep(1.5)
+    assert len([c for c in fake.calls_to(channel_route) if c.files]) == 1
