@@ -33,6 +33,7 @@ _KNOWN_KEYS: Final = frozenset(
 )
 _REQUIRED_KEYS: Final = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 _DENOISING_KINDS: Final = frozenset({JobKind.img2img, JobKind.inpaint, JobKind.variation})
+EDIT_KEY: Final = "Edit"  # names the edit that made an image from another (Vary (Region))
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,7 @@ def infotext_for(
         model=model or None,
         styles=request.styles,
         denoising_strength=request.strength if request.kind in _DENOISING_KINDS else None,
+        extra={EDIT_KEY: request.edit.value} if request.edit is not None else {},
     )
 
 

@@ -36,6 +36,12 @@ class JobKind(StrEnum):
     variation = "variation"
 
 
+class Edit(StrEnum):
+    """A named edit of an earlier image, recorded in its infotext (``Edit: Vary (Region)``)."""
+
+    vary_region = "Vary (Region)"  # a painted region repainted with its own prompt
+
+
 def canonical_scheduler(name: str) -> str:
     """Match a sampler name case- and space-insensitively; raise naming the valid ones."""
     key = " ".join(name.split()).casefold()
@@ -97,6 +103,7 @@ class GenerationRequest(BaseModel):
     raw: bool = False
     # LoRAs by registry name and weight; ``<lora:name:w>`` tags in the prompt land here too.
     adapters: tuple[AdapterRef, ...] = ()
+    edit: Edit | None = None  # what made it from an earlier image, for its infotext
 
     @model_validator(mode="before")
     @classmethod

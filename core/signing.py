@@ -13,6 +13,8 @@ from core.settings import Settings
 
 _SEP = "."
 GALLERY_PURPOSE = "gallery"  # what a gallery link is signed for (web/session.py checks it)
+# A chat's Vary (Region) button: signs "account:image", opens the session and the mask editor.
+VARY_REGION_PURPOSE = "vary-region"
 
 
 def _b64(data: bytes) -> str:
@@ -67,6 +69,16 @@ def gallery_url(settings: Settings, account_id: int, *, now: datetime) -> str:
         now=now, ttl=timedelta(seconds=settings.gallery_link_ttl_s),
     )
     return f"{settings.public_base_url.rstrip('/')}/g/{token}"
+
+
+def vary_region_url(settings: Settings, account_id: int, image_id: int, *, now: datetime) -> str:
+    """The signed link that opens the session (as a gallery link does) on the mask editor of
+    one image of the account, for ``settings.gallery_link_ttl_s``."""
+    token = sign(
+        settings.resolved_signing_key, subject=f"{account_id}:{image_id}",
+        purpose=VARY_REGION_PURPOSE, now=now, ttl=timedelta(seconds=settings.gallery_link_ttl_s),
+    )
+    return f"{settings.public_base_url.rstrip('/')}/v/{token}"
 
 
 def duration_text(seconds: int) -> str:

@@ -229,6 +229,8 @@ class Engine:
         reset_step_cache(pipe.unet)  # fast mode: kept features belong to the previous call
         with torch.inference_mode():
             out = pipe(**kwargs)
+        if kind is JobKind.inpaint:
+            return [_keep_unmasked(image, s) for image, s in zip(out.images, slots, strict=True)]
         return list(out.images)
 
 
@@ -328,6 +330,19 @@ def _inputs(request: GenerationRequest) -> tuple[Image.Image | None, Image.Image
         if mask.size != size:
             mask = mask.resize(size, Image.Resampling.BILINEAR)
     return image, mask
+
+
+def _keep_unmasked(image: Image.Image, slot: _Slot) -> Image.Image:
+    """The original pasted back where the mask is black, as A1111 overlays it: the VAE's
+    round trip (and the 4-channel UNet's blended latents) would otherwise shift every pixel
+    outside the painted region."""
+    from PIL import Image
+
+    if slot.image is None or slot.mask is None:
+        return image
+    original = slot.image if slot.image.size == image.size else slot.image.resize(image.size)
+    mask = slot.mask if slot.mask.size == image.size else slot.mask.resize(image.size)
+    return Image.composite(image.convert("RGB"), original, mask)
 
 
 def _info_request(request: GenerationRequest, style: str | None) -> GenerationRequest:

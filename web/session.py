@@ -28,9 +28,16 @@ class NotSignedIn(Unauthorized):
 
 def open_link(ctx: WebContext, token: str, response: Response) -> int:
     """Check a signed gallery link; on success set the session cookie and return the account."""
-    now = ctx.now()
-    subject = verify(ctx.signing_key, token, purpose=LINK_PURPOSE, now=now)
+    subject = verify(ctx.signing_key, token, purpose=LINK_PURPOSE, now=ctx.now())
     account_id = _account_id(subject)
+    start_session(ctx, account_id, token, response)
+    return account_id
+
+
+def start_session(ctx: WebContext, account_id: int, token: str, response: Response) -> None:
+    """Set the session cookie of ``account_id``, opened by ``token`` (already verified): for
+    at most SESSION_TTL and never past the token's expiry."""
+    now = ctx.now()
     ttl = min(SESSION_TTL, expires_at(token) - now)
     value = sign(ctx.signing_key, subject=str(account_id), purpose=SESSION_PURPOSE, now=now,
                  ttl=ttl)
@@ -43,7 +50,6 @@ def open_link(ctx: WebContext, token: str, response: Response) -> int:
         samesite="lax",
         secure=ctx.settings.public_base_url.startswith("https://"),
     )
-    return account_id
 
 
 def session_account(ctx: WebContext, request: Request) -> int:

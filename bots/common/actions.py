@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from bots.common import account, keyboards, requests, texts
 from bots.common.buttons import Action, BadButton, Button, parse
@@ -16,6 +17,7 @@ from bots.common.prefs import ASPECTS, SIZES, STEPS
 from core.errors import AtelierError, Forbidden, InvalidRequest, NotFound
 from core.jobs import JobStatus
 from core.request import GenerationRequest
+from core.signing import duration_text, vary_region_url
 from storage.jobs import JobRead
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,24 @@ async def _gallery(core: ChatCore, press: Press, pressed: Button) -> str | None:
     return "I sent you the link in a private chat."
 
 
+async def _vary_region(core: ChatCore, press: Press, pressed: Button) -> str | None:
+    """A signed link to the image's mask editor, for its owner only (it opens their gallery
+    session): in a private chat here, from a group privately."""
+    job = await _job(core, press, pressed)
+    ref = image_ref(await core.client.job_images(job.id), pressed.index)
+    if ref is None:
+        raise NotFound(f"that job has no image {pressed.index}")
+    url = vary_region_url(core.settings, job.account_id, ref.image_id, now=datetime.now(UTC))
+    text = texts.vary_region_text(url, duration_text(core.settings.gallery_link_ttl_s))
+    who = press.who
+    if who.private:
+        await core.port.send(who.chat_id, text)
+        return None
+    if not await core.port.send_private(who.user_id, text):
+        return texts.PRIVATE_ONLY.format(command="Vary (Region)")
+    return "I sent you the editor's link in a private chat."
+
+
 async def _cancel(core: ChatCore, press: Press, pressed: Button) -> str | None:
     if pressed.job_id is None:
         return None
@@ -246,6 +266,7 @@ _HANDLERS: dict[Action, Handler] = {
     Action.pick_style: _pick_style,
     Action.restyle: _restyle,
     Action.gallery: _gallery,
+    Action.vary_region: _vary_region,
     Action.cancel: _cancel,
     Action.styles_page: _styles_page,
     Action.set_style: _set_style,

@@ -29,6 +29,7 @@ class Action(StrEnum):
     setting = "set"  # /settings: set a personal preference
     group_setting = "gs"  # /settings in a group: admins only
     imagine = "im"  # under a preview of plain text: make it (arg: the draft's id)
+    vary_region = "vr"  # image n: a signed link to its mask editor in the gallery
 
 
 class BadButton(ValueError):

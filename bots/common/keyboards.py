@@ -15,6 +15,7 @@ from storage.jobs import JobRead
 
 STYLES_PER_PAGE = 12
 STYLES_PER_ROW = 3
+VARY_REGION = "🖌 Vary (Region)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ def results(
     job_id: str, owner: str, images: int, *, upscale: Sequence[int] | None = None
 ) -> Keyboard:
     """Reroll, another style, gallery; then V1..Vn and U1..Un (U only for the image numbers in
-    ``upscale`` when given: those an upscale fits)."""
+    ``upscale`` when given: those an upscale fits); then Vary (Region) of each image."""
     numbers = range(1, images + 1)
     ups = [n for n in numbers if upscale is None or n in upscale]
     rows: list[Row] = [
@@ -50,6 +51,11 @@ def results(
     ]
     if ups:
         rows.append(tuple(Key(f"U{n}", button(Action.upscale, owner, job_id, n)) for n in ups))
+    rows.append(tuple(
+        Key(VARY_REGION if images == 1 else f"🖌 Region {n}",
+            button(Action.vary_region, owner, job_id, n))
+        for n in numbers
+    ))
     return tuple(rows)
 
 

@@ -30,7 +30,8 @@ PROMPT_PREVIEW = 200
 
 HELP = (
     "Flags: {flags}; --png sends the original PNG file.\n"
-    "Under each result: reroll, V1-V4 variations, U1-U4 upscales, another style."
+    "Under each result: reroll, V1-V4 variations, U1-U4 upscales, another style, and 🖌 Vary "
+    "(Region): paint the part to change in the gallery."
 )
 PHOTO_TIP = "Send a photo with a caption to redraw it (add --strength 0.5 to keep more of it)."
 UNSUPPORTED = (
@@ -264,6 +265,11 @@ def credits_text(balance: Balance, now: datetime) -> str:
 
 def gallery_text(url: str, valid_for: str) -> str:
     return f"🖼 Your gallery (a private link, valid {valid_for}; do not share it):\n{url}"
+
+
+def vary_region_text(url: str, valid_for: str) -> str:
+    return ("🖌 Vary (Region): paint what should change and say what goes there "
+            f"(a private link, valid {valid_for}; do not share it):\n{url}")
 
 
 _STATUS_ICON = {

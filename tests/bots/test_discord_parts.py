@@ -66,7 +66,7 @@ async def test_keyboards_become_rows_of_at_most_five_persistent_buttons() -> Non
     # A rendering only (stopped): discord.py keeps nothing per message; the DynamicItem routes.
     assert view is not None and view.is_finished()
     rows = [[c for c in view.children if c.row == r] for r in range(5)]
-    assert [len(r) for r in rows if r] == [3, 4, 4]
+    assert [len(r) for r in rows if r] == [3, 4, 4, 4]
     wide = ((Key(str(i), button(Action.reroll, None, None, i)) for i in range(7)),)
     rendered = view_for([tuple(k) for k in wide])
     assert rendered is not None

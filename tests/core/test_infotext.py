@@ -237,6 +237,17 @@ def test_infotext_for_img2img_records_strength_and_nothing_personal() -> None:
     assert keys == KNOWN_KEYS
 
 
+def test_infotext_for_records_a_vary_region_edit() -> None:
+    from core.request import Edit
+
+    request = _request(kind=JobKind.inpaint, init_image=b"png", mask=b"m", strength=1.0,
+                       edit=Edit.vary_region)
+    text = format_infotext(infotext_for(request, prompt="a star", negative="", seed=3, model="m"))
+    assert text.endswith("Edit: Vary (Region)")
+    back = parse_infotext(text)
+    assert back.extra == {"Edit": "Vary (Region)"} and back.denoising_strength == 1.0
+
+
 # Round trips -----------------------------------------------------------------------------------
 
 _NASTY = st.sampled_from([",", ":", '"', "\\", "\n", "\r\n", " ", "é", "雪", "🎨", "(a:1.2)", "\t"])

@@ -94,6 +94,7 @@ def add_job(
     when: datetime = NOW,
     color: tuple[int, int, int] | None = None,
     data: bytes | None = None,
+    delivery: DeliveryTarget | None = None,
 ) -> list[store.ImageRead]:
     """A succeeded job with ``count`` images (distinct PNGs unless ``data`` is given)."""
     request = GenerationRequest(prompt=prompt, styles=tuple(styles), width=64, height=64,
@@ -116,7 +117,7 @@ def add_job(
         job, _ = job_repo.create_job(
             session=s, idempotency_key=f"test:{uuid.uuid4()}", account_id=person.account_id,
             identity_id=person.identity_id, request=request,
-            delivery=DeliveryTarget(frontend=person.platform), cost=1, now=when,
+            delivery=delivery or DeliveryTarget(frontend=person.platform), cost=1, now=when,
         )
         job_repo.set_status(session=s, job_id=job.id, status=JobStatus.running, now=when)
         job_repo.set_status(session=s, job_id=job.id, status=JobStatus.succeeded, now=when)

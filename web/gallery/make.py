@@ -94,22 +94,25 @@ async def job_events(job_id: str, ctx: Ctx, account_id: Account) -> Response:
     """The job's story as Server-Sent Events, ending with done (the new images' links),
     failed or cancelled."""
     job = await _own_job(ctx, account_id, job_id)
+    # A job posted to a chat (Vary (Region)) is that chat's to confirm, not this page's.
+    mark = job.delivery.frontend == FRONTEND
     response = StreamingResponse(
-        _sse(ctx.client, job.id), media_type="text/event-stream",
+        _sse(ctx.client, job.id, mark=mark), media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
     return secured(response)
 
 
-async def _sse(client: Client, job_id: str) -> AsyncIterator[str]:
+async def _sse(client: Client, job_id: str, *, mark: bool = True) -> AsyncIterator[str]:
     async with contextlib.aclosing(client.events(job_id)) as events:
         async for event in events:
             yield f"event: {event.kind.value}\ndata: {json.dumps(_event_data(event))}\n\n"
             if event.terminal:
                 break
     # The page has shown the result (the delivery stream's loop would confirm it too).
-    with contextlib.suppress(AtelierError):
-        await client.mark_delivered(job_id)
+    if mark:
+        with contextlib.suppress(AtelierError):
+            await client.mark_delivered(job_id)
 
 
 def _event_data(event: JobEvent) -> dict[str, object]:

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from core.signing import duration_text
 from web.app import get_ctx
 from web.context import WebContext
-from web.gallery import account, actions, make, pages, xyz
+from web.gallery import account, actions, make, pages, vary, xyz
 from web.gallery.common import WEB_DIR, page, secured
 from web.session import HOME, NotSignedIn, session_account
 
@@ -25,6 +25,8 @@ def install(app: FastAPI) -> None:
     app.include_router(make.router)
     app.include_router(xyz.router)
     app.include_router(account.router)
+    app.include_router(vary.router)
+    app.include_router(vary.submit_router)
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
 
     @app.get("/", include_in_schema=False)
