@@ -145,6 +145,8 @@ class Client:
         # 3b. LoRAs: the styles' own, then the request's (its weight wins for a name both
         #     give); each must be in the catalogue and fit the model's family.
         request = request.model_copy(update={"adapters": self._adapters(request, spec.name)})
+        # 3c. A ControlNet unit: the ControlNet known and fitting the model's family.
+        request = self.models.resolve_control(request.model_copy(update={"model": spec.name}))
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
         return request.model_copy(update={"model": spec.name}).with_seed()
 

@@ -36,8 +36,10 @@ class ControlUnit(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    controlnet: str = Field(min_length=1, max_length=64)
-    preprocessor: Preprocessor = "canny"
+    # None: the catalogue's ControlNet for this preprocessor and the request's model family.
+    controlnet: str | None = Field(default=None, min_length=1, max_length=64)
+    # None: the ControlNet's own (its catalogue entry), else the picture as it is.
+    preprocessor: Preprocessor | None = None
     weight: float = Field(default=1.0, ge=0.0, le=MAX_WEIGHT)
     start: float = Field(default=0.0, ge=0.0, le=1.0)
     end: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -47,6 +49,8 @@ class ControlUnit(BaseModel):
 
     @model_validator(mode="after")
     def _ranges(self) -> ControlUnit:
+        if self.controlnet is None and self.preprocessor is None:
+            raise ValueError("a control unit names a ControlNet or a preprocessor (canny, ...)")
         if self.end <= self.start:
             raise ValueError(
                 f"control end must be after its start, got start {self.start} and end {self.end}"
@@ -54,6 +58,20 @@ class ControlUnit(BaseModel):
         if self.high < self.low:
             raise ValueError(f"canny high threshold {self.high} is below its low {self.low}")
         return self
+
+    def infotext(self) -> str:
+        """The unit as A1111's ControlNet extension writes it into an image's parameters."""
+        from core.infotext import format_number
+
+        fields = [
+            ("Module", self.preprocessor or "none"), ("Model", self.controlnet or "none"),
+            ("Weight", format_number(self.weight)), ("Resize Mode", "Crop and Resize"),
+        ]
+        if self.preprocessor == "canny":
+            fields += [("Threshold A", str(self.low)), ("Threshold B", str(self.high))]
+        fields += [("Guidance Start", format_number(self.start)),
+                   ("Guidance End", format_number(self.end))]
+        return ", ".join(f"{k}: {v}" for k, v in fields)
 
     def key(self) -> tuple[object, ...]:
         """What a pipeline call shares: one ControlNet at one weight over one interval."""

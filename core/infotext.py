@@ -198,6 +198,7 @@ def infotext_for(
         model=model or None,
         styles=request.styles,
         denoising_strength=request.strength if request.kind in _DENOISING_KINDS else None,
+        extra={"ControlNet 0": request.control.infotext()} if request.control is not None else {},
     )
 
 
