@@ -34,7 +34,10 @@ class ControlUnit(BaseModel):
     """One ControlNet unit of a request: which ControlNet, how its map is made, how strongly and
     over which part of the denoising it steers. ``image`` is a PNG from ``validate_image``."""
 
-    model_config = ConfigDict(frozen=True)
+    # Frozen (part of a batch key); its picture travels as base64 in JSON, as the request's do.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+    )
 
     # None: the catalogue's ControlNet for this preprocessor and the request's model family.
     controlnet: str | None = Field(default=None, min_length=1, max_length=64)

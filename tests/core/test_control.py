@@ -82,3 +82,12 @@ def test_preprocessor_names_from_people_and_a1111() -> None:
     assert preprocessor_for("scribble_xdog") == "scribble"
     with pytest.raises(InvalidRequest, match="unknown control preprocessor 'depth_midas'"):
         preprocessor_for("depth_midas")
+
+
+def test_a_unit_travels_in_a_request_as_json() -> None:
+    from core.request import GenerationRequest
+
+    unit = ControlUnit(controlnet="c", preprocessor="scribble", image=_png(_square()), end=0.5)
+    request = GenerationRequest(prompt="a castle", control=unit)
+    back = GenerationRequest.model_validate_json(request.model_dump_json())
+    assert back.control == unit and back == request
