@@ -1,6 +1,7 @@
-"""The adapter catalogue beside the model registry: named LoRAs and textual-inversion embeddings
-(``[loras.NAME]`` / ``[embeddings.NAME]`` in models.toml), the model family each fits, and the
-admission check that turns a request's adapter names into resolved, fitting ones."""
+"""The adapter catalogue beside the model registry: named LoRAs, textual-inversion embeddings and
+ControlNets (``[loras.NAME]`` / ``[embeddings.NAME]`` / ``[controlnets.NAME]`` in models.toml), the
+model family each fits, and the admission checks that turn a request's adapter names into
+resolved, fitting ones."""
 
 from __future__ import annotations
 
@@ -8,18 +9,30 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core.adapters import MAX_WEIGHT, MIN_WEIGHT, AdapterRef
 from core.errors import ConfigError, InvalidRequest
 
-AdapterKind = Literal["lora", "embedding"]
-ADAPTER_TABLES: dict[str, AdapterKind] = {"loras": "lora", "embeddings": "embedding"}
+AdapterKind = Literal["lora", "embedding", "controlnet"]
+ADAPTER_TABLES: dict[str, AdapterKind] = {
+    "loras": "lora", "embeddings": "embedding", "controlnets": "controlnet",
+}
 ADAPTER_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 class AdapterSpec(BaseModel):
-    """One adapter: ``file`` alone is a local file; with ``repo``, the file in that hub repo."""
+    """One adapter: ``file`` alone is a local file; with ``repo``, the file in that hub repo. A
+    ControlNet's ``file`` is a Diffusers folder (``config.json`` + weights) or, with ``repo``,
+    the repo itself (``file = "."``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -34,10 +47,14 @@ class AdapterSpec(BaseModel):
     # the prompt lacks), as people using A1111 type them by hand.
     triggers: tuple[str, ...] = ()
     token: str | None = None  # an embedding's prompt token (its name when unset)
+    # A ControlNet's usual preprocessor (what a request naming none gets).
+    preprocessor: Literal["canny", "scribble", "none"] | None = None
 
     @field_validator("file")
     @classmethod
-    def _suffix(cls, v: str) -> str:
+    def _suffix(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") == "controlnet":
+            return v  # a folder
         if not v.endswith(ADAPTER_SUFFIXES):
             raise ValueError(f"must end in {', '.join(ADAPTER_SUFFIXES)}, got {v!r}")
         return v
@@ -49,6 +66,8 @@ class AdapterSpec(BaseModel):
         if self.kind == "embedding" and (self.repo is not None or "xl" in self.family):
             # SDXL embeddings hold a vector set per text encoder; hub files: not yet.
             raise ValueError("embeddings are local files for sd15 or sd-turbo models")
+        if self.kind != "controlnet" and self.preprocessor is not None:
+            raise ValueError("preprocessor is for controlnets")
         return self
 
     @property
@@ -115,11 +134,27 @@ def build_adapter(name: str, raw: dict[str, Any]) -> AdapterSpec:
         raise ConfigError(f"{raw.get('_origin')}: {raw.get('kind')} {name!r}: {problems}") from None
 
 
-def unknown_adapter(name: str, known: list[str]) -> InvalidRequest:
+def unknown_adapter(name: str, known: list[str], what: str = "LoRA") -> InvalidRequest:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     available = ", ".join(known) or "none are installed"
-    return InvalidRequest(f"unknown LoRA {name!r}{hint}; available: {available}")
+    return InvalidRequest(f"unknown {what} {name!r}{hint}; available: {available}")
+
+
+def resolve_controlnet(
+    name: str, adapters: dict[str, AdapterSpec], *, model: str, family: str,
+) -> AdapterSpec:
+    """The ControlNet ``name`` after checking it exists and fits a ``family`` model;
+    InvalidRequest naming the problem."""
+    spec = adapters.get(name)
+    if spec is None or spec.kind != "controlnet":
+        known = [a.name for a in adapters.values() if a.kind == "controlnet"]
+        raise unknown_adapter(name, known, "ControlNet")
+    if not spec.fits(family):
+        raise InvalidRequest(
+            f"ControlNet {name!r} is for {spec.family} models; model {model!r} is {family}"
+        )
+    return spec
 
 
 def resolve_adapters(

@@ -139,11 +139,14 @@ def registry_table_rows(
 def adapter_availability(spec: AdapterSpec, *, offline: bool | None = None) -> ModelAvailability:
     """Whether adapter ``spec`` can be loaded here: its file, or its file in a cached hub repo."""
     if spec.repo is None:
-        if Path(spec.file).is_file():
+        if Path(spec.file).is_file() or (
+            spec.kind == "controlnet" and (Path(spec.file) / "config.json").is_file()
+        ):
             return ModelAvailability(spec.name, Availability.file)
         return ModelAvailability(spec.name, Availability.missing, "its file does not exist",
                                  spec.how_to_get())
-    if _registry.hub_cached(spec.repo, spec.file):
+    in_repo = "config.json" if spec.kind == "controlnet" and spec.file == "." else spec.file
+    if _registry.hub_cached(spec.repo, in_repo):
         return ModelAvailability(spec.name, Availability.cached)
     if not (hub_offline() if offline is None else offline):
         return ModelAvailability(spec.name, Availability.downloadable)

@@ -149,6 +149,8 @@ class Client:
         adapters = self._adapters(request, spec.name)
         prompt = add_triggers(request.prompt, adapters, self.models.adapters)
         request = request.model_copy(update={"adapters": adapters, "prompt": prompt})
+        # 3c. A ControlNet unit: the ControlNet known and fitting the model's family.
+        request = self.models.resolve_control(request.model_copy(update={"model": spec.name}))
         # 4. A concrete model and seed: a retry on another worker, or a rerun, is the same job.
         return request.model_copy(update={"model": spec.name}).with_seed()
 

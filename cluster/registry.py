@@ -20,10 +20,11 @@ from cluster.adapters import (
     build_adapter,
     parse_adapter_tables,
     resolve_adapters,
+    resolve_controlnet,
 )
 from core.adapters import AdapterRef
 from core.errors import AtelierError, ConfigError, InvalidRequest, ModelUnavailable
-from core.request import ModelDefaults, canonical_scheduler
+from core.request import GenerationRequest, ModelDefaults, canonical_scheduler
 from core.settings import Settings, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -355,6 +356,32 @@ class ModelRegistry:
         fits) with default weights filled in; InvalidRequest naming the first problem."""
         spec = self.get(model)
         return resolve_adapters(refs, self.adapters, model=spec.name, family=spec.family.value)
+
+    def resolve_control(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its ControlNet unit checked against the catalogue (known, fits the
+        model's family) and the ControlNet's own preprocessor where the unit names none."""
+        unit = request.control
+        if unit is None:
+            return request
+        spec = self.get(request.model)
+        family = spec.family.value
+        name = unit.controlnet
+        if name is None:  # the one for this preprocessor and family
+            fitting = [
+                a.name for a in self.adapters.values()
+                if a.kind == "controlnet" and a.fits(family) and a.preprocessor == unit.preprocessor
+            ]
+            if not fitting:
+                raise InvalidRequest(
+                    f"no ControlNet for {unit.preprocessor} fits model {spec.name!r} ({family}); "
+                    "name one with its catalogue name"
+                )
+            name = fitting[0]
+        cn = resolve_controlnet(name, self.adapters, model=spec.name, family=family)
+        unit = unit.model_copy(update={"controlnet": cn.name})
+        if unit.preprocessor is None and cn.preprocessor is not None:
+            unit = unit.model_copy(update={"preprocessor": cn.preprocessor})
+        return request.model_copy(update={"control": unit})
 
     def all(self) -> list[ModelSpec]:
         return list(self._specs.values())

@@ -199,7 +199,10 @@ def infotext_for(
         model=model or None,
         styles=request.styles,
         denoising_strength=request.strength if request.kind in _DENOISING_KINDS else None,
-        extra={EDIT_KEY: request.edit.value} if request.edit is not None else {},
+        extra={
+            **({EDIT_KEY: request.edit.value} if request.edit is not None else {}),
+            **({"ControlNet 0": request.control.infotext()} if request.control is not None else {}),
+        },
     )
 
 

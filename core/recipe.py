@@ -19,6 +19,7 @@ VARIATION_SEED_OFFSET = 4
 # The fields of ``batch_key``, in order (named in the engine's error for a mixed batch).
 KEY_FIELDS = (
     "model", "kind", "width", "height", "steps", "scheduler", "guidance", "strength", "adapters",
+    "control",
 )
 
 
@@ -46,12 +47,18 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...]:
 
     The kind is the pipeline kind, so a txt2img job and a variation without an image batch
     together; strength is part of the key only where an input image is denoised. A pipeline
-    call runs one set of LoRAs at one set of weights, so the adapters (in name order) are too.
+    call runs one set of LoRAs at one set of weights, so the adapters (in name order) are too,
+    and one ControlNet (its name, weight and interval).
     """
     r = request
     kind, strength = pipeline_kind(r).value, effective_strength(r)
     adapters = tuple(sorted((a.name, a.weight) for a in r.adapters))
-    return (r.model, kind, r.width, r.height, r.steps, r.scheduler, r.guidance, strength, adapters)
+    # One ControlNet at one weight and interval per call; the pictures may differ per job.
+    control = r.control.key() if r.control is not None else None
+    return (
+        r.model, kind, r.width, r.height, r.steps, r.scheduler, r.guidance, strength, adapters,
+        control,
+    )
 
 
 def item_pixels(request: GenerationRequest) -> int:

@@ -10,6 +10,7 @@ from typing import Annotated, NamedTuple, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.adapters import AdapterRef, check_adapters, extract_prompt_adapters
+from core.control import ControlUnit
 from core.errors import InvalidRequest, PromptTooLong
 from core.settings import Limits
 
@@ -104,6 +105,8 @@ class GenerationRequest(BaseModel):
     # LoRAs by registry name and weight; ``<lora:name:w>`` tags in the prompt land here too.
     adapters: tuple[AdapterRef, ...] = ()
     edit: Edit | None = None  # what made it from an earlier image, for its infotext
+    # A ControlNet unit: its picture steers the structure (edges, lines) of the result.
+    control: ControlUnit | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -7,12 +7,14 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cluster.contract import BatchItem, GenerationCancelled, ImageResult, JobRejected
+from core.control import control_map
 from core.errors import AtelierError, InvalidRequest
 from core.images import decode_png_mask, decode_png_rgb
 from core.infotext import format_infotext, infotext_for, png_with_infotext
@@ -29,6 +31,7 @@ from core.recipe import (
 from core.request import GenerationRequest, JobKind
 from core.styles import StyleRegistry, default_registry
 from engine.cache import ModelCache
+from engine.controlnets import ControlNetCache, control_pipeline, kept_for
 from engine.devices import DeviceProfile
 from engine.loras import AdapterCache, slots_for
 from engine.schedulers import SchedulerCache, with_scheduler
@@ -58,6 +61,7 @@ class _Slot:
     info_request: GenerationRequest  # what the infotext describes (the style actually used)
     image: Image.Image | None = None
     mask: Image.Image | None = None
+    control: Image.Image | None = None  # the ControlNet's map for this image
 
 
 class Engine:
@@ -76,6 +80,13 @@ class Engine:
         self._schedulers = SchedulerCache()
         # LoRAs kept beside the cached models, switched per batch.
         self.adapters = AdapterCache(cache.registry.adapters, capacity=slots_for(profile.device))
+        # ControlNets kept loaded, and each model pipeline's ControlNet views (weights shared).
+        self.controlnets = ControlNetCache(
+            cache.registry.adapters, capacity=kept_for(profile.device)
+        )
+        self._control_views: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         # Cached schedulers and the VAE tiling switch are per-call state: one batch at a time.
         self._lock = threading.Lock()
         self.compile_seconds: dict[str, float] = {}  # model -> its first compiled call's time
@@ -101,7 +112,7 @@ class Engine:
             base = self.cache.get(spec.name, pipeline_kind(first))
             p = first.params()
             scheduler = self._schedulers.get(spec.name, p.scheduler, base.scheduler.config)
-            pipe = with_scheduler(base, scheduler)
+            pipe = with_scheduler(self._with_control(spec.name, base, first), scheduler)
             # 2b. This batch's LoRAs at their weights (LoRAs off for a batch without any), and
             #     the embeddings whose tokens its prompts use.
             self.adapters.apply(base, first.adapters)
@@ -143,6 +154,22 @@ class Engine:
         (less when inductor's on-disk cache already holds the kernels)."""
         self.compile_seconds[model] = seconds
         log.info("compiled UNet of %s: first call took %.1f s, compile included", model, seconds)
+
+    def _with_control(
+        self, model: str, base: DiffusionPipeline, request: GenerationRequest
+    ) -> DiffusionPipeline:
+        """``base`` itself, or its ControlNet view when the batch has a control unit."""
+        if request.control is None or request.control.controlnet is None:
+            return base
+        name, kind = request.control.controlnet, pipeline_kind(request)
+        views = self._control_views.setdefault(base, {})
+        view = views.get((name, kind.value))
+        if view is None:
+            profile = self.cache.profile_of(model)
+            controlnet = self.controlnets.get(name, dtype=profile.torch_dtype,
+                                              device=profile.device)
+            view = views[(name, kind.value)] = control_pipeline(base, kind, controlnet)
+        return view
 
     def _with_defaults(self, item: BatchItem) -> BatchItem:
         if not item.request.unresolved:
@@ -187,6 +214,10 @@ class Engine:
                     request, self.styles, self.blocklist, item.nsfw_allowed, count_tokens
                 )
                 image, mask = _inputs(request)
+                control = (
+                    control_map(request.control, int(request.width or 0), int(request.height or 0))
+                    if request.control is not None else None
+                )
             except AtelierError as exc:
                 raise JobRejected(item.job_id, exc.message, exc.code) from exc
             seeds = image_seeds(request)
@@ -197,7 +228,7 @@ class Engine:
                     index = style_no * len(seeds) + n
                     slots.append(
                         _Slot(item.job_id, index, seed, style, prompt, negative, info_request,
-                              image, mask)
+                              image, mask, control)
                     )
         return slots
 
@@ -226,6 +257,16 @@ class Engine:
             kwargs |= {"image": [s.image for s in slots], "strength": effective_strength(request)}
         if kind is JobKind.inpaint:
             kwargs["mask_image"] = [s.mask for s in slots]
+        if request.control is not None:
+            unit = request.control
+            # txt2img ControlNet pipelines take the map as ``image``; the others as control_image.
+            key = "image" if kind is JobKind.txt2img else "control_image"
+            kwargs |= {
+                key: [s.control for s in slots],
+                "controlnet_conditioning_scale": unit.weight,
+                "control_guidance_start": unit.start,
+                "control_guidance_end": unit.end,
+            }
         reset_step_cache(pipe.unet)  # fast mode: kept features belong to the previous call
         with torch.inference_mode():
             out = pipe(**kwargs)

@@ -488,3 +488,29 @@ def make_tiny_embedding(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"emb_params": weights}, str(path))
     return path
+
+
+def make_tiny_controlnet(model_dir: Path | str, directory: Path | str, *, seed: int = 0) -> Path:
+    """A random ControlNet for the tiny Diffusers folder ``model_dir``, saved as a Diffusers
+    folder at ``directory``. Built from the model's UNet as training starts, but with random
+    zero-convolutions (a fresh ControlNet's are zero: it would change nothing)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet", local_files_only=True)
+    controlnet = ControlNetModel.from_unet(
+        # three stride-2 steps: the VAE's 8x, from picture to latent size
+        unet, conditioning_embedding_out_channels=(4, 8, 8, 16), load_weights_from_unet=True,
+    )
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        # The picture's path strong enough that where its lines are shows in the output...
+        for param in controlnet.controlnet_cond_embedding.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        # ...and zero-convolutions that pass it on (weights only: no constant shift).
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.3)
+            conv.bias.zero_()
+    directory = Path(directory)
+    controlnet.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -32,6 +32,7 @@ def create_app(ctx: WebContext) -> FastAPI:
 def _include_routers(app: FastAPI) -> None:
     # Each front of the web app adds its router here (one line each, so merges stay easy).
     from web.api.account import router as api_account_router
+    from web.api.sdapi import controlnet_router
     from web.api.sdapi import router as sdapi_router
     from web.api.v1 import router as api_v1_router
     from web.gallery.routes import install as install_gallery
@@ -41,4 +42,5 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(api_v1_router)
     app.include_router(api_account_router)
     app.include_router(sdapi_router)
+    app.include_router(controlnet_router)
     install_gallery(app)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from cluster.broker import BrokerUnavailable
 from cluster.events import EventKind
+from core.control import PREPROCESSORS
 from core.errors import AtelierError, InvalidRequest
 from core.infotext import parse_infotext, read_png_infotext
 from core.jobs import DeliveryTarget
@@ -44,6 +45,10 @@ from web.app import get_ctx
 from web.context import WebContext
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=SdApiRoute)
+# The ControlNet extension's own routes, which clients ask before they send a unit.
+controlnet_router = APIRouter(
+    prefix="/controlnet", tags=["AUTOMATIC1111 API"], route_class=SdApiRoute
+)
 WEB = "web"
 
 
@@ -210,6 +215,21 @@ async def loras(
                       "triggers": list(a.triggers), "description": a.description}}
         for a in ctx.client.models.adapters.values() if a.kind == "lora"
     ]
+
+
+@controlnet_router.get("/model_list")
+async def controlnet_models(
+    who: Caller = Depends(caller), ctx: WebContext = Depends(get_ctx)
+) -> dict[str, Any]:
+    """The ControlNets in the catalogue (a unit's ``model``)."""
+    names = [a.name for a in ctx.client.models.adapters.values() if a.kind == "controlnet"]
+    return {"model_list": names}
+
+
+@controlnet_router.get("/module_list")
+async def controlnet_modules(who: Caller = Depends(caller)) -> dict[str, Any]:
+    """The preprocessors Atelier runs (a unit's ``module``)."""
+    return {"module_list": list(PREPROCESSORS)}
 
 
 @router.get("/embeddings")

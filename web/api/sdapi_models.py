@@ -9,6 +9,7 @@ import base64
 import binascii
 import io
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.control import ControlUnit, preprocessor_for
 from core.errors import InvalidRequest
 from core.flags import fit_size
 from core.images import validate_image, validate_mask
@@ -195,6 +197,8 @@ def _refuse_unsupported(payload: Txt2ImgPayload) -> None:
             f"only \"x/y/z plot\" (txt2img) is supported, got {payload.script_name!r}",
         )
     for name, script in payload.alwayson_scripts.items():
+        if name.lower() == CONTROLNET_SCRIPT:
+            continue  # read by control_unit
         args = script.get("args") if isinstance(script, dict) else script
         # Clients send disabled extensions as {"args": []} or {"args": [False]}: harmless.
         if args and args != [False]:
@@ -211,6 +215,71 @@ def is_xyz_script(name: str | None) -> bool:
 
 
 XYZ_SCRIPT_NAMES = frozenset({"x/y/z plot", "xyz plot", "xyz_grid", "x/y/z grid"})
+
+
+CONTROLNET_SCRIPT = "controlnet"
+_MODEL_HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")
+
+
+def control_unit(
+    payload: Txt2ImgPayload, limits: Limits, init_image: bytes | None
+) -> ControlUnit | None:
+    """The one enabled unit of A1111's ControlNet extension (``alwayson_scripts.controlnet``,
+    as SillyTavern and other clients send it), or None. The unit's picture is its ``image`` (or
+    the older ``input_image``), else the img2img init image, as the extension does."""
+    script = next(
+        (v for k, v in payload.alwayson_scripts.items() if k.lower() == CONTROLNET_SCRIPT), None
+    )
+    args = script.get("args") if isinstance(script, dict) else script
+    if not args:
+        return None
+    if not isinstance(args, list):
+        raise FieldError("alwayson_scripts.controlnet.args", "must be a list of units")
+    units = [(i, a) for i, a in enumerate(args) if isinstance(a, dict) and a.get("enabled", True)]
+    if len(units) > 1:
+        raise FieldError("alwayson_scripts.controlnet.args",
+                         f"Atelier runs one ControlNet unit, got {len(units)} enabled")
+    if not units:
+        return None
+    i, arg = units[0]
+    where = f"alwayson_scripts.controlnet.args[{i}]"
+    model = str(arg.get("model") or "").strip()
+    model = _MODEL_HASH.sub("", model)
+    module = str(arg.get("module") or "none")
+    try:
+        preprocessor = preprocessor_for(module)
+    except InvalidRequest as exc:
+        raise FieldError(f"{where}.module", exc.message) from None
+    picture = arg.get("image", arg.get("input_image"))
+    if isinstance(picture, dict):  # the newer {"image": ..., "mask": ...} shape
+        picture = picture.get("image")
+    if picture:
+        if not isinstance(picture, str):
+            raise FieldError(f"{where}.image", "must be a base64 image")
+        image = _checked(decode_b64_image(picture, f"{where}.image"), f"{where}.image", limits)
+    elif init_image is not None:
+        image = init_image
+    else:
+        raise FieldError(f"{where}.image", "a ControlNet unit needs a picture")
+    fields: dict[str, Any] = {
+        "controlnet": model if model and model.lower() != "none" else None,
+        "preprocessor": preprocessor, "image": image,
+        "weight": arg.get("weight", 1.0),
+        "start": arg.get("guidance_start", 0.0), "end": arg.get("guidance_end", 1.0),
+    }
+    if preprocessor == "canny":
+        fields |= {"low": arg.get("threshold_a", 100), "high": arg.get("threshold_b", 200)}
+    try:
+        return ControlUnit(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        message = err["msg"].removeprefix("Value error, ")
+        # A check across fields has no location: the field its message is about.
+        whole = "end" if "end must be" in message else "high" if "threshold" in message else "model"
+        field = str(err["loc"][0]) if err["loc"] else whole
+        a1111 = {"start": "guidance_start", "end": "guidance_end", "low": "threshold_a",
+                 "high": "threshold_b"}.get(field, field)
+        raise FieldError(f"{where}.{a1111}", message) from None
 
 
 def decode_b64_image(text: str, field: str) -> bytes:
@@ -286,6 +355,7 @@ def to_generation_request(
             mask = _checked(decode_b64_image(payload.mask, "mask"), "mask", limits, mask=True)
             fields["mask"] = _invert(mask) if payload.inpainting_mask_invert else mask
             fields["kind"] = JobKind.inpaint
+    fields["control"] = control_unit(payload, limits, fields.get("init_image"))
     try:
         return GenerationRequest(**fields)
     except ValidationError as exc:

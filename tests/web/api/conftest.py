@@ -24,7 +24,12 @@ from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from core.jobs import Requester
 from core.settings import Settings, load_settings
-from engine.tiny import make_tiny_embedding, make_tiny_lora, make_tiny_models
+from engine.tiny import (
+    make_tiny_controlnet,
+    make_tiny_embedding,
+    make_tiny_lora,
+    make_tiny_models,
+)
 from storage import accounts, apikeys
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, transaction, upgrade
@@ -41,9 +46,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A tiny random LoRA in the operator's models file, seen by the worker and the web app.
     make_tiny_lora(data_dir / "models" / "tiny-sd15", data_dir / "loras", seed=1)
     make_tiny_embedding(data_dir / "models" / "tiny-sd15", data_dir / "easyneg.safetensors")
+    make_tiny_controlnet(data_dir / "models" / "tiny-sd15", data_dir / "edges", seed=2)
     (data_dir / "models.toml").write_text(
         '[loras.ink]\nfile = "loras/tiny-lora.safetensors"\nfamily = "sd15"\n'
-        '[embeddings.easyneg]\nfile = "easyneg.safetensors"\nfamily = "sd15"\n', "utf-8"
+        '[embeddings.easyneg]\nfile = "easyneg.safetensors"\nfamily = "sd15"\n'
+        '[controlnets.edges]\nfile = "edges"\nfamily = "sd15"\npreprocessor = "canny"\n',
+        "utf-8",
     )
     return data_dir
 

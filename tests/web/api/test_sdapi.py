@@ -10,7 +10,7 @@ from typing import Any
 
 import requests
 import webuiapi
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from core.jobs import JobStatus
 from core.request import GenerationRequest, JobKind
@@ -107,6 +107,41 @@ async def test_models_options_and_lists(web: WebStack) -> None:
     )
     assert styled.info["styles"] == ["watercolor"]
     assert "Styles: watercolor" in styled.images[0].info["parameters"]
+
+
+async def test_a_controlnet_unit_from_webuiapi_steers_the_picture(web: WebStack) -> None:
+    """What webuiapi's ControlNetUnit sends (the extension's shape) runs on the worker."""
+    api = await _api(web, web.new_key("107"))
+    models = await asyncio.to_thread(
+        requests.get, f"{web.url}/controlnet/model_list", auth=api.session.auth
+    )
+    assert models.json() == {"model_list": ["edges"]}
+    modules = await asyncio.to_thread(
+        requests.get, f"{web.url}/controlnet/module_list", auth=api.session.auth
+    )
+    assert "canny" in modules.json()["module_list"]
+    left, right = (Image.new("RGB", (64, 64), "black") for _ in range(2))
+    ImageDraw.Draw(left).ellipse((4, 20, 28, 44), fill="white")
+    ImageDraw.Draw(right).ellipse((36, 20, 60, 44), fill="white")
+    same = {"prompt": "a red fox", "steps": 2, "width": 64, "height": 64, "seed": 9,
+            "sampler_name": "Euler"}
+    plain = await asyncio.to_thread(api.txt2img, **same)
+    units = [
+        webuiapi.ControlNetUnit(image=img, module="canny", model="edges [0123abcd]",
+                                threshold_a=100, threshold_b=200)
+        for img in (left, right)
+    ]
+    a = await asyncio.to_thread(api.txt2img, controlnet_units=[units[0]], **same)
+    b = await asyncio.to_thread(api.txt2img, controlnet_units=[units[1]], **same)
+    assert len({plain.images[0].tobytes(), a.images[0].tobytes(), b.images[0].tobytes()}) == 3
+    assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 1' in a.info["infotexts"][0]
+    unit = webuiapi.ControlNetUnit(image=left, module="canny", model="edgs").to_dict()
+    bad = await asyncio.to_thread(
+        requests.post, f"{web.url}/sdapi/v1/txt2img", auth=api.session.auth,
+        json={**same, "alwayson_scripts": {"ControlNet": {"args": [unit]}}},
+    )
+    assert bad.status_code == 422
+    assert "unknown ControlNet 'edgs' (did you mean 'edges'?)" in bad.text
 
 
 async def test_lora_in_the_prompt_is_listed_applied_and_reported(web: WebStack) -> None:

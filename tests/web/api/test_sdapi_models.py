@@ -89,8 +89,20 @@ def test_override_checkpoint_wins_over_the_keys_model() -> None:
         ({"tiling": True}, "tiling"),
         ({"subseed_strength": 0.3}, "subseed_strength"),
         ({"script_name": "prompt matrix"}, "script_name"),  # only the X/Y/Z plot runs
+        ({"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face"}]}}},
+         "alwayson_scripts.ADetailer"),
         ({"alwayson_scripts": {"ControlNet": {"args": [{"image": "x"}]}}},
-         "alwayson_scripts.ControlNet"),
+         "alwayson_scripts.controlnet.args[0].image"),
+        ({"alwayson_scripts": {"ControlNet": {"args": [{"module": "depth_midas"}]}}},
+         "alwayson_scripts.controlnet.args[0].module"),
+        ({"alwayson_scripts": {"ControlNet": {"args": [{"module": "canny"}]}}},
+         "alwayson_scripts.controlnet.args[0].image"),
+        ({"alwayson_scripts": {"controlnet": {"args": [
+            {"module": "canny", "image": _b64_png(), "guidance_start": 0.7, "guidance_end": 0.2}
+        ]}}}, "alwayson_scripts.controlnet.args[0].guidance_end"),
+        ({"alwayson_scripts": {"controlnet": {"args": [
+            {"module": "canny", "image": _b64_png()}, {"module": "scribble", "image": _b64_png()}
+        ]}}}, "alwayson_scripts.controlnet.args"),
         ({"sampler_name": "Heun"}, "sampler_name"),
         ({"scheduler": "Exponential"}, "scheduler"),
         ({"batch_size": 3, "n_iter": 2}, "batch_size"),
@@ -123,6 +135,32 @@ def test_disabled_extensions_are_harmless() -> None:
     payload = _txt(prompt="x", alwayson_scripts={"ControlNet": {"args": []},
                                                   "ADetailer": {"args": [False]}})
     assert to_generation_request(payload, limits=LIMITS).prompt == "x"
+
+
+def test_a_controlnet_unit_as_the_extension_sends_it() -> None:
+    unit = {
+        "enabled": True, "module": "canny", "model": "control_v11p_sd15_canny [d14c016b]",
+        "weight": 0.8, "image": _b64_png(prefix=False), "resize_mode": "Crop and Resize",
+        "low_vram": False, "processor_res": 512, "threshold_a": 50, "threshold_b": 150,
+        "guidance_start": 0.1, "guidance_end": 0.9, "control_mode": 0, "pixel_perfect": False,
+    }
+    off = {**unit, "enabled": False, "module": "scribble"}
+    payload = _txt(prompt="x", alwayson_scripts={"controlnet": {"args": [off, unit]}})
+    control = to_generation_request(payload, limits=LIMITS).control
+    assert control is not None
+    assert (control.controlnet, control.preprocessor, control.weight) == (
+        "control_v11p_sd15_canny", "canny", 0.8)
+    assert (control.start, control.end, control.low, control.high) == (0.1, 0.9, 50, 150)
+    assert control.image.startswith(b"\x89PNG")  # re-encoded by the bomb-safe check
+    # No picture of its own: the img2img init image, as the extension does; model None: the
+    # catalogue's ControlNet for the preprocessor.
+    bare = {"module": "scribble", "model": "None"}
+    img = parse_payload(Img2ImgPayload, {**WEBUIAPI_DEFAULTS, "prompt": "x",
+                                         "init_images": [_b64_png(200)],
+                                         "alwayson_scripts": {"ControlNet": {"args": [bare]}}})
+    request = to_generation_request(img, limits=LIMITS)
+    assert request.control is not None and request.control.controlnet is None
+    assert request.control.image == request.init_image
 
 
 def test_img2img_and_inpaint() -> None:
