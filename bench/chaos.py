@@ -166,7 +166,7 @@ async def _drained(db_url: str, fake: ChaosTelegram) -> bool:
 
 async def campaign(cfg: Config, root: Path) -> Report:
     """Run one campaign with its services under ``root``; returns the audit's report."""
-    from storage.db import upgrade
+    from storage.db import make_engine, session_factory, upgrade
 
     data = root / "data"
     logs = root / "logs"
@@ -189,6 +189,7 @@ async def campaign(cfg: Config, root: Path) -> Report:
     bot: Process | None = None
     discord: Process | None = None
     payments: Payments | None = None
+    pay_engine: Any = None
     stop = asyncio.Event()
     try:
         await asyncio.to_thread(pg.init)
@@ -196,8 +197,6 @@ async def campaign(cfg: Config, root: Path) -> Report:
         redis.start(aof=False)
         await fake.start()
         await discord_fake.start()
-        for pack in (p for p in _shop_packs() if p.discord_sku):
-            discord_fake.add_sku(int(str(pack.discord_sku)), pack.title)
         nodes = RayNodes(cfg.nodes, worker_settings, _profile())  # main thread: signals
         env = _env(data, models_file, pg.url, redis.url, fake, discord_fake)
         dispatchers = [Process(f"d{n}", env, logs, "dispatcher", f"chaos-d{n}", nodes.address)
@@ -221,9 +220,11 @@ async def campaign(cfg: Config, root: Path) -> Report:
                                     "the Discord bot connected")
         injector = Injector(redis=redis, pg=pg, nodes=nodes, dispatchers=dispatchers, bot=bot,
                             fake=fake, load=load)
+        pay_engine = make_engine(pg.url)
         payments = Payments(
             load_settings(data_dir=data, tiers=TIERS, default_tier="chaos", _env_file=None),
-            fake, discord_fake, _discord_bot(discord, injector), db_url=pg.url,
+            fake, discord_fake, _discord_bot(discord, injector),
+            sessions=session_factory(pay_engine),
         )
         injector.payments = payments
         start = time.monotonic()
@@ -267,8 +268,8 @@ async def campaign(cfg: Config, root: Path) -> Report:
             bot.stop()
         if discord is not None:
             discord.stop()
-        if payments is not None:
-            payments.close()
+        if pay_engine is not None:
+            pay_engine.dispose()
         await discord_fake.stop()
         for d in dispatchers:
             d.stop()
@@ -277,12 +278,6 @@ async def campaign(cfg: Config, root: Path) -> Report:
             nodes.shutdown()
         redis.kill()
         await asyncio.to_thread(pg.remove)
-
-
-def _shop_packs() -> list[Any]:
-    from bench.chaos_payments import PACKS
-
-    return list(PACKS.values())
 
 
 def _discord_bot(proc: Process, injector: Injector) -> DiscordBot:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func
+from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from bots.common.purchases import pack_payload
@@ -28,7 +29,7 @@ from core.errors import InsufficientCredits, NotFound
 from core.settings import Settings
 from core.shop import Pack
 from storage import accounts, ledger
-from storage.db import make_engine, session_factory, transaction
+from storage.db import read_only_sessions, transaction
 from storage.models import (
     CreditBucket,
     CreditKind,
@@ -96,7 +97,7 @@ class DiscordBot:
 
 class Payments:
     """Makes payment faults against the bots on ``telegram`` (and ``discord``, when given),
-    remembers each charge, and audits them in ``db_url``."""
+    remembers each charge, and audits them in the store ``sessions`` open."""
 
     def __init__(
         self,
@@ -105,18 +106,19 @@ class Payments:
         discord: FakeDiscord | None = None,
         discord_bot: DiscordBot | None = None,
         *,
-        db_url: str,
+        sessions: sessionmaker[Session],
     ) -> None:
         self.settings = settings
         self.telegram, self.discord, self.discord_bot = telegram, discord, discord_bot
-        self.db_url = db_url
+        for pack in PACKS.values():  # Discord sells them as consumable SKUs
+            if discord is not None and pack.discord_sku:
+                discord.add_sku(int(pack.discord_sku), pack.title)
         self.charges: list[Charge] = []
         self._restart = asyncio.Lock()  # one bot restart at a time
-        self._engine = make_engine(db_url)
-        self._sessions = session_factory(self._engine)
-
-    def close(self) -> None:
-        self._engine.dispose()
+        # The store's own sessions (SQLite: its writers queue on one lock in this process);
+        # reads in deferred transactions that never queue behind the bots' writes.
+        self._sessions = sessions
+        self._reads = read_only_sessions(sessions)
 
     async def fault(
         self, x: float, *, telegram: str | None = None, discord: str | None = None
@@ -256,7 +258,7 @@ class Payments:
 
     async def _credited(self, c: Charge, timeout_s: float = 120) -> None:
         def look() -> bool:
-            with self._sessions() as s:
+            with transaction(self._reads) as s:
                 row = s.exec(select(Purchase).where(Purchase.key == c.key)).first()
                 return row is not None and row.status == PurchaseStatus.paid
 
@@ -290,7 +292,7 @@ class Payments:
     # Settling and the audit -----------------------------------------------------------------
 
     def _state(self) -> dict[str, Purchase]:
-        with self._sessions() as s:
+        with transaction(self._reads) as s:
             rows = s.exec(select(Purchase).where(
                 col(Purchase.key).in_([c.key for c in self.charges]))).all()
             return {r.key: r for r in rows}
@@ -313,7 +315,7 @@ class Payments:
         """Violations of the payment promises (none expected), one line each."""
         out: list[str] = []
         rows = self._state()
-        with self._sessions() as s:
+        with transaction(self._reads) as s:
             for c in self.charges:
                 out += self._check(s, c, rows.get(c.key))
             account_ids: set[int] = set()

@@ -74,6 +74,7 @@ async def test_pre_checkout_refuses_a_blocked_account_with_the_reason(
 ) -> None:
     stack, fake = blocked_stack, blocked_stack.fake
     small = (await _invoices(fake, USER))["100 credits"]
+    await stack.balance(USER)  # the account exists (it has used the bot)
     _block(stack, USER, "chargebacks")
     refused = await fake.pre_checkout(USER, small)
     assert refused.params["ok"] in (False, "false", "False")

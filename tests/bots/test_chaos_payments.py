@@ -85,32 +85,29 @@ async def test_duplicated_and_reordered_payment_updates_credit_once(
     telegram, discord = bots
     payments = Payments(
         telegram.settings, telegram.fake, discord.fake,
-        DiscordBot(down=discord.stop_bot, up=discord.start_bot), db_url=telegram.settings.db_url,
+        DiscordBot(down=discord.stop_bot, up=discord.start_bot), sessions=telegram.sessions,
     )
-    try:
-        # Every scenario of each platform twice, two faults at a time (so the two bursts'
-        # updates interleave as well), paired so each Telegram scenario meets several Discord
-        # ones.
-        pairs = list(zip(TELEGRAM_SCENARIOS * 2, itertools.islice(
-            itertools.cycle(DISCORD_SCENARIOS[1:] + DISCORD_SCENARIOS[:1]),
-            2 * len(TELEGRAM_SCENARIOS)), strict=True))
-        for n in range(0, len(pairs), 2):
-            await asyncio.gather(*(
-                payments.fault(0.1 * (n + i), telegram=tg, discord=dc)
-                for i, (tg, dc) in enumerate(pairs[n:n + 2])
-            ))
-        await payments.settle(120)
-        violations = await asyncio.to_thread(payments.audit)
-        assert violations == [], "\n".join(violations + [c.detail for c in payments.charges])
-        assert set(payments.counts()) == {f"telegram {s}" for s in TELEGRAM_SCENARIOS} | {
-            f"discord {s}" for s in DISCORD_SCENARIOS}
-        # Spent before a refund: the refund left what was spent alone (owed) and said so.
-        spent = [c for c in payments.charges if c.spent]
-        assert spent, [c.detail for c in payments.charges]
-        told = [str(c.params.get("text", "")) for c in telegram.fake.calls_of("sendMessage")]
-        assert any("was refunded" in t and "already spent" in t for t in told), told
-        # A refund that beat its payment: the payment's answer says nothing was added.
-        assert any("refunded, so nothing was added" in t or "before it was credited" in t
-                   for t in told), told
-    finally:
-        payments.close()
+    # Every scenario of each platform twice, two faults at a time (so the two bursts'
+    # updates interleave as well), paired so each Telegram scenario meets several Discord
+    # ones.
+    pairs = list(zip(TELEGRAM_SCENARIOS * 2, itertools.islice(
+        itertools.cycle(DISCORD_SCENARIOS[1:] + DISCORD_SCENARIOS[:1]),
+        2 * len(TELEGRAM_SCENARIOS)), strict=True))
+    for n in range(0, len(pairs), 2):
+        await asyncio.gather(*(
+            payments.fault(0.1 * (n + i), telegram=tg, discord=dc)
+            for i, (tg, dc) in enumerate(pairs[n:n + 2])
+        ))
+    await payments.settle(120)
+    violations = await asyncio.to_thread(payments.audit)
+    assert violations == [], "\n".join(violations + [c.detail for c in payments.charges])
+    assert set(payments.counts()) == {f"telegram {s}" for s in TELEGRAM_SCENARIOS} | {
+        f"discord {s}" for s in DISCORD_SCENARIOS}
+    # Spent before a refund: the refund left what was spent alone (owed) and said so.
+    spent = [c for c in payments.charges if c.spent]
+    assert spent, [c.detail for c in payments.charges]
+    told = [str(c.params.get("text", "")) for c in telegram.fake.calls_of("sendMessage")]
+    assert any("was refunded" in t and "already spent" in t for t in told), told
+    # A refund that beat its payment: the payment's answer says nothing was added.
+    assert any("refunded, so nothing was added" in t or "before it was credited" in t
+               for t in told), told

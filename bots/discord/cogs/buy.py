@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from bots.discord.bot import AtelierBot
 
 log = logging.getLogger(__name__)
+LAST_SNOWFLAKE = (1 << 63) - 1
 
 
 class Buy(commands.Cog):
@@ -59,6 +60,9 @@ class Buy(commands.Cog):
         except (discord.HTTPException, OSError) as exc:
             log.warning("could not list the Discord entitlements (next connect tries again): %s",
                         exc)
+        except Exception:  # a task's error would otherwise pass unseen
+            log.exception("the pass over the Discord entitlements failed (next connect tries "
+                          "again)")
 
     @commands.Cog.listener()
     async def on_entitlement_create(self, entitlement: discord.Entitlement) -> None:
@@ -99,9 +103,12 @@ class Buy(commands.Cog):
         seen = 0
         skus = [discord.Object(id=int(sku)) for sku in self._skus()]
         # Deleted ones too: a refund made while the bot was away sent its delete event to
-        # nobody; taking it back here is as idempotent as granting.
+        # nobody; taking it back here is as idempotent as granting. Paged newest first from
+        # the largest snowflake: discord.py 2.7 leaves exclude_deleted out of the request
+        # when it pages oldest first (no ``before``), and Discord then hides deleted ones.
         async for entitlement in self.bot.entitlements(
-            limit=None, skus=skus, exclude_ended=True, exclude_deleted=False
+            limit=None, before=discord.Object(id=LAST_SNOWFLAKE), skus=skus,
+            exclude_ended=True, exclude_deleted=False,
         ):
             if entitlement.deleted:
                 await self.take_back(entitlement)
@@ -143,8 +150,9 @@ class Buy(commands.Cog):
         if paid.purchase.kind == "pack" and not entitlement.consumed:
             try:
                 await entitlement.consume()
-            except discord.HTTPException as exc:
+            except (discord.HTTPException, OSError, RuntimeError) as exc:
                 # Credited already; the next reconcile consumes it (credited once by its id).
+                # RuntimeError: the bot is stopping and its HTTP session is closed.
                 log.warning("could not consume entitlement %s: %s", entitlement.id, exc)
         if paid.created:
             log.info("discord entitlement %s of %s credited", entitlement.id, entitlement.user_id)
