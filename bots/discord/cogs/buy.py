@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -150,9 +151,10 @@ class Buy(commands.Cog):
         if paid.purchase.kind == "pack" and not entitlement.consumed:
             try:
                 await entitlement.consume()
-            except (discord.HTTPException, OSError, RuntimeError) as exc:
+            except (discord.HTTPException, aiohttp.ClientError, OSError, RuntimeError) as exc:
                 # Credited already; the next reconcile consumes it (credited once by its id).
-                # RuntimeError: the bot is stopping and its HTTP session is closed.
+                # A connection error or RuntimeError: the bot is stopping, its HTTP session
+                # closed under the call.
                 log.warning("could not consume entitlement %s: %s", entitlement.id, exc)
         if paid.created:
             log.info("discord entitlement %s of %s credited", entitlement.id, entitlement.user_id)
