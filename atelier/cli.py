@@ -130,6 +130,11 @@ def account_show(
     table.add_row("account", str(acc.id))
     table.add_row("tier", acc.tier)
     table.add_row("created", acc.created_at.isoformat(timespec="seconds"))
+    if acc.blocked_at is not None:
+        since = acc.blocked_at.isoformat(timespec="seconds")
+        table.add_row("blocked", f"since {since}: {acc.blocked_reason}")
+    else:
+        table.add_row("blocked", "no")
     table.add_row("identities", ", ".join(f"{i.platform}:{i.platform_user_id}" for i in ids))
     table.add_row("credits", f"{bal.total} ({describe_balance(bal, now)})")
     for pack in bal.packs:
@@ -203,6 +208,48 @@ def account_set_tier(
     except AtelierError as exc:
         raise _fail(exc) from None
     console.print(f"account {acc.id} ({platform}:{user}) is now on tier [bold]{acc.tier}[/bold]")
+
+
+@account_app.command("block")
+def account_block(
+    identity: str = typer.Argument(..., help="PLATFORM:USER, e.g. telegram:12345"),
+    reason: str = typer.Option(..., help="why (shown to the person when refused; 1-300 chars)"),
+) -> None:
+    """Block an identity's account: new jobs and payments are refused with the reason."""
+    from storage import accounts
+
+    platform, user = _identity(identity)
+    settings = _settings()
+    try:
+        with open_store(settings) as tx, tx.begin() as session:
+            acc = accounts.find_account(session=session, platform=platform, platform_user_id=user)
+            acc = accounts.block(session=session, account_id=acc.id, reason=reason)
+    except AtelierError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"account {acc.id} ({platform}:{user}) is blocked: {acc.blocked_reason} "
+        "(jobs already accepted still finish; `atelier account unblock` lifts it)"
+    )
+
+
+@account_app.command("unblock")
+def account_unblock(
+    identity: str = typer.Argument(..., help="PLATFORM:USER, e.g. telegram:12345"),
+) -> None:
+    """Lift the block on an identity's account."""
+    from storage import accounts
+
+    platform, user = _identity(identity)
+    settings = _settings()
+    try:
+        with open_store(settings) as tx, tx.begin() as session:
+            acc = accounts.find_account(session=session, platform=platform, platform_user_id=user)
+            was = acc.blocked
+            acc = accounts.unblock(session=session, account_id=acc.id)
+    except AtelierError as exc:
+        raise _fail(exc) from None
+    state = "is no longer blocked" if was else "was not blocked"
+    console.print(f"account {acc.id} ({platform}:{user}) {state}")
 
 
 @credits_app.command("purchases")

@@ -1,11 +1,13 @@
 """Reliability campaign: counted faults under load (a script, not a CI test; its short form is
 tests/cluster/test_chaos.py). A private multi-node Ray cluster on loopback (a head and three
 worker nodes, a tiny-model worker each), two dispatcher processes, the Telegram bot process
-against the fake Bot API, a private Redis (AOF on and off) and a private PostgreSQL; a steady
-stream of jobs from many accounts while a seeded schedule kills workers, removes nodes, kills
-dispatchers and the bot, restarts and freezes Redis, crashes PostgreSQL, sends poison jobs and
-answers 429 for a while. Then it audits every job, the ledger, Redis and memory, and prints a
-table: faults by kind, jobs by outcome, violations (must be 0), time to recover per kind.
+against the fake Bot API, the Discord bot process against the fake Discord, a private Redis
+(AOF on and off) and a private PostgreSQL; a steady stream of jobs from many accounts while a
+seeded schedule kills workers, removes nodes, kills dispatchers and the bot, restarts and
+freezes Redis, crashes PostgreSQL, sends poison jobs, answers 429 for a while and sends
+payment updates duplicated and out of order (bench/chaos_payments.py). Then it audits every
+job, every charge, the ledger, Redis and memory, and prints a table: faults by kind, jobs by
+outcome, violations (must be 0), time to recover per kind.
 
     .venv/bin/python -m bench.chaos --minutes 30 --faults 300 --seed 1 [--rate 1.5]
 
@@ -41,6 +43,7 @@ os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "warning")
 from bench.chaos_audit import Report, audit
 from bench.chaos_faults import Injector, run_schedule, schedule, supervise
 from bench.chaos_load import TOKEN, ChaosTelegram, Load
+from bench.chaos_payments import SHOP_TOML, DiscordBot, Payments
 from bench.chaos_services import ROOT, Postgres, Process, RayNodes, Redis
 
 log = logging.getLogger("chaos")
@@ -50,6 +53,9 @@ DISPATCH = {
     "CLAIM_TIMEOUT_MS": CLAIM_MS, "WORKER_LEASE_S": 2, "JOB_TIMEOUT_S": 60, "MAX_ATTEMPTS": 3,
     "REDELIVER_GRACE_S": 5, "GATHER_WINDOW_MS": 50, "MAX_BATCH_ITEMS": 4,
 }
+
+
+TIERS = {"chaos": {"daily_allowance": 100_000, "concurrency": 50, "max_side": 1024}}
 
 
 @dataclasses.dataclass
@@ -90,8 +96,8 @@ def _profile() -> Any:
     return dataclasses.replace(choose_profile(info, "sd15"), threads=1)
 
 
-def _env(data: Path, models_file: Path, db_url: str, redis_url: str, fake: ChaosTelegram
-         ) -> dict[str, str]:
+def _env(data: Path, models_file: Path, db_url: str, redis_url: str, fake: ChaosTelegram,
+         discord: Any) -> dict[str, str]:
     from ray._private import ray_constants
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATELIER_")}
@@ -100,10 +106,11 @@ def _env(data: Path, models_file: Path, db_url: str, redis_url: str, fake: Chaos
         "ATELIER_DATABASE_URL": db_url, "ATELIER_REDIS_URL": redis_url,
         "ATELIER_TELEGRAM_TOKEN": TOKEN, "ATELIER_TELEGRAM_API_BASE_URL": fake.base_url,
         "ATELIER_TELEGRAM_FILE_BASE_URL": fake.base_file_url,
+        "ATELIER_DISCORD_TOKEN": discord.token, "ATELIER_DISCORD_API_BASE_URL": discord.api_base,
+        "ATELIER_DISCORD_GATEWAY_URL": discord.gateway_url,
         "ATELIER_PUBLIC_BASE_URL": "https://atelier.example", "ATELIER_SIGNING_KEY": "k" * 40,
         "ATELIER_DEFAULT_TIER": "chaos",
-        "ATELIER_TIERS": json.dumps({"chaos": {"daily_allowance": 100_000, "concurrency": 50,
-                                               "max_side": 1024}}),
+        "ATELIER_TIERS": json.dumps(TIERS),
         "PYTHONPATH": str(ROOT), ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0",
         "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
     }
@@ -159,7 +166,7 @@ async def _drained(db_url: str, fake: ChaosTelegram) -> bool:
 
 async def campaign(cfg: Config, root: Path) -> Report:
     """Run one campaign with its services under ``root``; returns the audit's report."""
-    from storage.db import upgrade
+    from storage.db import make_engine, session_factory, upgrade
 
     data = root / "data"
     logs = root / "logs"
@@ -169,23 +176,33 @@ async def campaign(cfg: Config, root: Path) -> Report:
 
     worker_settings = load_settings(data_dir=data, models_file=models_file,
                                     _env_file=None).worker_config()
+    from testing.discord.server import TOKEN as DISCORD_TOKEN
+    from testing.discord.server import FakeDiscord
+
+    (data / "shop.toml").write_text(SHOP_TOML)  # both bots sell its packs (payment faults)
     pg = Postgres(root)
     redis = Redis(root)
     fake = ChaosTelegram(TOKEN)
+    discord_fake = FakeDiscord(DISCORD_TOKEN)
     nodes: RayNodes | None = None
     dispatchers: list[Process] = []
     bot: Process | None = None
+    discord: Process | None = None
+    payments: Payments | None = None
+    pay_engine: Any = None
     stop = asyncio.Event()
     try:
         await asyncio.to_thread(pg.init)
         await asyncio.to_thread(upgrade, pg.url)
         redis.start(aof=False)
         await fake.start()
+        await discord_fake.start()
         nodes = RayNodes(cfg.nodes, worker_settings, _profile())  # main thread: signals
-        env = _env(data, models_file, pg.url, redis.url, fake)
+        env = _env(data, models_file, pg.url, redis.url, fake, discord_fake)
         dispatchers = [Process(f"d{n}", env, logs, "dispatcher", f"chaos-d{n}", nodes.address)
                        for n in (1, 2)]
         bot = Process("bot", env, logs, "bot")
+        discord = Process("discord", env, logs, "discord")
         load = Load(fake, rate=cfg.rate, users=cfg.users, seed=cfg.seed)
         faults = schedule(cfg.seed, cfg.faults, 0.05 * cfg.seconds, 0.9 * cfg.seconds)
         memory: dict[str, list[tuple[float, int]]] = {}
@@ -193,17 +210,28 @@ async def campaign(cfg: Config, root: Path) -> Report:
         for d in dispatchers:
             d.start()
         bot.start()
+        discord.start()
         # Warm up: one job through everything before the clock starts.
         await load.one()
         await _until(lambda: _photo(fake), 300, "the first photo (warm-up)")
         log.info("warm; load %.1f jobs/s for %.0f s with %d faults", cfg.rate, cfg.seconds,
                  cfg.faults)
+        await discord_fake.wait_for(lambda: discord_fake.identifies > 0, 300,
+                                    "the Discord bot connected")
         injector = Injector(redis=redis, pg=pg, nodes=nodes, dispatchers=dispatchers, bot=bot,
                             fake=fake, load=load)
+        pay_engine = make_engine(pg.url)
+        payments = Payments(
+            load_settings(data_dir=data, tiers=TIERS, default_tier="chaos", _env_file=None),
+            fake, discord_fake, _discord_bot(discord, injector),
+            sessions=session_factory(pay_engine),
+        )
+        injector.payments = payments
         start = time.monotonic()
         restarts: dict[str, int] = {}
         done = asyncio.Event()
-        supervisor = asyncio.create_task(supervise([*dispatchers, bot], injector, done, restarts))
+        supervisor = asyncio.create_task(
+            supervise([*dispatchers, bot, discord], injector, done, restarts))
         sampler = asyncio.create_task(_sample_memory(nodes, dispatchers, memory, stop))
         loading = asyncio.create_task(load.run(stop))
         chaos = asyncio.create_task(run_schedule(faults, injector, start, stop))
@@ -212,6 +240,7 @@ async def campaign(cfg: Config, root: Path) -> Report:
         await loading
         await chaos  # every fault healed
         log.info("load stopped after %.0f s; draining", time.monotonic() - start)
+        await payments.settle(cfg.drain_s)
         try:
             await _until(lambda: _drained(pg.url, fake), cfg.drain_s, "every job to finish")
         except RuntimeError as exc:  # the audit names what is stuck
@@ -226,6 +255,9 @@ async def campaign(cfg: Config, root: Path) -> Report:
             photos=fake.photos, faults=faults, memory=memory,
             seeds={"faults": cfg.seed, "load": cfg.seed}, duration_s=cfg.seconds,
         )
+        report.violations += await asyncio.to_thread(payments.audit)
+        report.notes.append("payment charges by scenario: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(payments.counts().items())))
         report.notes.append(f"429 answers in storms: {fake.storm_refusals}")
         report.notes.append(f"processes that exited by themselves, restarted: {restarts}")
         report.notes.append(f"logs under {logs}")
@@ -234,6 +266,11 @@ async def campaign(cfg: Config, root: Path) -> Report:
         stop.set()
         if bot is not None:
             bot.stop()
+        if discord is not None:
+            discord.stop()
+        if pay_engine is not None:
+            pay_engine.dispose()
+        await discord_fake.stop()
         for d in dispatchers:
             d.stop()
         await fake.stop()
@@ -241,6 +278,21 @@ async def campaign(cfg: Config, root: Path) -> Report:
             nodes.shutdown()
         redis.kill()
         await asyncio.to_thread(pg.remove)
+
+
+def _discord_bot(proc: Process, injector: Injector) -> DiscordBot:
+    """The Discord bot process, taken away and brought back by a payment fault (marked as
+    healing meanwhile, so the supervisor leaves it to the fault)."""
+
+    async def down() -> None:
+        injector.healing.add(proc.role)
+        await asyncio.to_thread(proc.kill)
+
+    async def up() -> None:
+        proc.start()
+        injector.healing.discard(proc.role)
+
+    return DiscordBot(down=down, up=up)
 
 
 async def _photo(fake: ChaosTelegram) -> bool:

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bench.chaos_load import ChaosTelegram, Load
+    from bench.chaos_payments import Payments
     from bench.chaos_services import Postgres, Process, RayNodes, Redis
 
 log = logging.getLogger("chaos")
 
 KINDS = (
     "worker_kill", "node_remove", "dispatcher_kill", "bot_kill", "redis_restart",
-    "redis_restart_aof", "redis_pause", "pg_restart", "poison_job", "storm_429",
+    "redis_restart_aof", "redis_pause", "pg_restart", "poison_job", "storm_429", "payment",
 )
 
 
@@ -54,10 +55,11 @@ class Injector:
 
     def __init__(
         self, *, redis: Redis, pg: Postgres, nodes: RayNodes, dispatchers: list[Process],
-        bot: Process, fake: ChaosTelegram, load: Load,
+        bot: Process, fake: ChaosTelegram, load: Load, payments: Payments | None = None,
     ) -> None:
         self.redis, self.pg, self.nodes = redis, pg, nodes
         self.dispatchers, self.bot, self.fake, self.load = dispatchers, bot, fake, load
+        self.payments = payments
         self.healing: set[str] = set()  # targets down now, being brought back
         self.redis_lock = asyncio.Lock()
         self.pg_lock = asyncio.Lock()
@@ -170,6 +172,16 @@ class Injector:
     async def _poison_job(self, f: Fault, rng: random.Random) -> None:
         sent = await self.load.poison()
         self._strike(f, f"poison job from user {sent.user} (message {sent.message_id})")
+        self._healed(f)
+
+    async def _payment(self, f: Fault, rng: random.Random) -> None:
+        # Payment updates duplicated and out of order (bench/chaos_payments.py); healed when
+        # every event is sent (the audit waits for the bots to record them).
+        if self.payments is None:
+            raise RuntimeError("the campaign runs no payments")
+        f.injected = time.monotonic()
+        log.info("fault payment: duplicated and reordered payment updates")
+        f.detail = await self.payments.fault(f.x)
         self._healed(f)
 
     async def _storm_429(self, f: Fault, rng: random.Random) -> None:

@@ -1,6 +1,7 @@
 """A process of the chaos campaign (bench/chaos.py starts and kills these): a dispatcher
-(``dispatcher NAME RAY_ADDRESS``) or the Telegram bot (``bot``), settings from ATELIER_*, built
-by the same assembly as `atelier dispatcher` / `atelier bot telegram`, with a dispatcher's
+(``dispatcher NAME RAY_ADDRESS``), the Telegram bot (``bot``) or the Discord bot (``discord``),
+settings from ATELIER_*, built by the same assembly as `atelier dispatcher` / `atelier bot
+telegram` / `atelier bot discord`, with a dispatcher's
 periodic passes shortened so faults are noticed within seconds."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from atelier.service import run_dispatcher, run_telegram_bot
+from atelier.service import run_discord_bot, run_dispatcher, run_telegram_bot
 from cluster.dispatcher import Pacing
 from core.logs import setup_logging
 from core.settings import load_settings
@@ -31,8 +32,10 @@ def main(argv: list[str]) -> None:
         asyncio.run(run_dispatcher(settings, name=name, ray_address=address, pacing=PACING))
     elif argv[0] == "bot":
         asyncio.run(run_telegram_bot(settings, poll_timeout=1))
+    elif argv[0] == "discord":
+        asyncio.run(run_discord_bot(settings))
     else:
-        raise SystemExit(f"usage: chaos_proc dispatcher NAME ADDRESS | bot; got {argv}")
+        raise SystemExit(f"usage: chaos_proc dispatcher NAME ADDRESS | bot | discord; got {argv}")
 
 
 if __name__ == "__main__":

@@ -181,8 +181,9 @@ class Client:
     ) -> SubmittedJob:
         """Accept a job: validate, charge (reserve) and queue it, exactly once per key.
 
-        Raises ContentBlocked, InvalidRequest, ModelUnavailable, TooManyJobs (a RateLimited) or
-        InsufficientCredits; in every case nothing is charged and no job row is left behind.
+        Raises ContentBlocked, InvalidRequest, ModelUnavailable, AccountBlocked, TooManyJobs (a
+        RateLimited) or InsufficientCredits; in every case nothing is charged and no job row is
+        left behind.
         """
         # 1. Checks that need no database, then that some worker can load the model.
         request = await self._prepared(request, requester)
@@ -192,8 +193,9 @@ class Client:
             )
         await self.check_model_available(request.model)
 
-        # 2. The account (created on first contact) and its tier's size limit.
+        # 2. The account (created on first contact), not blocked, and its tier's size limit.
         account = await self.account(requester)
+        accounts.refuse_blocked(account)
         tier = self.settings.tier(account.tier)
         request.check_limits(self.settings.limits, max_side=tier.max_side)
         cost = job_cost_for(request, self.settings)
@@ -280,6 +282,8 @@ class Client:
                 )
             except NotFound:
                 account = None  # first contact: submit creates it with the default tier
+            if account is not None:
+                accounts.refuse_blocked(account)
             tier_name = account.tier if account is not None else self.settings.default_tier
             tier = self.settings.tier(tier_name)
             request.check_limits(self.settings.limits, max_side=tier.max_side)

@@ -4,8 +4,13 @@ refund, subscriptions and their lapse, and what an account bought. Bookkeeping i
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy.orm import sessionmaker
@@ -16,10 +21,15 @@ from core.jobs import Requester
 from core.settings import Settings
 from core.shop import SUBSCRIPTION_PERIOD_S, Pack, Shop
 from storage import accounts, ledger, purchases
-from storage.db import Store
+from storage.db import STORE_ERRORS, Store
 from storage.ledger import Balance
-from storage.models import utcnow
+from storage.models import PurchaseKind, utcnow
 from storage.purchases import PurchaseRead
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# How long a payment or refund waits out an unreachable store before it gives up (logged).
+STORE_RETRY_S = 120.0
 
 
 class AccountSummary(BaseModel):
@@ -30,6 +40,13 @@ class AccountSummary(BaseModel):
     tier_until: datetime | None
     balance: Balance
     purchases: list[PurchaseRead]
+
+
+@dataclass(frozen=True, slots=True)
+class Refunded:
+    purchase: PurchaseRead
+    created: bool  # False: refunded before (a duplicate event); nothing was taken now
+    balance: Balance | None  # the payer's, when the event named the payer
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,23 +72,31 @@ class PurchaseService:
         return pack
 
     async def check(self, requester: Requester, name: str, stars: int | None = None) -> Pack:
-        """Before payment: the pack is still on sale at that price and the account can own it."""
+        """Before payment: the pack is still on sale at that price and the account is not
+        blocked (``check_account``)."""
         pack = self.pack(name)
         if stars is not None and pack.stars != stars:
             raise Conflict(f"the price of {name!r} changed to {pack.stars} Stars; see /buy")
 
+        await self.check_account(requester)
+        return pack
+
+    async def check_account(self, requester: Requester) -> None:
+        """Before payment: AccountBlocked (with the operator's reason) when the payer's
+        account is blocked; a first contact is not (its account is made at payment)."""
+
         def read(session: Session) -> None:
             try:
-                accounts.find_account(
+                account = accounts.find_account(
                     session=session,
                     platform=requester.platform,
                     platform_user_id=requester.platform_user_id,
                 )
             except NotFound:
-                return  # a first contact: the account is made at payment
+                return
+            accounts.refuse_blocked(account)
 
         await self._db(read, read_only=True)
-        return pack
 
     async def pack_paid(
         self, requester: Requester, charge_id: str, pack: Pack, now: datetime | None = None
@@ -94,7 +119,7 @@ class PurchaseService:
             )
             return Paid(got.purchase, got.created, self._balance(session, acc, now))
 
-        return await self._db(credit)
+        return await self._write(credit)
 
     async def subscription_paid(
         self,
@@ -126,19 +151,41 @@ class PurchaseService:
             )
             return Paid(got.purchase, got.created, self._balance(session, acc, now))
 
-        return await self._db(record)
+        return await self._write(record)
 
     async def refund(self, key: str, now: datetime | None = None) -> PurchaseRead:
         """Take back what is left of a purchase (``platform:charge id``)."""
+        return (await self.refunded(key, now=now)).purchase
+
+    async def refunded(
+        self,
+        key: str,
+        *,
+        payer: Requester | None = None,
+        kind: PurchaseKind = PurchaseKind.pack,
+        product: str = "",
+        now: datetime | None = None,
+    ) -> Refunded:
+        """A refund the platform announced (Telegram's refunded_payment, a deleted Discord
+        entitlement), taken back once: ``created`` is False when it was refunded before. With
+        ``payer``, a refund that arrives before its payment is recorded (as ``kind`` of
+        ``product``), so the late payment credits nothing."""
         when = now or utcnow()
         write_off = self.shop.refund_policy == "write_off"
 
-        def undo(session: Session) -> PurchaseRead:
-            got = purchases.refund(session=session, key=key, now=when, write_off=write_off)
+        def undo(session: Session) -> Refunded:
+            who = None
+            if payer is not None:
+                acc = self._resolve(session, payer, when)
+                who = purchases.Payer(acc, payer.platform, payer.platform_user_id, kind, product)
+            got = purchases.refund_once(
+                session=session, key=key, now=when, write_off=write_off, payer=who
+            )
             self._lapse(session, when)
-            return got
+            balance = None if who is None else self._balance(session, who.account_id, when)
+            return Refunded(got.purchase, got.created, balance)
 
-        return await self._db(undo)
+        return await self._write(undo)
 
     async def get(self, key: str) -> PurchaseRead:
         return await self._db(lambda s: purchases.get_purchase(session=s, key=key), read_only=True)
@@ -171,6 +218,24 @@ class PurchaseService:
         )
 
     # Internals ----------------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[[Session], T]) -> T:
+        """``fn`` in one transaction, tried again while the store is unreachable (a database
+        restarting) for up to ``STORE_RETRY_S``: a payment event comes once and is not sent
+        again, so giving up on it would lose it. Each write is idempotent by its charge id,
+        so trying again never credits twice."""
+        deadline = time.monotonic() + STORE_RETRY_S
+        wait = 0.2
+        while True:
+            try:
+                return await self._db(fn)
+            except STORE_ERRORS as exc:
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.warning("store unavailable for a payment (%s); trying again in %.1f s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 5.0)
 
     def _resolve(self, session: Session, requester: Requester, now: datetime) -> int:
         acc = accounts.resolve_account(

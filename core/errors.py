@@ -83,6 +83,17 @@ class Forbidden(AtelierError):
     code = "forbidden"
 
 
+class AccountBlocked(Forbidden):
+    """An operator blocked the account (`atelier account block`): nothing new is admitted or
+    sold to it. ``reason`` is the operator's, shown to the person."""
+
+    code = "account_blocked"
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class Conflict(AtelierError):
     """A state change that is not allowed from the current state (e.g. a used link code)."""
 

@@ -13,7 +13,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from core.errors import Conflict, InvalidRequest, NotFound
+from core.errors import AccountBlocked, Conflict, InvalidRequest, NotFound
 from storage import ledger
 from storage.models import Account, Identity, Image, ImageStyle, Job, LinkCode, utcnow
 
@@ -38,6 +38,12 @@ class AccountRead(BaseModel):
     created_at: datetime
     merged_into_id: int | None = None  # set once a link merged this account into another
     identity: IdentityRead | None = None  # the identity the account was reached through
+    blocked_at: datetime | None = None  # set by an operator: see ``refuse_blocked``
+    blocked_reason: str | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.blocked_at is not None
 
 
 class LinkCodeRead(BaseModel):
@@ -126,6 +132,50 @@ def set_tier(
     session.add(account)
     session.flush()
     return _account_read(session, account_id, None)
+
+
+def block(
+    *, session: Session, account_id: int, reason: str, now: datetime | None = None
+) -> AccountRead:
+    """Block an account: admission refuses its new jobs and the shop its payments
+    (``refuse_blocked``). Blocking again replaces the reason and keeps the first time."""
+    reason = " ".join(reason.split())
+    if not reason or len(reason) > 300:
+        raise InvalidRequest(f"a block reason must be 1 to 300 characters, got {len(reason)}")
+    account = ledger.lock_accounts(session, [account_id])[account_id]
+    if account.merged_into_id is not None:
+        raise Conflict(
+            f"account {account_id} was merged into account {account.merged_into_id}; "
+            "block that one"
+        )
+    account.blocked_at = account.blocked_at or now or utcnow()
+    account.blocked_reason = reason
+    session.add(account)
+    session.flush()
+    return _account_read(session, account_id, None)
+
+
+def unblock(*, session: Session, account_id: int) -> AccountRead:
+    """Lift a block; unblocking an account that is not blocked changes nothing."""
+    account = ledger.lock_accounts(session, [account_id])[account_id]
+    account.blocked_at = None
+    account.blocked_reason = None
+    session.add(account)
+    session.flush()
+    return _account_read(session, account_id, None)
+
+
+def refuse_blocked(account: AccountRead) -> None:
+    """AccountBlocked when an operator blocked ``account``: the one check admission (every
+    new job, from any front end or API) and the shop's pre-checkout call, before anything is
+    charged or sold."""
+    if account.blocked_at is None:
+        return
+    reason = account.blocked_reason or "no reason given"
+    raise AccountBlocked(
+        f"this account is blocked ({reason}); nothing was charged",
+        reason=reason,
+    )
 
 
 def create_link_code(
@@ -223,6 +273,13 @@ def format_code(raw: str) -> str:
 
 def _merge(session: Session, *, source: int, target: int, now: datetime) -> None:
     ledger.merge_credits(session, source_id=source, target_id=target, now=now)
+    # A block follows the person: linking a blocked account to a fresh one lifts nothing.
+    blocked = session.get(Account, source)
+    joined = session.get(Account, target)
+    if blocked is not None and joined is not None and blocked.blocked_at is not None \
+            and joined.blocked_at is None:
+        joined.blocked_at, joined.blocked_reason = blocked.blocked_at, blocked.blocked_reason
+        session.add(joined)
     for table in (Identity, Job, Image, ImageStyle):
         session.exec(
             update(table)
@@ -291,4 +348,6 @@ def _account_read(session: Session, account_id: int, identity: Identity | None) 
         created_at=account.created_at,
         merged_into_id=account.merged_into_id,
         identity=None if identity is None else _identity_read(identity),
+        blocked_at=account.blocked_at,
+        blocked_reason=account.blocked_reason,
     )

@@ -112,6 +112,10 @@ class Account(SQLModel, table=True):
     created_at: datetime = Field(sa_type=UTCDateTime)
     # Set when a link merged this account into another; it then owns nothing.
     merged_into_id: int | None = Field(default=None, foreign_key="accounts.id")
+    # Set by an operator (`atelier account block`): no new job is admitted, nothing can be
+    # bought; what it has stays (jobs already accepted finish, packs keep their expiry).
+    blocked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    blocked_reason: str | None = Field(default=None, max_length=300)
 
 
 class Identity(SQLModel, table=True):

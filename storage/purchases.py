@@ -8,6 +8,7 @@ a refund stays exact after ``atelier db prune`` rolled old ledger rows into carr
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
 
 from pydantic import BaseModel
@@ -70,10 +71,10 @@ def record_pack(
 ) -> Recorded:
     """Grant a bought pack once per ``charge_id``: the same payment again grants nothing."""
     key = purchase_key(platform, charge_id)
+    owner = _lock_owner(session, account_id)
     existing = _find(session, key)
-    if existing is not None:
+    if existing is not None:  # seen before: paid, or refunded (maybe before it was paid)
         return Recorded(purchase=_read(existing), created=False)
-    owner = _live_account(session, account_id)
     pack = ledger.grant(
         session=session,
         account_id=owner,
@@ -119,8 +120,8 @@ def record_subscription(
     """Put the account on ``tier`` until ``period_end``. A renewal is a new charge (a new row);
     the same charge again only moves its period end (an entitlement update)."""
     key = purchase_key(platform, charge_id)
-    owner = _live_account(session, account_id)
-    row = _find(session, key)
+    owner = _lock_owner(session, account_id)
+    row = _find(session, key, lock=True)
     created = row is None
     if row is None:
         row = Purchase(
@@ -148,21 +149,73 @@ def record_subscription(
     return Recorded(purchase=_read(row), created=created)
 
 
+@dataclass(frozen=True, slots=True)
+class Payer:
+    """Who a refund is for, as its event says, for a refund that arrives before its payment:
+    the purchase is then recorded as refunded, so the payment credits nothing when it comes."""
+
+    account_id: int
+    platform: str
+    platform_user_id: str
+    kind: PurchaseKind
+    product: str
+
+
 def refund(*, session: Session, key: str, now: datetime, write_off: bool = False) -> PurchaseRead:
     """Take back what is left of a refunded pack (never more: credits already spent are
     recorded as ``owed``, or written off), or end a refunded subscription now. Idempotent."""
+    return refund_once(session=session, key=key, now=now, write_off=write_off).purchase
+
+
+def refund_once(
+    *,
+    session: Session,
+    key: str,
+    now: datetime,
+    write_off: bool = False,
+    payer: Payer | None = None,
+) -> Recorded:
+    """``refund``, saying whether this call refunded it (``created``; False: refunded before).
+    A refund of a payment not seen yet is NotFound, unless ``payer`` says whose it is: then
+    it is recorded as refunded with nothing credited, and the payment, when it arrives late,
+    credits nothing. The payer's account is locked before the purchase row, as a payment
+    locks them, so a refund and a payment of one charge never both win."""
+    found = _find(session, key)
+    if found is None:
+        if payer is None:
+            raise NotFound(f"no purchase {key!r}")
+        owner = _lock_owner(session, payer.account_id)
+        found = _find(session, key, lock=True)
+        if found is None:
+            tombstone = Purchase(
+                key=key,
+                account_id=owner,
+                platform=payer.platform,
+                platform_user_id=payer.platform_user_id,
+                kind=payer.kind,
+                product=payer.product[:32],
+                status=PurchaseStatus.refunded,
+                created_at=now,
+                updated_at=now,
+                refunded_at=now,
+            )
+            session.add(tombstone)
+            session.flush()
+            return Recorded(purchase=_read(tombstone), created=True)
+    else:
+        _lock_owner(session, found.account_id)
     row = _find(session, key, lock=True)
     if row is None:
         raise NotFound(f"no purchase {key!r}")
     if row.status == PurchaseStatus.refunded:
-        return _read(row)
+        return Recorded(purchase=_read(row), created=False)
     if row.kind == PurchaseKind.subscription:
         row.status = PurchaseStatus.refunded
         row.refunded_at = row.updated_at = now
         row.expires_at = min(row.expires_at or now, now)
         session.add(row)
         session.flush()
-        return _read(row)
+        return Recorded(purchase=_read(row), created=True)
     bucket = session.exec(
         select(CreditBucket)
         .where(CreditBucket.key == row.bucket)
@@ -196,7 +249,7 @@ def refund(*, session: Session, key: str, now: datetime, write_off: bool = False
     row.owed = 0 if write_off else spent
     session.add(row)
     session.flush()
-    return _read(row)
+    return Recorded(purchase=_read(row), created=True)
 
 
 def lapse_due(
@@ -268,6 +321,15 @@ def _find(session: Session, key: str, *, lock: bool = False) -> Purchase | None:
     if lock:
         stmt = stmt.with_for_update()
     return session.exec(stmt).first()
+
+
+def _lock_owner(session: Session, account_id: int) -> int:
+    """Lock the account (and the one it was merged into) before any purchase row: payments
+    and refunds of one charge then run one after the other on PostgreSQL, and in one order
+    (accounts, then the purchase), so they cannot deadlock. Returns the live owner."""
+    owner = _live_account(session, account_id)
+    ledger.lock_accounts(session, sorted({account_id, owner}))
+    return owner
 
 
 def _live_account(session: Session, account_id: int) -> int:

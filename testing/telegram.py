@@ -78,6 +78,10 @@ class FakeTelegram:
         self._message_ids = itertools.count(1000)
         self._file_ids = itertools.count(1)
         self.refunded: set[str] = set()  # charge ids refundStarPayment refunded
+        # Telegram follows a refund (refundStarPayment, or support's) with a refunded_payment
+        # message in the payer's chat (Bot API 7.10+); False: refundStarPayment sends none.
+        self.announce_refunds = True
+        self._payments: dict[str, dict[str, Any]] = {}  # charge id -> its successful_payment
         self._changed = asyncio.Condition()
         self._stopping = False
         self._runner: web.AppRunner | None = None
@@ -235,7 +239,27 @@ class FakeTelegram:
             "provider_payment_charge_id": "",
             **extra,
         }
+        self._payments[charge_id] = payment
         return self.message(user, successful_payment=payment)
+
+    def refund_message(
+        self, user: int, charge_id: str, *, invoice_payload: str | None = None,
+        total_amount: int | None = None,
+    ) -> dict[str, Any]:
+        """The refunded_payment service message Telegram sends when ``charge_id`` is refunded
+        (by refundStarPayment or by Telegram support); what it was is taken from the payment
+        this fake built for it, unless given (a refund of a payment it never sent)."""
+        paid = self._payments.get(charge_id, {})
+        refunded = {
+            "currency": "XTR",
+            "total_amount": total_amount if total_amount is not None else int(
+                paid.get("total_amount", 1)),
+            "invoice_payload": invoice_payload if invoice_payload is not None else str(
+                paid.get("invoice_payload", "")),
+            "telegram_payment_charge_id": charge_id,
+            "provider_payment_charge_id": "",
+        }
+        return self.message(user, refunded_payment=refunded)
 
     def calls_of(self, *methods: str, chat: int | None = None, ok: bool = True) -> list[Call]:
         """Calls of ``methods`` (to ``chat``) that succeeded (``ok=False``: that failed)."""
@@ -475,6 +499,8 @@ class FakeTelegram:
         if charge in self.refunded:
             raise _ApiError("Bad Request: CHARGE_ALREADY_REFUNDED")
         self.refunded.add(charge)
+        if self.announce_refunds:
+            await self.push(self.refund_message(int(call.params["user_id"]), charge))
         return True
 
     async def _m_setMyCommands(self, call: Call) -> Any:

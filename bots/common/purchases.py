@@ -7,11 +7,12 @@ import asyncio
 import logging
 from datetime import datetime
 
-from cluster.purchases import Paid, PurchaseService
+from cluster.purchases import Paid, PurchaseService, Refunded
 from core.errors import InvalidRequest
 from core.jobs import Requester
 from core.settings import Settings
 from core.shop import Pack, Shop, Subscription
+from storage.models import PurchaseStatus
 from storage.purchases import PurchaseRead
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def paid_text(paid: Paid) -> str:
         )
     if not paid.created:
         what = "That payment was already credited."
+        if p.status == PurchaseStatus.refunded:
+            what = "That payment was refunded, so nothing was added for it."
     return f"✅ Thank you! {what} Credits now: {paid.balance.total}."
 
 
@@ -97,6 +100,24 @@ def refund_text(p: PurchaseRead) -> str:
         f"Refunded {p.key}: took back {p.clawed_back} of {p.credits} credits; "
         f"{p.owed} already spent (owed)."
     )
+
+
+def refunded_text(done: Refunded) -> str:
+    """What the person is told when a payment of theirs was refunded (by Telegram support,
+    or Discord), once."""
+    p = done.purchase
+    if p.kind == "subscription":
+        what = f"↩️ Your payment {p.key.split(':', 1)[1]} was refunded: the subscription ended."
+    elif not p.credits:
+        what = (f"↩️ Your payment {p.key.split(':', 1)[1]} was refunded before it was "
+                "credited: nothing was added for it.")
+    else:
+        what = (f"↩️ Your payment {p.key.split(':', 1)[1]} was refunded: {p.clawed_back} of "
+                f"its {p.credits} credits were taken back")
+        what += f" ({p.owed} already spent)." if p.owed else "."
+    if done.balance is not None:
+        what += f" Credits now: {done.balance.total}."
+    return what
 
 
 def is_operator(settings: Settings, platform: str, user_id: str) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from core.errors import (
+    AccountBlocked,
     AtelierError,
     Conflict,
     ContentBlocked,
@@ -67,6 +68,7 @@ _HINTS: tuple[tuple[type[AtelierError], str], ...] = (
     (ContentBlocked, "rephrase the prompt; nothing was charged"),
     (InsufficientCredits, "wait for the daily reset or buy a pack (/buy)"),
     (RateLimited, "wait a moment and try again"),
+    (AccountBlocked, "ask the operator if you think this is a mistake"),
     (Forbidden, "only the person who asked can do that"),
     (NotFound, "it may have been deleted; check /history"),
     (Conflict, "nothing was changed"),

@@ -175,6 +175,7 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     app.add_handler(CallbackQueryHandler(buttons.on_button))
     app.add_handler(PreCheckoutQueryHandler(buy.pre_checkout))
     app.add_handler(MessageHandler(filters.SUCCESSFUL_PAYMENT, buy.paid))
+    app.add_handler(MessageHandler(filters.StatusUpdate.REFUNDED_PAYMENT, buy.refunded))
     app.add_handler(MessageHandler(new & (filters.PHOTO | filters.Document.IMAGE), imagine.photo))
     app.add_handler(MessageHandler(new & private & filters.COMMAND, commands.unknown))
     app.add_handler(MessageHandler(new & private & filters.TEXT, imagine.prompt_text))

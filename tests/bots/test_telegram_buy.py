@@ -270,3 +270,72 @@ async def test_linked_accounts_share_a_pack_bought_on_either_platform(shop_stack
     assert await shop_stack.balance(user) == on_discord.total + 500
     summary = await service.summary(discord)
     assert {p.key for p in summary.purchases} == {"telegram:charge-linked", "discord:ent-linked"}
+
+
+async def test_a_refund_made_by_telegram_is_taken_back_once_and_told(shop_stack: Stack) -> None:
+    """Telegram support refunded a payment (no /refund here): its refunded_payment message,
+    delivered twice, takes back what is left once and tells the person once."""
+    fake, user = shop_stack.fake, 5008
+    small = (await _invoices(fake, user))["100 credits"]
+    sent = len(fake.calls_of("sendMessage", chat=user))
+    await _pay(fake, user, small, "charge-support", sent + 1)
+    account = await shop_stack.client.account(_requester(user))
+    allowance = shop_stack.settings.tiers["free"].daily_allowance
+    with shop_stack.sessions.begin() as s:  # a job spent the day's allowance and 40 of the pack
+        now = datetime.now(UTC)
+        ledger.reserve(session=s, account_id=account.id, job_id="spent-40",
+                       amount=allowance + 40, now=now, tiers=shop_stack.settings.tiers)
+        ledger.capture(session=s, job_id="spent-40", now=now)
+    refund = fake.refund_message(user, "charge-support")
+    assert refund["message"]["refunded_payment"]["invoice_payload"] == "pack:small:100:90"
+    await fake.push(refund)
+    await fake.push(refund)  # the same update again
+    told = (await fake.wait_call("sendMessage", chat=user, n=sent + 2)).params["text"]
+    assert "was refunded: 60 of its 100 credits were taken back (40 already spent)" in told
+    assert "Credits now: 0." in told
+    bought = await _service(shop_stack).get("telegram:charge-support")
+    assert (bought.status, bought.clawed_back, bought.owed) == (PurchaseStatus.refunded, 60, 40)
+    await asyncio.sleep(0.5)  # the duplicate has been handled by now: nothing more said
+    assert len(fake.calls_of("sendMessage", chat=user)) == sent + 2
+    assert not fake.calls_of("refundStarPayment")  # Telegram refunded it; nobody here did
+    with shop_stack.sessions() as s:
+        audit = ledger.audit(session=s, account_id=account.id)
+    assert audit.balanced and audit.conserved and audit.refunded == 60
+
+
+async def test_a_refund_that_arrives_before_its_payment_credits_nothing(
+    shop_stack: Stack,
+) -> None:
+    fake, user = shop_stack.fake, 5009
+    small = (await _invoices(fake, user))["100 credits"]
+    before = await shop_stack.balance(user)
+    sent = len(fake.calls_of("sendMessage", chat=user))
+    payment = fake.payment(user, small, "charge-late")
+    await fake.push(fake.refund_message(user, "charge-late"))
+    told = (await fake.wait_call("sendMessage", chat=user, n=sent + 1)).params["text"]
+    assert "refunded before it was credited: nothing was added" in told
+    await fake.push(payment)  # the payment's update, overtaken by its refund
+    late = (await fake.wait_call("sendMessage", chat=user, n=sent + 2)).params["text"]
+    assert "That payment was refunded, so nothing was added for it." in late
+    assert await shop_stack.balance(user) == before
+    bought = await _service(shop_stack).get("telegram:charge-late")
+    assert (bought.status, bought.credits, bought.product) == (PurchaseStatus.refunded, 0, "small")
+
+
+async def test_operator_refund_followed_by_telegrams_refund_message_takes_back_once(
+    shop_stack: Stack,
+) -> None:
+    """refundStarPayment makes Telegram send refunded_payment as well (the fake does): the
+    operator's /refund and that message race; the pack is taken back once, either way."""
+    fake, user = shop_stack.fake, 5010
+    small = (await _invoices(fake, user))["100 credits"]
+    sent = len(fake.calls_of("sendMessage", chat=user))
+    await _pay(fake, user, small, "charge-both", sent + 1)
+    await fake.send(OPERATOR, "/refund charge-both")
+    reply = (await fake.wait_call("sendMessage", chat=OPERATOR)).params["text"]
+    assert "took back 100 of 100 credits" in reply
+    bought = await _service(shop_stack).get("telegram:charge-both")
+    assert (bought.status, bought.clawed_back) == (PurchaseStatus.refunded, 100)
+    with shop_stack.sessions() as s:
+        audit = ledger.audit(session=s, account_id=bought.account_id)
+    assert audit.balanced and audit.conserved and audit.refunded == 100

@@ -1,9 +1,10 @@
 """The reliability campaign in short (bench/chaos.py runs it for half an hour): two minutes of
-jobs through the Telegram bot, two dispatcher processes and a three-node Ray cluster while 20
+jobs through the Telegram bot, two dispatcher processes and a three-node Ray cluster while 22
 seeded faults, two of each kind, hit them (worker and node loss, dispatcher and bot SIGKILL,
-Redis restarted with and without AOF and frozen, PostgreSQL crashed, poison jobs, a 429 storm).
-Every accepted job must end once, charged or refunded once, delivered once, with nothing stuck
-in Redis and the ledger balanced."""
+Redis restarted with and without AOF and frozen, PostgreSQL crashed, poison jobs, a 429 storm,
+payment updates duplicated and out of order on Telegram and Discord). Every accepted job must
+end once, charged or refunded once, delivered once, every charge credit once and its refund
+take back what is left, with nothing stuck in Redis and the ledger balanced."""
 
 from __future__ import annotations
 

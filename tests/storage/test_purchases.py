@@ -162,3 +162,61 @@ def test_linked_accounts_share_what_either_bought(
 def _identity(acct: AccountRead) -> int:
     assert acct.identity is not None
     return acct.identity.id
+
+
+def test_a_refund_before_its_payment_is_recorded_and_the_payment_credits_nothing(
+    tx: Tx, new_account: NewAccount, tiers: dict[str, Tier], now: datetime
+) -> None:
+    from storage.models import PurchaseKind
+
+    acct = new_account()
+    # Nobody named: a refund of an unknown charge stays unknown.
+    with tx() as s, pytest.raises(NotFound):
+        purchases.refund_once(session=s, key="telegram:early", now=now)
+    payer = purchases.Payer(acct.id, "telegram", "1", PurchaseKind.pack, "small")
+    with tx() as s:
+        first = purchases.refund_once(session=s, key="telegram:early", now=now, payer=payer)
+    with tx() as s:
+        again = purchases.refund_once(session=s, key="telegram:early", now=now, payer=payer)
+    assert first.created and not again.created
+    assert (first.purchase.status, first.purchase.credits) == (PurchaseStatus.refunded, 0)
+    assert _pack(tx, acct, "early", now) is False  # the late payment: nothing credited
+    assert _total(tx, acct.id, now, tiers) == 3
+    with tx() as s:
+        rows = s.exec(select(CreditLedger).where(CreditLedger.kind == CreditKind.purchase)).all()
+    assert rows == []
+    _check_sums(tx, acct.id)
+
+
+def test_payments_and_refunds_of_one_charge_at_once_credit_once(
+    tx: Tx, new_account: NewAccount, tiers: dict[str, Tier], now: datetime
+) -> None:
+    """Duplicated and reordered deliveries of one payment and its refund, in threads at once
+    (real row locks on PostgreSQL): credited once, taken back once, sums hold."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.models import PurchaseKind
+
+    acct = new_account()
+    payer = purchases.Payer(acct.id, "telegram", "1", PurchaseKind.pack, "small")
+
+    def pay() -> None:
+        _pack(tx, acct, "race", now)
+
+    def refund() -> None:
+        with tx() as s:
+            purchases.refund_once(session=s, key="telegram:race", now=now, payer=payer)
+
+    for _ in range(3):
+        with ThreadPoolExecutor(6) as pool:
+            for f in [pool.submit(fn) for fn in (pay, refund, pay, refund, pay, pay)]:
+                f.result()
+    with tx() as s:
+        bought = purchases.get_purchase(session=s, key="telegram:race")
+        grants = s.exec(select(CreditLedger).where(CreditLedger.kind == CreditKind.purchase)).all()
+        takes = s.exec(select(CreditLedger).where(CreditLedger.kind == CreditKind.refund)).all()
+    assert bought.status == PurchaseStatus.refunded
+    assert len(grants) <= 1 and len(takes) == len(grants)
+    assert bought.clawed_back == (10 if grants else 0) and bought.owed == 0
+    assert _total(tx, acct.id, now, tiers) == 3
+    _check_sums(tx, acct.id)

@@ -1,24 +1,30 @@
 """Buying on Discord: ``/buy`` shows a premium button per SKU of the shop; entitlements (the
 gateway's create / update / delete events, and a pass over the application's entitlements each
 time the bot connects, for those missed while it was down) credit once by their id; a
-consumable is consumed after it is granted; a deleted entitlement is refunded."""
+consumable is consumed after it is granted; a deleted entitlement is refunded (by its event,
+or by the next pass when the bot missed it)."""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bots.common import purchases as common
 from bots.discord.port import PLATFORM
+from core.jobs import Requester
+from core.shop import Subscription
+from storage.models import PurchaseKind, PurchaseStatus
 
 if TYPE_CHECKING:
     from bots.discord.bot import AtelierBot
 
 log = logging.getLogger(__name__)
+LAST_SNOWFLAKE = (1 << 63) - 1
 
 
 class Buy(commands.Cog):
@@ -55,6 +61,9 @@ class Buy(commands.Cog):
         except (discord.HTTPException, OSError) as exc:
             log.warning("could not list the Discord entitlements (next connect tries again): %s",
                         exc)
+        except Exception:  # a task's error would otherwise pass unseen
+            log.exception("the pass over the Discord entitlements failed (next connect tries "
+                          "again)")
 
     @commands.Cog.listener()
     async def on_entitlement_create(self, entitlement: discord.Entitlement) -> None:
@@ -66,20 +75,46 @@ class Buy(commands.Cog):
 
     @commands.Cog.listener()
     async def on_entitlement_delete(self, entitlement: discord.Entitlement) -> None:
+        await self.take_back(entitlement)
+
+    async def take_back(self, entitlement: discord.Entitlement) -> None:
+        """Refunded (or a test entitlement removed): take back what is left, once. A delete
+        that overtakes its create (events reordered) is recorded, so the create credits
+        nothing when it comes."""
         key = f"{PLATFORM}:{entitlement.id}"
+        offer = self.bot.purchases.shop.by_sku(str(entitlement.sku_id))
+        payer = None if entitlement.user_id is None else Requester(
+            platform=PLATFORM, platform_user_id=str(entitlement.user_id)
+        )
+        kind = PurchaseKind.subscription if isinstance(offer, Subscription) else PurchaseKind.pack
         try:
-            await self.bot.purchases.refund(key)
+            done = await self.bot.purchases.refunded(
+                key, payer=payer, kind=kind, product=offer.name if offer else "unknown"
+            )
         except Exception:
             log.exception("could not take back the deleted entitlement %s", key)
+            return
+        if done.created:
+            log.info("discord entitlement %s refunded: took back %d", key,
+                     done.purchase.clawed_back)
 
     async def reconcile(self) -> int:
-        """Every live entitlement of the application, credited once; returns those seen."""
+        """Every entitlement of the application: a live one credited once, a deleted one taken
+        back once; returns those seen."""
         seen = 0
         skus = [discord.Object(id=int(sku)) for sku in self._skus()]
+        # Deleted ones too: a refund made while the bot was away sent its delete event to
+        # nobody; taking it back here is as idempotent as granting. Paged newest first from
+        # the largest snowflake: discord.py 2.7 leaves exclude_deleted out of the request
+        # when it pages oldest first (no ``before``), and Discord then hides deleted ones.
         async for entitlement in self.bot.entitlements(
-            limit=None, skus=skus, exclude_ended=True
+            limit=None, before=discord.Object(id=LAST_SNOWFLAKE), skus=skus,
+            exclude_ended=True, exclude_deleted=False,
         ):
-            await self.grant(entitlement)
+            if entitlement.deleted:
+                await self.take_back(entitlement)
+            else:
+                await self.grant(entitlement)
             seen += 1
         log.info("reconciled %d Discord entitlements", seen)
         return seen
@@ -111,11 +146,15 @@ class Buy(commands.Cog):
             log.warning("entitlement %s is for SKU %s, not in the shop", entitlement.id,
                         entitlement.sku_id)
             return
+        if paid.purchase.status == PurchaseStatus.refunded:
+            return  # deleted (refunded) before this event arrived: nothing to consume
         if paid.purchase.kind == "pack" and not entitlement.consumed:
             try:
                 await entitlement.consume()
-            except discord.HTTPException as exc:
+            except (discord.HTTPException, aiohttp.ClientError, OSError, RuntimeError) as exc:
                 # Credited already; the next reconcile consumes it (credited once by its id).
+                # A connection error or RuntimeError: the bot is stopping, its HTTP session
+                # closed under the call.
                 log.warning("could not consume entitlement %s: %s", entitlement.id, exc)
         if paid.created:
             log.info("discord entitlement %s of %s credited", entitlement.id, entitlement.user_id)

@@ -1,6 +1,7 @@
 """Buying with Telegram Stars: /buy sends an invoice per pack (currency XTR, no provider token),
 pre-checkout is answered here at once, a successful payment credits once by its charge id,
-and /refund (operators) refunds a charge with refundStarPayment and takes the pack back."""
+/refund (operators) refunds a charge with refundStarPayment and takes the pack back, and a
+refund made elsewhere (a refunded_payment message) takes it back too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from cluster.purchases import PurchaseService
 from core.errors import AtelierError, Conflict, InvalidRequest
 from core.jobs import Requester
 from core.shop import SUBSCRIPTION_PERIOD_S
+from storage.models import PurchaseKind
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ async def buy(update: Update, context: Context) -> None:
 
 
 async def pre_checkout(update: Update, context: Context) -> None:
-    """Answer at once (Telegram waits 10 s): the pack is still on sale at that price."""
+    """Answer at once (Telegram waits 10 s): the pack is still on sale at that price and the
+    payer's account is not blocked (refused with the operator's reason)."""
     query = update.pre_checkout_query
     if query is None:
         return
@@ -76,6 +79,7 @@ async def pre_checkout(update: Update, context: Context) -> None:
             sub = service.shop.subscription
             if sub is None or sub.stars != query.total_amount:
                 raise Conflict("this subscription is no longer on sale; see /buy")
+            await service.check_account(_requester(query.from_user.id))
         else:
             pack = common.pack_of_payload(query.invoice_payload, service.shop)
             on_sale = await service.check(
@@ -107,6 +111,34 @@ async def paid(update: Update, context: Context) -> None:
         done = await service.pack_paid(requester, charge, pack)
     log.info("telegram payment %s of %s credited (new: %s)", charge, user.id, done.created)
     await message.reply_text(common.paid_text(done))
+
+
+async def refunded(update: Update, context: Context) -> None:
+    """A refund made outside /refund (Telegram support, another operator tool): Telegram
+    sends a refunded_payment message (Bot API 7.10+). Take back what is left of that
+    purchase once, and tell the person; a refund that beats its payment here is recorded,
+    so the payment credits nothing when it arrives."""
+    message, user = update.effective_message, update.effective_user
+    if message is None or user is None or message.refunded_payment is None:
+        return
+    info = message.refunded_payment
+    service = purchases_of(context)
+    charge = info.telegram_payment_charge_id
+    if info.invoice_payload == SUB_PAYLOAD:
+        kind, product = PurchaseKind.subscription, "subscription"
+    else:
+        kind = PurchaseKind.pack
+        try:
+            product = common.pack_of_payload(info.invoice_payload, service.shop).name
+        except InvalidRequest:
+            product = "unknown"
+    done = await service.refunded(
+        f"telegram:{charge}", payer=_requester(user.id, user.full_name), kind=kind,
+        product=product,
+    )
+    log.info("telegram refund of %s for %s taken back (new: %s)", charge, user.id, done.created)
+    if done.created:  # a duplicate of the update has been answered already
+        await message.reply_text(common.refunded_text(done))
 
 
 async def refund(update: Update, context: Context) -> None:

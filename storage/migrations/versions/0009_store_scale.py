@@ -1,7 +1,7 @@
 """Indexes for the store at a community's size: the live credit buckets and the job queue.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-07
 
 Both are partial, so they hold only what the hot paths look for, however large the tables
@@ -9,8 +9,8 @@ grow. ``ix_credit_buckets_live`` (account, id) of buckets not yet expired: a bal
 reserve and the daily grant read and lock an account's live buckets (two or three) instead of
 every bucket it ever had (a daily one per active day). ``ix_jobs_in_flight`` (created_at, id)
 of queued and running jobs: the reconciler and a restarted front end walk the queue oldest
-first and stop at their limit, and count it from the index alone. (Chained after 0007; issue
-26's 0008 is made on another branch: whichever merges second re-chains.)
+first and stop at their limit, and count it from the index alone. (Chained after
+0008_account_blocked.)
 """
 
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | Sequence[str] | None = "0007"
+down_revision: str | Sequence[str] | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
