@@ -26,6 +26,7 @@ EXPECTED: dict[type[AtelierError], int] = {
     errors.TooManyJobs: 429,
     errors.NotFound: 404,
     errors.Forbidden: 403,
+    errors.AccountBlocked: 403,
     errors.Conflict: 409,
     errors.ModelUnavailable: 400,
     errors.ConfigError: 400,
