@@ -38,9 +38,8 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 
 import torch
 
-from atelier.service import make_client, make_dispatcher, open_db
+from atelier.app import connect_broker, make_client, make_dispatcher, open_db
 from cluster import keys
-from cluster.broker import connect_broker
 from cluster.broker_redis import RedisBroker
 from cluster.cache import ModelCache
 from cluster.client import Client

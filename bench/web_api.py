@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 import httpx
 import uvicorn
 
-from cluster.broker import connect_broker
+from atelier.app import connect_broker
 from cluster.client import Client
 from cluster.dispatcher import Dispatcher
 from cluster.placement import WorkerPool
@@ -38,8 +38,10 @@ from cluster.registry import ModelRegistry
 from cluster.tiny import make_tiny_models
 from cluster.worker import init_local_ray, spawn_worker
 from core.jobs import DeliveryTarget, Requester
+from core.prompts import default_blocklist
 from core.request import GenerationRequest
 from core.settings import Tier, load_settings
+from core.styles import default_registry
 from storage import accounts, apikeys
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, transaction, upgrade
@@ -72,7 +74,9 @@ async def main(args: argparse.Namespace) -> None:
     blobs = BlobStore.from_settings(settings)
     registry = ModelRegistry.load(settings).with_models(default="tiny")
     client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
-                    models=registry)
+                    models=registry,
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     init_local_ray(address="local", num_cpus=2, resources={"device:cpu": 1})
     worker = spawn_worker(settings=settings, device_class="cpu", name="bench-web-worker",
                           num_cpus=0, resources={})

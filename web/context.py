@@ -1,6 +1,6 @@
 """What every web route needs, built once by the process that serves the app (``atelier``):
-settings, the SQL session factory, the blob store and the cluster Client. ``web`` never
-imports ``atelier`` or ``bots``; it receives this instead."""
+settings, the SQL session factory, the blob store, the cluster Client and the rate counter.
+``web`` never imports ``atelier`` or ``bots``; it receives this instead."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sqlmodel import Session
 from cluster.client import Client
 from core.settings import Settings
 from storage.blobs import BlobStore
+from web.ratelimit import RateCounter
 
 
 def _utcnow() -> datetime:
@@ -29,6 +30,7 @@ class WebContext:
     sessions: sessionmaker[Session]
     blobs: BlobStore
     client: Client
+    rates: RateCounter | None = None  # None: one beside the client's broker (rate_counter_for)
     now: Callable[[], datetime] = field(default=_utcnow)
 
     @property

@@ -30,10 +30,12 @@ from cluster.devices import DeviceProfile
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
 from cluster.events import EventKind
 from cluster.placement import WorkerPool
-from cluster.registry import DEMO_MODEL_DIR
+from cluster.registry import DEMO_MODEL_DIR, ModelRegistry
 from cluster.worker import device_resource, init_local_ray, spawn_worker
+from core.prompts import default_blocklist
 from core.request import GenerationRequest, JobKind
 from core.settings import Settings, Tier, load_settings
+from core.styles import default_registry
 from storage.blobs import BlobStore
 from storage.db import session_factory
 from storage.gallery import list_job_images
@@ -76,7 +78,10 @@ async def demo(demo_settings: Settings, db_engine: Engine, demo_worker: Any
     blobs = BlobStore.from_settings(demo_settings)
     broker = MemoryBroker()
     client = Client(settings=demo_settings, session_factory=sessions, broker=broker, blobs=blobs,
-                    poll_interval_s=0.2)
+                    poll_interval_s=0.2,
+                    models=ModelRegistry.load(demo_settings),
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     dispatcher = Dispatcher(
         # A wide gathering window: the eight submissions below land in one batch.
         dispatch=demo_settings.dispatch.model_copy(update={

@@ -24,7 +24,9 @@ from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from cluster.tiny import make_tiny_embedding, make_tiny_lora, make_tiny_models
 from core.jobs import Requester
+from core.prompts import default_blocklist
 from core.settings import Settings, load_settings
+from core.styles import default_registry
 from storage import accounts, apikeys
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, transaction, upgrade
@@ -98,6 +100,8 @@ class WebStack:
         self.client = Client(
             settings=settings, session_factory=self.sessions, broker=self.broker,
             blobs=self.blobs, models=self.registry, poll_interval_s=0.2,
+            styles=default_registry(),
+            blocklist=default_blocklist(),
         )
         self.ctx = WebContext(
             settings=settings, sessions=self.sessions, blobs=self.blobs, client=self.client
