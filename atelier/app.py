@@ -489,21 +489,13 @@ async def start_bots(settings: Settings, stack: Stack) -> list[tuple[str, Stoppe
     started: list[tuple[str, Stopper]] = []
 
     async def start(name: str, starter: Callable[[BotState], Awaitable[Any]]) -> None:
-        state_cm = open_bot_state(settings, stack.broker)
-        state = await state_cm.__aenter__()
-        try:
+        # The bot's state lives as long as the bot: its stop closes both.
+        own = contextlib.AsyncExitStack()
+        async with own:
+            state = await own.enter_async_context(open_bot_state(settings, stack.broker))
             bot = await starter(state)
-        except BaseException:
-            await state_cm.__aexit__(None, None, None)
-            raise
-
-        async def stop() -> None:
-            try:
-                await bot.stop()
-            finally:
-                await state_cm.__aexit__(None, None, None)
-
-        started.append((name.format(username=bot.username), stop))
+            own.push_async_callback(bot.stop)
+            started.append((name.format(username=bot.username), own.pop_all().aclose))
 
     try:
         if settings.telegram_token is not None:

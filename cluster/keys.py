@@ -53,8 +53,9 @@ WORKER_MODELS_TTL_S = 60.0
 DEMAND_PREFIX = f"{PREFIX}:demand:"
 DEMAND_TTL_S = 30.0
 
-# Request counters for rate limits (per API key, per client address), one per fixed window.
-# Retention: a TTL of the window, set by the first hit.
+# The web app's request counters for rate limits (web/ratelimit.py's RedisRateCounter; per API
+# key, per client address), one per fixed window. Retention: a TTL of the window (plus 1 s),
+# set by the first hit.
 RATE_PREFIX = f"{PREFIX}:rate:"
 RATE_BUCKET_RE = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,128}$")
 
