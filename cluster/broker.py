@@ -243,7 +243,7 @@ class Registry(ABC):
 class Broker(ABC):
     """The parts front ends, dispatchers and workers meet through, over one connection:
     ``jobs`` (JobQueue), ``deliveries`` (Deliveries), ``progress`` (Progress), ``flags``
-    (Flags) and ``registry`` (Registry). Each process takes the parts it uses."""
+    (Flags) and ``registry`` (Registry); callers reach each concern through its attribute."""
 
     kind: ClassVar[str]
     jobs: JobQueue

@@ -12,8 +12,8 @@ from core.errors import InvalidRequest
 PREFIX = "atelier"
 
 # Jobs accepted by the client, read by the dispatchers' consumer group. Retention: an entry stays
-# until every group has acked it, then Broker.trim() drops it (XTRIM MINID to the oldest un-acked
-# entry). The database is the record of a job; this Redis keeps nothing on disk, so after a
+# until every group has acked it, then JobQueue.trim() drops it (XTRIM MINID to the oldest
+# un-acked entry). The database is the record of a job; this Redis keeps nothing on disk, so after a
 # restart the dispatcher notices the new server_epoch() and re-enqueues unfinished jobs from it.
 JOBS_STREAM = f"{PREFIX}:jobs"
 DISPATCHER_GROUP = "dispatchers"
@@ -24,7 +24,7 @@ DEAD_LETTER_STREAM = f"{PREFIX}:jobs:dead"
 DEAD_LETTER_MAXLEN = 10_000
 
 # Finished-job events for one front end, read by that front end's own group.
-# Retention: like JOBS_STREAM, kept until acked by the group, then trimmed by Broker.trim().
+# Retention: like JOBS_STREAM, kept until acked by the group, then trimmed by Deliveries.trim().
 DELIVERIES_PREFIX = f"{PREFIX}:deliveries:"
 
 # Progress ticks: pub/sub channels, nothing retained (a subscriber that is not listening misses
