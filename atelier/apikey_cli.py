@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 import typer
 from rich.table import Table
 
-from atelier.wiring import console, fail, open_store, settings_or_exit
+from atelier.app import open_store
+from atelier.wiring import console, fail, settings_or_exit
 from core.errors import AtelierError
 
 apikey_app = typer.Typer(

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from atelier import serve, webserver
+from atelier import serve
 from atelier.apikey_cli import apikey_app
+from atelier.app import open_store
 from atelier.db_cli import db_prune
 from atelier.gallery_cli import gallery_app
 from atelier.wiring import (
     console,
     fail,
-    open_store,
     quiet_ml_libraries,
     settings_or_exit,
 )
@@ -80,20 +80,19 @@ def db_upgrade() -> None:
 def db_check() -> None:
     """Exit 0 when the database is at this code's revision, else 1 saying why (what a
     deployment's init container waits on before starting a process)."""
+    from atelier.app import open_engine
     from atelier.wiring import err_console
-    from storage.db import check_migrated, make_engine
+    from storage.db import check_migrated
 
     settings = _settings()
-    engine = make_engine(settings.db_url)
-    try:
-        check_migrated(engine)
-    except AtelierError as exc:
-        raise _fail(exc) from None
-    except Exception as exc:  # not reachable yet: the caller tries again
-        err_console.print(f"[red]error:[/red] database not reachable: {exc}")
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
+    with open_engine(settings) as engine:
+        try:
+            check_migrated(engine)
+        except AtelierError as exc:
+            raise _fail(exc) from None
+        except Exception as exc:  # not reachable yet: the caller tries again
+            err_console.print(f"[red]error:[/red] database not reachable: {exc}")
+            raise typer.Exit(1) from None
     console.print(f"database at {redact_url(settings.db_url)} is migrated")
 
 
@@ -458,6 +457,6 @@ app.command("imagine")(serve.imagine)
 app.command("dispatcher")(serve.dispatcher)
 app.command("worker")(serve.worker)
 app.command("jobs")(serve.jobs)
-app.command("web")(webserver.web)
+app.command("web")(serve.web)
 bot_app.command("telegram")(serve.bot_telegram)
 bot_app.command("discord")(serve.bot_discord)

@@ -3,13 +3,13 @@ once or every ``ATELIER_RETENTION__EVERY_H`` hours with ``--repeat``."""
 
 from __future__ import annotations
 
-import signal
 import threading
 from datetime import UTC, datetime, timedelta
 
 import typer
 
-from atelier.wiring import console, fail, open_store, settings_or_exit
+from atelier.app import open_store, stop_on_signals_blocking
+from atelier.wiring import console, fail, settings_or_exit
 from core.errors import AtelierError
 
 
@@ -25,10 +25,7 @@ def db_prune(
 
     settings = settings_or_exit()
     rules = settings.retention
-    stop = threading.Event()
-    if repeat:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals_blocking() if repeat else threading.Event()
     try:
         with open_store(settings) as sessions:
             while True:

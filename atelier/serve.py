@@ -1,24 +1,19 @@
-"""CLI commands that run the service: up, bot (telegram, discord), imagine, dispatcher, worker."""
+"""CLI commands that run the service: up, web, bot (telegram, discord), imagine, dispatcher,
+worker, jobs. They parse, call the composition root (atelier/app.py) and print."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import getpass
-import json
-import signal
-import socket
-import subprocess
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from atelier.service import Stack, local_profiles, local_stack
-from atelier.webserver import serve_web, web_lines
+from atelier import app as root
 from atelier.wiring import (
     console,
     err_console,
@@ -36,8 +31,6 @@ if TYPE_CHECKING:
     from cluster.client import Client
     from cluster.registry import ModelRegistry
 
-Stopper = Callable[[], Awaitable[None]]
-
 
 def up() -> None:
     """Run the single-box service: Ray on 127.0.0.1 with a worker per local device, the
@@ -54,13 +47,12 @@ def bot_telegram() -> None:
     """Run the Telegram bot as a process of its own, over the shared Redis and database (the
     dispatchers and workers run elsewhere). Long polling, or a webhook when
     ATELIER_TELEGRAM_WEBHOOK_URL is set. `atelier up` runs it in-process instead."""
-    from atelier.service import run_telegram_bot
     from core.errors import ConfigError
 
     settings = settings_or_exit()
     setup_logging(settings.log_format, settings.log_level)
     try:
-        asyncio.run(run_telegram_bot(settings))
+        asyncio.run(root.run_telegram_bot(settings))
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None
@@ -78,7 +70,6 @@ def bot_discord(
 ) -> None:
     """Run the Discord bot as a process of its own, over the shared Redis and database (the
     dispatchers and workers run elsewhere). `atelier up` runs it in-process instead."""
-    from atelier.service import run_discord_bot
     from core.errors import ConfigError
 
     if guild is not None and not sync:
@@ -87,7 +78,7 @@ def bot_discord(
     settings = settings_or_exit()
     setup_logging(settings.log_format, settings.log_level)
     try:
-        asyncio.run(run_discord_bot(settings, sync=sync, guild_id=guild))
+        asyncio.run(root.run_discord_bot(settings, sync=sync, guild_id=guild))
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None
@@ -128,12 +119,10 @@ def dispatcher(
 ) -> None:
     """Run one dispatcher process (needs ATELIER_REDIS_URL, a migrated database and a Ray
     cluster whose workers were started by `atelier worker`)."""
-    from atelier.service import run_dispatcher
-
     settings = settings_or_exit()
     setup_logging(settings.log_format, settings.log_level)
     try:
-        asyncio.run(run_dispatcher(settings, name=name, ray_address=ray_address))
+        asyncio.run(root.run_dispatcher(settings, name=name, ray_address=ray_address))
     except AtelierError as exc:
         raise fail(exc) from None
 
@@ -143,7 +132,8 @@ def worker(
     node_ip: str | None = typer.Option(None, help="this node's IP as the head sees it"),
 ) -> None:
     """Join this box to a Ray cluster and start a worker actor per local device."""
-    _worker(settings_or_exit(), address, node_ip)
+    root.join_worker(settings_or_exit(), address, node_ip, say=console.print)
+    console.print("workers run detached on this node; `ray stop` here removes them")
 
 
 def jobs() -> None:
@@ -157,13 +147,8 @@ def jobs() -> None:
 
 async def _up(settings: Settings) -> None:
     con = console
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    # A stable dispatcher name: restarted after a crash, it takes back its jobs in flight at once.
-    name = f"{socket.gethostname()}-up"
-    async with local_stack(settings, dispatcher_name=name) as stack, serve_web(stack) as web_url:
+
+    async def ready(stack: root.Stack, web_url: str) -> None:
         con.print("[bold]Atelier is up[/bold]")
         for line in web_lines(settings, web_url):
             con.print(f"  {line}")
@@ -181,20 +166,21 @@ async def _up(settings: Settings) -> None:
         # The hint names a model that runs here when the default does not.
         pick = "" if default in available or not available else f" --model {available[0]}"
         example = DEMO_EXAMPLE if default == "demo" and not pick else "a red fox --style watercolor"
-        bots = await _start_bots(settings, stack)
+        hint.append(f'Ctrl-C stops it. Try: atelier imagine "{example}"{pick}')
+
+    def bots_ready(names: list[str]) -> None:
         con.print(
             "  bots: "
             + (
-                ", ".join(name for name, _ in bots)
+                ", ".join(names)
                 or "none (set ATELIER_TELEGRAM_TOKEN or ATELIER_DISCORD_TOKEN to run a bot)"
             )
         )
-        con.print(f'Ctrl-C stops it. Try: atelier imagine "{example}"{pick}', markup=False)
-        try:
-            await stop.wait()
-        finally:
-            for _, stopper in bots:
-                await stopper()
+        for line in hint:
+            con.print(line, markup=False)
+
+    hint: list[str] = []
+    await root.run_up(settings, ready=ready, bots_ready=bots_ready)
 
 
 DEMO_EXAMPLE = "a red circle to the left of a yellow star on a blue background"
@@ -224,28 +210,6 @@ def model_lines(models: ModelRegistry) -> list[str]:
     return [a.line() for a in registry_availability(models).values()]
 
 
-async def _start_bots(settings: Settings, stack: Stack) -> list[tuple[str, Stopper]]:
-    """Start each configured bot over the in-process stack; return (name, async stop) pairs.
-    A bot that cannot start (a refused token, say) stops `atelier up` with its one-line error."""
-    started: list[tuple[str, Stopper]] = []
-    if settings.telegram_token is not None:
-        from bots.telegram.run import start_bot
-
-        bot = await start_bot(settings, stack.client, stack.broker)
-        started.append((f"telegram (@{bot.username})", bot.stop))
-    if settings.discord_token is not None:
-        from bots.discord.run import start_bot as start_discord
-
-        try:
-            discord_bot = await start_discord(settings, stack.client, stack.broker)
-        except BaseException:
-            for _, stopper in started:
-                await stopper()
-            raise
-        started.append((f"discord ({discord_bot.username})", discord_bot.stop))
-    return started
-
-
 async def _imagine(
     settings: Settings, text: str, out: Path, model: str | None, nsfw: bool,
     *, via_queue: bool = False,
@@ -260,7 +224,9 @@ async def _imagine(
     out.mkdir(parents=True, exist_ok=True)
     from cluster.broker import BrokerUnavailable
 
-    async with local_stack(settings, dispatcher=not via_queue, workers=not via_queue) as stack:
+    async with root.local_stack(
+        settings, dispatcher=not via_queue, workers=not via_queue
+    ) as stack:
         if via_queue and stack.broker.kind != "redis":
             raise BrokerUnavailable(
                 f"Redis at {redact_url(settings.redis_url or '')} does not answer: "
@@ -330,77 +296,66 @@ async def _ack_own_delivery(broker: object, job_id: str) -> None:
     b: Broker = broker  # type: ignore[assignment]
     consumer = f"cli-{uuid.uuid4().hex[:8]}"
     for _ in range(10):
-        entries = await b.read_deliveries("cli", consumer, count=50, block_ms=200)
-        entries += await b.claim_stale_deliveries("cli", consumer, min_idle_ms=60_000, count=50)
+        entries = await b.deliveries.read_deliveries("cli", consumer, count=50, block_ms=200)
+        entries += await b.deliveries.claim_stale_deliveries(
+            "cli", consumer, min_idle_ms=60_000, count=50
+        )
         for entry in entries:
             if entry.event.get("job_id") == job_id:
-                await b.ack_delivery("cli", entry.entry_id)
+                await b.deliveries.ack_delivery("cli", entry.entry_id)
                 return
-
-
-def _worker(settings: Settings, address: str, node_ip: str | None) -> None:
-    import ray
-    from rich.console import Console
-
-    from atelier.service import device_resources
-    from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX
-    from engine.actor import spawn_worker
-
-    con: Console = console  # type: ignore[assignment]
-    profiles = local_profiles()
-    resources = device_resources(profiles)
-    cmd = ["ray", "start", f"--address={address}", f"--resources={json.dumps(resources)}"]
-    if node_ip:
-        cmd.append(f"--node-ip-address={node_ip}")
-    con.print("joining the Ray cluster: " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    ray.init(address="auto", namespace=RAY_NAMESPACE, log_to_driver=False)
-    node_id = ray.get_runtime_context().get_node_id()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    for n, profile in enumerate(profiles):
-        name = f"{WORKER_NAME_PREFIX}-{node_id[:8]}-{n}"
-        spawn_worker(
-            settings=settings.worker_config(),
-            profile=profile,
-            name=name,
-            lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-        )
-        con.print(f"worker {name}: {profile.device_class}")
-    con.print("workers run detached on this node; `ray stop` here removes them")
 
 
 async def _jobs(settings: Settings) -> None:
     from rich.table import Table
-
-    from atelier.service import open_broker
-
-    con = console
-    broker = await open_broker(settings, shared=True) if settings.redis_url else None
-    table = Table(show_header=False)
-    if broker is None:
-        con.print("no ATELIER_REDIS_URL: the single-box queue lives inside `atelier up`")
-    else:
-        try:
-            table.add_row("queued (not yet read)", str(await broker.queue_depth()))
-            table.add_row("read, not finished", str(await broker.pending_count()))
-            dead = await broker.dead_letters(10)
-            table.add_row("dead letters", str(len(dead)))
-            for d in dead:
-                table.add_row(f"  {d.get('job_id')}", d.get("reason", ""))
-        finally:
-            await broker.close()
     from sqlmodel import func, select
 
-    from atelier.wiring import open_store
     from storage.models import Job
 
-    with open_store(settings) as tx, tx() as session:
+    con = console
+    stats = await root.queue_stats(settings)
+    table = Table(show_header=False)
+    if stats is None:
+        con.print("no ATELIER_REDIS_URL: the single-box queue lives inside `atelier up`")
+    else:
+        table.add_row("queued (not yet read)", str(stats["queued"]))
+        table.add_row("read, not finished", str(stats["pending"]))
+        table.add_row("dead letters", str(len(stats["dead"])))
+        for d in stats["dead"]:
+            table.add_row(f"  {d.get('job_id')}", d.get("reason", ""))
+    with root.open_store(settings) as tx, tx() as session:
         rows = session.exec(select(Job.status, func.count()).group_by(Job.status)).all()
     for status, n in rows:
         table.add_row(f"jobs {status}", str(n))
     con.print(table)
+
+
+def web() -> None:
+    """Run the web app (gallery and APIs) on its own, over the shared Redis and database (the
+    dispatchers and workers run elsewhere). `atelier up` serves it in-process instead."""
+    settings = settings_or_exit()
+    setup_logging(settings.log_format, settings.log_level)
+
+    def ready(url: str) -> None:
+        console.print("[bold]Atelier web is up[/bold]")
+        for line in web_lines(settings, url):
+            console.print(f"  {line}")
+        console.print(f"  database: {redact_url(settings.db_url)}")
+        console.print("Ctrl-C stops it.")
+
+    try:
+        asyncio.run(root.run_web(settings, ready=ready))
+    except AtelierError as exc:
+        raise fail(exc) from None
+
+
+def web_lines(settings: Settings, url: str) -> list[str]:
+    """What start-up prints about the web app."""
+    lines = [f"web: {url}"]
+    public = settings.public_base_url.rstrip("/")
+    if public != url:
+        lines.append(f"  links point at {public} (ATELIER_PUBLIC_BASE_URL)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -408,7 +363,6 @@ def main(argv: list[str] | None = None) -> None:
     ``ATELIER_*`` environment), what `atelier dispatcher` runs, with two more knobs for tests."""
     import argparse
 
-    from atelier.service import run_dispatcher
     from cluster.dispatcher import WORKER_NAME_PREFIX
     from core.settings import load_settings
 
@@ -421,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings()
     setup_logging(settings.log_format, settings.log_level)
     asyncio.run(
-        run_dispatcher(
+        root.run_dispatcher(
             settings, name=args.name, ray_address=args.ray_address,
             claim_idle_ms=args.claim_idle_ms, worker_prefix=args.worker_prefix,
         )

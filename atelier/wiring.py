@@ -1,14 +1,10 @@
-"""Process wiring shared by the CLI commands: settings, errors, the store, quiet ML libraries."""
+"""Helpers shared by the CLI commands: settings, one-line errors, quiet ML libraries. (The
+processes and their parts are built in atelier/app.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import typer
 from rich.console import Console
-from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session
 
 from core.errors import AtelierError
 from core.settings import Settings, load_settings
@@ -30,15 +26,6 @@ def fail(exc: AtelierError) -> typer.Exit:
     """Print a user-facing error; the caller raises the returned Exit."""
     err_console.print(f"[red]error:[/red] {exc.message}")
     return typer.Exit(1)
-
-
-@contextmanager
-def open_store(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """A session factory on a migrated database; DatabaseNotMigrated otherwise."""
-    from atelier.service import open_db
-
-    with open_db(settings) as (_, sessions):
-        yield sessions
 
 
 def quiet_ml_libraries() -> None:

@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from atelier.service import run_discord_bot, run_dispatcher, run_telegram_bot
+from atelier.app import run_discord_bot, run_dispatcher, run_telegram_bot
 from cluster.dispatcher import Pacing
 from core.logs import setup_logging
 from core.settings import load_settings

@@ -39,7 +39,8 @@ DEFER_GOAL_S = 0.300
 async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     import ray
 
-    from atelier.service import make_client, make_dispatcher, open_db
+    from atelier.app import make_client, make_dispatcher, open_db
+    from bots.common.state import MemoryState
     from bots.discord.run import start_bot
     from cluster.broker_redis import RedisBroker
     from cluster.contract import init_local_ray
@@ -86,7 +87,8 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     )
     dispatching = asyncio.create_task(dispatcher.run(stop))
     await fake.start()
-    bot = await start_bot(settings, client, broker, reconnect=False, guild_ready_timeout=0.05)
+    bot = await start_bot(settings, client, broker, state=MemoryState(), reconnect=False,
+                          guild_ready_timeout=0.05)
 
     def images(inter: Interaction) -> list[object]:
         return [c for c in fake.calls_to("POST /webhooks/") if inter.token in c.path and c.files]

@@ -30,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atelier.service import make_client, make_dispatcher, open_db
+from atelier.app import make_client, make_dispatcher, open_db
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
 from cluster.contract import device_resource, init_local_ray

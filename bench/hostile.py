@@ -334,8 +334,8 @@ async def measure(
     """Serve everything on this loop as `atelier up` does, let the outside process attack it
     for ``rounds`` windows of ``seconds`` and measure meanwhile (``hostile=False``: measure
     only); the figures of each window, first a window with no attack when ``baseline``."""
-    from atelier.service import local_stack
-    from atelier.webserver import serve_web
+    from atelier.app import local_stack, serve_web
+    from bots.common.state import MemoryState
     from bots.telegram.run import start_bot
     from core.jobs import Requester
 
@@ -354,8 +354,9 @@ async def measure(
             serve_web(stack) as url,
         ):
             # Jobs are checked against the models a worker can load: "tiny" (none runs here).
-            await stack.broker.publish_worker_models("hostile-bench", ["tiny"], ttl_s=3600)
-            bot = await start_bot(settings, stack.client, stack.broker, poll_timeout=1)
+            await stack.broker.registry.publish_worker_models("hostile-bench", ["tiny"], ttl_s=3600)
+            bot = await start_bot(settings, stack.client, stack.broker, state=MemoryState(),
+                                  poll_timeout=1)
             try:
                 key = await stack.client.create_api_key(
                     Requester(platform="telegram", platform_user_id="666")

@@ -38,9 +38,8 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 
 import torch
 
-from atelier.service import make_client, make_dispatcher, open_db
+from atelier.app import connect_broker, make_client, make_dispatcher, open_db
 from cluster import keys
-from cluster.broker import connect_broker
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client
 from cluster.contract import BatchItem, device_resource, init_local_ray, run_batch
@@ -233,11 +232,14 @@ class TimedBroker(RedisBroker):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.enqueued: dict[str, float] = {}
+        plain = self.jobs.enqueue
 
-    async def enqueue(self, job_id: str, fields: Mapping[str, str] | None = None) -> str:
-        entry = await super().enqueue(job_id, fields)
-        self.enqueued[job_id] = time.perf_counter()
-        return entry
+        async def enqueue(job_id: str, fields: Mapping[str, str] | None = None) -> str:
+            entry = await plain(job_id, fields)
+            self.enqueued[job_id] = time.perf_counter()
+            return entry
+
+        self.jobs.enqueue = enqueue  # type: ignore[method-assign]
 
 
 @dataclass

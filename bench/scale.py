@@ -31,7 +31,7 @@ import ray
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
-from atelier.service import make_client, make_dispatcher, open_db
+from atelier.app import make_client, make_dispatcher, open_db
 from cluster.broker_memory import MemoryBroker
 from cluster.dispatcher import RAY_NAMESPACE, Pacing
 from cluster.placement import WorkerPool

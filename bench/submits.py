@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import storage.db as store_db
-from atelier.service import make_client, open_db
+from atelier.app import make_client, open_db
 from bench.pipeline import TINY, TINY_SIDE, delivery, request, requester
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client

@@ -83,7 +83,8 @@ def _pct(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     import ray
 
-    from atelier.service import make_client, make_dispatcher, open_db
+    from atelier.app import make_client, make_dispatcher, open_db
+    from bots.common.state import MemoryState
     from bots.telegram.ratelimit import FloodLimiter
     from bots.telegram.run import start_bot
     from cluster.broker_redis import RedisBroker
@@ -134,6 +135,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         settings,
         client,
         broker,
+        state=MemoryState(),
         poll_timeout=1,
         rate_limiter=FloodLimiter(overall_per_s=args.overall_per_s),
     )

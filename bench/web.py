@@ -36,11 +36,14 @@ from PIL import Image as PILImage
 
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
+from cluster.registry import ModelRegistry
 from core.infotext import png_with_infotext
 from core.jobs import DeliveryTarget, JobStatus
+from core.prompts import default_blocklist
 from core.request import GenerationRequest
 from core.settings import Settings, load_settings
 from core.signing import sign
+from core.styles import default_registry
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, transaction, upgrade
 from storage.models import Image, Job
@@ -222,7 +225,10 @@ def app_over(settings: Settings, db_url: str) -> tuple[Any, Any, BlobStore, Call
     sessions = session_factory(engine)
     blobs = BlobStore.from_settings(settings)
     client = Client(settings=settings, session_factory=sessions, broker=MemoryBroker(),
-                    blobs=blobs)
+                    blobs=blobs,
+                    models=ModelRegistry.load(settings),
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     app = create_app(WebContext(settings=settings, sessions=sessions, blobs=blobs, client=client))
     return app, sessions, blobs, engine.dispose
 

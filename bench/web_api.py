@@ -30,15 +30,17 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 import httpx
 import uvicorn
 
-from cluster.broker import connect_broker
+from atelier.app import connect_broker
 from cluster.client import Client
 from cluster.contract import init_local_ray
 from cluster.dispatcher import Dispatcher
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from core.jobs import DeliveryTarget, Requester
+from core.prompts import default_blocklist
 from core.request import GenerationRequest
 from core.settings import Tier, load_settings
+from core.styles import default_registry
 from engine.actor import spawn_worker
 from engine.tiny import make_tiny_models
 from storage import accounts, apikeys
@@ -73,7 +75,9 @@ async def main(args: argparse.Namespace) -> None:
     blobs = BlobStore.from_settings(settings)
     registry = ModelRegistry.load(settings).with_models(default="tiny")
     client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
-                    models=registry)
+                    models=registry,
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     init_local_ray(address="local", num_cpus=2, resources={"device:cpu": 1})
     worker = spawn_worker(settings=settings, device_class="cpu", name="bench-web-worker",
                           num_cpus=0, resources={})

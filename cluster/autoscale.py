@@ -248,8 +248,8 @@ class Autoscaler:
         class and model, for the measured run times."""
         local = self.local_demand(queued, pool, models)
         if self.broker is not None:
-            await self.broker.publish_demand(self.name, local, self.demand_ttl_s)
-            records = await self.broker.demand()
+            await self.broker.registry.publish_demand(self.name, local, self.demand_ttl_s)
+            records = await self.broker.registry.demand()
             records[self.name] = local  # ours as of now, whatever the read raced with
             self.total = total_demand(records)
         else:
@@ -352,8 +352,8 @@ class Autoscaler:
             others: Mapping[str, Mapping[str, Mapping[str, float]]] = {}
             if self.broker is not None:
                 try:
-                    await self.broker.withdraw_demand(self.name)
-                    others = await self.broker.demand()
+                    await self.broker.registry.withdraw_demand(self.name)
+                    others = await self.broker.registry.demand()
                 except Exception as exc:  # their next tick asks again
                     log.warning("autoscale: demand not withdrawn: %s", exc)
             rest = self.plan_total(total_demand(others))

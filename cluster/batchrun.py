@@ -138,7 +138,7 @@ class BatchRunner:
         and count the attempt; settle those cancelled or taken meanwhile."""
         for h in held:
             try:
-                if await self.broker.is_cancel_requested(h.job_id):
+                if await self.broker.flags.is_cancel_requested(h.job_id):
                     h.cancel_requested = True
             except BrokerUnavailable:
                 # The flags live in the broker: none can be set while it is down. The jobs
@@ -314,7 +314,7 @@ class BatchRunner:
                 if h.cancel_requested:
                     continue
                 try:
-                    flagged = await self.broker.is_cancel_requested(h.job_id)
+                    flagged = await self.broker.flags.is_cancel_requested(h.job_id)
                 except BrokerUnavailable:
                     continue
                 if not flagged:

@@ -1,13 +1,14 @@
-"""The broker between front ends, dispatchers and workers: the interface and how to get one.
+"""The broker between front ends, dispatchers and workers, split by concern: the job queue,
+deliveries to front ends, progress ticks, per-job flags and the lapsing registry of workers'
+models and dispatchers' demand (one protocol each), bundled over one connection as ``Broker``.
 
 Implementations: ``cluster.broker_redis.RedisBroker`` (Redis Streams) and
 ``cluster.broker_memory.MemoryBroker`` (its in-process twin for the single-box default).
+The web's rate-limit counter is not the broker's: ``web.ratelimit``.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -18,8 +19,6 @@ from typing import Any, ClassVar
 
 from cluster import keys
 from core.errors import AtelierError
-
-log = logging.getLogger(__name__)
 
 # A job's entry left un-acked this long is taken over by another dispatcher. A dispatcher working
 # on something longer keeps its entries fresh with touch_jobs().
@@ -56,15 +55,13 @@ class DeliveryEntry:
     deliveries: int = 1
 
 
-class Broker(ABC):
-    """Queue of jobs, per-front-end delivery streams, progress ticks and cancel flags.
+class _Streams(ABC):
+    """What the two stream concerns share: at-least-once reads with claims and a delivery cap.
 
     Every read is at-least-once: an entry stays pending for its group until acked, and after
     ``claim_idle_ms`` without an ack another consumer may claim it (its delivery count grows).
     ``block_ms <= 0`` means "do not block" (unlike Redis, where BLOCK 0 waits forever).
     """
-
-    kind: ClassVar[str]
 
     def __init__(self, *, claim_idle_ms: int, max_deliveries: int) -> None:
         if claim_idle_ms < 1:
@@ -86,7 +83,17 @@ class Broker(ABC):
         """True once an entry was handed out more than ``max_deliveries`` times: give up on it."""
         return entry.deliveries > self._max_deliveries
 
-    # Jobs ---------------------------------------------------------------------------------
+    @abstractmethod
+    async def trim(self) -> int:
+        """Drop acked entries from this concern's streams; returns how many went.
+
+        Never drops an entry that is pending or not yet delivered in some group; a stream with
+        no group yet is left alone.
+        """
+
+
+class JobQueue(_Streams):
+    """The jobs stream the dispatchers read as one group, and its dead letters."""
 
     @abstractmethod
     async def enqueue(self, job_id: str, fields: Mapping[str, str] | None = None) -> str:
@@ -130,7 +137,21 @@ class Broker(ABC):
         A crash between the two can only duplicate the dead letter; readers dedupe by job_id.
         """
 
-    # Deliveries to front ends -------------------------------------------------------------
+    @abstractmethod
+    async def queue_depth(self) -> int:
+        """Jobs not yet delivered to any dispatcher."""
+
+    @abstractmethod
+    async def pending_count(self) -> int:
+        """Jobs delivered to a dispatcher and not yet acked."""
+
+    @abstractmethod
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest ``count`` dead letters, newest first (``id`` is the dead-letter entry id)."""
+
+
+class Deliveries(_Streams):
+    """Finished-job events, one stream per front end, each read by that front end's group."""
 
     @abstractmethod
     async def publish_delivery(self, frontend: str, event: Mapping[str, str]) -> str:
@@ -152,19 +173,27 @@ class Broker(ABC):
     async def ack_delivery(self, frontend: str, entry_id: str) -> bool:
         """Mark an event delivered; False if it was not pending."""
 
-    # Progress (best effort) and cancellation ----------------------------------------------
+
+class Progress(ABC):
+    """A job's progress ticks: best effort, to whoever listens now."""
 
     @abstractmethod
-    async def publish_progress(self, job_id: str, event: Mapping[str, Any]) -> None:
+    async def publish(self, job_id: str, event: Mapping[str, Any]) -> None:
         """Send a JSON-serialisable event to whoever is subscribed now; nobody may be."""
 
     @abstractmethod
-    def progress(self, job_id: str) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
-        """Subscribe to a job's progress: ``async with broker.progress(j) as events:``.
+    def subscribe(
+        self, job_id: str
+    ) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
+        """Subscribe to a job's progress: ``async with broker.progress.subscribe(j) as events:``.
 
         The subscription exists once the block is entered; iterating never ends by itself
         (leave the block to unsubscribe). Events published before entering are not seen.
         """
+
+
+class Flags(ABC):
+    """Short-lived per-job flags with a TTL: cancellation, and who re-announces a job."""
 
     @abstractmethod
     async def request_cancel(self, job_id: str, ttl_s: float = keys.CANCEL_TTL_S) -> None:
@@ -179,7 +208,10 @@ class Broker(ABC):
         dispatcher that may re-announce ``job_id`` this period, so several dispatchers
         re-announce an undelivered job once, not once each."""
 
-    # Which models the workers can load ----------------------------------------------------
+
+class Registry(ABC):
+    """Records that lapse unless refreshed: which models each worker can load, and each
+    dispatcher's autoscaling demand."""
 
     @abstractmethod
     async def publish_worker_models(
@@ -191,8 +223,6 @@ class Broker(ABC):
     @abstractmethod
     async def worker_models(self) -> dict[str, frozenset[str]]:
         """What was published for each worker whose record has not lapsed, by worker id."""
-
-    # Autoscaling demand, shared by the dispatchers ---------------------------------------------
 
     @abstractmethod
     async def publish_demand(
@@ -209,35 +239,22 @@ class Broker(ABC):
     async def demand(self) -> dict[str, dict[str, dict[str, float]]]:
         """Every dispatcher's record that has not lapsed, by dispatcher name."""
 
-    # Rate limits ---------------------------------------------------------------------------
 
-    @abstractmethod
-    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
-        """Count one hit on ``bucket`` in the current fixed window of ``window_s`` seconds
-        (shared by every process on this broker): (hits in this window so far, this one
-        included; seconds until the window ends)."""
+class Broker(ABC):
+    """The parts front ends, dispatchers and workers meet through, over one connection:
+    ``jobs`` (JobQueue), ``deliveries`` (Deliveries), ``progress`` (Progress), ``flags``
+    (Flags) and ``registry`` (Registry); callers reach each concern through its attribute."""
 
-    # Stats and housekeeping ---------------------------------------------------------------
+    kind: ClassVar[str]
+    jobs: JobQueue
+    deliveries: Deliveries
+    progress: Progress
+    flags: Flags
+    registry: Registry
 
-    @abstractmethod
-    async def queue_depth(self) -> int:
-        """Jobs not yet delivered to any dispatcher."""
-
-    @abstractmethod
-    async def pending_count(self) -> int:
-        """Jobs delivered to a dispatcher and not yet acked."""
-
-    @abstractmethod
-    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
-        """The newest ``count`` dead letters, newest first (``id`` is the dead-letter entry id)."""
-
-    @abstractmethod
     async def trim(self) -> int:
-        """Drop acked entries from the jobs and delivery streams; returns how many went.
-
-        Never drops an entry that is pending or not yet delivered in some group; a stream with
-        no group yet is left alone.
-        """
+        """Drop acked entries from the jobs and delivery streams; returns how many went."""
+        return await self.jobs.trim() + await self.deliveries.trim()
 
     @abstractmethod
     async def server_epoch(self) -> str:
@@ -264,16 +281,6 @@ class Broker(ABC):
 
 
 # Helpers shared by the implementations -----------------------------------------------------
-
-
-def rate_window(window_s: float) -> tuple[int, float]:
-    """The fixed window now falls in (windows of ``window_s`` seconds on the wall clock, the
-    same in every process) and the seconds left in it."""
-    if window_s <= 0:
-        raise ValueError(f"window_s must be positive, not {window_s}")
-    now = time.time()
-    window = int(now // window_s)
-    return window, (window + 1) * window_s - now
 
 
 def job_entry_fields(job_id: str, fields: Mapping[str, str] | None) -> dict[str, str]:
@@ -324,42 +331,3 @@ def next_id(sid: StreamId) -> StreamId:
     if sid[1] >= 2**64 - 1:
         return sid[0] + 1, 0
     return sid[0], sid[1] + 1
-
-
-async def connect_broker(
-    redis_url: str | None,
-    *,
-    claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
-    max_deliveries: int = DEFAULT_MAX_DELIVERIES,
-    ping_timeout_s: float = 1.0,
-    fallback: bool = True,
-) -> Broker:
-    """A RedisBroker if ``redis_url`` answers a PING in time, else a MemoryBroker.
-
-    ``fallback=False`` raises BrokerUnavailable instead of falling back: use it wherever several
-    processes must share the queue, since each would otherwise get its own private one.
-    """
-    from cluster.broker_memory import MemoryBroker
-    from cluster.broker_redis import RedisBroker
-
-    if redis_url:
-        redis_broker = RedisBroker(
-            redis_url, claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries
-        )
-        if await redis_broker.ping(timeout_s=ping_timeout_s):
-            log.info("broker: Redis at %s", redis_broker.safe_url)
-            return redis_broker
-        await redis_broker.close()
-        if not fallback:
-            raise BrokerUnavailable(
-                f"Redis at {redis_broker.safe_url} did not answer a PING within {ping_timeout_s} s"
-            )
-        log.warning(
-            "broker: Redis at %s did not answer a PING within %s s; using the in-process broker, "
-            "which only works when everything runs in this one process",
-            redis_broker.safe_url,
-            ping_timeout_s,
-        )
-    else:
-        log.info("broker: no Redis URL configured; using the in-process broker")
-    return MemoryBroker(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)

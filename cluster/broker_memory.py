@@ -1,4 +1,5 @@
-"""The in-process twin of the Redis broker, for one box without Redis: same semantics, no I/O.
+"""The in-process twin of the Redis broker, for one box without Redis: same semantics, no I/O,
+one class per concern over one shared open/closed state.
 
 Safe for many tasks on one event loop (nothing awaits while state is half-changed); not shared
 between processes, and its state is gone when the process ends.
@@ -24,8 +25,13 @@ from cluster.broker import (
     DEFAULT_MAX_DELIVERIES,
     Broker,
     BrokerUnavailable,
+    Deliveries,
     DeliveryEntry,
+    Flags,
     JobEntry,
+    JobQueue,
+    Progress,
+    Registry,
     StreamId,
     dead_letter_fields,
     event_fields,
@@ -33,7 +39,6 @@ from cluster.broker import (
     job_entry_fields,
     next_id,
     parse_id,
-    rate_window,
 )
 
 log = logging.getLogger(__name__)
@@ -140,43 +145,21 @@ class _Stream:
         return cut
 
 
-class MemoryBroker(Broker):
-    """The broker inside this process: pending lists, delivery counts, claims, dead letters."""
+class _Core:
+    """What the parts of one in-process broker share: whether it is open."""
 
-    kind = "memory"
+    def __init__(self) -> None:
+        self.closed = False
 
-    def __init__(
-        self,
-        *,
-        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
-        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
-    ) -> None:
-        super().__init__(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
-        self._epoch = uuid.uuid4().hex
-        self._closed = False
-        self._jobs = _Stream()
-        self._deliveries: dict[str, _Stream] = {}
-        self._dead: deque[tuple[str, dict[str, str]]] = deque(maxlen=keys.DEAD_LETTER_MAXLEN)
-        self._dead_last_id: StreamId = (0, 0)
-        self._subscribers: dict[str, set[asyncio.Queue[object]]] = {}
-        self._cancels: dict[str, float] = {}  # job id -> monotonic expiry
-        self._redeliveries: dict[str, float] = {}  # job id -> monotonic expiry of the claim
-        self._worker_models: dict[str, frozenset[str]] = {}
-        self._worker_models_until: dict[str, float] = {}  # worker id -> monotonic expiry
-        self._demand: dict[str, dict[str, dict[str, float]]] = {}
-        self._demand_until: dict[str, float] = {}  # dispatcher -> monotonic expiry
-        self._hits: dict[str, int] = {}  # rate key -> hits
-        self._hits_until: dict[str, float] = {}  # rate key -> monotonic expiry
-
-    def _check_open(self) -> None:
-        if self._closed:
+    def check_open(self) -> None:
+        if self.closed:
             raise BrokerUnavailable("the in-process broker is closed")
 
-    async def _read(
+    async def read(
         self, stream: _Stream, group: str, consumer: str, count: int, block_ms: int
     ) -> list[tuple[str, dict[str, str]]]:
         keys.check_consumer(consumer)
-        self._check_open()
+        self.check_open()
         deadline = time.monotonic() + max(block_ms, 0) / 1000
         while True:
             got = stream.deliver_new(group, consumer, count)
@@ -187,34 +170,40 @@ class MemoryBroker(Broker):
                 await asyncio.wait_for(stream.added.wait(), remaining)
             except TimeoutError:
                 return []
-            self._check_open()
+            self.check_open()
 
-    def _delivery_stream(self, frontend: str) -> _Stream:
-        return self._deliveries.setdefault(keys.deliveries_stream(frontend), _Stream())
 
-    # Jobs ---------------------------------------------------------------------------------
+class MemoryJobQueue(JobQueue):
+    """The jobs stream and its dead letters, in this process."""
+
+    def __init__(self, core: _Core, *, claim_idle_ms: int, max_deliveries: int) -> None:
+        super().__init__(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
+        self._core = core
+        self._jobs = _Stream()
+        self._dead: deque[tuple[str, dict[str, str]]] = deque(maxlen=keys.DEAD_LETTER_MAXLEN)
+        self._dead_last_id: StreamId = (0, 0)
 
     async def enqueue(self, job_id: str, fields: Mapping[str, str] | None = None) -> str:
         data = job_entry_fields(job_id, fields)
-        self._check_open()
+        self._core.check_open()
         return self._jobs.add(data)
 
     async def read_jobs(self, consumer: str, count: int = 1, block_ms: int = 0) -> list[JobEntry]:
-        got = await self._read(self._jobs, keys.DISPATCHER_GROUP, consumer, count, block_ms)
+        got = await self._core.read(self._jobs, keys.DISPATCHER_GROUP, consumer, count, block_ms)
         return [_job(eid, fields, 1) for eid, fields in got]
 
     async def claim_stale_jobs(
         self, consumer: str, min_idle_ms: int | None = None, count: int = 10
     ) -> list[JobEntry]:
         keys.check_consumer(consumer)
-        self._check_open()
+        self._core.check_open()
         idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
         got = self._jobs.claim(keys.DISPATCHER_GROUP, consumer, idle, count)
         return [_job(eid, fields, n) for eid, fields, n in got]
 
     async def own_pending_jobs(self, consumer: str, count: int = 100) -> list[JobEntry]:
         keys.check_consumer(consumer)
-        self._check_open()
+        self._core.check_open()
         group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
         if group is None:
             return []
@@ -233,7 +222,7 @@ class MemoryBroker(Broker):
 
     async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
         keys.check_consumer(consumer)
-        self._check_open()
+        self._core.check_open()
         group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
         if group is None:
             return
@@ -244,11 +233,11 @@ class MemoryBroker(Broker):
                 pending.consumer, pending.delivered_at = consumer, now
 
     async def ack_job(self, entry_id: str) -> bool:
-        self._check_open()
+        self._core.check_open()
         return self._jobs.ack(keys.DISPATCHER_GROUP, entry_id)
 
     async def dead_letter(self, entry: JobEntry, reason: str) -> None:
-        self._check_open()
+        self._core.check_open()
         self._dead_last_id = _new_id(self._dead_last_id)
         self._dead.append((format_id(self._dead_last_id), dead_letter_fields(entry, reason)))
         self._jobs.ack(keys.DISPATCHER_GROUP, entry.entry_id)
@@ -256,19 +245,53 @@ class MemoryBroker(Broker):
             "dead-lettered job %s after %d deliveries: %s", entry.job_id, entry.deliveries, reason
         )
 
-    # Deliveries ---------------------------------------------------------------------------
+    async def queue_depth(self) -> int:
+        self._core.check_open()
+        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
+        return len(self._jobs.ids) if group is None else self._jobs.undelivered(group)
+
+    async def pending_count(self) -> int:
+        self._core.check_open()
+        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
+        return 0 if group is None else len(group.pel)
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        self._core.check_open()
+        newest = list(self._dead)[::-1][:count]
+        return [{"id": eid, **fields} for eid, fields in newest]
+
+    async def trim(self) -> int:
+        self._core.check_open()
+        return self._jobs.trim()
+
+    def wake(self) -> None:
+        """Wake blocked readers so they notice the broker closed."""
+        self._jobs.added.set()
+
+
+class MemoryDeliveries(Deliveries):
+    """One stream per front end, in this process."""
+
+    def __init__(self, core: _Core, *, claim_idle_ms: int, max_deliveries: int) -> None:
+        super().__init__(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
+        self._core = core
+        self._deliveries: dict[str, _Stream] = {}
+
+    def _delivery_stream(self, frontend: str) -> _Stream:
+        return self._deliveries.setdefault(keys.deliveries_stream(frontend), _Stream())
 
     async def publish_delivery(self, frontend: str, event: Mapping[str, str]) -> str:
         stream = self._delivery_stream(frontend)
         data = event_fields(event)
-        self._check_open()
+        self._core.check_open()
         return stream.add(data)
 
     async def read_deliveries(
         self, frontend: str, consumer: str, count: int = 10, block_ms: int = 0
     ) -> list[DeliveryEntry]:
         stream = self._delivery_stream(frontend)
-        got = await self._read(stream, keys.delivery_group(frontend), consumer, count, block_ms)
+        group = keys.delivery_group(frontend)
+        got = await self._core.read(stream, group, consumer, count, block_ms)
         return [DeliveryEntry(eid, frontend, fields, 1) for eid, fields in got]
 
     async def claim_stale_deliveries(
@@ -276,31 +299,46 @@ class MemoryBroker(Broker):
     ) -> list[DeliveryEntry]:
         stream = self._delivery_stream(frontend)
         keys.check_consumer(consumer)
-        self._check_open()
+        self._core.check_open()
         idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
         got = stream.claim(keys.delivery_group(frontend), consumer, idle, count)
         return [DeliveryEntry(eid, frontend, fields, n) for eid, fields, n in got]
 
     async def ack_delivery(self, frontend: str, entry_id: str) -> bool:
         stream = self._delivery_stream(frontend)
-        self._check_open()
+        self._core.check_open()
         return stream.ack(keys.delivery_group(frontend), entry_id)
 
-    # Progress and cancellation ------------------------------------------------------------
+    async def trim(self) -> int:
+        self._core.check_open()
+        return sum(s.trim() for s in self._deliveries.values())
 
-    async def publish_progress(self, job_id: str, event: Mapping[str, Any]) -> None:
+    def wake(self) -> None:
+        """Wake blocked readers so they notice the broker closed."""
+        for stream in self._deliveries.values():
+            stream.added.set()
+
+
+class MemoryProgress(Progress):
+    """Progress ticks to the subscribers in this process."""
+
+    def __init__(self, core: _Core) -> None:
+        self._core = core
+        self._subscribers: dict[str, set[asyncio.Queue[object]]] = {}
+
+    async def publish(self, job_id: str, event: Mapping[str, Any]) -> None:
         channel = keys.progress_channel(job_id)
         # Through JSON, so that what a subscriber gets matches the Redis broker exactly.
         message = json.dumps(dict(event))
-        self._check_open()
+        self._core.check_open()
         for queue in self._subscribers.get(channel, ()):
             if queue.qsize() < _PROGRESS_BACKLOG:
                 queue.put_nowait(message)
 
     @asynccontextmanager
-    async def progress(self, job_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    async def subscribe(self, job_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         channel = keys.progress_channel(job_id)
-        self._check_open()
+        self._core.check_open()
         queue: asyncio.Queue[object] = asyncio.Queue()
         self._subscribers.setdefault(channel, set()).add(queue)
         try:
@@ -312,51 +350,73 @@ class MemoryBroker(Broker):
                 if not subscribers:
                     del self._subscribers[channel]
 
+    def wake(self) -> None:
+        """End every subscriber's iteration: the broker closed."""
+        for queues in self._subscribers.values():
+            for queue in queues:
+                queue.put_nowait(_CLOSED)
+
+
+class MemoryFlags(Flags):
+    """Cancel flags and re-announcement claims with monotonic expiries."""
+
+    def __init__(self, core: _Core) -> None:
+        self._core = core
+        self._cancels: dict[str, float] = {}  # job id -> monotonic expiry
+        self._redeliveries: dict[str, float] = {}  # job id -> monotonic expiry of the claim
+
     async def request_cancel(self, job_id: str, ttl_s: float = keys.CANCEL_TTL_S) -> None:
         keys.cancel_key(job_id)
-        self._check_open()
+        self._core.check_open()
         now = _drop_expired(self._cancels)
         self._cancels[job_id] = now + max(ttl_s, 0.001)
 
     async def is_cancel_requested(self, job_id: str) -> bool:
         keys.cancel_key(job_id)
-        self._check_open()
+        self._core.check_open()
         return self._cancels.get(job_id, 0.0) > time.monotonic()
 
     async def claim_redelivery(self, job_id: str, ttl_s: float) -> bool:
         keys.redeliver_key(job_id)
-        self._check_open()
+        self._core.check_open()
         now = _drop_expired(self._redeliveries)
         if job_id in self._redeliveries:
             return False
         self._redeliveries[job_id] = now + max(ttl_s, 0.001)
         return True
 
-    # Which models the workers can load ----------------------------------------------------
+
+class MemoryRegistry(Registry):
+    """Workers' models and dispatchers' demand with monotonic expiries."""
+
+    def __init__(self, core: _Core) -> None:
+        self._core = core
+        self._worker_models: dict[str, frozenset[str]] = {}
+        self._worker_models_until: dict[str, float] = {}  # worker id -> monotonic expiry
+        self._demand: dict[str, dict[str, dict[str, float]]] = {}
+        self._demand_until: dict[str, float] = {}  # dispatcher -> monotonic expiry
 
     async def publish_worker_models(
         self, worker_id: str, models: Sequence[str], ttl_s: float = keys.WORKER_MODELS_TTL_S
     ) -> None:
         keys.worker_models_key(worker_id)
-        self._check_open()
+        self._core.check_open()
         now = _drop_expired(self._worker_models_until)
         self._worker_models_until[worker_id] = now + max(ttl_s, 0.001)
         self._worker_models[worker_id] = frozenset(models)
 
     async def worker_models(self) -> dict[str, frozenset[str]]:
-        self._check_open()
+        self._core.check_open()
         _drop_expired(self._worker_models_until)
         for gone in self._worker_models.keys() - self._worker_models_until.keys():
             del self._worker_models[gone]
         return dict(self._worker_models)
 
-    # Autoscaling demand ----------------------------------------------------------------------
-
     async def publish_demand(
         self, dispatcher: str, demand: Mapping[str, Mapping[str, float]], ttl_s: float
     ) -> None:
         keys.demand_key(dispatcher)
-        self._check_open()
+        self._core.check_open()
         now = _drop_expired(self._demand_until)
         self._demand_until[dispatcher] = now + max(ttl_s, 0.001)
         self._demand[dispatcher] = {c: {k: float(v) for k, v in d.items()}
@@ -364,69 +424,54 @@ class MemoryBroker(Broker):
 
     async def withdraw_demand(self, dispatcher: str) -> None:
         keys.demand_key(dispatcher)
-        self._check_open()
+        self._core.check_open()
         self._demand.pop(dispatcher, None)
         self._demand_until.pop(dispatcher, None)
 
     async def demand(self) -> dict[str, dict[str, dict[str, float]]]:
-        self._check_open()
+        self._core.check_open()
         _drop_expired(self._demand_until)
         for gone in self._demand.keys() - self._demand_until.keys():
             del self._demand[gone]
         return {n: {c: dict(d) for c, d in v.items()} for n, v in self._demand.items()}
 
-    # Rate limits ---------------------------------------------------------------------------
 
-    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
-        self._check_open()
-        window, left = rate_window(window_s)
-        key = keys.rate_key(bucket, window)
-        now = _drop_expired(self._hits_until)
-        for gone in self._hits.keys() - self._hits_until.keys():
-            del self._hits[gone]
-        self._hits[key] = self._hits.get(key, 0) + 1
-        self._hits_until.setdefault(key, now + left)
-        return self._hits[key], left
+class MemoryBroker(Broker):
+    """The broker's parts inside this process: pending lists, delivery counts, claims, dead
+    letters, subscribers, flags and lapsing records."""
 
-    # Stats and housekeeping ---------------------------------------------------------------
+    kind = "memory"
 
-    async def queue_depth(self) -> int:
-        self._check_open()
-        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
-        return len(self._jobs.ids) if group is None else self._jobs.undelivered(group)
-
-    async def pending_count(self) -> int:
-        self._check_open()
-        group = self._jobs.groups.get(keys.DISPATCHER_GROUP)
-        return 0 if group is None else len(group.pel)
-
-    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
-        self._check_open()
-        newest = list(self._dead)[::-1][:count]
-        return [{"id": eid, **fields} for eid, fields in newest]
-
-    async def trim(self) -> int:
-        self._check_open()
-        return self._jobs.trim() + sum(s.trim() for s in self._deliveries.values())
+    def __init__(
+        self,
+        *,
+        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+    ) -> None:
+        self._epoch = uuid.uuid4().hex
+        self._core = _Core()
+        limits = {"claim_idle_ms": claim_idle_ms, "max_deliveries": max_deliveries}
+        self.jobs = self._jobs = MemoryJobQueue(self._core, **limits)
+        self.deliveries = self._deliveries = MemoryDeliveries(self._core, **limits)
+        self.progress = self._progress = MemoryProgress(self._core)
+        self.flags = MemoryFlags(self._core)
+        self.registry = MemoryRegistry(self._core)
 
     async def server_epoch(self) -> str:
-        self._check_open()
+        self._core.check_open()
         return self._epoch
 
     async def ping(self, timeout_s: float = 1.0) -> bool:
-        return not self._closed
+        return not self._core.closed
 
     async def close(self) -> None:
-        if self._closed:
+        if self._core.closed:
             return
-        self._closed = True
+        self._core.closed = True
         # Wake blocked readers and subscribers so they notice.
-        self._jobs.added.set()
-        for stream in self._deliveries.values():
-            stream.added.set()
-        for queues in self._subscribers.values():
-            for queue in queues:
-                queue.put_nowait(_CLOSED)
+        self._jobs.wake()
+        self._deliveries.wake()
+        self._progress.wake()
 
 
 def _job(entry_id: str, fields: dict[str, str], deliveries: int) -> JobEntry:

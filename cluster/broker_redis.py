@@ -1,4 +1,6 @@
-"""The broker on Redis Streams (redis.asyncio): consumer groups, XAUTOCLAIM, pub/sub progress."""
+"""The broker on Redis (redis.asyncio), one class per concern over one shared connection:
+Streams with consumer groups and XAUTOCLAIM (jobs, deliveries), pub/sub (progress), keys with
+a TTL (flags, registry)."""
 
 from __future__ import annotations
 
@@ -22,15 +24,19 @@ from cluster.broker import (
     DEFAULT_MAX_DELIVERIES,
     Broker,
     BrokerUnavailable,
+    Deliveries,
     DeliveryEntry,
+    Flags,
     JobEntry,
+    JobQueue,
+    Progress,
+    Registry,
     dead_letter_fields,
     event_fields,
     format_id,
     job_entry_fields,
     next_id,
     parse_id,
-    rate_window,
 )
 from core.errors import ConfigError
 from core.redact import redact_url
@@ -51,26 +57,17 @@ def _is_nogroup(exc: ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
 
-class RedisBroker(Broker):
-    """The broker on Redis Streams. Survives Redis restarts: groups are recreated on NOGROUP."""
+class RedisConnection:
+    """One redis.asyncio client shared by the broker's parts (and the web's rate counter):
+    every way of not reaching Redis becomes one BrokerUnavailable naming the URL."""
 
-    kind = "redis"
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
-        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
-        socket_timeout_s: float = 10.0,
-    ) -> None:
-        super().__init__(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
+    def __init__(self, url: str, *, socket_timeout_s: float = 10.0) -> None:
         self.safe_url = redact_url(url)
         # Blocking reads must return before the socket timeout would cut them off.
         self._max_block_ms = max(0, int(socket_timeout_s * 1000) - 1000)
-        self._closed = False
+        self.closed = False
         try:
-            self._redis: Any = aioredis.Redis.from_url(
+            self.client: Any = aioredis.Redis.from_url(
                 url,
                 decode_responses=True,
                 socket_timeout=socket_timeout_s,
@@ -84,9 +81,9 @@ class RedisBroker(Broker):
             raise ConfigError(f"invalid Redis URL {self.safe_url}: {exc}") from None
 
     @asynccontextmanager
-    async def _errors(self, doing: str) -> AsyncIterator[None]:
+    async def errors(self, doing: str) -> AsyncIterator[None]:
         """Turn every way of not reaching Redis into one BrokerUnavailable naming the URL."""
-        if self._closed:
+        if self.closed:
             raise BrokerUnavailable(f"the broker for {self.safe_url} is closed")
         try:
             yield
@@ -97,35 +94,35 @@ class RedisBroker(Broker):
 
     # Streams and groups -------------------------------------------------------------------
 
-    def _block(self, block_ms: int) -> int | None:
+    def block(self, block_ms: int) -> int | None:
         if block_ms <= 0:
             return None
         return min(block_ms, self._max_block_ms) or None
 
-    async def _ensure_group(self, stream: str, group: str) -> None:
+    async def ensure_group(self, stream: str, group: str) -> None:
         # Id "0", not "$": entries added before the group existed (just after a restart, say)
         # are still delivered.
         try:
-            await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+            await self.client.xgroup_create(stream, group, id="0", mkstream=True)
             log.info("created consumer group %s on %s", group, stream)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _read(
+    async def read(
         self, stream: str, group: str, consumer: str, count: int, block_ms: int
     ) -> list[_Raw]:
         keys.check_consumer(consumer)
         for attempt in range(2):
             try:
-                reply = await self._redis.xreadgroup(
-                    group, consumer, {stream: ">"}, count=count, block=self._block(block_ms)
+                reply = await self.client.xreadgroup(
+                    group, consumer, {stream: ">"}, count=count, block=self.block(block_ms)
                 )
                 break
             except ResponseError as exc:
                 if attempt or not _is_nogroup(exc):
                     raise
-                await self._ensure_group(stream, group)
+                await self.ensure_group(stream, group)
         if not reply:
             return []
         # RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}.
@@ -138,11 +135,11 @@ class RedisBroker(Broker):
             batches = [entries for _, entries in reply]
         return [(eid, fields, 1) for entries in batches for eid, fields in entries if fields]
 
-    async def _claim(
-        self, stream: str, group: str, consumer: str, min_idle_ms: int | None, count: int
+    async def claim(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
     ) -> list[_Raw]:
         keys.check_consumer(consumer)
-        idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
+        idle = min_idle_ms
         claimed: list[tuple[str, dict[str, str]]] = []
         gone: list[str] = []
         cursor = "0-0"
@@ -150,7 +147,7 @@ class RedisBroker(Broker):
         # entries behind many fresh ones are still found.
         while len(claimed) < count:
             try:
-                reply = await self._redis.xautoclaim(
+                reply = await self.client.xautoclaim(
                     stream, group, consumer, idle, start_id=cursor, count=count - len(claimed)
                 )
             except ResponseError as exc:
@@ -173,10 +170,10 @@ class RedisBroker(Broker):
             log.warning(
                 "acking %d entries of %s deleted while pending: %s", len(gone), stream, gone[:10]
             )
-            await self._redis.xack(stream, group, *gone)
+            await self.client.xack(stream, group, *gone)
         if not claimed:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline(transaction=False) as pipe:
             for eid, _ in claimed:
                 pipe.xpending_range(stream, group, min=eid, max=eid, count=1)
             infos = await pipe.execute()
@@ -186,6 +183,58 @@ class RedisBroker(Broker):
             if info:
                 out.append((eid, fields, int(info[0]["times_delivered"])))
         return out
+
+    async def group_info(self, stream: str) -> list[dict[str, Any]]:
+        try:
+            return list(await self.client.xinfo_groups(stream))
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return []
+            raise
+
+    async def trim_stream(self, stream: str) -> int:
+        groups = await self.group_info(stream)
+        if not groups:
+            return 0  # nobody has read it yet: everything in it is undelivered
+        bounds = []
+        for group in groups:
+            if group["pending"]:
+                summary = await self.client.xpending(stream, group["name"])
+                bounds.append(parse_id(summary["min"]))
+            else:
+                bounds.append(next_id(parse_id(group["last-delivered-id"])))
+        # Racing consumers only ack (moving the oldest pending later) or read entries newer
+        # than last-delivered-id, so a bound computed a moment ago is still safe.
+        return int(await self.client.xtrim(stream, minid=format_id(min(bounds)), approximate=False))
+
+    async def ping(self, timeout_s: float = 1.0) -> bool:
+        if self.closed:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                return bool(await self.client.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with suppress(RedisError, OSError):
+            await self.client.aclose()
+
+
+class RedisJobQueue(JobQueue):
+    """The jobs stream and its dead letters on Redis Streams."""
+
+    def __init__(
+        self, conn: RedisConnection, *, claim_idle_ms: int, max_deliveries: int
+    ) -> None:
+        super().__init__(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
+        self._conn = conn
+
+    def _idle(self, min_idle_ms: int | None) -> int:
+        return self.claim_idle_ms if min_idle_ms is None else min_idle_ms
 
     def _job(self, raw: _Raw) -> JobEntry | None:
         eid, fields, deliveries = raw
@@ -207,16 +256,14 @@ class RedisBroker(Broker):
                 jobs.append(job)
         return jobs
 
-    # Jobs ---------------------------------------------------------------------------------
-
     async def enqueue(self, job_id: str, fields: Mapping[str, str] | None = None) -> str:
         data = job_entry_fields(job_id, fields)
-        async with self._errors("enqueueing a job"):
-            return str(await self._redis.xadd(keys.JOBS_STREAM, data))
+        async with self._conn.errors("enqueueing a job"):
+            return str(await self._conn.client.xadd(keys.JOBS_STREAM, data))
 
     async def read_jobs(self, consumer: str, count: int = 1, block_ms: int = 0) -> list[JobEntry]:
-        async with self._errors("reading jobs"):
-            raws = await self._read(
+        async with self._conn.errors("reading jobs"):
+            raws = await self._conn.read(
                 keys.JOBS_STREAM, keys.DISPATCHER_GROUP, consumer, count, block_ms
             )
             return await self._jobs(raws)
@@ -224,18 +271,18 @@ class RedisBroker(Broker):
     async def claim_stale_jobs(
         self, consumer: str, min_idle_ms: int | None = None, count: int = 10
     ) -> list[JobEntry]:
-        async with self._errors("claiming stale jobs"):
-            raws = await self._claim(
-                keys.JOBS_STREAM, keys.DISPATCHER_GROUP, consumer, min_idle_ms, count
+        async with self._conn.errors("claiming stale jobs"):
+            raws = await self._conn.claim(
+                keys.JOBS_STREAM, keys.DISPATCHER_GROUP, consumer, self._idle(min_idle_ms), count
             )
             return await self._jobs(raws)
 
     async def own_pending_jobs(self, consumer: str, count: int = 100) -> list[JobEntry]:
         keys.check_consumer(consumer)
         stream, group = keys.JOBS_STREAM, keys.DISPATCHER_GROUP
-        async with self._errors("reading own pending jobs"):
+        async with self._conn.errors("reading own pending jobs"):
             try:
-                pending = await self._redis.xpending_range(
+                pending = await self._conn.client.xpending_range(
                     stream, group, min="-", max="+", count=count, consumername=consumer
                 )
             except ResponseError as exc:
@@ -244,7 +291,7 @@ class RedisBroker(Broker):
                 raise
             if not pending:
                 return []
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with self._conn.client.pipeline(transaction=False) as pipe:
                 for p in pending:
                     pipe.xrange(stream, min=p["message_id"], max=p["message_id"], count=1)
                 found = await pipe.execute()
@@ -260,17 +307,17 @@ class RedisBroker(Broker):
             if gone:
                 log.warning("acking %d own entries deleted while pending: %s", len(gone),
                             gone[:10])
-                await self._redis.xack(stream, group, *gone)
+                await self._conn.client.xack(stream, group, *gone)
             return out
 
     async def touch_jobs(self, consumer: str, entry_ids: Sequence[str]) -> None:
         keys.check_consumer(consumer)
         if not entry_ids:
             return
-        async with self._errors("touching jobs"):
+        async with self._conn.errors("touching jobs"):
             try:
                 # JUSTID: resets the idle time without counting another delivery.
-                await self._redis.xclaim(
+                await self._conn.client.xclaim(
                     keys.JOBS_STREAM,
                     keys.DISPATCHER_GROUP,
                     consumer,
@@ -283,15 +330,17 @@ class RedisBroker(Broker):
                     raise
 
     async def ack_job(self, entry_id: str) -> bool:
-        async with self._errors("acking a job"):
-            return bool(await self._redis.xack(keys.JOBS_STREAM, keys.DISPATCHER_GROUP, entry_id))
+        async with self._conn.errors("acking a job"):
+            return bool(
+                await self._conn.client.xack(keys.JOBS_STREAM, keys.DISPATCHER_GROUP, entry_id)
+            )
 
     async def dead_letter(self, entry: JobEntry, reason: str) -> None:
         # MULTI/EXEC keeps the two together; XADD first so that a lost reply and a retry can
         # only duplicate the dead letter.
         async with (
-            self._errors("dead-lettering a job"),
-            self._redis.pipeline(transaction=True) as pipe,
+            self._conn.errors("dead-lettering a job"),
+            self._conn.client.pipeline(transaction=True) as pipe,
         ):
             pipe.xadd(
                 keys.DEAD_LETTER_STREAM,
@@ -305,87 +354,169 @@ class RedisBroker(Broker):
             "dead-lettered job %s after %d deliveries: %s", entry.job_id, entry.deliveries, reason
         )
 
-    # Deliveries ---------------------------------------------------------------------------
+    async def queue_depth(self) -> int:
+        async with self._conn.errors("reading the queue depth"):
+            groups = await self._conn.group_info(keys.JOBS_STREAM)
+            group = next((g for g in groups if g["name"] == keys.DISPATCHER_GROUP), None)
+            if group is None:
+                return int(await self._conn.client.xlen(keys.JOBS_STREAM))
+            if group.get("lag") is not None:
+                return int(group["lag"])
+            # Lag is unknown after deletions in the undelivered range (or before Redis 7):
+            # count what lies after the last delivered id. (XLEN - entries-read would go wrong
+            # once trim() has removed entries.)
+            after = await self._conn.client.xrange(
+                keys.JOBS_STREAM,
+                min="(" + group["last-delivered-id"],
+                max="+",
+                count=_DEPTH_SCAN_LIMIT,
+            )
+            return len(after)
+
+    async def pending_count(self) -> int:
+        async with self._conn.errors("reading the pending count"):
+            try:
+                summary = await self._conn.client.xpending(keys.JOBS_STREAM, keys.DISPATCHER_GROUP)
+            except ResponseError as exc:
+                if _is_nogroup(exc):
+                    return 0
+                raise
+            return int(summary["pending"])
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        async with self._conn.errors("reading dead letters"):
+            entries = await self._conn.client.xrevrange(keys.DEAD_LETTER_STREAM, count=count)
+        return [{"id": eid, **fields} for eid, fields in entries]
+
+    async def trim(self) -> int:
+        async with self._conn.errors("trimming the jobs stream"):
+            trimmed = await self._conn.trim_stream(keys.JOBS_STREAM)
+        if trimmed:
+            log.debug("trimmed %d acked job entries", trimmed)
+        return trimmed
+
+
+class RedisDeliveries(Deliveries):
+    """One Redis stream per front end, read by that front end's group."""
+
+    def __init__(
+        self, conn: RedisConnection, *, claim_idle_ms: int, max_deliveries: int
+    ) -> None:
+        super().__init__(claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
+        self._conn = conn
+
+    def _idle(self, min_idle_ms: int | None) -> int:
+        return self.claim_idle_ms if min_idle_ms is None else min_idle_ms
 
     async def publish_delivery(self, frontend: str, event: Mapping[str, str]) -> str:
         stream = keys.deliveries_stream(frontend)
         data = event_fields(event)
-        async with self._errors("publishing a delivery"):
-            return str(await self._redis.xadd(stream, data))
+        async with self._conn.errors("publishing a delivery"):
+            return str(await self._conn.client.xadd(stream, data))
 
     async def read_deliveries(
         self, frontend: str, consumer: str, count: int = 10, block_ms: int = 0
     ) -> list[DeliveryEntry]:
         stream, group = keys.deliveries_stream(frontend), keys.delivery_group(frontend)
-        async with self._errors("reading deliveries"):
-            raws = await self._read(stream, group, consumer, count, block_ms)
+        async with self._conn.errors("reading deliveries"):
+            raws = await self._conn.read(stream, group, consumer, count, block_ms)
         return [DeliveryEntry(eid, frontend, fields, n) for eid, fields, n in raws]
 
     async def claim_stale_deliveries(
         self, frontend: str, consumer: str, min_idle_ms: int | None = None, count: int = 10
     ) -> list[DeliveryEntry]:
         stream, group = keys.deliveries_stream(frontend), keys.delivery_group(frontend)
-        async with self._errors("claiming stale deliveries"):
-            raws = await self._claim(stream, group, consumer, min_idle_ms, count)
+        async with self._conn.errors("claiming stale deliveries"):
+            raws = await self._conn.claim(stream, group, consumer, self._idle(min_idle_ms), count)
         return [DeliveryEntry(eid, frontend, fields, n) for eid, fields, n in raws]
 
     async def ack_delivery(self, frontend: str, entry_id: str) -> bool:
         stream, group = keys.deliveries_stream(frontend), keys.delivery_group(frontend)
-        async with self._errors("acking a delivery"):
-            return bool(await self._redis.xack(stream, group, entry_id))
+        async with self._conn.errors("acking a delivery"):
+            return bool(await self._conn.client.xack(stream, group, entry_id))
 
-    # Progress and cancellation ------------------------------------------------------------
+    async def trim(self) -> int:
+        async with self._conn.errors("trimming the delivery streams"):
+            trimmed = 0
+            async for key in self._conn.client.scan_iter(
+                match=keys.DELIVERIES_PREFIX + "*", _type="STREAM"
+            ):
+                trimmed += await self._conn.trim_stream(key)
+        if trimmed:
+            log.debug("trimmed %d acked delivery entries", trimmed)
+        return trimmed
 
-    async def publish_progress(self, job_id: str, event: Mapping[str, Any]) -> None:
+
+class RedisProgress(Progress):
+    """Progress ticks on pub/sub channels."""
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self._conn = conn
+
+    async def publish(self, job_id: str, event: Mapping[str, Any]) -> None:
         channel = keys.progress_channel(job_id)
         message = json.dumps(dict(event))
-        async with self._errors("publishing progress"):
-            await self._redis.publish(channel, message)
+        async with self._conn.errors("publishing progress"):
+            await self._conn.client.publish(channel, message)
 
     @asynccontextmanager
-    async def progress(self, job_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    async def subscribe(self, job_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         channel = keys.progress_channel(job_id)
-        async with self._errors("subscribing to progress"):
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        async with self._conn.errors("subscribing to progress"):
+            pubsub = self._conn.client.pubsub(ignore_subscribe_messages=True)
         try:
-            async with self._errors("subscribing to progress"):
+            async with self._conn.errors("subscribing to progress"):
                 await pubsub.subscribe(channel)
-            yield _Subscription(self, pubsub)
+            yield _Subscription(self._conn, pubsub)
         finally:
             with suppress(RedisError, OSError):
                 await pubsub.unsubscribe()
             with suppress(RedisError, OSError):
                 await pubsub.aclose()
 
+
+class RedisFlags(Flags):
+    """Cancel flags and re-announcement claims: keys with a TTL."""
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self._conn = conn
+
     async def request_cancel(self, job_id: str, ttl_s: float = keys.CANCEL_TTL_S) -> None:
         key = keys.cancel_key(job_id)
-        async with self._errors("requesting a cancel"):
-            await self._redis.set(key, "1", px=max(1, int(ttl_s * 1000)))
+        async with self._conn.errors("requesting a cancel"):
+            await self._conn.client.set(key, "1", px=max(1, int(ttl_s * 1000)))
 
     async def is_cancel_requested(self, job_id: str) -> bool:
         key = keys.cancel_key(job_id)
-        async with self._errors("checking a cancel"):
-            return bool(await self._redis.exists(key))
+        async with self._conn.errors("checking a cancel"):
+            return bool(await self._conn.client.exists(key))
 
     async def claim_redelivery(self, job_id: str, ttl_s: float) -> bool:
         key = keys.redeliver_key(job_id)
-        async with self._errors("claiming a re-announcement"):
-            return bool(await self._redis.set(key, "1", px=max(1, int(ttl_s * 1000)), nx=True))
+        async with self._conn.errors("claiming a re-announcement"):
+            px = max(1, int(ttl_s * 1000))
+            return bool(await self._conn.client.set(key, "1", px=px, nx=True))
 
-    # Which models the workers can load ----------------------------------------------------
+
+class RedisRegistry(Registry):
+    """Workers' models and dispatchers' demand: JSON values under keys with a TTL."""
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self._conn = conn
 
     async def publish_worker_models(
         self, worker_id: str, models: Sequence[str], ttl_s: float = keys.WORKER_MODELS_TTL_S
     ) -> None:
         key = keys.worker_models_key(worker_id)
-        async with self._errors("publishing a worker's models"):
-            await self._redis.set(key, json.dumps(sorted(models)), px=max(1, int(ttl_s * 1000)))
+        async with self._conn.errors("publishing a worker's models"):
+            px = max(1, int(ttl_s * 1000))
+            await self._conn.client.set(key, json.dumps(sorted(models)), px=px)
 
     async def worker_models(self) -> dict[str, frozenset[str]]:
-        async with self._errors("reading the workers' models"):
-            found = [k async for k in self._redis.scan_iter(
+        async with self._conn.errors("reading the workers' models"):
+            found = [k async for k in self._conn.client.scan_iter(
                 match=keys.WORKER_MODELS_PREFIX + "*", count=100)]
-            values = await self._redis.mget(found) if found else []
+            values = await self._conn.client.mget(found) if found else []
         out: dict[str, frozenset[str]] = {}
         for key, value in zip(found, values, strict=True):
             if value is None:  # lapsed between the scan and the read
@@ -399,26 +530,24 @@ class RedisBroker(Broker):
             out[name.removeprefix(keys.WORKER_MODELS_PREFIX)] = frozenset(map(str, models))
         return out
 
-    # Autoscaling demand ----------------------------------------------------------------------
-
     async def publish_demand(
         self, dispatcher: str, demand: Mapping[str, Mapping[str, float]], ttl_s: float
     ) -> None:
         key = keys.demand_key(dispatcher)
         value = json.dumps({c: {k: float(v) for k, v in d.items()} for c, d in demand.items()})
-        async with self._errors("publishing the queue's demand"):
-            await self._redis.set(key, value, px=max(1, int(ttl_s * 1000)))
+        async with self._conn.errors("publishing the queue's demand"):
+            await self._conn.client.set(key, value, px=max(1, int(ttl_s * 1000)))
 
     async def withdraw_demand(self, dispatcher: str) -> None:
         key = keys.demand_key(dispatcher)
-        async with self._errors("withdrawing the queue's demand"):
-            await self._redis.delete(key)
+        async with self._conn.errors("withdrawing the queue's demand"):
+            await self._conn.client.delete(key)
 
     async def demand(self) -> dict[str, dict[str, dict[str, float]]]:
-        async with self._errors("reading the queue's demand"):
-            found = [k async for k in self._redis.scan_iter(
+        async with self._conn.errors("reading the queue's demand"):
+            found = [k async for k in self._conn.client.scan_iter(
                 match=keys.DEMAND_PREFIX + "*", count=100)]
-            values = await self._redis.mget(found) if found else []
+            values = await self._conn.client.mget(found) if found else []
         out: dict[str, dict[str, dict[str, float]]] = {}
         for key, value in zip(found, values, strict=True):
             if value is None:  # lapsed between the scan and the read
@@ -432,117 +561,47 @@ class RedisBroker(Broker):
                 log.warning("ignoring %s: not a demand record", name)
         return out
 
-    # Rate limits ---------------------------------------------------------------------------
 
-    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
-        window, left = rate_window(window_s)
-        key = keys.rate_key(bucket, window)
-        async with self._errors("counting a request"), self._redis.pipeline() as pipe:
-            pipe.incr(key)
-            pipe.pexpire(key, max(1, int(left * 1000)) + 1000, nx=True)
-            hits, _ = await pipe.execute()
-        return int(hits), left
+class RedisBroker(Broker):
+    """The broker's parts on one Redis. Survives Redis restarts: groups are recreated on
+    NOGROUP."""
 
-    # Stats and housekeeping ---------------------------------------------------------------
+    kind = "redis"
 
-    async def _group_info(self, stream: str) -> list[dict[str, Any]]:
-        try:
-            return list(await self._redis.xinfo_groups(stream))
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return []
-            raise
-
-    async def queue_depth(self) -> int:
-        async with self._errors("reading the queue depth"):
-            groups = await self._group_info(keys.JOBS_STREAM)
-            group = next((g for g in groups if g["name"] == keys.DISPATCHER_GROUP), None)
-            if group is None:
-                return int(await self._redis.xlen(keys.JOBS_STREAM))
-            if group.get("lag") is not None:
-                return int(group["lag"])
-            # Lag is unknown after deletions in the undelivered range (or before Redis 7):
-            # count what lies after the last delivered id. (XLEN - entries-read would go wrong
-            # once trim() has removed entries.)
-            after = await self._redis.xrange(
-                keys.JOBS_STREAM,
-                min="(" + group["last-delivered-id"],
-                max="+",
-                count=_DEPTH_SCAN_LIMIT,
-            )
-            return len(after)
-
-    async def pending_count(self) -> int:
-        async with self._errors("reading the pending count"):
-            try:
-                summary = await self._redis.xpending(keys.JOBS_STREAM, keys.DISPATCHER_GROUP)
-            except ResponseError as exc:
-                if _is_nogroup(exc):
-                    return 0
-                raise
-            return int(summary["pending"])
-
-    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
-        async with self._errors("reading dead letters"):
-            entries = await self._redis.xrevrange(keys.DEAD_LETTER_STREAM, count=count)
-        return [{"id": eid, **fields} for eid, fields in entries]
-
-    async def _trim_stream(self, stream: str) -> int:
-        groups = await self._group_info(stream)
-        if not groups:
-            return 0  # nobody has read it yet: everything in it is undelivered
-        bounds = []
-        for group in groups:
-            if group["pending"]:
-                summary = await self._redis.xpending(stream, group["name"])
-                bounds.append(parse_id(summary["min"]))
-            else:
-                bounds.append(next_id(parse_id(group["last-delivered-id"])))
-        # Racing consumers only ack (moving the oldest pending later) or read entries newer
-        # than last-delivered-id, so a bound computed a moment ago is still safe.
-        return int(await self._redis.xtrim(stream, minid=format_id(min(bounds)), approximate=False))
-
-    async def trim(self) -> int:
-        async with self._errors("trimming streams"):
-            streams = [keys.JOBS_STREAM]
-            async for key in self._redis.scan_iter(
-                match=keys.DELIVERIES_PREFIX + "*", _type="STREAM"
-            ):
-                streams.append(key)
-            trimmed = 0
-            for stream in streams:
-                trimmed += await self._trim_stream(stream)
-        if trimmed:
-            log.debug("trimmed %d acked entries", trimmed)
-        return trimmed
+    def __init__(
+        self,
+        url: str,
+        *,
+        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        socket_timeout_s: float = 10.0,
+    ) -> None:
+        self.connection = RedisConnection(url, socket_timeout_s=socket_timeout_s)
+        self.safe_url = self.connection.safe_url
+        limits = {"claim_idle_ms": claim_idle_ms, "max_deliveries": max_deliveries}
+        self.jobs = RedisJobQueue(self.connection, **limits)
+        self.deliveries = RedisDeliveries(self.connection, **limits)
+        self.progress = RedisProgress(self.connection)
+        self.flags = RedisFlags(self.connection)
+        self.registry = RedisRegistry(self.connection)
 
     async def server_epoch(self) -> str:
-        async with self._errors("reading the server epoch"):
-            info = await self._redis.info("server")
+        async with self.connection.errors("reading the server epoch"):
+            info = await self.connection.client.info("server")
         return str(info["run_id"])
 
     async def ping(self, timeout_s: float = 1.0) -> bool:
-        if self._closed:
-            return False
-        try:
-            async with asyncio.timeout(timeout_s):
-                return bool(await self._redis.ping())
-        except (RedisError, OSError, TimeoutError):
-            return False
+        return await self.connection.ping(timeout_s)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with suppress(RedisError, OSError):
-            await self._redis.aclose()
+        await self.connection.close()
 
 
 class _Subscription:
     """Iterates progress events off a pub/sub connection, skipping what is not a JSON object."""
 
-    def __init__(self, broker: RedisBroker, pubsub: Any) -> None:
-        self._broker = broker
+    def __init__(self, conn: RedisConnection, pubsub: Any) -> None:
+        self._conn = conn
         self._pubsub = pubsub
 
     def __aiter__(self) -> _Subscription:
@@ -550,7 +609,7 @@ class _Subscription:
 
     async def __anext__(self) -> dict[str, Any]:
         while True:
-            async with self._broker._errors("reading progress"):
+            async with self._conn.errors("reading progress"):
                 message = await self._pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=None
                 )

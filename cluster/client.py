@@ -33,11 +33,11 @@ from core.errors import (
     TooManyJobs,
 )
 from core.jobs import CANCELLED_BY_OWNER, DeliveryTarget, JobStatus, Requester
-from core.prompts import Blocklist, default_blocklist, prepare_prompt
+from core.prompts import Blocklist, prepare_prompt
 from core.recipe import effective_strength, min_denoising_steps
 from core.request import GenerationRequest, check_text_lengths
 from core.settings import Settings, Tier
-from core.styles import StyleRegistry, default_registry
+from core.styles import StyleRegistry
 from storage import accounts, apikeys, gallery, ledger
 from storage import jobs as job_repo
 from storage.accounts import AccountRead, LinkCodeRead
@@ -92,19 +92,20 @@ class Client:
         session_factory: sessionmaker[Session],
         broker: Broker,
         blobs: BlobStore,
-        styles: StyleRegistry | None = None,
-        blocklist: Blocklist | None = None,
-        models: ModelRegistry | None = None,
+        styles: StyleRegistry,
+        blocklist: Blocklist,
+        models: ModelRegistry,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
     ) -> None:
+        # The registries come from the composition root (atelier/app.py), loaded once there.
         self.settings = settings
         self.sessions = session_factory
         self._db = Store(session_factory)
         self.broker = broker
         self.blobs = blobs
-        self.styles = styles if styles is not None else default_registry()
-        self.blocklist = blocklist if blocklist is not None else default_blocklist()
-        self.models = models if models is not None else ModelRegistry.load(settings)
+        self.styles = styles
+        self.blocklist = blocklist
+        self.models = models
         if poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be positive, got {poll_interval_s}")
         self.poll_interval_s = poll_interval_s
@@ -247,7 +248,7 @@ class Client:
         #    dispatcher's reconciler enqueues it later (it compares the database with the
         #    broker): the person was charged for a job that will run, or be refunded.
         try:
-            await self.broker.enqueue(job.id, {"account": str(job.account_id)})
+            await self.broker.jobs.enqueue(job.id, {"account": str(job.account_id)})
         except BrokerUnavailable as exc:
             log.warning("job %s: not enqueued now (%s); the reconciler will", job.id, exc)
         log.info(
@@ -318,7 +319,7 @@ class Client:
         """The union of what the live workers can load, as their dispatchers published it;
         None before any has (start-up) or while the broker does not answer."""
         try:
-            by_worker = await self.broker.worker_models()
+            by_worker = await self.broker.registry.worker_models()
         except BrokerUnavailable:
             return None
         return frozenset().union(*by_worker.values()) if by_worker else None
@@ -416,7 +417,7 @@ class Client:
         try:
             # Also for a job just cancelled while queued: a dispatcher may have picked it up a
             # moment ago, and drops it at its next look at the flag.
-            await self.broker.request_cancel(job_id)
+            await self.broker.flags.request_cancel(job_id)
         except BrokerUnavailable:
             if status is JobStatus.running:
                 raise
@@ -438,7 +439,9 @@ class Client:
             ticks: asyncio.Queue[JobEvent] = asyncio.Queue(maxsize=256)
             # 1. Subscribe first, then read the row: nothing can fall between the two.
             try:
-                subscription = await stack.enter_async_context(self.broker.progress(job_id))
+                subscription = await stack.enter_async_context(
+                    self.broker.progress.subscribe(job_id)
+                )
                 reader = asyncio.create_task(_pump(subscription, ticks, job_id))
                 stack.push_async_callback(_stop, reader)
             except BrokerUnavailable as exc:

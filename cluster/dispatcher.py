@@ -119,7 +119,7 @@ class Dispatcher:
         self.gather_gap_s = min(dispatch.gather_gap_ms / 1000, self.gather_window_s)
         self.max_batch_items = dispatch.max_batch_items
         self.pacing = pacing
-        claim_s = broker.claim_idle_ms / 1000
+        claim_s = broker.jobs.claim_idle_ms / 1000
         self.lease_s = claim_s / 2
         self.touch_interval_s = max(0.05, claim_s / 5)
 
@@ -182,7 +182,7 @@ class Dispatcher:
         ``drain_timeout_s``). Entries read but not started stay pending for another
         dispatcher to claim."""
         log.info("dispatcher %s starting (claim timeout %d ms)", self.name,
-                 self.broker.claim_idle_ms)
+                 self.broker.jobs.claim_idle_ms)
         await self.workers.refresh()
         backoff = 0.1
         try:
@@ -230,7 +230,7 @@ class Dispatcher:
                 block = 50  # jobs wait for a worker: come back soon to place them
             else:
                 block = self.pacing.read_block_ms
-            entries = await self.broker.read_jobs(self.name, count=room, block_ms=block)
+            entries = await self.broker.jobs.read_jobs(self.name, count=room, block_ms=block)
             if entries and self.workers.idle():
                 # 2. Jobs submitted together should arrive together: keep reading while they
                 # keep coming. Only worth it while a worker waits for them; a busy pool
@@ -255,7 +255,7 @@ class Dispatcher:
             # Sleep here, then look without blocking: Redis checks a blocked read's timeout
             # only about every 100 ms (its hz), far coarser than a gap.
             await asyncio.sleep(wait)
-            more = await self.broker.read_jobs(self.name, count=room - len(got), block_ms=0)
+            more = await self.broker.jobs.read_jobs(self.name, count=room - len(got), block_ms=0)
             if not more:
                 break
             got += more
@@ -276,7 +276,7 @@ class Dispatcher:
             if self._epoch is None:
                 # What this name held when its previous process stopped (killed mid-job, say):
                 # taken back now, not after the claim timeout (start_attempts' owner check).
-                own = await self.broker.own_pending_jobs(self.name, count=self.pacing.window)
+                own = await self.broker.jobs.own_pending_jobs(self.name, count=self.pacing.window)
                 if own:
                     log.info("dispatcher %s: resuming %d entries of its previous process: %s",
                              self.name, len(own), [e.job_id for e in own])
@@ -290,10 +290,10 @@ class Dispatcher:
                 self._epoch = epoch
                 await self.reconciler.requeue_lost(everything=True)
                 await self.reconciler.redeliver(everything=True)
-        if self._every("claim", self.broker.claim_idle_ms / 2000):
+        if self._every("claim", self.broker.jobs.claim_idle_ms / 2000):
             room = self.pacing.window - len(self._queue)
             if room > 0:
-                claimed = await self.broker.claim_stale_jobs(self.name, count=room)
+                claimed = await self.broker.jobs.claim_stale_jobs(self.name, count=room)
                 if claimed:
                     log.info("dispatcher %s claimed %d stale entries: %s", self.name,
                              len(claimed), [e.job_id for e in claimed])
@@ -367,7 +367,7 @@ class Dispatcher:
                 metrics.WORKERS.labels(cls, state).set(states.get((cls, state), 0))
         self._worker_classes |= {c for c, _ in states}
         with contextlib.suppress(BrokerUnavailable):
-            metrics.BROKER_BACKLOG.set(await self.broker.queue_depth())
+            metrics.BROKER_BACKLOG.set(await self.broker.jobs.queue_depth())
         since = utcnow() - timedelta(seconds=self.reconciler.redeliver_window_s)
         pending = await self._db(
             lambda s: job_repo.undelivered_count(session=s, since=since), read_only=True
@@ -379,7 +379,7 @@ class Dispatcher:
         held = [*self._held.values(), *self._running.values(), *self.settle.settling.values()]
         entry_ids = [eid for h in held for eid in h.entry_ids] + list(self._unadmitted)
         if entry_ids:
-            await self.broker.touch_jobs(self.name, entry_ids)
+            await self.broker.jobs.touch_jobs(self.name, entry_ids)
         running = list(self._running)
         if running:
             now = utcnow()
@@ -439,7 +439,7 @@ class Dispatcher:
             if job is None:
                 log.warning("entry %s names job %s, which does not exist; dropping it",
                             entry.entry_id, entry.job_id)
-                await self.broker.ack_job(entry.entry_id)
+                await self.broker.jobs.ack_job(entry.entry_id)
                 continue
             mine = self._held.get(entry.job_id)
             if mine is not None:  # two entries of one job in the same read
@@ -459,11 +459,11 @@ class Dispatcher:
                 and job.owner != self.name):
             log.info("job %s: running elsewhere; acking duplicate entry %s", job.id,
                      entry.entry_id)
-            await self.broker.ack_job(entry.entry_id)
+            await self.broker.jobs.ack_job(entry.entry_id)
             return
         held = Held([entry], job)
         # 3. Cancelled while queued.
-        if await self.broker.is_cancel_requested(job.id):
+        if await self.broker.flags.is_cancel_requested(job.id):
             await self.settle.cancelled(held)
             return
         # 4. Jobs that can never run: fail now, refunded.
@@ -485,7 +485,7 @@ class Dispatcher:
                 held, f"gave up after {job.attempts} attempts", dead_letter=True, cause="gave_up"
             )
             return
-        if self.broker.over_delivered(entry):
+        if self.broker.jobs.over_delivered(entry):
             await self.settle.fail(
                 held, f"gave up after {entry.deliveries} deliveries", dead_letter=True,
                 cause="gave_up",

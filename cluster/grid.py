@@ -150,7 +150,7 @@ async def submit_grid(
     if created:
         for job_id in ids:
             try:
-                await client.broker.enqueue(job_id, {"account": str(account.id)})
+                await client.broker.jobs.enqueue(job_id, {"account": str(account.id)})
             except Exception as exc:  # BrokerUnavailable: the reconciler enqueues it later
                 log.warning("grid cell %s: not enqueued now (%s); the reconciler will", job_id, exc)
         log.info("grid %s: %d cells accepted for account %d (%d credits)",

@@ -12,8 +12,8 @@ from core.errors import InvalidRequest
 PREFIX = "atelier"
 
 # Jobs accepted by the client, read by the dispatchers' consumer group. Retention: an entry stays
-# until every group has acked it, then Broker.trim() drops it (XTRIM MINID to the oldest un-acked
-# entry). The database is the record of a job; this Redis keeps nothing on disk, so after a
+# until every group has acked it, then JobQueue.trim() drops it (XTRIM MINID to the oldest
+# un-acked entry). The database is the record of a job; this Redis keeps nothing on disk, so after a
 # restart the dispatcher notices the new server_epoch() and re-enqueues unfinished jobs from it.
 JOBS_STREAM = f"{PREFIX}:jobs"
 DISPATCHER_GROUP = "dispatchers"
@@ -24,7 +24,7 @@ DEAD_LETTER_STREAM = f"{PREFIX}:jobs:dead"
 DEAD_LETTER_MAXLEN = 10_000
 
 # Finished-job events for one front end, read by that front end's own group.
-# Retention: like JOBS_STREAM, kept until acked by the group, then trimmed by Broker.trim().
+# Retention: like JOBS_STREAM, kept until acked by the group, then trimmed by Deliveries.trim().
 DELIVERIES_PREFIX = f"{PREFIX}:deliveries:"
 
 # Progress ticks: pub/sub channels, nothing retained (a subscriber that is not listening misses
@@ -53,10 +53,43 @@ WORKER_MODELS_TTL_S = 60.0
 DEMAND_PREFIX = f"{PREFIX}:demand:"
 DEMAND_TTL_S = 30.0
 
-# Request counters for rate limits (per API key, per client address), one per fixed window.
-# Retention: a TTL of the window, set by the first hit.
+# The web app's request counters for rate limits (web/ratelimit.py's RedisRateCounter; per API
+# key, per client address), one per fixed window. Retention: a TTL of the window (plus 1 s),
+# set by the first hit.
 RATE_PREFIX = f"{PREFIX}:rate:"
 RATE_BUCKET_RE = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,128}$")
+
+# The bots' own small state (bots/common/state.py: Redis when configured, else in-process).
+# Each with its retention.
+BOT_PREFIX = f"{PREFIX}:bot"
+# Personal preferences (JSON): kept until changed, no TTL.
+BOT_PREFS = BOT_PREFIX + ":{platform}:prefs:{user}"
+# A group's settings (JSON, set by its admins): kept until changed, no TTL.
+BOT_GROUP = BOT_PREFIX + ":{platform}:group:{chat}"
+# A finished job was posted: TTL BOT_DELIVERED_TTL_S, longer than any redelivery can come late.
+BOT_DELIVERED = BOT_PREFIX + ":{platform}:delivered:{job}"
+BOT_DELIVERED_TTL_S = 7 * 24 * 3600
+# One part of a result (a photo, an album) was posted: a delivery retried after flood control
+# or a restart skips it. TTL BOT_POSTED_TTL_S (the delivered marker takes over once all are out).
+BOT_POSTED = BOT_PREFIX + ":{platform}:posted:{job}:{part}"
+BOT_POSTED_TTL_S = 24 * 3600
+# The same marks in the bot process's memory (Posted.here): long enough for a delivery's
+# retries and the re-announcement of a job whose marks the state lost.
+BOT_POSTED_HERE_TTL_S = 3600
+# An album of photos was answered (only its captioned photo is used): TTL BOT_ALBUM_SEEN_TTL_S,
+# longer than Telegram takes to deliver one album's messages.
+BOT_ALBUM_SEEN = BOT_PREFIX + ":{platform}:album:{album}"
+BOT_ALBUM_SEEN_TTL_S = 3600
+# Plain text shown as a preview, waiting for its Imagine button: TTL BOT_DRAFT_TTL_S.
+BOT_DRAFT = BOT_PREFIX + ":{platform}:draft:{chat}:{draft}"
+BOT_DRAFT_TTL_S = 24 * 3600
+# A webhook update already handled: TTL BOT_SEEN_UPDATE_TTL_S (Telegram retries for ~hours).
+BOT_SEEN_UPDATE = BOT_PREFIX + ":{platform}:update:{update_id}"
+BOT_SEEN_UPDATE_TTL_S = 24 * 3600
+# A Discord message reachable through its interaction's webhook: JSON {token, created, limit};
+# TTL the token's life (BOT_HOOK_TTL_S, 15 min), after which Discord refuses the token anyway.
+BOT_HOOK = BOT_PREFIX + ":discord:hook:{message}"
+BOT_HOOK_TTL_S = 15 * 60
 
 FRONTEND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # Job ids are made by the store (uuid/ulid/integer), never by a person; still checked, since they

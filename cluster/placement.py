@@ -252,6 +252,8 @@ async def publish_loadable(pool: WorkerPool, broker: Broker, ttl_s: float) -> in
     published = 0
     for slot in pool.live():
         if slot.info.loadable_models is not None:
-            await broker.publish_worker_models(slot.worker_id, slot.info.loadable_models, ttl_s)
+            await broker.registry.publish_worker_models(
+                slot.worker_id, slot.info.loadable_models, ttl_s
+            )
             published += 1
     return published

@@ -89,7 +89,7 @@ class Reconciler:
             unfinished = await self._db(
                 lambda s: job_repo.in_flight_count(session=s), read_only=True
             )
-            entries = await self.broker.queue_depth() + await self.broker.pending_count()
+            entries = await self.broker.jobs.queue_depth() + await self.broker.jobs.pending_count()
             if unfinished <= entries:
                 return 0
         rows = await self._db(
@@ -106,7 +106,7 @@ class Reconciler:
                 continue  # its dispatcher is alive; if it dies, a later pass finds it
             if not everything and status is JobStatus.queued and updated_at >= young:
                 continue
-            await self.broker.enqueue(job_id, {"account": str(account_id), "reconciled": "1"})
+            await self.broker.jobs.enqueue(job_id, {"account": str(account_id), "reconciled": "1"})
             enqueued += 1
         if enqueued:
             log.warning("dispatcher %s: re-enqueued %d unfinished jobs", self.name, enqueued)
@@ -144,7 +144,7 @@ class Reconciler:
                 continue
             step = max(self.redeliver_grace_s, self.pass_interval_s)
             backoff = min(step * 2**times, REDELIVER_MAX_BACKOFF_S)
-            if not await self.broker.claim_redelivery(job.id, ttl_s=backoff):
+            if not await self.broker.flags.claim_redelivery(job.id, ttl_s=backoff):
                 # Another dispatcher re-announces it this period (or did, and the broker kept
                 # that announcement): look again one step later.
                 self._remember(job.id, times, clock + step)
@@ -159,7 +159,7 @@ class Reconciler:
                 continue
             # No retry loop: a broker that is down now fails the pass, and the next one (or
             # the restart's) brings the job back.
-            await self.broker.publish_delivery(
+            await self.broker.deliveries.publish_delivery(
                 job.delivery.frontend, terminal_event(job, images).to_fields()
             )
             self._remember(job.id, times + 1, clock + backoff)

@@ -207,7 +207,7 @@ class Settler:
         log.warning("job %s: attempt %d failed (%s); queued again", h.job_id, h.job.attempts,
                     reason)
         metrics.JOBS_RETRIED.labels(cause).inc()
-        await self.broker.enqueue(
+        await self.broker.jobs.enqueue(
             h.job_id, {"account": str(job.account_id), "retry": str(h.job.attempts)}
         )
         await self.ack(h.entries)
@@ -230,7 +230,7 @@ class Settler:
                 self.announced.popitem(last=False)
             await self.hint(JobEvent(event.kind, job.id))
         if dead_letter is not None and entries:
-            await self.broker.dead_letter(entries[0], dead_letter)
+            await self.broker.jobs.dead_letter(entries[0], dead_letter)
             entries = entries[1:]
         await self.ack(entries)
 
@@ -265,7 +265,7 @@ class Settler:
         redelivered = self._redelivered(event.job_id)
         for delay in (*PUBLISH_RETRY_S, None):
             try:
-                await self.broker.publish_delivery(frontend, event.to_fields())
+                await self.broker.deliveries.publish_delivery(frontend, event.to_fields())
                 return
             except BrokerUnavailable as exc:
                 if delay is None:
@@ -283,11 +283,11 @@ class Settler:
 
     async def ack(self, entries: Sequence[JobEntry]) -> None:
         for entry in entries:
-            await self.broker.ack_job(entry.entry_id)
+            await self.broker.jobs.ack_job(entry.entry_id)
 
     async def hint(self, event: JobEvent) -> None:
         """A best-effort progress message (clients also poll the job row)."""
         try:
-            await self.broker.publish_progress(event.job_id, event.to_fields())
+            await self.broker.progress.publish(event.job_id, event.to_fields())
         except BrokerUnavailable as exc:
             log.debug("job %s: progress not published: %s", event.job_id, exc)

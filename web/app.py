@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from web.context import WebContext
 from web.errors import install as install_error_handlers
 from web.limits import BodyLimit
-from web.ratelimit import PerAddressLimit, RateLimiter
+from web.ratelimit import PerAddressLimit, RateLimiter, rate_counter_for
 
 
 def get_ctx(request: Request) -> WebContext:
@@ -21,7 +21,10 @@ def create_app(ctx: WebContext) -> FastAPI:
     """The whole web app over ``ctx`` (stored as ``app.state.ctx``)."""
     app = FastAPI(title="Atelier", version="1", docs_url="/docs", redoc_url=None)
     app.state.ctx = ctx
-    app.state.limiter = RateLimiter(ctx.client.broker, ctx.settings.web_rate)
+    # The composition root passes the counter; a context built without one (tests, benches)
+    # counts beside the client's broker.
+    rates = ctx.rates if ctx.rates is not None else rate_counter_for(ctx.client.broker)
+    app.state.limiter = RateLimiter(rates, ctx.settings.web_rate)
     app.add_middleware(PerAddressLimit, limiter=app.state.limiter)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=ctx.settings.web_max_body_bytes)

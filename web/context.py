@@ -1,6 +1,7 @@
 """What every web route needs, built once by the process that serves the app (``atelier``):
-settings, the SQL session factory (and ``store``, its off-loop runner), the blob store and the
-cluster Client. ``web`` never imports ``atelier`` or ``bots``; it receives this instead."""
+settings, the SQL session factory (and ``store``, its off-loop runner), the blob store, the
+cluster Client and the rate counter. ``web`` never imports ``atelier`` or ``bots``; it receives
+this instead."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from cluster.client import Client
 from core.settings import Settings
 from storage.blobs import BlobStore
 from storage.db import Store
+from web.ratelimit import RateCounter
 
 
 def _utcnow() -> datetime:
@@ -30,6 +32,7 @@ class WebContext:
     sessions: sessionmaker[Session]
     blobs: BlobStore
     client: Client
+    rates: RateCounter | None = None  # None: one beside the client's broker (rate_counter_for)
     now: Callable[[], datetime] = field(default=_utcnow)
     _store: Store | None = field(default=None, init=False, repr=False, compare=False)
 

@@ -1,17 +1,23 @@
 """Rate limits of the web app: per API key (in the API's ``caller`` dependency) and per client
-address (``PerAddressLimit``, around the whole app). Hits are counted in fixed windows in the
-broker, so several web processes share one count. Should the broker not answer, requests pass
-(logged): the job queue is down then anyway, and health pages must not fail because of it."""
+address (``PerAddressLimit``, around the whole app). Hits are counted in fixed windows by a
+``RateCounter``: on Redis (``RedisRateCounter``, keys ``cluster.keys.rate_key``), so several web
+processes share one count, or in this process (``MemoryRateCounter``). Should Redis not answer,
+requests pass (logged): the job queue is down then anyway, and health pages must not fail
+because of it."""
 
 from __future__ import annotations
 
 import logging
 import math
 import re
+import time
+from typing import Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cluster import keys
 from cluster.broker import Broker, BrokerUnavailable
+from cluster.broker_redis import RedisBroker, RedisConnection
 from core import metrics
 from core.errors import RateLimited
 from core.settings import WebRate
@@ -24,11 +30,75 @@ EXEMPT_PREFIXES = ("/healthz", "/readyz", "/metrics", "/static/")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:\[\]-]")
 
 
-class RateLimiter:
-    """Fixed-window limits counted in ``broker``."""
+def rate_window(window_s: float) -> tuple[int, float]:
+    """The fixed window now falls in (windows of ``window_s`` seconds on the wall clock, the
+    same in every process) and the seconds left in it."""
+    if window_s <= 0:
+        raise ValueError(f"window_s must be positive, not {window_s}")
+    now = time.time()
+    window = int(now // window_s)
+    return window, (window + 1) * window_s - now
 
-    def __init__(self, broker: Broker, rate: WebRate) -> None:
-        self.broker = broker
+
+class RateCounter(Protocol):
+    """Counts hits per bucket in fixed wall-clock windows."""
+
+    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
+        """Count one hit on ``bucket`` in the current fixed window of ``window_s`` seconds:
+        (hits in this window so far, this one included; seconds until the window ends).
+        BrokerUnavailable when the counter's store does not answer."""
+        ...
+
+
+class RedisRateCounter:
+    """Hits counted in Redis (INCR, with a TTL of the window set by the first hit), shared by
+    every process on that Redis."""
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self._conn = conn
+
+    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
+        window, left = rate_window(window_s)
+        key = keys.rate_key(bucket, window)
+        async with self._conn.errors("counting a request"), self._conn.client.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.pexpire(key, max(1, int(left * 1000)) + 1000, nx=True)
+            hits, _ = await pipe.execute()
+        return int(hits), left
+
+
+class MemoryRateCounter:
+    """Hits counted in this process (the single box without Redis)."""
+
+    def __init__(self) -> None:
+        self._hits: dict[str, int] = {}  # rate key -> hits
+        self._until: dict[str, float] = {}  # rate key -> monotonic expiry
+
+    async def count_hit(self, bucket: str, window_s: float) -> tuple[int, float]:
+        window, left = rate_window(window_s)
+        key = keys.rate_key(bucket, window)
+        now = time.monotonic()
+        for gone in [k for k, until in self._until.items() if until <= now]:
+            del self._until[gone]
+            self._hits.pop(gone, None)
+        self._hits[key] = self._hits.get(key, 0) + 1
+        self._until.setdefault(key, now + left)
+        return self._hits[key], left
+
+
+def rate_counter_for(broker: Broker) -> RateCounter:
+    """The counter beside ``broker``: on its Redis connection when it is on Redis (so the web
+    processes sharing that Redis share counts), else in this process."""
+    if isinstance(broker, RedisBroker):
+        return RedisRateCounter(broker.connection)
+    return MemoryRateCounter()
+
+
+class RateLimiter:
+    """Fixed-window limits counted by ``counter``."""
+
+    def __init__(self, counter: RateCounter, rate: WebRate) -> None:
+        self.counter = counter
         self.rate = rate
 
     async def check(self, bucket: str, limit: int, what: str) -> None:
@@ -37,7 +107,7 @@ class RateLimiter:
         if limit <= 0:
             return
         try:
-            hits, left = await self.broker.count_hit(bucket, self.rate.window_s)
+            hits, left = await self.counter.count_hit(bucket, self.rate.window_s)
         except BrokerUnavailable as exc:
             log.warning("rate limit %s not checked: %s", what, exc)
             return

@@ -129,7 +129,7 @@ class DeliveryLoop:
         last_claim = time.monotonic()
         while not self._stopping:
             try:
-                entries = await self.broker.read_deliveries(
+                entries = await self.broker.deliveries.read_deliveries(
                     self.frontend, self.consumer, count=10, block_ms=self.block_ms
                 )
             except BrokerUnavailable as exc:
@@ -148,7 +148,7 @@ class DeliveryLoop:
 
     async def _claim(self, min_idle_ms: int | None) -> None:
         try:
-            entries = await self.broker.claim_stale_deliveries(
+            entries = await self.broker.deliveries.claim_stale_deliveries(
                 self.frontend, self.consumer, min_idle_ms=min_idle_ms, count=50
             )
         except BrokerUnavailable as exc:
@@ -198,7 +198,7 @@ class DeliveryLoop:
             await self._mark(event.job_id)
             await self._ack(entry)
             return
-        if self.broker.over_delivered(entry):
+        if self.broker.deliveries.over_delivered(entry):
             log.error(
                 "deliveries: job %s failed delivery %d times; giving up",
                 event.job_id,
@@ -266,7 +266,7 @@ class DeliveryLoop:
 
     async def _ack(self, entry: DeliveryEntry) -> None:
         with contextlib.suppress(BrokerUnavailable):
-            await self.broker.ack_delivery(self.frontend, entry.entry_id)
+            await self.broker.deliveries.ack_delivery(self.frontend, entry.entry_id)
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task[None]], timeout_s: float = 10.0) -> None:

@@ -12,34 +12,30 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
+# Key names and their retention live in cluster/keys.py with every other Redis key; the bots
+# use them under these names.
+from cluster.keys import BOT_ALBUM_SEEN as ALBUM_SEEN
+from cluster.keys import BOT_ALBUM_SEEN_TTL_S as ALBUM_SEEN_TTL_S
+from cluster.keys import BOT_DELIVERED as DELIVERED
+from cluster.keys import BOT_DELIVERED_TTL_S as DELIVERED_TTL_S
+from cluster.keys import BOT_DRAFT as DRAFT
+from cluster.keys import BOT_DRAFT_TTL_S as DRAFT_TTL_S
+from cluster.keys import BOT_GROUP as GROUP
+from cluster.keys import BOT_POSTED as POSTED
+from cluster.keys import BOT_POSTED_HERE_TTL_S as POSTED_HERE_TTL_S
+from cluster.keys import BOT_POSTED_TTL_S as POSTED_TTL_S
+from cluster.keys import BOT_PREFIX as PREFIX
+from cluster.keys import BOT_PREFS as PREFS
+from cluster.keys import BOT_SEEN_UPDATE as SEEN_UPDATE
+from cluster.keys import BOT_SEEN_UPDATE_TTL_S as SEEN_UPDATE_TTL_S
+
 log = logging.getLogger(__name__)
 
-# Key names, each with its retention. They sit beside cluster/keys.py's streams (same prefix).
-PREFIX = "atelier:bot"
-# Personal preferences (JSON): kept until changed, no TTL.
-PREFS = PREFIX + ":{platform}:prefs:{user}"
-# A group's settings (JSON, set by its admins): kept until changed, no TTL.
-GROUP = PREFIX + ":{platform}:group:{chat}"
-# A finished job was posted: TTL DELIVERED_TTL_S, longer than any redelivery can come late.
-DELIVERED = PREFIX + ":{platform}:delivered:{job}"
-DELIVERED_TTL_S = 7 * 24 * 3600
-# One part of a result (a photo, an album) was posted: a delivery retried after flood control
-# or a restart skips it. TTL POSTED_TTL_S (the delivered marker takes over once all are out).
-POSTED = PREFIX + ":{platform}:posted:{job}:{part}"
-POSTED_TTL_S = 24 * 3600
-# The same marks in the bot process's memory (Posted.here): long enough for a delivery's
-# retries and the re-announcement of a job whose marks the state lost.
-POSTED_HERE_TTL_S = 3600
-# An album of photos was answered (only its captioned photo is used): TTL ALBUM_SEEN_TTL_S,
-# longer than Telegram takes to deliver one album's messages.
-ALBUM_SEEN = PREFIX + ":{platform}:album:{album}"
-ALBUM_SEEN_TTL_S = 3600
-# Plain text shown as a preview, waiting for its Imagine button: TTL DRAFT_TTL_S.
-DRAFT = PREFIX + ":{platform}:draft:{chat}:{draft}"
-DRAFT_TTL_S = 24 * 3600
-# A webhook update already handled: TTL SEEN_UPDATE_TTL_S (Telegram retries for ~hours).
-SEEN_UPDATE = PREFIX + ":{platform}:update:{update_id}"
-SEEN_UPDATE_TTL_S = 24 * 3600
+__all__ = [
+    "ALBUM_SEEN", "ALBUM_SEEN_TTL_S", "DELIVERED", "DELIVERED_TTL_S", "DRAFT", "DRAFT_TTL_S",
+    "GROUP", "POSTED", "POSTED_HERE_TTL_S", "POSTED_TTL_S", "PREFIX", "PREFS", "SEEN_UPDATE",
+    "SEEN_UPDATE_TTL_S", "BotState", "MemoryState", "RedisState", "make_state",
+]
 
 
 class BotState(ABC):

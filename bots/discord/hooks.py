@@ -12,16 +12,16 @@ from typing import Any
 
 import discord
 
-from bots.common.state import PREFIX, BotState
+from bots.common.state import BotState
+from cluster.keys import BOT_HOOK as HOOK
+from cluster.keys import BOT_HOOK_TTL_S
 
 PLATFORM = "discord"
-TOKEN_TTL = dt.timedelta(minutes=15)
+TOKEN_TTL = dt.timedelta(seconds=BOT_HOOK_TTL_S)  # 15 minutes
 # Stop using a token this long before Discord does: a request in flight must not straddle it.
 MARGIN = dt.timedelta(seconds=30)
-# A message reachable through an interaction token: JSON {token, created, limit}; TTL the
-# token's life (15 min), after which Discord refuses the token anyway.
-HOOK = PREFIX + ":" + PLATFORM + ":hook:{message}"
-HOOK_TTL_S = int(TOKEN_TTL.total_seconds())
+# The key (cluster/keys.py, as HOOK) lives as long as the token.
+HOOK_TTL_S = BOT_HOOK_TTL_S
 DEFAULT_SIZE_LIMIT = 10 * 1024 * 1024
 
 

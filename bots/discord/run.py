@@ -1,6 +1,6 @@
-"""Starting the Discord bot over a client and a broker the process already has (``atelier up``;
-``atelier.service.run_discord_bot`` for ``atelier bot discord``). Commands are synced with
-Discord only when asked (``sync``)."""
+"""Starting the Discord bot over a client, a broker and the bots' state the process already has
+(built by the composition root, atelier/app.py: ``atelier up``, or ``run_discord_bot`` for
+``atelier bot discord``). Commands are synced with Discord only when asked (``sync``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import aiohttp
 import discord
 
 from bots.common.logs import hide_in_logs, mask
-from bots.common.state import BotState, make_state
+from bots.common.state import BotState
 from bots.discord.bot import AtelierBot, use_endpoints
 from cluster.broker import Broker
 from cluster.client import Client
@@ -55,12 +55,10 @@ class RunningBot:
     """A started bot; ``stop()`` ends it (unsent deliveries stay pending for the next start)."""
 
     def __init__(
-        self, bot: AtelierBot, task: asyncio.Task[None], own_state: BotState | None,
-        stopping: asyncio.Event | None = None,
+        self, bot: AtelierBot, task: asyncio.Task[None], stopping: asyncio.Event | None = None,
     ) -> None:
         self.bot = bot
         self.task = task
-        self._own_state = own_state  # made by start_bot: closed here
         self._stopping = stopping or asyncio.Event()  # tells the gateway's supervisor
 
     @property
@@ -72,9 +70,6 @@ class RunningBot:
         await self.bot.close()
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(self.task, 10)
-        if self._own_state is not None:
-            await self._own_state.close()
-            self._own_state = None
 
 
 async def start_bot(
@@ -82,7 +77,7 @@ async def start_bot(
     client: Client,
     broker: Broker,
     *,
-    state: BotState | None = None,
+    state: BotState,
     sync: bool = False,
     guild_id: int | None = None,
     reconnect: bool = True,
@@ -90,16 +85,14 @@ async def start_bot(
 ) -> RunningBot:
     """Log in, connect to the gateway and wait until the bot is ready (``options`` go to
     ``AtelierBot``). ConfigError, with the token masked, if Discord refuses the token or cannot
-    be reached. ``sync``: register the slash commands first (``guild_id``: in that server)."""
+    be reached. ``sync``: register the slash commands first (``guild_id``: in that server).
+    ``state`` stays the caller's (atelier/app.py opens and closes it)."""
     if settings.discord_token is None:
         raise ConfigError("ATELIER_DISCORD_TOKEN is required to run the Discord bot")
     token = settings.discord_token.get_secret_value()
     hide_in_logs(token)
     count_rate_limits()
     use_endpoints(settings)
-    own_state: BotState | None = None
-    if state is None:
-        state = own_state = make_state(settings.redis_url if broker.kind == "redis" else None)
     bot = AtelierBot(settings, client, broker, state, **options)
     task: asyncio.Task[None] | None = None
     try:
@@ -120,7 +113,7 @@ async def start_bot(
             )
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            await RunningBot(bot, task or asyncio.create_task(asyncio.sleep(0)), own_state).stop()
+            await RunningBot(bot, task or asyncio.create_task(asyncio.sleep(0))).stop()
         if isinstance(exc, discord.LoginFailure):
             raise ConfigError(f"Discord refused ATELIER_DISCORD_TOKEN ({mask(str(exc))})") from None
         if isinstance(exc, aiohttp.ClientError | OSError):
@@ -140,4 +133,4 @@ async def start_bot(
         "discord gateway", lambda: next(connections, None) or bot.connect(reconnect=reconnect),
         stopping,
     ), name="discord-gateway-supervised")
-    return RunningBot(bot, gateway, own_state, stopping)
+    return RunningBot(bot, gateway, stopping)

@@ -1,7 +1,7 @@
-"""Running the Telegram bot: ``start_bot`` inside a process that has a client and a broker (passed
-in by ``atelier up`` over its single-box stack, or by ``atelier bot telegram``, a process of its
-own over the shared Redis and database: atelier/service.py). Long polling unless
-ATELIER_TELEGRAM_WEBHOOK_URL is set."""
+"""Running the Telegram bot: ``start_bot`` inside a process that has a client, a broker and the
+bots' state (built by the composition root, atelier/app.py: for ``atelier up`` over its
+single-box stack, or ``atelier bot telegram``, a process of its own over the shared Redis and
+database). Long polling unless ATELIER_TELEGRAM_WEBHOOK_URL is set."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application
 
 from bots.common.logs import mask
-from bots.common.state import BotState, make_state
+from bots.common.state import BotState
 from bots.telegram.app import build_application
 from bots.telegram.webhook import WebhookServer
 from cluster.broker import Broker
@@ -35,11 +35,9 @@ class RunningBot:
         self,
         app: Application,  # type: ignore[type-arg]
         webhook: WebhookServer | None,
-        own_state: BotState | None = None,
     ) -> None:
         self.app = app
         self.webhook = webhook
-        self._own_state = own_state  # made by start_bot: closed here
 
     @property
     def username(self) -> str:
@@ -53,9 +51,6 @@ class RunningBot:
         if self.app.running:
             await self.app.stop()
         await self.app.shutdown()
-        if self._own_state is not None:
-            await self._own_state.close()
-            self._own_state = None
 
 
 async def start_bot(
@@ -63,16 +58,13 @@ async def start_bot(
     client: Client,
     broker: Broker,
     *,
-    state: BotState | None = None,
+    state: BotState,
     poll_timeout: int = DEFAULT_POLL_TIMEOUT_S,
     **options: Any,
 ) -> RunningBot:
     """Build the Application (``options`` go to ``build_application``), reach Telegram and
     start taking updates. ConfigError, with the token masked, if Telegram refuses the token
-    or cannot be reached. Without ``state``, Redis-backed state where the broker is Redis."""
-    own_state: BotState | None = None
-    if state is None:
-        state = own_state = state_for(settings, broker)
+    or cannot be reached. ``state`` stays the caller's (atelier/app.py opens and closes it)."""
     app = build_application(settings, client, broker, state=state, **options)
     webhook: WebhookServer | None = None
     try:
@@ -103,7 +95,7 @@ async def start_bot(
             await app.start()
             log.info("telegram bot @%s: long polling", app.bot.username)
     except BaseException as exc:
-        await _abandon(RunningBot(app, webhook, own_state))
+        await _abandon(RunningBot(app, webhook))
         if isinstance(exc, InvalidToken):
             raise ConfigError(
                 f"Telegram refused ATELIER_TELEGRAM_TOKEN ({mask(str(exc))})"
@@ -116,7 +108,7 @@ async def start_bot(
         if isinstance(exc, TelegramError):
             raise ConfigError(f"Telegram refused to start the bot: {mask(str(exc))}") from None
         raise
-    return RunningBot(app, webhook, own_state)
+    return RunningBot(app, webhook)
 
 
 async def _abandon(bot: RunningBot) -> None:
@@ -124,7 +116,3 @@ async def _abandon(bot: RunningBot) -> None:
     with contextlib.suppress(Exception):
         await bot.stop()
 
-
-def state_for(settings: Settings, broker: Broker) -> BotState:
-    """Redis-backed bot state where the broker is Redis; in-process where it fell back."""
-    return make_state(settings.redis_url if broker.kind == "redis" else None)

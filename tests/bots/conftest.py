@@ -23,8 +23,10 @@ from cluster.client import Client
 from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
+from core.prompts import default_blocklist
 from core.request import GenerationRequest
 from core.settings import Settings, load_settings
+from core.styles import default_registry
 from engine.tiny import make_tiny_models
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, upgrade
@@ -129,6 +131,8 @@ class Stack:
             blobs=self.blobs,
             models=self.registry,
             poll_interval_s=0.2,
+            styles=default_registry(),
+            blocklist=default_blocklist(),
         )
         self.bot: RunningBot | None = None
         self.app: Any = None
@@ -158,7 +162,7 @@ class Stack:
         # Submit accepts a model once a worker has said it can load it (before any has, only
         # when this box has its files, which the bot's data dir here has not): wait for that.
         async with asyncio.timeout(30):
-            while not await self.broker.worker_models():
+            while not await self.broker.registry.worker_models():
                 await asyncio.sleep(0.05)
 
     async def stop_dispatcher(self) -> None:

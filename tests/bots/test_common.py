@@ -119,8 +119,8 @@ async def test_delivery_loop_waits_out_retry_after_then_acks_once(redis_url: str
     event = JobEvent(EventKind.failed, "job-1", reason="boom", delivery=delivery)
     loop.start()
     try:
-        await broker.publish_delivery("telegram", event.to_fields())
-        await broker.publish_delivery("telegram", event.to_fields())  # a duplicate
+        await broker.deliveries.publish_delivery("telegram", event.to_fields())
+        await broker.deliveries.publish_delivery("telegram", event.to_fields())  # a duplicate
         for _ in range(50):
             if len(calls) >= 3:
                 break
@@ -132,7 +132,8 @@ async def test_delivery_loop_waits_out_retry_after_then_acks_once(redis_url: str
     assert len(calls) == 3 and calls[2] - calls[0] >= 0.4
     leftover = RedisBroker(redis_url, claim_idle_ms=1)
     try:
-        assert await leftover.claim_stale_deliveries("telegram", "t2", min_idle_ms=0) == []
+        stale = await leftover.deliveries.claim_stale_deliveries("telegram", "t2", min_idle_ms=0)
+        assert stale == []
     finally:
         await leftover.close()
 

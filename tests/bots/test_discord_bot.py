@@ -97,6 +97,8 @@ async def test_a_refused_token_is_a_config_error_without_the_token(
         discord_backend.settings.data_dir.parent, redis_url, fake, discord_token=wrong
     )
     with pytest.raises(ConfigError) as info:
-        await start_bot(settings, discord_backend.client, discord_backend.broker)
+        await start_bot(
+            settings, discord_backend.client, discord_backend.broker, state=discord_backend.state
+        )
     assert "ATELIER_DISCORD_TOKEN" in str(info.value)
     assert wrong not in str(info.value)

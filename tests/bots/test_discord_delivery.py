@@ -190,7 +190,7 @@ async def test_a_bot_stopped_while_the_job_runs_posts_once(discord_stack: Discor
     assert await discord_stack.state.get(marker)
     # A re-announcement of the finished job is acked without posting again.
     event = terminal_event(await discord_stack.client.job(job.id), [])
-    await discord_stack.broker.publish_delivery("discord", event.to_fields())
+    await discord_stack.broker.deliveries.publish_delivery("discord", event.to_fields())
     await asyncio.sleep(1.0)
     assert len(images_of(fake, inter.token)) == 1
     stored = await discord_stack.client.job(job.id)

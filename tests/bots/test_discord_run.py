@@ -15,9 +15,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from atelier.app import local_stack, start_bots
 from atelier.cli import app as cli
-from atelier.serve import _start_bots
-from atelier.service import local_stack
 from testing.discord import payloads as p
 from testing.discord.server import TOKEN
 from tests.bots.discord_conftest import DiscordStack, discord_settings_for
@@ -159,7 +158,7 @@ async def test_atelier_up_starts_the_discord_bot_when_its_token_is_set(
     fake = discord_backend.fake
     settings = discord_settings_for(tmp_path, str(discord_backend.settings.redis_url), fake)
     async with local_stack(settings, workers=False, dispatcher=False) as stack:
-        bots = await _start_bots(settings, stack)
+        bots = await start_bots(settings, stack)
         try:
             assert [name for name, _ in bots] == ["discord (atelier)"]
             help_ = await fake.slash(42, "help")

@@ -61,7 +61,7 @@ async def test_restart_while_delivering_posts_once(stack: Stack) -> None:
 
     # The dispatcher may publish a finished job again: the bot acks it without posting.
     event = terminal_event(await stack.client.job(job.id), [])
-    await stack.broker.publish_delivery("telegram", event.to_fields())
+    await stack.broker.deliveries.publish_delivery("telegram", event.to_fields())
     await asyncio.sleep(1.0)
     assert len(fake.calls_of("sendPhoto", chat=user)) == 1
 

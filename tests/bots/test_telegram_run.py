@@ -15,9 +15,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from atelier.app import local_stack, run_telegram_bot, start_bots
 from atelier.cli import app as cli
-from atelier.serve import _start_bots
-from atelier.service import local_stack, run_telegram_bot
 from bots.telegram.run import start_bot
 from bots.telegram.webhook import SECRET_HEADER
 from cluster.dispatcher import Dispatcher, Pacing
@@ -33,7 +32,7 @@ async def test_atelier_up_starts_the_bot_over_its_local_stack(backend: Stack) ->
     fake, user = backend.fake, 5001
     # The single-box stack without Ray (the test's dispatcher and worker run the jobs).
     async with local_stack(backend.settings, workers=False, dispatcher=False) as stack:
-        bots = await _start_bots(backend.settings, stack)
+        bots = await start_bots(backend.settings, stack)
         assert [name for name, _ in bots] == ["telegram (@atelier_test_bot)"]
         try:
             await fake.send(user, f"/imagine a kite over dunes {TINY}")
@@ -74,9 +73,9 @@ async def test_atelier_up_without_redis_runs_the_bot_on_the_in_process_broker(
         # The tiny model is the worker's, not in this bot's data dir: submit accepts it once
         # the dispatcher has published what its worker can load.
         async with asyncio.timeout(30):
-            while not await stack.broker.worker_models():
+            while not await stack.broker.registry.worker_models():
                 await asyncio.sleep(0.05)
-        bots = await _start_bots(settings, stack)
+        bots = await start_bots(settings, stack)
         try:
             await fake.send(user, f"/imagine a lamp in a window {TINY}")
             await fake.wait_call("sendPhoto", chat=user)
@@ -100,7 +99,7 @@ async def test_atelier_up_without_a_token_starts_no_bot(backend: Stack, tmp_path
         tmp_path, str(backend.settings.redis_url), backend.fake, telegram_token=None
     )
     async with local_stack(settings, workers=False, dispatcher=False) as stack:
-        assert await _start_bots(settings, stack) == []
+        assert await start_bots(settings, stack) == []
     assert not backend.fake.calls
 
 
@@ -167,7 +166,7 @@ async def test_a_refused_token_is_one_line_without_the_token(
         tmp_path, str(backend.settings.redis_url), backend.fake, telegram_token=wrong
     )
     with pytest.raises(ConfigError) as err:
-        await start_bot(settings, backend.client, backend.broker)
+        await start_bot(settings, backend.client, backend.broker, state=backend.state)
     assert "ATELIER_TELEGRAM_TOKEN" in err.value.message
     assert wrong not in err.value.message
 
@@ -182,7 +181,7 @@ async def test_an_unreachable_api_is_one_line(backend: Stack, tmp_path: Path) ->
         telegram_file_base_url=f"{closed}/file/bot",
     )
     with pytest.raises(ConfigError) as err:
-        await start_bot(settings, backend.client, backend.broker)
+        await start_bot(settings, backend.client, backend.broker, state=backend.state)
     assert "ATELIER_TELEGRAM_API_BASE_URL" in err.value.message
     assert TOKEN not in err.value.message
 

@@ -59,7 +59,9 @@ class Cluster:
         return transaction(self.sessions)
 
     async def deliveries(self, frontend: str) -> list[JobEvent]:
-        entries = await self.broker.read_deliveries(frontend, "tests", count=1000, block_ms=0)
+        entries = await self.broker.deliveries.read_deliveries(
+            frontend, "tests", count=1000, block_ms=0
+        )
         return [JobEvent.from_fields(e.event) for e in entries]
 
     async def wait_all(self, job_ids: list[str], timeout: float = 60) -> dict[str, JobEvent]:

@@ -14,6 +14,7 @@ from cluster.registry import ModelRegistry
 from core.adapters import AdapterRef
 from core.errors import ConfigError, InvalidRequest
 from core.jobs import Requester
+from core.prompts import default_blocklist
 from core.request import GenerationRequest
 from core.settings import Settings
 from core.styles import StyleRegistry
@@ -130,6 +131,7 @@ def client(registry: ModelRegistry, settings: Settings) -> Client:
         settings=settings, session_factory=session_factory(make_engine("sqlite://")),
         broker=MemoryBroker(), blobs=BlobStore.from_settings(settings), styles=styles,
         models=registry,
+        blocklist=default_blocklist(),
     )
 
 

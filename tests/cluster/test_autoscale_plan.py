@@ -167,9 +167,9 @@ async def test_two_dispatchers_ask_for_the_union_of_their_queues(
     # b stops: its demand goes, what a still needs stays asked for.
     await b.close()
     assert asked_b[-1] == [{"device:a100-80gb": 1.0, "CPU": 1.0, "GPU": 1.0}]
-    assert set(await broker.demand()) == {"d-a"}
+    assert set(await broker.registry.demand()) == {"d-a"}
     # Jobs queued for a class on another dispatcher keep a's idle check from releasing it.
-    await broker.publish_demand("d-c", {"rtx4090-24gb": {"queued": 5}}, 30)
+    await broker.registry.publish_demand("d-c", {"rtx4090-24gb": {"queued": 5}}, 30)
     await a.tick({}, pool)
     assert a.total["rtx4090-24gb"]["queued"] == 5
 

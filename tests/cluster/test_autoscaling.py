@@ -19,7 +19,7 @@ import pytest
 import ray
 from ray._private import ray_constants
 
-from atelier.service import make_client, make_dispatcher
+from atelier.app import make_client, make_dispatcher
 from cluster.broker_memory import MemoryBroker
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Pacing
 from cluster.placement import WorkerPool, ray_discovery

@@ -27,9 +27,11 @@ from cluster.contract import device_resource, init_local_ray
 from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pacing
 from cluster.events import EventKind
 from cluster.placement import WorkerPool
-from cluster.registry import DEMO_MODEL_DIR
+from cluster.registry import DEMO_MODEL_DIR, ModelRegistry
+from core.prompts import default_blocklist
 from core.request import GenerationRequest, JobKind
 from core.settings import Settings, Tier, load_settings
+from core.styles import default_registry
 from engine.actor import spawn_worker
 from engine.demo.quality import adherence, held_out
 from engine.demo.scenes import Scene, Shape, parse_caption, render
@@ -77,7 +79,10 @@ async def demo(demo_settings: Settings, db_engine: Engine, demo_worker: Any
     blobs = BlobStore.from_settings(demo_settings)
     broker = MemoryBroker()
     client = Client(settings=demo_settings, session_factory=sessions, broker=broker, blobs=blobs,
-                    poll_interval_s=0.2)
+                    poll_interval_s=0.2,
+                    models=ModelRegistry.load(demo_settings),
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     dispatcher = Dispatcher(
         # A wide gathering window: the eight submissions below land in one batch.
         dispatch=demo_settings.dispatch.model_copy(update={

@@ -45,7 +45,9 @@ from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool, ray_discovery
 from cluster.registry import ModelRegistry
 from core.jobs import JobStatus
+from core.prompts import default_blocklist
 from core.settings import Settings, Tier, WorkerConfig, load_settings
+from core.styles import default_registry
 from engine.actor import spawn_worker
 from engine.devices import DeviceProfile
 from storage import jobs as job_repo
@@ -282,6 +284,8 @@ def make_stack(
     client = Client(
         settings=settings, session_factory=sessions, broker=broker, blobs=blobs, models=models,
         poll_interval_s=0.1,
+        styles=default_registry(),
+        blocklist=default_blocklist(),
     )
     pool = WorkerPool(discover=ray_discovery(WORKER_NAME_PREFIX), host_memory_gb=32)
     dispatcher = Dispatcher(
@@ -379,7 +383,7 @@ async def delivered(redis_url: str, job_ids: list[str]) -> bool:
 
 
 async def nothing_pending(broker: Broker) -> bool:
-    return await broker.pending_count() == 0 and await broker.queue_depth() == 0
+    return await broker.jobs.pending_count() == 0 and await broker.jobs.queue_depth() == 0
 
 
 async def delivered_once(
@@ -451,7 +455,7 @@ async def test_a_job_failing_on_every_worker_is_dead_lettered_and_refunded(
     # The row is settled first; the dead-letter entry follows the delivery (settle, announce,
     # then dead-letter instead of ack): wait for it a little.
     deadline = time.monotonic() + 15
-    while not (dead := await stack.broker.dead_letters(10)) and time.monotonic() < deadline:
+    while not (dead := await stack.broker.jobs.dead_letters(10)) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert [d["job_id"] for d in dead] == [poison.job_id]
     assert f"gave up after {MAX_ATTEMPTS} attempts" in dead[0]["reason"]

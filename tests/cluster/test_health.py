@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from atelier.service import serve_metrics, shared_stack
+from atelier.app import serve_metrics, shared_stack
 from cluster.health import Probe, asgi_app, with_probe
 from core import metrics
 from core.logs import JobFilter, JsonFormatter, job_context

@@ -8,7 +8,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
-from atelier.service import local_stack
+from atelier.app import local_stack
 from core.jobs import DeliveryTarget, Requester
 from core.request import GenerationRequest
 from core.settings import load_settings

@@ -38,8 +38,10 @@ from core.errors import (
     RateLimited,
 )
 from core.jobs import JobStatus, Requester
+from core.prompts import default_blocklist
 from core.request import GenerationRequest, JobKind
 from core.settings import Settings, Tier, load_settings
+from core.styles import default_registry
 from engine.actor import spawn_worker
 from engine.devices import DeviceProfile
 from storage import jobs as job_repo
@@ -150,6 +152,8 @@ async def cluster(
     client = Client(
         settings=settings, session_factory=sessions, broker=broker, blobs=blobs, models=models,
         poll_interval_s=0.2,
+        styles=default_registry(),
+        blocklist=default_blocklist(),
     )
     dispatcher = Dispatcher(
         dispatch=settings.dispatch.model_copy(
@@ -287,7 +291,7 @@ async def test_cancel_before_start_releases_the_credits(cluster: Cluster) -> Non
     assert end.kind is EventKind.cancelled
     # The dispatcher drops the entry and tells the front end once; nothing ran.
     for _ in range(50):
-        if await cluster.broker.pending_count() == 0 and await cluster.deliveries("telegram"):
+        if await cluster.broker.jobs.pending_count() == 0 and await cluster.deliveries("telegram"):
             break
         await asyncio.sleep(0.1)
     assert not cluster.dispatcher.batches
@@ -453,7 +457,7 @@ async def test_a_model_no_worker_can_load_is_refused_at_submit_for_nothing(
     # 2. Once the dispatcher published what its worker can load, the union of that decides.
     cluster.start()
     async with asyncio.timeout(10):
-        while not await cluster.broker.worker_models():
+        while not await cluster.broker.registry.worker_models():
             await asyncio.sleep(0.05)
     assert await cluster.client.available_models() == ["demo", "tiny", "tiny-xl", "huge"]
     with pytest.raises(ModelUnavailable, match="'absent' is not available on any worker"):
@@ -485,9 +489,9 @@ async def test_a_job_naming_no_model_gets_the_demo_model_while_the_default_is_mi
     with cluster.session() as s:
         assert job_repo.get_job(session=s, job_id=job.job_id).request.model == "demo"
     # Once a worker that can load the default has told, the default is the default again.
-    await cluster.broker.publish_worker_models("big-gpu", ["sd15", "demo"], ttl_s=60)
+    await cluster.broker.registry.publish_worker_models("big-gpu", ["sd15", "demo"], ttl_s=60)
     assert await client.default_model() == "sd15"
-    await cluster.broker.publish_worker_models("big-gpu", ["demo"], ttl_s=60)
+    await cluster.broker.registry.publish_worker_models("big-gpu", ["demo"], ttl_s=60)
     assert await client.default_model() == "demo"
     # A model named is never swapped.
     named = await client.with_default_model(GenerationRequest(prompt="x", model="tiny"))
@@ -521,15 +525,15 @@ async def test_the_model_s_defaults_apply_to_what_the_person_left_out(cluster: C
 
 async def test_a_job_the_broker_never_got_is_enqueued_by_the_reconciler(cluster: Cluster) -> None:
     alice = who("alice")
-    real_enqueue = cluster.broker.enqueue
+    real_enqueue = cluster.broker.jobs.enqueue
 
     async def down(job_id: str, fields: Any = None) -> str:
         raise BrokerUnavailable("Redis is restarting")
 
-    cluster.broker.enqueue = down  # type: ignore[method-assign]
+    cluster.broker.jobs.enqueue = down  # type: ignore[method-assign]
     sub = await submit(cluster, alice, req())
-    cluster.broker.enqueue = real_enqueue  # type: ignore[method-assign]
-    assert await cluster.broker.queue_depth() == 0
+    cluster.broker.jobs.enqueue = real_enqueue  # type: ignore[method-assign]
+    assert await cluster.broker.jobs.queue_depth() == 0
     cluster.start()  # its first reconcile finds the job the broker lacks
     assert (await asyncio.wait_for(cluster.client.wait(sub.job_id), 20)).kind is EventKind.done
     assert captures(cluster, sub.job_id) == 1
@@ -541,7 +545,7 @@ async def test_a_delivery_retry_stops_once_the_job_is_marked_delivered(cluster: 
     wakes after the front end marked the job delivered (it got the result another way, a
     re-announcement say) must not publish a late copy."""
     alice = who("alice")
-    real_publish = cluster.broker.publish_delivery
+    real_publish = cluster.broker.deliveries.publish_delivery
     tries: list[str] = []
     broker_up = asyncio.Event()
 
@@ -551,7 +555,7 @@ async def test_a_delivery_retry_stops_once_the_job_is_marked_delivered(cluster: 
             raise BrokerUnavailable("Redis is restarting")
         return await real_publish(frontend, event)
 
-    cluster.broker.publish_delivery = flaky  # type: ignore[method-assign]
+    cluster.broker.deliveries.publish_delivery = flaky  # type: ignore[method-assign]
     cluster.start()
     first = await submit(cluster, alice, req())
     deadline = time.monotonic() + 30
@@ -571,13 +575,13 @@ async def test_an_abandoned_entry_is_claimed_and_finished(cluster: Cluster) -> N
     """A dispatcher that read a job and died: another claims the entry and runs it once."""
     alice = who("alice")
     sub = await submit(cluster, alice, req())
-    [ghost] = await cluster.broker.read_jobs("ghost", count=1)
+    [ghost] = await cluster.broker.jobs.read_jobs("ghost", count=1)
     with cluster.session() as s:  # the ghost had started it
         job_repo.set_status(session=s, job_id=sub.job_id, status=JobStatus.running)
     cluster.start()
     end = await asyncio.wait_for(cluster.client.wait(sub.job_id), 30)
     assert end.kind is EventKind.done and captures(cluster, sub.job_id) == 1
-    assert await cluster.broker.pending_count() == 0
+    assert await cluster.broker.jobs.pending_count() == 0
     with cluster.session() as s:
         assert s.exec(select(Job.attempts).where(col(Job.id) == sub.job_id)).one() == 1
     assert ghost.job_id == sub.job_id
@@ -595,7 +599,9 @@ async def test_a_restarted_dispatcher_takes_back_its_jobs_in_flight_at_once(
     broker = RedisBroker(redis_url, claim_idle_ms=claim_ms)
     pool = await WorkerPool.from_handles([worker], host_memory_gb=32)
     client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
-                    models=models, poll_interval_s=0.2)
+                    models=models, poll_interval_s=0.2,
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     dispatcher = Dispatcher(
         dispatch=settings.dispatch.model_copy(
             update={"gather_window_ms": 50, "job_timeout_s": 60, "claim_timeout_ms": claim_ms}),
@@ -609,7 +615,7 @@ async def test_a_restarted_dispatcher_takes_back_its_jobs_in_flight_at_once(
     # What the killed process left: both entries pending under its name (read, not acked),
     # "ours" running under its name with a fresh lease; "theirs" since taken by another live
     # dispatcher (a duplicate entry, say) whose lease is fresh too.
-    entries = await broker.read_jobs("box-up", count=2)
+    entries = await broker.jobs.read_jobs("box-up", count=2)
     assert sorted(e.job_id for e in entries) == sorted([ours.job_id, theirs.job_id])
     now = utcnow()
     with c.session() as s:
@@ -630,7 +636,7 @@ async def test_a_restarted_dispatcher_takes_back_its_jobs_in_flight_at_once(
         # The other dispatcher's job: not run again here (its entry acked as a duplicate).
         assert (left.status, left.attempts, left.owner) == (JobStatus.running, 1, "elsewhere")
         assert [b.job_ids for b in dispatcher.batches] == [(ours.job_id,)]
-        assert await broker.pending_count() == 0
+        assert await broker.jobs.pending_count() == 0
     finally:
         await c.close()
         await broker.close()

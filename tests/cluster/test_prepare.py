@@ -10,11 +10,13 @@ import pytest
 
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
+from cluster.registry import ModelRegistry
 from core.errors import ContentBlocked, PromptTooLong
 from core.jobs import Requester
 from core.prompts import Blocklist
 from core.request import GenerationRequest
 from core.settings import load_settings
+from core.styles import default_registry
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory
 
@@ -27,6 +29,8 @@ def _client(tmp_path: Path) -> Client:
         settings=settings, session_factory=session_factory(make_engine("sqlite://")),
         broker=MemoryBroker(), blobs=BlobStore(tmp_path / "blobs"),
         blocklist=Blocklist(never=["forbiddenword"]),
+        models=ModelRegistry.load(settings),
+        styles=default_registry(),
     )
 
 

@@ -20,7 +20,9 @@ from cluster.events import EventKind, JobEvent
 from cluster.placement import WorkerPool
 from core.errors import Conflict
 from core.jobs import JobStatus
+from core.prompts import default_blocklist
 from core.settings import Settings
+from core.styles import default_registry
 from storage.blobs import BlobStore
 from storage.db import session_factory
 from tests.cluster.conftest import TinyModels
@@ -47,7 +49,9 @@ async def stack(
     # told) this machine, can load.
     models = tiny_models.registry
     client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
-                    models=models, poll_interval_s=0.1)
+                    models=models, poll_interval_s=0.1,
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     # No workers: the jobs here are cancelled while queued, so the dispatcher only settles and
     # announces them. A long grace period: only a broker restart re-announces in these tests.
     dispatcher = Dispatcher(
@@ -205,7 +209,7 @@ async def test_an_entry_of_a_job_marked_delivered_is_acked_not_announced(
     stack.start()
     events = await until_on_stream(url, {undelivered})
     deadline = time.monotonic() + 15
-    while await stack.broker.queue_depth() + await stack.broker.pending_count():
+    while await stack.broker.jobs.queue_depth() + await stack.broker.jobs.pending_count():
         assert time.monotonic() < deadline, "the entries were not acked"
         await asyncio.sleep(0.05)
     assert [e.job_id for e in await on_stream(url)] == [undelivered]

@@ -19,16 +19,16 @@ import pytest
 import ray
 from PIL import Image
 
-from atelier.service import (
+from atelier.app import (
     device_resources,
     local_stack,
     make_client,
     open_broker,
     open_db,
     run_dispatcher,
+    serve_web,
     shared_stack,
 )
-from atelier.webserver import serve_web
 from bench.chaos_services import Postgres
 from cluster.broker import JobEntry
 from cluster.client import Client
@@ -134,10 +134,10 @@ async def test_atelier_up_rides_out_a_postgresql_restart(
         first = await _job(stack.client, 1)
         # An entry arriving while the store is down (a duplicate of the first job, as a
         # reconcile pass makes) is decided once it is back: acked, not left pending.
-        await _restart(pg, readyz, caplog, lambda: stack.broker.enqueue(first, {"dup": "1"}))
+        await _restart(pg, readyz, caplog, lambda: stack.broker.jobs.enqueue(first, {"dup": "1"}))
         await _job(stack.client, 2)
         deadline = asyncio.get_running_loop().time() + 20
-        while await stack.broker.pending_count() or await stack.broker.queue_depth():
+        while await stack.broker.jobs.pending_count() or await stack.broker.jobs.queue_depth():
             assert asyncio.get_running_loop().time() < deadline, "an entry was left behind"
             await asyncio.sleep(0.2)
 
@@ -241,7 +241,7 @@ async def test_the_web_deliveries_loop_waits_out_a_postgresql_restart(
             ))
             # Its announcement is read while PostgreSQL is down: confirming it fails.
             await asyncio.to_thread(pg.stop, "immediate")
-            await broker.publish_delivery(FRONTEND, terminal_event(job, []).to_fields())
+            await broker.deliveries.publish_delivery(FRONTEND, terminal_event(job, []).to_fields())
             loop = asyncio.create_task(settle_deliveries(client, stop))
             deadline = asyncio.get_running_loop().time() + 20
             while "web deliveries: store unavailable (OperationalError" not in caplog.text:

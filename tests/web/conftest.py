@@ -16,7 +16,10 @@ from sqlmodel import Session
 
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
+from cluster.registry import ModelRegistry
+from core.prompts import default_blocklist
 from core.settings import Settings, load_settings
+from core.styles import default_registry
 from storage.blobs import BlobStore
 from tests.storage.conftest import db_url, engine, factory, pg_admin  # noqa: F401 - fixtures
 from web.app import create_app
@@ -61,9 +64,12 @@ async def web(
     broker = MemoryBroker()
     # A worker that can load the tiny models, as its dispatcher would publish it (these routes
     # submit jobs; no worker runs them here).
-    await broker.publish_worker_models("web-test", ["tiny", "tiny-xl"], ttl_s=3600)
+    await broker.registry.publish_worker_models("web-test", ["tiny", "tiny-xl"], ttl_s=3600)
     client = Client(settings=web_settings, session_factory=factory, broker=broker, blobs=blobs,
-                    poll_interval_s=0.1)
+                    poll_interval_s=0.1,
+                    models=ModelRegistry.load(web_settings),
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     clock = Clock(datetime.now(UTC))
     ctx = WebContext(settings=web_settings, sessions=factory, blobs=blobs, client=client,
                      now=clock)

@@ -26,7 +26,9 @@ from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from core.infotext import parse_infotext, read_png_infotext
+from core.prompts import default_blocklist
 from core.settings import Settings, load_settings
+from core.styles import default_registry
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, upgrade
 from tests.conftest import service_missing
@@ -71,7 +73,9 @@ async def live(tmp_path: Path, web_ray_worker: Any, web_tiny_dir: Path) -> Async
         default="tiny")
     broker = MemoryBroker()
     client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
-                    models=registry, poll_interval_s=0.2)
+                    models=registry, poll_interval_s=0.2,
+                    styles=default_registry(),
+                    blocklist=default_blocklist(),)
     dispatcher = Dispatcher(
         dispatch=settings.dispatch.model_copy(update={"gather_window_ms": 20}),
         sessions=sessions, broker=broker, blobs=blobs,

@@ -273,7 +273,7 @@ async def test_web_deliveries_are_confirmed_and_acked(web: Web) -> None:
     with transaction(web.sessions) as s:  # as the dispatcher leaves it
         job_repo.set_status(session=s, job_id=job_id, status=JobStatus.running)
         job_repo.set_status(session=s, job_id=job_id, status=JobStatus.succeeded)
-    await web.client.broker.publish_delivery(FRONTEND, {"v": "1", "kind": "done",
+    await web.client.broker.deliveries.publish_delivery(FRONTEND, {"v": "1", "kind": "done",
                                                         "job_id": job_id})
     assert (await web.client.job(job_id)).delivered_at is None
     assert await settle_once(web.client) == 1

@@ -14,11 +14,14 @@ import httpx
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
-from cluster.broker import Broker, rate_window
+from cluster.broker import Broker
 from cluster.broker_memory import MemoryBroker
 from cluster.broker_redis import RedisBroker
 from cluster.client import Client
+from cluster.registry import ModelRegistry
+from core.prompts import default_blocklist
 from core.settings import Settings, WebRate, load_settings
+from core.styles import default_registry
 from storage import apikeys
 from storage.blobs import BlobStore
 from storage.db import transaction
@@ -26,6 +29,7 @@ from tests.web.conftest import BASE
 from tests.web.helpers import make_person
 from web.app import create_app
 from web.context import WebContext
+from web.ratelimit import rate_window
 
 WINDOW_S = 600.0
 App = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -54,7 +58,9 @@ def app_factory(settings: Settings, sessions: sessionmaker[Session]) -> App:
     async def open_app(broker: Broker, address: str = "127.0.0.1") -> AsyncIterator[
             httpx.AsyncClient]:
         blobs = BlobStore.from_settings(settings)
-        client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs)
+        client = Client(settings=settings, session_factory=sessions, broker=broker, blobs=blobs,
+                        models=ModelRegistry.load(settings), styles=default_registry(),
+                        blocklist=default_blocklist())
         app = create_app(WebContext(settings=settings, sessions=sessions, blobs=blobs,
                                     client=client))
         transport = httpx.ASGITransport(app=app, client=(address, 40000))

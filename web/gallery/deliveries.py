@@ -23,15 +23,15 @@ async def settle_once(client: Client, *, block_ms: int = 0) -> int:
     """Confirm and ack what is waiting on the web stream (new entries, and any another web
     process left unacked); returns how many entries were settled."""
     broker = client.broker
-    entries: list[DeliveryEntry] = await broker.read_deliveries(
+    entries: list[DeliveryEntry] = await broker.deliveries.read_deliveries(
         FRONTEND, CONSUMER, count=50, block_ms=block_ms
     )
-    entries += await broker.claim_stale_deliveries(FRONTEND, CONSUMER, count=50)
+    entries += await broker.deliveries.claim_stale_deliveries(FRONTEND, CONSUMER, count=50)
     for entry in entries:
         job_id = entry.event.get("job_id", "")
         with contextlib.suppress(AtelierError):  # unknown or unfinished: nothing to confirm
             await client.mark_delivered(job_id)
-        await broker.ack_delivery(FRONTEND, entry.entry_id)
+        await broker.deliveries.ack_delivery(FRONTEND, entry.entry_id)
     return len(entries)
 
 

@@ -23,7 +23,9 @@ from cluster.dispatcher import Dispatcher, Pacing
 from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from core.jobs import Requester
+from core.prompts import default_blocklist
 from core.settings import Settings, load_settings
+from core.styles import default_registry
 from engine.tiny import (
     make_tiny_controlnet,
     make_tiny_embedding,
@@ -107,6 +109,8 @@ class WebStack:
         self.client = Client(
             settings=settings, session_factory=self.sessions, broker=self.broker,
             blobs=self.blobs, models=self.registry, poll_interval_s=0.2,
+            styles=default_registry(),
+            blocklist=default_blocklist(),
         )
         self.ctx = WebContext(
             settings=settings, sessions=self.sessions, blobs=self.blobs, client=self.client
