@@ -210,7 +210,7 @@ class DiscordPort:
         job's interaction token lives, else in the channel, else by DM to the asker."""
         if not pictures or await posted.has("1"):
             return
-        job = await self.bot.client.job(posted.job_id)
+        job = await self.bot.client.jobs.job(posted.job_id)
         owner = job.delivery.extra.get("owner", "")
         hook = await self.hooks.get(job.delivery.message_id)
         limit = hook.size_limit if hook is not None else self._size_limit(chat_id)

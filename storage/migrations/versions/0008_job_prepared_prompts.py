@@ -1,0 +1,30 @@
+"""Jobs: prompts_json, the (prompt, negative) pairs admission prepared for the model.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-07
+
+Admission prepares a request once (styles, blocklist, quality terms, token estimate) and the
+worker uses that result instead of preparing the prompt again (issue 22). Rows from before this
+migration have none: the worker prepares theirs as it did.
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0008"
+down_revision: str | Sequence[str] | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column("jobs", sa.Column("prompts_json", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    # SQLite drops a column by copying the table; batch mode does that (PostgreSQL: ALTER).
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("prompts_json")
