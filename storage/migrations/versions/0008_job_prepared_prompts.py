@@ -25,6 +25,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # SQLite drops a column by copying the table; batch mode does that (PostgreSQL: ALTER).
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("prompts_json")
+    # Plain ALTER on both (SQLite >= 3.35): batch mode's copy of the table would trip the
+    # images' foreign key on a database with jobs.
+    op.execute("ALTER TABLE jobs DROP COLUMN prompts_json")
