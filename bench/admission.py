@@ -89,19 +89,16 @@ def _instrument(counts: Counts, db: Any) -> None:
     event.listen(db, "begin", lambda conn: counts.add("db transactions"))
     # Preparing: a request (the method admission calls), its prompts, the blocklist.
     _wrap(core.prompts.Blocklist, "check", counts, "blocklist checks")
-    for module_name in ("cluster.client", "cluster.jobs"):
-        try:
-            module = __import__(module_name, fromlist=["prepare_prompt"])
-        except ImportError:
-            continue  # cluster.jobs is not there before
-        if hasattr(module, "prepare_prompt"):
-            _wrap(module, "prepare_prompt", counts, "prompts prepared")
-    try:
-        from cluster.jobs import Jobs
-        _wrap(Jobs, "prepare", counts, "requests prepared")
-    except ImportError:
-        from cluster.client import Client
-        _wrap(Client, "prepare", counts, "requests prepared")
+    import cluster.client
+
+    if hasattr(cluster.client, "Jobs"):  # one admission: cluster/jobs.py prepares
+        import cluster.jobs
+
+        _wrap(cluster.jobs, "prepare_prompt", counts, "prompts prepared")
+        _wrap(cluster.jobs.Jobs, "prepare", counts, "requests prepared")
+    else:  # before: the client did
+        _wrap(cluster.client, "prepare_prompt", counts, "prompts prepared")
+        _wrap(cluster.client.Client, "prepare", counts, "requests prepared")
 
 
 async def _measure(redis_url: str, requests: int) -> dict[str, Any]:
@@ -109,31 +106,33 @@ async def _measure(redis_url: str, requests: int) -> dict[str, Any]:
     from atelier.service import make_client, open_db
     from cluster.broker_redis import RedisBroker
     from cluster.registry import ModelRegistry
-    from cluster.tiny import make_tiny_models
     from core.jobs import DeliveryTarget, Requester
     from core.request import GenerationRequest
-    from core.settings import load_settings
+    from core.settings import Tier, load_settings
     from storage.db import upgrade
 
     with tempfile.TemporaryDirectory(prefix="atelier-admission-") as tmp:
         data = Path(tmp)
-        make_tiny_models(data / "models", seed=0)
-        settings = load_settings(data_dir=data, redis_url=redis_url, _env_file=None)
+        settings = load_settings(  # no job runs here: a tier that queues them all
+            data_dir=data, redis_url=redis_url, _env_file=None, default_tier="bench",
+            tiers={"bench": Tier(daily_allowance=10**6, concurrency=10**4, max_side=1024)},
+        )
         upgrade(settings.db_url)
-        registry = ModelRegistry.load(settings).with_models(default="tiny")
+        # The shipped registry (a default and the demo model as its fallback); the workers
+        # can load the demo model, so a prompt naming none runs on it.
+        registry = ModelRegistry.load(settings)
         with open_db(settings) as (db, sessions):
             broker = RedisBroker(redis_url)
             client = make_client(settings, sessions, broker, models=registry)
-            # What a dispatcher publishes: the workers can load tiny.
-            await broker.publish_worker_models("bench-worker", ["tiny"], 60)
+            # What a dispatcher publishes: the workers can load the demo model.
+            await broker.publish_worker_models("bench-worker", ["demo"], 60)
             counts = Counts()
             _instrument(counts, db)
             jobs = getattr(client, "jobs", None)
 
             async def imagine(user: int) -> None:
                 # What the bot makes of "/imagine a lighthouse at dusk" in a chat.
-                request = GenerationRequest(prompt="a lighthouse at dusk", width=64, height=64,
-                                            steps=2)
+                request = GenerationRequest(prompt="a lighthouse at dusk")
                 requester = Requester(platform="telegram", platform_user_id=str(user),
                                       display_name=f"user {user}")
                 key = f"telegram:{user}:{uuid.uuid4().hex}"
@@ -166,12 +165,14 @@ async def _measure(redis_url: str, requests: int) -> dict[str, Any]:
 
 def _child(tree: Path, redis_url: str, requests: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree), "ATELIER_BENCH_TREE": str(tree)}
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", "--redis", redis_url,
          "--requests", str(requests)],
-        env=env, check=True, capture_output=True, text=True, cwd=tree,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        env=env, capture_output=True, text=True, cwd=tree,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"measuring {tree} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
