@@ -161,8 +161,8 @@ async def _up(settings: Settings) -> None:
             con.print(f"    {line}", markup=False)
         for line in await default_model_lines(stack.client):
             con.print(f"  {line}", markup=False)
-        available = await stack.client.available_models()
-        default = await stack.client.default_model()
+        available = await stack.client.runnable.available()
+        default = await stack.client.runnable.default()
         # The hint names a model that runs here when the default does not.
         pick = "" if default in available or not available else f" --model {available[0]}"
         example = DEMO_EXAMPLE if default == "demo" and not pick else "a red fox --style watercolor"
@@ -190,7 +190,7 @@ async def default_model_lines(client: Client) -> list[str]:
     """Which model a prompt naming none gets, and why when it is not the configured one."""
     from cluster.availability import model_availability
 
-    configured, chosen = client.models.default, await client.default_model()
+    configured, chosen = client.models.default, await client.runnable.default()
     if chosen == configured:
         return [f"default model: {chosen}"]
     why = model_availability(client.models.get(configured)).why or "no worker can load it"
@@ -233,13 +233,9 @@ async def _imagine(
                 "is `atelier up` running with the same ATELIER_REDIS_URL?"
             )
         client = stack.client
-        request = await client.with_default_model(request)
-        job = await client.submit(
-            request,
-            requester,
-            DeliveryTarget(frontend="cli"),
-            idempotency_key=f"cli:{uuid.uuid4()}",
-        )
+        quote = await client.jobs.admit(request, requester, f"cli:{uuid.uuid4()}")
+        request = quote.request
+        job = await client.jobs.submit(quote, DeliveryTarget(frontend="cli"))
         con.print(f"job {job.job_id}: {job.images_out} image(s) of model {request.model}, "
                   f"{job.cost} credit(s)")
         paths: list[Path] = []
@@ -252,7 +248,7 @@ async def _imagine(
             transient=False,
         ) as bar:
             task = bar.add_task("queued", total=None, s="")
-            async for ev in client.events(job.job_id):
+            async for ev in client.jobs.events(job.job_id):
                 if ev.kind == "queued":
                     bar.update(task, description="queued", s=f"position {ev.position or '?'}")
                 elif ev.kind == "started":
@@ -275,13 +271,13 @@ async def _imagine(
                     )
                     for ref in ev.images:
                         path = out / f"{job.job_id[:8]}-{ref.index}-{ref.seed}.png"
-                        path.write_bytes(await client.image_bytes(ref))
+                        path.write_bytes(await client.jobs.image_bytes(ref))
                         paths.append(path)
                 else:
                     bar.update(task, description=ev.kind, s="")
                     con.print(f"[red]{ev.kind}:[/red] {ev.reason}")
         with contextlib.suppress(AtelierError):  # Conflict: it did not finish (interrupted)
-            await client.mark_delivered(job.job_id)  # the files are written: no re-announcing
+            await client.jobs.mark_delivered(job.job_id)  # the files are written: no re-announcing
         await _ack_own_delivery(stack.broker, job.job_id)
     for ref_path in paths:
         seed = ref_path.stem.rsplit("-", 1)[-1]

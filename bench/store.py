@@ -35,7 +35,6 @@ import psycopg
 from sqlalchemy import Engine, text
 from sqlmodel import Session
 
-from cluster.client import queue_position
 from core.jobs import DeliveryTarget
 from core.request import GenerationRequest
 from core.settings import Tier
@@ -256,7 +255,7 @@ def hot_paths(sessions: Any, big: int, n_accounts: int, deep: str) -> dict[str, 
 
     def job_status(s: Session, r: int) -> None:
         job = jobs.get_job(session=s, job_id=f"queued-{rng.randrange(200, 2000)}")
-        queue_position(s, job)
+        jobs.queue_position(session=s, job=job)
 
     def page(**kw: Any) -> Callable[[Session, int], None]:
         return lambda s, r: gallery.list_images(session=s, account_id=1, **kw) and None

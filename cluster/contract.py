@@ -119,6 +119,9 @@ class BatchItem:
     job_id: str
     request: GenerationRequest  # seed already resolved (not None)
     nsfw_allowed: bool = False
+    # The (prompt, negative) pairs admission prepared, one per style: used as they are (after
+    # the real tokenizer's word on their length); None: prepared here.
+    prompts: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)

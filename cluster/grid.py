@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from PIL import Image
 from sqlmodel import Session
 
-from cluster.client import BUSY_RETRY_AFTER_S, Client, new_job_id
+from cluster.client import Client
 from cluster.events import with_nsfw
+from cluster.jobs import BUSY_RETRY_AFTER_S, new_job_id
 from core.cost import job_cost_for
 from core.errors import Conflict, InsufficientCredits, InvalidRequest, NotFound, TooManyJobs
 from core.grid import Axis, Grid, axes_labels, axes_shape, grid_infotext
@@ -24,8 +25,8 @@ from core.infotext import read_png_infotext
 from core.jobs import DeliveryTarget, JobStatus, Requester
 from core.offload import run_heavy
 from core.request import GenerationRequest
+from storage import accounts, ledger
 from storage import jobs as job_repo
-from storage import ledger
 from storage.accounts import AccountRead
 from storage.db import Store
 from storage.models import utcnow
@@ -78,6 +79,7 @@ async def quote_grid(client: Client, grid: Grid, requester: Requester) -> GridQu
         await client.check_model_available(model)
     # Every cell keeps the seed expand() fixed: prepare() only draws one for a cell without.
     account = await client.account(requester)
+    accounts.refuse_blocked(account)  # AccountBlocked: nothing charged
     tier = client.settings.tier(account.tier)
     for request in prepared:
         request.check_limits(client.settings.limits, max_side=tier.max_side)

@@ -82,7 +82,8 @@ class Held:
         return [e.entry_id for e in self.entries]
 
     def item(self) -> BatchItem:
-        return BatchItem(self.job.id, self.job.request, nsfw_allowed(self.job.delivery))
+        return BatchItem(self.job.id, self.job.request, nsfw_allowed(self.job.delivery),
+                         self.job.prompts)
 
 
 class Settler:

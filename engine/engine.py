@@ -18,7 +18,13 @@ from core.control import control_map
 from core.errors import AtelierError, InvalidRequest
 from core.images import decode_png_mask, decode_png_rgb
 from core.infotext import format_infotext, infotext_for, png_with_infotext
-from core.prompts import Blocklist, TokenCounter, default_blocklist, prepare_prompt
+from core.prompts import (
+    CLIP_TOKEN_LIMIT,
+    Blocklist,
+    TokenCounter,
+    default_blocklist,
+    prepare_prompt,
+)
 from core.recipe import (
     KEY_FIELDS,
     UPSCALE_STRENGTH,
@@ -210,7 +216,7 @@ class Engine:
         for item in items:
             request = item.request
             try:
-                pairs = prepare_prompt(
+                pairs = _carried(item, count_tokens) or prepare_prompt(
                     request, self.styles, self.blocklist, item.nsfw_allowed, count_tokens
                 )
                 image, mask = _inputs(request)
@@ -349,6 +355,16 @@ def token_counter(tokenizer: Any) -> TokenCounter:
         return len(ids["input_ids"])
 
     return count
+
+
+def _carried(item: BatchItem, count_tokens: TokenCounter) -> list[tuple[str, str]] | None:
+    """The pairs admission prepared, when every text fits the real tokenizer's window (its
+    estimate leans high, so nearly always); None: prepare them here, with the real count."""
+    if item.prompts is None:
+        return None
+    pairs = list(item.prompts)
+    fits = all(count_tokens(text) <= CLIP_TOKEN_LIMIT for pair in pairs for text in pair)
+    return pairs if fits else None
 
 
 def _inputs(request: GenerationRequest) -> tuple[Image.Image | None, Image.Image | None]:

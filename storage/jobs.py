@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -53,6 +54,8 @@ class JobRead(BaseModel):
     updated_at: datetime
     delivered_at: datetime | None = None
     owner: str | None = None  # the dispatcher that last started it
+    # What admission prepared for the model, (prompt, negative) per style; None for old rows.
+    prompts: tuple[tuple[str, str], ...] | None = None
 
 
 def create_job(
@@ -66,10 +69,12 @@ def create_job(
     cost: int,
     job_id: str | None = None,
     now: datetime | None = None,
+    prompts: Sequence[tuple[str, str]] | None = None,
 ) -> tuple[JobRead, bool]:
     """Insert a queued job; returns ``(job, created)``. A duplicate idempotency key (a retried
     Discord interaction, a re-sent Telegram update) returns the existing job, ``created=False``.
-    ``job_id`` lets the caller reserve credits under the id before the row exists."""
+    ``job_id`` lets the caller reserve credits under the id before the row exists; ``prompts``:
+    the prepared (prompt, negative) pairs the worker is to use as they are."""
     if not idempotency_key or len(idempotency_key) > 200:
         raise InvalidRequest(
             f"idempotency key must be 1 to 200 characters, got {len(idempotency_key)}"
@@ -90,6 +95,7 @@ def create_job(
             cost=cost,
             created_at=now,
             updated_at=now,
+            prompts_json=json.dumps([list(p) for p in prompts]) if prompts is not None else None,
         )
         try:
             with session.begin_nested():
@@ -290,6 +296,17 @@ def running_jobs_count(*, session: Session, account_id: int) -> int:
     return int(count)
 
 
+def queue_position(*, session: Session, job: JobRead) -> int:
+    """1 for the oldest queued job: queued jobs created up to this one, across all accounts
+    (wherever they wait: in the stream or in a dispatcher's read-ahead window)."""
+    ahead = session.exec(
+        select(func.count())
+        .select_from(Job)
+        .where(col(Job.status) == JobStatus.queued, col(Job.created_at) <= job.created_at)
+    ).one()
+    return max(1, int(ahead))
+
+
 def _by_key(session: Session, idempotency_key: str) -> Job | None:
     return session.exec(
         select(Job)
@@ -328,7 +345,14 @@ def _read(job: Job) -> JobRead:
         updated_at=job.updated_at,
         delivered_at=job.delivered_at,
         owner=job.owner,
+        prompts=_prompts(job.prompts_json),
     )
+
+
+def _prompts(text: str | None) -> tuple[tuple[str, str], ...] | None:
+    if text is None:
+        return None
+    return tuple((str(p), str(n)) for p, n in json.loads(text))
 
 
 # Dispatcher leases -------------------------------------------------------------------------------

@@ -222,6 +222,9 @@ class Job(SQLModel, table=True):
     # The dispatcher (its consumer name) that last started the job: after a restart under the
     # same name it takes its running jobs back at once, without waiting for their leases.
     owner: str | None = Field(default=None, max_length=128)
+    # The (prompt, negative) pairs admission prepared, one per style, as JSON: the worker uses
+    # them instead of preparing the prompt again. NULL for rows from before 0008.
+    prompts_json: str | None = Field(default=None, sa_type=Text)
 
 
 class Image(SQLModel, table=True):

@@ -18,20 +18,20 @@ from core.signing import duration_text, gallery_url
 
 async def welcome(core: ChatCore, who: Who, help_: str) -> Say:
     """Credits and how to start (``help_``: the platform's /help text)."""
-    balance = await core.client.balance(core.plain_requester(who.user_id))
+    balance = await core.client.accounts.balance(core.plain_requester(who.user_id))
     return Say(texts.welcome(who.name or who.user_id, balance, datetime.now(UTC), help_))
 
 
 async def credits(core: ChatCore, who: Who) -> Say:
     """Daily credits left, packs with their expiry and the next reset."""
-    balance = await core.client.balance(core.plain_requester(who.user_id))
+    balance = await core.client.accounts.balance(core.plain_requester(who.user_id))
     return Say(texts.credits_text(balance, datetime.now(UTC)))
 
 
 async def gallery_link_text(core: ChatCore, user_id: str) -> str:
     """A signed, expiring link to the person's gallery (of their account, so linked identities
     share it)."""
-    owner = await core.client.account(core.plain_requester(user_id))
+    owner = await core.client.accounts.account(core.plain_requester(user_id))
     url = gallery_url(core.settings, owner.id, now=datetime.now(UTC))
     return texts.gallery_text(url, duration_text(core.settings.gallery_link_ttl_s))
 
@@ -49,7 +49,7 @@ async def gallery(core: ChatCore, who: Who) -> Say | None:
 async def apikey(core: ChatCore, who: Who) -> Say | None:
     """A new API key, shown once (only its hash is stored). Only ever posted privately: in a
     group it goes in a private message (None: nothing to say there)."""
-    made = await core.client.create_api_key(core.plain_requester(who.user_id))
+    made = await core.client.accounts.create_api_key(core.plain_requester(who.user_id))
     text = texts.apikey_text(made.key, core.settings.public_base_url)
     if who.private:
         return Say(text)
@@ -60,19 +60,19 @@ async def apikey(core: ChatCore, who: Who) -> Say | None:
 
 async def history(core: ChatCore, who: Who) -> Say:
     """The last 5 jobs with buttons to run them again."""
-    jobs = await core.client.history(core.plain_requester(who.user_id), limit=5)
+    jobs = await core.client.accounts.history(core.plain_requester(who.user_id), limit=5)
     return Say(texts.history_text(jobs), keyboards.history(jobs, who.user_id))
 
 
 async def cancel_latest(core: ChatCore, who: Who) -> Say:
     """Cancel the person's latest queued or running job."""
     requester = core.plain_requester(who.user_id)
-    jobs = await core.client.history(requester, limit=20)
+    jobs = await core.client.accounts.history(requester, limit=20)
     live = [j for j in jobs if not j.status.finished]
     if not live:
         return Say(texts.NOTHING_TO_CANCEL)
     try:
-        status = await core.client.cancel(live[0].id, requester)
+        status = await core.client.jobs.cancel(live[0].id, requester)
     except Conflict:
         status = JobStatus.succeeded
     if status is JobStatus.succeeded:
@@ -87,9 +87,9 @@ async def link(core: ChatCore, who: Who, code: str) -> Say:
         return Say(texts.PRIVATE_ONLY.format(command="/link"))
     requester = core.plain_requester(who.user_id)
     if code:
-        await core.client.redeem_link_code(requester, code)
+        await core.client.accounts.redeem_link_code(requester, code)
         return Say(texts.linked_text())
-    made = await core.client.create_link_code(requester)
+    made = await core.client.accounts.create_link_code(requester)
     return Say(texts.link_code_text(made.code, core.settings.link_code_ttl_s // 60))
 
 

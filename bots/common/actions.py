@@ -53,10 +53,10 @@ async def _job(core: ChatCore, press: Press, pressed: Button) -> JobRead:
     """The job a result button is about, checked to be the presser's (data can be forged)."""
     if pressed.job_id is None:
         raise NotFound("this button refers to no job")
-    job = await core.client.job(pressed.job_id)
+    job = await core.client.jobs.job(pressed.job_id)
     if pressed.owner is not None and pressed.owner != press.who.user_id:
         return job  # on_press let a group's member press: it runs on the presser's credits
-    owner = await core.client.account(core.plain_requester(press.who.user_id))
+    owner = await core.client.accounts.account(core.plain_requester(press.who.user_id))
     if job.account_id != owner.id:
         raise Forbidden("that job is not yours")
     return job
@@ -89,10 +89,10 @@ async def _from_image(
     core: ChatCore, press: Press, pressed: Button, *, upscale: bool
 ) -> str | None:
     job = await _job(core, press, pressed)
-    ref = image_ref(await core.client.job_images(job.id), pressed.index)
+    ref = image_ref(await core.client.jobs.job_images(job.id), pressed.index)
     if ref is None:
         raise NotFound(f"that job has no image {pressed.index}")
-    png = await core.client.image_bytes(ref)
+    png = await core.client.jobs.image_bytes(ref)
     if not upscale:
         request = requests.variation(job.request, png, ref.width, ref.height, ref.style)
         return await _submit(core, press, request, f"Making variations of image {pressed.index}")
@@ -167,7 +167,7 @@ async def _cancel(core: ChatCore, press: Press, pressed: Button) -> str | None:
     if pressed.job_id is None:
         return None
     who = press.who
-    status = await core.client.cancel(pressed.job_id, core.plain_requester(who.user_id))
+    status = await core.client.jobs.cancel(pressed.job_id, core.plain_requester(who.user_id))
     if status is JobStatus.cancelled and press.message_id is not None:
         # Cancelled before it started: say so now, whatever the delivery stream does.
         stop_watching(core, pressed.job_id)

@@ -102,14 +102,14 @@ class ChatCore:
     async def credits_left(self, user_id: str | int) -> int | None:
         """The total a person can spend now, or None if it cannot be read at the moment."""
         try:
-            return (await self.client.balance(self.plain_requester(user_id))).total
+            return (await self.client.accounts.balance(self.plain_requester(user_id))).total
         except Exception as exc:
             log.warning("could not read the balance of %s:%s (%s)", self.platform, user_id, exc)
             return None
 
     async def upscale_cap(self, user_id: str | int, model: str | None) -> int:
         """The largest side an upscale may reach for whoever pays (their tier) on ``model``."""
-        payer = await self.client.account(self.plain_requester(user_id))
+        payer = await self.client.accounts.account(self.plain_requester(user_id))
         return min(
             self.settings.limits.max_side,
             self.settings.tier(payer.tier).max_side,

@@ -19,8 +19,8 @@ from bots.common.port import Destination, Picture, Who
 from bots.common.posting import Posted, post_result
 from bots.common.requests import ModelSizes, img2img, parse_prompt, upscaled_size
 from bots.common.state import DRAFT, DRAFT_TTL_S
-from cluster.client import Quote, SubmittedJob
 from cluster.events import EventKind, ImageRef, JobEvent
+from cluster.jobs import Quote, SubmittedJob
 from core.errors import AtelierError, NotFound
 from core.images import validate_image
 from core.jobs import DeliveryTarget, Requester
@@ -43,7 +43,7 @@ def start(core: ChatCore) -> None:
 async def resume(core: ChatCore) -> None:
     """Follow this platform's queued and running jobs again."""
     try:
-        live = await core.client.live_jobs(core.platform)
+        live = await core.client.jobs.live_jobs(core.platform)
     except Exception as exc:  # the store unreachable: deliveries still come, progress not
         log.warning("could not list the jobs in flight (%s); their progress is not shown", exc)
         return
@@ -80,7 +80,7 @@ async def check(
     a platform that must choose where to answer before answering (Discord) calls it first."""
     requester = await core.requester(who)
     request, original = await _request_from(core, who, text, photo)
-    quote = await core.client.quote(request, requester, idempotency_key)
+    quote = await core.client.jobs.admit(request, requester, idempotency_key)
     return Checked(quote, requester, idempotency_key, original)
 
 
@@ -118,7 +118,7 @@ async def preview(core: ChatCore, who: Who, text: str, *, draft_id: str) -> None
     try:
         requester = await core.requester(who)
         request, _ = await _request_from(core, who, text, None)
-        quote = await core.client.quote(request, requester, draft_key(core, who, draft_id))
+        quote = await core.client.jobs.admit(request, requester, draft_key(core, who, draft_id))
     except AtelierError as exc:
         await refuse(core, who, exc)
         return
@@ -174,7 +174,7 @@ async def _request_from(
             purpose="photo",
         )
         # The model it runs on (the default one when it names none) bounds the size.
-        spec = core.client.models.get((await core.client.with_default_model(request)).model)
+        spec = core.client.models.get((await core.client.runnable.with_default(request)).model)
         sizes = ModelSizes(spec.default_width, spec.default_height, spec.max_width,
                            spec.max_height)
         request = img2img(parsed, image.png, image.width, image.height, sizes)
@@ -192,7 +192,7 @@ async def start_job(
     reply_to: str | None = None,
 ) -> SubmittedJob | None:
     """Check and price ``request``, then ``start_checked``. Raises a refusal."""
-    quote = await core.client.quote(request, requester, idempotency_key)
+    quote = await core.client.jobs.admit(request, requester, idempotency_key)
     checked = Checked(quote, requester, idempotency_key, original)
     return await start_checked(core, who, checked, reply_to=reply_to)
 
@@ -228,7 +228,7 @@ async def start_checked(
         },
     )
     try:
-        job = await core.client.submit(request, requester, delivery, checked.idempotency_key)
+        job = await core.client.jobs.submit(quote, delivery)
     except AtelierError:
         await core.port.delete(chat, status)  # never a "Queued" status for no job
         raise
@@ -297,7 +297,7 @@ async def _watch(
     try:
         async with (
             asyncio.timeout(WATCH_TIMEOUT_S),
-            contextlib.aclosing(core.client.events(job_id)) as events,
+            contextlib.aclosing(core.client.jobs.events(job_id)) as events,
         ):
             async for event in events:
                 if event.terminal:
@@ -363,11 +363,11 @@ def gallery_text(core: ChatCore, owner: str) -> Callable[[], Awaitable[str]] | N
 
 async def _post_images(core: ChatCore, event: JobEvent, to: Destination, original: bool) -> str:
     """Post the images (each part once); returns the job's prompt."""
-    job = await core.client.job(event.job_id)
+    job = await core.client.jobs.job(event.job_id)
     refs = sorted(event.images, key=lambda r: r.index)
     if not refs:
         return job.request.prompt
-    pngs = [await core.client.image_bytes(ref) for ref in refs]
+    pngs = [await core.client.jobs.image_bytes(ref) for ref in refs]
     pictures = [
         Picture(
             png,

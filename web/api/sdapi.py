@@ -72,16 +72,17 @@ async def _generate(
             field = "sd_model_checkpoint"
         raise FieldError(field, f"unknown model {request.model!r}; see /sdapi/v1/sd-models")
     # The model it runs on (the current one, /options, when none is named) bounds the size.
-    request = await ctx.client.with_default_model(request)
+    request = await ctx.client.runnable.with_default(request)
     spec = ctx.client.models.get(request.model)
     request = fit_to_model(request, max_width=spec.max_width, max_height=spec.max_height)
     if is_xyz_script(payload.script_name):
         return await generate_grid(payload, request, who, ctx, progress)
     delivery = DeliveryTarget(frontend=WEB, extra={"via": "sdapi", "key": who.key.prefix})
-    submitted = await ctx.client.submit(
-        request, who.requester, delivery, f"sdapi:{who.key.identity_id}:{uuid.uuid4()}"
+    quote = await ctx.client.jobs.admit(
+        request, who.requester, f"sdapi:{who.key.identity_id}:{uuid.uuid4()}"
     )
-    job = await ctx.client.job(submitted.job_id)
+    submitted = await ctx.client.jobs.submit(quote, delivery)
+    job = await ctx.client.jobs.job(submitted.job_id)
     entry = Running(
         job_id=job.id, job_count=submitted.images_out,
         timestamp=job.created_at.strftime("%Y%m%d%H%M%S"),
@@ -89,7 +90,7 @@ async def _generate(
     # 2. Wait for it, keeping /progress up to date.
     progress.start(who.key.id, entry)
     try:
-        async with contextlib.aclosing(ctx.client.events(job.id)) as events:
+        async with contextlib.aclosing(ctx.client.jobs.events(job.id)) as events:
             async for event in events:
                 if event.kind in (EventKind.started, EventKind.progress):
                     entry.running = True
@@ -104,13 +105,13 @@ async def _generate(
         progress.finish(who.key.id, entry)
     # 3. The result in A1111's shape; an interrupted job (cancelled, refunded) has no images.
     if final.kind is EventKind.failed:
-        await ctx.client.mark_delivered(job.id)
+        await ctx.client.jobs.mark_delivered(job.id)
         return JSONResponse(
             {"error": "job_failed", "detail": final.reason or "the job failed",
              "job_id": job.id}, status_code=500,
         )
-    pngs = [await ctx.client.image_bytes(ref) for ref in final.images]
-    job = await ctx.client.job(job.id)
+    pngs = [await ctx.client.jobs.image_bytes(ref) for ref in final.images]
+    job = await ctx.client.jobs.job(job.id)
     infotexts, images = await run_heavy(_encoded, pngs, payload.send_images)
     info = info_json(
         job.request,
@@ -121,7 +122,7 @@ async def _generate(
         created_at=job.created_at,
     )
     body = GenerationResponse(images=images, parameters=parameters_echo(payload), info=info)
-    await ctx.client.mark_delivered(job.id)
+    await ctx.client.jobs.mark_delivered(job.id)
     return JSONResponse(body.model_dump())
 
 
@@ -167,7 +168,7 @@ async def _cancel_all(request: Request, who: Caller, ctx: WebContext, *, skip: b
         entry.skipped, entry.interrupted = skip, not skip
         # Conflict: it finished meanwhile; the waiting call returns its images as usual.
         with contextlib.suppress(AtelierError, BrokerUnavailable):
-            await ctx.client.cancel(entry.job_id, who.requester)
+            await ctx.client.jobs.cancel(entry.job_id, who.requester)
 
 
 @router.post("/interrupt")
@@ -196,7 +197,7 @@ async def sd_models(
 ) -> list[dict[str, Any]]:
     """The registry's models some worker can load (what a call may use); ``title`` is what
     sd_model_checkpoint takes."""
-    here = set(await ctx.client.available_models())
+    here = set(await ctx.client.runnable.available())
     return [
         {"title": spec.name, "model_name": spec.name, "hash": None, "sha256": None,
          "filename": spec.location, "config": None}
@@ -286,7 +287,7 @@ async def get_options(
     """The options Atelier has: the checkpoint a call without an override gets (the key's
     choice, else the default model: the configured one, or the demo model when no worker can
     load that), PNG output."""
-    model = who.key.model or await ctx.client.default_model()
+    model = who.key.model or await ctx.client.runnable.default()
     return {
         "sd_model_checkpoint": model,
         "sd_checkpoint_hash": None,

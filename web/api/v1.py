@@ -155,7 +155,7 @@ def to_request(body: JobSubmit, limits: Limits) -> GenerationRequest:
 
 async def _own_job(ctx: WebContext, who: Caller, job_id: str) -> JobRead:
     """The caller's job; NotFound (never Forbidden) for another account's, to reveal nothing."""
-    job = await ctx.client.job(job_id)
+    job = await ctx.client.jobs.job(job_id)
     if job.account_id != who.key.account_id:
         raise NotFound(f"job {job_id} does not exist")
     return job
@@ -185,7 +185,7 @@ async def _delivered(ctx: WebContext, job: JobRead) -> None:
     # A web job is delivered once the API has shown its outcome; until then the dispatcher
     # re-announces it (harmless: the result is in the store either way).
     if job.delivery.frontend == WEB and job.status.finished and job.delivered_at is None:
-        await ctx.client.mark_delivered(job.id)
+        await ctx.client.jobs.mark_delivered(job.id)
 
 
 @router.post("/jobs", status_code=201, response_model=JobAccepted)
@@ -202,7 +202,8 @@ async def submit_job(
     # Scoped to the identity, so two callers' keys never meet.
     key = f"api:{who.key.identity_id}:{idempotency_key or uuid.uuid4()}"
     delivery = DeliveryTarget(frontend=WEB, extra={"via": "api", "key": who.key.prefix})
-    job = await ctx.client.submit(request, who.requester, delivery, key)
+    quote = await ctx.client.jobs.admit(request, who.requester, key)
+    job = await ctx.client.jobs.submit(quote, delivery)
     if not job.created:
         response.status_code = 200
     return JobAccepted(
@@ -228,7 +229,7 @@ async def cancel_job(
 ) -> dict[str, str]:
     """Cancel: a queued job at once (refunded); a running one is interrupted (then refunded)."""
     await _own_job(ctx, who, job_id)
-    status = await ctx.client.cancel(job_id, who.requester)
+    status = await ctx.client.jobs.cancel(job_id, who.requester)
     return {"job_id": job_id, "status": status.value}
 
 
@@ -248,11 +249,11 @@ async def job_events(
     await _own_job(ctx, who, job_id)
 
     async def stream() -> AsyncIterator[str]:
-        async with contextlib.aclosing(ctx.client.events(job_id)) as events:
+        async with contextlib.aclosing(ctx.client.jobs.events(job_id)) as events:
             async for event in events:
                 yield _sse(event)
                 if event.terminal:
-                    await _delivered(ctx, await ctx.client.job(job_id))
+                    await _delivered(ctx, await ctx.client.jobs.job(job_id))
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -304,5 +305,5 @@ async def get_image_png(
 ) -> Response:
     """The PNG, with its A1111 infotext."""
     image = await _own_image(ctx, who, image_id)
-    png = await ctx.client.image_bytes(image_ref(image))
+    png = await ctx.client.jobs.image_bytes(image_ref(image))
     return Response(png, media_type="image/png")

@@ -30,7 +30,7 @@ async def settle_once(client: Client, *, block_ms: int = 0) -> int:
     for entry in entries:
         job_id = entry.event.get("job_id", "")
         with contextlib.suppress(AtelierError):  # unknown or unfinished: nothing to confirm
-            await client.mark_delivered(job_id)
+            await client.jobs.mark_delivered(job_id)
         await broker.deliveries.ack_delivery(FRONTEND, entry.entry_id)
     return len(entries)
 

@@ -77,9 +77,8 @@ async def make(
         png = await asyncio.to_thread(ctx.blobs.get, image.blob_key)  # megabytes, off the loop
         wanted = variation_request(job, image, png)
     key = f"web:{account_id}:{image_id}:{nonce or secrets.token_urlsafe(12)}"
-    submitted = await ctx.client.submit(
-        wanted, requester, DeliveryTarget(frontend=FRONTEND), idempotency_key=key
-    )
+    quote = await ctx.client.jobs.admit(wanted, requester, key)
+    submitted = await ctx.client.jobs.submit(quote, DeliveryTarget(frontend=FRONTEND))
     return secured(RedirectResponse(f"/gallery/job/{submitted.job_id}", status_code=303))
 
 
@@ -104,7 +103,7 @@ async def job_events(job_id: str, ctx: Ctx, account_id: Account) -> Response:
 
 
 async def _sse(client: Client, job_id: str, *, mark: bool = True) -> AsyncIterator[str]:
-    async with contextlib.aclosing(client.events(job_id)) as events:
+    async with contextlib.aclosing(client.jobs.events(job_id)) as events:
         async for event in events:
             yield f"event: {event.kind.value}\ndata: {json.dumps(_event_data(event))}\n\n"
             if event.terminal:
@@ -112,7 +111,7 @@ async def _sse(client: Client, job_id: str, *, mark: bool = True) -> AsyncIterat
     # The page has shown the result (the delivery stream's loop would confirm it too).
     if mark:
         with contextlib.suppress(AtelierError):
-            await client.mark_delivered(job_id)
+            await client.jobs.mark_delivered(job_id)
 
 
 def _event_data(event: JobEvent) -> dict[str, object]:

@@ -164,7 +164,7 @@ class Imagine(commands.Cog):
     async def _model(
         self, interaction: discord.Interaction[Any], current: str
     ) -> list[app_commands.Choice[str]]:
-        return model_choices(await self.bot.client.available_models(), current)
+        return model_choices(await self.bot.client.runnable.available(), current)
 
     @app_commands.command(name="cancel", description="Stop your latest queued or running job")
     async def cancel(self, interaction: discord.Interaction[Any]) -> None:

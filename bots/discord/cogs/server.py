@@ -93,5 +93,5 @@ class ServerSettings(commands.Cog):
         self, interaction: discord.Interaction[Any], current: str
     ) -> list[app_commands.Choice[str]]:
         return model_choices(
-            await self.bot.client.available_models(), current, with_default=True
+            await self.bot.client.runnable.available(), current, with_default=True
         )

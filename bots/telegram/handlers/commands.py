@@ -41,7 +41,7 @@ async def start(update: Update, context: Context) -> None:
 async def help_command(update: Update, context: Context) -> None:
     """List the commands and flags."""
     if update.effective_message is not None:
-        models = await core_of(context).client.available_models()
+        models = await core_of(context).client.runnable.available()
         await update.effective_message.reply_text(menu.help_text(models))
 
 
