@@ -9,12 +9,13 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from core.adapters import AdapterRef, parse_adapter
+from core.control import PREPROCESSORS, ControlUnit, preprocessor_for
 from core.errors import InvalidRequest
 from core.prompts import normalize
 from core.request import GenerationRequest, canonical_scheduler, check_text_length
@@ -37,7 +38,15 @@ FLAG_NAMES: dict[str, tuple[str, ...]] = {
     "model": ("model",),
     "strength": ("strength",),
     "adapters": ("lora",),
+    "control": ("control",),
+    "control_weight": ("control-weight",),
+    "control_start": ("control-start",),
+    "control_end": ("control-end",),
 }
+# Flags of the ControlNet unit (``ControlFlags``): its picture is an attachment, not text.
+_CONTROL_FIELDS = {"control": "preprocessor", "control_weight": "weight",
+                   "control_start": "start", "control_end": "end"}
+CONTROL_NEEDS_PICTURE = "--control needs a picture: attach one"
 _ALIASES: dict[str, str] = {alias: field for field, names in FLAG_NAMES.items() for alias in names}
 _EXAMPLES: dict[str, str] = {
     "ar": "16:9",
@@ -53,6 +62,10 @@ _EXAMPLES: dict[str, str] = {
     "model": "sdxl",
     "strength": "0.6",
     "adapters": "ink:0.8",
+    "control": "canny",
+    "control_weight": "0.8",
+    "control_start": "0.1",
+    "control_end": "0.7",
 }
 # Flags whose value is free text and may repeat (their values are merged).
 _REPEATABLE = frozenset({"styles", "negative", "adapters"})
@@ -100,6 +113,57 @@ class _Flag:
     field: str
     typed: str  # as the user wrote it, for messages: "--cfg"
     value: str
+
+
+@dataclass(frozen=True)
+class ControlFlags:
+    """``--control`` and its settings, checked: ``unit`` adds the attached picture."""
+
+    controlnet: str | None
+    preprocessor: str | None
+    weight: float
+    start: float
+    end: float
+
+    def unit(self, image: bytes) -> ControlUnit:
+        """The ControlNet unit with ``image`` (a PNG from ``validate_image``) as its picture."""
+        return ControlUnit.model_validate({**asdict(self), "image": image})
+
+
+def _control(given: dict[str, _Flag]) -> ControlFlags | None:
+    """The ControlNet flags checked as ``ControlUnit`` checks them, each bad value named."""
+    if not any(field in given for field in _CONTROL_FIELDS):
+        return None
+    if "control" not in given:
+        typed = next(given[f].typed for f in _CONTROL_FIELDS if f in given)
+        raise InvalidRequest(f"{typed} sets the ControlNet of --control, which is not given")
+    name = _need(given["control"])
+    fields: dict[str, Any] = {"controlnet": None, "preprocessor": None}
+    try:
+        fields["preprocessor"] = preprocessor_for(name)
+    except InvalidRequest:
+        # Not a preprocessor: a ControlNet's catalogue name (checked at admission).
+        if not _MODEL_RE.fullmatch(name):
+            raise InvalidRequest(
+                f"--control expects {', '.join(PREPROCESSORS)} or a ControlNet's name, "
+                f"got {name!r}"
+            ) from None
+        fields["controlnet"] = name
+    for field in ("control_weight", "control_start", "control_end"):
+        if field in given:
+            fields[_CONTROL_FIELDS[field]] = _float(given[field])
+    try:
+        unit = ControlUnit.model_validate({**fields, "image": b""})
+    except ValidationError as exc:
+        by_field = {v: given[k].typed for k, v in _CONTROL_FIELDS.items() if k in given}
+        parts = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "end"
+            where = by_field.get(field) or by_field.get("start") or "--control"
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}, got {err['input']}" if err["loc"] else f"{where}: {msg}")
+        raise InvalidRequest("; ".join(parts)) from None
+    return ControlFlags(unit.controlnet, unit.preprocessor, unit.weight, unit.start, unit.end)
 
 
 def _unknown_flag(name: str) -> InvalidRequest:
@@ -283,8 +347,27 @@ def parse_command(
     *,
     registry: StyleRegistry | None = None,
     limits: Limits | None = None,
+    control_image: bytes | None = None,
 ) -> GenerationRequest:
-    """Parse ``prompt --flag value ...`` into a request.
+    """Parse ``prompt --flag value ...`` into a request (``parse_flags``); ``--control`` takes
+    ``control_image`` (a PNG from ``validate_image``) as its picture, and is refused without."""
+    request, control = parse_flags(text, defaults, registry=registry, limits=limits)
+    if control is None:
+        return request
+    if control_image is None:
+        raise InvalidRequest(CONTROL_NEEDS_PICTURE)
+    return request.model_copy(update={"control": control.unit(control_image)})
+
+
+def parse_flags(
+    text: str,
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    registry: StyleRegistry | None = None,
+    limits: Limits | None = None,
+) -> tuple[GenerationRequest, ControlFlags | None]:
+    """Parse ``prompt --flag value ...`` into a request, and the ``--control`` flags apart
+    (their picture comes with the message, checked after the text: ``ControlFlags.unit``).
 
     Precedence, lowest first: the request model's defaults, the chosen styles' suggested
     params, ``defaults`` (the user's settings: width, height, steps, raw, styles, ...), flags.
@@ -328,7 +411,10 @@ def parse_command(
     if negatives:
         kept = [v for v in negatives if v.lower() not in _CLEAR]
         fields["negative"] = merge_terms(*kept) if len(kept) > 1 else "".join(kept)
+    control = _control(given)
     for field, flag in given.items():
+        if field in _CONTROL_FIELDS:
+            continue
         source[field] = flag.typed
         if field in ("width", "height", "steps", "count"):
             fields[field] = _int(flag)
@@ -363,7 +449,7 @@ def parse_command(
         source["width"] = source["height"] = given["ar"].typed
 
     try:
-        return GenerationRequest(prompt=prompt, **fields)
+        return GenerationRequest(prompt=prompt, **fields), control
     except ValidationError as exc:
         parts = []
         for err in exc.errors():
@@ -388,7 +474,8 @@ def format_request(
     """Flag text for ``req`` that ``parse_command`` (with the same defaults) parses back to it.
 
     Only fields that differ from what the prompt alone would give are written. Images (init
-    image, mask) and the job kind have no flag and are left out. A prompt or negative that
+    image, mask), the ControlNet unit (its picture is an attachment) and the job kind have no
+    flag and are left out. A prompt or negative that
     itself contains ``--word`` cannot round-trip.
     """
     registry = registry or default_registry()

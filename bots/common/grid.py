@@ -19,6 +19,7 @@ from bots.common.requests import parse_prompt
 from cluster.events import EventKind, JobEvent
 from cluster.grid import GridQuote, SubmittedGrid, grid_job_ids, quote_grid, sheet_png, submit_grid
 from core.errors import AtelierError, InvalidRequest
+from core.flags import CONTROL_NEEDS_PICTURE
 from core.grid import Axis, describe_axes, expand, ordered_axes, split_axes
 from core.jobs import DeliveryTarget, JobStatus, Requester
 
@@ -53,6 +54,8 @@ async def check(core: ChatCore, who: Who, text: str, *, idempotency_key: str) ->
     axes = ordered_axes(given, core.styles)
     prefs = await core.prefs.user(who.user_id)
     parsed = await asyncio.to_thread(parse_prompt, rest, prefs, core.styles, core.settings.limits)
+    if parsed.control is not None:
+        raise InvalidRequest(f"{CONTROL_NEEDS_PICTURE}; /grid takes none, /imagine does")
     grid = expand(parsed.request, axes, max_cells=core.settings.grid.max_cells)
     quote = await quote_grid(core.client, grid, requester)
     return CheckedGrid(quote, requester, given, idempotency_key)

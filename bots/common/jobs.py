@@ -17,11 +17,18 @@ from bots.common.delivery import Undeliverable
 from bots.common.keyboards import Keyboard
 from bots.common.port import Destination, Picture, Who
 from bots.common.posting import Posted, post_result
-from bots.common.requests import ModelSizes, img2img, parse_prompt, upscaled_size
+from bots.common.requests import (
+    ModelSizes,
+    controlled,
+    img2img,
+    parse_prompt,
+    upscaled_size,
+)
 from bots.common.state import DRAFT, DRAFT_TTL_S
 from cluster.events import EventKind, ImageRef, JobEvent
 from cluster.jobs import Quote, SubmittedJob
-from core.errors import AtelierError, NotFound
+from core.errors import AtelierError, InvalidRequest, NotFound
+from core.flags import CONTROL_NEEDS_PICTURE
 from core.images import validate_image
 from core.jobs import DeliveryTarget, Requester
 from core.offload import run_heavy
@@ -165,19 +172,23 @@ async def _request_from(
     # checks the text; a photo is decoded and re-encoded (seconds for a big one).
     parsed = await asyncio.to_thread(parse_prompt, text, prefs, core.styles, limits)
     request = parsed.request
+    if parsed.control is not None and photo is None:
+        raise InvalidRequest(CONTROL_NEEDS_PICTURE)
     if photo is not None:
         image = await run_heavy(
             validate_image,
             photo,
             max_bytes=limits.max_upload_bytes,
             max_pixels=limits.max_upload_pixels,
-            purpose="photo",
+            purpose="control picture" if parsed.control is not None else "photo",
         )
         # The model it runs on (the default one when it names none) bounds the size.
         spec = core.client.models.get((await core.client.runnable.with_default(request)).model)
         sizes = ModelSizes(spec.default_width, spec.default_height, spec.max_width,
                            spec.max_height)
-        request = img2img(parsed, image.png, image.width, image.height, sizes)
+        # With --control the photo steers a new picture (a ControlNet unit), not redrawn.
+        make = controlled if parsed.control is not None else img2img
+        request = make(parsed, image.png, image.width, image.height, sizes)
     return request, parsed.original
 
 

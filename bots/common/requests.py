@@ -13,9 +13,10 @@ from core.errors import InvalidRequest
 from core.flags import (
     BASE_SIDE,
     MAX_ASPECT,
+    ControlFlags,
     command_limit,
     fit_size,
-    parse_command,
+    parse_flags,
     size_for_aspect,
 )
 from core.recipe import UPSCALE_STRENGTH, min_denoising_steps
@@ -40,6 +41,7 @@ class Parsed:
     request: GenerationRequest
     original: bool
     explicit_size: bool  # --w/--h/--ar given: an img2img keeps that size, not the photo's
+    control: ControlFlags | None = None  # --control: the attached picture steers, not redrawn
 
 
 def aspect_ratio(text: str) -> float:
@@ -74,8 +76,12 @@ def parse_prompt(
     stripped = _ORIGINAL_RE.sub(" ", text).strip()
     if not stripped:
         raise InvalidRequest("the prompt is empty; describe the image, e.g. 'a lighthouse at dusk'")
-    request = parse_command(stripped, defaults_for(prefs), registry=registry, limits=limits)
-    return Parsed(request, original or prefs.original, bool(_SIZE_FLAG_RE.search(stripped)))
+    request, control = parse_flags(
+        stripped, defaults_for(prefs), registry=registry, limits=limits
+    )
+    return Parsed(
+        request, original or prefs.original, bool(_SIZE_FLAG_RE.search(stripped)), control
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,24 @@ def img2img(
 ) -> GenerationRequest:
     """Redraw an uploaded photo (already validated, PNG) in its shape, unless a size was given,
     at a size ``model`` (the model the request runs on) draws."""
+    size = _photo_size(parsed, width, height, model)
+    return _copy(parsed.request, kind=JobKind.img2img, init_image=png, **size)
+
+
+def controlled(
+    parsed: Parsed, png: bytes, width: int, height: int, model: ModelSizes | None = None
+) -> GenerationRequest:
+    """Draw anew, steered by an uploaded picture (already validated, PNG) as the ControlNet
+    unit's: in the picture's shape unless a size was given, as ``img2img``."""
+    if parsed.control is None:
+        raise ValueError("controlled() needs a request parsed with --control")
+    size = _photo_size(parsed, width, height, model)
+    return _copy(parsed.request, control=parsed.control.unit(png), **size)
+
+
+def _photo_size(
+    parsed: Parsed, width: int, height: int, model: ModelSizes | None
+) -> dict[str, int]:
     request = parsed.request
     sizes = model or ModelSizes()
     size: dict[str, int] = {}
@@ -106,7 +130,7 @@ def img2img(
         area = min(asked, max(width * height, IMG2IMG_MIN_SIDE**2))
         w, h = size_for_aspect(ratio, math.sqrt(area))
         size["width"], size["height"] = fit_size(w, h, sizes.max_width, sizes.max_height)
-    return _copy(request, kind=JobKind.img2img, init_image=png, **size)
+    return size
 
 
 def reroll(request: GenerationRequest) -> GenerationRequest:
