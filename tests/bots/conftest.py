@@ -27,7 +27,7 @@ from core.prompts import default_blocklist
 from core.request import GenerationRequest
 from core.settings import Settings, load_settings
 from core.styles import default_registry
-from engine.tiny import make_tiny_models
+from engine.tiny import make_tiny_controlnet, make_tiny_models
 from storage.blobs import BlobStore
 from storage.db import make_engine, session_factory, upgrade
 from storage.models import Image, Job
@@ -69,6 +69,12 @@ def error_logs() -> Iterator[_Errors]:
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("bots-tiny")
     make_tiny_models(data_dir / "models", seed=0)
+    # A tiny random ControlNet in the operator's models file (``--control``), for the worker
+    # and the bots' registry alike.
+    make_tiny_controlnet(data_dir / "models" / "tiny-sd15", data_dir / "edges", seed=2)
+    (data_dir / "models.toml").write_text(
+        '[controlnets.edges]\nfile = "edges"\nfamily = "sd15"\npreprocessor = "canny"\n', "utf-8"
+    )
     return data_dir
 
 

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from core.errors import InvalidRequest, PromptTooLong
 from core.flags import (
+    ControlFlags,
     command_limit,
     flags_help,
     format_request,
     parse_command,
+    parse_flags,
     size_for_aspect,
 )
 from core.prompts import normalize
@@ -300,3 +302,39 @@ def test_a_text_too_long_is_refused_before_it_is_read() -> None:
     with pytest.raises(PromptTooLong, match=f"the limit is {command_limit(small)}"):
         parse_command("a cat " * 100, limits=small)
     assert parse_command("\u200b" * 100 + "a cat").prompt == "a cat"
+
+
+def test_control_flags_need_a_picture_and_carry_each_setting() -> None:
+    text = "a castle --control canny --control-weight 0.8 --control-start 0.1 --control-end 0.7"
+    with pytest.raises(InvalidRequest, match="--control needs a picture: attach one"):
+        parse_command(text)
+    request, control = parse_flags(text)
+    assert request.control is None and request.prompt == "a castle"
+    assert control == ControlFlags(None, "canny", 0.8, 0.1, 0.7)
+    unit = parse_command(text, control_image=b"png").control
+    assert unit is not None and unit.image == b"png" and unit.preprocessor == "canny"
+    # Not a preprocessor: a ControlNet's catalogue name, its own preprocessor left to it.
+    assert parse_flags("a --control edges")[1] == ControlFlags("edges", None, 1.0, 0.0, 1.0)
+    assert parse_flags("a --control scribble_xdog")[1] == ControlFlags(
+        None, "scribble", 1.0, 0.0, 1.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--control canny --control-weight 3", "--control-weight: .* 2, got 3.0"),
+        ("--control canny --control-start 1.5", "--control-start: .*, got 1.5"),
+        ("--control canny --control-start 0.8 --control-end 0.2",
+         "--control-end: control end must be after its start, got start 0.8 and end 0.2"),
+        ("--control canny --control-weight lots", "--control-weight expects a number, got 'lots'"),
+        ("--control-weight 0.5", "--control-weight sets the ControlNet of --control"),
+        ("--control", "--control needs a value"),
+        ("--control two words", "--control expects canny, scribble, none .* got 'two words'"),
+        ("--control canny --control none", "--control is given twice"),
+    ],
+)
+def test_each_bad_control_value_is_one_line_naming_it(flags: str, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message) as caught:
+        parse_flags(f"a castle {flags}")
+    assert "\n" not in caught.value.message
