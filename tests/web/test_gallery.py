@@ -312,3 +312,34 @@ async def test_grid_form_submits_every_cell_charged_as_their_sum(web: Web) -> No
     bad = await web.http.post(url, data={**form, "nonce": "g2", "x": "colour=1"})
     assert bad.status_code == 422 and "unknown axis" in bad.text
     assert (await web.http.post(url, data={**form, "csrf": ""})).status_code == 403
+
+
+async def test_make_again_with_a_control_picture_submits_its_controlnet_unit(web: Web) -> None:
+    me = make_person(web.sessions)
+    image = add_job(web.sessions, web.blobs, me, "a castle", seed=7)[0]
+    csrf = await _signed_in(web, me.account_id)
+    page = await web.http.get(f"/gallery/image/{image.id}")
+    assert 'name="control"' in page.text and 'name="preprocessor"' in page.text
+    buf = io.BytesIO()
+    PILImage.new("RGB", (48, 32), "navy").save(buf, format="PNG")
+    url = f"/gallery/image/{image.id}/make"
+    form = {"csrf": csrf, "nonce": "c1", "mode": "again", "preprocessor": "canny"}
+    made = await web.http.post(url, data=form,
+                               files={"control": ("sketch.png", buf.getvalue(), "image/png")})
+    assert made.status_code == 303, made.text
+    job = await web.client.job(made.headers["location"].rsplit("/", 1)[1])
+    unit = job.request.control
+    assert unit is not None and (unit.controlnet, unit.preprocessor) == ("edges", "canny")
+    assert PILImage.open(io.BytesIO(unit.image)).size == (48, 32)
+    assert job.request.init_image is None and job.request.prompt == "a castle"
+    # No file chosen (a browser's empty part): an ordinary "make again".
+    plain = await web.http.post(url, data={**form, "nonce": "c2"},
+                                files={"control": ("", b"", "application/octet-stream")})
+    assert (await web.client.job(plain.headers["location"].rsplit("/", 1)[1])).request.control \
+        is None
+    bad = await web.http.post(url, data={**form, "nonce": "c3", "preprocessor": "depth"},
+                              files={"control": ("sketch.png", buf.getvalue(), "image/png")})
+    assert bad.status_code == 400 and "depth" in bad.text
+    junk = await web.http.post(url, data={**form, "nonce": "c4"},
+                               files={"control": ("x.png", b"not a picture", "image/png")})
+    assert junk.status_code in (400, 413, 415, 422) and "control picture" in junk.text

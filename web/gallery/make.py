@@ -1,5 +1,6 @@
-""""Make again" and "variations" from an image's page: submitted through the cluster Client
-(charged as chat jobs are), then a page that follows the job over Server-Sent Events."""
+""""Make again" (optionally steered by an uploaded control picture, a ControlNet unit) and
+"variations" from an image's page: submitted through the cluster Client (charged as chat jobs
+are), then a page that follows the job over Server-Sent Events."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from sqlmodel import Session
 
 from cluster.client import Client
 from cluster.events import NSFW_EXTRA_KEY, EventKind, JobEvent
+from core.control import ControlUnit, preprocessor_for
 from core.errors import AtelierError, Conflict, InvalidRequest, NotFound
+from core.images import validate_image
 from core.jobs import DeliveryTarget, Requester
+from core.offload import run_heavy
 from core.request import GenerationRequest
 from core.variations import variation
 from storage import accounts
@@ -62,10 +66,13 @@ async def make(
     nonce: Annotated[str, Form(max_length=64)] = "",
     mode: Annotated[str, Form()] = "again",
     keep_seed: Annotated[bool, Form()] = False,
+    control: Annotated[UploadFile | None, File()] = None,
+    preprocessor: Annotated[str, Form(max_length=32)] = "canny",
 ) -> Response:
     check_csrf(ctx, request, csrf)
     if mode not in ("again", "variations"):
         raise InvalidRequest(f"mode must be again or variations, got {mode[:20]!r}")
+    unit = await _control_unit(ctx, control, preprocessor) if mode == "again" else None
     image = await own_image(ctx, account_id, image_id)
     job = await ctx.store(
         lambda s: job_repo.get_job(session=s, job_id=image.job_id), read_only=True
@@ -73,6 +80,8 @@ async def make(
     requester = await ctx.store(lambda s: _requester(s, job), read_only=True)
     if mode == "again":
         wanted = again_request(job, image, keep_seed=keep_seed)
+        if unit is not None:
+            wanted = wanted.model_copy(update={"control": unit})
     else:
         png = await asyncio.to_thread(ctx.blobs.get, image.blob_key)  # megabytes, off the loop
         wanted = variation_request(job, image, png)
@@ -80,6 +89,24 @@ async def make(
     quote = await ctx.client.jobs.admit(wanted, requester, key)
     submitted = await ctx.client.jobs.submit(quote, DeliveryTarget(frontend=FRONTEND))
     return secured(RedirectResponse(f"/gallery/job/{submitted.job_id}", status_code=303))
+
+
+async def _control_unit(
+    ctx: WebContext, upload: UploadFile | None, preprocessor: str
+) -> ControlUnit | None:
+    """The form's control picture as a ControlNet unit (the catalogue's ControlNet for the
+    chosen preprocessor, picked at admission); None when no file was chosen (a browser sends
+    an empty part). The picture passes the upload checks chat photos pass, off the loop."""
+    if upload is None:
+        return None
+    limits = ctx.settings.limits
+    data = await upload.read(limits.max_upload_bytes + 1)  # never more than the limit + 1
+    if not data:
+        return None
+    kind = preprocessor_for(preprocessor)
+    checked = await run_heavy(validate_image, data, max_bytes=limits.max_upload_bytes,
+                              max_pixels=limits.max_upload_pixels, purpose="control picture")
+    return ControlUnit(preprocessor=kind, image=checked.png)
 
 
 @router.get("/gallery/job/{job_id}")
