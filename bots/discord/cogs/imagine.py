@@ -69,7 +69,7 @@ class Imagine(commands.Cog):
         cfg="How closely to follow the prompt (guidance)",
         negative="What to keep out of the image",
         model="Model to use",
-        image="An image to redraw (img2img)",
+        image="An image to redraw (img2img), or to follow with --control canny",
         strength="How much of the image to repaint (0-1)",
     )
     @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS])
