@@ -79,7 +79,8 @@ async def start_checked(core: ChatCore, who: Who, checked: CheckedGrid) -> Submi
     prompt, shape = quote.grid.base.prompt, quote.grid.describe()
     cells = len(quote.requests)
     status = await core.port.send(
-        chat, texts.grid_queued(prompt, shape, cells, quote.cost), reply_to=who.message_id
+        chat, texts.grid_queued(prompt, shape, cells, quote.cost), reply_to=who.message_id,
+        via=who.via,
     )
     extra = {
         "owner": checked.requester.platform_user_id,
