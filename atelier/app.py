@@ -168,12 +168,16 @@ def make_client(
     """The client front ends use (``options``: Client's own, e.g. ``poll_interval_s``), with
     the registries it checks requests against: the models (``models``, else loaded from the
     settings), the curated styles and the prompt blocklist."""
-    from core.prompts import default_blocklist
+    from core.prompts import Blocklist, default_blocklist
     from core.styles import default_registry
     from storage.blobs import BlobStore
 
     options.setdefault("styles", default_registry())
-    options.setdefault("blocklist", default_blocklist())
+    if "blocklist" not in options:
+        # The list the workers are configured with: admission's check is the one that counts
+        # (the worker uses the prompts admission prepared).
+        path = settings.blocklist_file
+        options["blocklist"] = Blocklist.load(path) if path is not None else default_blocklist()
     return Client(
         settings=settings, session_factory=sessions, broker=broker,
         blobs=BlobStore.from_settings(settings),

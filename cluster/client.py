@@ -19,10 +19,10 @@ from cluster.jobs import DEFAULT_POLL_INTERVAL_S, Jobs, Quote, SubmittedJob, new
 from cluster.registry import ModelRegistry
 from cluster.runnable import RunnableModels
 from core.jobs import DeliveryTarget, JobStatus, Requester
-from core.prompts import Blocklist, default_blocklist
+from core.prompts import Blocklist
 from core.request import GenerationRequest
 from core.settings import Settings
-from core.styles import StyleRegistry, default_registry
+from core.styles import StyleRegistry
 from storage.accounts import AccountRead, LinkCodeRead
 from storage.apikeys import NewApiKey
 from storage.blobs import BlobStore
@@ -53,14 +53,11 @@ class Client:
         self.sessions = session_factory
         self.broker = broker
         self.blobs = blobs
-        self.styles = styles if styles is not None else default_registry()
-        if blocklist is None:
-            # The configured list, as the workers read it: admission's check is the one that
-            # counts now that the worker uses the prompts it prepared.
-            path = settings.blocklist_file
-            blocklist = Blocklist.load(path) if path is not None else default_blocklist()
+        self.styles = styles
+        # The configured list (atelier/app.py make_client loads ATELIER_BLOCKLIST_FILE, as the
+        # workers do): admission's check is the one that counts, the worker uses its prompts.
         self.blocklist = blocklist
-        registry = models if models is not None else ModelRegistry.load(settings)
+        registry = models
         db = Store(session_factory)
         self.runnable = RunnableModels(registry, broker)
         self.accounts = Accounts(settings, db)

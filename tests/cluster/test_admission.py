@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy.engine import Engine as DbEngine
 
+from atelier.app import make_client
 from cluster.broker_memory import MemoryBroker
 from cluster.client import Client
 from cluster.contract import BatchItem, JobRejected
@@ -48,6 +49,7 @@ def client(tmp_path: Path, tiny_models: TinyModels) -> Client:
         settings=settings, session_factory=session_factory(_sqlite(tmp_path)),
         broker=MemoryBroker(), blobs=BlobStore(tmp_path / "blobs"),
         models=tiny_models.registry.with_models(default="tiny"),
+        styles=default_registry(), blocklist=default_blocklist(),
     )
 
 
@@ -87,9 +89,9 @@ def test_the_configured_blocklist_is_admissions(tmp_path: Path, tiny_models: Tin
     listed = tmp_path / "blocklist.txt"
     listed.write_text("[never]\nmarmalade\n", encoding="utf-8")
     settings = load_settings(_env_file=None, data_dir=tmp_path, blocklist_file=listed)
-    client = Client(
-        settings=settings, session_factory=session_factory(_sqlite(tmp_path)),
-        broker=MemoryBroker(), blobs=BlobStore(tmp_path / "blobs"),
+    # The composition root builds the client with the configured list.
+    client = make_client(
+        settings, session_factory(_sqlite(tmp_path)), MemoryBroker(),
         models=tiny_models.registry.with_models(default="tiny"),
     )
     with pytest.raises(ContentBlocked):
