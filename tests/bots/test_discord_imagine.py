@@ -54,6 +54,8 @@ async def test_imagine_with_options_defers_then_edits_then_posts_images_with_but
         (Action.variation, "2"),
         (Action.upscale, "1"),
         (Action.upscale, "2"),
+        (Action.vary_region, "1"),  # the last row: Vary (Region) per image (issue 25)
+        (Action.vary_region, "2"),
     ]
     assert all(len(cid) <= 100 for cid in result.custom_ids())
     (job,) = await discord_stack.finished(1)
