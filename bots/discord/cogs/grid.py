@@ -14,13 +14,12 @@ from discord import app_commands
 from discord.ext import commands
 
 from bots.common import grid as grid_uc
-from bots.common import jobs
 from bots.common.port import Who
 from bots.discord import guilds
 from bots.discord.chat import who
-from bots.discord.cogs.imagine import CHECK_WITHIN_S, Imagine, server_defaults
-from bots.discord.port import Reply, drop_thinking
-from core.errors import AtelierError, InvalidRequest
+from bots.discord.cogs.imagine import answer_checked, server_defaults
+from bots.discord.port import Reply
+from core.errors import InvalidRequest
 from core.grid import AxisKind, ordered_axes, split_axes
 
 if TYPE_CHECKING:
@@ -42,8 +41,6 @@ def grid_text(prompt: str, x: str, y: str | None, z: str | None) -> str:
 class Grid(commands.Cog):
     def __init__(self, bot: AtelierBot) -> None:
         self.bot = bot
-        # The refusal and "thinking" handling of /imagine, shared.
-        self._imagine = Imagine(bot)
 
     @app_commands.command(name="grid", description="Compare settings side by side (X/Y/Z grid)")
     @app_commands.describe(
@@ -66,21 +63,10 @@ class Grid(commands.Cog):
         checking = asyncio.create_task(
             self._check(interaction, asker, grid_text(prompt, x, y, z))
         )
-        imagine = self._imagine
-        try:
-            done, _ = await asyncio.wait({checking}, timeout=CHECK_WITHIN_S)
-            if not done and not await imagine._defer(reply):
-                return
-            checked = await checking
-            if not interaction.response.is_done() and not await imagine._defer(reply):
-                return
-            await grid_uc.start_checked(self.bot.core, asker, checked)
-        except AtelierError as exc:
-            await jobs.refuse(self.bot.core, asker, exc)
-        finally:
-            checking.cancel()
-            if reply.thinking:  # failed before any status
-                await drop_thinking(reply)
+        await answer_checked(
+            self.bot.core, asker, reply, checking,
+            lambda checked: grid_uc.start_checked(self.bot.core, asker, checked),
+        )
 
     async def _check(
         self, interaction: discord.Interaction[Any], asker: Who, text: str

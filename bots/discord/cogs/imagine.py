@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bots.common import account, jobs
+from bots.common.core import ChatCore
 from bots.common.port import Who
 from bots.common.prefs import ASPECTS
 from bots.discord import guilds
@@ -52,6 +54,44 @@ def server_defaults(text: str, prefs: guilds.GuildPrefs) -> str:
         if not asked:
             text += f" --steps {cap}"
     return text
+
+
+T = TypeVar("T")
+
+
+async def answer_checked(
+    core: ChatCore, asker: Who, reply: Reply, checking: asyncio.Task[T],
+    start: Callable[[T], Awaitable[object]], *, repeat: Callable[[T], bool] = lambda _: False,
+) -> None:
+    """A slash command checked and priced before Discord gets an answer (/imagine, /grid): wait
+    for ``checking``, deferring publicly first if it runs past ``CHECK_WITHIN_S`` (Discord wants
+    an answer within 3 s); then ``start`` behind the deferred message. A refusal goes to the
+    asker alone (``jobs.refuse``); a "thinking" message left without a status is removed."""
+    try:
+        done, _ = await asyncio.wait({checking}, timeout=CHECK_WITHIN_S)
+        if not done and not await defer(reply):
+            return
+        checked = await checking
+        if repeat(checked):
+            return
+        if not reply.interaction.response.is_done() and not await defer(reply):
+            return
+        await start(checked)
+    except AtelierError as exc:
+        await jobs.refuse(core, asker, exc)
+    finally:
+        checking.cancel()
+        if reply.thinking:  # failed before any status
+            await drop_thinking(reply)
+
+
+async def defer(reply: Reply) -> bool:
+    """Defer publicly: a "thinking" message that the job's status replaces; False when the
+    interaction was answered already."""
+    if not await acknowledge(reply.interaction, thinking=True):
+        return False
+    reply.thinking = True
+    return True
 
 
 class Imagine(commands.Cog):
@@ -94,21 +134,12 @@ class Imagine(commands.Cog):
         reply = Reply(interaction)
         asker = who(interaction, via=reply)
         checking = asyncio.create_task(self._check(interaction, asker, prompt, options, image))
-        try:
-            if not await self._in_time(reply, checking):
-                return
-            checked = await checking
-            if checked.quote.repeat_of is not None:
-                return  # the same interaction again: its first delivery answered it
-            if not interaction.response.is_done() and not await self._defer(reply):
-                return
-            await jobs.start_checked(self.bot.core, asker, checked)
-        except AtelierError as exc:
-            await jobs.refuse(self.bot.core, asker, exc)
-        finally:
-            checking.cancel()
-            if reply.thinking:  # failed before any status
-                await drop_thinking(reply)
+        await answer_checked(
+            self.bot.core, asker, reply, checking,
+            lambda checked: jobs.start_checked(self.bot.core, asker, checked),
+            # the same interaction again: its first delivery answered it
+            repeat=lambda checked: checked.quote.repeat_of is not None,
+        )
 
     async def _check(
         self,
@@ -128,19 +159,6 @@ class Imagine(commands.Cog):
             idempotency_key=f"discord:{interaction.id}",
             photo=await self._read(image),
         )
-
-    async def _in_time(self, reply: Reply, checking: asyncio.Task[jobs.Checked]) -> bool:
-        """Wait for the check, deferring first if it runs past ``CHECK_WITHIN_S`` (Discord
-        wants an answer within 3 s); False when the interaction was answered already."""
-        done, _ = await asyncio.wait({checking}, timeout=CHECK_WITHIN_S)
-        return bool(done) or await self._defer(reply)
-
-    async def _defer(self, reply: Reply) -> bool:
-        """Defer publicly: a "thinking" message that the job's status replaces."""
-        if not await acknowledge(reply.interaction, thinking=True):
-            return False
-        reply.thinking = True
-        return True
 
     async def _read(self, image: discord.Attachment | None) -> bytes | None:
         if image is None:
