@@ -49,7 +49,7 @@ class Client:
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
     ) -> None:
         # The registries come from the composition root (atelier/app.py), loaded once there.
-        self.settings = settings
+        self._settings = settings
         self.sessions = session_factory
         self.broker = broker
         self.blobs = blobs
@@ -67,6 +67,17 @@ class Client:
             poll_interval_s=poll_interval_s,
         )
         self.poll_interval_s = poll_interval_s
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """New settings for the client and the services it bundles (tests and tools swap them)."""
+        self._settings = settings
+        self.jobs.settings = settings
+        self.accounts.settings = settings
 
     @property
     def models(self) -> ModelRegistry:
