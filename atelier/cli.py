@@ -24,7 +24,13 @@ from core.errors import AtelierError
 from core.redact import redact_url
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlmodel import Session
+
     from cluster.registry import ModelRegistry
+    from core.settings import Settings
+    from storage.accounts import AccountRead
 
 app = typer.Typer(
     help="Atelier: a self-hosted image studio for chat communities.", no_args_is_help=True
@@ -196,17 +202,10 @@ def account_set_tier(
     """Put an identity's account on a tier (its next daily allowance follows it)."""
     from storage import accounts
 
-    platform, user = _identity(identity)
     settings = _settings()
-    try:
-        with open_store(settings) as tx, tx.begin() as session:
-            acc = accounts.find_account(session=session, platform=platform, platform_user_id=user)
-            acc = accounts.set_tier(
-                session=session, account_id=acc.id, tier=tier, known_tiers=settings.tiers
-            )
-    except AtelierError as exc:
-        raise _fail(exc) from None
-    console.print(f"account {acc.id} ({platform}:{user}) is now on tier [bold]{acc.tier}[/bold]")
+    acc, _, who = _change_account(settings, identity, lambda s, a: accounts.set_tier(
+        session=s, account_id=a.id, tier=tier, known_tiers=settings.tiers))
+    console.print(f"account {acc.id} ({who}) is now on tier [bold]{acc.tier}[/bold]")
 
 
 @account_app.command("block")
@@ -217,16 +216,10 @@ def account_block(
     """Block an identity's account: new jobs and payments are refused with the reason."""
     from storage import accounts
 
-    platform, user = _identity(identity)
-    settings = _settings()
-    try:
-        with open_store(settings) as tx, tx.begin() as session:
-            acc = accounts.find_account(session=session, platform=platform, platform_user_id=user)
-            acc = accounts.block(session=session, account_id=acc.id, reason=reason)
-    except AtelierError as exc:
-        raise _fail(exc) from None
+    acc, _, who = _change_account(_settings(), identity, lambda s, a: accounts.block(
+        session=s, account_id=a.id, reason=reason))
     console.print(
-        f"account {acc.id} ({platform}:{user}) is blocked: {acc.blocked_reason} "
+        f"account {acc.id} ({who}) is blocked: {acc.blocked_reason} "
         "(jobs already accepted still finish; `atelier account unblock` lifts it)"
     )
 
@@ -238,17 +231,28 @@ def account_unblock(
     """Lift the block on an identity's account."""
     from storage import accounts
 
+    acc, before, who = _change_account(_settings(), identity, lambda s, a: accounts.unblock(
+        session=s, account_id=a.id))
+    state = "is no longer blocked" if before.blocked else "was not blocked"
+    console.print(f"account {acc.id} ({who}) {state}")
+
+
+def _change_account(
+    settings: Settings, identity: str, change: Callable[[Session, AccountRead], AccountRead]
+) -> tuple[AccountRead, AccountRead, str]:
+    """``change`` an identity's account in one transaction: (after, before, "platform:user");
+    our errors end the command with their message."""
+    from storage import accounts
+
     platform, user = _identity(identity)
-    settings = _settings()
     try:
         with open_store(settings) as tx, tx.begin() as session:
-            acc = accounts.find_account(session=session, platform=platform, platform_user_id=user)
-            was = acc.blocked
-            acc = accounts.unblock(session=session, account_id=acc.id)
+            before = accounts.find_account(
+                session=session, platform=platform, platform_user_id=user
+            )
+            return change(session, before), before, f"{platform}:{user}"
     except AtelierError as exc:
         raise _fail(exc) from None
-    state = "is no longer blocked" if was else "was not blocked"
-    console.print(f"account {acc.id} ({platform}:{user}) {state}")
 
 
 @credits_app.command("purchases")
