@@ -11,8 +11,9 @@ from engine.calibrate import (
     measure_unet,
     plain_dtypes,
     save_calibration,
+    use_inductor_cache,
 )
-from engine.devices import best_device, choose_profile
+from engine.devices import best_device, choose_profile, has_fp8
 
 
 def measure_first_device(
@@ -23,6 +24,7 @@ def measure_first_device(
     import torch
 
     quiet_ml_libraries()
+    use_inductor_cache(path.parent)  # what is compiled here, the worker finds compiled
     info = best_device()
     profile = choose_profile(info, family)
     if profile.threads:
@@ -39,7 +41,7 @@ def measure_first_device(
     measured = measure_unet(
         profile.device, profile.device_class, family=family, side=side, tiny=tiny,
         quant="torchao" in info.quant_backends, dtypes=plain_dtypes(info.kind, info.bf16),
-        compile=compile, steps=1 if tiny else 3, progress=show,
+        compile=compile, steps=1 if tiny else 3, progress=show, fp8=has_fp8(info),
     )
     updated = (calibration or Calibration()).with_measurement(measured)
     save_calibration(updated, path)

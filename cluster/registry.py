@@ -122,7 +122,7 @@ class ModelSpec(BaseModel):
     scheduler: str
     guidance: float = Field(ge=0, le=30)
     compile: bool = False
-    quantize: Literal["int8"] | None = None
+    quantize: Literal["int8", "fp8"] | None = None  # fp8: CUDA sm89+ only (the profile says)
     fast: bool = False
     # Off by default: prompts are screened by the blocklist, and the checker costs ~1 GB.
     safety_checker: bool = False

@@ -39,7 +39,7 @@ from core.logs import set_job, setup_logging
 from core.prompts import Blocklist
 from core.settings import Settings, WorkerConfig
 from engine.cache import ModelCache, default_budget_bytes, describe_cache
-from engine.calibrate import calibration_path, load_calibration
+from engine.calibrate import calibration_path, load_calibration, use_inductor_cache
 from engine.devices import DeviceInfo, DeviceProfile, best_device, choose_profile, detect_devices
 from engine.engine import Engine, ProgressFn
 
@@ -225,6 +225,7 @@ class WorkerActor:
                 budget = default_budget_bytes(info) if info is not None else 8 * 2**30
                 registry = ModelRegistry.load(config)
                 calibration = load_calibration(calibration_path(config.data_dir))
+                use_inductor_cache(config.data_dir)  # a compiled UNet's kernels survive restarts
                 cache = ModelCache(registry, self._profile, budget, device_info=info,
                                    calibration=calibration)
                 path = config.blocklist_file

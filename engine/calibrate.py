@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
+INDUCTOR_CACHE_DIR = "inductor-cache"  # beside calibration.json: torch.compile's kernels
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 FORMAT = 1
 PLAIN_DTYPES = ("float32", "bfloat16")
 QUANT_MODES = ("int8", "int8-dynamic")  # int8 weights; int8 weights and dynamic int8 activations
@@ -107,6 +109,20 @@ def plain_dtypes(kind: str, bf16: bool) -> tuple[str, ...]:
 
 def calibration_path(data_dir: Path) -> Path:
     return Path(data_dir).expanduser() / CALIBRATION_FILE
+
+
+def use_inductor_cache(data_dir: Path) -> Path:
+    """Keep torch.compile's (inductor's) on-disk cache beside the data dir, so a compiled
+    model's kernels survive a restart: the first job after one compiles in seconds, not
+    minutes (sd15-shaped UNet on this CPU: see bench/compile.py). An operator's own
+    TORCHINDUCTOR_CACHE_DIR wins. Call before the first compile in the process."""
+    import os
+
+    chosen = os.environ.get(INDUCTOR_CACHE_ENV)
+    path = Path(chosen) if chosen else Path(data_dir).expanduser() / INDUCTOR_CACHE_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[INDUCTOR_CACHE_ENV] = str(path)
+    return path
 
 
 def load_calibration(path: Path) -> Calibration | None:

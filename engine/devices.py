@@ -388,7 +388,12 @@ def choose_profile(
             do_compile = True
             reasons.append("compile on (model opt-in): the first job pays the compile time")
     q: str | None = None
-    if quantize:
+    if quantize == "fp8" and not has_fp8(info):
+        reasons.append(
+            f"quantize fp8 skipped: needs an NVIDIA GPU of sm89 or newer (Ada, Hopper); "
+            f"this is {_describe(info)}"
+        )
+    elif quantize:
         if backend is None:
             reasons.append(
                 f"quantize {quantize} skipped: neither torchao nor optimum-quanto is installed"
@@ -430,6 +435,17 @@ def choose_profile(
         vram_gb=vram,
         reasons=reasons,
     )
+
+
+def has_fp8(info: DeviceInfo) -> bool:
+    """Whether the device multiplies fp8 natively (CUDA compute capability 8.9 or newer)."""
+    return info.kind == "cuda" and (info.capability or (0, 0)) >= (8, 9)
+
+
+def _describe(info: DeviceInfo) -> str:
+    if info.kind == "cuda" and info.capability is not None:
+        return f"{info.name} (sm{info.capability[0]}{info.capability[1]})"
+    return f"{info.kind} ({info.name})"
 
 
 def _permitted(v: Variant, quantize: str | None, backend: str | None, compile: bool) -> bool:

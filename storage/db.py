@@ -4,6 +4,7 @@ is configured in code, without an alembic.ini, so ``upgrade`` works from an inst
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, ResourceClosedError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
@@ -38,8 +39,11 @@ READ_ONLY = "atelier_read_only"
 _SQLITE_WRITERS: dict[str, threading.Lock] = {}
 _SQLITE_WRITERS_GUARD = threading.Lock()
 # What the store raises while it cannot be reached (a PostgreSQL restarting, a SQLite file
-# locked too long): long-running loops wait these out and try again, as broker outages.
-STORE_ERRORS: tuple[type[Exception], ...] = (DBAPIError, psycopg.Error, sqlite3.OperationalError)
+# locked too long) or a connection is out of step with its server (a result that should have
+# rows has none): long-running loops wait these out and try again, as broker outages.
+STORE_ERRORS: tuple[type[Exception], ...] = (
+    DBAPIError, psycopg.Error, sqlite3.OperationalError, ResourceClosedError,
+)
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -120,10 +124,25 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         )
     try:
         with factory() as session, session.begin():
-            yield session
+            try:
+                yield session
+            except STORE_ERRORS:
+                _discard_connection(session)
+                raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _discard_connection(session: Session) -> None:
+    """A transaction that failed in the driver (not with one of our errors) never hands its
+    connection back to the pool: whatever state it was left in (an aborted savepoint, a result
+    half read), the next transaction gets a fresh connection. Costs one reconnect. (Not on
+    SQLite: in process, nothing to fall out of step, and an in-memory database lives in its
+    one connection.)"""
+    with contextlib.suppress(Exception):
+        if session.get_bind().dialect.name != "sqlite":
+            session.connection().invalidate()
 
 
 T = TypeVar("T")

@@ -3,6 +3,7 @@ model opted into; the file's bad shapes are named. (A real measurement: tests/at
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,7 @@ from engine.calibrate import (
     describe_measurement,
     load_calibration,
     save_calibration,
+    use_inductor_cache,
 )
 from engine.devices import DeviceInfo, choose_profile
 
@@ -114,3 +116,52 @@ def test_a_new_measurement_replaces_the_old_one(tmp_path: Path) -> None:
     cal = Calibration((measurement(float32=1.0),)).with_measurement(measurement(bfloat16=0.5))
     found = cal.find("cpu", "sd15")
     assert found is not None and [v.name for v in found.variants] == ["bfloat16"]
+
+
+def test_compiled_kernels_are_kept_beside_the_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inductor's cache goes beside calibration.json (a restart then compiles in seconds, see
+    bench/compile.py); an operator's own TORCHINDUCTOR_CACHE_DIR is left as it is."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    data = tmp_path / "data"
+    got = use_inductor_cache(data)
+    assert got == data / "inductor-cache" and got.is_dir()
+    assert got.parent == calibration_path(data).parent
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(got)
+
+    own = tmp_path / "operators-cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(own))
+    assert use_inductor_cache(data) == own and own.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(own)
+
+
+H100 = DeviceInfo(
+    kind="cuda", name="NVIDIA H100 80GB HBM3", index=0, capability=(9, 0),
+    total_memory=80 * 2**30, bf16=True, quant_backends=("torchao",),
+)
+A100 = dataclasses.replace(H100, name="NVIDIA A100-SXM4-40GB", capability=(8, 0),
+                           total_memory=40 * 2**30)
+
+
+def test_fp8_is_an_opt_in_only_where_the_gpu_has_it(tmp_path: Path) -> None:
+    # A CPU or a pre-Ada GPU: skipped, saying what it needs and what this device is.
+    for info, what in ((CPU, "cpu (AMD EPYC)"), (A100, "NVIDIA A100-SXM4-40GB (sm80)")):
+        p = choose_profile(info, "sd15", quantize="fp8")
+        assert p.quantize is None and p.quantize_backend is None
+        assert f"quantize fp8 skipped: needs an NVIDIA GPU of sm89 or newer (Ada, Hopper); " \
+               f"this is {what}" in p.reasons
+    # Hopper, not measured: the opt-in applies.
+    p = choose_profile(H100, "sd15", quantize="fp8")
+    assert (p.quantize, p.quantize_backend) == ("fp8", "torchao")
+    # Measured: fp8 only when it was the fastest, and an int8 opt-in never picks fp8.
+    m = Measurement(p.device_class, "sd15", "test UNet", "2026-12-07T03:00:00Z", "2.13.0", (
+        Variant("bfloat16", seconds_per_step=0.10, peak_mb=3000.0),
+        Variant("bfloat16", "int8", seconds_per_step=0.12, peak_mb=2500.0),
+        Variant("bfloat16", "fp8", seconds_per_step=0.07, peak_mb=2200.0),
+    ))
+    cal = write(tmp_path, m)
+    assert choose_profile(H100, "sd15", quantize="fp8", calibration=cal).quantize == "fp8"
+    assert choose_profile(H100, "sd15", quantize="int8", calibration=cal).quantize is None

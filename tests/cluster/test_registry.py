@@ -94,6 +94,8 @@ fast = true
     assert (mine.default_width, mine.default_steps) == (1024, 30)  # family defaults
     assert (mine.compile, mine.quantize, mine.fast) == (True, "int8", True)
     assert "sdxl" in reg  # the packaged ones are still there
+    write(user, '[models.mine]\nrepo = "a/b"\nfamily = "sdxl"\nquantize = "fp8"\n')
+    assert ModelRegistry.load(settings, extra_path=user).get("mine").quantize == "fp8"
 
 
 def test_user_file_in_data_dir_is_found(settings: Settings) -> None:
@@ -115,6 +117,7 @@ def test_user_file_in_data_dir_is_found(settings: Settings) -> None:
         ("default = 'nope'\n", "default model 'nope' is not in the registry"),
         ("[models.x\n", "is not valid TOML"),
         ("model = 1\n", "unknown top-level keys"),
+        ("[models.x]\nrepo = 'a/b'\nfamily = 'sd15'\nquantize = 'nf4'\n", "quantize"),
     ],
 )
 def test_bad_user_file_is_a_config_error(

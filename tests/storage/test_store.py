@@ -89,3 +89,41 @@ async def test_a_reader_does_not_queue_behind_a_writer(sqlite: Engine) -> None:
     assert waited < 0.8, waited
     await writer
     assert await store(_bodies, read_only=True) == ["before", "after"]
+
+
+def test_a_connection_that_failed_in_the_driver_is_not_reused(
+    engine: Engine, backend: str
+) -> None:
+    """A transaction that fails in the driver hands no connection back to the pool as it was
+    (an aborted savepoint or a half-read result there would poison the next transaction, which
+    a payment retried after an outage must not meet); our own errors keep the connection, and
+    SQLite (in process) keeps its connection either way."""
+    from sqlalchemy.exc import DBAPIError
+
+    from core.errors import NotFound
+    from storage.db import transaction
+
+    factory = session_factory(engine)
+    who = "SELECT pg_backend_pid()" if backend == "postgresql" else "SELECT 1"
+
+    def connection_id() -> object:
+        """The server process on PostgreSQL; on SQLite the driver's connection object."""
+        with transaction(factory) as s:
+            pid = s.execute(text(who)).scalar()
+            return pid if backend == "postgresql" else s.connection().connection.dbapi_connection
+
+    first = connection_id()
+    assert connection_id() == first  # the pool hands the same one back
+
+    with pytest.raises(NotFound), transaction(factory) as s:  # our error: kept
+        s.execute(text(who)).scalar()
+        raise NotFound("nothing here")
+    assert connection_id() == first
+
+    with pytest.raises(DBAPIError), transaction(factory) as s:
+        s.begin_nested()
+        s.execute(text("SELECT no_such_column FROM no_such_table"))
+    after = connection_id()
+    assert (after != first) == (backend == "postgresql")
+    with transaction(factory) as s:  # and the store goes on working
+        assert s.execute(text("SELECT 1")).scalar() == 1
