@@ -44,6 +44,7 @@ from cluster.placement import WorkerPool
 from cluster.registry import ModelRegistry
 from cluster.supervise import supervise
 from core.errors import ConfigError
+from core.heap import startup_heap_frozen
 from core.settings import Mode, Settings, parse_listen
 
 if TYPE_CHECKING:
@@ -412,10 +413,11 @@ async def run_dispatcher(
             pacing=pacing,
         )
         async with serve_metrics(settings, stack, with_ray=True):
-            await supervise(
-                "dispatcher", lambda: dispatcher.run(stop), stop,
-                trouble=lambda: dispatcher.trouble,
-            )
+            with startup_heap_frozen():
+                await supervise(
+                    "dispatcher", lambda: dispatcher.run(stop), stop,
+                    trouble=lambda: dispatcher.trouble,
+                )
 
 
 async def run_telegram_bot(
@@ -440,7 +442,8 @@ async def run_telegram_bot(
         )
         try:
             async with serve_metrics(settings, stack, with_ray=False):
-                await stop.wait()
+                with startup_heap_frozen():
+                    await stop.wait()
         finally:
             await bot.stop()
 
@@ -471,7 +474,8 @@ async def run_discord_bot(
         )
         try:
             async with serve_metrics(settings, stack, with_ray=False):
-                await stop.wait()
+                with startup_heap_frozen():
+                    await stop.wait()
         finally:
             await bot.stop()
 
@@ -637,7 +641,8 @@ async def run_web(
         serve_metrics(settings, stack, with_ray=False),  # ATELIER_METRICS__PORT, if set
     ):
         ready(url)
-        await stop.wait()
+        with startup_heap_frozen():
+            await stop.wait()
 
 
 # The single box -------------------------------------------------------------------------------
@@ -661,7 +666,8 @@ async def run_up(
         bots = await start_bots(settings, stack)
         bots_ready([bot_name for bot_name, _ in bots])
         try:
-            await stop.wait()
+            with startup_heap_frozen():
+                await stop.wait()
         finally:
             for _, stopper in bots:
                 await stopper()

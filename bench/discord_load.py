@@ -46,6 +46,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     from cluster.contract import init_local_ray
     from cluster.placement import WorkerPool
     from cluster.registry import ModelRegistry
+    from core.heap import freeze_startup_heap
     from core.settings import load_settings
     from engine.actor import spawn_worker
     from engine.tiny import make_tiny_models
@@ -89,6 +90,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     await fake.start()
     bot = await start_bot(settings, client, broker, state=MemoryState(), reconnect=False,
                           guild_ready_timeout=0.05)
+    freeze_startup_heap()  # as `atelier up` and `atelier bot discord` do once started
 
     def images(inter: Interaction) -> list[object]:
         return [c for c in fake.calls_to("POST /webhooks/") if inter.token in c.path and c.files]

@@ -91,6 +91,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
     from cluster.contract import init_local_ray
     from cluster.placement import WorkerPool
     from cluster.registry import ModelRegistry
+    from core.heap import freeze_startup_heap
     from core.settings import load_settings
     from engine.actor import spawn_worker
     from engine.tiny import make_tiny_models
@@ -139,6 +140,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         poll_timeout=1,
         rate_limiter=FloodLimiter(overall_per_s=args.overall_per_s),
     )
+    freeze_startup_heap()  # as `atelier up` and `atelier bot telegram` do once started
 
     # 2. Warm the model up (a first load is not what this measures).
     await fake.send(FIRST_USER - 1, f"/imagine warm up --w {args.size} --h {args.size} --steps 1")

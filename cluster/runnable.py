@@ -1,6 +1,7 @@
 """Which models a job can use now: what the live workers published through the broker, or,
 before any worker has told, what this machine can load. Admission reads the published set once
-per request (``published``) and answers the default model and the availability from it."""
+per request (``published``; requests asking at the same moment share one read) and answers the
+default model and the availability from it."""
 
 from __future__ import annotations
 
@@ -23,10 +24,29 @@ class RunnableModels:
     def __init__(self, models: ModelRegistry, broker: Broker) -> None:
         self.models = models
         self.broker = broker
+        # The read in flight, which callers arriving meanwhile share: a burst of admissions
+        # (50 people at once) makes one read of the broker, not one each, and no connection
+        # per caller. Kept per event loop: a task belongs to the loop that made it.
+        self._reading: tuple[asyncio.AbstractEventLoop, asyncio.Task[Published]] | None = None
 
     async def published(self) -> Published:
         """The union of what the live workers can load, as their dispatchers published it;
-        None before any has (start-up) or while the broker does not answer. One round trip."""
+        None before any has (start-up) or while the broker does not answer. One read of the
+        broker, shared by the callers that ask while it runs (as fresh as a read of their
+        own: it began no earlier than one round trip before them)."""
+        loop = asyncio.get_running_loop()
+        if self._reading is None or self._reading[0] is not loop or self._reading[1].done():
+            reading = loop.create_task(self._read_published())
+            self._reading = (loop, reading)
+            reading.add_done_callback(self._forget)
+        # Shielded: a caller cancelled (an interaction given up) leaves the read to the others.
+        return await asyncio.shield(self._reading[1])
+
+    def _forget(self, reading: asyncio.Task[Published]) -> None:
+        if self._reading is not None and self._reading[1] is reading:
+            self._reading = None
+
+    async def _read_published(self) -> Published:
         try:
             by_worker = await self.broker.registry.worker_models()
         except BrokerUnavailable:

@@ -5,6 +5,7 @@ bad token or missing settings."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -112,9 +113,12 @@ async def test_run_bot_serves_on_its_own_over_redis(backend: Stack) -> None:
     try:
         await fake.send(user, f"/imagine a tram at night {TINY}")
         await fake.wait_call("sendPhoto", chat=user, timeout=90)
+        # Serving with its start-up heap out of the collector's way (core/heap.py) ...
+        assert gc.get_freeze_count() > 0
     finally:
         stop.set()
         await asyncio.wait_for(running, 30)
+    assert gc.get_freeze_count() == 0  # ... and given back once stopped
     assert fake.calls_of("deleteWebhook")  # long polling
     (job,) = await backend.finished(1)
     assert len(backend.images(job.id)) == 1
