@@ -263,6 +263,12 @@ def quant_main(profile: DeviceProfile, args: argparse.Namespace) -> None:
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     steps = 2 if args.quick else 3
+    if args.demo_only:  # the fidelity figures alone (the UNet timings need a quiet machine)
+        demo = bench_demo_variants(profile, args.demo_n, args.demo_steps, compile=False)
+        if not args.no_compile:
+            demo += bench_demo_variants(profile, args.demo_n, args.demo_steps, plain=False)
+        print_table(demo)
+        return
     print(f"UNet variants at {args.side}²", flush=True)
     measured = measure_unet_variants(profile, args.side, steps)
     print("demo model variants", flush=True)
@@ -290,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-steps", type=int, default=20, help="--quant: demo steps")
     parser.add_argument("--side", type=int, default=256, help="--quant: UNet image side")
     parser.add_argument("--no-compile", action="store_true", help="--quant: skip compile")
+    parser.add_argument("--demo-only", action="store_true",
+                        help="--quant: only the demo model's adherence and drift per variant")
     args = parser.parse_args(argv)
     reps_unet, reps_tiny, reps_sd = (1, 3, 1) if args.quick else (3, 5, 2)
 
