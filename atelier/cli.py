@@ -12,6 +12,7 @@ from rich.table import Table
 from atelier import serve
 from atelier.apikey_cli import apikey_app
 from atelier.app import open_store
+from atelier.controlnet_cli import train_demo_controlnet
 from atelier.db_cli import db_prune
 from atelier.gallery_cli import gallery_app
 from atelier.wiring import (
@@ -417,6 +418,9 @@ def models_train_demo(
     record = train_demo(target, recipe, progress=console.print)
     console.print(f"demo model: {target} ({record['unet_steps']} denoiser steps in "
                   f"{record['minutes']} min on {device}; recipe in {target / 'recipe.json'})")
+
+
+models_app.command("train-demo-controlnet")(train_demo_controlnet)
 
 
 @app.command("devices")

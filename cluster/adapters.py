@@ -49,6 +49,9 @@ class AdapterSpec(BaseModel):
     token: str | None = None  # an embedding's prompt token (its name when unset)
     # A ControlNet's usual preprocessor (what a request naming none gets).
     preprocessor: Literal["canny", "scribble", "none"] | None = None
+    # Only these models (by registry name) take it: weights shaped for one model's UNet, as
+    # the demo model's own ControlNet is; empty: any model of ``family``.
+    models: tuple[str, ...] = ()
 
     @field_validator("file")
     @classmethod
@@ -82,10 +85,19 @@ class AdapterSpec(BaseModel):
     def prompt_token(self) -> str:
         return self.token or self.name
 
-    def fits(self, family: str) -> bool:
-        """Whether a model of ``family`` can take this adapter (turbo XL is SDXL-shaped)."""
+    def fits(self, family: str, model: str | None = None) -> bool:
+        """Whether a model of ``family`` (named ``model``, where the entry is for some models
+        only) can take this adapter (turbo XL is SDXL-shaped)."""
         xl = {"sdxl", "sdxl-turbo"}
+        if self.models and model is not None and model not in self.models:
+            return False
         return family == self.family or (family in xl and self.family in xl)
+
+    def misfit(self, what: str, model: str, family: str) -> str:
+        """Why a ``family`` model named ``model`` cannot take it (for an InvalidRequest)."""
+        if self.models and model not in self.models:
+            return f"{what} {self.name!r} is only for model {' or '.join(map(repr, self.models))}"
+        return f"{what} {self.name!r} is for {self.family} models; model {model!r} is {family}"
 
     def how_to_get(self) -> str:
         where = f"under [{self.kind}s.{self.name}] in your models.toml (ATELIER_MODELS_FILE)"
@@ -150,10 +162,8 @@ def resolve_controlnet(
     if spec is None or spec.kind != "controlnet":
         known = [a.name for a in adapters.values() if a.kind == "controlnet"]
         raise unknown_adapter(name, known, "ControlNet")
-    if not spec.fits(family):
-        raise InvalidRequest(
-            f"ControlNet {name!r} is for {spec.family} models; model {model!r} is {family}"
-        )
+    if not spec.fits(family, model):
+        raise InvalidRequest(spec.misfit("ControlNet", model, family))
     return spec
 
 
@@ -168,10 +178,8 @@ def resolve_adapters(
         spec = adapters.get(ref.name)
         if spec is None or spec.kind != "lora":
             raise unknown_adapter(ref.name, loras)
-        if not spec.fits(family):
-            raise InvalidRequest(
-                f"LoRA {ref.name!r} is for {spec.family} models; model {model!r} is {family}"
-            )
+        if not spec.fits(family, model):
+            raise InvalidRequest(spec.misfit("LoRA", model, family))
         weight = spec.default_weight if ref.weight is None else ref.weight
         out.append(AdapterRef(name=ref.name, weight=weight))
     return tuple(out)

@@ -18,6 +18,7 @@ from cluster import accounts as account_rows
 from cluster.adapters import add_triggers
 from cluster.broker import Broker, BrokerUnavailable
 from cluster.events import EventKind, ImageRef, JobEvent, image_ref, terminal_event, with_nsfw
+from cluster.previews import control_preview
 from cluster.registry import ModelRegistry
 from cluster.runnable import RunnableModels
 from core.adapters import AdapterRef, check_adapters
@@ -31,6 +32,7 @@ from core.errors import (
     TooManyJobs,
 )
 from core.jobs import CANCELLED_BY_OWNER, DeliveryTarget, JobStatus, Requester
+from core.offload import run_heavy
 from core.prompts import Blocklist, prepare_prompt
 from core.recipe import effective_strength, min_denoising_steps
 from core.request import GenerationRequest, check_text_lengths
@@ -442,6 +444,13 @@ class Jobs:
     async def image_bytes(self, image: ImageRef) -> bytes:
         """The PNG of a stored image."""
         return await asyncio.to_thread(self.blobs.get, image.blob_key)
+
+    async def control_preview(self, request: GenerationRequest) -> bytes | None:
+        """The PNG of a ControlNet request's control map, the preview shown with its result
+        (None without a control unit): made once, in the heavy-work threads."""
+        if request.control is None:
+            return None
+        return await run_heavy(control_preview, self.blobs, request)
 
 
 def _position(session: Session, job: JobRead) -> int | None:

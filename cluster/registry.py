@@ -367,16 +367,19 @@ class ModelRegistry:
         family = spec.family.value
         name = unit.controlnet
         if name is None:  # the one for this preprocessor and family
-            fitting = [
-                a.name for a in self.adapters.values()
-                if a.kind == "controlnet" and a.fits(family) and a.preprocessor == unit.preprocessor
-            ]
+            # One made for this very model first (the demo's), then any of its family.
+            fitting = sorted(
+                (a for a in self.adapters.values()
+                 if a.kind == "controlnet" and a.fits(family, spec.name)
+                 and a.preprocessor == unit.preprocessor),
+                key=lambda a: spec.name not in a.models,
+            )
             if not fitting:
                 raise InvalidRequest(
                     f"no ControlNet for {unit.preprocessor} fits model {spec.name!r} ({family}); "
                     "name one with its catalogue name"
                 )
-            name = fitting[0]
+            name = fitting[0].name
         cn = resolve_controlnet(name, self.adapters, model=spec.name, family=family)
         unit = unit.model_copy(update={"controlnet": cn.name})
         if unit.preprocessor is None and cn.preprocessor is not None:

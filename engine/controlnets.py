@@ -1,5 +1,6 @@
 """ControlNets on a worker: each loaded once (a Diffusers folder, or a hub repo) in the model's
-dtype and device, kept least recently used first out, up to what the device keeps; and the
+dtype and device, kept least recently used first out, up to what the device profile keeps
+(``kept_for``, decided in ``engine.devices.choose_profile``); and the
 ControlNet view of a loaded model's pipeline (``from_pipe``: the model's weights shared)."""
 
 from __future__ import annotations
@@ -21,14 +22,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How many ControlNets a worker keeps loaded, by device kind: one is a third of an SD1.5 UNet.
-DEFAULT_KEPT = {"cpu": 2, "mps": 2}
-GPU_KEPT = 4
+# What one ControlNet weighs in half precision (a copy of the UNet's encoder half, ~361M
+# weights for SD1.5, ~1.25B for SDXL), and what the model itself needs beside it.
+CONTROLNET_GB = {False: 0.75, True: 2.5}  # by "is SDXL-class"
+MODEL_GB = {False: 6.0, True: 10.0}
+MAX_KEPT = 8
 
 
-def kept_for(device: str) -> int:
-    """The ControlNets a device of this kind keeps loaded ("cuda:0" -> its kind "cuda")."""
-    return DEFAULT_KEPT.get(device.split(":")[0], GPU_KEPT)
+def kept_for(
+    kind: str, memory_gb: float | None, *, xl: bool, half: bool, offload: str
+) -> tuple[int, str]:
+    """How many ControlNets a device keeps loaded, and why (one line, for the profile): a
+    quarter of the memory the model leaves free, at what one weighs in the device's dtype;
+    one where the model is offloaded (memory is what it lacks) or the memory is unknown."""
+    what = "SDXL-class" if xl else "SD1.5-class"
+    if offload != "none":
+        return 1, f"controlnets kept 1: offload {offload}, no memory to keep more"
+    if not memory_gb:
+        return 1, f"controlnets kept 1: the {kind} device's memory is unknown"
+    size = CONTROLNET_GB[xl] * (1 if half else 2)
+    free = max(memory_gb - MODEL_GB[xl] * (1 if half else 2), 0.0)
+    kept = max(1, min(MAX_KEPT, int(free * 0.25 / size)))
+    where = "GB of RAM" if kind in ("cpu", "mps") else "GB of VRAM"
+    return kept, (
+        f"controlnets kept {kept}: a quarter of the {free:.0f} {where} left beside an {what} "
+        f"model, at ~{size:g} GB each in {'half' if half else 'full'} precision"
+        f"{f' (at most {MAX_KEPT})' if kept == MAX_KEPT else ''}"
+    )
 
 
 class ControlNetCache:
@@ -61,6 +81,11 @@ class ControlNetCache:
                 gone, _ = self._loaded.popitem(last=False)
                 log.info("ControlNet %r unloaded (least recently used)", gone)
             return model
+
+    def loaded(self) -> set[str]:
+        """The names of the ControlNets loaded now."""
+        with self._lock:
+            return set(self._loaded)
 
 
 def _load(spec: AdapterSpec, dtype: torch.dtype) -> Any:

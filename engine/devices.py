@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cluster.device_classes import DeviceKind, device_class_name, nominal_gb
+from engine.controlnets import kept_for
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +77,7 @@ class DeviceProfile:
     vram_gb: int | None  # nominal size, as the card is sold
     reasons: list[str] = field(default_factory=list)
     compile_backend: str = "inductor"  # torch.compile's; tests use "eager" (no C++ build)
+    controlnet_slots: int = 1  # ControlNets a worker keeps loaded (engine.controlnets.kept_for)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -411,6 +413,11 @@ def choose_profile(
             "fast mode on (model opt-in): deep UNet features reused for 2 of every 3 steps"
         )
 
+    memory = vram if info.kind not in ("cpu", "mps") else info.memory_gb
+    controlnet_slots, why = kept_for(info.kind, memory, xl=xl, half=dtype != "float32",
+                                     offload=offload)
+    reasons.append(why)
+
     # ROCm builds of torch address AMD GPUs as "cuda".
     device: str = "cuda" if info.kind == "rocm" else info.kind
     if info.index is not None and info.kind not in ("cpu", "mps"):
@@ -434,6 +441,7 @@ def choose_profile(
         fast=fast,
         vram_gb=vram,
         reasons=reasons,
+        controlnet_slots=controlnet_slots,
     )
 
 
@@ -497,6 +505,7 @@ def describe_profile(profile: DeviceProfile) -> str:
         f"tiling {'on' if profile.vae_tiling else 'off'}",
         f"threads      {profile.threads if profile.threads else 'default'}",
         f"quantize     {profile.quantize or 'none'}, compile {'on' if profile.compile else 'off'}",
+        f"controlnets  {profile.controlnet_slots} kept loaded",
         "why:",
         *(f"  - {r}" for r in profile.reasons),
     ]

@@ -37,7 +37,7 @@ from core.recipe import (
 from core.request import GenerationRequest, JobKind
 from core.styles import StyleRegistry, default_registry
 from engine.cache import ModelCache
-from engine.controlnets import ControlNetCache, control_pipeline, kept_for
+from engine.controlnets import ControlNetCache, control_pipeline
 from engine.devices import DeviceProfile
 from engine.loras import AdapterCache, slots_for
 from engine.schedulers import SchedulerCache, with_scheduler
@@ -88,7 +88,7 @@ class Engine:
         self.adapters = AdapterCache(cache.registry.adapters, capacity=slots_for(profile.device))
         # ControlNets kept loaded, and each model pipeline's ControlNet views (weights shared).
         self.controlnets = ControlNetCache(
-            cache.registry.adapters, capacity=kept_for(profile.device)
+            cache.registry.adapters, capacity=profile.controlnet_slots
         )
         self._control_views: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Any]] = (
             weakref.WeakKeyDictionary()
@@ -168,12 +168,15 @@ class Engine:
         if request.control is None or request.control.controlnet is None:
             return base
         name, kind = request.control.controlnet, pipeline_kind(request)
+        profile = self.cache.profile_of(model)
+        controlnet = self.controlnets.get(name, dtype=profile.torch_dtype, device=profile.device)
         views = self._control_views.setdefault(base, {})
+        # Views of ControlNets the cache let go would keep their weights alive: drop them.
+        kept = self.controlnets.loaded()
+        for key in [k for k in views if k[0] not in kept]:
+            del views[key]
         view = views.get((name, kind.value))
-        if view is None:
-            profile = self.cache.profile_of(model)
-            controlnet = self.controlnets.get(name, dtype=profile.torch_dtype,
-                                              device=profile.device)
+        if view is None or view.controlnet is not controlnet:
             view = views[(name, kind.value)] = control_pipeline(base, kind, controlnet)
         return view
 

@@ -393,6 +393,10 @@ async def _post_images(core: ChatCore, event: JobEvent, to: Destination, origina
     cap = await core.upscale_cap(owner, job.request.model) if owner else 0
     fits = [n for n, ref in enumerate(refs, 1) if upscaled_size(ref.width, ref.height, cap)]
     keyboard = keyboards.results(job.id, owner, len(refs), upscale=fits)
+    # A ControlNet job's control map first, so the person sees what the images followed.
+    preview = await core.client.jobs.control_preview(job.request)
+    control = (Picture(preview, f"atelier-{job.id[:8]}-control.png",
+                       texts.control_caption(job.request)) if preview is not None else None)
     await post_result(
         core.port,
         to,
@@ -400,6 +404,7 @@ async def _post_images(core: ChatCore, event: JobEvent, to: Destination, origina
         keyboard,
         as_files=as_files,
         posted=Posted(core.state, core.platform, job.id, here=core.posted_here),
+        control=control,
     )
     return job.request.prompt
 

@@ -120,6 +120,11 @@ class Destination:
     private: bool = False
 
 
+# The part that shows a ControlNet result's control map before its images (one picture, no
+# keyboard; not one of the numbered images).
+CONTROL_PART = "control"
+
+
 @dataclass(frozen=True, slots=True)
 class Part:
     """One message of a result (``bots.common.posting`` plans them): up to

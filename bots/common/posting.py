@@ -14,7 +14,7 @@ from dataclasses import replace
 from bots.common import texts
 from bots.common.delivery import NotAllowed, NotSent, RetryLater, Undeliverable
 from bots.common.keyboards import Keyboard
-from bots.common.port import ChatPort, Destination, Outgoing, Part, Picture
+from bots.common.port import CONTROL_PART, ChatPort, Destination, Outgoing, Part, Picture
 from bots.common.state import POSTED, POSTED_HERE_TTL_S, POSTED_TTL_S, BotState
 
 log = logging.getLogger(__name__)
@@ -131,15 +131,22 @@ async def post_result(
     *,
     as_files: bool,
     posted: Posted,
+    control: Picture | None = None,
 ) -> None:
     """Post the parts of a result that are not out yet, each marked right after it is. A part
     an earlier process may have posted (``Posted.in_doubt``) becomes a line saying so (with
-    its keyboard), never a second copy."""
-    for part in plan(port, pictures, keyboard, as_files=as_files):
+    its keyboard), never a second copy. ``control``: the control map the images followed,
+    posted first as a photo of its own (one in doubt is left out: it is only a preview)."""
+    parts = plan(port, pictures, keyboard, as_files=as_files)
+    if control is not None and parts:
+        parts.insert(0, Part(CONTROL_PART, (control,), None))
+    for part in parts:
         if await posted.has(part.name):
             continue
         if not part.pictures:
             await _send(port, to, part, _Quiet())
+        elif part.name == CONTROL_PART and await posted.in_doubt(part.name):
+            pass
         elif await posted.in_doubt(part.name):
             numbers = list(range(part.first, part.first + len(part.pictures)))
             note = Part(part.name, (), part.keyboard, texts.maybe_posted(numbers))

@@ -228,6 +228,16 @@ def caption(request: GenerationRequest, seed: int, style: str | None) -> str:
     return text[:CAPTION_LIMIT]
 
 
+def control_caption(request: GenerationRequest) -> str:
+    """The caption under a ControlNet result's control map (the preview before the images)."""
+    unit = request.control
+    what = {"canny": "the edges of your picture", "scribble": "the lines of your drawing"}.get(
+        unit.preprocessor if unit is not None and unit.preprocessor else "none",
+        "your picture as it is")
+    name = f" ({unit.controlnet})" if unit is not None and unit.controlnet else ""
+    return f"Control map{name}: the images below follow {what}."
+
+
 def maybe_posted(numbers: list[int]) -> str:
     """Said instead of an image whose earlier upload may have arrived: the bot restarted
     between sending it and hearing back, and posting it again could show it twice."""

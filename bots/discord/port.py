@@ -17,7 +17,7 @@ import discord
 
 from bots.common.delivery import NotAllowed, NotSent, RetryLater, Undeliverable
 from bots.common.keyboards import Keyboard
-from bots.common.port import Destination, Outgoing, Part
+from bots.common.port import CONTROL_PART, Destination, Outgoing, Part
 from bots.discord.components import view_for
 from bots.discord.files import fit_all
 from bots.discord.hooks import DEFAULT_SIZE_LIMIT, Hook, Hooks, hook_of
@@ -232,7 +232,9 @@ class DiscordPort:
         if part.pictures:
             limit = hook.size_limit if hook is not None else self._size_limit(to.chat_id)
             fitted, left_out = fit_all([(p.png, p.filename) for p in part.pictures], limit)
-            lines = [f"{part.first + i}. {p.caption}" for i, p in enumerate(part.pictures)]
+            # Numbered as the V/U buttons count the images; a control map is none of them.
+            lines = [p.caption if part.name == CONTROL_PART else f"{part.first + i}. {p.caption}"
+                     for i, p in enumerate(part.pictures)]
             if left_out and to.gallery is not None:
                 numbers = ", ".join(str(part.first + i) for i in left_out)
                 lines.append(f"Too large to attach here ({numbers}): {await to.gallery()}")

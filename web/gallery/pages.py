@@ -121,4 +121,5 @@ async def image_page(request: Request, image_id: int, ctx: Ctx, account_id: Acco
         ("Kind", req.kind.value),
         ("Made", image.created_at.strftime("%Y-%m-%d %H:%M UTC")),
     ]
-    return page(request, ctx, "image.html", image=image, params=params, nonce=new_nonce())
+    return page(request, ctx, "image.html", image=image, params=params, nonce=new_nonce(),
+                control=req.control)

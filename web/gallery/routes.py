@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from core.signing import duration_text
 from web.app import get_ctx
 from web.context import WebContext
-from web.gallery import account, actions, make, pages, vary, xyz
+from web.gallery import account, actions, control, make, pages, vary, xyz
 from web.gallery.common import WEB_DIR, page, secured
 from web.session import HOME, NotSignedIn, session_account
 
@@ -22,6 +22,7 @@ Ctx = Annotated[WebContext, Depends(get_ctx)]
 def install(app: FastAPI) -> None:
     app.include_router(pages.router)
     app.include_router(actions.router)
+    app.include_router(control.router)
     app.include_router(make.router)
     app.include_router(xyz.router)
     app.include_router(account.router)
