@@ -42,6 +42,9 @@ class AdapterSpec(BaseModel):
     repo: str | None = None
     file: str
     family: str
+    # Only these models of the family (empty: all of them), for a LoRA trained on one
+    # checkpoint whose layers others of its family lack (the demo model's).
+    models: tuple[str, ...] = ()
     default_weight: float = Field(default=1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT)
     # Words the adapter was trained on: added to the prompt of a request using it (each one
     # the prompt lacks), as people using A1111 type them by hand.
@@ -82,10 +85,23 @@ class AdapterSpec(BaseModel):
     def prompt_token(self) -> str:
         return self.token or self.name
 
-    def fits(self, family: str) -> bool:
-        """Whether a model of ``family`` can take this adapter (turbo XL is SDXL-shaped)."""
+    def fits(self, family: str, model: str | None = None) -> bool:
+        """Whether a model of ``family`` (named ``model``, where its ``models`` list matters)
+        can take this adapter (turbo XL is SDXL-shaped)."""
         xl = {"sdxl", "sdxl-turbo"}
+        if model is not None and self.models and model not in self.models:
+            return False
         return family == self.family or (family in xl and self.family in xl)
+
+    def misfit(self, family: str, model: str) -> str | None:
+        """Why model ``model`` (of ``family``) cannot take this adapter, or None if it can."""
+        what = {"lora": "LoRA", "embedding": "embedding", "controlnet": "ControlNet"}[self.kind]
+        if self.models and model not in self.models:
+            return (f"{what} {self.name!r} is for model {' or '.join(map(repr, self.models))} "
+                    f"only; this job's model is {model!r}")
+        if not self.fits(family):
+            return f"{what} {self.name!r} is for {self.family} models; model {model!r} is {family}"
+        return None
 
     def how_to_get(self) -> str:
         where = f"under [{self.kind}s.{self.name}] in your models.toml (ATELIER_MODELS_FILE)"
@@ -150,10 +166,9 @@ def resolve_controlnet(
     if spec is None or spec.kind != "controlnet":
         known = [a.name for a in adapters.values() if a.kind == "controlnet"]
         raise unknown_adapter(name, known, "ControlNet")
-    if not spec.fits(family):
-        raise InvalidRequest(
-            f"ControlNet {name!r} is for {spec.family} models; model {model!r} is {family}"
-        )
+    misfit = spec.misfit(family, model)
+    if misfit is not None:
+        raise InvalidRequest(misfit)
     return spec
 
 
@@ -168,10 +183,9 @@ def resolve_adapters(
         spec = adapters.get(ref.name)
         if spec is None or spec.kind != "lora":
             raise unknown_adapter(ref.name, loras)
-        if not spec.fits(family):
-            raise InvalidRequest(
-                f"LoRA {ref.name!r} is for {spec.family} models; model {model!r} is {family}"
-            )
+        misfit = spec.misfit(family, model)
+        if misfit is not None:
+            raise InvalidRequest(misfit)
         weight = spec.default_weight if ref.weight is None else ref.weight
         out.append(AdapterRef(name=ref.name, weight=weight))
     return tuple(out)
