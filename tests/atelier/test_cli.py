@@ -69,7 +69,9 @@ def test_models_list_shows_availability_and_how_to_get(env: Path) -> None:
         res.output)
 def test_models_list_shows_loras_with_availability(env: Path) -> None:
     res = runner.invoke(app, ["models", "list"], terminal_width=250)
-    assert "No LoRAs or embeddings: add [loras.NAME] to your models.toml." in res.output
+    rows = {line.split()[1]: line for line in res.output.splitlines() if line.startswith("│")}
+    # The packaged demo LoRA (cluster/data/demo-lora), for the demo model only.
+    assert all(w in rows["outline"] for w in ("lora", "sd15 (demo)", "1", "file"))
     (env / "loras").mkdir()
     (env / "loras" / "ink.safetensors").write_bytes(b"x")
     (env / "models.toml").write_text(
