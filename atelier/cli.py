@@ -335,7 +335,8 @@ def _adapters_table(registry: ModelRegistry) -> None:
     table.columns[-1].overflow = "fold"
     for row in rows:
         table.add_row(
-            str(row["name"]), str(row["kind"]), str(row["family"]),
+            str(row["name"]), str(row["kind"]),
+            f"{row['family']} ({row['models']})" if row["models"] else str(row["family"]),
             f"{row['default_weight']:g}", str(row["triggers"]),
             str(row["availability"]) if row["available"] else "no", str(row["source"]),
         )
@@ -421,6 +422,50 @@ def models_train_demo(
 
 
 models_app.command("train-demo-controlnet")(train_demo_controlnet)
+
+
+@models_app.command("train-demo-lora")
+def models_train_demo_lora(
+    out: str | None = typer.Option(
+        None, help="where to save the LoRA; default: cluster/data/demo-lora (the shipped one)"
+    ),
+    model_dir: str | None = typer.Option(
+        None, "--model-dir", help="the demo model folder to train on; default: the shipped one"
+    ),
+    minutes: float = typer.Option(10.0, help="wall-clock budget"),
+    steps: int | None = typer.Option(None, help="stop after this many steps"),
+    seed: int = typer.Option(0, help="the seed of the scenes and the LoRA"),
+    threads: int = typer.Option(1, help="CPU threads for torch"),
+    overrides: list[str] | None = typer.Option(
+        None, "--set", help="a recipe field, e.g. --set rank=8 --set lr=1e-3 (see LoraRecipe)"
+    ),
+) -> None:
+    """Train the demo model's LoRA: every shape drawn as an outline (use it as
+    `--model demo --lora outline`)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from cluster.registry import DEMO_LORA_DIR, DEMO_MODEL_DIR
+    from engine.demo.lora import LORA_FILE, LoraRecipe, train_demo_lora
+
+    quiet_ml_libraries()
+    target = Path(out) if out else DEMO_LORA_DIR
+    recipe = LoraRecipe(seed=seed, minutes=minutes, threads=threads)
+    if steps is not None:
+        recipe = replace(recipe, max_steps=steps)
+    try:
+        recipe = recipe.with_overrides(overrides or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    base = Path(model_dir) if model_dir else DEMO_MODEL_DIR
+    record = train_demo_lora(base, target, recipe, progress=console.print)
+    console.print(f"demo LoRA: {target / LORA_FILE} ({record['bytes']:,} bytes, "
+                  f"{record['steps']} steps in {record['minutes']} min; recipe in "
+                  f"{target / 'recipe.json'})")
+    if out:
+        console.print("register it in your models file, e.g.")
+        console.print(f'  [loras.my-outline]\n  file = "{(target / LORA_FILE).resolve()}"\n'
+                      '  family = "sd15"\n  models = ["demo"]', markup=False)
 
 
 @app.command("devices")

@@ -42,6 +42,9 @@ class AdapterSpec(BaseModel):
     repo: str | None = None
     file: str
     family: str
+    # Only these models of the family (by registry name; empty: all of them), for weights
+    # shaped for one model's UNet: the demo model's own LoRA and ControlNet.
+    models: tuple[str, ...] = ()
     default_weight: float = Field(default=1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT)
     # Words the adapter was trained on: added to the prompt of a request using it (each one
     # the prompt lacks), as people using A1111 type them by hand.
@@ -49,9 +52,6 @@ class AdapterSpec(BaseModel):
     token: str | None = None  # an embedding's prompt token (its name when unset)
     # A ControlNet's usual preprocessor (what a request naming none gets).
     preprocessor: Literal["canny", "scribble", "none"] | None = None
-    # Only these models (by registry name) take it: weights shaped for one model's UNet, as
-    # the demo model's own ControlNet is; empty: any model of ``family``.
-    models: tuple[str, ...] = ()
 
     @field_validator("file")
     @classmethod
@@ -86,18 +86,22 @@ class AdapterSpec(BaseModel):
         return self.token or self.name
 
     def fits(self, family: str, model: str | None = None) -> bool:
-        """Whether a model of ``family`` (named ``model``, where the entry is for some models
-        only) can take this adapter (turbo XL is SDXL-shaped)."""
+        """Whether a model of ``family`` (named ``model``, where its ``models`` list matters)
+        can take this adapter (turbo XL is SDXL-shaped)."""
         xl = {"sdxl", "sdxl-turbo"}
-        if self.models and model is not None and model not in self.models:
+        if model is not None and self.models and model not in self.models:
             return False
         return family == self.family or (family in xl and self.family in xl)
 
-    def misfit(self, what: str, model: str, family: str) -> str:
-        """Why a ``family`` model named ``model`` cannot take it (for an InvalidRequest)."""
+    def misfit(self, family: str, model: str) -> str | None:
+        """Why model ``model`` (of ``family``) cannot take this adapter, or None if it can."""
+        what = {"lora": "LoRA", "embedding": "embedding", "controlnet": "ControlNet"}[self.kind]
         if self.models and model not in self.models:
-            return f"{what} {self.name!r} is only for model {' or '.join(map(repr, self.models))}"
-        return f"{what} {self.name!r} is for {self.family} models; model {model!r} is {family}"
+            return (f"{what} {self.name!r} is for model {' or '.join(map(repr, self.models))} "
+                    f"only; this job's model is {model!r}")
+        if not self.fits(family):
+            return f"{what} {self.name!r} is for {self.family} models; model {model!r} is {family}"
+        return None
 
     def how_to_get(self) -> str:
         where = f"under [{self.kind}s.{self.name}] in your models.toml (ATELIER_MODELS_FILE)"
@@ -162,8 +166,9 @@ def resolve_controlnet(
     if spec is None or spec.kind != "controlnet":
         known = [a.name for a in adapters.values() if a.kind == "controlnet"]
         raise unknown_adapter(name, known, "ControlNet")
-    if not spec.fits(family, model):
-        raise InvalidRequest(spec.misfit("ControlNet", model, family))
+    misfit = spec.misfit(family, model)
+    if misfit is not None:
+        raise InvalidRequest(misfit)
     return spec
 
 
@@ -178,8 +183,9 @@ def resolve_adapters(
         spec = adapters.get(ref.name)
         if spec is None or spec.kind != "lora":
             raise unknown_adapter(ref.name, loras)
-        if not spec.fits(family, model):
-            raise InvalidRequest(spec.misfit("LoRA", model, family))
+        misfit = spec.misfit(family, model)
+        if misfit is not None:
+            raise InvalidRequest(misfit)
         weight = spec.default_weight if ref.weight is None else ref.weight
         out.append(AdapterRef(name=ref.name, weight=weight))
     return tuple(out)

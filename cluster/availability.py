@@ -165,7 +165,7 @@ def adapter_table_rows(
     for a in registry.adapters.values():
         here = adapter_availability(a, offline=offline)
         rows.append({
-            "name": a.name, "kind": a.kind, "family": a.family,
+            "name": a.name, "kind": a.kind, "family": a.family, "models": ", ".join(a.models),
             "source": f"{a.source}:{a.location}", "default_weight": a.default_weight,
             "triggers": ", ".join(a.triggers), "available": here.loadable,
             "availability": here.status.value, "how": here.how, "description": a.description,

@@ -1,7 +1,8 @@
 """Running an X/Y/Z grid: price it as the sum of its cells (refused above the settings' caps),
 submit every cell as an ordinary job in one transaction (one charge, each cell its own gallery
-image and infotext; cells with equal batch keys share pipeline calls in the dispatcher), and
-draw the contact sheet once the cells are done."""
+image and infotext; cells with equal batch keys share pipeline calls in the dispatcher), cancel
+the cells not done together (each through the ordinary cancel path, which refunds it), and draw
+the contact sheet once the cells are done."""
 
 from __future__ import annotations
 
@@ -172,6 +173,31 @@ def _check_slots(session: Session, account: AccountRead, concurrency: int) -> No
             f"allows {concurrency} at a time, so wait for one to finish",
             retry_after=BUSY_RETRY_AFTER_S,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledGrid:
+    """What ``cancel_grid`` did to a grid's cells."""
+
+    cancelled: int  # queued: cancelled now, their credits released
+    stopping: int  # running: asked to stop (released when they do; some may finish first)
+    finished: int  # ended before the cancel (their images stay, their credits spent)
+
+
+async def cancel_grid(client: Client, job_ids: tuple[str, ...], requester: Requester
+                      ) -> CancelledGrid:
+    """Cancel every cell of a grid that has not ended, each through the ordinary cancel path
+    (a queued cell is cancelled and refunded at once, a running one interrupted by its
+    dispatcher and refunded then). Forbidden, before any is touched, when the grid is not
+    ``requester``'s."""
+    counts = {JobStatus.cancelled: 0, JobStatus.running: 0}
+    finished = 0
+    for job_id in job_ids:  # one owner for all: someone else's grid fails at the first cell
+        try:
+            counts[await client.jobs.cancel(job_id, requester)] += 1
+        except Conflict:  # this cell ended already
+            finished += 1
+    return CancelledGrid(counts[JobStatus.cancelled], counts[JobStatus.running], finished)
 
 
 async def cell_jobs_finished(client: Client, job_ids: tuple[str, ...]) -> bool:

@@ -34,6 +34,7 @@ USER_MODELS_FILE = "models.toml"  # looked for in the data dir when no file is n
 # The package's own data: models.toml and the demo model trained here (cluster/data/demo).
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_MODEL_DIR = PACKAGE_DATA_DIR / "demo"
+DEMO_LORA_DIR = PACKAGE_DATA_DIR / "demo-lora"  # its LoRA (`atelier models train-demo-lora`)
 SOURCE_KEYS = ("repo", "path", "file")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -279,6 +280,13 @@ class ModelRegistry:
                     f"available: {', '.join(self._specs)}"
                 )
         self._fallback = fallback
+        for adapter in self.adapters.values():
+            unknown = [m for m in adapter.models if m not in self._specs]
+            if unknown:
+                raise ConfigError(
+                    f"{adapter.kind} {adapter.name!r}: models names {', '.join(unknown)}, not in "
+                    f"the registry; available: {', '.join(self._specs)}"
+                )
 
     @property
     def fallback(self) -> str | None:

@@ -78,6 +78,7 @@ class DeviceProfile:
     reasons: list[str] = field(default_factory=list)
     compile_backend: str = "inductor"  # torch.compile's; tests use "eager" (no C++ build)
     controlnet_slots: int = 1  # ControlNets a worker keeps loaded (engine.controlnets.kept_for)
+    lora_slots: int = 4  # LoRAs one model keeps loaded (engine.loras.AdapterCache, LRU)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -264,6 +265,27 @@ def _batch_pixels_for(vram: int) -> tuple[int, str]:
     return SD_TILE, f"max batch 1 x 512² for {vram} GB"
 
 
+# An SD1.5 LoRA of rank 32-128 is 40-150 MB in fp16, an SDXL one 100-450 MB: the larger, to
+# budget for. More than 16 held LoRAs seldom saves a load (few people share a worker), and each
+# held one adds a branch to every layer it touches, which every switch walks.
+LORA_MB = {False: 150, True: 450}
+LORA_SHARE = 0.1  # of the card's memory, for the LoRAs of the model it runs
+MAX_LORA_SLOTS = 16
+
+
+def _lora_slots_for(kind: str, gb: float, xl: bool, offload: Offload) -> tuple[int, str]:
+    """How many LoRAs one model keeps loaded on this device, and why."""
+    if kind in ("cpu", "mps"):
+        return 4, (f"lora slots 4 per model: a {kind} worker serves few people at once, and "
+                   "each held LoRA slows every switch")
+    if offload == "sequential":
+        return 2, "lora slots 2 per model: sequential offload streams every held LoRA per step"
+    size = LORA_MB[xl]
+    slots = max(2, min(MAX_LORA_SLOTS, int(gb * 1024 * LORA_SHARE // size)))
+    return slots, (f"lora slots {slots} per model: {LORA_SHARE:.0%} of {gb:g} GB over "
+                   f"{size} MB per {'SDXL' if xl else 'SD1.5'} LoRA (2 to {MAX_LORA_SLOTS})")
+
+
 def choose_profile(
     info: DeviceInfo,
     model_family: str | None = None,
@@ -412,6 +434,8 @@ def choose_profile(
         reasons.append(
             "fast mode on (model opt-in): deep UNet features reused for 2 of every 3 steps"
         )
+    lora_slots, why = _lora_slots_for(info.kind, vram or 0, xl, offload)
+    reasons.append(why)
 
     memory = vram if info.kind not in ("cpu", "mps") else info.memory_gb
     controlnet_slots, why = kept_for(info.kind, memory, xl=xl, half=dtype != "float32",
@@ -442,6 +466,7 @@ def choose_profile(
         vram_gb=vram,
         reasons=reasons,
         controlnet_slots=controlnet_slots,
+        lora_slots=lora_slots,
     )
 
 
@@ -506,6 +531,7 @@ def describe_profile(profile: DeviceProfile) -> str:
         f"threads      {profile.threads if profile.threads else 'default'}",
         f"quantize     {profile.quantize or 'none'}, compile {'on' if profile.compile else 'off'}",
         f"controlnets  {profile.controlnet_slots} kept loaded",
+        f"lora slots   {profile.lora_slots} per model",
         "why:",
         *(f"  - {r}" for r in profile.reasons),
     ]

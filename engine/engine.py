@@ -39,7 +39,7 @@ from core.styles import StyleRegistry, default_registry
 from engine.cache import ModelCache
 from engine.controlnets import ControlNetCache, control_pipeline
 from engine.devices import DeviceProfile
-from engine.loras import AdapterCache, slots_for
+from engine.loras import AdapterCache
 from engine.schedulers import SchedulerCache, with_scheduler
 from engine.stepcache import reset_step_cache
 
@@ -84,8 +84,9 @@ class Engine:
         self.styles = styles if styles is not None else default_registry()
         self.blocklist = blocklist if blocklist is not None else default_blocklist()
         self._schedulers = SchedulerCache()
-        # LoRAs kept beside the cached models, switched per batch.
-        self.adapters = AdapterCache(cache.registry.adapters, capacity=slots_for(profile.device))
+        # LoRAs kept beside the cached models (as many per model as the profile says),
+        # switched per batch.
+        self.adapters = AdapterCache(cache.registry.adapters, capacity=profile.lora_slots)
         # ControlNets kept loaded, and each model pipeline's ControlNet views (weights shared).
         self.controlnets = ControlNetCache(
             cache.registry.adapters, capacity=profile.controlnet_slots
@@ -123,7 +124,7 @@ class Engine:
             #     the embeddings whose tokens its prompts use.
             self.adapters.apply(base, first.adapters)
             texts = [t for item in items for t in (item.request.prompt, item.request.negative)]
-            self.adapters.embed(base, spec.family.value, texts)
+            self.adapters.embed(base, spec.family.value, texts, model=spec.name)
 
             # 3. Prompts per style and seeds per image: one slot per output image.
             slots = self._plan(items, count_tokens=token_counter(pipe.tokenizer))

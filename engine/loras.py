@@ -25,24 +25,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How many LoRAs one model may keep loaded, by device kind: a LoRA is small (MBs) next to its
-# model, but every loaded one adds a branch to each layer it touches.
-DEFAULT_SLOTS = {"cpu": 4, "mps": 4}
-GPU_SLOTS = 16
-
-
-def slots_for(device: str) -> int:
-    """The adapters a device of this kind keeps per model ("cuda:0" -> its kind "cuda")."""
-    return DEFAULT_SLOTS.get(device.split(":")[0], GPU_SLOTS)
-
-
 def peft_name(name: str) -> str:
     """The PEFT adapter name for a registry name: PEFT keys modules by it, and '.' splits keys."""
     return "lora_" + re.sub(r"[^a-z0-9_]", "_", name)
 
 
 class AdapterCache:
-    """Per worker: which LoRAs each loaded UNet holds (LRU), and ``apply`` per batch.
+    """Per worker: which LoRAs each loaded UNet holds (LRU, ``capacity`` per model: the device
+    profile's ``lora_slots``), and ``apply`` per batch.
 
     Keyed by the UNet, which a model's txt2img/img2img/inpaint pipelines share: a LoRA loaded
     through one sibling is there for all, and a model evicted from the cache takes its LoRAs.
@@ -88,15 +78,18 @@ class AdapterCache:
             pipe.enable_lora()
             pipe.set_adapters([peft_name(r.name) for r in refs], adapter_weights=weights)
 
-    def embed(self, pipe: DiffusionPipeline, family: str, texts: list[str]) -> list[str]:
-        """Load every embedding for ``family`` whose token appears in ``texts`` (prompts and
-        negatives) into ``pipe``'s text encoder, once; the names of those now in use. An
-        embedding is a few new token vectors, kept for the life of the model."""
+    def embed(
+        self, pipe: DiffusionPipeline, family: str, texts: list[str], model: str | None = None
+    ) -> list[str]:
+        """Load every embedding for ``family`` (and model ``model``, where an embedding names
+        its models) whose token appears in ``texts`` (prompts and negatives) into ``pipe``'s
+        text encoder, once; the names of those now in use. An embedding is a few new token
+        vectors, kept for the life of the model."""
         with self._lock:
             held = self._embedded.setdefault(pipe.text_encoder, set())
             used = []
             for spec in self.adapters.values():
-                if spec.kind != "embedding" or not spec.fits(family):
+                if spec.kind != "embedding" or not spec.fits(family, model):
                     continue
                 token = re.compile(rf"(?<![\w-]){re.escape(spec.prompt_token)}(?![\w-])")
                 if not any(token.search(t) for t in texts):

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from bots.common import account, keyboards, requests, texts
+from bots.common import account, grid, keyboards, requests, texts
 from bots.common.buttons import Action, BadButton, Button, parse
 from bots.common.core import ChatCore
 from bots.common.jobs import image_ref, imagine_draft, show_status, start_job, stop_watching
@@ -179,6 +179,12 @@ async def _cancel(core: ChatCore, press: Press, pressed: Button) -> str | None:
     return texts.cancel_asked(status)
 
 
+async def _cancel_grid(core: ChatCore, press: Press, pressed: Button) -> str | None:
+    if pressed.job_id is None:
+        return None
+    return await grid.cancel(core, press.who, pressed.job_id, press.message_id)
+
+
 async def _styles_page(core: ChatCore, press: Press, pressed: Button) -> str | None:
     if press.message_id is None or pressed.owner is None:
         return None
@@ -268,6 +274,7 @@ _HANDLERS: dict[Action, Handler] = {
     Action.gallery: _gallery,
     Action.vary_region: _vary_region,
     Action.cancel: _cancel,
+    Action.cancel_grid: _cancel_grid,
     Action.styles_page: _styles_page,
     Action.set_style: _set_style,
     Action.setting: _setting,

@@ -24,6 +24,7 @@ class Action(StrEnum):
     restyle = "rs"  # re-run a job with one style
     gallery = "g"  # a signed gallery link
     cancel = "x"  # cancel a queued or running job
+    cancel_grid = "xg"  # cancel every cell of a grid not done yet (job: its first cell)
     styles_page = "sp"  # /styles: show another page of the picker
     set_style = "ss"  # /styles: make a style the default
     setting = "set"  # /settings: set a personal preference

@@ -1,7 +1,8 @@
 """The X/Y/Z grid in a chat, for every platform: ``/grid a lighthouse --x cfg=3,7,11 --y
 steps=10,20``. Checked and priced (the sum of its cells) before anything is posted; every cell
 is an ordinary job behind one status message; when the last cell's delivery arrives the
-labelled contact sheet is posted once (the cells are in the gallery, each with its infotext)."""
+labelled contact sheet is posted once (the cells are in the gallery, each with its infotext).
+Until then a Cancel grid button under the status cancels the cells not done, refunding them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ from bots.common.port import Destination, Picture, Who
 from bots.common.posting import Posted, post_result
 from bots.common.requests import parse_prompt
 from cluster.events import EventKind, JobEvent
-from cluster.grid import GridQuote, SubmittedGrid, grid_job_ids, quote_grid, sheet_png, submit_grid
+from cluster.grid import (
+    GridQuote,
+    SubmittedGrid,
+    cancel_grid,
+    grid_job_ids,
+    quote_grid,
+    sheet_png,
+    submit_grid,
+)
 from core.errors import AtelierError, InvalidRequest
 from core.flags import CONTROL_NEEDS_PICTURE
 from core.grid import Axis, describe_axes, expand, ordered_axes, split_axes
@@ -106,7 +115,31 @@ async def start_checked(core: ChatCore, who: Who, checked: CheckedGrid) -> Submi
         if status is not None:
             await core.port.delete(chat, status)
         return None
+    if status is not None:  # the cells are in: they may be cancelled together from now on
+        show_status(core, chat, status, texts.grid_queued(prompt, shape, cells, quote.cost),
+                    keyboards.cancel_grid(submitted.job_ids[0], checked.requester.platform_user_id))
     return submitted
+
+
+async def cancel(core: ChatCore, who: Who, first_cell: str, status: str | None) -> str:
+    """Cancel the cells of the grid whose first cell is ``first_cell`` that have not ended
+    (the Cancel grid button on the ``status`` message); what happened, in one line.
+    Forbidden for someone else's grid."""
+    first = await core.client.job(first_cell)
+    extra = first.delivery.extra
+    key, cells = extra.get(GRID), int(extra.get(CELLS, "0") or 0)
+    if not key or not cells:
+        raise InvalidRequest("that job is not a grid's cell")
+    ids = await grid_job_ids(core.client, key, cells)
+    done = await cancel_grid(core.client, ids, core.plain_requester(who.user_id))
+    if status is not None and not done.stopping and not done.finished:
+        # Every cell cancelled before it started: say so now, whatever the deliveries do.
+        shape = describe_axes(_axes(core, extra.get(AXES, "{}")))
+        credits = await core.credits_left(who.user_id)
+        show_status(core, who.chat_id, status,
+                    texts.grid_cancelled(first.request.prompt, shape, cells, credits), None,
+                    final=True, via=who.via)
+    return texts.grid_cancel_asked(done.cancelled, done.stopping, done.finished)
 
 
 def is_grid_cell(target: DeliveryTarget | None) -> bool:
@@ -126,10 +159,18 @@ async def deliver_cell(core: ChatCore, event: JobEvent) -> None:
     statuses = [j.status for j in jobs]
     prompt = jobs[0].request.prompt  # the first cell's: a prompt S/R axis changes the others
     done = sum(1 for s in statuses if s.finished)
+    owner = target.extra.get("owner", "")
     if done < cells:
         if target.message_id and event.kind is EventKind.done:
             show_status(core, target.chat_id, target.message_id,
-                        texts.grid_progress(prompt, shape, done, cells), None)
+                        texts.grid_progress(prompt, shape, done, cells),
+                        keyboards.cancel_grid(ids[0], owner))
+        return
+    if all(s is JobStatus.cancelled for s in statuses):  # nothing to draw a sheet of
+        if target.message_id:
+            credits = await core.credits_left(owner) if owner else None
+            show_status(core, target.chat_id, target.message_id,
+                        texts.grid_cancelled(prompt, shape, cells, credits), None, final=True)
         return
     lock = _sheet_locks.setdefault(key, asyncio.Lock())
     async with lock:
@@ -140,7 +181,6 @@ async def deliver_cell(core: ChatCore, event: JobEvent) -> None:
         if not await posted.has("1"):
             png = await sheet_png(core.client, axes, ids)
             caption = texts.prompt_preview(f"{prompt} ({shape})", 900)
-            owner = target.extra.get("owner", "")
             to = Destination(target.chat_id, owner, target.message_id or None,
                              gallery_text(core, owner))
             await post_result(

@@ -69,6 +69,11 @@ def cancel(job_id: str, owner: str) -> Keyboard:
     return ((Key("✖ Cancel", button(Action.cancel, owner, job_id)),),)
 
 
+def cancel_grid(first_cell: str, owner: str) -> Keyboard:
+    """Under a grid's status while cells are queued or running."""
+    return ((Key("✖ Cancel grid", button(Action.cancel_grid, owner, first_cell)),),)
+
+
 def style_pages(registry: StyleRegistry) -> int:
     return max(1, math.ceil(len(registry) / STYLES_PER_PAGE))
 

@@ -171,6 +171,28 @@ def grid_finished(prompt: str, shape: str, cells: int, missing: int) -> str:
     return line
 
 
+def grid_cancelled(prompt: str, shape: str, cells: int, credits_left: int | None) -> str:
+    line = (f"🚫 {prompt_preview(prompt)}\n{shape}: cancelled, none of its {cells} cells made; "
+            "the credits were refunded.")
+    if credits_left is not None:
+        line += f" Credits left: {credits_left}."
+    return line
+
+
+def grid_cancel_asked(cancelled: int, stopping: int, finished: int) -> str:
+    def cells(n: int) -> str:
+        return f"{n} cell" if n == 1 else f"{n} cells"
+
+    parts = []
+    if cancelled:
+        parts.append(f"{cells(cancelled)} cancelled before starting and refunded")
+    if stopping:
+        parts.append(f"{cells(stopping)} running told to stop (refunded unless done first)")
+    if finished:
+        parts.append(f"{cells(finished)} had already ended")
+    return "🚫 " + "; ".join(parts) + "."
+
+
 def rendering(prompt: str, step: int | None = None, total: int | None = None) -> str:
     progress = ""
     if step is not None and total:

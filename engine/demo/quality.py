@@ -57,16 +57,15 @@ def load(model: Path, device: str = "cpu") -> Any:
     return pipe.to(device)
 
 
-def adherence(model: Path, cases: list[Case], *, steps: int = 20,
-              guidance: float | None = None, batch: int = 8, device: str = "cpu") -> list[Row]:
-    """Each case drawn as Atelier would (its prompt through ``prepare_prompt``) and scored."""
+def draw(pipe: Any, cases: list[Case], *, steps: int = 20, guidance: float | None = None,
+         batch: int = 8) -> list[Any]:
+    """Each case drawn by ``pipe`` as Atelier would (its prompt through ``prepare_prompt``)."""
     import torch
 
-    pipe = load(model, device)
     guidance = guidance if guidance is not None else 5.0
     styles, blocklist = default_registry(), Blocklist()
     count = token_counter(pipe.tokenizer)
-    rows = []
+    images = []
     for start in range(0, len(cases), batch):
         chunk = cases[start:start + batch]
         pairs = [prepare_prompt(GenerationRequest(prompt=c.scene.caption,
@@ -74,8 +73,14 @@ def adherence(model: Path, cases: list[Case], *, steps: int = 20,
                                 styles, blocklist, nsfw_allowed=False, count_tokens=count)[0]
                  for c in chunk]
         generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
-        images = pipe(prompt=[p for p, _ in pairs], negative_prompt=[n for _, n in pairs],
-                      num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generators, height=64, width=64).images
-        rows += [Row(c, score(img, c.scene)) for c, img in zip(chunk, images, strict=True)]
-    return rows
+        images += pipe(prompt=[p for p, _ in pairs], negative_prompt=[n for _, n in pairs],
+                       num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generators, height=64, width=64).images
+    return images
+
+
+def adherence(model: Path, cases: list[Case], *, steps: int = 20,
+              guidance: float | None = None, batch: int = 8, device: str = "cpu") -> list[Row]:
+    """Each case drawn as Atelier would (its prompt through ``prepare_prompt``) and scored."""
+    images = draw(load(model, device), cases, steps=steps, guidance=guidance, batch=batch)
+    return [Row(c, score(img, c.scene)) for c, img in zip(cases, images, strict=True)]

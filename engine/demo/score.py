@@ -6,6 +6,7 @@ border; each other colour's largest connected patch is a shape, its holes filled
 outline counts as the shape it encloses). Its kind comes from two numbers: solidity (area over
 the convex hull's; a star's points leave it low) and how much of its bounding box it fills
 (square ~1, circle ~0.79, triangle ~0.5). Positions are the patches' centroids.
+``fill_ratio`` / ``outlined`` tell a filled shape from an outline (the demo LoRA's look).
 """
 
 from __future__ import annotations
@@ -224,3 +225,63 @@ def rendering_of(image: Image.Image | np.ndarray) -> str:
     if f["grain"] > 3:
         return "soft"
     return "plain"
+
+
+# Filled or outline ---------------------------------------------------------------------------
+
+# An outline's line (2.5 px at 64 px) runs along the edge of what it encloses: the inside, that
+# area less a band this wide along its edge, is background for an outline and the shape's own
+# colour for a filled shape.
+INSET = 3
+OUTLINE_BELOW = 0.5  # of the inside in the shape's colour
+SPECK = 4  # pixels: a patch of a shape's colour this small is noise, not part of its line
+
+
+def _shift_all(mask: np.ndarray, grow: bool) -> np.ndarray:
+    """``mask`` dilated (``grow``) or eroded by one pixel, 3x3 neighbourhood."""
+    padded = np.pad(mask, 1, constant_values=not grow)
+    h, w = mask.shape
+    views = [padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]
+    return np.asarray(np.logical_or.reduce(views) if grow else np.logical_and.reduce(views))
+
+
+def _enclosed(part: np.ndarray, gap: int = 1) -> np.ndarray:
+    """What ``part`` covers or encloses, bridging breaks in its line up to ``2 * gap`` pixels
+    wide (a generated outline is seldom closed all round): closing, then holes filled."""
+    grown = part
+    for _ in range(gap):
+        grown = _shift_all(grown, grow=True)
+    closed = _fill_holes(grown)
+    for _ in range(gap):
+        closed = _shift_all(closed, grow=False)
+    return np.asarray(closed | _fill_holes(part))
+
+
+def fill_ratio(image: Image.Image | np.ndarray, scene: Scene) -> float | None:
+    """How much of each asked shape's inside is its colour (the area its pixels cover or
+    enclose, less an ``INSET`` band along the edge), the mean over the shapes whose inside
+    is big enough to tell: ~1 for filled shapes, under ``OUTLINE_BELOW`` for outlines; None
+    when no asked shape is there to tell (missing, or too small: a little star's inside)."""
+    names = colour_names(image)
+    h, w = names.shape
+    ratios = []
+    for shape in scene.shapes:
+        parts = [p for p in _components(names == _NAMES.index(shape.colour)) if p.sum() >= SPECK]
+        if not parts:
+            continue
+        drawn = np.logical_or.reduce(parts)
+        if drawn.sum() < MIN_AREA_FRACTION * h * w:
+            continue
+        inside = _enclosed(drawn)
+        for _ in range(INSET):
+            inside = _shift_all(inside, grow=False)
+        if inside.sum() < SPECK:
+            continue
+        ratios.append(float((drawn & inside).sum()) / float(inside.sum()))
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def outlined(image: Image.Image | np.ndarray, scene: Scene) -> bool | None:
+    """Whether the asked shapes are drawn as outlines (None: none of them is there to tell)."""
+    ratio = fill_ratio(image, scene)
+    return None if ratio is None else ratio < OUTLINE_BELOW

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ from engine.engine import token_counter
 from engine.tiny import MAX_LENGTH, build_tokenizer, text_config
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 SIZE = 64
 DEMO_WORDS = (*COLOURS, *SHAPES, *" ".join([*RELATIONS.values(), *SIDES.values()]).split(),
@@ -106,25 +107,33 @@ class Recipe:
     def with_overrides(self, pairs: list[str]) -> Recipe:
         """This recipe with ``field=value`` pairs applied (each value read as its field's type);
         ValueError naming the pair for an unknown field or a value of the wrong kind."""
-        changes: dict[str, Any] = {}
-        for pair in pairs:
-            name, sep, text = pair.partition("=")
-            name = name.strip().replace("-", "_")
-            if not sep or name not in self.__dataclass_fields__:
-                raise ValueError(f"{pair!r}: expected field=value with one of "
-                                 f"{', '.join(self.__dataclass_fields__)}")
-            current = getattr(self, name)
-            try:
-                if isinstance(current, tuple):
-                    value: Any = tuple(int(v) for v in text.split(","))
-                elif current is None or isinstance(current, str):
-                    value = None if text in ("", "none", "None") else text
-                else:
-                    value = type(current)(text)
-            except ValueError:
-                raise ValueError(f"{pair!r}: {text!r} is not a {type(current).__name__}") from None
-            changes[name] = value
-        return replace(self, **changes)
+        return with_overrides(self, pairs)
+
+
+def with_overrides(recipe: R, pairs: list[str]) -> R:
+    """``recipe`` (a dataclass) with ``field=value`` pairs applied, each value read as its
+    field's type (a tuple's as its first item's, comma-separated); ValueError naming the pair
+    for an unknown field or a value of the wrong kind."""
+    fields = recipe.__dataclass_fields__  # type: ignore[attr-defined]
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise ValueError(f"{pair!r}: expected field=value with one of {', '.join(fields)}")
+        current = getattr(recipe, name)
+        try:
+            if isinstance(current, tuple):
+                kind = type(current[0]) if current else int
+                value: Any = tuple(kind(v.strip()) for v in text.split(","))
+            elif current is None or isinstance(current, str):
+                value = None if text in ("", "none", "None") else text
+            else:
+                value = type(current)(text)
+        except ValueError:
+            raise ValueError(f"{pair!r}: {text!r} is not a {type(current).__name__}") from None
+        changes[name] = value
+    return replace(recipe, **changes)  # type: ignore[type-var]
 
 
 def build_components(recipe: Recipe) -> dict[str, Any]:
@@ -171,8 +180,10 @@ def load_components(folder: Path) -> dict[str, Any]:
     }
 
 
-def make_pool(recipe: Recipe, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], prompt token ids, negative token ids) of ``recipe.pool`` scenes."""
+def make_pool(recipe: Recipe, tokenizer: Any, drawn_as: str | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], prompt token ids, negative token ids) of ``recipe.pool`` scenes;
+    ``drawn_as``: every scene drawn in this style whatever its prompt says (a LoRA's look)."""
     rng = random.Random(recipe.seed)
     styles, blocklist, count = default_registry(), Blocklist(), token_counter(tokenizer)
     images = np.empty((recipe.pool, SIZE, SIZE, 3), np.uint8)
@@ -180,7 +191,7 @@ def make_pool(recipe: Recipe, tokenizer: Any) -> tuple[torch.Tensor, torch.Tenso
     for i in range(recipe.pool):
         scene = random_scene(rng, recipe.two_shapes, recipe.sided)
         style = rng.choice(list(RENDERINGS)) if rng.random() < recipe.styled else None
-        images[i] = np.asarray(render(scene, SIZE, style, seed=rng.randrange(2**31)))
+        images[i] = np.asarray(render(scene, SIZE, drawn_as or style, seed=rng.randrange(2**31)))
         request = GenerationRequest(prompt=scene.caption, styles=(style,) if style else (),
                                     raw=rng.random() < 0.2)
         ((prompt, negative),) = prepare_prompt(request, styles, blocklist,

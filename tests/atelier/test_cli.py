@@ -72,6 +72,8 @@ def test_models_list_shows_loras_with_availability(env: Path) -> None:
     rows = {line.split()[1]: line for line in res.output.splitlines() if line.startswith("│")}
     # The package's own adapter: the demo model's ControlNet, shipped beside it.
     assert all(w in rows["demo-canny"] for w in ("controlnet", "sd15", "file"))
+    # The packaged demo LoRA (cluster/data/demo-lora), for the demo model only.
+    assert all(w in rows["outline"] for w in ("lora", "sd15 (demo)", "1", "file"))
     (env / "loras").mkdir()
     (env / "loras" / "ink.safetensors").write_bytes(b"x")
     (env / "models.toml").write_text(

@@ -60,6 +60,41 @@ async def test_telegram_grid_refusals_are_one_line_and_free(stack: Stack) -> Non
     assert stack.jobs() == []
 
 
+async def test_telegram_grid_cancel_button_cancels_its_queued_cells_and_refunds(
+        stack: Stack) -> None:
+    """The grid's status carries a Cancel grid button while cells wait: only the asker may
+    press it; it cancels every cell through the ordinary cancel path and releases their
+    credits, and the status says so (no sheet of grey cells)."""
+    from tests.bots.test_telegram_buttons import press
+
+    fake, user = stack.fake, 2003
+    full = await stack.balance(user)
+    await stack.stop_dispatcher()  # the cells stay queued
+    await fake.send(user, f"/grid a slow snail {TINY} --x seed=1,2,3")
+    status = await fake.wait_for(
+        lambda: next((c for c in fake.calls_of("editMessageText", chat=user)
+                      if "Cancel grid" in str(c.params.get("reply_markup"))), None),
+        what="the grid's status with a Cancel grid button",
+    )
+    assert await stack.balance(user) == full - 3
+    refused = await press(stack, 2004, status, "Cancel grid")
+    assert "belong to the person who asked" in refused.params["text"]
+    answer = await press(stack, user, status, "Cancel grid")
+    assert answer.params["text"] == "🚫 3 cells cancelled before starting and refunded."
+    jobs = await stack.finished(3)
+    assert [j.status.value for j in jobs] == ["cancelled"] * 3
+    assert await stack.balance(user) == full
+    await fake.wait_for(
+        lambda: any("cancelled, none of its 3 cells made" in c.params.get("text", "")
+                    for c in fake.calls_of("editMessageText", chat=user)),
+        what="the status saying the grid was cancelled",
+    )
+    again = await press(stack, user, status, "Cancel grid")  # nothing left to cancel
+    assert again.params["text"] == "🚫 3 cells had already ended."
+    await stack.start_dispatcher()
+    assert not fake.calls_of("sendPhoto", "sendDocument", chat=user)
+
+
 async def test_discord_grid_defers_then_posts_the_sheet(discord_stack: DiscordStack) -> None:
     fake = discord_stack.fake
     inter = await fake.slash(

@@ -78,6 +78,19 @@ def test_availability_rows(registry: ModelRegistry) -> None:
     assert rows["badhands"]["how"].startswith("set file under [embeddings.badhands]")
 
 
+def test_the_demo_lora_is_packaged_for_the_demo_model(registry: ModelRegistry) -> None:
+    from cluster.registry import DEMO_LORA_DIR
+    from engine.demo.lora import LORA_FILE
+
+    outline = registry.adapters["outline"]
+    assert (outline.kind, outline.family, outline.models) == ("lora", "sd15", ("demo",))
+    assert Path(outline.file) == DEMO_LORA_DIR / LORA_FILE and Path(outline.file).is_file()
+    assert registry.resolve_adapters((AdapterRef(name="outline"),), "demo") == (
+        AdapterRef(name="outline", weight=outline.default_weight),)
+    rows = {r["name"]: r for r in adapter_table_rows(registry, offline=True)}
+    assert rows["outline"]["available"] is True and rows["outline"]["models"] == "demo"
+
+
 def test_resolve_fills_default_weight(registry: ModelRegistry) -> None:
     refs = (AdapterRef(name="ink"), AdapterRef(name="xl-neon", weight=0.3))
     assert registry.resolve_adapters(refs[:1], "tiny") == (AdapterRef(name="ink", weight=0.7),)
@@ -88,10 +101,14 @@ def test_resolve_fills_default_weight(registry: ModelRegistry) -> None:
 @pytest.mark.parametrize(
     ("name", "model", "message"),
     [
-        ("inc", "tiny", "unknown LoRA 'inc' (did you mean 'ink'?); available: ink, xl-neon"),
+        ("inc", "tiny",
+         "unknown LoRA 'inc' (did you mean 'ink'?); available: outline, ink, xl-neon"),
         ("badhands", "tiny", "unknown LoRA 'badhands'"),
         ("ink", "tiny-xl", "LoRA 'ink' is for sd15 models; model 'tiny-xl' is sdxl"),
         ("xl-neon", "sd-turbo", "LoRA 'xl-neon' is for sdxl models; model 'sd-turbo' is sd-turbo"),
+        # The packaged demo LoRA fits the demo model's layers only, not every SD1.5 model's.
+        ("outline", "tiny", "LoRA 'outline' is for model 'demo' only; this job's model is 'tiny'"),
+        ("outline", "sd15", "LoRA 'outline' is for model 'demo' only; this job's model is 'sd15'"),
     ],
 )
 def test_resolve_refusals(registry: ModelRegistry, name: str, model: str, message: str) -> None:
@@ -110,6 +127,8 @@ def test_resolve_refusals(registry: ModelRegistry, name: str, model: str, messag
         ('[loras.x]\nfamily = "sd15"\n', "lora 'x': file: Field required"),
         ('[embeddings.x]\nfile = "x.safetensors"\nfamily = "sdxl"\n',
          "embeddings are local files for sd15 or sd-turbo models"),
+        ('[loras.x]\nfile = "x.safetensors"\nfamily = "sd15"\nmodels = ["demo", "dmeo"]\n',
+         "lora 'x': models names dmeo, not in the registry; available: sd15"),
     ],
 )
 def test_bad_entries_are_config_errors(settings: Settings, entry: str, message: str) -> None:

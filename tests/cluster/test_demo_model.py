@@ -1,6 +1,7 @@
 """The shipped demo model (cluster/data/demo), run the way people's jobs run: through the
 client, the queue, the dispatcher and a Ray worker actor, its pictures read back by the scorer.
-Eight people's prompts gathered into one batch each come back to their own person; one prompt
+Eight people's prompts gathered into one batch each come back to their own person; people
+with and without the demo LoRA each get their own look; one prompt
 in three styles comes back with each style's rendering in its own image; img2img changes what
 the prompt changes; a reroll still draws the prompt. Also its adherence on held-out captions
 (``bench/demo_quality.py`` prints the full table)."""
@@ -28,6 +29,7 @@ from cluster.dispatcher import RAY_NAMESPACE, WORKER_NAME_PREFIX, Dispatcher, Pa
 from cluster.events import EventKind
 from cluster.placement import WorkerPool
 from cluster.registry import DEMO_MODEL_DIR, ModelRegistry
+from core.adapters import AdapterRef
 from core.prompts import default_blocklist
 from core.request import GenerationRequest, JobKind
 from core.settings import Settings, Tier, load_settings
@@ -35,7 +37,7 @@ from core.styles import default_registry
 from engine.actor import spawn_worker
 from engine.demo.quality import adherence, held_out
 from engine.demo.scenes import Scene, Shape, parse_caption, render
-from engine.demo.score import score
+from engine.demo.score import outlined, score
 from engine.devices import DeviceProfile
 from storage.blobs import BlobStore
 from storage.db import session_factory
@@ -156,6 +158,35 @@ async def test_eight_people_in_one_batch_each_get_their_own_picture(demo: Cluste
             strip.paste(pictures[job.job_id].resize((128, 128), Image.Resampling.NEAREST),
                         (128 * n, 0))
         strip.save(Path(__file__).resolve().parents[2] / "docs" / "demo.png")
+
+
+async def test_people_with_and_without_the_outline_lora_each_get_their_own(demo: Cluster) -> None:
+    """Three people at once, two asking for the demo LoRA (``--lora outline`` and the prompt
+    tag): those two share a batch with the LoRA on, drawn as outlines; the third's job, in
+    the same gathering window, runs in its own batch with it off, drawn filled."""
+    asks = [
+        ("a red circle on a blue background", (AdapterRef(name="outline"),)),
+        ("a yellow square on a purple background <lora:outline>", ()),
+        ("a green circle on a white background", ()),
+    ]
+    jobs = await asyncio.gather(*(
+        submit(demo, who(f"outliner-{n}"), GenerationRequest(prompt=p, seed=60 + n, adapters=a))
+        for n, (p, a) in enumerate(asks)))
+    pictures = [(await _images(demo, job.job_id))[0] for job in jobs]
+    batch_of = [next(n for n, b in enumerate(demo.dispatcher.batches) if job.job_id in b.job_ids)
+                for job in jobs]
+    assert batch_of[0] == batch_of[1] != batch_of[2]
+    read = []
+    for (prompt, _), image in zip(asks, pictures, strict=True):
+        scene = parse_caption(prompt)
+        assert scene is not None
+        found = score(image, scene)
+        assert found["background"] and found["colour"], (prompt, found)
+        read.append(outlined(image, scene))
+    # With it: outlines (or a line too thin to leave an inside to read: None; the shape's
+    # colour is there, so not a filled shape, whose inside would read), never filled;
+    # without it: filled.
+    assert False not in read[:2] and read[2] is False, read
 
 
 async def test_one_prompt_in_three_styles_draws_the_prompt_in_each_image(demo: Cluster) -> None:

@@ -140,6 +140,25 @@ def test_opt_ins() -> None:
     assert choose_profile(RTX4090, "sdxl").compile is False  # opt-in only
 
 
+@pytest.mark.parametrize(
+    ("info", "family", "slots"),
+    [
+        (cpu(False), "sdxl", 4), (MPS, "sd15", 4),
+        (GTX1650, "sdxl", 2),  # sequential offload
+        (RTX2070, "sd15", 5), (RTX2070, "sdxl", 2),  # a tenth of 8 GB: 5 x 150 MB, 1 x 450 MB
+        (RTX4090, "sd15", 16), (RTX4090, "sdxl", 5), (RTX4090, None, 5),  # no family: SDXL
+        (A100, "sdxl", 16),  # 18 fit; 16 at most
+    ],
+)
+def test_lora_slots_follow_the_cards_memory(info: DeviceInfo, family: str | None,
+                                            slots: int) -> None:
+    p = choose_profile(info, family)
+    assert p.lora_slots == slots
+    (why,) = [r for r in p.reasons if r.startswith("lora slots")]
+    assert why.startswith(f"lora slots {slots} per model: ")
+    assert f"lora slots   {slots} per model" in describe_profile(p)
+
+
 def test_choose_profile_is_pure() -> None:
     assert choose_profile(RTX2070, "sdxl") == choose_profile(RTX2070, "sdxl")
 

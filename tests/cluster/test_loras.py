@@ -5,6 +5,7 @@ adapter set; the per-worker LRU loads each LoRA once and evicts past its capacit
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,8 +46,10 @@ def registry(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def make_engine(registry: ModelRegistry, profile: DeviceProfile, slots: int = 4) -> Engine:
+    """An engine whose profile keeps ``slots`` LoRAs per model."""
+    profile = replace(profile, lora_slots=slots)
     engine = Engine(ModelCache(registry, profile, 10**9, offline=True), profile=profile)
-    engine.adapters.capacity = slots
+    assert engine.adapters.capacity == slots  # the worker's cache sizes itself by the profile
     return engine
 
 

@@ -212,7 +212,8 @@ async def loras(
     """The LoRA catalogue; ``<lora:NAME:0.8>`` in a prompt applies one (A1111's shape)."""
     return [
         {"name": a.name, "alias": a.name, "path": a.location,
-         "metadata": {"family": a.family, "default_weight": a.default_weight,
+         "metadata": {"family": a.family, "models": list(a.models),
+                      "default_weight": a.default_weight,
                       "triggers": list(a.triggers), "description": a.description}}
         for a in ctx.client.models.adapters.values() if a.kind == "lora"
     ]

@@ -150,7 +150,9 @@ async def test_lora_in_the_prompt_is_listed_applied_and_reported(web: WebStack) 
     listed = await asyncio.to_thread(
         requests.get, f"{web.url}/sdapi/v1/loras", auth=api.session.auth
     )
-    assert [(x["name"], x["metadata"]["family"]) for x in listed.json()] == [("ink", "sd15")]
+    assert [(x["name"], x["metadata"]["family"]) for x in listed.json()] == [
+        ("outline", "sd15"), ("ink", "sd15")]  # the packaged demo LoRA, then the operator's
+    assert listed.json()[0]["metadata"]["models"] == ["demo"]
     same = {"steps": 2, "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler"}
     plain = await asyncio.to_thread(api.txt2img, prompt="a red fox", **same)
     inked = await asyncio.to_thread(api.txt2img, prompt="a red fox <lora:ink:0.8>", **same)
