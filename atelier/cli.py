@@ -19,6 +19,7 @@ from atelier.wiring import (
     console,
     fail,
     quiet_ml_libraries,
+    recipe_from_options,
     settings_or_exit,
 )
 from core.errors import AtelierError
@@ -396,7 +397,6 @@ def models_train_demo(
 ) -> None:
     """Train the demo model from scratch (shapes in colours, from captions), or go on training
     one (--from); it is the default model whenever the configured one is not available."""
-    from dataclasses import replace
     from pathlib import Path
 
     import torch
@@ -410,12 +410,7 @@ def models_train_demo(
     target = Path(out) if out else DEMO_MODEL_DIR
     recipe = Recipe(seed=seed, minutes=minutes, device=device,
                     init_from=init_from)
-    if steps is not None:
-        recipe = replace(recipe, max_steps=steps)
-    try:
-        recipe = recipe.with_overrides(overrides or [])
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    recipe = recipe_from_options(recipe, steps, overrides)
     record = train_demo(target, recipe, progress=console.print)
     console.print(f"demo model: {target} ({record['unet_steps']} denoiser steps in "
                   f"{record['minutes']} min on {device}; recipe in {target / 'recipe.json'})")
@@ -442,7 +437,6 @@ def models_train_demo_lora(
 ) -> None:
     """Train the demo model's LoRA: every shape drawn as an outline (use it as
     `--model demo --lora outline`)."""
-    from dataclasses import replace
     from pathlib import Path
 
     from cluster.registry import DEMO_LORA_DIR, DEMO_MODEL_DIR
@@ -451,12 +445,7 @@ def models_train_demo_lora(
     quiet_ml_libraries()
     target = Path(out) if out else DEMO_LORA_DIR
     recipe = LoraRecipe(seed=seed, minutes=minutes, threads=threads)
-    if steps is not None:
-        recipe = replace(recipe, max_steps=steps)
-    try:
-        recipe = recipe.with_overrides(overrides or [])
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    recipe = recipe_from_options(recipe, steps, overrides)
     base = Path(model_dir) if model_dir else DEMO_MODEL_DIR
     record = train_demo_lora(base, target, recipe, progress=console.print)
     console.print(f"demo LoRA: {target / LORA_FILE} ({record['bytes']:,} bytes, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from atelier.wiring import console, quiet_ml_libraries
+from atelier.wiring import console, quiet_ml_libraries, recipe_from_options
 
 
 def train_demo_controlnet(
@@ -27,19 +27,13 @@ def train_demo_controlnet(
 ) -> None:
     """Train the demo ControlNet: the demo model's scenes, each with its Canny edge map, teach a
     copy of its UNet to put shapes where the edges are (`--model demo --control canny`)."""
-    from dataclasses import replace
     from pathlib import Path
 
     from engine.demo.controlnet import DEMO_CONTROLNET_DIR, ControlRecipe, train_demo_controlnet
 
     quiet_ml_libraries()
     recipe = ControlRecipe(seed=seed, minutes=minutes, threads=threads, base=base)
-    if steps is not None:
-        recipe = replace(recipe, max_steps=steps)
-    try:
-        recipe = recipe.with_overrides(overrides or [])
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    recipe = recipe_from_options(recipe, steps, overrides)
     if recipe.base is not None and not (Path(recipe.base) / "unet").is_dir():
         raise typer.BadParameter(f"{recipe.base} is not a demo model folder (no unet/ in it)",
                                  param_hint="--base")

@@ -3,6 +3,8 @@ processes and their parts are built in atelier/app.py.)"""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import typer
 from rich.console import Console
 
@@ -35,3 +37,20 @@ def quiet_ml_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+R = TypeVar("R")
+
+
+def recipe_from_options(recipe: R, steps: int | None, overrides: list[str] | None) -> R:
+    """A training recipe (a frozen dataclass with ``max_steps`` and ``with_overrides``) with
+    the ``--steps`` and ``--set field=value`` options of the train-demo commands applied; a bad
+    ``--set`` is a usage error naming the option."""
+    from dataclasses import replace
+
+    if steps is not None:
+        recipe = replace(recipe, max_steps=steps)  # type: ignore[type-var]
+    try:
+        return recipe.with_overrides(overrides or [])  # type: ignore[attr-defined, no-any-return]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
