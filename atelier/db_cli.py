@@ -19,8 +19,11 @@ def db_prune(
     ),
 ) -> None:
     """Remove settled jobs, ledger rows (rolled up; balances unchanged), reservations, spent
-    daily buckets and link codes older than ATELIER_RETENTION__DAYS, and rows of images
-    deleted ATELIER_RETENTION__DELETED_IMAGES_DAYS ago. Images live until deleted."""
+    daily buckets, link codes and ControlNet map previews older than ATELIER_RETENTION__DAYS,
+    and rows of images deleted ATELIER_RETENTION__DELETED_IMAGES_DAYS ago. Images live until
+    deleted."""
+    from cluster.previews import prune_previews
+    from storage.blobs import BlobStore
     from storage.retention import prune_all
 
     settings = settings_or_exit()
@@ -38,6 +41,9 @@ def db_prune(
                 )
                 counts = ", ".join(f"{k} {v}" for k, v in report.model_dump().items())
                 console.print(f"pruned {report.total} rows: {counts}")
+                previews = prune_previews(BlobStore.from_settings(settings),
+                                          before=datetime.now(UTC) - timedelta(days=rules.days))
+                console.print(f"pruned {previews} control-map previews")
                 if not repeat or stop.wait(rules.every_h * 3600):
                     return
     except AtelierError as exc:

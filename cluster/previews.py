@@ -2,11 +2,15 @@
 their picture (the Canny edges, the scribble's lines) at the size the model drew, as the worker
 gave it to the ControlNet. Made once per picture, preprocessor and size, and kept in a blob
 store of its own (named by the hash of what it is made of); blocking, so front ends call it
-through ``Jobs.control_preview`` (off the event loop)."""
+through ``Jobs.control_preview`` (off the event loop). A preview is a cache of what the job's
+request can make again: ``atelier db prune`` removes those not read for the retention period
+(``prune_previews``), and the gallery makes one again if it is asked for."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from datetime import datetime
 
 from core.control import ControlUnit, control_map, control_png
 from core.images import decode_png_rgb
@@ -44,3 +48,21 @@ def control_preview(blobs: BlobStore, request: GenerationRequest) -> bytes | Non
     png = control_png(control_map(unit, width, height))
     store.put_named(key, png)
     return png
+
+
+def prune_previews(blobs: BlobStore, *, before: datetime) -> int:
+    """Remove the previews last written or read before ``before`` (and the folders left
+    empty); returns how many. Safe at any time: a preview asked for again is made again."""
+    root = preview_store(blobs).root
+    cutoff = before.timestamp()
+    removed = 0
+    for path in sorted(root.rglob("*.png")):
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            if max(stat.st_mtime, stat.st_atime) < cutoff:
+                path.unlink()
+                removed += 1
+    for folder in sorted((d for d in root.rglob("*") if d.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only empty ones go
+    return removed

@@ -43,3 +43,10 @@ def test_prune_refuses_a_too_short_retention(env: Path, monkeypatch: pytest.Monk
     res = runner.invoke(app, ["db", "prune"])
     assert res.exit_code != 0
     assert "RETENTION__DAYS" in res.output or "retention" in res.output.lower()
+
+
+def test_prune_says_how_many_control_previews_went(env: Path) -> None:
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    res = runner.invoke(app, ["db", "prune"])
+    assert res.exit_code == 0, res.output
+    assert "pruned 0 control-map previews" in res.output

@@ -56,3 +56,27 @@ def test_the_preview_is_made_once(tmp_path: Path) -> None:
 
 def test_no_preview_without_control(tmp_path: Path) -> None:
     assert control_preview(BlobStore(tmp_path), GenerationRequest(prompt="a boat")) is None
+
+
+def test_previews_not_used_for_the_retention_period_are_pruned_and_made_again(
+    tmp_path: Path,
+) -> None:
+    import os
+    from datetime import UTC, datetime, timedelta
+
+    from cluster.previews import prune_previews
+
+    blobs = BlobStore(tmp_path / "blobs")
+    old, fresh = request(preprocessor="canny"), request(preprocessor="scribble")
+    assert old.control is not None and fresh.control is not None
+    made = control_preview(blobs, old)
+    control_preview(blobs, fresh)
+    store = preview_store(blobs)
+    old_path = store.path(preview_key(old.control, 96, 64))
+    long_ago = (datetime.now(UTC) - timedelta(days=100)).timestamp()
+    os.utime(old_path, (long_ago, long_ago))
+
+    assert prune_previews(blobs, before=datetime.now(UTC) - timedelta(days=90)) == 1
+    assert not old_path.exists() and not old_path.parent.exists()  # its empty folders too
+    assert store.exists(preview_key(fresh.control, 96, 64))
+    assert control_preview(blobs, old) == made  # asked for again: made again
