@@ -333,7 +333,9 @@ def _adapters_table(registry: ModelRegistry) -> None:
         )
         return
     table = Table("adapter", "kind", "family", "weight", "triggers", "here", "source")
-    table.columns[-1].overflow = "fold"
+    table.columns[-1].overflow = "fold"  # a long path folds; the short columns stay whole
+    for column in table.columns[:-1]:
+        column.no_wrap = True
     for row in rows:
         table.add_row(
             str(row["name"]), str(row["kind"]),

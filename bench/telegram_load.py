@@ -4,7 +4,7 @@ dispatcher and a local Ray worker with the tiny pipeline. Prints time to the fir
 status message) and to the image, p50/p99/max.
 
     .venv/bin/python bench/telegram_load.py [--users 50] [--size 64] [--steps 2] [--workers 1]
-        [--timeout 600] [--log-level INFO] [--overall-per-s 30]
+        [--timeout 600] [--log-level INFO] [--overall-per-s 30] [--no-freeze]
 
 Needs redis-server on PATH. The bot runs with Telegram's real flood limits (30 messages/s
 overall, ~1/s per chat), so the numbers include that pacing.
@@ -140,7 +140,8 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         poll_timeout=1,
         rate_limiter=FloodLimiter(overall_per_s=args.overall_per_s),
     )
-    freeze_startup_heap()  # as `atelier up` and `atelier bot telegram` do once started
+    if not args.no_freeze:
+        freeze_startup_heap()  # as `atelier up` and `atelier bot telegram` do once started
 
     # 2. Warm the model up (a first load is not what this measures).
     await fake.send(FIRST_USER - 1, f"/imagine warm up --w {args.size} --h {args.size} --steps 1")
@@ -167,6 +168,7 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
         firsts = [c.at - started for u in users if (c := _first(fake, "sendMessage", u))]
         images = [c.at - started for u in users if (c := _first(fake, "sendPhoto", u))]
         photos = sum(len(fake.calls_of("sendPhoto", chat=u)) for u in users)
+        edits = sum(len(fake.calls_of("editMessageText", chat=u)) for u in users)
         batches = len(dispatcher.batches)
         await bot.stop()
         stop.set()
@@ -192,7 +194,8 @@ async def run(args: argparse.Namespace, tmp: Path, redis_url: str) -> None:
             print(f"{name:<22}{0:>5}")
     print(
         f"users with a first reply: {len(firsts)}/{args.users}; "
-        f"with an image: {len(images)}/{args.users}; photos sent: {photos}"
+        f"with an image: {len(images)}/{args.users}; photos sent: {photos}; "
+        f"status edits: {edits}{' (start-up heap not frozen)' if args.no_freeze else ''}"
     )
     if timed_out:
         raise SystemExit(f"not every image arrived within {args.timeout:.0f} s")
@@ -213,6 +216,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave the start-up heap to the garbage collector (core/heap.py)")
     parser.add_argument(
         "--overall-per-s",
         type=float,

@@ -62,7 +62,7 @@ def test_no_other_model_takes_the_demo_controlnet(registry: ModelRegistry) -> No
         registry.resolve_control(plain)
     named = plain.model_copy(update={"control": ControlUnit(controlnet="demo-canny",
                                                             image=b"png")})
-    with pytest.raises(InvalidRequest, match="'demo-canny' is only for model 'demo'"):
+    with pytest.raises(InvalidRequest, match="'demo-canny' is for model 'demo' only"):
         registry.resolve_control(named)
 
 
