@@ -543,9 +543,15 @@ async def test_redis_killed_and_restarted_under_load_loses_no_job(
         assert await c.broker.server_epoch() == c.dispatcher._epoch
         await asyncio.sleep(1.0)  # a few more epoch checks and reconcile passes
         again = await deliveries_by_job(server.url)
-        assert sorted(again) == sorted(lost), again
+        assert set(lost) <= set(again), again
         for job_id in lost:
             assert again[job_id] == [events[job_id]]
+        # A kept one comes back only from a pass that read it undelivered just before it was
+        # marked and whose publish then waited out the restart (a loaded machine makes that
+        # window real): its front end drops it, since the job is marked delivered already.
+        for job_id in set(again) - set(lost):
+            assert job_id in kept, again
+            assert await c.client.mark_delivered(job_id) is False
     finally:
         await c.close()
         await broker.close()
