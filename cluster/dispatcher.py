@@ -434,34 +434,39 @@ class Dispatcher:
             lambda s: {e.job_id: find_job(s, job_id=e.job_id) for e in fresh}, read_only=True
         )
         stale_before = utcnow() - timedelta(seconds=self.lease_s)
+        # Two entries of one job in the same read (a reconcile or retry duplicate) are decided
+        # once, together: deciding each would fail (and count) one job twice.
+        by_job: dict[str, list[JobEntry]] = {}
         for entry in fresh:
-            job = rows[entry.job_id]
+            by_job.setdefault(entry.job_id, []).append(entry)
+        for job_id, same in by_job.items():
+            job = rows[job_id]
             if job is None:
-                log.warning("entry %s names job %s, which does not exist; dropping it",
-                            entry.entry_id, entry.job_id)
-                await self.broker.jobs.ack_job(entry.entry_id)
-                continue
-            mine = self._held.get(entry.job_id)
-            if mine is not None:  # two entries of one job in the same read
-                mine.entries.append(entry)
+                for entry in same:
+                    log.warning("entry %s names job %s, which does not exist; dropping it",
+                                entry.entry_id, job_id)
+                    await self.broker.jobs.ack_job(entry.entry_id)
                 continue
             with job_context(job.id):
-                await self._admit_one(entry, job, stale_before)
+                await self._admit_one(same, job, stale_before)
 
-    async def _admit_one(self, entry: JobEntry, job: JobRead, stale_before: datetime) -> None:
+    async def _admit_one(
+        self, entries: list[JobEntry], job: JobRead, stale_before: datetime
+    ) -> None:
         # 1. Finished already (a crash after settling, or a duplicate): (re)announce, ack.
         if job.status.finished:
-            await self.settle.announce(job, [entry])
+            await self.settle.announce(job, entries)
             return
         # 2. Running with a fresh lease: another dispatcher has it; this entry is a duplicate
         #    (unless it ran under our name: our previous process, killed; we take it back).
         if (job.status is JobStatus.running and job.updated_at >= stale_before
                 and job.owner != self.name):
-            log.info("job %s: running elsewhere; acking duplicate entry %s", job.id,
-                     entry.entry_id)
-            await self.broker.jobs.ack_job(entry.entry_id)
+            for entry in entries:
+                log.info("job %s: running elsewhere; acking duplicate entry %s", job.id,
+                         entry.entry_id)
+                await self.broker.jobs.ack_job(entry.entry_id)
             return
-        held = Held([entry], job)
+        held = Held(list(entries), job)
         # 3. Cancelled while queued.
         if await self.broker.flags.is_cancel_requested(job.id):
             await self.settle.cancelled(held)
@@ -485,9 +490,10 @@ class Dispatcher:
                 held, f"gave up after {job.attempts} attempts", dead_letter=True, cause="gave_up"
             )
             return
-        if self.broker.jobs.over_delivered(entry):
+        deliveries = max(e.deliveries for e in entries)
+        if any(self.broker.jobs.over_delivered(e) for e in entries):
             await self.settle.fail(
-                held, f"gave up after {entry.deliveries} deliveries", dead_letter=True,
+                held, f"gave up after {deliveries} deliveries", dead_letter=True,
                 cause="gave_up",
             )
             return

@@ -154,13 +154,11 @@ class Settler:
     async def cancelled(self, h: Held) -> None:
         """Cancelled and released (unless it finished meanwhile), then announced."""
 
-        job = await self._db(
-            lambda s: job_repo.finish_and_release(
-                session=s, job_id=h.job_id, status=JobStatus.cancelled, error=CANCELLED_BY_OWNER
-            )
+        ended, job = await self._db(
+            lambda s: _end_unpaid(s, h.job_id, JobStatus.cancelled, CANCELLED_BY_OWNER)
         )
         log.info("job %s: %s, credits released", h.job_id, job.status.value)
-        if job.status is JobStatus.cancelled and not h.job.status.finished:
+        if ended:
             metrics.JOBS_CANCELLED.inc()
             metrics.CREDITS_REFUNDED.inc(job.cost)
         await self.announce(job, h.entries)
@@ -171,13 +169,9 @@ class Settler:
         """Failed and refunded, then announced; ``dead_letter`` parks the entry for people.
         ``cause``: a short fixed word for the metrics (the reason is free text)."""
 
-        job = await self._db(
-            lambda s: job_repo.finish_and_release(
-                session=s, job_id=h.job_id, status=JobStatus.failed, error=reason
-            )
-        )
+        ended, job = await self._db(lambda s: _end_unpaid(s, h.job_id, JobStatus.failed, reason))
         log.warning("job %s: failed (%s), credits released", h.job_id, reason)
-        if job.status is JobStatus.failed and not h.job.status.finished:
+        if ended:
             metrics.JOBS_FAILED.labels(cause).inc()
             metrics.CREDITS_REFUNDED.inc(job.cost)
         await self.announce(job, h.entries, dead_letter=reason if dead_letter else None)
@@ -292,3 +286,13 @@ class Settler:
             await self.broker.progress.publish(event.job_id, event.to_fields())
         except BrokerUnavailable as exc:
             log.debug("job %s: progress not published: %s", event.job_id, exc)
+
+
+def _end_unpaid(
+    session: Session, job_id: str, status: JobStatus, error: str
+) -> tuple[bool, JobRead]:
+    """``finish_and_release``, and whether this call ended the job: a job that a racing pass
+    (or a duplicate entry) already ended is counted by that one, not again."""
+    before = job_repo.get_job(session=session, job_id=job_id)
+    job = job_repo.finish_and_release(session=session, job_id=job_id, status=status, error=error)
+    return (not before.status.finished and job.status is status), job

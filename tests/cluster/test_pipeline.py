@@ -364,8 +364,10 @@ async def test_a_job_no_worker_can_run_fails_at_once_and_is_refunded(cluster: Cl
     failed = sample("atelier_jobs_failed_total", reason="no_fitting_worker")
     refunded = sample("atelier_credits_refunded_total")
     alice = who("alice")
-    cluster.start()
     sub = await submit(cluster, alice, req(model="huge"))
+    # A second entry of the same job (a reconcile duplicate) in the same read: one failure.
+    await cluster.broker.jobs.enqueue(sub.job_id)
+    cluster.start()
     end = await asyncio.wait_for(cluster.client.wait(sub.job_id), 10)
     assert end.kind is EventKind.failed
     assert end.reason is not None and "huge" in end.reason and "1000" in end.reason
@@ -375,6 +377,13 @@ async def test_a_job_no_worker_can_run_fails_at_once_and_is_refunded(cluster: Cl
     # Counted once, by its reason, with its refund.
     assert sample("atelier_jobs_failed_total", reason="no_fitting_worker") == failed + 1
     assert sample("atelier_credits_refunded_total") == refunded + sub.cost
+    # Both entries acked with it: nothing left pending or waiting in the queue.
+    for _ in range(50):
+        if not await cluster.broker.jobs.pending_count():
+            break
+        await asyncio.sleep(0.1)
+    assert await cluster.broker.jobs.pending_count() == 0
+    assert await cluster.broker.jobs.queue_depth() == 0
 
 
 async def test_a_model_whose_files_vanish_fails_at_once_not_retried(
