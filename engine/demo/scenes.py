@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,30 +86,13 @@ def random_scene(rng: random.Random, two_shapes: float = 0.5, sided: float = 0.0
     return Scene(names[0], (shape,))
 
 
-_CAPTION = re.compile(
-    r"an? (?P<c1>\w+) (?P<s1>\w+)(?: (?P<rel>to the left of|to the right of|above|below) "
-    r"an? (?P<c2>\w+) (?P<s2>\w+)| (?P<side>on the left|on the right|at the top|at the bottom))?"
-    r" on an? (?P<bg>\w+) background"
-)
-
-
 def parse_caption(text: str) -> Scene | None:
-    """The scene a prompt describes (anywhere in the text, so a styled prompt parses too), or
-    None when it describes none of ours."""
-    found = _CAPTION.search(text.lower())
-    if found is None:
-        return None
-    g = found.groupdict()
-    words = [g["c1"], g["bg"]] + ([g["c2"]] if g["c2"] else [])
-    kinds = [g["s1"]] + ([g["s2"]] if g["s2"] else [])
-    if any(w not in COLOURS for w in words) or any(k not in SHAPES for k in kinds):
-        return None
-    shapes = tuple(Shape(c, k) for c, k in zip([g["c1"], g["c2"]], kinds, strict=False))
-    relation = None
-    if g["rel"]:
-        relation = next(key for key, words in RELATIONS.items() if words == g["rel"])
-    side = next((key for key, words in SIDES.items() if words == g["side"]), None)
-    return Scene(g["bg"], shapes, relation, side)
+    """The scene a prompt describes (anywhere in the text, so a styled prompt parses too), in
+    the captions' grammar or any phrasing of ``engine.demo.phrasing``, or None when it
+    describes none of ours."""
+    from engine.demo.phrasing import parse  # it builds on this module's names
+
+    return parse(text)
 
 
 # Drawing ----------------------------------------------------------------------------------
