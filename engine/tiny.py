@@ -155,6 +155,58 @@ def build_tokenizer(extra_words: Iterable[str] = ()) -> CLIPTokenizer:
         )
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces BPE leaves ``word`` in (CLIP's: the last letter carries ``</w>``)."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        rank, at = min((ranks.get(pair, len(ranks)), i)
+                       for i, pair in enumerate(zip(pieces, pieces[1:], strict=False)))
+        if rank == len(ranks):
+            break
+        pieces[at:at + 2] = [pieces[at] + pieces[at + 1]]
+    return pieces
+
+
+def whole_word_merges(merges: list[tuple[str, str]], words: Iterable[str]
+                      ) -> list[tuple[str, str]]:
+    """Merges to append after ``merges`` so each of ``words`` is one token: it is joined, left
+    to right, from the pieces ``merges`` leave it in. Ranked after every earlier merge, they
+    change no other text's tokens unless it holds the same run of pieces (unlike adding the
+    words to ``clip_vocab``'s, whose left-to-right chains would re-rank everything)."""
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    out: list[tuple[str, str]] = []
+    for word in words:
+        pieces = _bpe(word, ranks)
+        acc = pieces[0]
+        for piece in pieces[1:]:
+            if (acc, piece) not in ranks:
+                ranks[(acc, piece)] = len(ranks)
+                out.append((acc, piece))
+            acc += piece
+    return out
+
+
+def extend_tokenizer(tokenizer: CLIPTokenizer, words: Iterable[str]) -> CLIPTokenizer:
+    """``tokenizer`` (one of ours) with each of ``words`` a whole token: its vocabulary and
+    merges kept, the new merges (``whole_word_merges``) last, the new tokens before the start
+    and end tokens (which stay last, as ``clip_vocab`` lays them out: their ids move)."""
+    from transformers import CLIPTokenizer
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    added = whole_word_merges(merges, words)  # type: ignore[arg-type]
+    old = sorted(model["vocab"], key=model["vocab"].__getitem__)
+    tokens = [t for t in old if t not in (BOS, EOS)] + [a + b for a, b in added] + [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
+        (Path(tmp) / "merges.txt").write_text(
+            "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in [*merges, *added]) + "\n",
+            "utf-8")
+        return CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"),
+                             merges=str(Path(tmp) / "merges.txt"), model_max_length=MAX_LENGTH)
+
+
 def text_config(
     tokenizer: CLIPTokenizer,
     *,

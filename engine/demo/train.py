@@ -19,6 +19,16 @@ data, the relation word's token, which follows the first shape's words, learns t
 shape to its side (issue 13: going on 50 min on a CPU with such scenes took position from chance
 to 98%; 800 steps without them stayed at chance). ``init_from`` goes on
 training a saved model (``atelier models train-demo --from FOLDER --set field=value``).
+
+Phrasing (issue 27): people do not type the captions' grammar ("red circle left of a yellow
+star, white bg", "on a green background, a blue square above a red triangle"). ``phrasing``
+is the share of the pool's captions said instead by ``engine.demo.phrasing.describe`` with its
+training templates (synonyms, word orders, fillers, upper case), ``typos`` the share of those
+with one mistyped word; the scenes and pictures are the same whatever the share. The tokenizer
+then holds every phrasing word as one token (``engine.demo.vocab``): going on from a folder
+whose tokenizer lacks them, its text encoder is carried over to the extended tokenizer first
+(rows copied by token, a synonym's from its word's), so the grammar still reads as before.
+``bench/demo_quality.py`` measures the held-out templates, which training never sees.
 """
 
 from __future__ import annotations
@@ -41,15 +51,9 @@ import torch.nn.functional as F
 from core.prompts import Blocklist, prepare_prompt
 from core.request import GenerationRequest
 from core.styles import default_registry
-from engine.demo.scenes import (
-    COLOURS,
-    RELATIONS,
-    RENDERINGS,
-    SHAPES,
-    SIDES,
-    random_scene,
-    render,
-)
+from engine.demo.phrasing import describe
+from engine.demo.scenes import RENDERINGS, random_scene, render
+from engine.demo.vocab import DEMO_WORDS, carry_text_encoder, lacks_phrase_words, phrase_tokenizer
 from engine.engine import token_counter
 from engine.tiny import MAX_LENGTH, build_tokenizer, text_config
 
@@ -57,8 +61,6 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 SIZE = 64
-DEMO_WORDS = (*COLOURS, *SHAPES, *" ".join([*RELATIONS.values(), *SIDES.values()]).split(),
-              "background")
 # SD 1.5's noise schedule and sampler config, so every scheduler Atelier offers applies.
 SCHEDULER = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -74,6 +76,10 @@ class Recipe:
     two_shapes: float = 0.5
     sided: float = 0.0  # share of one-shape scenes placed at a named side ("on the left")
     styled: float = 0.4  # share of scenes drawn in one of RENDERINGS' styles
+    # Share of captions said in a phrasing people use (engine.demo.phrasing's training
+    # templates) instead of the grammar, and of those the share with one mistyped word.
+    phrasing: float = 0.0
+    typos: float = 0.0
     vae_steps: int = 3000
     vae_batch: int = 32
     vae_crop: int = 32  # trained on crops (it is all convolutions): 4x the scenes per second
@@ -144,6 +150,8 @@ def build_components(recipe: Recipe) -> dict[str, Any]:
 
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer(DEMO_WORDS)
+    if recipe.phrasing:
+        tokenizer = phrase_tokenizer(tokenizer)
     width = recipe.text_width
     text_encoder = CLIPTextModel(text_config(tokenizer, hidden=width, layers=3, heads=4,
                                              intermediate=2 * width))
@@ -185,6 +193,8 @@ def make_pool(recipe: Recipe, tokenizer: Any, drawn_as: str | None = None,
     """(images in [-1, 1], prompt token ids, negative token ids) of ``recipe.pool`` scenes;
     ``drawn_as``: every scene drawn in this style whatever its prompt says (a LoRA's look)."""
     rng = random.Random(recipe.seed)
+    # The phrasings draw from their own generator: the scenes stay those of phrasing=0.
+    words = random.Random(recipe.seed + 1)
     styles, blocklist, count = default_registry(), Blocklist(), token_counter(tokenizer)
     images = np.empty((recipe.pool, SIZE, SIZE, 3), np.uint8)
     prompts, negatives = [], []
@@ -192,7 +202,10 @@ def make_pool(recipe: Recipe, tokenizer: Any, drawn_as: str | None = None,
         scene = random_scene(rng, recipe.two_shapes, recipe.sided)
         style = rng.choice(list(RENDERINGS)) if rng.random() < recipe.styled else None
         images[i] = np.asarray(render(scene, SIZE, drawn_as or style, seed=rng.randrange(2**31)))
-        request = GenerationRequest(prompt=scene.caption, styles=(style,) if style else (),
+        caption = scene.caption
+        if recipe.phrasing and words.random() < recipe.phrasing:
+            caption = describe(scene, words, typo_rate=recipe.typos)
+        request = GenerationRequest(prompt=caption, styles=(style,) if style else (),
                                     raw=rng.random() < 0.2)
         ((prompt, negative),) = prepare_prompt(request, styles, blocklist,
                                                nsfw_allowed=rng.random() < 0.5, count_tokens=count)
@@ -332,6 +345,11 @@ def train_demo(out: Path, recipe: Recipe | None = None,
     parts = load_components(parent) if parent else build_components(recipe)
     history = json.loads((parent / "recipe.json").read_text()) if parent and (
         parent / "recipe.json").exists() else None
+    if parent and recipe.phrasing and lacks_phrase_words(parts["tokenizer"]):
+        progress("carrying the text encoder over to a tokenizer with the phrasing words")
+        tokenizer = phrase_tokenizer(parts["tokenizer"])
+        carry_text_encoder(parts["text_encoder"], parts["tokenizer"], tokenizer)
+        parts["tokenizer"] = tokenizer
     device = torch.device(recipe.device)
     for name in ("vae", "unet", "text_encoder"):
         parts[name].to(device)
