@@ -79,7 +79,7 @@ def _draw(pipe: Any, cases: list[Case], steps: int, batch: int = 8) -> list[np.n
     images: list[np.ndarray] = []
     for start in range(0, len(cases), batch):
         chunk = cases[start:start + batch]
-        pairs = [prepare_prompt(GenerationRequest(prompt=c.scene.caption,
+        pairs = [prepare_prompt(GenerationRequest(prompt=c.prompt,
                                                   styles=(c.style,) if c.style else ()),
                                 styles, blocklist, nsfw_allowed=False, count_tokens=count)[0]
                  for c in chunk]
