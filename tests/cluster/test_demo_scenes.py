@@ -10,6 +10,18 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from engine.demo.phrasing import (
+    BACKGROUNDS,
+    FILLERS,
+    HELD_OUT_TEMPLATES,
+    KINDS,
+    RELATION_PHRASES,
+    SIDE_PHRASES,
+    TRAIN_TEMPLATES,
+    correct,
+    describe,
+    form,
+)
 from engine.demo.scenes import (
     COLOURS,
     RENDERINGS,
@@ -32,6 +44,84 @@ def test_captions_parse_back_to_their_scenes_even_inside_a_styled_prompt() -> No
     assert parse_caption("a teal circle on a blue background") is None  # not one of ours
     assert Scene("blue", (Shape("red", "circle"), Shape("yellow", "star")), "left").caption == (
         "a red circle to the left of a yellow star on a blue background")
+
+
+def test_every_phrasing_of_every_template_parses_back_with_and_without_typos() -> None:
+    """2000 seeded scenes, each said in every template of its form (training and held-out),
+    plain and with a typo, read back to the same scene."""
+    rng = random.Random(27)
+    said = 0
+    for _ in range(2000):
+        scene = random_scene(rng, sided=0.5)
+        for template in [*TRAIN_TEMPLATES[form(scene)], *HELD_OUT_TEMPLATES[form(scene)]]:
+            for typos in (0.0, 1.0):
+                text = describe(scene, rng, typo_rate=typos, template=template)
+                assert parse_caption(text) == scene, (text, scene)
+                said += 1
+    assert said == 2000 * 2 * 8
+
+
+def test_phrasings_vary_as_people_type() -> None:
+    """Fillers, synonyms, upper case and typos all turn up, at about the rates asked; the
+    held-out templates give other phrasings than the training ones."""
+    rng = random.Random(5)
+    scenes = [random_scene(rng, sided=0.5) for _ in range(600)]
+    train = [describe(s, rng) for s in scenes]
+    held = [describe(s, rng, held_out=True) for s in scenes]
+    text = " ".join(train).lower()
+    for word in ["ball", "box", "bg", "backdrop", "under", "over", "beneath", "please draw",
+                 "left side", "top"]:
+        assert word in text, word
+    assert any(t.isupper() for t in train) and any(t[0].isupper() for t in train)
+    assert sum(t.lower() != t for t in train) > 100
+    mistyped = [describe(s, random.Random(i), typo_rate=1.0) for i, s in enumerate(scenes)]
+    clean = [describe(s, random.Random(i), typo_rate=0.0) for i, s in enumerate(scenes)]
+    changed = sum(a != b for a, b in zip(mistyped, clean, strict=True))
+    assert changed > 0.9 * len(scenes)
+    assert not set(train) & set(held)
+
+
+def test_held_out_templates_are_new_arrangements_of_trained_words() -> None:
+    """No template in both sets, and every word of a held-out phrasing (synonyms, connectors,
+    fillers) is one a training phrasing uses: the model is asked to generalise word order,
+    not to read words it never saw."""
+    for group in TRAIN_TEMPLATES:
+        assert not set(TRAIN_TEMPLATES[group]) & set(HELD_OUT_TEMPLATES[group]), group
+    rng = random.Random(8)
+    seen: set[str] = set()
+    held: set[str] = set()
+    for _ in range(3000):
+        scene = random_scene(rng, sided=0.5)
+        seen |= set(describe(scene, rng).lower().replace(",", " ").rstrip(".").split())
+        held |= set(describe(scene, rng, held_out=True).lower().replace(",", " ")
+                    .rstrip(".").split())
+    assert held <= seen, held - seen
+    every = {*COLOURS, *(w for ws in KINDS.values() for w in ws), *BACKGROUNDS,
+             *(" ".join([*(p for ps in RELATION_PHRASES.values() for p in ps),
+                         *(p for ps in SIDE_PHRASES.values() for p in ps), *FILLERS]).split())}
+    assert every <= seen, every - seen
+
+
+def test_the_parser_reads_what_people_type_and_nothing_else() -> None:
+    blue_red = Scene("white", (Shape("blue", "square"), Shape("red", "triangle")), "above")
+    for text in ["on a white background, a blue square above a red triangle",
+                 "Blue box on top of red triangle, white bg",
+                 "please draw a blue sqaure over a red triangle and a white backdrop",
+                 "WHITE BACKGROUND WITH A BLUE SQUARE ABOVE A RED TRIANGLE"]:
+        assert parse_caption(text) == blue_red, text
+    assert parse_caption("a red circle left of a yellow star, white background") == Scene(
+        "white", (Shape("red", "circle"), Shape("yellow", "star")), "left")
+    assert parse_caption("orange star, black background") == Scene(
+        "black", (Shape("orange", "star"),))
+    assert parse_caption("a green ball at the top, purple bg") == Scene(
+        "purple", (Shape("green", "circle"),), side="top")
+    for text in ["a red fox in the snow", "a teal circle on a blue background",
+                 "a red circle and a blue star",
+                 "a red circle on a blue background next to a green star", ""]:
+        assert parse_caption(text) is None, text
+    assert correct("backgrund") == "background" and correct("purpel") == "purple"
+    assert correct("yelow") == "yelow"  # yellow or below: one edit from both, so neither
+    assert correct("teal") == "teal" and correct("fox") == "fox"
 
 
 @pytest.mark.parametrize("style", [None, *RENDERINGS])
