@@ -55,5 +55,7 @@ def carry_text_encoder(text_encoder: Any, old: Any, new: Any) -> Any:
     bos, eos = (int(new.convert_tokens_to_ids(t)) for t in (BOS, EOS))
     text_encoder.config.update({"vocab_size": len(new), "bos_token_id": bos,
                                 "eos_token_id": eos, "pad_token_id": eos})
-    text_encoder.text_model.eos_token_id = eos  # read once at construction, for pooling
+    # Pooling reads it from an attribute set at construction (on the inner text model in
+    # older transformers).
+    getattr(text_encoder, "text_model", text_encoder).eos_token_id = eos
     return text_encoder
