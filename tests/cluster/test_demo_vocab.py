@@ -35,7 +35,8 @@ def _ids(tokenizer: Any, texts: list[str]) -> torch.Tensor:
 def encoder() -> tuple[Any, Any]:
     torch.manual_seed(0)
     tokenizer = build_tokenizer(DEMO_WORDS)
-    model = CLIPTextModel(text_config(tokenizer, hidden=32, layers=2, heads=2, intermediate=64))
+    model: Any = CLIPTextModel(text_config(tokenizer, hidden=32, layers=2, heads=2,
+                                           intermediate=64))
     return tokenizer, model.eval()
 
 
