@@ -95,3 +95,23 @@ def _copy(model: Any) -> Any:
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_the_pool_says_the_asked_share_of_its_captions_in_phrasings() -> None:
+    """``Recipe.phrasing``: the same scenes and pictures, about that share of the captions
+    said otherwise; a model built afresh for it has the phrasing words."""
+    from dataclasses import replace
+
+    from engine.demo.train import Recipe, build_components, make_pool
+
+    recipe = replace(Recipe(), pool=80, styled=0.0, phrasing=0.5, typos=0.5,
+                     unet_channels=(8, 16, 16), text_width=16)
+    tokenizer = build_components(recipe)["tokenizer"]
+    assert not lacks_phrase_words(tokenizer)
+    grammar = make_pool(replace(recipe, phrasing=0.0), tokenizer)
+    phrased = make_pool(recipe, tokenizer)
+    assert torch.equal(grammar[0], phrased[0])  # the same pictures
+    differ = (grammar[1] != phrased[1]).any(dim=1).float().mean().item()
+    assert 0.3 < differ < 0.7, differ
+    words = {w for ids in phrased[1].tolist() for w in tokenizer.convert_ids_to_tokens(ids)}
+    assert words & {f"{w}</w>" for w in NEW_WORDS if w not in ("a", "an", "i", "me")}
