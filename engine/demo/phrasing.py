@@ -102,7 +102,8 @@ def describe(scene: Scene, rng: random.Random, *, held_out: bool = False,
         "b": _shape(scene.shapes[-1], rng),
         "r": rng.choice(RELATION_PHRASES[scene.relation]) if scene.relation else "",
         "s": rng.choice(SIDE_PHRASES[scene.side]) if scene.side else "",
-        "g": f"{rng.choice(('a ', ''))}{scene.background} {rng.choice(BACKGROUNDS)}",
+        "g": f"{_article(scene.background, rng, ('a ', ''))}{scene.background} "
+             f"{rng.choice(BACKGROUNDS)}",
     }
     text = (template or rng.choice(templates)).format(**slots)
     if rng.random() < typo_rate:
@@ -113,7 +114,15 @@ def describe(scene: Scene, rng: random.Random, *, held_out: bool = False,
 
 
 def _shape(shape: Shape, rng: random.Random) -> str:
-    return f"{rng.choice(('a ', '', 'the '))}{shape.colour} {rng.choice(KINDS[shape.kind])}"
+    article = _article(shape.colour, rng, ("a ", "", "the "))
+    return f"{article}{shape.colour} {rng.choice(KINDS[shape.kind])}"
+
+
+def _article(word: str, rng: random.Random, choices: tuple[str, ...]) -> str:
+    """One of ``choices``, "a" said "an" before a vowel, as people write it (the grammar's
+    captions say "a orange": both are learnt)."""
+    article = rng.choice(choices)
+    return "an " if article == "a " and word[0] in "aeiou" else article
 
 
 def _cased(text: str, rng: random.Random) -> str:
@@ -200,11 +209,15 @@ def parse(text: str) -> Scene | None:
 
 
 def _background_at(words: list[str]) -> int | None:
-    """Where the background's colour is: right before its word, else right after it."""
+    """Where the background's colour is: right before its word, else right after it; with no
+    such word, the colour after a leading "on" ("on green, a blue square")."""
     for i, word in enumerate(words):
         if word != "background":
             continue
         for at in (i - 1, i + 1):
             if 0 <= at < len(words) and words[at] in COLOURS:
                 return at
+    if "background" not in words and words[:1] == ["on"]:
+        at = 2 if words[1:2] in (["a"], ["an"]) else 1
+        return at if words[at:at + 1] and words[at] in COLOURS else None
     return None

@@ -383,7 +383,8 @@ def train_demo(out: Path, recipe: Recipe | None = None,
         "unet_steps": steps,
         "minutes": round((time.monotonic() - started) / 60, 1),
         "torch": torch.__version__,
-        "data": "cluster/demo/scenes.py: random_scene + render, seeded by recipe.seed",
+        "data": "engine/demo/scenes.py: random_scene + render, seeded by recipe.seed; "
+                "captions in engine/demo/phrasing.py's phrasings at recipe.phrasing",
         "parameters": {name: sum(p.numel() for p in parts[name].parameters())
                        for name in ("unet", "vae")} | {
                            "text_encoder": sum(p.numel() for p in text_encoder.parameters())},

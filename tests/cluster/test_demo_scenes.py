@@ -115,9 +115,14 @@ def test_the_parser_reads_what_people_type_and_nothing_else() -> None:
         "black", (Shape("orange", "star"),))
     assert parse_caption("a green ball at the top, purple bg") == Scene(
         "purple", (Shape("green", "circle"),), side="top")
+    assert parse_caption("On green: a blue square above a red triangle") == Scene(
+        "green", (Shape("blue", "square"), Shape("red", "triangle")), "above")
+    assert parse_caption("an orange ball on a blue background") == Scene(
+        "blue", (Shape("orange", "circle"),))
     for text in ["a red fox in the snow", "a teal circle on a blue background",
                  "a red circle and a blue star",
-                 "a red circle on a blue background next to a green star", ""]:
+                 "a red circle on a blue background next to a green star",
+                 "on the left, a red circle", ""]:
         assert parse_caption(text) is None, text
     assert correct("backgrund") == "background" and correct("purpel") == "purple"
     assert correct("yelow") == "yelow"  # yellow or below: one edit from both, so neither
