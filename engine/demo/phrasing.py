@@ -70,7 +70,7 @@ def _templates_text(templates: dict[str, tuple[str, ...]]) -> str:
 
 # Every word a phrasing can hold (the scene words included), in a fixed order.
 PHRASE_WORDS: tuple[str, ...] = tuple(sorted(_words(
-    *COLOURS, *(w for names in KINDS.values() for w in names), *BACKGROUNDS, "a the",
+    *COLOURS, *(w for names in KINDS.values() for w in names), *BACKGROUNDS, "a an the",
     *(p for ps in RELATION_PHRASES.values() for p in ps),
     *(p for ps in SIDE_PHRASES.values() for p in ps), *FILLERS,
     _templates_text(TRAIN_TEMPLATES), _templates_text(HELD_OUT_TEMPLATES),
