@@ -25,7 +25,14 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
 from core.errors import ConfigError, DatabaseNotMigrated
-from storage.models import FTS_TABLE, PG_PROMPT_INDEX, PG_SEARCH_INDEX
+from storage import words
+from storage.models import (
+    FTS_TABLE,
+    PG_PROMPT_INDEX,
+    PG_SEARCH_INDEX,
+    PG_WORDS_INDEX,
+    SQLITE_WORDS_TABLE,
+)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # How long a SQLite writer waits for the write lock before "database is locked".
@@ -85,6 +92,7 @@ def _sqlite_engine(url: URL, *, echo: bool, **kwargs: Any) -> Engine:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take BEGIN away from the sqlite3 module; the "begin" hook below emits our own.
         dbapi_conn.isolation_level = None
+        words.register(dbapi_conn)  # the search index's triggers call it
         cur = dbapi_conn.cursor()
         try:
             cur.execute("PRAGMA foreign_keys = ON")
@@ -206,7 +214,8 @@ def include_object(
     """Autogenerate filter: leave out the dialect-specific search objects the migration made."""
     if name is None:
         return True
-    return not (name.startswith(FTS_TABLE) or name in (PG_PROMPT_INDEX, PG_SEARCH_INDEX))
+    searches = (PG_PROMPT_INDEX, PG_SEARCH_INDEX, PG_WORDS_INDEX)
+    return not (name.startswith((FTS_TABLE, SQLITE_WORDS_TABLE)) or name in searches)
 
 
 def schema_diff(engine: Engine) -> list[Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -18,13 +17,13 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from core.errors import Forbidden, InvalidRequest, NotFound
-from storage.models import FTS_TABLE, Identity, Image, ImageStyle, Job, UTCDateTime, utcnow
+from storage import words as words_index
+from storage.models import SQLITE_WORDS_TABLE, Identity, Image, ImageStyle, Job, UTCDateTime, utcnow
 
 MAX_PAGE = 100
 # Image ids are SQL INTEGER (32 bits on PostgreSQL): a larger one names no image, and sending
 # it would be the database's error (a 500 at the web edge), not "does not exist".
 MAX_ID = 2**31 - 1
-_WORD_RE = re.compile(r"\w+", re.UNICODE)
 
 
 class NewImage(BaseModel):
@@ -182,15 +181,18 @@ def list_images(
         stmt = stmt.where(created < until)
     rows: list[Image] | None = None
     if search is not None and search.strip():
-        words = _WORD_RE.findall(search)
-        if not words:
+        if not words_index.words(search):
             return ImagePage(items=[], next_cursor=None)  # only punctuation: nothing can match
+        words = search.split()  # each database reads the words its own way, below
+        matches = _prompt_matches(session, account_id, words)
         if session.get_bind().dialect.name == "postgresql":
             rows = _recent_matches(session, stmt, created, ident, words, limit + 1)
             if rows is None:
-                stmt, created, ident = _fenced(stmt.where(_prompt_matches(session, words)))
+                stmt, created, ident = _fenced(stmt.where(matches))
         else:
-            stmt = stmt.where(_prompt_matches(session, words))
+            # The person's matches (an FTS5 lookup of their keyed words), then the gallery's
+            # index walked newest first until a page of them.
+            stmt = stmt.where(matches)
     if rows is None:
         stmt = stmt.order_by(created.desc(), ident.desc()).limit(limit + 1)
         rows = list(session.exec(stmt).all())
@@ -252,23 +254,34 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise InvalidRequest(f"invalid gallery cursor {cursor[:40]!r}") from None
 
 
-def _prompt_matches(session: Session, words: list[str]) -> sa.ColumnElement[bool]:
+def _prompt_matches(
+    session: Session, account_id: int, words: list[str]
+) -> sa.ColumnElement[bool]:
     if session.get_bind().dialect.name == "postgresql":
-        # Literal 'simple' (not a bind parameter) so the planner matches the index expression.
-        simple: sa.ColumnElement[str] = sa.literal_column("'simple'")
-        vector = sa.func.to_tsvector(simple, col(Image.prompt))
-        query = sa.func.plainto_tsquery(simple, " ".join(words))
-        return vector.bool_op("@@")(query)
-    # Each word as an FTS5 string: user text never reaches the MATCH syntax (no operators).
-    match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
-    fts = sa.table(FTS_TABLE, sa.column("rowid"))
+        # ix_images_words: the person's own entries of each word ('42:fox'), all of them.
+        mine = sa.func.atelier_account_words(col(Image.account_id), col(Image.prompt))
+        asked = sa.func.atelier_account_words(
+            sa.literal(account_id, sa.Integer()), sa.literal(" ".join(words), sa.Text())
+        )
+        # (Text with no word PostgreSQL reads would contain nothing, so match everything.)
+        return sa.and_(mine.op("@>")(asked), sa.func.cardinality(asked) > 0)
+    # images_words: the person's own entries of each word ('42xfox'), not everyone's.
+    query = words_index.match_query(account_id, words)
+    fts = sa.table(SQLITE_WORDS_TABLE, sa.column("rowid"))
     hits = sa.select(fts.c.rowid).where(
-        sa.text(f"{FTS_TABLE} MATCH :fts_query").bindparams(fts_query=match)
+        sa.text(f"{SQLITE_WORDS_TABLE} MATCH :fts_query").bindparams(fts_query=query)
     )
     return col(Image.id).in_(hits)
 
 
-# How many of the newest images (of the page's filters) a PostgreSQL search reads first.
+def _ts_match(prompt: Any, words: list[str]) -> sa.ColumnElement[bool]:
+    # Literal 'simple' (not a bind parameter) so the planner matches the index expression.
+    simple: sa.ColumnElement[str] = sa.literal_column("'simple'")
+    vector = sa.func.to_tsvector(simple, prompt)
+    return vector.bool_op("@@")(sa.func.plainto_tsquery(simple, " ".join(words)))
+
+
+# How many of the newest images (of the page's filters) a search reads first.
 SEARCH_PROBE = 400
 
 
@@ -279,25 +292,20 @@ def _recent_matches(
     gallery's keyset index newest first, matching each prompt, and stop at ``want`` matches.
     A word in a tenth of a person's prompts fills a page within a few hundred images, where
     the index of the words would hand over all of its thousands of matches to be sorted
-    (55 ms for one word in 16% of 100,000 prompts). None when the probe did not fill the
-    page: rarer words, which the words' index finds cheaply."""
+    (55 ms for one word in 16% of 100,000 prompts). PostgreSQL only. None when the probe
+    did not fill the page: rarer words, which the words' index finds cheaply."""
     recent = stmt.order_by(created.desc(), ident.desc()).limit(SEARCH_PROBE).subquery("recent")
     found = aliased(Image, recent)
-    simple: sa.ColumnElement[str] = sa.literal_column("'simple'")
-    matches = sa.func.to_tsvector(simple, recent.c.prompt).bool_op("@@")(
-        sa.func.plainto_tsquery(simple, " ".join(words))
-    )
+    query = select(found).where(_ts_match(recent.c.prompt, words))
     rows = list(session.exec(
-        select(found).where(matches)
-        .order_by(recent.c.created_at.desc(), recent.c.id.desc())
-        .limit(want)
+        query.order_by(recent.c.created_at.desc(), recent.c.id.desc()).limit(want)
     ).all())
     return rows if len(rows) == want else None
 
 
 def _fenced(stmt: Any) -> tuple[Any, Any, Any]:
     """A PostgreSQL search as ``SELECT * FROM (matches OFFSET 0) ORDER BY ... LIMIT``: the
-    fence makes the planner find the matches first, through ``ix_images_search`` (the
+    fence makes the planner find the matches first, through ``ix_images_words`` (the
     account's entries of the words), then sort them for the page. Without it, it walks the
     gallery newest first computing to_tsvector on every row until it has a page: 25 ms for two
     words in 1.7% of prompts, seconds over a large gallery where a word is rare (its

@@ -56,10 +56,15 @@ SQLModel.metadata.naming_convention = {
     "pk": "pk_%(table_name)s",
 }
 # Created by the migrations only (dialect specific): skipped when comparing models to the schema.
-FTS_TABLE = "images_fts"
+FTS_TABLE = "images_fts"  # until 0011 (prompt words of every account, one FTS5 index)
+# Since 0011: FTS5 over storage.words.account_words (each word keyed by its account).
+SQLITE_WORDS_TABLE = "images_words"
 PG_PROMPT_INDEX = "ix_images_prompt_fts"
-# Since 0006 (with btree_gin): prompt words keyed by account; PG_PROMPT_INDEX where absent.
+# 0007 (with btree_gin): prompt words and account, apart; PG_PROMPT_INDEX where absent.
 PG_SEARCH_INDEX = "ix_images_search"
+# Since 0011: each prompt word keyed by its account ('42:fox'), through this function.
+PG_WORDS_INDEX = "ix_images_words"
+PG_WORDS_FUNCTION = "atelier_account_words"
 
 
 def utcnow() -> datetime:

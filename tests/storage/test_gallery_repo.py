@@ -137,6 +137,12 @@ def test_prompt_search(tx: Tx, new_account: Callable[..., AccountRead], now: dat
     for q in ['"', "lighthouse OR", "NOT dusk", "light*", "prompt:dusk", "(dusk", "dusk -noon"]:
         _page(tx, acct.id, search=q)
     assert found("dusk NOT") == set()  # "not" is a word that no prompt has
+    assert found("_") == set()  # a word no index holds: nothing, not an error
+    accented = _add(tx, acct, ["Café crème at dusk"], now + timedelta(minutes=2))
+    assert found("CAFÉ dusk") == {accented[0].id}
+    # Each word matches whole, in this person's gallery only: a longer word or an account
+    # whose id begins like this one's finds nothing.
+    assert found("lighthous") == set()
 
 
 def test_search_pages_newest_first_with_filters(

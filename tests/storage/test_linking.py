@@ -132,6 +132,11 @@ def test_link_shares_credits_and_gallery(tx: Tx, tiers: dict[str, Tier], now: da
     with tx() as s:  # the filters find the moved images too (their style rows moved with them)
         styled = gallery.list_images(session=s, account_id=a.id, style="anime")
         from_discord = gallery.list_images(session=s, account_id=a.id, platform="discord")
+        # Search too: the moved image's words are keyed by its new account.
+        searched = gallery.list_images(session=s, account_id=a.id, search="blue lighthouse")
+        left_behind = gallery.list_images(session=s, account_id=b.id, search="blue")
+    assert [i.prompt for i in searched.items] == ["a blue lighthouse"]
+    assert left_behind.items == []
     assert sorted(i.prompt for i in styled.items) == ["a blue lighthouse", "a red lighthouse"]
     assert [i.prompt for i in from_discord.items] == ["a blue lighthouse"]
     assert {i.platform for i in ids} == {"telegram", "discord"}

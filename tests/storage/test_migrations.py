@@ -181,23 +181,28 @@ def _one_image(db_url: str, prompt: str) -> None:
         engine.dispose()
 
 
-def _search_state(db_url: str, q: str) -> tuple[set[int], set[str]]:
-    """The images of account 1 that ``q`` finds, and the PostgreSQL prompt indexes there."""
+def _search_state(db_url: str, q: str | None) -> tuple[set[int], set[str]]:
+    """The images of account 1 that ``q`` finds (none searched for None), and the PostgreSQL
+    prompt indexes there."""
     from sqlmodel import Session
 
     from storage import gallery
 
     engine = make_engine(db_url)
     try:
+        found: set[int] = set()
         with Session(engine) as s:
-            found = {i.id for i in gallery.list_images(session=s, account_id=1, search=q).items}
+            if q is not None:
+                found = {i.id for i in gallery.list_images(session=s, account_id=1,
+                                                           search=q).items}
             s.rollback()
         indexes: set[str] = set()
         if engine.dialect.name == "postgresql":
             with engine.connect() as conn:
                 indexes = set(conn.execute(text(
                     "SELECT indexname FROM pg_indexes WHERE tablename = 'images' "
-                    "AND indexname IN ('ix_images_search', 'ix_images_prompt_fts')"
+                    "AND indexname IN ('ix_images_search', 'ix_images_prompt_fts', "
+                    "'ix_images_words')"
                 )).scalars())
                 conn.rollback()
         return found, indexes
@@ -210,19 +215,19 @@ def test_0006_keys_prompt_search_by_account(db_url: str) -> None:
     images from before it are found, and a downgrade brings the old index back."""
     upgrade(db_url, "0005")
     _one_image(db_url, "a red fox at dusk")
-    upgrade(db_url)
+    upgrade(db_url, "0007")
     pg = db_url.startswith("postgresql")
-    assert _search_state(db_url, "fox dusk") == ({1}, {"ix_images_search"} if pg else set())
+    # (Today's search reads 0011's index: at 0007, only which index is there is checked.)
+    assert _search_state(db_url, None)[1] == ({"ix_images_search"} if pg else set())
     engine = make_engine(db_url)
     try:
-        check_migrated(engine)
         with engine.begin() as conn:
             cfg = alembic_config(db_url)
             cfg.attributes["connection"] = conn
             command.downgrade(cfg, "0005")
     finally:
         engine.dispose()
-    assert _search_state(db_url, "fox dusk") == ({1}, {"ix_images_prompt_fts"} if pg else set())
+    assert _search_state(db_url, None)[1] == ({"ix_images_prompt_fts"} if pg else set())
 
 
 def test_0006_without_btree_gin_keeps_the_old_index(
@@ -251,7 +256,8 @@ def test_0006_without_btree_gin_keeps_the_old_index(
         assert "btree_gin is not available" in caplog.text
         assert "keeping ix_images_prompt_fts" in caplog.text
         _one_image(url, "a red fox at dusk")
-        assert _search_state(url, "fox dusk") == ({1}, {"ix_images_prompt_fts"})
+        # 0011's index needs no extension: it replaces the all-accounts one there too.
+        assert _search_state(url, "fox dusk") == ({1}, {"ix_images_words"})
         engine = make_engine(url)
         try:
             check_migrated(engine)
@@ -261,3 +267,31 @@ def test_0006_without_btree_gin_keeps_the_old_index(
         with psycopg.connect(pg_admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+def test_0011_keys_each_word_by_its_account(db_url: str) -> None:
+    """0011 indexes each prompt word under its account ('1:fox') and drops 0007's index
+    (PostgreSQL); a person's search finds only their own images, before and after; a
+    downgrade brings 0007's index back."""
+    upgrade(db_url, "0010")
+    _one_image(db_url, "a red fox at dusk")
+    upgrade(db_url)
+    pg = db_url.startswith("postgresql")
+    assert _search_state(db_url, "fox dusk") == ({1}, {"ix_images_words"} if pg else set())
+    assert _search_state(db_url, "fox owl")[0] == set()
+    engine = make_engine(db_url)
+    try:
+        check_migrated(engine)
+        if pg:
+            with engine.connect() as conn:
+                words = conn.execute(text(
+                    "SELECT atelier_account_words(7, 'A red FOX, at dusk!')")).scalar_one()
+                conn.rollback()
+            assert sorted(words) == ["7:a", "7:at", "7:dusk", "7:fox", "7:red"]
+        with engine.begin() as conn:
+            cfg = alembic_config(db_url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0010")
+    finally:
+        engine.dispose()
+    assert _search_state(db_url, None)[1] == ({"ix_images_search"} if pg else set())

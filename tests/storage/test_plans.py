@@ -31,7 +31,7 @@ INDEXES: dict[str, str | tuple[str, ...]] = {
     "gallery style deep": "ix_image_styles_gallery",
     "gallery model": "ix_images_model",
     "gallery platform": "ix_images_platform",
-    "gallery search": "ix_images_search",
+    "gallery search": "ix_images_words",
     # An account's live buckets (two or three), not every daily bucket it ever had.
     "balance": "ix_credit_buckets_live",
     "admit + reserve": "ix_credit_buckets_live",
@@ -41,7 +41,7 @@ INDEXES: dict[str, str | tuple[str, ...]] = {
     "reconcile in flight": ("ix_jobs_in_flight", "ix_jobs_status_created"),
     # (A count of the queue may read either index on (status, ...) alone: both hold it apart.)
     "reconcile pass": ("ix_jobs_in_flight", "ix_jobs_status_created"),
-    "unfinished jobs": "ix_jobs_in_flight",
+    "unfinished jobs (start)": "ix_jobs_in_flight",
 }
 # Retention steps whose finding query must use an index at this size too.
 RETENTION_INDEXES = {
