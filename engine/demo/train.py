@@ -33,6 +33,7 @@ whose tokenizer lacks them, its text encoder is carried over to the extended tok
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -331,6 +332,23 @@ def train_unet(parts: dict[str, Any], latents: torch.Tensor, prompt_ids: torch.T
     return ema_unet, ema_text, step
 
 
+def machine(device: str, threads: int) -> str:
+    """What a training ran on, for its recipe.json: the GPU's name, or the CPU's model and how
+    many of its cores the training's threads had."""
+    import os
+    import platform
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"cpu: {name}, {threads} threads on {os.cpu_count()} cores"
+
+
 def train_demo(out: Path, recipe: Recipe | None = None,
                progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the demo model into ``out`` (a Diffusers folder with ``recipe.json`` beside the
@@ -383,6 +401,7 @@ def train_demo(out: Path, recipe: Recipe | None = None,
         "unet_steps": steps,
         "minutes": round((time.monotonic() - started) / 60, 1),
         "torch": torch.__version__,
+        "machine": machine(recipe.device, recipe.threads),
         "data": "engine/demo/scenes.py: random_scene + render, seeded by recipe.seed; "
                 "captions in engine/demo/phrasing.py's phrasings at recipe.phrasing",
         "parameters": {name: sum(p.numel() for p in parts[name].parameters())

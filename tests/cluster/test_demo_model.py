@@ -50,9 +50,10 @@ pytestmark = pytest.mark.pipelines
 # of issue 13; these are the shipped model's own figures less a margin, so a worse model, a
 # broken tokenizer or a scorer that reads nothing fails).
 FLOORS = {"background": 0.95, "colour": 0.9, "kind": 0.7, "position": 0.8}
-# The same on phrasings people type, in templates training never used (issue 27): raised
-# after retraining with Recipe.phrasing (the shipped model reads only the grammar).
-PARAPHRASE_FLOORS = {"background": 0.0, "colour": 0.0, "kind": 0.0, "position": 0.0}
+# The same on phrasings people type, in templates training never used (issue 27's goals; the
+# shipped model, trained on Recipe.phrasing, measured 100/100/95/100% on 200 such prompts, the
+# one before it 19/30/22/22%).
+PARAPHRASE_FLOORS = {"background": 0.95, "colour": 0.9, "kind": 0.8, "position": 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +144,10 @@ def test_held_out_phrasings_are_drawn_as_asked() -> None:
 # The eight people and their prompts: every background different, so an image handed to the
 # wrong person shows the wrong background.
 EIGHT = [
-    "a red circle on a blue background", "a blue square on a yellow background",
-    "a yellow star on a purple background", "a white triangle on a red background",
-    "a orange circle on a green background", "a green square on a white background",
-    "a purple circle on a orange background", "a yellow square on a black background",
+    "a red circle on a blue background", "blue box, yellow bg",
+    "on a purple backdrop, a yellow star", "Please draw a white triangle on red background",
+    "an orange ball on a green background", "green square and white backdrop",
+    "a purple circle on an orange background", "black bg with a yellow square",
 ]
 
 
