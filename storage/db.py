@@ -241,12 +241,21 @@ def head_revision() -> str:
 
 def upgrade(url: str | URL, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (what ``atelier db upgrade`` runs)."""
+    _migrate(url, command.upgrade, revision)
+
+
+def downgrade(url: str | URL, revision: str) -> None:
+    """Undo migrations down to ``revision``."""
+    _migrate(url, command.downgrade, revision)
+
+
+def _migrate(url: str | URL, step: Callable[[Config, str], None], revision: str) -> None:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
             cfg = alembic_config(url)
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+            step(cfg, revision)
     finally:
         engine.dispose()
 

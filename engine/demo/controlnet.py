@@ -38,7 +38,7 @@ from core.prompts import Blocklist, prepare_prompt
 from core.request import GenerationRequest
 from core.styles import default_registry
 from engine.demo.scenes import COLOURS, RENDERINGS, Scene, random_scene, render
-from engine.demo.train import SCHEDULER, SIZE
+from engine.demo.train import SCHEDULER, SIZE, with_overrides
 from engine.engine import token_counter
 from engine.tiny import MAX_LENGTH
 
@@ -89,25 +89,7 @@ class ControlRecipe:
 
     def with_overrides(self, pairs: list[str]) -> ControlRecipe:
         """This recipe with ``field=value`` pairs applied; ValueError naming a bad pair."""
-        changes: dict[str, Any] = {}
-        for pair in pairs:
-            name, sep, text = pair.partition("=")
-            name = name.strip().replace("-", "_")
-            if not sep or name not in self.__dataclass_fields__:
-                raise ValueError(f"{pair!r}: expected field=value with one of "
-                                 f"{', '.join(self.__dataclass_fields__)}")
-            current = getattr(self, name)
-            try:
-                if isinstance(current, tuple):
-                    value: Any = tuple(int(v) for v in text.split(","))
-                elif current is None or isinstance(current, str):
-                    value = None if text in ("", "none", "None") else text
-                else:
-                    value = type(current)(text)
-            except ValueError:
-                raise ValueError(f"{pair!r}: {text!r} is not a {type(current).__name__}") from None
-            changes[name] = value
-        return replace(self, **changes)
+        return with_overrides(self, pairs)
 
 
 def told(scene: Scene, rng: random.Random, recipe: ControlRecipe) -> Scene:

@@ -13,6 +13,7 @@ from storage.db import (
     alembic_config,
     check_migrated,
     current_revision,
+    downgrade,
     head_revision,
     make_engine,
     normalize_url,
@@ -181,17 +182,6 @@ def _one_image(db_url: str, prompt: str) -> None:
         engine.dispose()
 
 
-def _downgrade(db_url: str, revision: str) -> None:
-    engine = make_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            cfg = alembic_config(db_url)
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, revision)
-    finally:
-        engine.dispose()
-
-
 def _search_state(db_url: str, q: str | None) -> tuple[set[int], set[str]]:
     """The images of account 1 that ``q`` finds (none searched for None), and the PostgreSQL
     prompt indexes there."""
@@ -230,7 +220,7 @@ def test_0006_keys_prompt_search_by_account(db_url: str) -> None:
     pg = db_url.startswith("postgresql")
     # (Today's search reads 0011's index: at 0007, only which index is there is checked.)
     assert _search_state(db_url, None)[1] == ({"ix_images_search"} if pg else set())
-    _downgrade(db_url, "0005")
+    downgrade(db_url, "0005")
     assert _search_state(db_url, None)[1] == ({"ix_images_prompt_fts"} if pg else set())
 
 
@@ -294,5 +284,5 @@ def test_0011_keys_each_word_by_its_account(db_url: str) -> None:
             assert sorted(words) == ["7:a", "7:at", "7:dusk", "7:fox", "7:red"]
     finally:
         engine.dispose()
-    _downgrade(db_url, "0010")
+    downgrade(db_url, "0010")
     assert _search_state(db_url, None)[1] == ({"ix_images_search"} if pg else set())
