@@ -15,6 +15,7 @@ from atelier.app import open_store
 from atelier.controlnet_cli import train_demo_controlnet
 from atelier.db_cli import db_prune
 from atelier.gallery_cli import gallery_app
+from atelier.grow_cli import grow_demo
 from atelier.wiring import (
     console,
     fail,
@@ -419,6 +420,7 @@ def models_train_demo(
 
 
 models_app.command("train-demo-controlnet")(train_demo_controlnet)
+models_app.command("grow-demo")(grow_demo)
 
 
 @models_app.command("train-demo-lora")

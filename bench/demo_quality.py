@@ -7,7 +7,7 @@ Goals: background >= 95%, shape colour >= 90%, shape kind >= 80%, position >= 80
 (not a goal) says how many two-shape pictures have their shapes along the asked axis.
 
 ``.venv/bin/python -m bench.demo_quality [--model cluster/data/demo] [--n 200] [--steps 20]
-[--paraphrases 200] [--typo-rate 0.1]``
+[--paraphrases 200] [--typo-rate 0.1] [--size 128]``
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=None,
+                        help="draw at this side (default: the model's own, 128)")
     parser.add_argument("--sides", type=int, default=40,
                         help="plus this many lone shapes at a named side (seed + 1)")
     parser.add_argument("--paraphrases", type=int, default=200,
@@ -51,11 +53,12 @@ def main() -> None:
     started = time.monotonic()
     drawn = adherence(args.model, cases + sides + phrased, steps=args.steps,
                       guidance=args.guidance, device=args.device,
-                      batch=8 if args.device == "cpu" else 50)
+                      batch=8 if args.device == "cpu" else 50, size=args.size)
     rows, lone = drawn[:len(cases)], drawn[len(cases):len(cases) + len(sides)]
     took = time.monotonic() - started
+    side = f"{args.size}²" if args.size else "its own size"
     print(f"demo model {args.model}: {len(cases)} held-out captions (seed {args.seed}), "
-          f"{len(phrased)} held-out phrasings, {args.steps} steps, {took:.0f} s")
+          f"{len(phrased)} held-out phrasings, {args.steps} steps, at {side}, {took:.0f} s")
     print(" the captions' grammar:")
     table(rows)
     goals(rows)

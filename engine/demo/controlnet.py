@@ -38,7 +38,7 @@ from core.prompts import Blocklist, prepare_prompt
 from core.request import GenerationRequest
 from core.styles import default_registry
 from engine.demo.scenes import COLOURS, RENDERINGS, Scene, random_scene, render
-from engine.demo.train import SCHEDULER, SIZE, with_overrides
+from engine.demo.train import SCHEDULER, latent_factor, picture_side, with_overrides
 from engine.engine import token_counter
 from engine.tiny import MAX_LENGTH
 
@@ -76,8 +76,9 @@ class ControlRecipe:
     # Most steps where the layout is decided (where the edges matter): 80% from t=400.
     high_noise: float = 0.8
     high_noise_from: int = 400
-    # The conditioning embedding: 64-pixel map to the 16x16 latent grid in two stride-2 steps.
-    embedding: tuple[int, ...] = (16, 32, 32)
+    # The conditioning embedding: a 128-pixel map to the 16x16 latent grid in three stride-2
+    # steps (one per channel count after the first; a 64-pixel model's takes two, e.g. 16,32,32).
+    embedding: tuple[int, ...] = (16, 32, 32, 32)
     threads: int = 1
     # bf16 autocast (the weights and their updates stay fp32) where the CPU has native bf16:
     # measured slower here (3.1 vs 2.7 s a step of 64 on one thread), the tensors being small.
@@ -138,18 +139,18 @@ def native_bf16() -> bool:
     return info.kind == "cpu" and info.cpu_bf16
 
 
-def make_pool(recipe: ControlRecipe, tokenizer: Any
+def make_pool(recipe: ControlRecipe, tokenizer: Any, size: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scenes in [-1, 1], their edge maps as uint8 NCHW, prompt token ids)."""
+    """(scenes in [-1, 1] at ``size``², their edge maps as uint8 NCHW, prompt token ids)."""
     rng = random.Random(recipe.seed)
     styles, blocklist, count = default_registry(), Blocklist(), token_counter(tokenizer)
-    images = np.empty((recipe.pool, SIZE, SIZE, 3), np.uint8)
-    maps = np.empty((recipe.pool, SIZE, SIZE, 3), np.uint8)
+    images = np.empty((recipe.pool, size, size, 3), np.uint8)
+    maps = np.empty((recipe.pool, size, size, 3), np.uint8)
     prompts: list[str] = []
     for i in range(recipe.pool):
         scene = edged_scene(rng, recipe.two_shapes, recipe.sided)
         style = rng.choice(list(RENDERINGS)) if rng.random() < recipe.styled else None
-        picture = render(scene, SIZE, style, seed=rng.randrange(2**31))
+        picture = render(scene, size, style, seed=rng.randrange(2**31))
         images[i] = np.asarray(picture)
         maps[i] = edge_map(picture)
         caption = told(scene, rng, recipe).caption
@@ -186,13 +187,58 @@ def load_base(folder: Path) -> dict[str, Any]:
 
 def build_controlnet(unet: Any, recipe: ControlRecipe) -> Any:
     """A ControlNet copied from ``unet`` (its down and middle blocks' weights), with zero
-    convolutions, and a conditioning embedding as small as the 64-pixel maps need."""
+    convolutions, and a conditioning embedding as small as the maps need."""
     from diffusers import ControlNetModel
 
     torch.manual_seed(recipe.seed)
     return ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=recipe.embedding, load_weights_from_unet=True
     )
+
+
+def check_embedding(recipe: ControlRecipe, vae: Any) -> None:
+    """ValueError unless the recipe's conditioning embedding halves a map as often as the
+    base model's autoencoder does (else the ControlNet's residuals would not fit its latents)."""
+    halvings = latent_factor(vae).bit_length() - 1
+    if len(recipe.embedding) - 1 != halvings:
+        raise ValueError(
+            f"embedding={','.join(map(str, recipe.embedding))} halves a map "
+            f"{len(recipe.embedding) - 1} times; the base model's pictures are "
+            f"{latent_factor(vae)} pixels a latent, which needs {halvings} "
+            f"(e.g. embedding={','.join(['16'] + ['32'] * halvings)})")
+
+
+def carry_controlnet(old: Any, unet: Any, recipe: ControlRecipe) -> Any:
+    """A ControlNet for ``recipe.embedding`` going on from ``old``, whose embedding halves its
+    maps fewer times (one trained for a smaller picture side): every weight but the embedding's
+    copied; the embedding's first stages are ``old``'s, each added stage starts as a 2x2 average
+    (its first convolution the identity), so the old features reach the old output layer."""
+    new = build_controlnet(unet, recipe)
+    prefix = "controlnet_cond_embedding."
+    state = new.state_dict()
+    for key, value in old.state_dict().items():
+        if key in state and state[key].shape == value.shape and (
+                not key.startswith(prefix) or key.startswith((f"{prefix}conv_in.",
+                                                              f"{prefix}conv_out."))):
+            state[key] = value
+    old_blocks = len(old.controlnet_cond_embedding.blocks)
+    for i in range(len(new.controlnet_cond_embedding.blocks)):
+        name = f"{prefix}blocks.{i}"
+        weight = state[f"{name}.weight"]
+        if i < old_blocks:
+            state[f"{name}.weight"] = old.state_dict()[f"{name}.weight"]
+            state[f"{name}.bias"] = old.state_dict()[f"{name}.bias"]
+            continue
+        init = torch.zeros_like(weight)
+        for c in range(min(weight.shape[0], weight.shape[1])):
+            if i % 2 == 0:
+                init[c, c, 1, 1] = 1.0  # the stage's first convolution: the identity
+            else:
+                init[c, c, 1:, 1:] = 0.25  # its stride-2 one: the mean of a 2x2 block
+        state[f"{name}.weight"], state[f"{name}.bias"] = init, torch.zeros_like(
+            state[f"{name}.bias"])
+    new.load_state_dict(state)
+    return new
 
 
 def encode(parts: dict[str, Any], pixels: torch.Tensor, ids: torch.Tensor
@@ -278,14 +324,19 @@ def train_demo_controlnet(out: Path, recipe: ControlRecipe | None = None,
     deadline = started + recipe.minutes * 60
     base = Path(recipe.base) if recipe.base else DEMO_MODEL_DIR
     parts = load_base(base)
-    progress(f"rendering and edging {recipe.pool} scenes")
-    pixels, maps, ids = make_pool(recipe, parts["tokenizer"])
+    check_embedding(recipe, parts["vae"])
+    side = picture_side(parts["vae"])
+    progress(f"rendering and edging {recipe.pool} scenes at {side}²")
+    pixels, maps, ids = make_pool(recipe, parts["tokenizer"], side)
     latents, context = encode(parts, pixels, ids)
     del pixels
     if recipe.init_from:
         from diffusers import ControlNetModel
 
         controlnet = ControlNetModel.from_pretrained(recipe.init_from)
+        if len(controlnet.config.conditioning_embedding_out_channels) < len(recipe.embedding):
+            progress(f"carrying {recipe.init_from} over to the embedding {recipe.embedding}")
+            controlnet = carry_controlnet(controlnet, parts["unet"], recipe)
     else:
         controlnet = build_controlnet(parts["unet"], recipe)
     progress(f"pool ready in {time.monotonic() - started:.0f} s; training until "
@@ -336,10 +387,11 @@ def follows(model: Path, controlnet: Path, n: int = 32, *, seed: int = 12345, st
 
     rng = random.Random(seed)
     scenes = [edged_scene(rng, two_shapes=0.0, sided=1.0) for _ in range(n)]
-    maps = [canny(render(s, SIZE, seed=rng.randrange(2**31))) for s in scenes]
+    plain = load(model)
+    side = picture_side(plain.vae)
+    maps = [canny(render(s, side, seed=rng.randrange(2**31))) for s in scenes]
     told_ = [replace(s, side=_OTHER_SIDE[s.side or "left"]) for s in scenes]
     seeds = [rng.randrange(2**31) for _ in scenes]
-    plain = load(model)
     steered: Any = StableDiffusionControlNetPipeline(
         **plain.components, controlnet=ControlNetModel.from_pretrained(controlnet))
     steered.set_progress_bar_config(disable=True)
@@ -353,8 +405,8 @@ def follows(model: Path, controlnet: Path, n: int = 32, *, seed: int = 12345, st
         pairs = [prepare_prompt(GenerationRequest(prompt=told_[i].caption), styles, blocklist,
                                 nsfw_allowed=False, count_tokens=count)[0] for i in chunk]
         common = {"prompt": [p for p, _ in pairs], "negative_prompt": [q for _, q in pairs],
-                  "num_inference_steps": steps, "guidance_scale": guidance, "height": SIZE,
-                  "width": SIZE}
+                  "num_inference_steps": steps, "guidance_scale": guidance, "height": side,
+                  "width": side}
         with torch.inference_mode():
             with_edges = steered(image=[maps[i] for i in chunk], **common, generator=[
                 torch.Generator().manual_seed(seeds[i]) for i in chunk]).images

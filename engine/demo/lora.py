@@ -31,6 +31,7 @@ from engine.demo.train import (
     encode_pool,
     load_components,
     make_pool,
+    picture_side,
     with_overrides,
 )
 from engine.tiny import MAX_LENGTH
@@ -113,7 +114,8 @@ def train_demo_lora(model: Path, out: Path, recipe: LoraRecipe | None = None,
     progress(f"rendering {recipe.pool} scenes drawn as {recipe.look}")
     pool = Recipe(seed=recipe.seed, pool=recipe.pool, two_shapes=recipe.two_shapes,
                   sided=recipe.sided, styled=0.0)
-    pixels, prompt_ids, negative_ids = make_pool(pool, parts["tokenizer"], drawn_as=recipe.look)
+    pixels, prompt_ids, negative_ids = make_pool(pool, parts["tokenizer"], drawn_as=recipe.look,
+                                                 size=picture_side(vae))
     latents = encode_pool(vae, pixels, float(vae.config.scaling_factor))
     empty_ids = torch.as_tensor(parts["tokenizer"]([""], padding="max_length",
                                                    max_length=MAX_LENGTH,

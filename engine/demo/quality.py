@@ -77,11 +77,15 @@ def load(model: Path, device: str = "cpu") -> Any:
 
 
 def draw(pipe: Any, cases: list[Case], *, steps: int = 20, guidance: float | None = None,
-         batch: int = 8) -> list[Any]:
-    """Each case drawn by ``pipe`` as Atelier would (its prompt through ``prepare_prompt``)."""
+         batch: int = 8, size: int | None = None) -> list[Any]:
+    """Each case drawn by ``pipe`` as Atelier would (its prompt through ``prepare_prompt``), at
+    the model's own size (or ``size``²)."""
     import torch
 
+    from engine.demo.train import picture_side
+
     guidance = guidance if guidance is not None else 5.0
+    side = size or picture_side(pipe.vae)  # the model's own: 128² since issue 27
     styles, blocklist = default_registry(), Blocklist()
     count = token_counter(pipe.tokenizer)
     images = []
@@ -94,13 +98,15 @@ def draw(pipe: Any, cases: list[Case], *, steps: int = 20, guidance: float | Non
         generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
         images += pipe(prompt=[p for p, _ in pairs], negative_prompt=[n for _, n in pairs],
                        num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generators, height=64, width=64).images
+                       generator=generators, height=side, width=side).images
     return images
 
 
 def adherence(model: Path, cases: list[Case], *, steps: int = 20,
-              guidance: float | None = None, batch: int = 8, device: str = "cpu") -> list[Row]:
+              guidance: float | None = None, batch: int = 8, device: str = "cpu",
+              size: int | None = None) -> list[Row]:
     """Each case drawn as Atelier would (its prompt through ``prepare_prompt``) and scored
     against its scene."""
-    images = draw(load(model, device), cases, steps=steps, guidance=guidance, batch=batch)
+    images = draw(load(model, device), cases, steps=steps, guidance=guidance, batch=batch,
+                  size=size)
     return [Row(c, score(img, c.scene)) for c, img in zip(cases, images, strict=True)]

@@ -159,7 +159,7 @@ def render(scene: Scene, size: int = 64, style: str | None = None, seed: int = 0
         image = Image.fromarray(np.clip(np.asarray(image, np.float32) + grain, 0, 255)
                                 .astype(np.uint8))
     elif rendering == "pixels":
-        cells = max(1, size // 2)
+        cells = max(1, min(32, size // 2))  # 32 cells across at any size from 64 up
         image = image.resize((cells, cells), Image.Resampling.BOX).resize(
             (size, size), Image.Resampling.NEAREST)
     return image

@@ -1,5 +1,5 @@
 """Training the demo model from scratch on the CPU (``atelier models train-demo``): a small
-Stable Diffusion 1.5-family pipeline (AutoencoderKL with 4x smaller latents, a CLIP text
+Stable Diffusion 1.5-family pipeline (AutoencoderKL with 8x smaller latents, as SD's, a CLIP text
 encoder over our own tokenizer, a UNet2DConditionModel with cross-attention) that draws the
 scenes of ``engine.demo.scenes`` from their captions.
 
@@ -61,7 +61,9 @@ from engine.tiny import MAX_LENGTH, build_tokenizer, text_config
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-SIZE = 64
+# The pictures' side: 128² from a 16x16 latent grid (issue 27; the models before it drew 64²
+# with a 4-to-1 autoencoder, and ``engine.demo.grow`` grew the shipped one's).
+SIZE = 128
 # SD 1.5's noise schedule and sampler config, so every scheduler Atelier offers applies.
 SCHEDULER = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -83,7 +85,7 @@ class Recipe:
     typos: float = 0.0
     vae_steps: int = 3000
     vae_batch: int = 32
-    vae_crop: int = 32  # trained on crops (it is all convolutions): 4x the scenes per second
+    vae_crop: int = 64  # trained on crops (it is all convolutions): 4x the scenes per second
     vae_lr: float = 2e-3
     vae_share: float = 0.3  # at most this share of the budget for the autoencoder
     minutes: float = 28.0  # wall-clock budget of the whole training, both phases
@@ -160,13 +162,13 @@ def build_components(recipe: Recipe) -> dict[str, Any]:
     # channel's mean, and a flat background's colour is exactly that mean.
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         # No attention in the middle: at 16x16 it would cost more than the rest on a CPU.
-        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=4,
+        block_out_channels=(16, 16, 32, 64), layers_per_block=1, norm_num_groups=4,
         mid_block_add_attention=False,
     )
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=recipe.unet_channels,
         # Cross-attention at 8x8 and 4x4 only: at 16x16 it costs ~7x the step on a CPU.
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -189,20 +191,32 @@ def load_components(folder: Path) -> dict[str, Any]:
     }
 
 
-def make_pool(recipe: Recipe, tokenizer: Any, drawn_as: str | None = None,
+def picture_side(vae: Any) -> int:
+    """The side of the pictures an autoencoder was made for (a model folder's own: 64 for the
+    models before issue 27, 128 since)."""
+    return int(vae.config.sample_size)
+
+
+def latent_factor(vae: Any) -> int:
+    """Pixels per latent along a side (Diffusers' ``vae_scale_factor``)."""
+    return int(2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def make_pool(recipe: Recipe, tokenizer: Any, drawn_as: str | None = None, size: int = SIZE,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], prompt token ids, negative token ids) of ``recipe.pool`` scenes;
-    ``drawn_as``: every scene drawn in this style whatever its prompt says (a LoRA's look)."""
+    """(images in [-1, 1], prompt token ids, negative token ids) of ``recipe.pool`` scenes
+    drawn at ``size``²; ``drawn_as``: every scene drawn in this style whatever its prompt says
+    (a LoRA's look)."""
     rng = random.Random(recipe.seed)
     # The phrasings draw from their own generator: the scenes stay those of phrasing=0.
     words = random.Random(recipe.seed + 1)
     styles, blocklist, count = default_registry(), Blocklist(), token_counter(tokenizer)
-    images = np.empty((recipe.pool, SIZE, SIZE, 3), np.uint8)
+    images = np.empty((recipe.pool, size, size, 3), np.uint8)
     prompts, negatives = [], []
     for i in range(recipe.pool):
         scene = random_scene(rng, recipe.two_shapes, recipe.sided)
         style = rng.choice(list(RENDERINGS)) if rng.random() < recipe.styled else None
-        images[i] = np.asarray(render(scene, SIZE, drawn_as or style, seed=rng.randrange(2**31)))
+        images[i] = np.asarray(render(scene, size, drawn_as or style, seed=rng.randrange(2**31)))
         caption = scene.caption
         if recipe.phrasing and words.random() < recipe.phrasing:
             caption = describe(scene, words, typo_rate=recipe.typos)
@@ -229,13 +243,14 @@ def train_vae(vae: Any, pixels: torch.Tensor, recipe: Recipe, deadline: float) -
         opt, max_lr=recipe.vae_lr, total_steps=recipe.vae_steps,
         pct_start=max(0.05, 2 / recipe.vae_steps))
     gen = torch.Generator().manual_seed(recipe.seed)
-    crop = min(recipe.vae_crop, SIZE)
+    side, grid = pixels.shape[-1], latent_factor(vae)
+    crop = min(recipe.vae_crop, side)
     vae.train()
     for step in range(recipe.vae_steps):
         idx = torch.randint(len(pixels), (recipe.vae_batch,), generator=gen)
-        # On the latent grid (4 pixels), so every crop sees the encoder's blocks as whole.
-        ox, oy = (4 * (v // 4) for v in torch.randint(0, SIZE - crop + 1, (2,),
-                                                       generator=gen).tolist())
+        # On the latent grid, so every crop sees the encoder's blocks as whole.
+        ox, oy = (grid * (v // grid) for v in torch.randint(0, side - crop + 1, (2,),
+                                                             generator=gen).tolist())
         batch = pixels[idx.to(pixels.device)][:, :, oy:oy + crop, ox:ox + crop]
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.mode()).sample  # a plain autoencoder: learns ~4x faster
@@ -372,7 +387,8 @@ def train_demo(out: Path, recipe: Recipe | None = None,
     for name in ("vae", "unet", "text_encoder"):
         parts[name].to(device)
     progress(f"rendering {recipe.pool} scenes")
-    pixels, prompt_ids, negative_ids = make_pool(recipe, parts["tokenizer"])
+    pixels, prompt_ids, negative_ids = make_pool(recipe, parts["tokenizer"],
+                                                 size=picture_side(parts["vae"]))
     pixels = pixels.to(device)
     if parent:
         scale = float(parts["vae"].config.scaling_factor)

@@ -80,7 +80,7 @@ def _made_images(done: subprocess.CompletedProcess[str], want: int, cwd: Path) -
     assert len(paths) == want, out
     for path in paths:
         with Image.open(path) as im:
-            assert im.size == (64, 64)  # the demo model's own default size
+            assert im.size == (128, 128)  # the demo model's own default size
     return paths
 
 

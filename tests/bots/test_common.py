@@ -169,7 +169,7 @@ def test_secrets_are_masked_in_log_messages_and_tracebacks() -> None:
 def test_a_photo_is_redrawn_at_a_size_its_model_draws(
     photo: tuple[int, int], prompt: str, tmp_path: Path
 ) -> None:
-    # The shipped demo model draws 64x64 by default and at most 128 a side: a chat photo
+    # The shipped demo model draws 128x128 by default and at most 128 a side: a chat photo
     # (280x210 is a Telegram thumbnail) is redrawn within that, in about its shape.
     from cluster.registry import ModelRegistry
     from core.settings import load_settings

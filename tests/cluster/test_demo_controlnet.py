@@ -77,7 +77,7 @@ def test_the_outline_decides_where_the_circle_goes(
     def red_circles(with_control: bool) -> list[Found | None]:
         items = []
         for seed in SEEDS:
-            request = GenerationRequest(prompt=PROMPT, model="demo", width=64, height=64,
+            request = GenerationRequest(prompt=PROMPT, model="demo", width=128, height=128,
                                         steps=20, seed=seed, scheduler="Euler", guidance=5.0,
                                         control=control if with_control else None)
             items.append(BatchItem(f"job-{seed}", registry.resolve_control(request)))
@@ -93,3 +93,46 @@ def test_the_outline_decides_where_the_circle_goes(
     assert sum(f is not None and f.x > 0.5 and f.kind == "circle" for f in plain) >= 3, plain
     # With it the outline does: on the left, and round.
     assert sum(left_and_round(f) for f in steered) >= 3, steered
+
+
+@pytest.mark.pipelines
+def test_training_goes_on_from_a_controlnet_for_smaller_pictures(tmp_path: Path) -> None:
+    """``train-demo-controlnet --set init_from=FOLDER`` where FOLDER's conditioning embedding
+    halves its maps fewer times than the base model's pictures need (the 64² demo-canny
+    before issue 27): every other weight is carried over, its embedding's stages too, and the
+    saved ControlNet turns a 128² map into the 16x16 latent grid. An embedding that does not
+    fit the base model is an error that says which would."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from engine.demo.controlnet import (
+        ControlRecipe,
+        build_controlnet,
+        carry_controlnet,
+        train_demo_controlnet,
+    )
+    from engine.demo.train import Recipe, train_demo
+
+    train_demo(tmp_path / "demo", Recipe(pool=32, vae_steps=2, vae_batch=4, max_steps=1,
+                                         batch=4), progress=lambda _: None)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "demo" / "unet")
+    old = build_controlnet(unet, ControlRecipe(embedding=(16, 32, 32)))
+    torch.nn.init.normal_(old.controlnet_down_blocks[0].weight)  # not zero: a trained one
+    old.save_pretrained(tmp_path / "old")
+    new = carry_controlnet(old, unet, ControlRecipe())
+    old_state, new_state = old.state_dict(), new.state_dict()
+    for key, value in old_state.items():  # the new stages (blocks 4, 5) are the only others
+        assert torch.equal(value, new_state[key]), key
+    assert new.controlnet_cond_embedding(torch.rand(1, 3, 128, 128)).shape[-2:] == (16, 16)
+
+    small = ControlRecipe(pool=16, batch=2, max_steps=2, minutes=5, init_from=str(tmp_path / "old"),
+                          base=str(tmp_path / "demo"))
+    record = train_demo_controlnet(tmp_path / "cn", small, progress=lambda _: None, check=0)
+    assert record["steps"] == 2
+    saved = ControlNetModel.from_pretrained(tmp_path / "cn")
+    assert tuple(saved.config.conditioning_embedding_out_channels) == (16, 32, 32, 32)
+    with pytest.raises(ValueError, match=r"halves a map 2 times.*needs 3 \(e\.g\. "
+                                         r"embedding=16,32,32,32\)"):
+        train_demo_controlnet(tmp_path / "bad", ControlRecipe(
+            pool=4, max_steps=1, embedding=(16, 32, 32), base=str(tmp_path / "demo")),
+            progress=lambda _: None, check=0)

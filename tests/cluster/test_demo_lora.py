@@ -28,7 +28,7 @@ from engine.demo.score import fill_ratio, outlined, score
 from engine.devices import DeviceProfile
 from engine.engine import Engine
 
-# The demo model draws 8 x 64² in 20 steps per batch: minutes on a busy 2-core box.
+# The demo model draws 8 x 128² in 20 steps per batch: minutes on a busy 2-core box.
 pytestmark = [pytest.mark.pipelines, pytest.mark.timeout(600)]
 
 # One batch of eight people's captions, one and two shapes, every background different.

@@ -229,7 +229,7 @@ async def test_one_prompt_in_three_styles_draws_the_prompt_in_each_image(demo: C
 
 
 async def test_img2img_changes_what_the_prompt_changes(demo: Cluster) -> None:
-    red = render(Scene("blue", (Shape("red", "circle"),)), 64, None, seed=3)
+    red = render(Scene("blue", (Shape("red", "circle"),)), 128, None, seed=3)
     buf = io.BytesIO()
     red.save(buf, "PNG")
     job = await submit(demo, who("painter"), GenerationRequest(

@@ -219,3 +219,25 @@ def test_outlines_are_told_from_filled_shapes() -> None:
     assert outlined(render(scene, 64, None, seed=2), scene) is False
     elsewhere = Scene("blue", (Shape("green", "star"),))
     assert outlined(render(scene, 64, None, seed=2), elsewhere) is None
+
+
+def test_a_scene_drawn_at_128_shows_the_layout_it_shows_at_64() -> None:
+    """The grown demo model (issue 27) learnt to draw at 128² what its UNet had learnt at 64²:
+    both sizes of one scene and seed read as the same shapes in the same places, in every
+    rendering, and a pixel-art cell is 1/32 of the side at both."""
+    rng = random.Random(5)
+    for i in range(24):
+        scene = random_scene(rng, two_shapes=0.5, sided=0.5)
+        style = [None, *RENDERINGS][i % 4]
+        small, large = render(scene, 64, style, seed=i), render(scene, 128, style, seed=i)
+        assert large.size == (128, 128)
+        assert all(v is not False for v in score(large, scene).values()), (scene, style)
+        a, b = read(small), read(large)
+        assert a.background == b.background
+        for found in a.shapes:
+            other = b.shape(found.colour)
+            assert other is not None and other.kind == found.kind
+            assert abs(other.x - found.x) < 0.03 and abs(other.y - found.y) < 0.03
+    pixels = np.asarray(render(Scene("white", (Shape("red", "circle"),)), 128, "pixel-art"))
+    columns = np.flatnonzero(np.abs(np.diff(pixels.astype(int), axis=1)).sum(axis=(0, 2)))
+    assert all((c + 1) % 4 == 0 for c in columns)  # changes only between 4-pixel cells
