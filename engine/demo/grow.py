@@ -55,6 +55,7 @@ class GrowRecipe:
     decoder_lr: float = 2e-4
     threads: int = 2
     max_steps: int = 100_000  # of each phase
+    measured_on: int = 256  # held-out scenes the result is measured on (``measure``)
 
     def with_overrides(self, pairs: list[str]) -> GrowRecipe:
         """This recipe with ``field=value`` pairs applied; ValueError naming a bad pair."""
@@ -168,7 +169,7 @@ def grow(old_folder: Path, out: Path, recipe: GrowRecipe | None = None,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if step % 100 == 0:
                 progress(f"{name} step {step}: loss {np.mean(losses[-100:]):.5f}")
@@ -200,7 +201,7 @@ def grow(old_folder: Path, out: Path, recipe: GrowRecipe | None = None,
           max(1.0, started + recipe.minutes * 60 - time.monotonic() - 20), recipe.decoder_lr,
           decoder_loss)
     vae.eval()
-    record.update(measure(old, vae, recipe))
+    record.update(measure(old, vae, recipe, recipe.measured_on))
     progress(json.dumps(record))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,8 @@ def grow(old_folder: Path, out: Path, recipe: GrowRecipe | None = None,
         "how": "engine/demo/grow.py: the autoencoder grown one stage (64² -> 128² pictures from "
                "the same 16x16 latents); the UNet, text encoder and tokenizer unchanged",
         "vae_parameters": sum(p.numel() for p in vae.parameters()),
-        "measured_on": "256 held-out scenes, the recipe's seed + 1 (engine/demo/grow.py measure)",
+        "measured_on": f"{recipe.measured_on} held-out scenes, the recipe's seed + 1 "
+                       "(engine/demo/grow.py measure)",
         **record,
     }
     (out / "recipe.json").write_text(json.dumps(history, indent=2) + "\n")

@@ -231,7 +231,7 @@ def rendering_of(image: Image.Image | np.ndarray) -> str:
 
 # An outline's line (2.5 px at 64 px) runs along the edge of what it encloses: the inside, that
 # area less a band this wide along its edge, is background for an outline and the shape's own
-# colour for a filled shape.
+# colour for a filled shape. Pixels at 64 px: a larger picture scales them (its side / 64).
 INSET = 3
 OUTLINE_BELOW = 0.5  # of the inside in the shape's colour
 SPECK = 4  # pixels: a patch of a shape's colour this small is noise, not part of its line
@@ -264,18 +264,20 @@ def fill_ratio(image: Image.Image | np.ndarray, scene: Scene) -> float | None:
     when no asked shape is there to tell (missing, or too small: a little star's inside)."""
     names = colour_names(image)
     h, w = names.shape
+    unit = min(h, w) / 64  # the pixel sizes below are at 64 px (the line is 2.5 of them)
+    speck, inset, gap = SPECK * unit * unit, round(INSET * unit), max(1, round(unit))
     ratios = []
     for shape in scene.shapes:
-        parts = [p for p in _components(names == _NAMES.index(shape.colour)) if p.sum() >= SPECK]
+        parts = [p for p in _components(names == _NAMES.index(shape.colour)) if p.sum() >= speck]
         if not parts:
             continue
         drawn = np.logical_or.reduce(parts)
         if drawn.sum() < MIN_AREA_FRACTION * h * w:
             continue
-        inside = _enclosed(drawn)
-        for _ in range(INSET):
+        inside = _enclosed(drawn, gap)
+        for _ in range(inset):
             inside = _shift_all(inside, grow=False)
-        if inside.sum() < SPECK:
+        if inside.sum() < speck:
             continue
         ratios.append(float((drawn & inside).sum()) / float(inside.sum()))
     return sum(ratios) / len(ratios) if ratios else None

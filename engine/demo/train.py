@@ -241,7 +241,7 @@ def train_vae(vae: Any, pixels: torch.Tensor, recipe: Recipe, deadline: float) -
     # One cycle: a warm-up over 5% of the steps, then a cosine down to almost nothing.
     cycle = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.vae_lr, total_steps=recipe.vae_steps,
-        pct_start=max(0.05, 2 / recipe.vae_steps))
+        pct_start=min(0.5, max(0.05, 2 / recipe.vae_steps)))  # 1.0 divides by zero
     gen = torch.Generator().manual_seed(recipe.seed)
     side, grid = pixels.shape[-1], latent_factor(vae)
     crop = min(recipe.vae_crop, side)

@@ -113,7 +113,7 @@ def test_training_goes_on_from_a_controlnet_for_smaller_pictures(tmp_path: Path)
     )
     from engine.demo.train import Recipe, train_demo
 
-    train_demo(tmp_path / "demo", Recipe(pool=32, vae_steps=2, vae_batch=4, max_steps=1,
+    train_demo(tmp_path / "demo", Recipe(pool=32, vae_steps=4, vae_batch=4, max_steps=1,
                                          batch=4), progress=lambda _: None)
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "demo" / "unet")
     old = build_controlnet(unet, ControlRecipe(embedding=(16, 32, 32)))

@@ -64,14 +64,15 @@ def test_a_grown_autoencoder_starts_as_the_old_picture_upscaled() -> None:
 def test_growing_a_model_keeps_its_unet_and_draws_twice_the_side(tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from atelier.cli import cli
+    from atelier.cli import app
     from engine.demo.train import Recipe, train_demo
 
-    recipe = replace(Recipe(), pool=32, vae_steps=2, vae_batch=4, max_steps=2, batch=4)
+    recipe = replace(Recipe(), pool=32, vae_steps=4, vae_batch=4, max_steps=2, batch=4)
     train_demo(tmp_path / "demo", recipe, progress=lambda _: None)
-    grown = CliRunner().invoke(cli, [
+    grown = CliRunner().invoke(app, [
         "models", "grow-demo", "--from", str(tmp_path / "demo"), "--out", str(tmp_path / "big"),
-        "--steps", "2", "--set", "pool=24", "--minutes", "2"])
+        "--steps", "2", "--set", "pool=24", "--set", "measured_on=4",
+        "--minutes", "2"], env={"COLUMNS": "200"})
     assert grown.exit_code == 0, grown.output
     assert "grown:" in grown.output
     record = json.loads((tmp_path / "big" / "recipe.json").read_text())
@@ -92,9 +93,10 @@ def test_growing_a_model_keeps_its_unet_and_draws_twice_the_side(tmp_path: Path)
 
 
 def test_growing_something_else_is_refused_by_name(tmp_path: Path) -> None:
-    from atelier.cli import cli
+    from atelier.cli import app
 
-    done = CliRunner().invoke(cli, ["models", "grow-demo", "--from", str(tmp_path)])
+    done = CliRunner().invoke(app, ["models", "grow-demo", "--from", str(tmp_path)],
+                              env={"COLUMNS": "200"})
     assert done.exit_code != 0
     assert "is not a demo model folder (no vae/ in it)" in done.output
     with pytest.raises(ValueError, match="'poool=3'"):

@@ -232,6 +232,9 @@ def test_a_scene_drawn_at_128_shows_the_layout_it_shows_at_64() -> None:
         small, large = render(scene, 64, style, seed=i), render(scene, 128, style, seed=i)
         assert large.size == (128, 128)
         assert all(v is not False for v in score(large, scene).values()), (scene, style)
+        # Outlines read as outlines at either size (the scorer's pixel sizes scale with it).
+        expected = {True, None} if style == "line-art" else {False}  # None: too small to tell
+        assert outlined(large, scene) in expected, (scene, style)
         a, b = read(small), read(large)
         assert a.background == b.background
         for found in a.shapes:
