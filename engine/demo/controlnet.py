@@ -38,7 +38,7 @@ from core.prompts import Blocklist, prepare_prompt
 from core.request import GenerationRequest
 from core.styles import default_registry
 from engine.demo.scenes import COLOURS, RENDERINGS, Scene, random_scene, render
-from engine.demo.train import SCHEDULER, latent_factor, picture_side, with_overrides
+from engine.demo.train import SCHEDULER, descend, latent_factor, picture_side, with_overrides
 from engine.engine import token_counter
 from engine.tiny import MAX_LENGTH
 
@@ -295,10 +295,7 @@ def train_controlnet(
                         mid_block_additional_residual=mid).sample
         per_item = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_item * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, loss, params)
         decay = min(recipe.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(averaged, live, 1 - decay)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.demo.scenes import RENDERINGS, random_scene, render
-from engine.demo.train import machine, with_overrides
+from engine.demo.train import descend, machine, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,7 @@ def grow(old_folder: Path, out: Path, recipe: GrowRecipe | None = None,
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = loss_of(idx, ox, oy)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            descend(opt, loss, params)
             losses.append(loss.item())
             step += 1
             if step % 100 == 0:

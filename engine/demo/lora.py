@@ -28,6 +28,7 @@ from engine.demo.scenes import RENDERINGS
 from engine.demo.train import (
     SCHEDULER,
     Recipe,
+    descend,
     encode_pool,
     load_components,
     make_pool,
@@ -155,10 +156,7 @@ def train_demo_lora(model: Path, out: Path, recipe: LoraRecipe | None = None,
                           generator=gen)
         pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, loss, params)
         losses.append(loss.detach())
         step += 1
         if step % 100 == 0:

@@ -191,6 +191,14 @@ def load_components(folder: Path) -> dict[str, Any]:
     }
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[Any]) -> None:
+    """One optimiser step on ``loss``, its gradient's norm clipped to 1 (every demo trainer)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def picture_side(vae: Any) -> int:
     """The side of the pictures an autoencoder was made for (a model folder's own: 64 for the
     models before issue 27, 128 since)."""
