@@ -38,7 +38,14 @@ from core.prompts import Blocklist, prepare_prompt
 from core.request import GenerationRequest
 from core.styles import default_registry
 from engine.demo.scenes import COLOURS, RENDERINGS, Scene, random_scene, render
-from engine.demo.train import SCHEDULER, descend, latent_factor, picture_side, with_overrides
+from engine.demo.train import (
+    SCHEDULER,
+    as_pixels,
+    descend,
+    latent_factor,
+    picture_side,
+    with_overrides,
+)
 from engine.engine import token_counter
 from engine.tiny import MAX_LENGTH
 
@@ -165,8 +172,7 @@ def make_pool(recipe: ControlRecipe, tokenizer: Any, size: int
                        "" if drop < recipe.uncond else prompt)
     ids = torch.as_tensor(tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH,
                                     truncation=True, return_tensors="np").input_ids)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return pixels, torch.from_numpy(maps).permute(0, 3, 1, 2).contiguous(), ids
+    return as_pixels(images), torch.from_numpy(maps).permute(0, 3, 1, 2).contiguous(), ids
 
 
 def load_base(folder: Path) -> dict[str, Any]:
@@ -214,21 +220,13 @@ def carry_controlnet(old: Any, unet: Any, recipe: ControlRecipe) -> Any:
     copied; the embedding's first stages are ``old``'s, each added stage starts as a 2x2 average
     (its first convolution the identity), so the old features reach the old output layer."""
     new = build_controlnet(unet, recipe)
-    prefix = "controlnet_cond_embedding."
     state = new.state_dict()
-    for key, value in old.state_dict().items():
-        if key in state and state[key].shape == value.shape and (
-                not key.startswith(prefix) or key.startswith((f"{prefix}conv_in.",
-                                                              f"{prefix}conv_out."))):
-            state[key] = value
-    old_blocks = len(old.controlnet_cond_embedding.blocks)
-    for i in range(len(new.controlnet_cond_embedding.blocks)):
-        name = f"{prefix}blocks.{i}"
+    state.update({key: value for key, value in old.state_dict().items()
+                  if key in state and state[key].shape == value.shape})
+    for i in range(len(old.controlnet_cond_embedding.blocks),
+                   len(new.controlnet_cond_embedding.blocks)):
+        name = f"controlnet_cond_embedding.blocks.{i}"
         weight = state[f"{name}.weight"]
-        if i < old_blocks:
-            state[f"{name}.weight"] = old.state_dict()[f"{name}.weight"]
-            state[f"{name}.bias"] = old.state_dict()[f"{name}.bias"]
-            continue
         init = torch.zeros_like(weight)
         for c in range(min(weight.shape[0], weight.shape[1])):
             if i % 2 == 0:

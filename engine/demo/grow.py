@@ -34,7 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from engine.demo.scenes import RENDERINGS, random_scene, render
-from engine.demo.train import descend, machine, with_overrides
+from engine.demo.train import (
+    as_pixels,
+    descend,
+    encode_pool,
+    latent_factor,
+    machine,
+    picture_side,
+    with_overrides,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +128,7 @@ def make_pairs(recipe: GrowRecipe, small: int) -> tuple[torch.Tensor, torch.Tens
         seed = rng.randrange(2**31)
         lows[i] = np.asarray(render(scene, small, style, seed=seed))
         highs[i] = np.asarray(render(scene, 2 * small, style, seed=seed))
-
-    def tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-    return tensor(lows), tensor(highs)
+    return as_pixels(lows), as_pixels(highs)
 
 
 def grow(old_folder: Path, out: Path, recipe: GrowRecipe | None = None,
@@ -139,21 +143,19 @@ def grow(old_folder: Path, out: Path, recipe: GrowRecipe | None = None,
     torch.set_num_threads(recipe.threads)
     started = time.monotonic()
     old: Any = AutoencoderKL.from_pretrained(old_folder / "vae").eval()
-    small = int(old.config.sample_size)
+    small = picture_side(old)
     vae = grown_vae(old)
     progress(f"rendering {recipe.pool} scenes at {small}² and {2 * small}²")
     lows, highs = make_pairs(recipe, small)
-    with torch.no_grad():
-        latents = torch.cat([old.encode(lows[i:i + 256]).latent_dist.mean
-                             for i in range(0, len(lows), 256)])
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = encode_pool(old, lows, 1.0)  # unscaled, as the autoencoder's own
+    factor = latent_factor(vae)
     crop = min(recipe.crop, 2 * small)
     gen = torch.Generator().manual_seed(recipe.seed)
     budget = recipe.minutes * 60 - (time.monotonic() - started)
     record: dict[str, Any] = {}
 
     def phase(name: str, params: list[torch.nn.Parameter], seconds: float, peak: float,
-              loss_of: Callable[[torch.Tensor, int, int], torch.Tensor]) -> int:
+              loss_of: Callable[[torch.Tensor, int, int], torch.Tensor]) -> None:
         opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
         until, step, losses = time.monotonic() + seconds, 0, []
         while time.monotonic() < until and step < recipe.max_steps:
@@ -172,7 +174,6 @@ def grow(old_folder: Path, out: Path, recipe: GrowRecipe | None = None,
                 progress(f"{name} step {step}: loss {np.mean(losses[-100:]):.5f}")
         record[f"{name}_steps"] = step
         record[f"{name}_loss"] = round(float(np.mean(losses[-100:])), 6) if losses else None
-        return step
 
     def encoder_loss(idx: torch.Tensor, ox: int, oy: int) -> torch.Tensor:
         pixels = highs[idx][:, :, oy:oy + crop, ox:ox + crop]
@@ -234,10 +235,9 @@ def measure(old: Any, vae: Any, recipe: GrowRecipe, n: int = 256) -> dict[str, f
     renders of: the old decoder's picture upscaled (bicubic), the grown decoder's, and the
     grown autoencoder's round trip; and how near the grown encoder's latents are to the old
     encoder's (relative RMS error)."""
-    lows, highs = make_pairs(replace(recipe, seed=recipe.seed + 1, pool=n),
-                             int(old.config.sample_size))
+    lows, highs = make_pairs(replace(recipe, seed=recipe.seed + 1, pool=n), picture_side(old))
+    latents = encode_pool(old, lows, 1.0)
     with torch.no_grad():
-        latents = old.encode(lows).latent_dist.mean
         before = F.interpolate(old.decode(latents).sample, scale_factor=2, mode="bicubic")
         after = vae.decode(latents).sample
         mine = vae.encode(highs).latent_dist.mean

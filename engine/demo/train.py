@@ -199,6 +199,11 @@ def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[Any]) -
     opt.step()
 
 
+def as_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC pictures as the models take them: float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
 def picture_side(vae: Any) -> int:
     """The side of the pictures an autoencoder was made for (a model folder's own: 64 for the
     models before issue 27, 128 since)."""
@@ -239,8 +244,7 @@ def make_pool(recipe: Recipe, tokenizer: Any, drawn_as: str | None = None, size:
         return torch.as_tensor(tokenizer(texts, padding="max_length", max_length=MAX_LENGTH,
                                          truncation=True, return_tensors="np").input_ids)
 
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return pixels, ids(prompts), ids(negatives)
+    return as_pixels(images), ids(prompts), ids(negatives)
 
 
 def train_vae(vae: Any, pixels: torch.Tensor, recipe: Recipe, deadline: float) -> float:
