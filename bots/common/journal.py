@@ -153,6 +153,8 @@ class JournalState(MemoryState):
         """One write to the end of the file, in the kernel before this returns (a shared lock:
         no rewrite drops it), then fsync'd when asked."""
         with self._io:
+            if self._fd < 0:
+                raise RuntimeError(f"the posted-parts journal {self.path} is closed")
             with self._locked(fcntl.LOCK_SH):
                 os.write(self._fd, line)
             if self._fsync:
@@ -162,8 +164,13 @@ class JournalState(MemoryState):
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
-        with self._io, contextlib.suppress(OSError):
-            os.close(self._fd)
+        """Close the file once: a second close would close whatever file of this process
+        got the descriptor's number since (another thread's, mid-open)."""
+        with self._io:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _line(key: str, value: str, expires: float | None) -> str:

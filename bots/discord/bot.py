@@ -4,6 +4,7 @@ global), a Cog per feature, the persistent button route and the delivery loop st
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -99,6 +100,7 @@ class AtelierBot(commands.Bot):
         self.clock = clock
         self.port = DiscordPort(self, Hooks(state, clock))
         self.purchases = PurchaseService(settings, client.sessions, load_shop(settings))
+        self._stopping: asyncio.Task[None] | None = None  # the one ``close`` that runs
         self.core = DiscordCore(
             settings=settings,
             client=client,
@@ -136,7 +138,14 @@ class AtelierBot(commands.Bot):
 
     async def close(self) -> None:
         """Stop taking deliveries, finish those under way, then disconnect (what was not
-        posted stays pending for the next start)."""
+        posted stays pending for the next start). Once: discord.py calls ``close`` again
+        itself when the gateway connection ends without ``reconnect``; later calls wait for
+        the first."""
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._close_once(), name="discord-close")
+        await asyncio.shield(self._stopping)
+
+    async def _close_once(self) -> None:
         self.core.stop_reading()
         await self.core.stop()
         await super().close()

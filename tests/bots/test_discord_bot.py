@@ -4,6 +4,7 @@ token masked when Discord refuses it."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -102,3 +103,20 @@ async def test_a_refused_token_is_a_config_error_without_the_token(
         )
     assert "ATELIER_DISCORD_TOKEN" in str(info.value)
     assert wrong not in str(info.value)
+
+
+async def test_the_bot_stops_its_core_once(discord_stack: DiscordStack) -> None:
+    """discord.py closes the client again itself when the gateway connection ends (no
+    reconnect); the core's stop (its journal's close among it) must run only once."""
+    bot = discord_stack.discord
+    stops: list[int] = []
+    stop = bot.core.stop
+
+    async def counted() -> None:
+        stops.append(1)
+        await stop()
+
+    bot.core.stop = counted  # type: ignore[method-assign]
+    await asyncio.gather(bot.close(), bot.close())
+    await discord_stack.stop_bot()
+    assert stops == [1]

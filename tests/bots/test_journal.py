@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import signal
 import subprocess
 import sys
@@ -131,3 +132,25 @@ async def test_a_mark_waits_for_the_file_lock_off_the_event_loop(tmp_path: Path)
         finally:
             release.cancel()
     assert await JournalState(path).get("k") == "1"
+
+
+async def test_closing_twice_leaves_a_reused_descriptor_alone(tmp_path: Path) -> None:
+    """The second close must not close the file that got the descriptor's number since (in
+    CI a bot's second close shut the shop file another bot was opening)."""
+    journal = JournalState(posted_journal_path(tmp_path, "discord"))
+    number = journal._fd
+    await journal.close()
+    other = os.open(tmp_path / "shop.toml", os.O_RDWR | os.O_CREAT, 0o600)
+    assert other == number, "the kernel hands out the lowest free number"
+    try:
+        await journal.close()
+        os.fstat(other)  # still open
+        try:
+            await journal.set("posted:j1:1", "1", 60)
+        except RuntimeError as exc:
+            assert "closed" in str(exc)
+        else:
+            raise AssertionError("a mark after close must not be written anywhere")
+        assert os.read(other, 100) == b"", "nothing went into the file that took the number"
+    finally:
+        os.close(other)
