@@ -155,7 +155,9 @@ class Settler:
         """Cancelled and released (unless it finished meanwhile), then announced."""
 
         ended, job = await self._db(
-            lambda s: _end_unpaid(s, h.job_id, JobStatus.cancelled, CANCELLED_BY_OWNER)
+            lambda s: job_repo.end_unpaid(
+                session=s, job_id=h.job_id, status=JobStatus.cancelled,
+                error=CANCELLED_BY_OWNER)
         )
         log.info("job %s: %s, credits released", h.job_id, job.status.value)
         if ended:
@@ -169,7 +171,8 @@ class Settler:
         """Failed and refunded, then announced; ``dead_letter`` parks the entry for people.
         ``cause``: a short fixed word for the metrics (the reason is free text)."""
 
-        ended, job = await self._db(lambda s: _end_unpaid(s, h.job_id, JobStatus.failed, reason))
+        ended, job = await self._db(lambda s: job_repo.end_unpaid(
+            session=s, job_id=h.job_id, status=JobStatus.failed, error=reason))
         log.warning("job %s: failed (%s), credits released", h.job_id, reason)
         if ended:
             metrics.JOBS_FAILED.labels(cause).inc()
@@ -287,12 +290,3 @@ class Settler:
         except BrokerUnavailable as exc:
             log.debug("job %s: progress not published: %s", event.job_id, exc)
 
-
-def _end_unpaid(
-    session: Session, job_id: str, status: JobStatus, error: str
-) -> tuple[bool, JobRead]:
-    """``finish_and_release``, and whether this call ended the job: a job that a racing pass
-    (or a duplicate entry) already ended is counted by that one, not again."""
-    before = job_repo.get_job(session=session, job_id=job_id)
-    job = job_repo.finish_and_release(session=session, job_id=job_id, status=status, error=error)
-    return (not before.status.finished and job.status is status), job

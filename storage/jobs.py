@@ -126,14 +126,22 @@ def finish_and_release(
     """End an unfinished job as ``status`` (failed or cancelled) and release its reserved
     credits, in the caller's transaction: the one way a job ends without being charged. A job
     that finished meanwhile (a racing dispatcher, a cancel) is returned as it is."""
+    return end_unpaid(session=session, job_id=job_id, status=status, error=error)[1]
+
+
+def end_unpaid(
+    *, session: Session, job_id: str, status: JobStatus, error: str
+) -> tuple[bool, JobRead]:
+    """``finish_and_release``, and whether this call ended the job: a job that a racing pass
+    (or a duplicate entry) already ended is counted by that one, not again."""
     if not status.finished or status is JobStatus.succeeded:
         raise InvalidRequest(f"a job ends unpaid as failed or cancelled, not {status.value}")
     job = get_job(session=session, job_id=job_id)
     if job.status.finished:
-        return job
+        return False, job
     set_status(session=session, job_id=job_id, status=status, error=error)
     ledger.release(session=session, job_id=job_id)
-    return get_job(session=session, job_id=job_id)
+    return True, get_job(session=session, job_id=job_id)
 
 
 def set_status(

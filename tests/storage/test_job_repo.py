@@ -213,9 +213,10 @@ def test_finish_and_release_refunds_once_and_leaves_finished_jobs_alone(
                        tiers=tiers)
     assert _balance(tx, acct, now, tiers) == before - 2
     with tx() as s:
-        ended = jobs.finish_and_release(
+        first, ended = jobs.end_unpaid(
             session=s, job_id=job.id, status=JobStatus.failed, error="the worker was lost"
         )
+    assert first
     assert ended.status is JobStatus.failed and ended.error == "the worker was lost"
     assert _balance(tx, acct, now, tiers) == before  # refunded
     with tx() as s:  # a late cancel (a racing dispatcher) changes nothing
@@ -223,6 +224,10 @@ def test_finish_and_release_refunds_once_and_leaves_finished_jobs_alone(
             session=s, job_id=job.id, status=JobStatus.cancelled, error="cancelled"
         )
     assert again.status is JobStatus.failed and _balance(tx, acct, now, tiers) == before
+    with tx() as s:  # and says that it did not end the job (so nothing counts it twice)
+        assert jobs.end_unpaid(
+            session=s, job_id=job.id, status=JobStatus.failed, error="again"
+        ) == (False, again)
     with pytest.raises(InvalidRequest, match="not succeeded"), tx() as s:
         jobs.finish_and_release(
             session=s, job_id=job.id, status=JobStatus.succeeded, error="x"
