@@ -26,6 +26,7 @@ from bots.common.progress import DEFAULT_INTERVAL_S, ProgressEditor
 from bots.common.state import BotState
 from bots.telegram.handlers import buttons, buy, commands, errors, imagine
 from bots.telegram.menu import COMMANDS
+from bots.telegram.polling import REQUEST_KEY, polling_request
 from bots.telegram.port import PHOTO_MAX_BYTES, PLATFORM, TelegramPort
 from bots.telegram.ratelimit import FloodLimiter
 from bots.telegram.services import KEY
@@ -107,6 +108,7 @@ def build_application(
         raise ConfigError("ATELIER_TELEGRAM_TOKEN is required to run the Telegram bot")
     token = settings.telegram_token.get_secret_value()
     hide_in_logs(token)
+    polling = polling_request()
     app = (
         ApplicationBuilder()
         .application_class(AtelierApplication)
@@ -118,6 +120,7 @@ def build_application(
         .concurrent_updates(concurrent_updates)
         .connection_pool_size(max(8, concurrent_updates))
         .pool_timeout(30.0)
+        .get_updates_request(polling)  # watched (bots.telegram.polling)
         .build()
     )
 
@@ -143,6 +146,7 @@ def build_application(
         mark_delivered=client.mark_delivered,
     )
     app.bot_data[KEY] = core
+    app.bot_data[REQUEST_KEY] = polling
     app.bot_data[buy.PURCHASES] = PurchaseService(settings, client.sessions, load_shop(settings))
     register_handlers(app)
     return app

@@ -17,6 +17,7 @@ from telegram.ext import Application
 from bots.common.logs import mask
 from bots.common.state import BotState
 from bots.telegram.app import build_application
+from bots.telegram.polling import PollWatch
 from bots.telegram.webhook import WebhookServer
 from cluster.broker import Broker
 from cluster.client import Client
@@ -35,15 +36,19 @@ class RunningBot:
         self,
         app: Application,  # type: ignore[type-arg]
         webhook: WebhookServer | None,
+        watch: PollWatch | None = None,
     ) -> None:
         self.app = app
         self.webhook = webhook
+        self.watch = watch  # long polling's (absent with a webhook)
 
     @property
     def username(self) -> str:
         return str(self.app.bot.username)
 
     async def stop(self) -> None:
+        if self.watch is not None:
+            await self.watch.stop()
         if self.webhook is not None:
             await self.webhook.stop()
         elif self.app.updater is not None and self.app.updater.running:
@@ -60,13 +65,17 @@ async def start_bot(
     *,
     state: BotState,
     poll_timeout: int = DEFAULT_POLL_TIMEOUT_S,
+    poll_stale_s: float | None = None,
     **options: Any,
 ) -> RunningBot:
     """Build the Application (``options`` go to ``build_application``), reach Telegram and
     start taking updates. ConfigError, with the token masked, if Telegram refuses the token
-    or cannot be reached. ``state`` stays the caller's (atelier/app.py opens and closes it)."""
+    or cannot be reached. ``state`` stays the caller's (atelier/app.py opens and closes it).
+    ``poll_stale_s``: how long getUpdates may go unanswered before ``PollWatch`` says so and
+    polls again (default: three polls' worth)."""
     app = build_application(settings, client, broker, state=state, **options)
     webhook: WebhookServer | None = None
+    watch: PollWatch | None = None
     try:
         await app.initialize()  # getMe: checks the token and the API's address
         if settings.telegram_webhook_url:
@@ -88,14 +97,14 @@ async def start_bot(
             await app.start()
             log.info("telegram bot @%s: webhook %s", app.bot.username, url)
         else:
-            # Deletes any webhook first, as Telegram allows one or the other.
-            await app.updater.start_polling(  # type: ignore[union-attr]
-                poll_interval=0, timeout=poll_timeout, allowed_updates=Update.ALL_TYPES
-            )
+            watch = PollWatch(app, poll_timeout=poll_timeout, stale_s=poll_stale_s,
+                              api=settings.telegram_api_base_url)
+            await watch.start_polling()
             await app.start()
+            watch.start()
             log.info("telegram bot @%s: long polling", app.bot.username)
     except BaseException as exc:
-        await _abandon(RunningBot(app, webhook))
+        await _abandon(RunningBot(app, webhook, watch))
         if isinstance(exc, InvalidToken):
             raise ConfigError(
                 f"Telegram refused ATELIER_TELEGRAM_TOKEN ({mask(str(exc))})"
@@ -108,7 +117,7 @@ async def start_bot(
         if isinstance(exc, TelegramError):
             raise ConfigError(f"Telegram refused to start the bot: {mask(str(exc))}") from None
         raise
-    return RunningBot(app, webhook)
+    return RunningBot(app, webhook, watch)
 
 
 async def _abandon(bot: RunningBot) -> None:

@@ -328,3 +328,38 @@ async def test_a_bot_killed_during_a_flood_pause_posts_the_photo_on_its_next_run
     await _crash_then_restart(backend, user, f"/imagine a heron in reeds {TINY}", "refused")
     assert len(fake.calls_of("sendPhoto", chat=user)) == 1
     assert _doubt_notes(fake, user) == 0
+
+
+async def test_polls_that_get_no_answer_are_reported_and_polling_starts_again(
+    backend: Stack, error_logs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Telegram takes the polls but answers none: python-telegram-bot retries such timeouts
+    quietly for ever; the watch says so in the log and polls again on new connections."""
+    fake, user = backend.fake, 5003
+    await backend.start_bot(poll_stale_s=2)
+    assert backend.bot is not None and backend.bot.watch is not None
+    watch = backend.bot.watch
+    try:
+        # Longer than PTB waits for a 1 s poll's answer (1 s + its 5 s read timeout).
+        fake.delay("getUpdates", 8)
+
+        def stalls() -> list[str]:
+            return [r.getMessage() for r in error_logs.records
+                    if "getUpdates has had no answer" in r.getMessage()]
+
+        async with asyncio.timeout(60):
+            while not stalls() or watch.restarts < 1:
+                await asyncio.sleep(0.1)
+        assert fake.base_url in stalls()[0]  # names the API it polls
+        caplog.set_level("WARNING", logger="bots.telegram.polling")
+        del fake._delays["getUpdates"]  # Telegram answers again
+        await fake.send(user, "/help")
+        await fake.wait_call("sendMessage", chat=user, timeout=60)
+        async with asyncio.timeout(30):
+            while "long polling is back" not in caplog.text:
+                await asyncio.sleep(0.1)
+        # Also logged by PTB, as the watch stopped the stalled polling: marking the fetched
+        # updates timed out too.
+        error_logs.records.clear()
+    finally:
+        await backend.stop_bot()
