@@ -82,6 +82,10 @@ class FakeTelegram:
         # message in the payer's chat (Bot API 7.10+); False: refundStarPayment sends none.
         self.announce_refunds = True
         self._payments: dict[str, dict[str, Any]] = {}  # charge id -> its successful_payment
+        # The webhook (setWebhook / deleteWebhook) and, as Telegram reports it in
+        # getWebhookInfo, its last delivery error: (unix time, message); tests set that.
+        self.webhook_url = ""
+        self.webhook_error: tuple[int, str] | None = None
         self._changed = asyncio.Condition()
         self._stopping = False
         self._runner: web.AppRunner | None = None
@@ -507,10 +511,23 @@ class FakeTelegram:
         return True
 
     async def _m_deleteWebhook(self, call: Call) -> Any:
+        self.webhook_url = ""
         return True
 
     async def _m_setWebhook(self, call: Call) -> Any:
+        self.webhook_url = str(call.params["url"])
+        self.webhook_error = None
         return True
+
+    async def _m_getWebhookInfo(self, call: Call) -> Any:
+        info: dict[str, Any] = {
+            "url": self.webhook_url,
+            "has_custom_certificate": False,
+            "pending_update_count": len(self.updates) if self.webhook_url else 0,
+        }
+        if self.webhook_error is not None:
+            info["last_error_date"], info["last_error_message"] = self.webhook_error
+        return info
 
     async def _m_getFile(self, call: Call) -> Any:
         file_id = call.params["file_id"]

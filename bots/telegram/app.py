@@ -26,10 +26,10 @@ from bots.common.progress import DEFAULT_INTERVAL_S, ProgressEditor
 from bots.common.state import BotState
 from bots.telegram.handlers import buttons, buy, commands, errors, imagine
 from bots.telegram.menu import COMMANDS
-from bots.telegram.polling import REQUEST_KEY, polling_request
 from bots.telegram.port import PHOTO_MAX_BYTES, PLATFORM, TelegramPort
 from bots.telegram.ratelimit import FloodLimiter
 from bots.telegram.services import KEY
+from bots.telegram.watch import REQUEST_KEY, polling_request
 from cluster.broker import Broker
 from cluster.client import Client
 from cluster.events import JobEvent
@@ -120,7 +120,7 @@ def build_application(
         .concurrent_updates(concurrent_updates)
         .connection_pool_size(max(8, concurrent_updates))
         .pool_timeout(30.0)
-        .get_updates_request(polling)  # watched (bots.telegram.polling)
+        .get_updates_request(polling)  # watched (bots.telegram.watch)
         .build()
     )
 

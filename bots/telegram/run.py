@@ -17,7 +17,7 @@ from telegram.ext import Application
 from bots.common.logs import mask
 from bots.common.state import BotState
 from bots.telegram.app import build_application
-from bots.telegram.polling import PollWatch
+from bots.telegram.watch import PollWatch, Watch, WebhookWatch
 from bots.telegram.webhook import WebhookServer
 from cluster.broker import Broker
 from cluster.client import Client
@@ -36,11 +36,11 @@ class RunningBot:
         self,
         app: Application,  # type: ignore[type-arg]
         webhook: WebhookServer | None,
-        watch: PollWatch | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.app = app
         self.webhook = webhook
-        self.watch = watch  # long polling's (absent with a webhook)
+        self.watch = watch  # of the long polling or the webhook
 
     @property
     def username(self) -> str:
@@ -66,16 +66,18 @@ async def start_bot(
     state: BotState,
     poll_timeout: int = DEFAULT_POLL_TIMEOUT_S,
     poll_stale_s: float | None = None,
+    webhook_check_s: float = 60.0,
     **options: Any,
 ) -> RunningBot:
     """Build the Application (``options`` go to ``build_application``), reach Telegram and
     start taking updates. ConfigError, with the token masked, if Telegram refuses the token
     or cannot be reached. ``state`` stays the caller's (atelier/app.py opens and closes it).
     ``poll_stale_s``: how long getUpdates may go unanswered before ``PollWatch`` says so and
-    polls again (default: three polls' worth)."""
+    polls again (default: three polls' worth); ``webhook_check_s``: how often
+    ``WebhookWatch`` asks Telegram about the webhook."""
     app = build_application(settings, client, broker, state=state, **options)
     webhook: WebhookServer | None = None
-    watch: PollWatch | None = None
+    watch: Watch | None = None
     try:
         await app.initialize()  # getMe: checks the token and the API's address
         if settings.telegram_webhook_url:
@@ -95,6 +97,8 @@ async def start_bot(
             await webhook.start()
             await app.bot.set_webhook(url, secret_token=secret, allowed_updates=Update.ALL_TYPES)
             await app.start()
+            watch = WebhookWatch(app, url=url, every_s=webhook_check_s)
+            watch.start()
             log.info("telegram bot @%s: webhook %s", app.bot.username, url)
         else:
             watch = PollWatch(app, poll_timeout=poll_timeout, stale_s=poll_stale_s,

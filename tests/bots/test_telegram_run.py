@@ -9,6 +9,7 @@ import gc
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,50 @@ async def test_webhook_mode_checks_the_secret_and_handles_an_update_once(
         assert len(backend.jobs()) == 1
         assert len(fake.calls_of("sendPhoto", chat=user)) == 1
         assert len(fake.calls_of("sendMessage", chat=user)) == 1  # one status message
+    finally:
+        await bot.stop()
+
+
+async def test_a_webhook_taken_over_or_unreachable_is_an_error_said_once(
+    backend: Stack, tmp_path: Path, error_logs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Telegram keeps the updates when it cannot reach the webhook, and another process with
+    the token that polls deletes it: either way the bot hears nothing, so the log says so."""
+    fake, hook = backend.fake, "https://bot.example/hook"
+    settings = settings_for(
+        tmp_path, str(backend.settings.redis_url), fake, telegram_webhook_url=hook,
+        telegram_webhook_listen="127.0.0.1", telegram_webhook_port=free_port(),
+    )
+    caplog.set_level("WARNING", logger="bots.telegram.watch")
+    bot = await start_bot(settings, backend.client, backend.broker, state=backend.state,
+                          webhook_check_s=0.2)
+
+    def said(text: str) -> list[str]:
+        return [r.getMessage() for r in error_logs.records if text in r.getMessage()]
+
+    async def until(text: str) -> None:
+        async with asyncio.timeout(30):
+            while not said(text) and text not in caplog.text:
+                await asyncio.sleep(0.05)
+
+    try:
+        assert fake.webhook_url == hook
+        await fake.push(fake.message(5004, "/help"))  # waits at Telegram
+        fake.webhook_error = (int(time.time()) + 1, "SSL error: certificate verify failed")
+        await until("cannot deliver updates")
+        await asyncio.sleep(1)  # several more looks: the same error is said once
+        (error,) = said("cannot deliver updates")
+        assert hook in error and "certificate verify failed" in error and "(1 waiting)" in error
+
+        async with httpx.AsyncClient(base_url=fake.base_url + TOKEN) as telegram:
+            await telegram.post("/deleteWebhook")  # another process starts polling
+            await until("the webhook is now unset")
+            await asyncio.sleep(1)
+            (lost,) = said("the webhook is now unset")
+            assert hook in lost and "another process" in lost
+            await telegram.post("/setWebhook", data={"url": hook})
+            await until(f"the webhook is {hook} again")
+        error_logs.records.clear()  # both were expected
     finally:
         await bot.stop()
 
@@ -351,7 +396,7 @@ async def test_polls_that_get_no_answer_are_reported_and_polling_starts_again(
             while not stalls() or watch.restarts < 1:
                 await asyncio.sleep(0.1)
         assert fake.base_url in stalls()[0]  # names the API it polls
-        caplog.set_level("WARNING", logger="bots.telegram.polling")
+        caplog.set_level("WARNING", logger="bots.telegram.watch")
         del fake._delays["getUpdates"]  # Telegram answers again
         await fake.send(user, "/help")
         await fake.wait_call("sendMessage", chat=user, timeout=60)

@@ -1,11 +1,16 @@
-"""Long polling, watched: ``PollWatch`` notices when getUpdates has had no answer for a while
-and says so, then starts polling again on a fresh connection pool.
+"""The bot's link to Telegram, watched: nothing that leaves the bot deaf goes unsaid.
 
-python-telegram-bot retries a timed-out getUpdates quietly, at debug level, for ever. An API
-that takes connections but never answers, or a pool whose connections a cancelled poll never
-gave back (every later poll waits for one and times out before it is sent), leaves the bot
-deaf with nothing in the logs. ``AnsweredRequest`` records when Telegram last answered a
-getUpdates; the watch compares that with the clock.
+``PollWatch`` notices when getUpdates has had no answer for a while and says so, then starts
+polling again on a fresh connection pool. python-telegram-bot retries a timed-out getUpdates
+quietly, at debug level, for ever. An API that takes connections but never answers, or a pool
+whose connections a cancelled poll never gave back (every later poll waits for one and times
+out before it is sent), leaves the bot deaf with nothing in the logs. ``AnsweredRequest``
+records when Telegram last answered a getUpdates; the watch compares that with the clock.
+
+``WebhookWatch`` asks Telegram about the webhook now and then (getWebhookInfo): another
+process with the same token that polls (its start deletes the webhook) or sets its own takes
+every update, and Telegram failing to reach the webhook's address (a proxy or certificate
+gone wrong) keeps them all; either is an ERROR naming what Telegram says.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from telegram import Update
+from telegram.error import TelegramError
 from telegram.ext import Application
 from telegram.request import HTTPXRequest
 
@@ -52,7 +59,27 @@ def polling_request() -> AnsweredRequest:
     return AnsweredRequest(connection_pool_size=2, pool_timeout=10.0)
 
 
-class PollWatch:
+class Watch:
+    """A task of its own, started once the bot runs and stopped before it stops."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch(), name=type(self).__name__)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _watch(self) -> None:
+        raise NotImplementedError
+
+
+class PollWatch(Watch):
     """Watches ``app``'s long polling: when getUpdates has had no answer for ``stale_s``
     (default: three polls' worth, with PTB's own waits), logs an error naming the API and
     starts polling again with a fresh HTTP client; once answers come back, logs that too."""
@@ -65,13 +92,13 @@ class PollWatch:
         api: str,
         stale_s: float | None = None,
     ) -> None:
+        super().__init__()
         self.app = app
         self.request: AnsweredRequest = app.bot_data[REQUEST_KEY]
         self.poll_timeout = poll_timeout
         self.api = api
         self.stale_s = stale_s if stale_s is not None else 3 * (poll_timeout + SLACK_S)
         self.restarts = 0
-        self._task: asyncio.Task[None] | None = None
 
     async def start_polling(self) -> None:
         # Deletes any webhook first, as Telegram allows one or the other.
@@ -79,16 +106,6 @@ class PollWatch:
         await self.app.updater.start_polling(
             poll_interval=0, timeout=self.poll_timeout, allowed_updates=Update.ALL_TYPES
         )
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name="telegram-poll-watch")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _watch(self) -> None:
         stalled = False
@@ -125,3 +142,57 @@ class PollWatch:
             await asyncio.wait_for(self.request.shutdown(), 10)
         await self.request.initialize()
         await self.start_polling()
+
+
+class WebhookWatch(Watch):
+    """Asks Telegram every ``every_s`` whether the webhook is still ``url`` and whether its
+    deliveries fail. Each change is said once: an ERROR when the webhook is another's (or
+    gone), or when Telegram reports a new delivery error; a WARNING when it is ours again."""
+
+    def __init__(
+        self,
+        app: Application,  # type: ignore[type-arg]
+        *,
+        url: str,
+        every_s: float = 60.0,
+    ) -> None:
+        super().__init__()
+        self.app = app
+        self.url = url
+        self.every_s = every_s
+        self.lost = False
+        # Delivery errors Telegram reports from before this start are an earlier run's.
+        self._errors_since = datetime.now(UTC)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.check()
+            except TelegramError as exc:  # Telegram out of reach: polling would say so too
+                log.warning("telegram: cannot ask Telegram about the webhook: %s", exc)
+
+    async def check(self) -> None:
+        """One look at getWebhookInfo."""
+        info = await self.app.bot.get_webhook_info()
+        if info.url != self.url:
+            if not self.lost:
+                log.error(
+                    "telegram: the webhook is now %s, not %s: another process with this "
+                    "token polls or set its own, and this bot hears nothing; stop the other "
+                    "one and restart this one",
+                    info.url or "unset", self.url,
+                )
+            self.lost = True
+            return
+        if self.lost:
+            log.warning("telegram: the webhook is %s again", self.url)
+            self.lost = False
+        when = info.last_error_date
+        if when is not None and when > self._errors_since:
+            self._errors_since = when
+            log.error(
+                "telegram: Telegram cannot deliver updates to %s: %s (%d waiting)",
+                self.url, info.last_error_message or "no reason given",
+                info.pending_update_count,
+            )
