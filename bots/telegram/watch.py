@@ -169,8 +169,10 @@ class WebhookWatch(Watch):
             await asyncio.sleep(self.every_s)
             try:
                 await self.check()
-            except TelegramError as exc:  # Telegram out of reach: polling would say so too
+            except TelegramError as exc:  # out of reach for now: the next look tries again
                 log.warning("telegram: cannot ask Telegram about the webhook: %s", exc)
+            except Exception:  # the watch goes on
+                log.exception("telegram: looking at the webhook failed")
 
     async def check(self) -> None:
         """One look at getWebhookInfo."""
