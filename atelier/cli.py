@@ -17,8 +17,10 @@ from atelier.db_cli import db_prune
 from atelier.gallery_cli import gallery_app
 from atelier.grow_cli import grow_demo
 from atelier.wiring import (
+    REPLACE_HELP,
     console,
     fail,
+    keep_shipped,
     quiet_ml_libraries,
     recipe_from_options,
     settings_or_exit,
@@ -383,7 +385,8 @@ def models_make_tiny(
 @models_app.command("train-demo")
 def models_train_demo(
     out: str | None = typer.Option(
-        None, help="where to save the pipeline; default: cluster/data/demo (the shipped one)"
+        None, help="where to save the pipeline; default: cluster/data/demo, the shipped one "
+        "(with --replace)"
     ),
     minutes: float = typer.Option(28.0, help="wall-clock budget for the whole training"),
     seed: int = typer.Option(0, help="the seed of the scenes and the weights"),
@@ -397,6 +400,7 @@ def models_train_demo(
     overrides: list[str] | None = typer.Option(
         None, "--set", help="a recipe field, e.g. --set lr=5e-4 --set sided=0.6 (see Recipe)"
     ),
+    replace: bool = typer.Option(False, "--replace", help=REPLACE_HELP),
 ) -> None:
     """Train the demo model from scratch (shapes in colours, from captions), or go on training
     one (--from); it is the default model whenever the configured one is not available."""
@@ -411,6 +415,7 @@ def models_train_demo(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     target = Path(out) if out else DEMO_MODEL_DIR
+    keep_shipped(target, replace)
     recipe = Recipe(seed=seed, minutes=minutes, device=device,
                     init_from=init_from)
     recipe = recipe_from_options(recipe, steps, overrides)
@@ -426,7 +431,8 @@ models_app.command("grow-demo")(grow_demo)
 @models_app.command("train-demo-lora")
 def models_train_demo_lora(
     out: str | None = typer.Option(
-        None, help="where to save the LoRA; default: cluster/data/demo-lora (the shipped one)"
+        None, help="where to save the LoRA; default: cluster/data/demo-lora, the shipped one "
+        "(with --replace)"
     ),
     model_dir: str | None = typer.Option(
         None, "--model-dir", help="the demo model folder to train on; default: the shipped one"
@@ -438,6 +444,7 @@ def models_train_demo_lora(
     overrides: list[str] | None = typer.Option(
         None, "--set", help="a recipe field, e.g. --set rank=8 --set lr=1e-3 (see LoraRecipe)"
     ),
+    replace: bool = typer.Option(False, "--replace", help=REPLACE_HELP),
 ) -> None:
     """Train the demo model's LoRA: every shape drawn as an outline (use it as
     `--model demo --lora outline`)."""
@@ -448,6 +455,7 @@ def models_train_demo_lora(
 
     quiet_ml_libraries()
     target = Path(out) if out else DEMO_LORA_DIR
+    keep_shipped(target, replace)
     recipe = LoraRecipe(seed=seed, minutes=minutes, threads=threads)
     recipe = recipe_from_options(recipe, steps, overrides)
     base = Path(model_dir) if model_dir else DEMO_MODEL_DIR

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import typer
 
-from atelier.wiring import console, quiet_ml_libraries, recipe_from_options
+from atelier.wiring import (
+    REPLACE_HELP,
+    console,
+    keep_shipped,
+    quiet_ml_libraries,
+    recipe_from_options,
+)
 
 
 def train_demo_controlnet(
     out: str | None = typer.Option(
-        None, help="where to save it; default: cluster/data/demo-canny (the shipped one)"
+        None, help="where to save it; default: cluster/data/demo-canny, the shipped one "
+        "(with --replace)"
     ),
     minutes: float = typer.Option(14.0, help="wall-clock budget for the whole training"),
     seed: int = typer.Option(0, help="the seed of the scenes and the weights"),
@@ -24,6 +31,7 @@ def train_demo_controlnet(
         None, "--set", help="a recipe field, e.g. --set lr=5e-4 --set misplaced=0.3 "
         "(see ControlRecipe)"
     ),
+    replace: bool = typer.Option(False, "--replace", help=REPLACE_HELP),
 ) -> None:
     """Train the demo ControlNet: the demo model's scenes, each with its Canny edge map, teach a
     copy of its UNet to put shapes where the edges are (`--model demo --control canny`)."""
@@ -32,12 +40,13 @@ def train_demo_controlnet(
     from engine.demo.controlnet import DEMO_CONTROLNET_DIR, ControlRecipe, train_demo_controlnet
 
     quiet_ml_libraries()
+    target = Path(out) if out else DEMO_CONTROLNET_DIR
+    keep_shipped(target, replace)
     recipe = ControlRecipe(seed=seed, minutes=minutes, threads=threads, base=base)
     recipe = recipe_from_options(recipe, steps, overrides)
     if recipe.base is not None and not (Path(recipe.base) / "unet").is_dir():
         raise typer.BadParameter(f"{recipe.base} is not a demo model folder (no unet/ in it)",
                                  param_hint="--base")
-    target = Path(out) if out else DEMO_CONTROLNET_DIR
     record = train_demo_controlnet(target, recipe, progress=console.print, check=check)
     console.print(f"demo ControlNet: {target} ({record['steps']} steps in {record['minutes']} "
                   f"min; recipe in {target / 'recipe.json'})")
