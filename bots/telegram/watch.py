@@ -28,12 +28,15 @@ from telegram.error import TelegramError
 from telegram.ext import Application
 from telegram.request import HTTPXRequest
 
+from bots.common.delivery import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 REQUEST_KEY = "atelier.get_updates_request"  # app.bot_data: the AnsweredRequest polling uses
-# What PTB adds to a long poll's own timeout before it gives up on an answer: the read
-# timeout, and the connect and pool waits before the request goes out.
-SLACK_S = 5.0 + 5.0 + 10.0
+POOL_WAIT_S = 10.0  # for a getUpdates connection (PTB's default: 1 s)
+# What PTB adds to a long poll's own timeout before it gives up on an answer: its read and
+# connect timeouts (5 s each), and the wait for a connection before the request goes out.
+SLACK_S = 5.0 + 5.0 + POOL_WAIT_S
 
 
 class AnsweredRequest(HTTPXRequest):
@@ -56,7 +59,7 @@ def polling_request() -> AnsweredRequest:
     cancels the poll under way and at once marks the fetched updates with one more
     getUpdates, which with PTB's one connection and 1 s wait timed out (an error at a busy
     shutdown) while the cancelled poll still held the connection."""
-    return AnsweredRequest(connection_pool_size=2, pool_timeout=10.0)
+    return AnsweredRequest(connection_pool_size=2, pool_timeout=POOL_WAIT_S)
 
 
 class Watch:
@@ -70,9 +73,7 @@ class Watch:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def _watch(self) -> None:

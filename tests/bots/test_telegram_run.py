@@ -397,7 +397,7 @@ async def test_polls_that_get_no_answer_are_reported_and_polling_starts_again(
                 await asyncio.sleep(0.1)
         assert fake.base_url in stalls()[0]  # names the API it polls
         caplog.set_level("WARNING", logger="bots.telegram.watch")
-        del fake._delays["getUpdates"]  # Telegram answers again
+        fake.delay("getUpdates", 0)  # Telegram answers again
         await fake.send(user, "/help")
         await fake.wait_call("sendMessage", chat=user, timeout=60)
         async with asyncio.timeout(30):
