@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import inspect
+import logging
 import os
 import shutil
 import signal
@@ -193,6 +194,20 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """The root logger as it was before the test: a command run through CliRunner sets up
+    logging (``core.logs.setup_logging``) on the runner's stderr, closed once it returns,
+    and every later test's log line would then be a "Logging error"."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):  # pytest's own (subclasses) come and go per phase
+        if type(handler) is logging.StreamHandler and handler not in before:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

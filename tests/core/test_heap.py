@@ -47,7 +47,8 @@ def test_garbage_first_then_what_lives_is_frozen() -> None:
     frozen = freeze_startup_heap()
 
     assert garbage() is None
-    assert frozen == gc.get_freeze_count() > 0
+    # A frozen object is still freed when its last reference goes: never more, maybe fewer.
+    assert 0 < gc.get_freeze_count() <= frozen
     assert not _visible(alive)  # a full collection no longer walks it
 
 
